@@ -1,0 +1,58 @@
+"""Resumable checkpoints: `accelerator.save_state` into a temporary folder renamed into place, keep-last-K."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+
+
+def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (partial ones carry a leading '.' and are ignored)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [p for p in checkpoint_dir.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name) and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
+    """Save model/optimizer/scheduler/RNG + `trainer_state` as `step_{step:08d}`, then delete all but the newest `keep`."""
+    checkpoint_dir = Path(checkpoint_dir)
+    final = checkpoint_dir / f"step_{step:08d}"
+    tmp = checkpoint_dir / f".tmp_step_{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(checkpoint_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: str | Path) -> dict[str, Any]:
+    """Restore a checkpoint written by `save_checkpoint`; return its trainer state."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / TRAINER_STATE).is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a complete gd_hf checkpoint (no {TRAINER_STATE})")
+    accelerator.load_state(str(checkpoint))
+    return json.loads((checkpoint / TRAINER_STATE).read_text())

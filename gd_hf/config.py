@@ -1,0 +1,328 @@
+"""Recipe dataclasses: one documented field per YAML key, loaded from YAML plus dotted `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe key is unknown, has the wrong type or an invalid value."""
+
+
+@dataclass
+class ModelConfig:
+    """What network to build (see `gd_hf.modeling.build_model`)."""
+
+    backbone: Literal["swin", "dinov2", "resnet"] = "swin"
+    """Backbone family of the Mask2Former."""
+    pretrained: str | None = None
+    """Hub id or local folder to start from: backbone weights (e.g. `facebook/dinov2-base`,
+    `microsoft/swin-tiny-patch4-window7-224`, `microsoft/resnet-50`) or a whole Mask2Former checkpoint
+    (e.g. `facebook/mask2former-swin-tiny-coco-instance`, re-headed for the recipe's classes).
+    `null` builds the backbone from the sizes below with random weights."""
+    backbone_hidden_size: int = 96
+    """Random init only: Swin `embed_dim`, DINOv2 `hidden_size`, ResNet first-stage width."""
+    backbone_depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])
+    """Random init only: blocks per stage (Swin/ResNet, 4 stages); DINOv2 uses their sum as its layer count."""
+    backbone_num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
+    """Random init only: attention heads per Swin stage; DINOv2 uses the last entry."""
+    dinov2_feature_layers: list[int] | None = None
+    """DINOv2 only: which transformer layers feed the pixel decoder (1-based). `null` = 4 evenly spaced
+    layers ending with the last one, e.g. [3, 6, 9, 12] for ViT-B."""
+    hidden_dim: int = 256
+    """Width of the pixel decoder and transformer decoder (Mask2Former `hidden_dim`, `feature_size`,
+    `mask_feature_size`)."""
+    encoder_layers: int = 6
+    """Deformable-attention layers in the pixel decoder."""
+    decoder_layers: int = 10
+    """Masked-attention transformer decoder layers (the paper: 9 + the initial prediction)."""
+    num_queries: int = 100
+    """Object queries = the most instances the model can predict per image."""
+    train_num_points: int = 12544
+    """Points sampled per mask in the loss (the paper: 112 x 112 = 12,544)."""
+    no_object_weight: float = 0.1
+    """Weight of the 'no object' class in the classification loss."""
+    class_weight: float = 2.0
+    """Loss weight of the classification term."""
+    mask_weight: float = 5.0
+    """Loss weight of the mask binary cross-entropy term."""
+    dice_weight: float = 5.0
+    """Loss weight of the mask dice term."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images and annotations are, how the labeled subset is chosen, and how images are augmented."""
+
+    train_images: str = "data/synthetic/train"
+    """Folder of the training images (COCO `file_name`s are relative to it)."""
+    train_annotations: str = "data/synthetic/annotations/instances_train.json"
+    """COCO instances JSON of the training images."""
+    val_images: str = "data/synthetic/val"
+    """Folder of the validation images."""
+    val_annotations: str = "data/synthetic/annotations/instances_val.json"
+    """COCO instances JSON of the validation images (mask AP is computed against it)."""
+    labeled_percent: float = 100.0
+    """Percentage of training images whose labels are used (the rest form the unlabeled split)."""
+    split_seed: int = 0
+    """Seed of the labeled-subset draw (same seed + same annotation file = same subset on every machine)."""
+    split_file: str | None = None
+    """A JSON file `{"labeled_image_ids": [...]}` or a text file with one image id per line; overrides
+    `labeled_percent`."""
+    generate_synthetic: bool = False
+    """If the data folders are absent, write the synthetic data set there first (demo and tests)."""
+    synthetic_train_images: int = 600
+    """Synthetic set only: number of training images."""
+    synthetic_val_images: int = 100
+    """Synthetic set only: number of validation images."""
+    synthetic_image_size: int = 256
+    """Synthetic set only: side of the square images."""
+    crop_size: int = 256
+    """Training crop (square) after scale jitter; the reference uses 1024 on COCO."""
+    min_scale: float = 0.1
+    """Smallest scale-jitter factor (relative to `crop_size`)."""
+    max_scale: float = 2.0
+    """Largest scale-jitter factor."""
+    hflip_prob: float = 0.5
+    """Probability of a horizontal flip."""
+    eval_shortest_edge: int = 800
+    """Evaluation: images are resized so their shorter side is this long..."""
+    eval_longest_edge: int = 1333
+    """...and their longer side at most this long."""
+    num_workers: int = 2
+    """DataLoader worker processes per training process."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the loop's bookkeeping."""
+
+    max_steps: int = 90000
+    """Optimizer steps in total."""
+    batch_size: int = 16
+    """Labeled images per optimizer step per process (split over `gradient_accumulation_steps`)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-4
+    """Peak AdamW learning rate."""
+    backbone_lr_multiplier: float = 0.1
+    """The backbone's learning rate is `lr` times this."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (never applied to norms, biases, embeddings and position tables)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0 to `lr`."""
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    """Learning-rate decay after warm-up."""
+    poly_power: float = 0.9
+    """Exponent of the poly schedule."""
+    grad_clip: float = 0.01
+    """Full-model gradient-norm clip (the reference: 0.01); 0 disables it."""
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    """`null` takes it from the accelerate config / `accelerate launch` flags."""
+    log_every: int = 20
+    """Steps between metrics-log lines."""
+    eval_every: int = 5000
+    """Steps between val evaluations (also at the last step); 0 = only at the end."""
+    checkpoint_every: int = 1000
+    """Steps between resumable checkpoints (`accelerator.save_state`); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """How many resumable checkpoints to keep (oldest are deleted)."""
+
+
+@dataclass
+class EvalConfig:
+    """Mask AP evaluation."""
+
+    top_k: int = 100
+    """Instances kept per image: top-k over all query x class scores (the reference: 100)."""
+    batch_size: int = 2
+    """Images per evaluation forward pass."""
+    max_images: int | None = None
+    """Evaluate on the first N val images only (quick checks); `null` = all."""
+
+
+@dataclass
+class Recipe:
+    """A whole training run."""
+
+    output_dir: str = "outputs/run"
+    """Where checkpoints, exports (`final/`, `best/`), metrics.jsonl and COCO-JSON predictions go."""
+    seed: int = 0
+    """Seed of model init, data order and augmentation."""
+    resume: str = "auto"
+    """`auto`: continue from the newest checkpoint in `output_dir/checkpoints` if any; `none`: start
+    fresh (fails if the output folder already holds checkpoints); or a checkpoint folder."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading, overrides and validation
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML is looser than Python (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except RecipeError as e:
+                errors.append(str(e))
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported recipe type {tp} for {key}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _unknown_key(key: str, valid: list[str]) -> RecipeError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], [v.rsplit(".", 1)[-1] for v in valid], n=1)
+    close_full = [v for v in valid if close and v.rsplit(".", 1)[-1] == close[0]]
+    hint = f"; did you mean `{close_full[0]}`?" if close_full else ""
+    return RecipeError(f"unknown recipe key `{key}`{hint} (valid keys: {', '.join(valid)})")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {data!r}")
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(prefix + str(key), [prefix + n for n in names])
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def all_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
+    """Every dotted key a recipe accepts."""
+    keys = []
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += all_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in the nested dict `data`; the value is parsed as YAML (`1e-4`, `true`, `[1, 2]`, `null`)."""
+    if "=" not in override:
+        raise RecipeError(f"override `{override}` is not of the form key=value (e.g. train.max_steps=200)")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    valid = all_keys()
+    if key not in valid:
+        raise _unknown_key(key, valid)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {}) or {}
+    node[parts[-1]] = value
+
+
+def validate(recipe: Recipe) -> None:
+    """Value checks that types alone cannot express."""
+    d, t = recipe.data, recipe.train
+    checks = [
+        (0 < d.labeled_percent <= 100, "data.labeled_percent", "must be in (0, 100]"),
+        (0 < d.min_scale <= d.max_scale, "data.min_scale", "must be > 0 and <= data.max_scale"),
+        (0 <= d.hflip_prob <= 1, "data.hflip_prob", "must be in [0, 1]"),
+        (d.crop_size > 0, "data.crop_size", "must be > 0"),
+        (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (t.max_steps > 0, "train.max_steps", "must be > 0"),
+        (t.batch_size > 0, "train.batch_size", "must be > 0"),
+        (t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be > 0"),
+        (t.batch_size % t.gradient_accumulation_steps == 0, "train.batch_size",
+         "must be divisible by train.gradient_accumulation_steps"),
+        (t.lr > 0, "train.lr", "must be > 0"),
+        (t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
+        (t.grad_clip >= 0, "train.grad_clip", "must be >= 0"),
+        (t.log_every > 0, "train.log_every", "must be > 0"),
+        (t.eval_every >= 0, "train.eval_every", "must be >= 0"),
+        (t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),
+        (t.keep_checkpoints > 0, "train.keep_checkpoints", "must be > 0"),
+        (recipe.model.num_queries > 0, "model.num_queries", "must be > 0"),
+        (len(recipe.model.backbone_depths) == 4, "model.backbone_depths", "must list 4 stages"),
+        (recipe.eval.top_k > 0, "eval.top_k", "must be > 0"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise RecipeError(f"{key} {message}")
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply `key=value` overrides, and return a validated `Recipe`."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist (recipes live in recipes/*.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path} is not valid YAML: {e}") from e
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        recipe = _build(Recipe, data, "")
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from e
+    validate(recipe)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe as plain data (written next to every run)."""
+    return dataclasses.asdict(recipe)

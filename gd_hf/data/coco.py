@@ -1,0 +1,189 @@
+"""COCO-format folders (image folder + instances JSON) read into HF `datasets`.
+
+Every segmentation (polygons, uncompressed RLE, compressed RLE) is normalised to compressed RLE at load time,
+so the rest of the code sees one format. Categories are mapped to contiguous ids 0..C-1 in ascending COCO id
+order; the COCO ids are kept for writing COCO-JSON results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from pycocotools import mask as mask_utils
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """The data is missing or malformed; the message names the file and record and what to do."""
+
+
+@dataclass
+class CocoSource:
+    """A parsed COCO instances file, validated against its image folder."""
+
+    annotation_file: Path
+    image_dir: Path
+    images: dict[int, dict[str, Any]]  # image id -> {"file_name", "width", "height"}
+    annotations: dict[int, list[dict[str, Any]]]  # image id -> its annotations (normalised: RLE, contiguous class)
+    category_ids: list[int]  # contiguous id -> COCO category id
+    category_names: list[str]
+    skipped_annotations: int = 0
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.category_names))
+
+    def image_path(self, image_id: int) -> Path:
+        return self.image_dir / self.images[image_id]["file_name"]
+
+
+def _rle_from_segmentation(segmentation: Any, height: int, width: int) -> dict[str, Any]:
+    """Polygons / uncompressed RLE / compressed RLE -> compressed RLE with `counts` as str."""
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6]
+        if not polygons:
+            raise ValueError("no polygon with at least 3 points")
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        if list(segmentation["size"]) != [height, width]:
+            raise ValueError(f"RLE size {segmentation['size']} differs from the image size {[height, width]}")
+        if isinstance(segmentation["counts"], list):
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            counts = segmentation["counts"]
+            rle = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
+    else:
+        raise ValueError("segmentation is neither a polygon list nor an RLE dict")
+    counts = rle["counts"]
+    return {"size": [height, width], "counts": counts.decode() if isinstance(counts, bytes) else counts}
+
+
+def load_coco(annotation_file: str | Path, image_dir: str | Path, check_images: bool = True) -> CocoSource:
+    """Read and validate a COCO instances JSON; raise `DataError` naming the file and record on bad input."""
+    annotation_file, image_dir = Path(annotation_file), Path(image_dir)
+    if not annotation_file.is_file():
+        raise DataError(f"annotation file {annotation_file} does not exist: check data.*_annotations in the recipe")
+    if not image_dir.is_dir():
+        raise DataError(f"image folder {image_dir} does not exist: check data.*_images in the recipe")
+    try:
+        coco = json.loads(annotation_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{annotation_file} is not valid JSON: {e}") from e
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.get(key), list):
+            raise DataError(f"{annotation_file} has no `{key}` list: is it a COCO *instances* file?")
+    if not coco["categories"]:
+        raise DataError(f"{annotation_file} lists no categories")
+
+    categories = sorted(coco["categories"], key=lambda c: c["id"])
+    coco_to_contiguous = {c["id"]: i for i, c in enumerate(categories)}
+
+    images: dict[int, dict[str, Any]] = {}
+    for record in coco["images"]:
+        try:
+            image_id, file_name = record["id"], record["file_name"]
+            width, height = int(record["width"]), int(record["height"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{annotation_file}: image record {record} lacks id/file_name/width/height ({e})") from e
+        if image_id in images:
+            raise DataError(f"{annotation_file}: image id {image_id} appears twice ({file_name})")
+        images[image_id] = {"file_name": file_name, "width": width, "height": height}
+        if check_images and not (image_dir / file_name).is_file():
+            raise DataError(
+                f"image {image_dir / file_name} (image id {image_id} in {annotation_file}) does not exist: "
+                "restore the file or remove the image and its annotations from the JSON"
+            )
+
+    annotations: dict[int, list[dict[str, Any]]] = {i: [] for i in images}
+    skip_reasons: dict[str, int] = {}
+    for record in coco["annotations"]:
+        ann_id = record.get("id", "?")
+        image_id = record.get("image_id")
+        if image_id not in images:
+            raise DataError(
+                f"{annotation_file}: annotation {ann_id} points at image id {image_id}, which is not in `images`"
+            )
+        category_id = record.get("category_id")
+        if category_id not in coco_to_contiguous:
+            raise DataError(
+                f"{annotation_file}: annotation {ann_id} (image {image_id}) has category_id {category_id}, "
+                f"which is not in `categories` (known: {sorted(coco_to_contiguous)})"
+            )
+        info = images[image_id]
+        try:
+            rle = _rle_from_segmentation(record.get("segmentation"), info["height"], info["width"])
+        except ValueError as e:
+            # Unusable geometry is skipped (and counted), not fatal: COCO itself has a few such records.
+            reason = str(e)
+            skip_reasons[reason] = skip_reasons.get(reason, 0) + 1
+            continue
+        annotations[image_id].append(
+            {"rle": rle, "category": coco_to_contiguous[category_id], "iscrowd": int(record.get("iscrowd", 0))}
+        )
+    skipped = sum(skip_reasons.values())
+    if skipped:
+        logger.warning("%s: skipped %d annotations without usable segmentation: %s", annotation_file, skipped, skip_reasons)
+    return CocoSource(
+        annotation_file=annotation_file,
+        image_dir=image_dir,
+        images=images,
+        annotations=annotations,
+        category_ids=[c["id"] for c in categories],
+        category_names=[str(c.get("name", c["id"])) for c in categories],
+        skipped_annotations=skipped,
+        skip_reasons=skip_reasons,
+    )
+
+
+FEATURES = datasets.Features(
+    {
+        "image": datasets.Image(),
+        "image_id": datasets.Value("int64"),
+        "width": datasets.Value("int32"),
+        "height": datasets.Value("int32"),
+        "objects": datasets.Sequence(
+            {
+                "category": datasets.Value("int32"),
+                "rle_counts": datasets.Value("string"),
+                "iscrowd": datasets.Value("int8"),
+            }
+        ),
+    }
+)
+
+
+def to_hf_dataset(source: CocoSource, image_ids: list[int] | None = None, with_labels: bool = True) -> datasets.Dataset:
+    """The images `image_ids` (default: all) as a `datasets.Dataset`; `with_labels=False` drops the objects."""
+    ids = sorted(source.images) if image_ids is None else list(image_ids)
+    rows: dict[str, list] = {"image": [], "image_id": [], "width": [], "height": [], "objects": []}
+    for image_id in ids:
+        info = source.images[image_id]
+        anns = source.annotations[image_id] if with_labels else []
+        rows["image"].append(str(source.image_path(image_id)))
+        rows["image_id"].append(image_id)
+        rows["width"].append(info["width"])
+        rows["height"].append(info["height"])
+        rows["objects"].append(
+            {
+                "category": [a["category"] for a in anns],
+                "rle_counts": [a["rle"]["counts"] for a in anns],
+                "iscrowd": [a["iscrowd"] for a in anns],
+            }
+        )
+    return datasets.Dataset.from_dict(rows, features=FEATURES)
+
+
+def decode_masks(rle_counts: list[str], height: int, width: int) -> np.ndarray:
+    """Compressed RLE strings -> bool array (N, H, W)."""
+    if not rle_counts:
+        return np.zeros((0, height, width), dtype=bool)
+    rles = [{"size": [height, width], "counts": c.encode()} for c in rle_counts]
+    return mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)

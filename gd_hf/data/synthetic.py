@@ -1,0 +1,159 @@
+"""A synthetic COCO-format instance-segmentation set: shapes of 4 classes on varied backgrounds.
+
+Usage: `python -m gd_hf.data.synthetic OUT [--train 600] [--val 100] [--size 256] [--seed 0]`
+
+Writes `OUT/train/*.png`, `OUT/val/*.png` and `OUT/annotations/instances_{train,val}.json`. Each image holds
+1-6 objects (circle, rectangle, triangle, cross) of random colour, size (about 1/16 to 1/2 of the image side),
+position and rotation, painted in order so later objects occlude earlier ones. Masks are exact: each
+annotation is the object's *visible* pixels, stored as compressed RLE; objects left with fewer than
+`MIN_VISIBLE_PIXELS` visible pixels are dropped. Class is shape, never colour, so the model must learn shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+from pycocotools import mask as mask_utils
+
+CLASSES = ["circle", "rectangle", "triangle", "cross"]
+MIN_VISIBLE_PIXELS = 24
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    kind = rng.integers(0, 3)
+    if kind == 0:  # flat colour + noise
+        image = np.ones((size, size, 3)) * rng.uniform(0, 255, 3)
+    elif kind == 1:  # linear gradient between two colours
+        angle = rng.uniform(0, 2 * math.pi)
+        yy, xx = np.mgrid[0:size, 0:size] / size
+        t = (np.cos(angle) * xx + np.sin(angle) * yy)
+        t = (t - t.min()) / (t.max() - t.min() + 1e-6)
+        image = (1 - t)[..., None] * rng.uniform(0, 255, 3) + t[..., None] * rng.uniform(0, 255, 3)
+    else:  # stripes
+        period = rng.integers(8, 40)
+        yy, xx = np.mgrid[0:size, 0:size]
+        on = ((xx + yy * rng.uniform(-1, 1)) // period % 2).astype(bool)
+        image = np.where(on[..., None], rng.uniform(0, 255, 3), rng.uniform(0, 255, 3))
+    image = image + rng.normal(0, rng.uniform(0, 12), image.shape)
+    return np.clip(image, 0, 255)
+
+
+def _shape_mask(rng: np.random.Generator, shape: str, size: int) -> np.ndarray:
+    extent = rng.uniform(size / 16, size / 2)
+    cx, cy = rng.uniform(0, size, 2)
+    angle = rng.uniform(0, 2 * math.pi)
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+
+    def rotated(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        c, s = math.cos(angle), math.sin(angle)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in points]
+
+    r = extent / 2
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+    elif shape == "rectangle":
+        aspect = rng.uniform(0.5, 1.0)
+        draw.polygon(rotated([(-r, -r * aspect), (r, -r * aspect), (r, r * aspect), (-r, r * aspect)]), fill=1)
+    elif shape == "triangle":
+        draw.polygon(rotated([(r * math.cos(a), r * math.sin(a)) for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)]), fill=1)
+    else:  # cross
+        w = r / 3
+        arm = [(-r, -w), (-w, -w), (-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w)]
+        draw.polygon(rotated(arm), fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def make_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+    """One image (H, W, 3) uint8 and its visible objects as (class index, bool mask)."""
+    image = _background(rng, size)
+    owner = np.full((size, size), -1)
+    objects: list[tuple[int, np.ndarray]] = []
+    for _ in range(rng.integers(1, 7)):
+        class_index = int(rng.integers(0, len(CLASSES)))
+        mask = _shape_mask(rng, CLASSES[class_index], size)
+        if not mask.any():
+            continue
+        colour = rng.uniform(0, 255, 3)
+        # Texture within the object: a little shading so objects are not flat stickers.
+        shade = rng.normal(0, rng.uniform(0, 10), (size, size, 1))
+        image = np.where(mask[..., None], colour + shade, image)
+        owner[mask] = len(objects)
+        objects.append((class_index, mask))
+    visible = [(c, owner == i) for i, (c, _) in enumerate(objects)]
+    visible = [(c, m) for c, m in visible if m.sum() >= MIN_VISIBLE_PIXELS]
+    pil = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+    if rng.uniform() < 0.3:
+        pil = pil.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    return np.asarray(pil), visible
+
+
+def write_split(out: Path, split: str, count: int, size: int, rng: np.random.Generator, first_id: int) -> None:
+    """Write `count` images to out/split and their annotations to out/annotations/instances_{split}.json."""
+    (out / split).mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for k in range(count):
+        image_id = first_id + k
+        pixels, objects = make_image(rng, size)
+        file_name = f"{image_id:06d}.png"
+        Image.fromarray(pixels).save(out / split / file_name)
+        images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+        for class_index, mask in objects:
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            annotations.append(
+                {
+                    "id": len(annotations) + 1 + first_id * 10,
+                    "image_id": image_id,
+                    "category_id": class_index + 1,
+                    "segmentation": {"size": [size, size], "counts": rle["counts"].decode()},
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "iscrowd": 0,
+                }
+            )
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
+    (out / "annotations").mkdir(exist_ok=True)
+    coco = {"images": images, "annotations": annotations, "categories": categories}
+    (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+
+
+def generate(out: str | Path, train: int = 600, val: int = 100, size: int = 256, seed: int = 0) -> Path:
+    """Write the synthetic set to `out` atomically (a temporary folder renamed into place)."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; remove it or choose another folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        rng = np.random.Generator(np.random.PCG64(seed))
+        write_split(tmp, "train", train, size, rng, first_id=1)
+        write_split(tmp, "val", val, size, rng, first_id=1_000_000)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="folder to create")
+    parser.add_argument("--train", type=int, default=600, help="training images")
+    parser.add_argument("--val", type=int, default=100, help="validation images")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    path = generate(args.out, args.train, args.val, args.size, args.seed)
+    print(f"wrote {args.train} train + {args.val} val images to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""COCO mask AP: batched instance post-processing, pycocotools evaluation, and an `evaluate` metric wrapper."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import evaluate
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm.auto import tqdm
+
+METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+
+
+@dataclass
+class InstancePrediction:
+    """Instances of one image at its original size."""
+
+    image_id: int
+    scores: torch.Tensor  # (K,)
+    labels: torch.Tensor  # (K,) contiguous class ids
+    masks: torch.Tensor  # (K, H, W) bool
+
+
+def post_process_instances(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    image_sizes: list[tuple[int, int]],
+    original_sizes: list[tuple[int, int]],
+    padded_size: tuple[int, int],
+    top_k: int = 100,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Mask2Former outputs -> per image (scores, labels, bool masks at original size), as the reference does.
+
+    Top-k over the flattened query x class probabilities (no threshold); score = class probability x mean
+    mask probability inside the binary mask. class_logits: (B, Q, C+1); mask_logits: (B, Q, h, w) for an
+    input padded to `padded_size`, of which the top-left `image_sizes[i]` is the resized image.
+    """
+    results = []
+    num_classes = class_logits.shape[-1] - 1
+    for i in range(class_logits.shape[0]):
+        probs = class_logits[i].float().softmax(-1)[:, :-1]  # drop "no object"
+        k = min(top_k, probs.numel())
+        scores, flat = probs.flatten().topk(k)
+        labels, queries = flat % num_classes, flat // num_classes
+        masks = F.interpolate(mask_logits[i, queries][None].float(), size=padded_size, mode="bilinear", align_corners=False)
+        height, width = image_sizes[i]
+        masks = F.interpolate(masks[:, :, :height, :width], size=original_sizes[i], mode="bilinear", align_corners=False)[0]
+        probabilities = masks.sigmoid()
+        binary = probabilities > 0.5
+        mask_scores = (probabilities * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+        results.append((scores * mask_scores, labels, binary))
+    return results
+
+
+def to_coco_results(
+    image_id: int, scores: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, category_ids: list[int]
+) -> list[dict[str, Any]]:
+    """One image's instances as COCO results (compressed RLE, COCO category ids)."""
+    if len(scores) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+    return [
+        {
+            "image_id": int(image_id),
+            "category_id": int(category_ids[int(label)]),
+            "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode()},
+            "score": float(score),
+        }
+        for rle, label, score in zip(rles, labels.tolist(), scores.tolist())
+    ]
+
+
+def coco_mask_ap(ground_truth: COCO | str | Path, results: list[dict[str, Any]], image_ids: list[int] | None = None) -> dict[str, float]:
+    """pycocotools segm AP (x100): AP, AP50, AP75, APs, APm, APl. No result at all scores 0."""
+    if not isinstance(ground_truth, COCO):
+        with contextlib.redirect_stdout(io.StringIO()):
+            ground_truth = COCO(str(ground_truth))
+    if not results:
+        return {name: 0.0 for name in METRIC_NAMES}
+    with contextlib.redirect_stdout(io.StringIO()):
+        # loadRes adds numpy-typed area/bbox fields to the dicts it gets: give it copies.
+        detections = ground_truth.loadRes([dict(r) for r in results])
+        coco_eval = COCOeval(ground_truth, detections, iouType="segm")
+        if image_ids is not None:
+            coco_eval.params.imgIds = sorted(image_ids)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    # pycocotools reports -1 where a size range has no ground truth; keep it visible as -1.
+    return {name: float(v) * 100 if v >= 0 else -1.0 for name, v in zip(METRIC_NAMES, coco_eval.stats[:6])}
+
+
+@torch.no_grad()
+def predict_coco_results(
+    model: torch.nn.Module,
+    dataloader: torch.utils.data.DataLoader,
+    category_ids: list[int],
+    top_k: int,
+    device: torch.device | str = "cpu",
+    show_progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run the model over an evaluation loader (`collate_eval` batches) and return COCO results."""
+    was_training = model.training
+    model.eval()
+    results: list[dict[str, Any]] = []
+    try:
+        for batch in tqdm(dataloader, desc="evaluate", disable=not show_progress, leave=False):
+            pixel_values = batch["pixel_values"].to(device)
+            outputs = model(pixel_values=pixel_values)
+            processed = post_process_instances(
+                outputs.class_queries_logits.cpu(),
+                outputs.masks_queries_logits.cpu(),
+                batch["image_sizes"],
+                batch["original_sizes"],
+                tuple(pixel_values.shape[-2:]),
+                top_k,
+            )
+            for image_id, (scores, labels, masks) in zip(batch["image_ids"], processed):
+                results += to_coco_results(image_id, scores, labels, masks, category_ids)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def write_results(path: str | Path, results: list[dict[str, Any]]) -> None:
+    """Write COCO-JSON results atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(results))
+    tmp.replace(path)
+
+
+class CocoMaskAP(evaluate.Metric):
+    """COCO mask AP as an `evaluate` metric.
+
+    Each row is one image: `predictions` its instances (COCO results without `image_id`) and `references` its
+    image id. `compute(annotation_file=...)` names the ground-truth COCO instances JSON.
+
+        metric = CocoMaskAP()
+        metric.add_batch(predictions=[[{"category_id": 1, "score": 0.9, "segmentation": rle}]], references=[42])
+        metric.compute(annotation_file="instances_val.json")  # {"AP": ..., "AP50": ..., ...}
+    """
+
+    def _info(self) -> evaluate.MetricInfo:
+        instance = {
+            "category_id": datasets.Value("int64"),
+            "score": datasets.Value("float32"),
+            "segmentation": {"size": datasets.Sequence(datasets.Value("int64")), "counts": datasets.Value("string")},
+        }
+        return evaluate.MetricInfo(
+            description="COCO mask AP (pycocotools, iouType=segm), x100.",
+            citation="Lin et al., Microsoft COCO: Common Objects in Context, ECCV 2014.",
+            features=datasets.Features(
+                {"predictions": datasets.Sequence(instance), "references": datasets.Value("int64")}
+            ),
+        )
+
+    def _compute(self, predictions, references, annotation_file: str | None = None) -> dict[str, float]:
+        if annotation_file is None:
+            raise ValueError("CocoMaskAP.compute needs annotation_file= (the ground-truth COCO instances JSON)")
+        results = []
+        for image_id, instances in zip(references, predictions):
+            # datasets turns a list of dicts into a dict of lists; accept both.
+            if isinstance(instances, dict):
+                instances = [dict(zip(instances, values)) for values in zip(*instances.values())]
+            for instance in instances:
+                results.append({**instance, "image_id": int(image_id)})
+        return coco_mask_ap(annotation_file, results, image_ids=[int(i) for i in references])

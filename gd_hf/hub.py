@@ -1,0 +1,50 @@
+"""Exported models: vanilla transformers folders (safetensors + config with id2label + image processor config)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from transformers import Mask2FormerForUniversalSegmentation, PreTrainedModel
+
+
+def export_model(
+    model: PreTrainedModel,
+    image_processor: Any,
+    out_dir: str | Path,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """`save_pretrained` the model and its image processor into `out_dir`, replacing it atomically.
+
+    The folder is written under a temporary name and renamed into place, so a crash leaves the previous export
+    (or nothing), never a half-written one. `metrics` (if given) go to `eval_results.json`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        image_processor.save_pretrained(tmp)
+        if metrics is not None:
+            (tmp / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_exported_model(path: str | Path) -> Mask2FormerForUniversalSegmentation:
+    """Load an exported folder (or hub id) with plain transformers."""
+    return Mask2FormerForUniversalSegmentation.from_pretrained(str(path))

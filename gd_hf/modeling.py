@@ -1,0 +1,248 @@
+"""`build_model`: the one place a Mask2Former with a Swin / DINOv2 / ResNet backbone is made."""
+
+from __future__ import annotations
+
+import logging
+import types
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoBackbone,
+    AutoConfig,
+    Dinov2Config,
+    Mask2FormerConfig,
+    Mask2FormerForUniversalSegmentation,
+    ResNetConfig,
+    SwinConfig,
+)
+from transformers.models.mask2former.image_processing_pil_mask2former import Mask2FormerImageProcessorPil
+from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+
+from gd_hf.config import DataConfig, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+# The model_type values of each backbone family, as they appear in a hub config.json.
+BACKBONE_MODEL_TYPES = {"swin": ("swin",), "dinov2": ("dinov2", "dinov2_with_registers"), "resnet": ("resnet",)}
+STAGES = ["stage1", "stage2", "stage3", "stage4"]
+
+
+class ModelLoadError(ValueError):
+    """`model.pretrained` cannot be used for the recipe's backbone."""
+
+
+def dinov2_feature_layers(num_layers: int, layers: list[int] | None) -> list[int]:
+    """The DINOv2 layers fed to the pixel decoder: 4 evenly spaced ones ending with the last, unless given.
+
+    Why intermediate layers: vanilla transformers' Dinov2Backbone returns every map at the patch stride (14), so
+    the decoder's four "scales" differ only by depth. Taking 4 depths (like ViTDet / ViT-Adapter) gives the
+    multi-scale deformable decoder distinct inputs, while the checkpoint stays a plain `Dinov2Backbone` that
+    `from_pretrained` loads with no custom code (the reference's strided resize of the last layer would not be).
+    """
+    if layers is None:
+        step = num_layers / 4
+        return [round(step * (i + 1)) for i in range(4)]
+    if not layers or any(not 1 <= i <= num_layers for i in layers):
+        raise ModelLoadError(f"model.dinov2_feature_layers={layers}: layers must lie in 1..{num_layers}")
+    return list(layers)
+
+
+def _backbone_config_from_sizes(cfg: ModelConfig) -> AutoConfig:
+    if cfg.backbone == "swin":
+        return SwinConfig(
+            embed_dim=cfg.backbone_hidden_size,
+            depths=cfg.backbone_depths,
+            num_heads=cfg.backbone_num_heads,
+            window_size=7,
+            drop_path_rate=0.3 if sum(cfg.backbone_depths) > 8 else 0.0,
+            out_features=STAGES,
+        )
+    if cfg.backbone == "dinov2":
+        num_layers = sum(cfg.backbone_depths)
+        return Dinov2Config(
+            hidden_size=cfg.backbone_hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=cfg.backbone_num_heads[-1],
+            intermediate_size=4 * cfg.backbone_hidden_size,
+            patch_size=14,
+            image_size=518,
+            out_indices=dinov2_feature_layers(num_layers, cfg.dinov2_feature_layers),
+            reshape_hidden_states=True,
+        )
+    # Random-init ResNet uses basic blocks (cheap at tiny sizes); start from microsoft/resnet-50 for the R50.
+    return ResNetConfig(
+        embedding_size=cfg.backbone_hidden_size,
+        hidden_sizes=[cfg.backbone_hidden_size * 2**i for i in range(4)],
+        depths=cfg.backbone_depths,
+        layer_type="basic",
+        out_features=STAGES,
+    )
+
+
+def _set_backbone_outputs(backbone_config, cfg: ModelConfig) -> None:
+    if cfg.backbone == "dinov2":
+        layers = dinov2_feature_layers(backbone_config.num_hidden_layers, cfg.dinov2_feature_layers)
+        backbone_config.out_indices = layers
+        backbone_config.out_features = [f"stage{i}" for i in layers]
+        backbone_config.reshape_hidden_states = True
+    else:
+        backbone_config.out_features = STAGES
+        backbone_config.out_indices = [1, 2, 3, 4]
+
+
+def _mask2former_config(cfg: ModelConfig, backbone_config, id2label: dict[int, str]) -> Mask2FormerConfig:
+    return Mask2FormerConfig(
+        backbone_config=backbone_config,
+        feature_size=cfg.hidden_dim,
+        mask_feature_size=cfg.hidden_dim,
+        hidden_dim=cfg.hidden_dim,
+        encoder_feedforward_dim=4 * cfg.hidden_dim,
+        dim_feedforward=8 * cfg.hidden_dim,
+        num_attention_heads=max(1, cfg.hidden_dim // 32),
+        encoder_layers=cfg.encoder_layers,
+        decoder_layers=cfg.decoder_layers,
+        num_queries=cfg.num_queries,
+        train_num_points=cfg.train_num_points,
+        no_object_weight=cfg.no_object_weight,
+        class_weight=cfg.class_weight,
+        mask_weight=cfg.mask_weight,
+        dice_weight=cfg.dice_weight,
+        id2label={int(k): v for k, v in id2label.items()},
+        label2id={v: int(k) for k, v in id2label.items()},
+    )
+
+
+def _load_pretrained_config(source: str):
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"model.pretrained={source!r} could not be loaded: {e}\n"
+            "Give a hub id (with network access or a filled HF cache) or a folder written by save_pretrained."
+        ) from e
+
+
+def build_model(cfg: ModelConfig, id2label: dict[int, str]) -> Mask2FormerForUniversalSegmentation:
+    """Build the Mask2Former of a recipe for the classes `id2label` (contiguous ids 0..C-1)."""
+    if not id2label or sorted(id2label) != list(range(len(id2label))):
+        raise ValueError(f"id2label must map 0..C-1 to class names, got {id2label}")
+    if cfg.pretrained is None:
+        model = Mask2FormerForUniversalSegmentation(
+            _mask2former_config(cfg, _backbone_config_from_sizes(cfg), id2label)
+        )
+    else:
+        pretrained_config = _load_pretrained_config(cfg.pretrained)
+        if pretrained_config.model_type == "mask2former":
+            model = _load_mask2former_checkpoint(cfg, id2label)
+        else:
+            model = _build_with_pretrained_backbone(cfg, pretrained_config, id2label)
+    use_mean_mask_count_across_processes(model)
+    return model
+
+
+def _build_with_pretrained_backbone(cfg: ModelConfig, backbone_config, id2label) -> Mask2FormerForUniversalSegmentation:
+    if backbone_config.model_type not in BACKBONE_MODEL_TYPES[cfg.backbone]:
+        raise ModelLoadError(
+            f"model.pretrained={cfg.pretrained!r} is a {backbone_config.model_type!r} model but model.backbone is "
+            f"{cfg.backbone!r}: set model.backbone to match or choose another checkpoint"
+        )
+    if hasattr(backbone_config, "stage_names"):  # a classification config: make it a backbone config
+        _set_backbone_outputs(backbone_config, cfg)
+    model = Mask2FormerForUniversalSegmentation(_mask2former_config(cfg, backbone_config, id2label))
+    # Mask2FormerConfig always builds its backbone with random weights (hf-notes): load them explicitly.
+    encoder = model.model.pixel_level_module.encoder
+    pretrained = AutoBackbone.from_pretrained(
+        cfg.pretrained, out_features=backbone_config.out_features, out_indices=None
+    )
+    missing, unexpected = encoder.load_state_dict(pretrained.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"backbone weights of {cfg.pretrained!r} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    logger.info("loaded backbone weights from %s", cfg.pretrained)
+    return model
+
+
+def _load_mask2former_checkpoint(cfg: ModelConfig, id2label) -> Mask2FormerForUniversalSegmentation:
+    model = Mask2FormerForUniversalSegmentation.from_pretrained(
+        cfg.pretrained,
+        id2label={int(k): v for k, v in id2label.items()},
+        label2id={v: int(k) for k, v in id2label.items()},
+        num_labels=len(id2label),
+        ignore_mismatched_sizes=True,
+    )
+    backbone_type = model.config.backbone_config.model_type
+    if backbone_type not in BACKBONE_MODEL_TYPES[cfg.backbone]:
+        raise ModelLoadError(
+            f"model.pretrained={cfg.pretrained!r} has a {backbone_type!r} backbone but model.backbone is {cfg.backbone!r}"
+        )
+    # New classes mean a new classifier, even when the class count happens to match the checkpoint's.
+    model.class_predictor.reset_parameters()
+    # The loss settings are the recipe's, not the checkpoint's.
+    for key in ("train_num_points", "no_object_weight", "class_weight", "mask_weight", "dice_weight"):
+        setattr(model.config, key, getattr(cfg, key))
+    model.weight_dict = {"loss_cross_entropy": cfg.class_weight, "loss_mask": cfg.mask_weight, "loss_dice": cfg.dice_weight}
+    model.criterion = Mask2FormerLoss(config=model.config, weight_dict=model.weight_dict)
+    return model
+
+
+def use_mean_mask_count_across_processes(model: Mask2FormerForUniversalSegmentation) -> None:
+    """Normalise the mask losses by the mean target count over processes, as detectron2 does.
+
+    transformers' `get_num_masks` averages over processes and then divides by the world size again, so with N
+    processes the mask and dice terms are N times too large (hf-notes). This replaces the method on this
+    instance only; nothing of it is saved, so exported checkpoints stay vanilla.
+    """
+
+    def get_num_masks(self, class_labels, device):
+        num_masks = torch.as_tensor(float(sum(len(c) for c in class_labels)), device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(num_masks)
+            num_masks = num_masks / torch.distributed.get_world_size()
+        return torch.clamp(num_masks, min=1)
+
+    model.criterion.get_num_masks = types.MethodType(get_num_masks, model.criterion)
+
+
+def size_divisibility(model: Mask2FormerForUniversalSegmentation) -> int:
+    """Input sides must be multiples of this: the patch size for DINOv2, the coarsest stride (32) otherwise."""
+    backbone_config = model.config.backbone_config
+    if backbone_config.model_type.startswith("dinov2"):
+        return backbone_config.patch_size
+    return 32
+
+
+def build_image_processor(model: Mask2FormerForUniversalSegmentation, data: DataConfig) -> Mask2FormerImageProcessorPil:
+    """The image processor saved with every export: the same resize and normalisation as our evaluation."""
+    return Mask2FormerImageProcessorPil(
+        size={"shortest_edge": data.eval_shortest_edge, "longest_edge": data.eval_longest_edge},
+        size_divisor=size_divisibility(model),
+        ignore_index=255,
+        do_reduce_labels=False,
+    )
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """True for a folder that holds a save_pretrained model."""
+    return (Path(path) / "config.json").is_file()
+
+
+def loss_terms(
+    model: Mask2FormerForUniversalSegmentation,
+    outputs,
+    mask_labels: list[torch.Tensor],
+    class_labels: list[torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The weighted Mask2Former loss terms (Hungarian matching, auxiliary layers included) of `outputs`.
+
+    `model` is the unwrapped model; `outputs` come from `model(pixel_values, output_auxiliary_logits=True)`.
+    Computing the loss outside `forward` lets the loop log each term and reuse the criterion for pseudo labels.
+    """
+    return model.get_loss_dict(
+        masks_queries_logits=outputs.masks_queries_logits,
+        class_queries_logits=outputs.class_queries_logits,
+        mask_labels=mask_labels,
+        class_labels=class_labels,
+        auxiliary_predictions=outputs.auxiliary_logits,
+    )

@@ -1,0 +1,302 @@
+"""The training recipe: `accelerate launch -m gd_hf.train recipes/NAME.yaml [key=value ...]`.
+
+Reads top to bottom: recipe -> data -> model/optimizer -> resume -> loop (step, log, evaluate, checkpoint)
+-> final evaluation and export. Phase 1 of Guided Distillation (supervised training on the labeled split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+
+from gd_hf.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
+from gd_hf.config import Recipe, RecipeError, load_recipe, recipe_to_dict
+from gd_hf.data.coco import CocoSource, DataError, load_coco, to_hf_dataset
+from gd_hf.data.loading import EvalDataset, LabeledTrainDataset, StepBatchSampler, collate_eval, collate_train
+from gd_hf.data.splits import Split, make_split
+from gd_hf.data.synthetic import generate as generate_synthetic
+from gd_hf.evaluation import coco_mask_ap, predict_coco_results, write_results
+from gd_hf.hub import export_model
+from gd_hf.modeling import build_image_processor, build_model, loss_terms, size_divisibility
+from gd_hf.optim import build_lr_scheduler, build_optimizer
+
+logger = logging.getLogger("gd_hf.train")
+
+
+@dataclass
+class RunData:
+    """Everything the loop needs to know about the data, validated before any output is written."""
+
+    train: CocoSource
+    val: CocoSource
+    split: Split
+
+
+def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
+    """Generate the synthetic set if asked and absent, load and validate train/val, split labeled/unlabeled."""
+    d = recipe.data
+    if d.generate_synthetic and not Path(d.train_annotations).exists():
+        root = Path(d.train_annotations).parent.parent  # <root>/annotations/instances_train.json
+        with accelerator.main_process_first():
+            if accelerator.is_main_process and not root.exists():
+                logger.info("generating the synthetic data set in %s", root)
+                generate_synthetic(root, d.synthetic_train_images, d.synthetic_val_images, d.synthetic_image_size, recipe.seed)
+    train = load_coco(d.train_annotations, d.train_images)
+    val = load_coco(d.val_annotations, d.val_images)
+    if train.category_ids != val.category_ids or train.category_names != val.category_names:
+        raise DataError(
+            f"{d.train_annotations} and {d.val_annotations} list different categories: "
+            f"{list(zip(train.category_ids, train.category_names))} vs {list(zip(val.category_ids, val.category_names))}"
+        )
+    split = make_split(train, d.labeled_percent, d.split_seed, d.split_file)
+    return RunData(train=train, val=val, split=split)
+
+
+def find_resume_checkpoint(recipe: Recipe) -> Path | None:
+    """The checkpoint to resume from according to `recipe.resume` (see `Recipe.resume`)."""
+    checkpoint_dir = Path(recipe.output_dir) / "checkpoints"
+    complete = list_checkpoints(checkpoint_dir)
+    if recipe.resume == "none":
+        if complete:
+            raise RecipeError(
+                f"resume: none, but {checkpoint_dir} already holds checkpoints: set resume: auto to continue, "
+                "or choose another output_dir"
+            )
+        return None
+    if recipe.resume == "auto":
+        partial_ones = sorted(p.name for p in checkpoint_dir.glob(".tmp_step_*")) if checkpoint_dir.is_dir() else []
+        if partial_ones:
+            logger.warning("ignoring partial checkpoint(s) %s in %s (a run stopped while writing)", partial_ones, checkpoint_dir)
+        return complete[-1] if complete else None
+    path = Path(recipe.resume)
+    if not path.is_dir():
+        raise RecipeError(f"resume: {recipe.resume} is neither 'auto', 'none' nor an existing checkpoint folder")
+    return path
+
+
+def build_accelerator(recipe: Recipe) -> Accelerator:
+    """Accelerator with mixed precision from the recipe (or the accelerate config) and TensorBoard if installed."""
+    kwargs: dict[str, Any] = {
+        # Some backbone parameters get no gradient (Swin's last norm, DINOv2's mask token): DDP must allow that.
+        "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)],
+        "project_dir": recipe.output_dir,
+    }
+    if recipe.train.mixed_precision is not None:
+        kwargs["mixed_precision"] = recipe.train.mixed_precision
+    try:
+        import tensorboard  # noqa: F401
+
+        kwargs["log_with"] = "tensorboard"
+    except ImportError:
+        pass
+    return Accelerator(**kwargs)
+
+
+def evaluate_on_val(
+    model: torch.nn.Module, data: RunData, recipe: Recipe, accelerator: Accelerator, divisibility: int
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Mask AP of `model` on the val split; each process predicts its share, the results are gathered."""
+    image_ids = sorted(data.val.images)[: recipe.eval.max_images]
+    val_dataset = EvalDataset(to_hf_dataset(data.val, image_ids, with_labels=False), recipe.data)
+    share = torch.utils.data.Subset(val_dataset, range(accelerator.process_index, len(val_dataset), accelerator.num_processes))
+    loader = torch.utils.data.DataLoader(
+        share,
+        batch_size=recipe.eval.batch_size,
+        num_workers=min(recipe.data.num_workers, 2),
+        collate_fn=partial(collate_eval, divisibility=divisibility),
+    )
+    results = predict_coco_results(
+        model, loader, data.val.category_ids, recipe.eval.top_k, accelerator.device, accelerator.is_local_main_process
+    )
+    if accelerator.num_processes > 1:
+        results = gather_object(results)
+    metrics = coco_mask_ap(data.val.annotation_file, results, image_ids=image_ids)
+    return metrics, results
+
+
+def train(recipe: Recipe) -> dict[str, Any]:
+    """Run a recipe to its end (resuming if there is a checkpoint); return the final val metrics."""
+    accelerator = build_accelerator(recipe)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    cfg = recipe.train
+    output_dir = Path(recipe.output_dir)
+
+    # --- Data: every check happens before anything is written to output_dir.
+    data = prepare_data(recipe, accelerator)
+    resume_from = find_resume_checkpoint(recipe)
+    logger.info("labeled images: %d, unlabeled: %d, val: %d", len(data.split.labeled), len(data.split.unlabeled), len(data.val.images))
+
+    # --- Model, optimizer, schedule.
+    set_seed(recipe.seed)
+    model = build_model(recipe.model, data.train.id2label)
+    image_processor = build_image_processor(model, recipe.data)
+    divisibility = size_divisibility(model)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_lr_scheduler(optimizer, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The schedule is stepped once per optimizer step by us (not once per process by accelerate).
+    accelerator.register_for_checkpointing(scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+
+    # --- Resume.
+    state = {"step": 0, "best_ap": -1.0, "best_step": None}
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from)
+        logger.info("resumed from %s at step %d", resume_from, state["step"])
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    accelerator.init_trackers("tensorboard" if accelerator.log_with else "gd_hf")
+
+    # --- Data loader: the sampler is indexed by micro-batch, so resuming = starting it at the right step.
+    micro_batch = cfg.batch_size // cfg.gradient_accumulation_steps
+    labeled = LabeledTrainDataset(to_hf_dataset(data.train, data.split.labeled), recipe.data)
+    sampler = StepBatchSampler(
+        num_items=len(labeled),
+        batch_size=micro_batch,
+        seed=recipe.seed,
+        start_step=state["step"] * cfg.gradient_accumulation_steps,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
+    loader = torch.utils.data.DataLoader(
+        labeled,
+        batch_sampler=sampler,
+        num_workers=recipe.data.num_workers,
+        collate_fn=partial(collate_train, divisibility=divisibility),
+        persistent_workers=recipe.data.num_workers > 0,
+    )
+    batches = iter(loader)
+
+    # --- The loop.
+    metrics_log = output_dir / "metrics.jsonl"
+    progress = tqdm(total=cfg.max_steps, initial=state["step"], desc="train", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    model.train()
+    window: dict[str, float] = {}
+    window_start = time.perf_counter()
+    metrics: dict[str, float] = {}
+    while state["step"] < cfg.max_steps:
+        step_terms: dict[str, float] = {}
+        for micro in range(cfg.gradient_accumulation_steps):
+            batch = next(batches)
+            is_last_micro = micro == cfg.gradient_accumulation_steps - 1
+            with accelerator.no_sync(model) if not is_last_micro else contextlib.nullcontext():
+                with accelerator.autocast():
+                    outputs = model(pixel_values=batch["pixel_values"].to(accelerator.device), output_auxiliary_logits=True)
+                    terms = loss_terms(
+                        unwrapped,
+                        outputs,
+                        [m.to(accelerator.device) for m in batch["mask_labels"]],
+                        [c.to(accelerator.device) for c in batch["class_labels"]],
+                    )
+                    loss = sum(terms.values())
+                accelerator.backward(loss / cfg.gradient_accumulation_steps)
+            step_terms["loss"] = step_terms.get("loss", 0.0) + loss.item() / cfg.gradient_accumulation_steps
+            for key in ("loss_cross_entropy", "loss_mask", "loss_dice"):
+                step_terms[key] = step_terms.get(key, 0.0) + terms[key].item() / cfg.gradient_accumulation_steps
+        if cfg.grad_clip > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            step_terms["grad_norm"] = float(grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        step = state["step"]
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_terms['loss']:.3f}")
+        for key, value in step_terms.items():
+            window[key] = window.get(key, 0.0) + value
+        window["_count"] = window.get("_count", 0) + 1
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            count = window.pop("_count")
+            record = {key: value / count for key, value in window.items()}
+            record.update(step=step, lr=scheduler.get_last_lr()[-1], seconds_per_step=(time.perf_counter() - window_start) / count)
+            _log(accelerator, metrics_log, record)
+            window, window_start = {}, time.perf_counter()
+
+        is_last = step == cfg.max_steps
+        if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
+            metrics, results = evaluate_on_val(unwrapped, data, recipe, accelerator, divisibility)
+            if accelerator.is_main_process:
+                write_results(output_dir / "predictions" / f"val_step_{step:08d}.json", results)
+                _log(accelerator, metrics_log, {"step": step, **{f"val/{k}": v for k, v in metrics.items()}})
+                logger.info("step %d val mask AP %.2f (AP50 %.2f, AP75 %.2f)", step, metrics["AP"], metrics["AP50"], metrics["AP75"])
+                if metrics["AP"] > state["best_ap"]:
+                    state["best_ap"], state["best_step"] = metrics["AP"], step
+                    export_model(unwrapped, image_processor, output_dir / "best", {"step": step, **metrics})
+            state = _broadcast_state(accelerator, state)
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or is_last:
+            save_checkpoint(accelerator, output_dir / "checkpoints", step, state, cfg.keep_checkpoints)
+    progress.close()
+    del batches
+
+    # --- Final export (also when the run was already complete and only resumed to this point).
+    if not metrics:
+        metrics, _ = evaluate_on_val(unwrapped, data, recipe, accelerator, divisibility)
+    if accelerator.is_main_process:
+        export_model(unwrapped, image_processor, output_dir / "final", {"step": state["step"], **metrics})
+        summary = {"final": metrics, "best_ap": state["best_ap"], "best_step": state["best_step"]}
+        (output_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
+        print(_format_metrics(metrics, state["step"]), flush=True)
+    accelerator.end_training()
+    return metrics
+
+
+def _log(accelerator: Accelerator, path: Path, record: dict[str, Any]) -> None:
+    if not accelerator.is_main_process:
+        return
+    with path.open("a") as f:
+        f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}) + "\n")
+    if accelerator.log_with:
+        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+def _broadcast_state(accelerator: Accelerator, state: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0 decides the best checkpoint; every rank must agree on it for the next checkpoint."""
+    if accelerator.num_processes == 1:
+        return state
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([state])[0]
+
+
+def _format_metrics(metrics: dict[str, float], step: int) -> str:
+    header = " | ".join(f"{k:>6}" for k in metrics)
+    values = " | ".join(f"{v:6.2f}" for v in metrics.values())
+    return f"val mask AP after {step} steps\n{header}\n{values}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gd_hf.train", description="Train a Mask2Former recipe (see recipes/*.yaml)."
+    )
+    parser.add_argument("recipe", help="path of a YAML recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=200")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        train(recipe)
+    except (RecipeError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
