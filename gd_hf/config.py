@@ -207,6 +207,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise RecipeError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -270,7 +275,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {}) or {}
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
     node[parts[-1]] = value
 
 

@@ -157,13 +157,13 @@ class CocoMaskAP(evaluate.Metric):
         instance = {
             "category_id": datasets.Value("int64"),
             "score": datasets.Value("float32"),
-            "segmentation": {"size": datasets.Sequence(datasets.Value("int64")), "counts": datasets.Value("string")},
+            "segmentation": {"size": datasets.List(datasets.Value("int64")), "counts": datasets.Value("string")},
         }
         return evaluate.MetricInfo(
             description="COCO mask AP (pycocotools, iouType=segm), x100.",
             citation="Lin et al., Microsoft COCO: Common Objects in Context, ECCV 2014.",
             features=datasets.Features(
-                {"predictions": datasets.Sequence(instance), "references": datasets.Value("int64")}
+                {"predictions": datasets.List(instance), "references": datasets.Value("int64")}
             ),
         )
 

@@ -1,0 +1,140 @@
+import json
+
+import datasets
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from gd_hf.data.coco import DataError, decode_masks, load_coco, to_hf_dataset
+from gd_hf.data.loading import read_image
+
+
+def make_folder(tmp_path, annotations, images=None, categories=None):
+    """A 3-image COCO folder (20x30 px) with the given annotations."""
+    image_dir = tmp_path / "images"
+    image_dir.mkdir(exist_ok=True)
+    images = images or [{"id": i, "file_name": f"{i}.png", "width": 30, "height": 20} for i in (1, 2, 3)]
+    for record in images:
+        Image.new("RGB", (record["width"], record["height"]), (40, 80, 120)).save(image_dir / record["file_name"])
+    categories = categories or [{"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}]
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path, image_dir
+
+
+def square(x0, y0, x1, y1):
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+def rle_of(mask: np.ndarray, compressed: bool) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    if compressed:
+        return {"size": rle["size"], "counts": rle["counts"].decode()}
+    # uncompressed RLE: column-major run lengths starting with zeros
+    flat = mask.T.flatten()
+    counts, current, run = [], 0, 0
+    for value in flat:
+        if value != current:
+            counts.append(run)
+            current, run = value, 0
+        run += 1
+    counts.append(run)
+    return {"size": list(mask.shape), "counts": counts}
+
+
+def test_polygons_rle_crowd_and_empty_images_load(tmp_path):
+    mask = np.zeros((20, 30), bool)
+    mask[2:8, 5:15] = True
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 7, "segmentation": square(0, 0, 10, 10), "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 3, "segmentation": rle_of(mask, compressed=False), "iscrowd": 1},
+        {"id": 3, "image_id": 2, "category_id": 3, "segmentation": rle_of(mask, compressed=True), "iscrowd": 0},
+    ]
+    path, image_dir = make_folder(tmp_path, annotations)
+    source = load_coco(path, image_dir)
+    # categories are contiguous in ascending COCO id order: 3 (dog) -> 0, 7 (cat) -> 1
+    assert source.category_ids == [3, 7] and source.id2label == {0: "dog", 1: "cat"}
+    assert source.annotations[3] == []  # an image with no annotation is kept
+    first = source.annotations[1]
+    assert [a["category"] for a in first] == [1, 0] and [a["iscrowd"] for a in first] == [0, 1]
+    polygon_mask = decode_masks([first[0]["rle"]["counts"]], 20, 30)[0]
+    assert polygon_mask[:10, :10].all() and not polygon_mask[11:, :].any() and not polygon_mask[:, 11:].any()
+    np.testing.assert_array_equal(decode_masks([first[1]["rle"]["counts"]], 20, 30)[0], mask)
+    np.testing.assert_array_equal(decode_masks([source.annotations[2][0]["rle"]["counts"]], 20, 30)[0], mask)
+
+    dataset = to_hf_dataset(source)
+    assert len(dataset) == 3 and dataset[2]["objects"]["category"] == []
+    assert dataset[0]["objects"]["iscrowd"] == [0, 1]
+    unlabeled = to_hf_dataset(source, [1, 2], with_labels=False)
+    assert unlabeled[0]["objects"]["category"] == [] and unlabeled["image_id"] == [1, 2]
+
+
+def test_annotation_without_usable_segmentation_is_skipped_and_counted(tmp_path):
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 7, "segmentation": [[0, 0, 5, 5]], "iscrowd": 0},  # 2 points
+        {"id": 2, "image_id": 1, "category_id": 7, "bbox": [0, 0, 4, 4], "iscrowd": 0},  # bbox only
+        {"id": 3, "image_id": 1, "category_id": 7, "segmentation": square(0, 0, 4, 4), "iscrowd": 0},
+    ]
+    source = load_coco(*make_folder(tmp_path, annotations))
+    assert len(source.annotations[1]) == 1
+    assert source.skipped_annotations == 2
+
+
+@pytest.mark.parametrize(
+    "annotation, message",
+    [
+        ({"id": 9, "image_id": 42, "category_id": 7, "segmentation": square(0, 0, 4, 4)}, r"annotation 9 points at image id 42"),
+        ({"id": 9, "image_id": 1, "category_id": 99, "segmentation": square(0, 0, 4, 4)}, r"annotation 9 \(image 1\) has category_id 99"),
+    ],
+)
+def test_annotation_pointing_at_unknown_image_or_category_is_an_error(tmp_path, annotation, message):
+    path, image_dir = make_folder(tmp_path, [annotation])
+    with pytest.raises(DataError, match=message) as error:
+        load_coco(path, image_dir)
+    assert str(path) in str(error.value)
+
+
+def test_missing_image_file_is_named(tmp_path):
+    path, image_dir = make_folder(tmp_path, [])
+    (image_dir / "2.png").unlink()
+    with pytest.raises(DataError, match=r"2\.png \(image id 2 .*does not exist"):
+        load_coco(path, image_dir)
+
+
+def test_missing_folder_and_bad_json_are_named(tmp_path):
+    path, image_dir = make_folder(tmp_path, [])
+    with pytest.raises(DataError, match="image folder .*nowhere does not exist"):
+        load_coco(path, tmp_path / "nowhere")
+    with pytest.raises(DataError, match="annotation file .*missing.json does not exist"):
+        load_coco(tmp_path / "missing.json", image_dir)
+    path.write_text("{not json")
+    with pytest.raises(DataError, match="is not valid JSON"):
+        load_coco(path, image_dir)
+    path.write_text(json.dumps({"images": []}))
+    with pytest.raises(DataError, match="no `annotations` list"):
+        load_coco(path, image_dir)
+
+
+def test_duplicate_image_id_is_an_error(tmp_path):
+    images = [{"id": 1, "file_name": "a.png", "width": 30, "height": 20}, {"id": 1, "file_name": "b.png", "width": 30, "height": 20}]
+    with pytest.raises(DataError, match="image id 1 appears twice"):
+        load_coco(*make_folder(tmp_path, [], images=images))
+
+
+def test_corrupt_image_error_names_the_file(tmp_path):
+    path, image_dir = make_folder(tmp_path, [])
+    (image_dir / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    dataset = to_hf_dataset(load_coco(path, image_dir)).cast_column("image", datasets.Image(decode=False))
+    assert read_image(dataset[0]).shape == (3, 20, 30)
+    with pytest.raises(DataError, match=r"cannot read image .*2\.png \(image id 2\)"):
+        read_image(dataset[1])
+
+
+def test_image_size_disagreeing_with_json_is_named(tmp_path):
+    path, image_dir = make_folder(tmp_path, [])
+    Image.new("RGB", (31, 20)).save(image_dir / "3.png")
+    dataset = to_hf_dataset(load_coco(path, image_dir)).cast_column("image", datasets.Image(decode=False))
+    with pytest.raises(DataError, match=r"3\.png \(image id 3\) is 31x20 but the annotation file says 30x20"):
+        read_image(dataset[2])

@@ -1,0 +1,102 @@
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from gd_hf.evaluation import CocoMaskAP, coco_mask_ap, post_process_instances, to_coco_results
+
+
+@pytest.fixture
+def ground_truth(synthetic_root):
+    return synthetic_root / "annotations" / "instances_val.json"
+
+
+def gt_as_results(path, score=1.0):
+    coco = json.loads(path.read_text())
+    return [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "segmentation": a["segmentation"], "score": score}
+        for a in coco["annotations"]
+    ]
+
+
+def pycocotools_ap(path, results):
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(path))
+        ev = COCOeval(gt, gt.loadRes(results), iouType="segm")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+    return ev.stats[0] * 100
+
+
+def eroded(results, gt_path, every=2):
+    """Shrink every `every`-th predicted mask to its top half (IoU ~ 0.5): a worse prediction."""
+    out = []
+    for i, r in enumerate(results):
+        r = dict(r)
+        if i % every == 0:
+            mask = mask_utils.decode({"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()})
+            rows = np.nonzero(mask.any(1))[0]
+            mask[rows[len(rows) // 2] :, :] = 0
+            rle = mask_utils.encode(np.asfortranarray(mask))
+            r["segmentation"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}
+        out.append(r)
+    return out
+
+
+def test_perfect_predictions_score_100(ground_truth):
+    metrics = coco_mask_ap(ground_truth, gt_as_results(ground_truth))
+    assert metrics["AP"] == pytest.approx(100.0)
+    assert metrics["AP50"] == pytest.approx(100.0) and metrics["AP75"] == pytest.approx(100.0)
+
+
+def test_degraded_predictions_score_lower_and_equal_pycocotools(ground_truth):
+    degraded = eroded(gt_as_results(ground_truth), ground_truth)
+    metrics = coco_mask_ap(ground_truth, degraded)
+    assert 0 < metrics["AP"] < 90
+    assert metrics["AP"] == pytest.approx(pycocotools_ap(ground_truth, degraded), abs=1e-9)
+    wrong_class = [{**r, "category_id": 1 + r["category_id"] % 4} for r in gt_as_results(ground_truth)]
+    assert coco_mask_ap(ground_truth, wrong_class)["AP"] == pytest.approx(0.0)
+    assert coco_mask_ap(ground_truth, [])["AP"] == 0.0
+
+
+def test_results_are_not_mutated(ground_truth):
+    results = gt_as_results(ground_truth)
+    before = json.dumps(results)
+    coco_mask_ap(ground_truth, results)
+    assert json.dumps(results) == before  # still JSON-serialisable and unchanged
+
+
+def test_evaluate_metric_wrapper_agrees(ground_truth):
+    degraded = eroded(gt_as_results(ground_truth), ground_truth)
+    metric = CocoMaskAP()
+    by_image: dict[int, list] = {}
+    for r in degraded:
+        by_image.setdefault(r["image_id"], []).append({k: v for k, v in r.items() if k != "image_id"})
+    image_ids = [img["id"] for img in json.loads(ground_truth.read_text())["images"]]
+    metric.add_batch(predictions=[by_image.get(i, []) for i in image_ids], references=image_ids)
+    metrics = metric.compute(annotation_file=str(ground_truth))
+    assert metrics["AP"] == pytest.approx(coco_mask_ap(ground_truth, degraded)["AP"], abs=1e-4)
+
+
+def test_post_processing_takes_topk_over_query_class_pairs_and_rescales():
+    class_logits = torch.full((1, 3, 3), -10.0)  # 3 queries, 2 classes + no-object
+    class_logits[0, 0, 1] = 10.0  # query 0 -> class 1, confident
+    class_logits[0, 1, 2] = 10.0  # query 1 -> no object
+    class_logits[0, 2, 0] = 2.0
+    mask_logits = torch.full((1, 3, 8, 8), -10.0)
+    mask_logits[0, 0, :4, :4] = 10.0  # top-left quarter of the padded input
+    (scores, labels, masks), = post_process_instances(
+        class_logits, mask_logits, image_sizes=[(4, 8)], original_sizes=[(2, 4)], padded_size=(8, 8), top_k=2
+    )
+    assert labels.tolist()[0] == 1 and scores[0] == pytest.approx(1.0, abs=1e-3)
+    assert masks.shape == (2, 2, 4)
+    # The image occupies the top 4 rows of the padded input; the mask covers its left half.
+    assert masks[0].tolist() == [[True, True, False, False], [True, True, False, False]]
+    results = to_coco_results(5, scores, labels, masks, category_ids=[10, 20])
+    assert results[0]["category_id"] == 20 and results[0]["image_id"] == 5
+    json.dumps(results)
