@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoBackbone,
     AutoConfig,
     Dinov2Config,
     Mask2FormerConfig,
@@ -152,9 +151,9 @@ def _build_with_pretrained_backbone(cfg: ModelConfig, backbone_config, id2label)
     model = Mask2FormerForUniversalSegmentation(_mask2former_config(cfg, backbone_config, id2label))
     # Mask2FormerConfig always builds its backbone with random weights (hf-notes): load them explicitly.
     encoder = model.model.pixel_level_module.encoder
-    pretrained = AutoBackbone.from_pretrained(
-        cfg.pretrained, out_features=backbone_config.out_features, out_indices=None
-    )
+    # The concrete class (SwinBackbone, ...), not AutoBackbone: AutoBackbone.from_pretrained asks the hub whether
+    # the repo exists (a network call even for a local folder) before loading.
+    pretrained = type(encoder).from_pretrained(cfg.pretrained, config=encoder.config)
     missing, unexpected = encoder.load_state_dict(pretrained.state_dict(), strict=False)
     if missing or unexpected:
         raise ModelLoadError(
@@ -169,7 +168,6 @@ def _load_mask2former_checkpoint(cfg: ModelConfig, id2label) -> Mask2FormerForUn
         cfg.pretrained,
         id2label={int(k): v for k, v in id2label.items()},
         label2id={v: int(k) for k, v in id2label.items()},
-        num_labels=len(id2label),
         ignore_mismatched_sizes=True,
     )
     backbone_type = model.config.backbone_config.model_type

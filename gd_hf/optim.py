@@ -8,19 +8,35 @@ import torch
 
 from gd_hf.config import TrainConfig
 
-# Parameter-name fragments that never get weight decay (detectron2's Mask2Former recipe: norms and embeddings).
-NO_DECAY_FRAGMENTS = ("norm", "embeddings", "position", "query_feat", "query_embed", "level_embed", "relative_position_bias_table", "mask_token", "cls_token")
+NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm)
+# Free-standing tables (not inside nn.Embedding) that detectron2's Mask2Former recipe does not decay either.
+NO_DECAY_NAMES = ("relative_position_bias_table", "position_embeddings", "mask_token", "cls_token", "register_tokens", "level_embed")
+
+
+def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
+    """Parameters that never decay: norms, embeddings, position tables, and every bias / 1-D parameter."""
+    names = set()
+    for module_name, module in model.named_modules():
+        for param_name, parameter in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            if (
+                isinstance(module, (*NORM_TYPES, torch.nn.Embedding))
+                or parameter.ndim <= 1
+                or any(n in param_name for n in NO_DECAY_NAMES)
+            ):
+                names.add(full)
+    return names
 
 
 def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
-    """Four groups: {backbone, rest} x {decay, no decay}; biases and 1-D norm weights never decay."""
+    """Four groups: {backbone, rest} x {decay, no decay}, the backbone at `lr * backbone_lr_multiplier`."""
+    no_decay_names = no_weight_decay_names(model)
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         is_backbone = ".pixel_level_module.encoder." in f".{name}"
-        no_decay = parameter.ndim <= 1 or any(f in name for f in NO_DECAY_FRAGMENTS)
-        groups.setdefault((is_backbone, no_decay), []).append(parameter)
+        groups.setdefault((is_backbone, name in no_decay_names), []).append(parameter)
     return [
         {
             "params": params,
