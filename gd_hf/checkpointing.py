@@ -49,10 +49,16 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, step: 
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: str | Path) -> dict[str, Any]:
-    """Restore a checkpoint written by `save_checkpoint`; return its trainer state."""
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / TRAINER_STATE).is_file():
+def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
+    """The loop's own state (step, best AP) stored in a checkpoint."""
+    path = Path(checkpoint) / TRAINER_STATE
+    if not path.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete gd_hf checkpoint (no {TRAINER_STATE})")
+    return json.loads(path.read_text())
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: str | Path) -> dict[str, Any]:
+    """Restore model/optimizer/scheduler/RNG from a checkpoint written by `save_checkpoint`; return its trainer state."""
+    state = read_trainer_state(checkpoint)
     accelerator.load_state(str(checkpoint))
-    return json.loads((checkpoint / TRAINER_STATE).read_text())
+    return state

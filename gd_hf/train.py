@@ -24,7 +24,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from gd_hf.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
+from gd_hf.checkpointing import list_checkpoints, load_checkpoint, read_trainer_state, save_checkpoint
 from gd_hf.config import Recipe, RecipeError, load_recipe, recipe_to_dict
 from gd_hf.data.coco import CocoSource, DataError, load_coco, to_hf_dataset
 from gd_hf.data.loading import EvalDataset, LabeledTrainDataset, StepBatchSampler, collate_eval, collate_train
@@ -153,15 +153,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
     accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(model)
 
-    # --- Resume.
     state = {"step": 0, "best_ap": -1.0, "best_step": None}
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from)
-        logger.info("resumed from %s at step %d", resume_from, state["step"])
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    accelerator.init_trackers("tensorboard" if accelerator.log_with else "gd_hf")
+        state = read_trainer_state(resume_from)
 
     # --- Data loader: the sampler is indexed by micro-batch, so resuming = starting it at the right step.
     micro_batch = cfg.batch_size // cfg.gradient_accumulation_steps
@@ -181,7 +175,16 @@ def train(recipe: Recipe) -> dict[str, Any]:
         collate_fn=partial(collate_train, divisibility=divisibility),
         persistent_workers=recipe.data.num_workers > 0,
     )
-    batches = iter(loader)
+    batches = iter(loader)  # draws a seed from torch's RNG: create it before the RNG state is restored
+
+    # --- Resume: model, optimizer, schedule and RNG states as they were after step `state["step"]`.
+    if resume_from is not None:
+        load_checkpoint(accelerator, resume_from)
+        logger.info("resumed from %s at step %d", resume_from, state["step"])
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    accelerator.init_trackers("tensorboard" if accelerator.log_with else "gd_hf")
 
     # --- The loop.
     metrics_log = output_dir / "metrics.jsonl"

@@ -1,0 +1,134 @@
+"""End-to-end runs of the training recipe on the tiny synthetic set (a few seconds each)."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import pipeline
+
+import gd_hf.train as train_module
+from gd_hf.config import RecipeError, load_recipe
+from gd_hf.data.coco import DataError
+from gd_hf.train import main, train
+
+from .conftest import ROOT, tiny_overrides
+
+
+def run(synthetic_root, output_dir, *extra):
+    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, output_dir) + list(extra))
+    return train(recipe)
+
+
+def losses(output_dir):
+    lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def test_run_writes_checkpoints_exports_metrics_and_predictions(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    metrics = run(synthetic_root, out, "train.eval_every=2", "train.keep_checkpoints=1")
+    assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000004"]  # keep-last-1
+    for export in ("final", "best"):
+        assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in (out / export).iterdir()}
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["id2label"] == {"0": "circle", "1": "rectangle", "2": "triangle", "3": "cross"}
+    predictions = json.loads((out / "predictions" / "val_step_00000004.json").read_text())
+    assert predictions and {"image_id", "category_id", "segmentation", "score"} <= set(predictions[0])
+    assert {r["category_id"] for r in predictions} <= {1, 2, 3, 4}  # COCO ids, not contiguous ones
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+    assert json.loads((out / "final_metrics.json").read_text())["final"] == metrics
+    assert (out / "recipe.yaml").is_file()
+
+
+def test_resume_continues_with_identical_state(synthetic_root, tmp_path, monkeypatch):
+    uninterrupted = tmp_path / "a"
+    run(synthetic_root, uninterrupted)
+
+    # Crash right after the step-2 checkpoint is written, then resume with `resume: auto`.
+    interrupted = tmp_path / "b"
+    real_save = train_module.save_checkpoint
+
+    def save_then_crash(accelerator, directory, step, state, keep):
+        path = real_save(accelerator, directory, step, state, keep)
+        if step == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return path
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(synthetic_root, interrupted)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    assert not (interrupted / "final").exists()
+    run(synthetic_root, interrupted)
+
+    assert losses(interrupted) == losses(uninterrupted)  # steps 3-4 saw the same data, weights and lr
+    a = load_file(uninterrupted / "final" / "model.safetensors")
+    b = load_file(interrupted / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_ignores_a_partial_checkpoint(synthetic_root, tmp_path, caplog):
+    out = tmp_path / "run"
+    run(synthetic_root, out, "train.max_steps=2")
+    (out / "checkpoints" / ".tmp_step_00000003").mkdir()  # a write that was killed
+    run(synthetic_root, out, "train.max_steps=3")
+    assert "ignoring partial checkpoint" in caplog.text
+    assert sorted(losses(out)) == [1, 2, 3]
+
+
+def test_resume_none_refuses_to_overwrite_checkpoints(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    run(synthetic_root, out, "train.max_steps=2")
+    with pytest.raises(RecipeError, match="resume: none, but .* already holds checkpoints"):
+        run(synthetic_root, out, "resume=none")
+
+
+def test_exported_model_works_in_pipeline_offline(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    run(synthetic_root, out, "train.max_steps=2")
+    segmenter = pipeline("image-segmentation", model=str(out / "final"))
+    image = Image.open(synthetic_root / "val" / "1000000.png")
+    segments = segmenter(image, subtask="instance", threshold=0.0)
+    assert segments, "an instance pipeline with threshold 0 returns the top queries"
+    assert {s["label"] for s in segments} <= {"circle", "rectangle", "triangle", "cross"}
+    assert all(s["mask"].size == image.size for s in segments)
+
+
+def test_bad_input_fails_before_writing_anything(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [str(ROOT / "recipes" / "demo_synthetic.yaml"), *tiny_overrides(synthetic_root, out)]
+    assert main([*args, f"data.val_images={tmp_path / 'missing'}"]) == 2
+    assert f"image folder {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*args, "data.labeled_percent=0.01", f"data.split_file={tmp_path / 'nope.json'}"]) == 2
+    assert "split file" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*args, "train.max_stepz=3"]) == 2
+    assert "did you mean `train.max_steps`" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_folder_error_names_it(synthetic_root, tmp_path):
+    with pytest.raises(DataError, match=f"image folder {tmp_path / 'missing'} does not exist"):
+        run(synthetic_root, tmp_path / "run", f"data.val_images={tmp_path / 'missing'}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_labeled_split_is_an_error(synthetic_root, tmp_path):
+    (tmp_path / "split.txt").write_text("# only an image without objects would be empty; here: none at all\n")
+    with pytest.raises(DataError, match="labeled split is empty"):
+        run(synthetic_root, tmp_path / "run", f"data.split_file={tmp_path / 'split.txt'}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_training_image_names_the_file(tmp_path, synthetic_root):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    (root / "train" / "000001.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"cannot read image .*000001\.png \(image id 1\)"):
+        run(root, tmp_path / "run", "train.max_steps=40")
