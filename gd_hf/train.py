@@ -129,6 +129,43 @@ def evaluate_on_val(
     return metrics, results
 
 
+def train_step(
+    model: torch.nn.Module,
+    micro_batches: list[dict[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    accelerator: Accelerator,
+    grad_clip: float,
+) -> dict[str, float]:
+    """One optimizer step over `micro_batches` (gradient accumulation); returns the loss terms for logging."""
+    unwrapped = accelerator.unwrap_model(model)
+    totals: dict[str, torch.Tensor] = {}
+    for index, batch in enumerate(micro_batches):
+        # Gradients are all-reduced once, on the last micro-batch.
+        sync = contextlib.nullcontext() if index == len(micro_batches) - 1 else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                outputs = model(pixel_values=batch["pixel_values"].to(accelerator.device), output_auxiliary_logits=True)
+                terms = loss_terms(
+                    unwrapped,
+                    outputs,
+                    [m.to(accelerator.device) for m in batch["mask_labels"]],
+                    [c.to(accelerator.device) for c in batch["class_labels"]],
+                )
+                loss = sum(terms.values())
+            accelerator.backward(loss / len(micro_batches))
+        for key, value in (("loss", loss), *((k, terms[k]) for k in ("loss_cross_entropy", "loss_mask", "loss_dice"))):
+            totals[key] = totals.get(key, 0.0) + value.detach() / len(micro_batches)
+    if grad_clip > 0:
+        totals["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    # One host sync for all logged values.
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=accelerator.device) for v in totals.values()]).tolist()
+    return dict(zip(totals, values))
+
+
 def train(recipe: Recipe) -> dict[str, Any]:
     """Run a recipe to its end (resuming if there is a checkpoint); return the final val metrics."""
     accelerator = build_accelerator(recipe)
@@ -152,7 +189,6 @@ def train(recipe: Recipe) -> dict[str, Any]:
     # The schedule is stepped once per optimizer step by us (not once per process by accelerate).
     accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(model)
-
     state = {"step": 0, "best_ap": -1.0, "best_step": None}
     if resume_from is not None:
         state = read_trainer_state(resume_from)
@@ -194,30 +230,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
     window_start = time.perf_counter()
     metrics: dict[str, float] = {}
     while state["step"] < cfg.max_steps:
-        step_terms: dict[str, float] = {}
-        for micro in range(cfg.gradient_accumulation_steps):
-            batch = next(batches)
-            is_last_micro = micro == cfg.gradient_accumulation_steps - 1
-            with accelerator.no_sync(model) if not is_last_micro else contextlib.nullcontext():
-                with accelerator.autocast():
-                    outputs = model(pixel_values=batch["pixel_values"].to(accelerator.device), output_auxiliary_logits=True)
-                    terms = loss_terms(
-                        unwrapped,
-                        outputs,
-                        [m.to(accelerator.device) for m in batch["mask_labels"]],
-                        [c.to(accelerator.device) for c in batch["class_labels"]],
-                    )
-                    loss = sum(terms.values())
-                accelerator.backward(loss / cfg.gradient_accumulation_steps)
-            step_terms["loss"] = step_terms.get("loss", 0.0) + loss.item() / cfg.gradient_accumulation_steps
-            for key in ("loss_cross_entropy", "loss_mask", "loss_dice"):
-                step_terms[key] = step_terms.get(key, 0.0) + terms[key].item() / cfg.gradient_accumulation_steps
-        if cfg.grad_clip > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            step_terms["grad_norm"] = float(grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+        step_terms = train_step(model, micro_batches, optimizer, scheduler, accelerator, cfg.grad_clip)
         state["step"] += 1
         step = state["step"]
         progress.update(1)

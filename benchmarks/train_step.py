@@ -1,0 +1,97 @@
+"""One training step of gd_hf's loop vs the bare model forward+backward on the same batch, side by side.
+
+    python benchmarks/train_step.py [--steps 20] [--recipe recipes/demo_synthetic.yaml] [key=value ...]
+
+"ours" is `gd_hf.train.train_step` exactly as the loop runs it (autocast context, loss terms, backward,
+gradient clipping, AdamW step, schedule step, one host sync for logging). "bare" is
+`model(pixel_values, mask_labels, class_labels).loss.backward()` plus `optimizer.step()` — the least any loop
+must do. Both run interleaved on one batch, after warm-up; the medians and their ratio are printed
+(goal: ratio <= 1.10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from gd_hf.config import load_recipe
+from gd_hf.data.coco import load_coco, to_hf_dataset
+from gd_hf.data.loading import LabeledTrainDataset, StepBatchSampler, collate_train
+from gd_hf.data.synthetic import generate
+from gd_hf.modeling import build_model, size_divisibility
+from gd_hf.optim import build_lr_scheduler, build_optimizer
+from gd_hf.train import train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "demo_synthetic.yaml"))
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    recipe = load_recipe(args.recipe, args.overrides)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = generate(Path(tmp) / "synthetic", train=8, val=1, size=recipe.data.synthetic_image_size)
+        source = load_coco(root / "annotations" / "instances_train.json", root / "train")
+        torch.manual_seed(0)
+        model = build_model(recipe.model, source.id2label)
+        dataset = LabeledTrainDataset(to_hf_dataset(source), recipe.data)
+        indices = next(iter(StepBatchSampler(len(dataset), recipe.train.batch_size, seed=0)))
+        batch = collate_train([dataset[i] for i in indices], size_divisibility(model))
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    optimizer = build_optimizer(model, recipe.train)
+    scheduler = build_lr_scheduler(optimizer, recipe.train)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    device = accelerator.device
+    bare_inputs = {
+        "pixel_values": batch["pixel_values"].to(device),
+        "mask_labels": [m.to(device) for m in batch["mask_labels"]],
+        "class_labels": [c.to(device) for c in batch["class_labels"]],
+    }
+
+    def bare() -> None:
+        loss = model(**bare_inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def ours() -> None:
+        train_step(model, [batch], optimizer, scheduler, accelerator, recipe.train.grad_clip)
+
+    def timed(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for _ in range(3):
+        bare(), ours()
+    times: dict[str, list[float]] = {"bare": [], "ours": []}
+    for _ in range(args.steps):  # interleaved so drift in machine load hits both alike
+        times["bare"].append(timed(bare))
+        times["ours"].append(timed(ours))
+    bare_median, ours_median = statistics.median(times["bare"]), statistics.median(times["ours"])
+    print(f"device: {device}, torch threads: {torch.get_num_threads()}, batch: {recipe.train.batch_size}, "
+          f"crop: {recipe.data.crop_size}, params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
+    print(f"bare forward+backward+step: {bare_median * 1000:8.1f} ms (median of {args.steps})")
+    print(f"gd_hf train_step:           {ours_median * 1000:8.1f} ms")
+    print(f"ratio ours / bare:          {ours_median / bare_median:8.3f}  (goal <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Mask AP of a trained model on a COCO-format set.
+
+Usage: `python -m gd_hf.evaluate MODEL ANNOTATIONS IMAGES [--out results.json] [--top-k 100] [--batch-size 2]`
+
+MODEL is an exported folder (or hub id) as written by `gd_hf.train`; ANNOTATIONS a COCO instances JSON and
+IMAGES its image folder. Test-time resizing follows the model's saved image processor unless overridden.
+Prints AP, AP50, AP75, APs, APm, APl and writes the predictions as COCO-JSON results with `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
+
+from gd_hf.config import DataConfig
+from gd_hf.data.coco import CocoSource, DataError, load_coco, to_hf_dataset
+from gd_hf.data.loading import EvalDataset, collate_eval
+from gd_hf.evaluation import coco_mask_ap, predict_coco_results, write_results
+from gd_hf.modeling import size_divisibility
+
+
+def category_ids_for_model(model: Mask2FormerForUniversalSegmentation, source: CocoSource) -> list[int]:
+    """COCO category id of each model class, matched by name; an error lists the names that differ."""
+    by_name = dict(zip(source.category_names, source.category_ids))
+    names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise DataError(
+            f"the model's classes {missing} are not categories of {source.annotation_file} "
+            f"(its categories: {source.category_names})"
+        )
+    return [by_name[n] for n in names]
+
+
+def evaluate_model(
+    model: Mask2FormerForUniversalSegmentation,
+    source: CocoSource,
+    data: DataConfig,
+    top_k: int = 100,
+    batch_size: int = 2,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, float], list[dict]]:
+    """Mask AP and COCO results of `model` on every image of `source`."""
+    dataset = EvalDataset(to_hf_dataset(source, with_labels=False), data)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=data.num_workers, collate_fn=partial(collate_eval, divisibility=size_divisibility(model))
+    )
+    model.to(device)
+    results = predict_coco_results(model, loader, category_ids_for_model(model, source), top_k, device)
+    return coco_mask_ap(source.annotation_file, results), results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gd_hf.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="exported model folder or hub id")
+    parser.add_argument("annotations", help="COCO instances JSON")
+    parser.add_argument("images", help="image folder")
+    parser.add_argument("--out", help="write COCO-JSON results here")
+    parser.add_argument("--top-k", type=int, default=100, help="instances per image (default 100)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--shortest-edge", type=int, help="test-time shorter side (default: the model's image processor)")
+    parser.add_argument("--longest-edge", type=int, help="test-time cap on the longer side")
+    parser.add_argument("--num-workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    try:
+        model = Mask2FormerForUniversalSegmentation.from_pretrained(args.model)
+        processor = AutoImageProcessor.from_pretrained(args.model)
+        size = processor.size
+        data = DataConfig(
+            eval_shortest_edge=args.shortest_edge or size.get("shortest_edge") or 800,
+            eval_longest_edge=args.longest_edge or size.get("longest_edge") or 1333,
+            num_workers=args.num_workers,
+        )
+        source = load_coco(args.annotations, args.images)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        metrics, results = evaluate_model(model, source, data, args.top_k, args.batch_size, device)
+    except (DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        write_results(Path(args.out), results)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
