@@ -15,7 +15,6 @@ import argparse
 import statistics
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -86,8 +85,10 @@ def main() -> None:
         times["bare"].append(timed(bare))
         times["ours"].append(timed(ours))
     bare_median, ours_median = statistics.median(times["bare"]), statistics.median(times["ours"])
-    print(f"device: {device}, torch threads: {torch.get_num_threads()}, batch: {recipe.train.batch_size}, "
-          f"crop: {recipe.data.crop_size}, params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
+    print(
+        f"device: {device}, torch threads: {torch.get_num_threads()}, batch: {recipe.train.batch_size}, "
+        f"crop: {recipe.data.crop_size}, params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"
+    )
     print(f"bare forward+backward+step: {bare_median * 1000:8.1f} ms (median of {args.steps})")
     print(f"gd_hf train_step:           {ours_median * 1000:8.1f} ms")
     print(f"ratio ours / bare:          {ours_median / bare_median:8.3f}  (goal <= 1.10)")

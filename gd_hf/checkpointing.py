@@ -23,11 +23,17 @@ def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         return []
-    found = [p for p in checkpoint_dir.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name) and (p / TRAINER_STATE).is_file()]
+    found = [
+        p
+        for p in checkpoint_dir.iterdir()
+        if p.is_dir() and CHECKPOINT_PATTERN.match(p.name) and (p / TRAINER_STATE).is_file()
+    ]
     return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
 
 
-def save_checkpoint(accelerator: Accelerator, checkpoint_dir: str | Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, checkpoint_dir: str | Path, step: int, trainer_state: dict[str, Any], keep: int
+) -> Path:
     """Save model/optimizer/scheduler/RNG + `trainer_state` as `step_{step:08d}`, then delete all but the newest `keep`."""
     checkpoint_dir = Path(checkpoint_dir)
     final = checkpoint_dir / f"step_{step:08d}"

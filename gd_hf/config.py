@@ -293,8 +293,11 @@ def validate(recipe: Recipe) -> None:
         (t.max_steps > 0, "train.max_steps", "must be > 0"),
         (t.batch_size > 0, "train.batch_size", "must be > 0"),
         (t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be > 0"),
-        (t.batch_size % t.gradient_accumulation_steps == 0, "train.batch_size",
-         "must be divisible by train.gradient_accumulation_steps"),
+        (
+            t.batch_size % t.gradient_accumulation_steps == 0,
+            "train.batch_size",
+            "must be divisible by train.gradient_accumulation_steps",
+        ),
         (t.lr > 0, "train.lr", "must be > 0"),
         (t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
         (t.grad_clip >= 0, "train.grad_clip", "must be >= 0"),

@@ -49,7 +49,10 @@ def evaluate_model(
     """Mask AP and COCO results of `model` on every image of `source`."""
     dataset = EvalDataset(to_hf_dataset(source, with_labels=False), data)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=data.num_workers, collate_fn=partial(collate_eval, divisibility=size_divisibility(model))
+        dataset,
+        batch_size=batch_size,
+        num_workers=data.num_workers,
+        collate_fn=partial(collate_eval, divisibility=size_divisibility(model)),
     )
     model.to(device)
     results = predict_coco_results(model, loader, category_ids_for_model(model, source), top_k, device)
@@ -57,14 +60,18 @@ def evaluate_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gd_hf.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m gd_hf.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", help="exported model folder or hub id")
     parser.add_argument("annotations", help="COCO instances JSON")
     parser.add_argument("images", help="image folder")
     parser.add_argument("--out", help="write COCO-JSON results here")
     parser.add_argument("--top-k", type=int, default=100, help="instances per image (default 100)")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--shortest-edge", type=int, help="test-time shorter side (default: the model's image processor)")
+    parser.add_argument(
+        "--shortest-edge", type=int, help="test-time shorter side (default: the model's image processor)"
+    )
     parser.add_argument("--longest-edge", type=int, help="test-time cap on the longer side")
     parser.add_argument("--num-workers", type=int, default=2)
     args = parser.parse_args(argv)

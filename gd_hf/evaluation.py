@@ -53,9 +53,13 @@ def post_process_instances(
         k = min(top_k, probs.numel())
         scores, flat = probs.flatten().topk(k)
         labels, queries = flat % num_classes, flat // num_classes
-        masks = F.interpolate(mask_logits[i, queries][None].float(), size=padded_size, mode="bilinear", align_corners=False)
+        masks = F.interpolate(
+            mask_logits[i, queries][None].float(), size=padded_size, mode="bilinear", align_corners=False
+        )
         height, width = image_sizes[i]
-        masks = F.interpolate(masks[:, :, :height, :width], size=original_sizes[i], mode="bilinear", align_corners=False)[0]
+        masks = F.interpolate(
+            masks[:, :, :height, :width], size=original_sizes[i], mode="bilinear", align_corners=False
+        )[0]
         probabilities = masks.sigmoid()
         binary = probabilities > 0.5
         mask_scores = (probabilities * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
@@ -81,7 +85,9 @@ def to_coco_results(
     ]
 
 
-def coco_mask_ap(ground_truth: COCO | str | Path, results: list[dict[str, Any]], image_ids: list[int] | None = None) -> dict[str, float]:
+def coco_mask_ap(
+    ground_truth: COCO | str | Path, results: list[dict[str, Any]], image_ids: list[int] | None = None
+) -> dict[str, float]:
     """pycocotools segm AP (x100): AP, AP50, AP75, APs, APm, APl. No result at all scores 0."""
     if not isinstance(ground_truth, COCO):
         with contextlib.redirect_stdout(io.StringIO()):
@@ -162,9 +168,7 @@ class CocoMaskAP(evaluate.Metric):
         return evaluate.MetricInfo(
             description="COCO mask AP (pycocotools, iouType=segm), x100.",
             citation="Lin et al., Microsoft COCO: Common Objects in Context, ECCV 2014.",
-            features=datasets.Features(
-                {"predictions": datasets.List(instance), "references": datasets.Value("int64")}
-            ),
+            features=datasets.Features({"predictions": datasets.List(instance), "references": datasets.Value("int64")}),
         )
 
     def _compute(self, predictions, references, annotation_file: str | None = None) -> dict[str, float]:

@@ -180,7 +180,11 @@ def _load_mask2former_checkpoint(cfg: ModelConfig, id2label) -> Mask2FormerForUn
     # The loss settings are the recipe's, not the checkpoint's.
     for key in ("train_num_points", "no_object_weight", "class_weight", "mask_weight", "dice_weight"):
         setattr(model.config, key, getattr(cfg, key))
-    model.weight_dict = {"loss_cross_entropy": cfg.class_weight, "loss_mask": cfg.mask_weight, "loss_dice": cfg.dice_weight}
+    model.weight_dict = {
+        "loss_cross_entropy": cfg.class_weight,
+        "loss_mask": cfg.mask_weight,
+        "loss_dice": cfg.dice_weight,
+    }
     model.criterion = Mask2FormerLoss(config=model.config, weight_dict=model.weight_dict)
     return model
 

@@ -10,7 +10,14 @@ from gd_hf.config import TrainConfig
 
 NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._BatchNorm)
 # Free-standing tables (not inside nn.Embedding) that detectron2's Mask2Former recipe does not decay either.
-NO_DECAY_NAMES = ("relative_position_bias_table", "position_embeddings", "mask_token", "cls_token", "register_tokens", "level_embed")
+NO_DECAY_NAMES = (
+    "relative_position_bias_table",
+    "position_embeddings",
+    "mask_token",
+    "cls_token",
+    "register_tokens",
+    "level_embed",
+)
 
 
 def no_weight_decay_names(model: torch.nn.Module) -> set[str]:

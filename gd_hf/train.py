@@ -55,7 +55,9 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
         with accelerator.main_process_first():
             if accelerator.is_main_process and not root.exists():
                 logger.info("generating the synthetic data set in %s", root)
-                generate_synthetic(root, d.synthetic_train_images, d.synthetic_val_images, d.synthetic_image_size, recipe.seed)
+                generate_synthetic(
+                    root, d.synthetic_train_images, d.synthetic_val_images, d.synthetic_image_size, recipe.seed
+                )
     train = load_coco(d.train_annotations, d.train_images)
     val = load_coco(d.val_annotations, d.val_images)
     if train.category_ids != val.category_ids or train.category_names != val.category_names:
@@ -81,7 +83,9 @@ def find_resume_checkpoint(recipe: Recipe) -> Path | None:
     if recipe.resume == "auto":
         partial_ones = sorted(p.name for p in checkpoint_dir.glob(".tmp_step_*")) if checkpoint_dir.is_dir() else []
         if partial_ones:
-            logger.warning("ignoring partial checkpoint(s) %s in %s (a run stopped while writing)", partial_ones, checkpoint_dir)
+            logger.warning(
+                "ignoring partial checkpoint(s) %s in %s (a run stopped while writing)", partial_ones, checkpoint_dir
+            )
         return complete[-1] if complete else None
     path = Path(recipe.resume)
     if not path.is_dir():
@@ -95,6 +99,8 @@ def build_accelerator(recipe: Recipe) -> Accelerator:
         # Some backbone parameters get no gradient (Swin's last norm, DINOv2's mask token): DDP must allow that.
         "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)],
         "project_dir": recipe.output_dir,
+        # Without a GPU, `accelerate launch --multi_gpu` gives real gloo DDP only with cpu=True (hf-notes).
+        "cpu": not torch.cuda.is_available(),
     }
     if recipe.train.mixed_precision is not None:
         kwargs["mixed_precision"] = recipe.train.mixed_precision
@@ -113,7 +119,9 @@ def evaluate_on_val(
     """Mask AP of `model` on the val split; each process predicts its share, the results are gathered."""
     image_ids = sorted(data.val.images)[: recipe.eval.max_images]
     val_dataset = EvalDataset(to_hf_dataset(data.val, image_ids, with_labels=False), recipe.data)
-    share = torch.utils.data.Subset(val_dataset, range(accelerator.process_index, len(val_dataset), accelerator.num_processes))
+    share = torch.utils.data.Subset(
+        val_dataset, range(accelerator.process_index, len(val_dataset), accelerator.num_processes)
+    )
     loader = torch.utils.data.DataLoader(
         share,
         batch_size=recipe.eval.batch_size,
@@ -162,21 +170,31 @@ def train_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     # One host sync for all logged values.
-    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=accelerator.device) for v in totals.values()]).tolist()
+    values = torch.stack(
+        [torch.as_tensor(v, dtype=torch.float32, device=accelerator.device) for v in totals.values()]
+    ).tolist()
     return dict(zip(totals, values))
 
 
 def train(recipe: Recipe) -> dict[str, Any]:
     """Run a recipe to its end (resuming if there is a checkpoint); return the final val metrics."""
     accelerator = build_accelerator(recipe)
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+    )
     cfg = recipe.train
     output_dir = Path(recipe.output_dir)
 
     # --- Data: every check happens before anything is written to output_dir.
     data = prepare_data(recipe, accelerator)
     resume_from = find_resume_checkpoint(recipe)
-    logger.info("labeled images: %d, unlabeled: %d, val: %d", len(data.split.labeled), len(data.split.unlabeled), len(data.val.images))
+    logger.info(
+        "labeled images: %d, unlabeled: %d, val: %d",
+        len(data.split.labeled),
+        len(data.split.unlabeled),
+        len(data.val.images),
+    )
 
     # --- Model, optimizer, schedule.
     set_seed(recipe.seed)
@@ -224,7 +242,13 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     # --- The loop.
     metrics_log = output_dir / "metrics.jsonl"
-    progress = tqdm(total=cfg.max_steps, initial=state["step"], desc="train", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    progress = tqdm(
+        total=cfg.max_steps,
+        initial=state["step"],
+        desc="train",
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
     model.train()
     window: dict[str, float] = {}
     window_start = time.perf_counter()
@@ -243,7 +267,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             count = window.pop("_count")
             record = {key: value / count for key, value in window.items()}
-            record.update(step=step, lr=scheduler.get_last_lr()[-1], seconds_per_step=(time.perf_counter() - window_start) / count)
+            record.update(
+                step=step, lr=scheduler.get_last_lr()[-1], seconds_per_step=(time.perf_counter() - window_start) / count
+            )
             _log(accelerator, metrics_log, record)
             window, window_start = {}, time.perf_counter()
 
@@ -253,7 +279,13 @@ def train(recipe: Recipe) -> dict[str, Any]:
             if accelerator.is_main_process:
                 write_results(output_dir / "predictions" / f"val_step_{step:08d}.json", results)
                 _log(accelerator, metrics_log, {"step": step, **{f"val/{k}": v for k, v in metrics.items()}})
-                logger.info("step %d val mask AP %.2f (AP50 %.2f, AP75 %.2f)", step, metrics["AP"], metrics["AP50"], metrics["AP75"])
+                logger.info(
+                    "step %d val mask AP %.2f (AP50 %.2f, AP75 %.2f)",
+                    step,
+                    metrics["AP"],
+                    metrics["AP50"],
+                    metrics["AP75"],
+                )
                 if metrics["AP"] > state["best_ap"]:
                     state["best_ap"], state["best_step"] = metrics["AP"], step
                     export_model(unwrapped, image_processor, output_dir / "best", {"step": step, **metrics})
@@ -279,7 +311,12 @@ def _log(accelerator: Accelerator, path: Path, record: dict[str, Any]) -> None:
     if not accelerator.is_main_process:
         return
     with path.open("a") as f:
-        f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}) + "\n")
+        f.write(
+            json.dumps(
+                {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
+            )
+            + "\n"
+        )
     if accelerator.log_with:
         accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 

@@ -59,3 +59,13 @@ def tiny_overrides(root: Path, output_dir: Path) -> list[str]:
 @pytest.fixture
 def tiny_recipe(synthetic_root, tmp_path) -> Recipe:
     return load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path / "run"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each in-process training run builds its own Accelerator (accelerate keeps a process-wide singleton)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

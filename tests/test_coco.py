@@ -1,7 +1,6 @@
 import json
 
 import datasets
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -85,8 +84,14 @@ def test_annotation_without_usable_segmentation_is_skipped_and_counted(tmp_path)
 @pytest.mark.parametrize(
     "annotation, message",
     [
-        ({"id": 9, "image_id": 42, "category_id": 7, "segmentation": square(0, 0, 4, 4)}, r"annotation 9 points at image id 42"),
-        ({"id": 9, "image_id": 1, "category_id": 99, "segmentation": square(0, 0, 4, 4)}, r"annotation 9 \(image 1\) has category_id 99"),
+        (
+            {"id": 9, "image_id": 42, "category_id": 7, "segmentation": square(0, 0, 4, 4)},
+            r"annotation 9 points at image id 42",
+        ),
+        (
+            {"id": 9, "image_id": 1, "category_id": 99, "segmentation": square(0, 0, 4, 4)},
+            r"annotation 9 \(image 1\) has category_id 99",
+        ),
     ],
 )
 def test_annotation_pointing_at_unknown_image_or_category_is_an_error(tmp_path, annotation, message):
@@ -118,7 +123,10 @@ def test_missing_folder_and_bad_json_are_named(tmp_path):
 
 
 def test_duplicate_image_id_is_an_error(tmp_path):
-    images = [{"id": 1, "file_name": "a.png", "width": 30, "height": 20}, {"id": 1, "file_name": "b.png", "width": 30, "height": 20}]
+    images = [
+        {"id": 1, "file_name": "a.png", "width": 30, "height": 20},
+        {"id": 1, "file_name": "b.png", "width": 30, "height": 20},
+    ]
     with pytest.raises(DataError, match="image id 1 appears twice"):
         load_coco(*make_folder(tmp_path, [], images=images))
 

@@ -24,7 +24,9 @@ def test_yaml_values_land_in_typed_fields(tmp_path):
 
 def test_dotted_overrides_win_over_yaml_and_parse_yaml_values(tmp_path):
     path = write(tmp_path, "train:\n  max_steps: 10\n")
-    recipe = load_recipe(path, ["train.max_steps=200", "train.lr=1e-3", "model.backbone_depths=[1, 2, 3, 4]", "model.pretrained=null"])
+    recipe = load_recipe(
+        path, ["train.max_steps=200", "train.lr=1e-3", "model.backbone_depths=[1, 2, 3, 4]", "model.pretrained=null"]
+    )
     assert recipe.train.max_steps == 200
     assert recipe.train.lr == pytest.approx(1e-3)
     assert recipe.model.backbone_depths == [1, 2, 3, 4]

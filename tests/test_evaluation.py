@@ -39,7 +39,9 @@ def eroded(results, gt_path, every=2):
     for i, r in enumerate(results):
         r = dict(r)
         if i % every == 0:
-            mask = mask_utils.decode({"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()})
+            mask = mask_utils.decode(
+                {"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()}
+            )
             rows = np.nonzero(mask.any(1))[0]
             mask[rows[len(rows) // 2] :, :] = 0
             rle = mask_utils.encode(np.asfortranarray(mask))
@@ -90,7 +92,7 @@ def test_post_processing_takes_topk_over_query_class_pairs_and_rescales():
     class_logits[0, 2, 0] = 2.0
     mask_logits = torch.full((1, 3, 8, 8), -10.0)
     mask_logits[0, 0, :4, :4] = 10.0  # top-left quarter of the padded input
-    (scores, labels, masks), = post_process_instances(
+    ((scores, labels, masks),) = post_process_instances(
         class_logits, mask_logits, image_sizes=[(4, 8)], original_sizes=[(2, 4)], padded_size=(8, 8), top_k=2
     )
     assert labels.tolist()[0] == 1 and scores[0] == pytest.approx(1.0, abs=1e-3)

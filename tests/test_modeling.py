@@ -23,7 +23,9 @@ TINY = {
 
 
 def tiny_config(backbone: str, **extra) -> ModelConfig:
-    sizes = dict(hidden_dim=32, encoder_layers=1, decoder_layers=2, num_queries=6, train_num_points=128, **TINY[backbone])
+    sizes = dict(
+        hidden_dim=32, encoder_layers=1, decoder_layers=2, num_queries=6, train_num_points=128, **TINY[backbone]
+    )
     return ModelConfig(backbone=backbone, **{**sizes, **extra})
 
 
@@ -31,7 +33,11 @@ def batch(size: int):
     masks = torch.zeros(2, size, size)
     masks[0, : size // 2] = 1
     masks[1, size // 2 :, : size // 3] = 1
-    return torch.randn(2, 3, size, size), [masks, torch.zeros(0, size, size)], [torch.tensor([0, 2]), torch.zeros(0, dtype=torch.long)]
+    return (
+        torch.randn(2, 3, size, size),
+        [masks, torch.zeros(0, size, size)],
+        [torch.tensor([0, 2]), torch.zeros(0, dtype=torch.long)],
+    )
 
 
 @pytest.mark.parametrize("backbone", ["swin", "dinov2", "resnet"])
@@ -71,9 +77,24 @@ def test_dinov2_feature_layers_are_deliberate():
 @pytest.mark.parametrize(
     "backbone, hub_model",
     [
-        ("swin", lambda: SwinForImageClassification(SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], num_labels=5))),
-        ("dinov2", lambda: Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64))),
-        ("resnet", lambda: ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], layer_type="basic"))),
+        (
+            "swin",
+            lambda: SwinForImageClassification(
+                SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], num_labels=5)
+            ),
+        ),
+        (
+            "dinov2",
+            lambda: Dinov2Model(
+                Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
+            ),
+        ),
+        (
+            "resnet",
+            lambda: ResNetForImageClassification(
+                ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], layer_type="basic")
+            ),
+        ),
     ],
 )
 def test_pretrained_backbone_weights_are_loaded_from_a_hub_folder(tmp_path, backbone, hub_model):
@@ -95,7 +116,9 @@ def test_pretrained_backbone_weights_are_loaded_from_a_hub_folder(tmp_path, back
 
 
 def test_wrong_backbone_family_for_the_checkpoint_is_an_error(tmp_path):
-    SwinForImageClassification(SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2])).save_pretrained(tmp_path / "swin")
+    SwinForImageClassification(SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2])).save_pretrained(
+        tmp_path / "swin"
+    )
     with pytest.raises(ModelLoadError, match="is a 'swin' model but model.backbone is 'resnet'"):
         build_model(tiny_config("resnet", pretrained=str(tmp_path / "swin")), ID2LABEL)
     with pytest.raises(ModelLoadError, match="could not be loaded"):
@@ -138,7 +161,9 @@ def test_no_weight_decay_on_norms_biases_and_embeddings_and_backbone_lr():
     modules = dict(model.named_modules())
     for name, parameter in model.named_parameters():
         module = modules[name.rsplit(".", 1)[0]]
-        never = isinstance(module, (torch.nn.LayerNorm, torch.nn.Embedding)) or parameter.ndim == 1 or "position" in name
+        never = (
+            isinstance(module, (torch.nn.LayerNorm, torch.nn.Embedding)) or parameter.ndim == 1 or "position" in name
+        )
         assert not (never and id(parameter) in decayed), name
     assert decayed  # linear and conv weights do decay
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))

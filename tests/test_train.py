@@ -17,7 +17,9 @@ from .conftest import ROOT, tiny_overrides
 
 
 def run(synthetic_root, output_dir, *extra):
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, output_dir) + list(extra))
+    recipe = load_recipe(
+        ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, output_dir) + list(extra)
+    )
     return train(recipe)
 
 
@@ -32,7 +34,9 @@ def test_run_writes_checkpoints_exports_metrics_and_predictions(synthetic_root, 
     assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000004"]  # keep-last-1
     for export in ("final", "best"):
-        assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in (out / export).iterdir()}
+        assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {
+            p.name for p in (out / export).iterdir()
+        }
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["id2label"] == {"0": "circle", "1": "rectangle", "2": "triangle", "3": "cross"}
     predictions = json.loads((out / "predictions" / "val_step_00000004.json").read_text())
@@ -132,3 +136,58 @@ def test_corrupt_training_image_names_the_file(tmp_path, synthetic_root):
     (root / "train" / "000001.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"cannot read image .*000001\.png \(image id 1\)"):
         run(root, tmp_path / "run", "train.max_steps=40")
+
+
+def test_standalone_evaluation_reproduces_the_training_metrics(synthetic_root, tmp_path):
+    from gd_hf.evaluate import main as evaluate_main
+
+    out = tmp_path / "run"
+    metrics = run(synthetic_root, out, "train.max_steps=2", "eval.top_k=100")
+    results = tmp_path / "results.json"
+    code = evaluate_main(
+        [
+            str(out / "final"),
+            str(synthetic_root / "annotations" / "instances_val.json"),
+            str(synthetic_root / "val"),
+            "--out",
+            str(results),
+            "--num-workers",
+            "0",
+        ]
+    )
+    assert code == 0
+    assert json.loads((out / "final" / "eval_results.json").read_text())["AP"] == pytest.approx(metrics["AP"])
+    from gd_hf.evaluation import coco_mask_ap
+
+    assert coco_mask_ap(
+        synthetic_root / "annotations" / "instances_val.json", json.loads(results.read_text())
+    ) == pytest.approx(metrics)
+
+
+def test_demo_recipe_generates_the_synthetic_set_when_absent(tmp_path):
+    root = tmp_path / "synthetic"
+    overrides = tiny_overrides(root, tmp_path / "run") + [
+        "data.generate_synthetic=true",
+        "data.synthetic_train_images=6",
+        "data.synthetic_val_images=2",
+        "data.synthetic_image_size=64",
+        "train.max_steps=1",
+    ]
+    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    assert len(list((root / "train").glob("*.png"))) == 6 and len(list((root / "val").glob("*.png"))) == 2
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_bf16_mixed_precision_and_gradient_accumulation_train(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    run(
+        synthetic_root,
+        out,
+        "train.mixed_precision=bf16",
+        "train.batch_size=4",
+        "train.gradient_accumulation_steps=2",
+        "train.max_steps=2",
+    )
+    assert sorted(losses(out)) == [1, 2]
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses(out).values())
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard logging when installed

@@ -50,8 +50,18 @@ def test_same_seed_same_augmentation():
 
 def test_collate_pads_to_the_size_divisibility_and_keeps_targets():
     samples = [
-        {"image": torch.zeros(3, 40, 50, dtype=torch.uint8), "masks": torch.ones(2, 40, 50, dtype=torch.bool), "classes": torch.tensor([1, 2]), "image_id": 1},
-        {"image": torch.zeros(3, 20, 70, dtype=torch.uint8), "masks": torch.zeros(0, 20, 70, dtype=torch.bool), "classes": torch.zeros(0, dtype=torch.long), "image_id": 2},
+        {
+            "image": torch.zeros(3, 40, 50, dtype=torch.uint8),
+            "masks": torch.ones(2, 40, 50, dtype=torch.bool),
+            "classes": torch.tensor([1, 2]),
+            "image_id": 1,
+        },
+        {
+            "image": torch.zeros(3, 20, 70, dtype=torch.uint8),
+            "masks": torch.zeros(0, 20, 70, dtype=torch.bool),
+            "classes": torch.zeros(0, dtype=torch.long),
+            "image_id": 2,
+        },
     ]
     batch = collate_train(samples, divisibility=32)
     assert batch["pixel_values"].shape == (2, 3, 64, 96)
@@ -90,7 +100,9 @@ def test_labeled_dataset_drops_crowd_and_cropped_away_objects(synthetic_root):
     from gd_hf.data.loading import LabeledTrainDataset
 
     source = load_coco(synthetic_root / "annotations" / "instances_train.json", synthetic_root / "train")
-    dataset = LabeledTrainDataset(to_hf_dataset(source), DataConfig(crop_size=64, min_scale=1.0, max_scale=1.0, hflip_prob=0.0))
+    dataset = LabeledTrainDataset(
+        to_hf_dataset(source), DataConfig(crop_size=64, min_scale=1.0, max_scale=1.0, hflip_prob=0.0)
+    )
     sample = dataset[(0, 0)]
     image_id = sample["image_id"]
     # No jitter, no flip, no crop: targets are exactly the annotations, in order.

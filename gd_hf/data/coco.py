@@ -130,7 +130,9 @@ def load_coco(annotation_file: str | Path, image_dir: str | Path, check_images: 
         )
     skipped = sum(skip_reasons.values())
     if skipped:
-        logger.warning("%s: skipped %d annotations without usable segmentation: %s", annotation_file, skipped, skip_reasons)
+        logger.warning(
+            "%s: skipped %d annotations without usable segmentation: %s", annotation_file, skipped, skip_reasons
+        )
     return CocoSource(
         annotation_file=annotation_file,
         image_dir=image_dir,

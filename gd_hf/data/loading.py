@@ -83,7 +83,9 @@ class LabeledTrainDataset(torch.utils.data.Dataset):
         classes = torch.tensor([objects["category"][i] for i in keep], dtype=torch.long)
         generator = torch.Generator().manual_seed(seed)
         d = self.data
-        image, masks = scale_jitter_crop_flip(image, masks, d.crop_size, d.min_scale, d.max_scale, d.hflip_prob, generator)
+        image, masks = scale_jitter_crop_flip(
+            image, masks, d.crop_size, d.min_scale, d.max_scale, d.hflip_prob, generator
+        )
         visible = masks.flatten(1).any(1)  # objects cropped away are no longer targets
         return {"image": image, "masks": masks[visible], "classes": classes[visible], "image_id": example["image_id"]}
 

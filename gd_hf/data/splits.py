@@ -46,7 +46,7 @@ def read_split_file(path: str | Path) -> list[int]:
         try:
             ids = json.loads(text)["labeled_image_ids"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DataError(f"{path}: expected JSON {{\"labeled_image_ids\": [...]}} ({e})") from e
+            raise DataError(f'{path}: expected JSON {{"labeled_image_ids": [...]}} ({e})') from e
         if not all(isinstance(i, int) for i in ids):
             raise DataError(f"{path}: labeled_image_ids must be integers")
         return sorted(set(ids))

@@ -34,7 +34,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     elif kind == 1:  # linear gradient between two colours
         angle = rng.uniform(0, 2 * math.pi)
         yy, xx = np.mgrid[0:size, 0:size] / size
-        t = (np.cos(angle) * xx + np.sin(angle) * yy)
+        t = np.cos(angle) * xx + np.sin(angle) * yy
         t = (t - t.min()) / (t.max() - t.min() + 1e-6)
         image = (1 - t)[..., None] * rng.uniform(0, 255, 3) + t[..., None] * rng.uniform(0, 255, 3)
     else:  # stripes
@@ -64,10 +64,25 @@ def _shape_mask(rng: np.random.Generator, shape: str, size: int) -> np.ndarray:
         aspect = rng.uniform(0.5, 1.0)
         draw.polygon(rotated([(-r, -r * aspect), (r, -r * aspect), (r, r * aspect), (-r, r * aspect)]), fill=1)
     elif shape == "triangle":
-        draw.polygon(rotated([(r * math.cos(a), r * math.sin(a)) for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)]), fill=1)
+        draw.polygon(
+            rotated([(r * math.cos(a), r * math.sin(a)) for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)]), fill=1
+        )
     else:  # cross
         w = r / 3
-        arm = [(-r, -w), (-w, -w), (-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w)]
+        arm = [
+            (-r, -w),
+            (-w, -w),
+            (-w, -r),
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+        ]
         draw.polygon(rotated(arm), fill=1)
     return np.asarray(canvas, dtype=bool)
 

@@ -18,7 +18,9 @@ def resize(image: torch.Tensor, masks: torch.Tensor, height: int, width: int) ->
     """Bilinear (antialiased) for the image, nearest for the masks, so mask edges stay binary."""
     if (height, width) == tuple(image.shape[-2:]):
         return image, masks
-    resized = F.interpolate(image[None].float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    resized = F.interpolate(
+        image[None].float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False
+    )
     image = resized[0].round().clamp(0, 255).to(torch.uint8)
     if masks.shape[0]:
         masks = F.interpolate(masks[None].to(torch.uint8), size=(height, width), mode="nearest-exact")[0].bool()
