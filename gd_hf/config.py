@@ -150,6 +150,46 @@ class EvalConfig:
 
 
 @dataclass
+class SslConfig:
+    """Guided Distillation (phases 2-3): guided burn-in with a frozen teacher, then EMA distillation."""
+
+    enabled: bool = False
+    """Train a student semi-supervised; `false` = plain supervised training (phase 1, the teacher)."""
+    teacher: str | None = None
+    """The phase-1 teacher: an exported folder (`OUTPUT/best`) or hub id. Required for guided burn-in unless
+    `train_teacher_first` is set."""
+    train_teacher_first: bool = False
+    """Run phase 1 first in the same launch (into `output_dir/teacher`, with `teacher_max_steps`), then use
+    its best export as the teacher."""
+    teacher_max_steps: int | None = None
+    """Phase-1 steps when `train_teacher_first`; `null` = `train.max_steps`."""
+    burn_in_steps: int = 50000
+    """Steps with the frozen teacher; at this step teacher <- student, then EMA."""
+    burn_in_pseudo_labels: bool = True
+    """`true`: guided burn-in (labeled + pseudo labels from the frozen teacher, the paper). `false`: burn-in on
+    labeled data only (the earlier-work baseline); no teacher needed."""
+    ema_decay: float = 0.9996
+    """teacher <- d * teacher + (1 - d) * student after every step of the EMA phase."""
+    unsup_loss_weight: float = 2.0
+    """loss = L_sup + weight * L_unsup."""
+    unlabeled_batch_size: int = 16
+    """Unlabeled images per optimizer step per process (split over gradient_accumulation_steps)."""
+    unlabeled_includes_labeled: bool = True
+    """As the paper: the unlabeled stream is every training image (labels ignored); `false` = only the
+    images outside the labeled split."""
+    pseudo_label_score_threshold: float = 0.7
+    """Keep teacher queries whose max class probability exceeds this."""
+    pseudo_label_min_area: float = 5.0
+    """Keep teacher queries whose soft mask area (sum of sigmoids) exceeds this many mask pixels."""
+    pseudo_label_mask_threshold: float = 0.5
+    """Pseudo-label mask = sigmoid(mask logit) > this."""
+    strong_erase_prob: float = 0.0
+    """Random erasing on the student's view (not in the reference; 0 = off)."""
+    evaluate: Literal["student", "teacher", "both"] = "student"
+    """Which model the periodic evaluation scores (the exported model is the student unless `teacher`)."""
+
+
+@dataclass
 class Recipe:
     """A whole training run."""
 
@@ -164,6 +204,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ssl: SslConfig = field(default_factory=SslConfig)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -308,6 +349,14 @@ def validate(recipe: Recipe) -> None:
         (recipe.model.num_queries > 0, "model.num_queries", "must be > 0"),
         (len(recipe.model.backbone_depths) == 4, "model.backbone_depths", "must list 4 stages"),
         (recipe.eval.top_k > 0, "eval.top_k", "must be > 0"),
+        (0 <= recipe.ssl.ema_decay < 1, "ssl.ema_decay", "must be in [0, 1)"),
+        (recipe.ssl.burn_in_steps >= 0, "ssl.burn_in_steps", "must be >= 0"),
+        (recipe.ssl.unsup_loss_weight >= 0, "ssl.unsup_loss_weight", "must be >= 0"),
+        (recipe.ssl.unlabeled_batch_size % t.gradient_accumulation_steps == 0 and recipe.ssl.unlabeled_batch_size > 0,
+         "ssl.unlabeled_batch_size", "must be > 0 and divisible by train.gradient_accumulation_steps"),
+        (not (recipe.ssl.enabled and recipe.ssl.burn_in_pseudo_labels and recipe.ssl.burn_in_steps > 0)
+         or recipe.ssl.teacher is not None or recipe.ssl.train_teacher_first,
+         "ssl.teacher", "is required for guided burn-in: give a phase-1 export, or set ssl.train_teacher_first: true"),
     ]
     for ok, key, message in checks:
         if not ok:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -16,6 +18,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -23,17 +26,29 @@ import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
+from transformers import Mask2FormerForUniversalSegmentation
 
 from gd_hf.checkpointing import list_checkpoints, load_checkpoint, read_trainer_state, save_checkpoint
-from gd_hf.config import Recipe, RecipeError, load_recipe, recipe_to_dict
+from gd_hf.config import Recipe, RecipeError, SslConfig, load_recipe, recipe_to_dict
 from gd_hf.data.coco import CocoSource, DataError, load_coco, to_hf_dataset
-from gd_hf.data.loading import EvalDataset, LabeledTrainDataset, StepBatchSampler, collate_eval, collate_train
+from gd_hf.data.loading import (
+    EvalDataset,
+    LabeledTrainDataset,
+    StepBatchSampler,
+    UnlabeledTrainDataset,
+    collate_eval,
+    collate_train,
+    collate_unlabeled,
+)
 from gd_hf.data.splits import Split, make_split
 from gd_hf.data.synthetic import generate as generate_synthetic
+from gd_hf.data.transforms import pad_to
 from gd_hf.evaluation import coco_mask_ap, predict_coco_results, write_results
 from gd_hf.hub import export_model
 from gd_hf.modeling import build_image_processor, build_model, loss_terms, size_divisibility
 from gd_hf.optim import build_lr_scheduler, build_optimizer
+from gd_hf.pseudo_labels import filter_pseudo_labels, pseudo_label_quality
+from gd_hf.teacher import EmaTeacher
 
 logger = logging.getLogger("gd_hf.train")
 
@@ -137,6 +152,27 @@ def evaluate_on_val(
     return metrics, results
 
 
+def training_phase(step: int, ssl: SslConfig) -> str:
+    """`supervised`, `burn_in` or `ema` for the step about to run: a pure function of the step and the recipe."""
+    if not ssl.enabled:
+        return "supervised"
+    return "burn_in" if step < ssl.burn_in_steps else "ema"
+
+
+def _rows(outputs: Any, rows: slice) -> SimpleNamespace:
+    """The part of a batched Mask2Former output that `loss_terms` reads, for a slice of the batch."""
+    return SimpleNamespace(
+        masks_queries_logits=outputs.masks_queries_logits[rows],
+        class_queries_logits=outputs.class_queries_logits[rows],
+        auxiliary_logits=[{k: v[rows] for k, v in aux.items()} for aux in outputs.auxiliary_logits],
+    )
+
+
+def _same_size(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    height, width = max(a.shape[-2], b.shape[-2]), max(a.shape[-1], b.shape[-1])
+    return pad_to(a, height, width), pad_to(b, height, width)
+
+
 def train_step(
     model: torch.nn.Module,
     micro_batches: list[dict[str, Any]],
@@ -144,36 +180,124 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     accelerator: Accelerator,
     grad_clip: float,
+    unlabeled_batches: list[dict[str, Any]] | None = None,
+    teacher: EmaTeacher | None = None,
+    ssl: SslConfig | None = None,
 ) -> dict[str, float]:
-    """One optimizer step over `micro_batches` (gradient accumulation); returns the loss terms for logging."""
+    """One optimizer step over `micro_batches` (gradient accumulation); returns the values to log.
+
+    With `unlabeled_batches` and a `teacher`, each micro-batch adds `ssl.unsup_loss_weight` x the same
+    Mask2Former loss of the student's strong view against the teacher's pseudo labels on the weak view. The
+    labeled and strong images go through the student in one forward pass (one DDP forward per backward).
+    """
     unwrapped = accelerator.unwrap_model(model)
-    totals: dict[str, torch.Tensor] = {}
+    device = accelerator.device
+    totals: dict[str, torch.Tensor | float] = {}
+
+    def add(key: str, value: torch.Tensor | float) -> None:
+        totals[key] = totals.get(key, 0.0) + (value.detach() if torch.is_tensor(value) else value) / len(micro_batches)
+
     for index, batch in enumerate(micro_batches):
+        pixel_values = batch["pixel_values"].to(device)
+        labeled_count = pixel_values.shape[0]
+        unlabeled = unlabeled_batches[index] if unlabeled_batches is not None else None
+        pseudo = None
+        if unlabeled is not None:
+            with accelerator.autocast():
+                teacher_outputs = teacher(pixel_values=unlabeled["weak_pixel_values"].to(device))
+            pseudo = filter_pseudo_labels(
+                teacher_outputs.class_queries_logits,
+                teacher_outputs.masks_queries_logits,
+                ssl.pseudo_label_score_threshold,
+                ssl.pseudo_label_min_area,
+                ssl.pseudo_label_mask_threshold,
+            )
+            pixel_values, strong = _same_size(pixel_values, unlabeled["strong_pixel_values"].to(device))
+            pixel_values = torch.cat([pixel_values, strong])
         # Gradients are all-reduced once, on the last micro-batch.
         sync = contextlib.nullcontext() if index == len(micro_batches) - 1 else accelerator.no_sync(model)
         with sync:
             with accelerator.autocast():
-                outputs = model(pixel_values=batch["pixel_values"].to(accelerator.device), output_auxiliary_logits=True)
+                outputs = model(pixel_values=pixel_values, output_auxiliary_logits=True)
+                labeled_rows = slice(0, labeled_count) if pseudo is not None else slice(None)
                 terms = loss_terms(
                     unwrapped,
-                    outputs,
-                    [m.to(accelerator.device) for m in batch["mask_labels"]],
-                    [c.to(accelerator.device) for c in batch["class_labels"]],
+                    _rows(outputs, labeled_rows),
+                    [m.to(device) for m in batch["mask_labels"]],
+                    [c.to(device) for c in batch["class_labels"]],
                 )
                 loss = sum(terms.values())
+                if pseudo is not None:
+                    unsup_terms = loss_terms(
+                        unwrapped, _rows(outputs, slice(labeled_count, None)), pseudo.mask_labels, pseudo.class_labels
+                    )
+                    unsup_loss = sum(unsup_terms.values())
+                    add("loss_sup", loss)
+                    add("loss_unsup", unsup_loss)
+                    loss = loss + ssl.unsup_loss_weight * unsup_loss
             accelerator.backward(loss / len(micro_batches))
-        for key, value in (("loss", loss), *((k, terms[k]) for k in ("loss_cross_entropy", "loss_mask", "loss_dice"))):
-            totals[key] = totals.get(key, 0.0) + value.detach() / len(micro_batches)
+        add("loss", loss)
+        for key in ("loss_cross_entropy", "loss_mask", "loss_dice"):
+            add(key, terms[key])
+        if pseudo is not None:
+            counts = pseudo.counts()
+            add("pseudo_labels_per_image", sum(counts) / len(counts))
+            all_scores = torch.cat(pseudo.scores)
+            add("pseudo_label_score", float(all_scores.mean()) if len(all_scores) else 0.0)
+            if any(len(c) for c in unlabeled["hidden_classes"]):
+                quality = pseudo_label_quality(pseudo, unlabeled["hidden_masks"], unlabeled["hidden_classes"])
+                for key, value in quality.items():
+                    if value == value:  # not NaN
+                        add(f"pseudo_{key}", value)
     if grad_clip > 0:
         totals["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     # One host sync for all logged values.
-    values = torch.stack(
-        [torch.as_tensor(v, dtype=torch.float32, device=accelerator.device) for v in totals.values()]
-    ).tolist()
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in totals.values()]).tolist()
     return dict(zip(totals, values))
+
+
+def build_teacher(recipe: Recipe, student: torch.nn.Module, id2label: dict[int, str]) -> EmaTeacher | None:
+    """The frozen phase-1 teacher (or, without one, a placeholder the student overwrites at burn-in's end)."""
+    if not recipe.ssl.enabled:
+        return None
+    if recipe.ssl.teacher is None:
+        return EmaTeacher(copy.deepcopy(student))
+    try:
+        model = Mask2FormerForUniversalSegmentation.from_pretrained(recipe.ssl.teacher)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"ssl.teacher={recipe.ssl.teacher!r} could not be loaded: {e}") from e
+    teacher_labels = {int(k): v for k, v in model.config.id2label.items()}
+    if teacher_labels != id2label:
+        raise RecipeError(
+            f"ssl.teacher={recipe.ssl.teacher!r} predicts {teacher_labels}, but the data's classes are {id2label}: "
+            "train the teacher on the same categories"
+        )
+    student_shapes = {k: v.shape for k, v in student.state_dict().items()}
+    teacher_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if student_shapes != teacher_shapes:
+        raise RecipeError(
+            f"ssl.teacher={recipe.ssl.teacher!r} is not the recipe's architecture (model.*): the EMA phase needs "
+            "teacher and student of the same shape"
+        )
+    return EmaTeacher(model)
+
+
+def train_teacher_first(recipe: Recipe) -> Recipe:
+    """Phase 1 in the same launch: train the supervised teacher into output_dir/teacher, return the SSL recipe."""
+    teacher_recipe = dataclasses.replace(
+        recipe,
+        output_dir=str(Path(recipe.output_dir) / "teacher"),
+        ssl=dataclasses.replace(recipe.ssl, enabled=False),
+        train=dataclasses.replace(recipe.train, max_steps=recipe.ssl.teacher_max_steps or recipe.train.max_steps),
+    )
+    train(teacher_recipe)
+    best = Path(teacher_recipe.output_dir) / "best"
+    return dataclasses.replace(
+        recipe, ssl=dataclasses.replace(recipe.ssl, teacher=str(best if best.is_dir() else Path(teacher_recipe.output_dir) / "final"), train_teacher_first=False)
+    )
 
 
 def train(recipe: Recipe) -> dict[str, Any]:
@@ -188,6 +312,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     # --- Data: every check happens before anything is written to output_dir.
     data = prepare_data(recipe, accelerator)
+    if recipe.ssl.enabled and recipe.ssl.train_teacher_first:
+        recipe = train_teacher_first(recipe)
     resume_from = find_resume_checkpoint(recipe)
     logger.info(
         "labeled images: %d, unlabeled: %d, val: %d",
@@ -203,10 +329,16 @@ def train(recipe: Recipe) -> dict[str, Any]:
     divisibility = size_divisibility(model)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg)
+    teacher = build_teacher(recipe, model, data.train.id2label)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The schedule is stepped once per optimizer step by us (not once per process by accelerate).
     accelerator.register_for_checkpointing(scheduler)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+        accelerator.register_for_checkpointing(teacher)  # the EMA teacher is part of the run's state
     unwrapped = accelerator.unwrap_model(model)
+    # The model that is evaluated and exported: the student, unless the recipe asks for the teacher.
+    evaluated = teacher.model if teacher is not None and recipe.ssl.evaluate == "teacher" else unwrapped
     state = {"step": 0, "best_ap": -1.0, "best_step": None}
     if resume_from is not None:
         state = read_trainer_state(resume_from)
@@ -230,6 +362,27 @@ def train(recipe: Recipe) -> dict[str, Any]:
         persistent_workers=recipe.data.num_workers > 0,
     )
     batches = iter(loader)  # draws a seed from torch's RNG: create it before the RNG state is restored
+    unlabeled_batches = None
+    if recipe.ssl.enabled:
+        unlabeled_ids = sorted(data.train.images) if recipe.ssl.unlabeled_includes_labeled else data.split.unlabeled
+        if not unlabeled_ids:
+            raise DataError("the unlabeled split is empty: lower data.labeled_percent or set ssl.unlabeled_includes_labeled")
+        unlabeled = UnlabeledTrainDataset(to_hf_dataset(data.train, unlabeled_ids), recipe.data, recipe.ssl.strong_erase_prob)
+        unlabeled_loader = torch.utils.data.DataLoader(
+            unlabeled,
+            batch_sampler=StepBatchSampler(
+                num_items=len(unlabeled),
+                batch_size=recipe.ssl.unlabeled_batch_size // cfg.gradient_accumulation_steps,
+                seed=recipe.seed + 1,  # a different order from the labeled stream
+                start_step=state["step"] * cfg.gradient_accumulation_steps,
+                rank=accelerator.process_index,
+                world_size=accelerator.num_processes,
+            ),
+            num_workers=recipe.data.num_workers,
+            collate_fn=partial(collate_unlabeled, divisibility=divisibility),
+            persistent_workers=recipe.data.num_workers > 0,
+        )
+        unlabeled_batches = iter(unlabeled_loader)
 
     # --- Resume: model, optimizer, schedule and RNG states as they were after step `state["step"]`.
     if resume_from is not None:
@@ -238,6 +391,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        # Lines logged after the checkpoint we resume from will be logged again: drop them.
+        drop_log_lines_after(output_dir / "metrics.jsonl", state["step"])
     accelerator.init_trackers("tensorboard" if accelerator.log_with else "gd_hf")
 
     # --- The loop.
@@ -254,8 +409,28 @@ def train(recipe: Recipe) -> dict[str, Any]:
     window_start = time.perf_counter()
     metrics: dict[str, float] = {}
     while state["step"] < cfg.max_steps:
+        phase = training_phase(state["step"], recipe.ssl)
+        if phase == "ema" and state["step"] == recipe.ssl.burn_in_steps:
+            teacher.copy_from(unwrapped)  # end of burn-in: teacher <- student, EMA from here on
         micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
-        step_terms = train_step(model, micro_batches, optimizer, scheduler, accelerator, cfg.grad_clip)
+        # Both streams advance every step, so the unlabeled position is a function of the step too.
+        unlabeled_micro = (
+            [next(unlabeled_batches) for _ in range(cfg.gradient_accumulation_steps)] if unlabeled_batches else None
+        )
+        use_pseudo_labels = phase == "ema" or (phase == "burn_in" and recipe.ssl.burn_in_pseudo_labels)
+        step_terms = train_step(
+            model,
+            micro_batches,
+            optimizer,
+            scheduler,
+            accelerator,
+            cfg.grad_clip,
+            unlabeled_micro if use_pseudo_labels else None,
+            teacher,
+            recipe.ssl,
+        )
+        if phase == "ema":
+            teacher.update(unwrapped, recipe.ssl.ema_decay)
         state["step"] += 1
         step = state["step"]
         progress.update(1)
@@ -275,10 +450,14 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
         is_last = step == cfg.max_steps
         if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
-            metrics, results = evaluate_on_val(unwrapped, data, recipe, accelerator, divisibility)
+            metrics, results = evaluate_on_val(evaluated, data, recipe, accelerator, divisibility)
+            logged = {f"val/{k}": v for k, v in metrics.items()}
+            if teacher is not None and recipe.ssl.evaluate == "both":
+                teacher_metrics, _ = evaluate_on_val(teacher.model, data, recipe, accelerator, divisibility)
+                logged.update({f"val_teacher/{k}": v for k, v in teacher_metrics.items()})
             if accelerator.is_main_process:
                 write_results(output_dir / "predictions" / f"val_step_{step:08d}.json", results)
-                _log(accelerator, metrics_log, {"step": step, **{f"val/{k}": v for k, v in metrics.items()}})
+                _log(accelerator, metrics_log, {"step": step, **logged})
                 logger.info(
                     "step %d val mask AP %.2f (AP50 %.2f, AP75 %.2f)",
                     step,
@@ -288,7 +467,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
                 )
                 if metrics["AP"] > state["best_ap"]:
                     state["best_ap"], state["best_step"] = metrics["AP"], step
-                    export_model(unwrapped, image_processor, output_dir / "best", {"step": step, **metrics})
+                    export_model(evaluated, image_processor, output_dir / "best", {"step": step, **metrics})
             state = _broadcast_state(accelerator, state)
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or is_last:
             save_checkpoint(accelerator, output_dir / "checkpoints", step, state, cfg.keep_checkpoints)
@@ -297,9 +476,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     # --- Final export (also when the run was already complete and only resumed to this point).
     if not metrics:
-        metrics, _ = evaluate_on_val(unwrapped, data, recipe, accelerator, divisibility)
+        metrics, _ = evaluate_on_val(evaluated, data, recipe, accelerator, divisibility)
     if accelerator.is_main_process:
-        export_model(unwrapped, image_processor, output_dir / "final", {"step": state["step"], **metrics})
+        export_model(evaluated, image_processor, output_dir / "final", {"step": state["step"], **metrics})
         summary = {"final": metrics, "best_ap": state["best_ap"], "best_step": state["best_step"]}
         (output_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
         print(_format_metrics(metrics, state["step"]), flush=True)
@@ -319,6 +498,16 @@ def _log(accelerator: Accelerator, path: Path, record: dict[str, Any]) -> None:
         )
     if accelerator.log_with:
         accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+def drop_log_lines_after(path: Path, step: int) -> None:
+    """Remove metrics-log lines of steps after `step` (a resumed run repeats those steps)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept))
 
 
 def _broadcast_state(accelerator: Accelerator, state: dict[str, Any]) -> dict[str, Any]:

@@ -58,6 +58,9 @@ def test_resume_continues_with_identical_state(synthetic_root, tmp_path, monkeyp
     def save_then_crash(accelerator, directory, step, state, keep):
         path = real_save(accelerator, directory, step, state, keep)
         if step == 2:
+            # As if the run went on a little past its checkpoint before dying.
+            with (interrupted / "metrics.jsonl").open("a") as log:
+                log.write(json.dumps({"step": 3, "loss": 123.0}) + "\n")
             raise KeyboardInterrupt("simulated crash")
         return path
 
@@ -69,6 +72,8 @@ def test_resume_continues_with_identical_state(synthetic_root, tmp_path, monkeyp
     run(synthetic_root, interrupted)
 
     assert losses(interrupted) == losses(uninterrupted)  # steps 3-4 saw the same data, weights and lr
+    steps = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(3) == 1  # the line logged after the checkpoint was dropped
     a = load_file(uninterrupted / "final" / "model.safetensors")
     b = load_file(interrupted / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -27,6 +27,7 @@ from gd_hf.data.transforms import (
     padded_size,
     resize,
     scale_jitter_crop_flip,
+    strong_photometric,
 )
 
 
@@ -88,6 +89,59 @@ class LabeledTrainDataset(torch.utils.data.Dataset):
         )
         visible = masks.flatten(1).any(1)  # objects cropped away are no longer targets
         return {"image": image, "masks": masks[visible], "classes": classes[visible], "image_id": example["image_id"]}
+
+
+class UnlabeledTrainDataset(torch.utils.data.Dataset):
+    """Unlabeled images as two views with one geometry: weak (for the teacher) and strong (for the student).
+
+    Both views share the scale jitter, crop and flip; the strong one adds photometric noise only, so the
+    teacher's masks on the weak view are valid targets on the strong one. If the rows carry labels (the
+    hidden labels of synthetic data or ablations), they come back transformed alike, for pseudo-label
+    monitoring only; they are never training targets.
+    """
+
+    def __init__(self, hf_dataset: datasets.Dataset, data: DataConfig, strong_erase_prob: float = 0.0):
+        self.dataset = hf_dataset.cast_column("image", datasets.Image(decode=False))
+        self.data = data
+        self.strong_erase_prob = strong_erase_prob
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        row, seed = key
+        example = self.dataset[row]
+        image = read_image(example)
+        objects = example["objects"]
+        keep = [i for i, crowd in enumerate(objects["iscrowd"]) if not crowd]
+        masks = torch.from_numpy(
+            decode_masks([objects["rle_counts"][i] for i in keep], example["height"], example["width"])
+        )
+        classes = torch.tensor([objects["category"][i] for i in keep], dtype=torch.long)
+        generator = torch.Generator().manual_seed(seed)
+        d = self.data
+        weak, masks = scale_jitter_crop_flip(image, masks, d.crop_size, d.min_scale, d.max_scale, d.hflip_prob, generator)
+        strong = strong_photometric(weak, generator, erase_prob=self.strong_erase_prob)
+        visible = masks.flatten(1).any(1)
+        return {
+            "weak": weak,
+            "strong": strong,
+            "hidden_masks": masks[visible],
+            "hidden_classes": classes[visible],
+            "image_id": example["image_id"],
+        }
+
+
+def collate_unlabeled(samples: list[dict[str, Any]], divisibility: int) -> dict[str, Any]:
+    """Pad both views of a batch alike; keep the hidden labels (possibly empty) for monitoring."""
+    height, width = padded_size([tuple(s["weak"].shape[-2:]) for s in samples], divisibility)
+    return {
+        "weak_pixel_values": torch.stack([pad_to(normalize(s["weak"]), height, width) for s in samples]),
+        "strong_pixel_values": torch.stack([pad_to(normalize(s["strong"]), height, width) for s in samples]),
+        "hidden_masks": [pad_to(s["hidden_masks"].float(), height, width) for s in samples],
+        "hidden_classes": [s["hidden_classes"] for s in samples],
+        "image_ids": [s["image_id"] for s in samples],
+    }
 
 
 class EvalDataset(torch.utils.data.Dataset):

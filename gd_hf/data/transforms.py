@@ -78,3 +78,107 @@ def padded_size(sizes: list[tuple[int, int]], divisibility: int) -> tuple[int, i
 def pad_to(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Zero-pad the last two dims at the bottom/right (after normalisation 0 is the mean colour)."""
     return F.pad(tensor, (0, width - tensor.shape[-1], 0, height - tensor.shape[-2]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Photometric ("strong") augmentation of the student's view: colour only, geometry untouched, so the
+# teacher's masks on the weak view stay valid targets.
+
+
+def _rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
+    r, g, b = image.unbind(0)
+    maximum, _ = image.max(0)
+    minimum, _ = image.min(0)
+    delta = maximum - minimum
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    hue = torch.where(maximum == r, ((g - b) / safe) % 6, torch.where(maximum == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = torch.where(delta > 0, hue / 6.0, torch.zeros_like(hue))
+    saturation = torch.where(maximum > 0, delta / torch.where(maximum > 0, maximum, torch.ones_like(maximum)), torch.zeros_like(maximum))
+    return torch.stack([hue, saturation, maximum])
+
+
+def _hsv_to_rgb(image: torch.Tensor) -> torch.Tensor:
+    hue, saturation, value = image.unbind(0)
+    i = torch.floor(hue * 6.0)
+    f = hue * 6.0 - i
+    p, q, t = value * (1 - saturation), value * (1 - saturation * f), value * (1 - saturation * (1 - f))
+    i = i.long() % 6
+    r = torch.stack([value, q, p, p, t, value])
+    g = torch.stack([t, value, value, q, p, p])
+    b = torch.stack([p, p, t, value, value, q])
+    index = i[None]
+    return torch.stack([r.gather(0, index)[0], g.gather(0, index)[0], b.gather(0, index)[0]])
+
+
+def _grayscale(image: torch.Tensor) -> torch.Tensor:
+    return (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2])[None]
+
+
+def color_jitter(
+    image: torch.Tensor, brightness: float, contrast: float, saturation: float, hue: float, generator: torch.Generator
+) -> torch.Tensor:
+    """torchvision-style ColorJitter on a float image in [0, 1] (3, H, W), factors applied in random order."""
+
+    def factor(amount: float) -> float:
+        return 1.0 + (2 * torch.rand((), generator=generator).item() - 1) * amount
+
+    for op in torch.randperm(4, generator=generator).tolist():
+        if op == 0 and brightness > 0:
+            image = (image * factor(brightness)).clamp(0, 1)
+        elif op == 1 and contrast > 0:
+            mean = _grayscale(image).mean()
+            image = ((image - mean) * factor(contrast) + mean).clamp(0, 1)
+        elif op == 2 and saturation > 0:
+            gray = _grayscale(image)
+            image = ((image - gray) * factor(saturation) + gray).clamp(0, 1)
+        elif op == 3 and hue > 0:
+            hsv = _rgb_to_hsv(image)
+            shift = (2 * torch.rand((), generator=generator).item() - 1) * hue
+            hsv[0] = (hsv[0] + shift) % 1.0
+            image = _hsv_to_rgb(hsv).clamp(0, 1)
+    return image
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of a float image (3, H, W), kernel radius ceil(3 sigma)."""
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=image.dtype)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    padded = F.pad(image[None], (radius, radius, radius, radius), mode="replicate")
+    blurred = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
+    blurred = F.conv2d(blurred, kernel.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
+    return blurred[0]
+
+
+def strong_photometric(
+    image: torch.Tensor,
+    generator: torch.Generator,
+    jitter_prob: float = 0.8,
+    grayscale_prob: float = 0.2,
+    blur_prob: float = 0.5,
+    erase_prob: float = 0.0,
+) -> torch.Tensor:
+    """The reference's strong view on a uint8 image: colour jitter (0.4/0.4/0.4/0.1, p 0.8), grayscale (p 0.2),
+    Gaussian blur (sigma 0.1-2, p 0.5); optional random erasing (not in the reference)."""
+    out = image.float() / 255.0
+
+    def chance(p: float) -> bool:
+        return p > 0 and torch.rand((), generator=generator).item() < p
+
+    if chance(jitter_prob):
+        out = color_jitter(out, 0.4, 0.4, 0.4, 0.1, generator)
+    if chance(grayscale_prob):
+        out = _grayscale(out).expand(3, -1, -1).clone()
+    if chance(blur_prob):
+        out = gaussian_blur(out, 0.1 + 1.9 * torch.rand((), generator=generator).item())
+    if chance(erase_prob):
+        height, width = out.shape[-2:]
+        area = (0.02 + 0.18 * torch.rand((), generator=generator).item()) * height * width
+        aspect = math.exp((2 * torch.rand((), generator=generator).item() - 1) * math.log(3))
+        h = min(height, max(1, round(math.sqrt(area * aspect))))
+        w = min(width, max(1, round(math.sqrt(area / aspect))))
+        top = int(torch.randint(0, height - h + 1, (), generator=generator))
+        left = int(torch.randint(0, width - w + 1, (), generator=generator))
+        out[:, top : top + h, left : left + w] = torch.rand((3, 1, 1), generator=generator)
+    return (out * 255).round().clamp(0, 255).to(torch.uint8)

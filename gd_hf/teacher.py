@@ -1,0 +1,49 @@
+"""The teacher: frozen during guided burn-in, then an exponential moving average of the student."""
+
+from __future__ import annotations
+
+import torch
+
+
+class EmaTeacher(torch.nn.Module):
+    """Wraps the teacher model: always eval mode, no gradients, updated only by `copy_from` / `update`.
+
+    Being an `nn.Module`, it is saved and restored with the run's checkpoints
+    (`accelerator.register_for_checkpointing`), so a resumed run has the same teacher.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> EmaTeacher:
+        # The teacher never trains: dropout and drop-path stay off whatever the caller asks.
+        super().train(False)
+        return self
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.model(*args, **kwargs)
+
+    def _pairs(self, student: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        teacher_state = self.model.state_dict(keep_vars=True)
+        student_state = student.state_dict(keep_vars=True)
+        if teacher_state.keys() != student_state.keys():
+            raise ValueError("teacher and student have different parameters: they must be the same architecture")
+        # Parameters and floating-point buffers take part; integer buffers (counters) are copied as they are.
+        names = [n for n, t in teacher_state.items() if t.is_floating_point()]
+        return [teacher_state[n].data for n in names], [student_state[n].data for n in names]
+
+    @torch.no_grad()
+    def copy_from(self, student: torch.nn.Module) -> None:
+        """teacher <- student (the EMA with decay 0 at the end of burn-in)."""
+        teacher, source = self._pairs(student)
+        torch._foreach_copy_(teacher, source)
+
+    @torch.no_grad()
+    def update(self, student: torch.nn.Module, decay: float) -> None:
+        """teacher <- decay * teacher + (1 - decay) * student, in place, with foreach kernels."""
+        teacher, source = self._pairs(student)
+        torch._foreach_lerp_(teacher, source, 1.0 - decay)
