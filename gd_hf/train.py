@@ -415,7 +415,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
         # Both streams advance every step, so the unlabeled position is a function of the step too.
         unlabeled_micro = (
-            [next(unlabeled_batches) for _ in range(cfg.gradient_accumulation_steps)] if unlabeled_batches else None
+            [next(unlabeled_batches) for _ in range(cfg.gradient_accumulation_steps)] if unlabeled_batches is not None else None
         )
         use_pseudo_labels = phase == "ema" or (phase == "burn_in" and recipe.ssl.burn_in_pseudo_labels)
         step_terms = train_step(

@@ -1,0 +1,50 @@
+import datasets
+import torch
+
+from gd_hf.config import DataConfig
+from gd_hf.data.coco import load_coco, to_hf_dataset
+from gd_hf.data.loading import UnlabeledTrainDataset, collate_unlabeled, read_image
+from gd_hf.data.transforms import scale_jitter_crop_flip, strong_photometric
+
+
+def test_strong_view_changes_colours_not_geometry():
+    image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    image[:, 20:40, 10:30] = 200
+    changed = 0
+    for seed in range(20):
+        strong = strong_photometric(image, torch.Generator().manual_seed(seed), erase_prob=0.0)
+        assert strong.shape == image.shape and strong.dtype == torch.uint8
+        changed += int(not torch.equal(strong, image))
+        # The square is still where it was: brighter or dimmer, maybe blurred at the edge, never moved.
+        luminance = strong.float().mean(0)
+        inside, outside = luminance[22:38, 12:28].mean(), torch.cat([luminance[:18].flatten(), luminance[42:].flatten()]).mean()
+        assert inside != outside
+        foreground = (luminance - outside).abs() > (inside - outside).abs() / 2
+        truth = torch.zeros(64, 64, dtype=torch.bool)
+        truth[20:40, 10:30] = True
+        assert (foreground & truth).sum() / (foreground | truth).sum() > 0.8
+    assert changed >= 15
+
+
+def test_weak_and_strong_views_share_geometry_with_the_hidden_masks(synthetic_root):
+    source = load_coco(synthetic_root / "annotations" / "instances_train.json", synthetic_root / "train")
+    data = DataConfig(crop_size=64, min_scale=0.5, max_scale=1.5)
+    hf = to_hf_dataset(source)
+    dataset = UnlabeledTrainDataset(hf, data)
+    raw = hf.cast_column("image", datasets.Image(decode=False))
+    for seed in range(6):
+        row = seed % len(dataset)
+        sample = dataset[(row, seed)]
+        # Rebuild both views by hand: ONE geometry draw, then colour noise on top of the weak view only.
+        image = read_image(raw[row])
+        generator = torch.Generator().manual_seed(seed)
+        weak, _ = scale_jitter_crop_flip(image, torch.zeros(0, *image.shape[-2:], dtype=torch.bool), 64, 0.5, 1.5, 0.5, generator)
+        strong = strong_photometric(weak, generator)
+        assert torch.equal(sample["weak"], weak)
+        assert torch.equal(sample["strong"], strong)
+        # Hidden masks follow the same geometry: each object's pixels are nearly one colour in the weak view.
+        for mask in sample["hidden_masks"]:
+            if mask.sum() > 30:
+                assert sample["weak"].float()[:, mask].std(1).mean() < 25
+    batch = collate_unlabeled([dataset[(0, 1)], dataset[(1, 2)]], divisibility=32)
+    assert batch["weak_pixel_values"].shape == batch["strong_pixel_values"].shape == (2, 3, 64, 64)
