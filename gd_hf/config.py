@@ -352,11 +352,19 @@ def validate(recipe: Recipe) -> None:
         (0 <= recipe.ssl.ema_decay < 1, "ssl.ema_decay", "must be in [0, 1)"),
         (recipe.ssl.burn_in_steps >= 0, "ssl.burn_in_steps", "must be >= 0"),
         (recipe.ssl.unsup_loss_weight >= 0, "ssl.unsup_loss_weight", "must be >= 0"),
-        (recipe.ssl.unlabeled_batch_size % t.gradient_accumulation_steps == 0 and recipe.ssl.unlabeled_batch_size > 0,
-         "ssl.unlabeled_batch_size", "must be > 0 and divisible by train.gradient_accumulation_steps"),
-        (not (recipe.ssl.enabled and recipe.ssl.burn_in_pseudo_labels and recipe.ssl.burn_in_steps > 0)
-         or recipe.ssl.teacher is not None or recipe.ssl.train_teacher_first,
-         "ssl.teacher", "is required for guided burn-in: give a phase-1 export, or set ssl.train_teacher_first: true"),
+        (
+            recipe.ssl.unlabeled_batch_size % t.gradient_accumulation_steps == 0
+            and recipe.ssl.unlabeled_batch_size > 0,
+            "ssl.unlabeled_batch_size",
+            "must be > 0 and divisible by train.gradient_accumulation_steps",
+        ),
+        (
+            not (recipe.ssl.enabled and recipe.ssl.burn_in_pseudo_labels and recipe.ssl.burn_in_steps > 0)
+            or recipe.ssl.teacher is not None
+            or recipe.ssl.train_teacher_first,
+            "ssl.teacher",
+            "is required for guided burn-in: give a phase-1 export, or set ssl.train_teacher_first: true",
+        ),
     ]
     for ok, key, message in checks:
         if not ok:

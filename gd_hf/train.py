@@ -296,7 +296,12 @@ def train_teacher_first(recipe: Recipe) -> Recipe:
     train(teacher_recipe)
     best = Path(teacher_recipe.output_dir) / "best"
     return dataclasses.replace(
-        recipe, ssl=dataclasses.replace(recipe.ssl, teacher=str(best if best.is_dir() else Path(teacher_recipe.output_dir) / "final"), train_teacher_first=False)
+        recipe,
+        ssl=dataclasses.replace(
+            recipe.ssl,
+            teacher=str(best if best.is_dir() else Path(teacher_recipe.output_dir) / "final"),
+            train_teacher_first=False,
+        ),
     )
 
 
@@ -366,8 +371,12 @@ def train(recipe: Recipe) -> dict[str, Any]:
     if recipe.ssl.enabled:
         unlabeled_ids = sorted(data.train.images) if recipe.ssl.unlabeled_includes_labeled else data.split.unlabeled
         if not unlabeled_ids:
-            raise DataError("the unlabeled split is empty: lower data.labeled_percent or set ssl.unlabeled_includes_labeled")
-        unlabeled = UnlabeledTrainDataset(to_hf_dataset(data.train, unlabeled_ids), recipe.data, recipe.ssl.strong_erase_prob)
+            raise DataError(
+                "the unlabeled split is empty: lower data.labeled_percent or set ssl.unlabeled_includes_labeled"
+            )
+        unlabeled = UnlabeledTrainDataset(
+            to_hf_dataset(data.train, unlabeled_ids), recipe.data, recipe.ssl.strong_erase_prob
+        )
         unlabeled_loader = torch.utils.data.DataLoader(
             unlabeled,
             batch_sampler=StepBatchSampler(
@@ -415,7 +424,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
         micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
         # Both streams advance every step, so the unlabeled position is a function of the step too.
         unlabeled_micro = (
-            [next(unlabeled_batches) for _ in range(cfg.gradient_accumulation_steps)] if unlabeled_batches is not None else None
+            [next(unlabeled_batches) for _ in range(cfg.gradient_accumulation_steps)]
+            if unlabeled_batches is not None
+            else None
         )
         use_pseudo_labels = phase == "ema" or (phase == "burn_in" and recipe.ssl.burn_in_pseudo_labels)
         step_terms = train_step(

@@ -27,7 +27,9 @@ def test_no_object_argmax_is_dropped():
 def test_score_threshold_is_strict_and_configurable():
     classes = logits_for([[0.69, 0.11, 0.1, 0.1], [0.1, 0.71, 0.1, 0.09], [0.1, 0.1, 0.75, 0.05]])
     assert filter_pseudo_labels(classes, mask_logits([20, 20, 20])).class_labels[0].tolist() == [1, 2]
-    assert filter_pseudo_labels(classes, mask_logits([20, 20, 20]), score_threshold=0.72).class_labels[0].tolist() == [2]
+    assert filter_pseudo_labels(classes, mask_logits([20, 20, 20]), score_threshold=0.72).class_labels[0].tolist() == [
+        2
+    ]
 
 
 def test_soft_area_must_exceed_min_area():

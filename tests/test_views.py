@@ -17,7 +17,10 @@ def test_strong_view_changes_colours_not_geometry():
         changed += int(not torch.equal(strong, image))
         # The square is still where it was: brighter or dimmer, maybe blurred at the edge, never moved.
         luminance = strong.float().mean(0)
-        inside, outside = luminance[22:38, 12:28].mean(), torch.cat([luminance[:18].flatten(), luminance[42:].flatten()]).mean()
+        inside, outside = (
+            luminance[22:38, 12:28].mean(),
+            torch.cat([luminance[:18].flatten(), luminance[42:].flatten()]).mean(),
+        )
         assert inside != outside
         foreground = (luminance - outside).abs() > (inside - outside).abs() / 2
         truth = torch.zeros(64, 64, dtype=torch.bool)
@@ -38,7 +41,9 @@ def test_weak_and_strong_views_share_geometry_with_the_hidden_masks(synthetic_ro
         # Rebuild both views by hand: ONE geometry draw, then colour noise on top of the weak view only.
         image = read_image(raw[row])
         generator = torch.Generator().manual_seed(seed)
-        weak, _ = scale_jitter_crop_flip(image, torch.zeros(0, *image.shape[-2:], dtype=torch.bool), 64, 0.5, 1.5, 0.5, generator)
+        weak, _ = scale_jitter_crop_flip(
+            image, torch.zeros(0, *image.shape[-2:], dtype=torch.bool), 64, 0.5, 1.5, 0.5, generator
+        )
         strong = strong_photometric(weak, generator)
         assert torch.equal(sample["weak"], weak)
         assert torch.equal(sample["strong"], strong)

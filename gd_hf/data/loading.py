@@ -120,7 +120,9 @@ class UnlabeledTrainDataset(torch.utils.data.Dataset):
         classes = torch.tensor([objects["category"][i] for i in keep], dtype=torch.long)
         generator = torch.Generator().manual_seed(seed)
         d = self.data
-        weak, masks = scale_jitter_crop_flip(image, masks, d.crop_size, d.min_scale, d.max_scale, d.hflip_prob, generator)
+        weak, masks = scale_jitter_crop_flip(
+            image, masks, d.crop_size, d.min_scale, d.max_scale, d.hflip_prob, generator
+        )
         strong = strong_photometric(weak, generator, erase_prob=self.strong_erase_prob)
         visible = masks.flatten(1).any(1)
         return {

@@ -91,9 +91,13 @@ def _rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
     minimum, _ = image.min(0)
     delta = maximum - minimum
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    hue = torch.where(maximum == r, ((g - b) / safe) % 6, torch.where(maximum == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = torch.where(
+        maximum == r, ((g - b) / safe) % 6, torch.where(maximum == g, (b - r) / safe + 2, (r - g) / safe + 4)
+    )
     hue = torch.where(delta > 0, hue / 6.0, torch.zeros_like(hue))
-    saturation = torch.where(maximum > 0, delta / torch.where(maximum > 0, maximum, torch.ones_like(maximum)), torch.zeros_like(maximum))
+    saturation = torch.where(
+        maximum > 0, delta / torch.where(maximum > 0, maximum, torch.ones_like(maximum)), torch.zeros_like(maximum)
+    )
     return torch.stack([hue, saturation, maximum])
 
 

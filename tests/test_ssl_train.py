@@ -1,0 +1,191 @@
+"""Guided Distillation end to end on the tiny synthetic set: burn-in, EMA, resume, the unsupervised term."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Mask2FormerForUniversalSegmentation
+
+import gd_hf.train as train_module
+from gd_hf.config import RecipeError, load_recipe
+from gd_hf.train import train
+
+from .conftest import ROOT, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(synthetic_root, tmp_path_factory):
+    """A phase-1 export of the tiny architecture (2 steps: a weak but real teacher)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    train(
+        load_recipe(
+            ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, out) + ["train.max_steps=2"]
+        )
+    )
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return out / "final"
+
+
+def ssl_overrides(teacher_dir, *extra):
+    return [
+        "ssl.enabled=true",
+        f"ssl.teacher={teacher_dir}",
+        "ssl.burn_in_steps=2",
+        "ssl.unlabeled_batch_size=2",
+        # The 2-step teacher is unsure of everything: a low threshold gives it pseudo labels to hand out.
+        "ssl.pseudo_label_score_threshold=0.2",
+        "ssl.pseudo_label_min_area=1",
+        *extra,
+    ]
+
+
+def run(synthetic_root, output_dir, teacher_dir, *extra):
+    overrides = tiny_overrides(synthetic_root, output_dir) + ssl_overrides(teacher_dir, *extra)
+    return train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+
+
+def log(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def exported_state(folder):
+    """State dict of an exported folder as the model sees it (save_pretrained may rename keys on disk)."""
+    return Mask2FormerForUniversalSegmentation.from_pretrained(folder).state_dict()
+
+
+def teacher_state(checkpoint):
+    """The EmaTeacher registered for checkpointing is saved as accelerate's custom checkpoint 1."""
+    state = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=True)
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def test_teacher_is_unchanged_during_burn_in(synthetic_root, tmp_path, teacher_dir):
+    out = tmp_path / "run"
+    run(synthetic_root, out, teacher_dir, "ssl.burn_in_steps=10", "train.max_steps=3", "train.checkpoint_every=1")
+    original = exported_state(teacher_dir)
+    for step in (2, 3):
+        saved = teacher_state(out / "checkpoints" / f"step_{step:08d}")
+        assert all(torch.equal(saved[k], original[k]) for k in original), step
+    lines = [r for r in log(out) if "loss_unsup" in r]
+    assert len(lines) == 3  # guided burn-in: pseudo labels from the first step on
+    assert all("pseudo_labels_per_image" in r and "pseudo_label_score" in r for r in lines)
+
+
+def test_teacher_equals_student_at_the_burn_in_step_then_follows_ema(synthetic_root, tmp_path, teacher_dir):
+    out = tmp_path / "run"
+    # decay 0: after each EMA step the teacher is exactly the student.
+    run(
+        synthetic_root,
+        out,
+        teacher_dir,
+        "ssl.burn_in_steps=2",
+        "ssl.ema_decay=0.0",
+        "train.max_steps=3",
+        "train.checkpoint_every=1",
+    )
+    student = exported_state(out / "final")
+    teacher = teacher_state(out / "checkpoints" / "step_00000003")
+    assert all(torch.equal(teacher[k], student[k]) for k in student)
+    # decay 0.5: the copy at step 2 gives the student after step 2, one EMA step mixes in step 3's student.
+    out2 = tmp_path / "run2"
+    run(
+        synthetic_root,
+        out2,
+        teacher_dir,
+        "ssl.burn_in_steps=2",
+        "ssl.ema_decay=0.5",
+        "train.max_steps=3",
+        "train.checkpoint_every=1",
+    )
+    s2 = load_file(out2 / "checkpoints" / "step_00000002" / "model.safetensors")  # accelerate saves raw keys
+    s3 = exported_state(out2 / "final")
+    t3 = teacher_state(out2 / "checkpoints" / "step_00000003")
+    for key in s3:
+        if s3[key].is_floating_point():
+            torch.testing.assert_close(t3[key], 0.5 * s2[key] + 0.5 * s3[key])
+
+
+def test_unsupervised_weight_is_applied(synthetic_root, tmp_path, teacher_dir):
+    out = tmp_path / "run"
+    run(synthetic_root, out, teacher_dir, "ssl.unsup_loss_weight=3.0", "train.max_steps=2")
+    for record in (r for r in log(out) if "loss_unsup" in r):
+        assert record["loss_unsup"] > 0
+        assert record["loss"] == pytest.approx(record["loss_sup"] + 3.0 * record["loss_unsup"], rel=1e-4)
+
+
+def test_images_with_zero_pseudo_labels_are_trained_towards_no_object(synthetic_root, tmp_path, teacher_dir):
+    out = tmp_path / "run"
+    run(synthetic_root, out, teacher_dir, "ssl.pseudo_label_score_threshold=0.999999", "train.max_steps=2")
+    records = [r for r in log(out) if "loss_unsup" in r]
+    assert len(records) == 2
+    assert all(r["pseudo_labels_per_image"] == 0 for r in records)
+    assert all(r["loss_unsup"] > 0 for r in records)  # the class term still pushes queries to "no object"
+
+
+def test_labeled_only_burn_in_needs_no_teacher(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    overrides = tiny_overrides(synthetic_root, out) + [
+        "ssl.enabled=true",
+        "ssl.burn_in_pseudo_labels=false",
+        "ssl.burn_in_steps=2",
+        "ssl.unlabeled_batch_size=2",
+        "train.max_steps=3",
+    ]
+    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    records = [r for r in log(out) if "loss" in r]
+    assert ["loss_unsup" in r for r in records] == [False, False, True]
+
+
+def test_guided_burn_in_without_a_teacher_is_a_recipe_error(synthetic_root, tmp_path):
+    with pytest.raises(RecipeError, match="ssl.teacher is required for guided burn-in"):
+        load_recipe(
+            ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path) + ["ssl.enabled=true"]
+        )
+
+
+def test_teacher_with_other_classes_is_refused(synthetic_root, tmp_path, teacher_dir):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(teacher_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["id2label"] = {"0": "a", "1": "b", "2": "c", "3": "d"}
+    config["label2id"] = {"a": 0, "b": 1, "c": 2, "d": 3}
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RecipeError, match="predicts .* but the data's classes are"):
+        run(synthetic_root, tmp_path / "run", other)
+
+
+@pytest.mark.parametrize("crash_after", [1, 3], ids=["in_burn_in", "in_ema"])
+def test_resume_continues_identically(synthetic_root, tmp_path, teacher_dir, monkeypatch, crash_after):
+    extra = ("ssl.burn_in_steps=2", "train.max_steps=4", "train.checkpoint_every=1", "ssl.ema_decay=0.5")
+    run(synthetic_root, tmp_path / "a", teacher_dir, *extra)
+
+    real_save = train_module.save_checkpoint
+
+    def save_then_crash(accelerator, directory, step, state, keep):
+        path = real_save(accelerator, directory, step, state, keep)
+        if step == crash_after:
+            raise KeyboardInterrupt("simulated crash")
+        return path
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(synthetic_root, tmp_path / "b", teacher_dir, *extra)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    run(synthetic_root, tmp_path / "b", teacher_dir, *extra)
+
+    losses = lambda out: {r["step"]: (r["loss"], r.get("loss_unsup")) for r in log(out) if "loss" in r}  # noqa: E731
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    a, b = (
+        load_file(tmp_path / "a" / "final" / "model.safetensors"),
+        load_file(tmp_path / "b" / "final" / "model.safetensors"),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ta = teacher_state(tmp_path / "a" / "checkpoints" / "step_00000004")
+    tb = teacher_state(tmp_path / "b" / "checkpoints" / "step_00000004")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
