@@ -2,6 +2,11 @@
 
     python benchmarks/train_step.py [--steps 20] [--recipe recipes/demo_synthetic.yaml] [key=value ...]
 
+With `--distill`, the step is a Guided Distillation step: "ours" = `train_step` with a teacher and an
+unlabeled batch (teacher forward on the weak view, pseudo-label filtering, one student forward on labeled +
+strong images, both losses) + the EMA update; "bare" = its parts run plainly: teacher forward on the weak view,
+student forward+backward on the labeled batch and on the strong view (against fixed targets), optimizer step.
+
 "ours" is `gd_hf.train.train_step` exactly as the loop runs it (autocast context, loss terms, backward,
 gradient clipping, AdamW step, schedule step, one host sync for logging). "bare" is
 `model(pixel_values, mask_labels, class_labels).loss.backward()` plus `optimizer.step()` — the least any loop
@@ -12,6 +17,8 @@ must do. Both run interleaved on one batch, after warm-up; the medians and their
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -22,10 +29,17 @@ from accelerate import Accelerator
 
 from gd_hf.config import load_recipe
 from gd_hf.data.coco import load_coco, to_hf_dataset
-from gd_hf.data.loading import LabeledTrainDataset, StepBatchSampler, collate_train
+from gd_hf.data.loading import (
+    LabeledTrainDataset,
+    StepBatchSampler,
+    UnlabeledTrainDataset,
+    collate_train,
+    collate_unlabeled,
+)
 from gd_hf.data.synthetic import generate
 from gd_hf.modeling import build_model, size_divisibility
 from gd_hf.optim import build_lr_scheduler, build_optimizer
+from gd_hf.teacher import EmaTeacher
 from gd_hf.train import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "demo_synthetic.yaml"))
     parser.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
+    parser.add_argument("--distill", action="store_true", help="time a Guided Distillation step instead")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.overrides)
@@ -47,6 +62,10 @@ def main() -> None:
         dataset = LabeledTrainDataset(to_hf_dataset(source), recipe.data)
         indices = next(iter(StepBatchSampler(len(dataset), recipe.train.batch_size, seed=0)))
         batch = collate_train([dataset[i] for i in indices], size_divisibility(model))
+        unlabeled_set = UnlabeledTrainDataset(to_hf_dataset(source, with_labels=False), recipe.data)
+        unlabeled = collate_unlabeled([unlabeled_set[i] for i in indices], size_divisibility(model))
+    ssl = dataclasses.replace(recipe.ssl, enabled=True, pseudo_label_score_threshold=0.0)
+    teacher = EmaTeacher(copy.deepcopy(model)) if args.distill else None
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     optimizer = build_optimizer(model, recipe.train)
@@ -60,14 +79,30 @@ def main() -> None:
         "class_labels": [c.to(device) for c in batch["class_labels"]],
     }
 
+    if teacher is not None:
+        teacher.to(device)
+        weak = unlabeled["weak_pixel_values"].to(device)
+        strong = unlabeled["strong_pixel_values"].to(device)
+        # Fixed targets for the bare student pass on the strong view: the labeled batch's own masks.
+        strong_targets = {"mask_labels": bare_inputs["mask_labels"], "class_labels": bare_inputs["class_labels"]}
+
     def bare() -> None:
+        if teacher is not None:
+            with torch.no_grad():
+                teacher.model(pixel_values=weak)
         loss = model(**bare_inputs).loss
         loss.backward()
+        if teacher is not None:
+            model(pixel_values=strong, **strong_targets).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def ours() -> None:
-        train_step(model, [batch], optimizer, scheduler, accelerator, recipe.train.grad_clip)
+        if teacher is None:
+            train_step(model, [batch], optimizer, scheduler, accelerator, recipe.train.grad_clip)
+        else:
+            train_step(model, [batch], optimizer, scheduler, accelerator, recipe.train.grad_clip, [unlabeled], teacher, ssl)
+            teacher.update(accelerator.unwrap_model(model), ssl.ema_decay)
 
     def timed(fn) -> float:
         if device.type == "cuda":
@@ -86,7 +121,7 @@ def main() -> None:
         times["ours"].append(timed(ours))
     bare_median, ours_median = statistics.median(times["bare"]), statistics.median(times["ours"])
     print(
-        f"device: {device}, torch threads: {torch.get_num_threads()}, batch: {recipe.train.batch_size}, "
+        f"step: {'guided distillation' if teacher is not None else 'supervised'}, device: {device}, torch threads: {torch.get_num_threads()}, batch: {recipe.train.batch_size}, "
         f"crop: {recipe.data.crop_size}, params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"
     )
     print(f"bare forward+backward+step: {bare_median * 1000:8.1f} ms (median of {args.steps})")

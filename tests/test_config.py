@@ -75,3 +75,29 @@ def test_every_key_is_documented():
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_load(path):
     load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.name.startswith(("coco_", "cityscapes_"))),
+    ids=lambda p: p.name,
+)
+def test_paper_recipes_say_clearly_when_the_data_set_is_absent(path, tmp_path, monkeypatch, capsys):
+    from gd_hf.train import main
+
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    assert main([str(path)]) == 2
+    error = capsys.readouterr().err
+    assert "annotation file data/" in error and "does not exist" in error
+    assert not (tmp_path / "outputs").exists()  # nothing written
+
+
+def test_paper_recipes_carry_the_reference_settings():
+    for name, percent in [("coco_0.4pct", 0.4), ("coco_1pct", 1), ("coco_10pct", 10)]:
+        recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+        assert recipe.data.labeled_percent == percent
+        assert recipe.train.max_steps == 368750 and recipe.train.lr == 1e-4 and recipe.train.grad_clip == 0.01
+        assert recipe.ssl.enabled and recipe.ssl.unsup_loss_weight == 2.0 and recipe.ssl.ema_decay == 0.9996
+        assert recipe.ssl.pseudo_label_score_threshold == 0.7 and recipe.ssl.pseudo_label_min_area == 5.0
+    assert load_recipe(ROOT / "recipes" / "coco_0.4pct.yaml").model.backbone == "dinov2"
+    assert load_recipe(ROOT / "recipes" / "cityscapes_10pct.yaml").train.max_steps == 90000
