@@ -101,7 +101,9 @@ def main() -> None:
         if teacher is None:
             train_step(model, [batch], optimizer, scheduler, accelerator, recipe.train.grad_clip)
         else:
-            train_step(model, [batch], optimizer, scheduler, accelerator, recipe.train.grad_clip, [unlabeled], teacher, ssl)
+            train_step(
+                model, [batch], optimizer, scheduler, accelerator, recipe.train.grad_clip, [unlabeled], teacher, ssl
+            )
             teacher.update(accelerator.unwrap_model(model), ssl.ema_decay)
 
     def timed(fn) -> float:

@@ -493,6 +493,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
         summary = {"final": metrics, "best_ap": state["best_ap"], "best_step": state["best_step"]}
         (output_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
         print(_format_metrics(metrics, state["step"]), flush=True)
+        teacher_results = Path(recipe.ssl.teacher or "") / "eval_results.json"
+        if recipe.ssl.enabled and teacher_results.is_file():
+            print(_side_by_side(json.loads(teacher_results.read_text()), metrics), flush=True)
     accelerator.end_training()
     return metrics
 
@@ -534,6 +537,12 @@ def _format_metrics(metrics: dict[str, float], step: int) -> str:
     header = " | ".join(f"{k:>6}" for k in metrics)
     values = " | ".join(f"{v:6.2f}" for v in metrics.values())
     return f"val mask AP after {step} steps\n{header}\n{values}"
+
+
+def _side_by_side(teacher: dict[str, float], student: dict[str, float]) -> str:
+    rows = [f"{'':>9} | {'supervised teacher':>18} | {'distilled student':>17}"]
+    rows += [f"{k:>9} | {teacher[k]:18.2f} | {student[k]:17.2f}" for k in student if k in teacher]
+    return "val mask AP, side by side\n" + "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

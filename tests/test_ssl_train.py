@@ -189,3 +189,23 @@ def test_resume_continues_identically(synthetic_root, tmp_path, teacher_dir, mon
     ta = teacher_state(tmp_path / "a" / "checkpoints" / "step_00000004")
     tb = teacher_state(tmp_path / "b" / "checkpoints" / "step_00000004")
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_one_launch_trains_the_teacher_then_distills_and_prints_both(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    overrides = tiny_overrides(synthetic_root, out) + [
+        "ssl.enabled=true",
+        "ssl.train_teacher_first=true",
+        "ssl.teacher_max_steps=2",
+        "ssl.burn_in_steps=1",
+        "ssl.unlabeled_batch_size=2",
+        "train.max_steps=2",
+    ]
+    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    assert (out / "teacher" / "best" / "model.safetensors").is_file()  # phase 1, exported like any run
+    assert (out / "final" / "model.safetensors").is_file()  # the distilled student, a vanilla checkpoint
+    teacher_log = [json.loads(line) for line in (out / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("loss_unsup" in r for r in teacher_log)
+    assert any("loss_unsup" in r for r in log(out))
+    printed = capsys.readouterr().out
+    assert "supervised teacher" in printed and "distilled student" in printed
