@@ -15,6 +15,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -349,24 +350,26 @@ def train(recipe: Recipe) -> dict[str, Any]:
         state = read_trainer_state(resume_from)
 
     # --- Data loader: the sampler is indexed by micro-batch, so resuming = starting it at the right step.
-    micro_batch = cfg.batch_size // cfg.gradient_accumulation_steps
+    def step_indexed_batches(dataset, batch_size: int, seed: int, collate) -> Iterator[dict[str, Any]]:
+        sampler = StepBatchSampler(
+            num_items=len(dataset),
+            batch_size=batch_size // cfg.gradient_accumulation_steps,
+            seed=seed,
+            start_step=state["step"] * cfg.gradient_accumulation_steps,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=recipe.data.num_workers,
+            collate_fn=partial(collate, divisibility=divisibility),
+            persistent_workers=recipe.data.num_workers > 0,
+        )
+        return iter(loader)  # draws a seed from torch's RNG: created before the RNG state is restored
+
     labeled = LabeledTrainDataset(to_hf_dataset(data.train, data.split.labeled), recipe.data)
-    sampler = StepBatchSampler(
-        num_items=len(labeled),
-        batch_size=micro_batch,
-        seed=recipe.seed,
-        start_step=state["step"] * cfg.gradient_accumulation_steps,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-    )
-    loader = torch.utils.data.DataLoader(
-        labeled,
-        batch_sampler=sampler,
-        num_workers=recipe.data.num_workers,
-        collate_fn=partial(collate_train, divisibility=divisibility),
-        persistent_workers=recipe.data.num_workers > 0,
-    )
-    batches = iter(loader)  # draws a seed from torch's RNG: create it before the RNG state is restored
+    batches = step_indexed_batches(labeled, cfg.batch_size, recipe.seed, collate_train)
     unlabeled_batches = None
     if recipe.ssl.enabled:
         unlabeled_ids = sorted(data.train.images) if recipe.ssl.unlabeled_includes_labeled else data.split.unlabeled
@@ -377,21 +380,10 @@ def train(recipe: Recipe) -> dict[str, Any]:
         unlabeled = UnlabeledTrainDataset(
             to_hf_dataset(data.train, unlabeled_ids), recipe.data, recipe.ssl.strong_erase_prob
         )
-        unlabeled_loader = torch.utils.data.DataLoader(
-            unlabeled,
-            batch_sampler=StepBatchSampler(
-                num_items=len(unlabeled),
-                batch_size=recipe.ssl.unlabeled_batch_size // cfg.gradient_accumulation_steps,
-                seed=recipe.seed + 1,  # a different order from the labeled stream
-                start_step=state["step"] * cfg.gradient_accumulation_steps,
-                rank=accelerator.process_index,
-                world_size=accelerator.num_processes,
-            ),
-            num_workers=recipe.data.num_workers,
-            collate_fn=partial(collate_unlabeled, divisibility=divisibility),
-            persistent_workers=recipe.data.num_workers > 0,
+        # A different seed: the unlabeled stream is not in the labeled stream's order.
+        unlabeled_batches = step_indexed_batches(
+            unlabeled, recipe.ssl.unlabeled_batch_size, recipe.seed + 1, collate_unlabeled
         )
-        unlabeled_batches = iter(unlabeled_loader)
 
     # --- Resume: model, optimizer, schedule and RNG states as they were after step `state["step"]`.
     if resume_from is not None:
@@ -414,7 +406,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         dynamic_ncols=True,
     )
     model.train()
-    window: dict[str, float] = {}
+    window: dict[str, list[float]] = {}  # key -> [sum, count] since the last log line
     window_start = time.perf_counter()
     metrics: dict[str, float] = {}
     while state["step"] < cfg.max_steps:
@@ -446,15 +438,18 @@ def train(recipe: Recipe) -> dict[str, Any]:
         step = state["step"]
         progress.update(1)
         progress.set_postfix(loss=f"{step_terms['loss']:.3f}")
-        for key, value in step_terms.items():
-            window[key] = window.get(key, 0.0) + value
-        window["_count"] = window.get("_count", 0) + 1
+        for key, value in step_terms.items():  # some keys (pseudo-label quality) are not logged every step
+            window.setdefault(key, [0.0, 0])
+            window[key][0] += value
+            window[key][1] += 1
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            count = window.pop("_count")
-            record = {key: value / count for key, value in window.items()}
+            steps_in_window = window["loss"][1]
+            record = {key: total / count for key, (total, count) in window.items()}
             record.update(
-                step=step, lr=scheduler.get_last_lr()[-1], seconds_per_step=(time.perf_counter() - window_start) / count
+                step=step,
+                lr=scheduler.get_last_lr()[-1],
+                seconds_per_step=(time.perf_counter() - window_start) / steps_in_window,
             )
             _log(accelerator, metrics_log, record)
             window, window_start = {}, time.perf_counter()
