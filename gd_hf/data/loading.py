@@ -56,6 +56,19 @@ def read_image(example: dict[str, Any]) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
+def read_image_and_targets(example: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image (3, H, W) uint8, masks (N, H, W) bool and classes (N,) of the non-crowd objects (crowd regions are
+    not targets)."""
+    image = read_image(example)
+    objects = example["objects"]
+    keep = [i for i, crowd in enumerate(objects["iscrowd"]) if not crowd]
+    masks = torch.from_numpy(
+        decode_masks([objects["rle_counts"][i] for i in keep], example["height"], example["width"])
+    )
+    classes = torch.tensor([objects["category"][i] for i in keep], dtype=torch.long)
+    return image, masks, classes
+
+
 def sample_seed(seed: int, position: int) -> int:
     """Augmentation seed of the sample at a global stream position."""
     return (seed * 1_000_003 + position) % (2**63 - 1)
@@ -75,13 +88,7 @@ class LabeledTrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         row, seed = key
         example = self.dataset[row]
-        image = read_image(example)
-        objects = example["objects"]
-        keep = [i for i, crowd in enumerate(objects["iscrowd"]) if not crowd]  # crowd regions are not targets
-        masks = torch.from_numpy(
-            decode_masks([objects["rle_counts"][i] for i in keep], example["height"], example["width"])
-        )
-        classes = torch.tensor([objects["category"][i] for i in keep], dtype=torch.long)
+        image, masks, classes = read_image_and_targets(example)
         generator = torch.Generator().manual_seed(seed)
         d = self.data
         image, masks = scale_jitter_crop_flip(
@@ -111,13 +118,7 @@ class UnlabeledTrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         row, seed = key
         example = self.dataset[row]
-        image = read_image(example)
-        objects = example["objects"]
-        keep = [i for i, crowd in enumerate(objects["iscrowd"]) if not crowd]
-        masks = torch.from_numpy(
-            decode_masks([objects["rle_counts"][i] for i in keep], example["height"], example["width"])
-        )
-        classes = torch.tensor([objects["category"][i] for i in keep], dtype=torch.long)
+        image, masks, classes = read_image_and_targets(example)
         generator = torch.Generator().manual_seed(seed)
         d = self.data
         weak, masks = scale_jitter_crop_flip(
