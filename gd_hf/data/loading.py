@@ -85,7 +85,10 @@ class LabeledTrainDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+    def jittered(
+        self, key: tuple[int, int]
+    ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator]:
+        """Row `key[0]` after the geometry draw seeded by `key[1]`; the generator is returned to draw on."""
         row, seed = key
         example = self.dataset[row]
         image, masks, classes = read_image_and_targets(example)
@@ -95,10 +98,14 @@ class LabeledTrainDataset(torch.utils.data.Dataset):
             image, masks, d.crop_size, d.min_scale, d.max_scale, d.hflip_prob, generator
         )
         visible = masks.flatten(1).any(1)  # objects cropped away are no longer targets
-        return {"image": image, "masks": masks[visible], "classes": classes[visible], "image_id": example["image_id"]}
+        return example, image, masks[visible], classes[visible], generator
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        example, image, masks, classes, _ = self.jittered(key)
+        return {"image": image, "masks": masks, "classes": classes, "image_id": example["image_id"]}
 
 
-class UnlabeledTrainDataset(torch.utils.data.Dataset):
+class UnlabeledTrainDataset(LabeledTrainDataset):
     """Unlabeled images as two views with one geometry: weak (for the teacher) and strong (for the student).
 
     Both views share the scale jitter, crop and flip; the strong one adds photometric noise only, so the
@@ -108,29 +115,17 @@ class UnlabeledTrainDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, hf_dataset: datasets.Dataset, data: DataConfig, strong_erase_prob: float = 0.0):
-        self.dataset = hf_dataset.cast_column("image", datasets.Image(decode=False))
-        self.data = data
+        super().__init__(hf_dataset, data)
         self.strong_erase_prob = strong_erase_prob
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        row, seed = key
-        example = self.dataset[row]
-        image, masks, classes = read_image_and_targets(example)
-        generator = torch.Generator().manual_seed(seed)
-        d = self.data
-        weak, masks = scale_jitter_crop_flip(
-            image, masks, d.crop_size, d.min_scale, d.max_scale, d.hflip_prob, generator
-        )
+        example, weak, masks, classes, generator = self.jittered(key)
         strong = strong_photometric(weak, generator, erase_prob=self.strong_erase_prob)
-        visible = masks.flatten(1).any(1)
         return {
             "weak": weak,
             "strong": strong,
-            "hidden_masks": masks[visible],
-            "hidden_classes": classes[visible],
+            "hidden_masks": masks,
+            "hidden_classes": classes,
             "image_id": example["image_id"],
         }
 
