@@ -10,12 +10,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 TRAINER_STATE = "trainer_state.json"
+DATA_STATE = "data_state_rank{rank}.pt"
 
 
 def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
@@ -32,9 +34,16 @@ def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, checkpoint_dir: str | Path, step: int, trainer_state: dict[str, Any], keep: int
+    accelerator: Accelerator,
+    checkpoint_dir: str | Path,
+    step: int,
+    trainer_state: dict[str, Any],
+    keep: int,
+    data_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Save model/optimizer/scheduler/RNG + `trainer_state` as `step_{step:08d}`, then delete all but the newest `keep`."""
+    """Save model/optimizer/scheduler/RNG + `trainer_state` as `step_{step:08d}`, then delete all but the newest `keep`.
+
+    `data_state` (stream positions, different on every process) is written by each process for itself."""
     checkpoint_dir = Path(checkpoint_dir)
     final = checkpoint_dir / f"step_{step:08d}"
     tmp = checkpoint_dir / f".tmp_step_{step:08d}"
@@ -43,6 +52,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if data_state:
+        torch.save(data_state, tmp / DATA_STATE.format(rank=accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
@@ -68,3 +79,9 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: str | Path) -> dict[st
     state = read_trainer_state(checkpoint)
     accelerator.load_state(str(checkpoint))
     return state
+
+
+def read_data_state(checkpoint: str | Path, rank: int) -> dict[str, Any]:
+    """This process's stream positions saved in a checkpoint ({} if there are none, e.g. map-style data)."""
+    path = Path(checkpoint) / DATA_STATE.format(rank=rank)
+    return torch.load(path, weights_only=False) if path.is_file() else {}

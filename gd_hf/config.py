@@ -59,9 +59,30 @@ class ModelConfig:
 
 
 @dataclass
+class HubColumns:
+    """`data.source: hub` only: which columns/fields of the hub data set hold what (see gd_hf.data.sources)."""
+
+    image: str = "image"
+    """Image column (an `Image` feature, or bytes/path)."""
+    image_id: str = "image_id"
+    """Integer image-id column; without it, the row index is the id (map-style only)."""
+    objects: str = "objects"
+    """Objects column: a list of dicts, or a dict of lists, one entry per object."""
+    category: str = "category"
+    """Class field inside objects: an int (a `ClassLabel` gives the names) in 0..C-1."""
+    segmentation: str = "segmentation"
+    """Segmentation field inside objects: COCO polygons `[[x1, y1, ...], ...]` or RLE `{size, counts}`."""
+    iscrowd: str = "iscrowd"
+    """Optional crowd flag inside objects (crowd regions are never training targets)."""
+
+
+@dataclass
 class DataConfig:
     """Where the images and annotations are, how the labeled subset is chosen, and how images are augmented."""
 
+    source: Literal["coco", "shards", "hub"] = "coco"
+    """Where records come from: a COCO folder (`*_images` + `*_annotations`), Parquet shards / save_to_disk
+    folders (`*_shards`), or a hub data set (`hub_*`). See `gd_hf.data.sources`."""
     train_images: str = "data/synthetic/train"
     """Folder of the training images (COCO `file_name`s are relative to it)."""
     train_annotations: str = "data/synthetic/annotations/instances_train.json"
@@ -70,6 +91,34 @@ class DataConfig:
     """Folder of the validation images."""
     val_annotations: str = "data/synthetic/annotations/instances_val.json"
     """COCO instances JSON of the validation images (mask AP is computed against it)."""
+    train_shards: str | None = None
+    """`source: shards`: folder of the training shards (`python -m gd_hf.data.convert shards` writes one)."""
+    val_shards: str | None = None
+    """`source: shards`: folder of the validation shards."""
+    hub_dataset: str | None = None
+    """`source: hub`: data set id on the Hub (or a local folder `datasets.load_dataset` reads)."""
+    hub_revision: str | None = None
+    """`source: hub`: branch, tag or commit of the data set (`null` = main)."""
+    hub_train_split: str = "train"
+    """`source: hub`: split holding the training images."""
+    hub_val_split: str = "validation"
+    """`source: hub`: split holding the validation images."""
+    hub_columns: HubColumns = field(default_factory=HubColumns)
+    """`source: hub`: the column mapping."""
+    category_names: list[str] | None = None
+    """Class names in class-id order, when the source does not name them (shards without
+    gd_hf_dataset.json, hub data sets without a ClassLabel)."""
+    unlabeled_images: str | None = None
+    """A folder of extra images without labels, added to the unlabeled split (searched recursively)."""
+    streaming: bool = False
+    """Stream the training records (`datasets.IterableDataset`) instead of indexing them: for data sets too
+    big to prepare up front. A resumed run continues each stream exactly where it stopped (each worker re-reads,
+    without decoding images, the records it had read in the current epoch)."""
+    shuffle_buffer: int = 1000
+    """Streaming: records held in the shuffle buffer of each worker (the shard order is shuffled too)."""
+    on_error: Literal["skip", "raise"] = "skip"
+    """A training image that cannot be read or a record that misses a field: `skip` it (a warning, counted
+    as `data_skipped` in the metrics log) or `raise` (stop the run naming it)."""
     labeled_percent: float = 100.0
     """Percentage of training images whose labels are used (the rest form the unlabeled split)."""
     split_seed: int = 0
@@ -331,6 +380,7 @@ def validate(recipe: Recipe) -> None:
         (0 <= d.hflip_prob <= 1, "data.hflip_prob", "must be in [0, 1]"),
         (d.crop_size > 0, "data.crop_size", "must be > 0"),
         (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1"),
         (t.max_steps > 0, "train.max_steps", "must be > 0"),
         (t.batch_size > 0, "train.batch_size", "must be > 0"),
         (t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be > 0"),

@@ -22,26 +22,47 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import datasets
 import torch
 import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import gather_object, set_seed
+from pycocotools.coco import COCO
+from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 from transformers import Mask2FormerForUniversalSegmentation
 
-from gd_hf.checkpointing import list_checkpoints, load_checkpoint, read_trainer_state, save_checkpoint
+from gd_hf.checkpointing import (
+    list_checkpoints,
+    load_checkpoint,
+    read_data_state,
+    read_trainer_state,
+    save_checkpoint,
+)
 from gd_hf.config import Recipe, RecipeError, SslConfig, load_recipe, recipe_to_dict
-from gd_hf.data.coco import CocoSource, DataError, load_coco, to_hf_dataset
+from gd_hf.data.coco import DataError
 from gd_hf.data.loading import (
     EvalDataset,
     LabeledTrainDataset,
     StepBatchSampler,
+    StreamedTrainDataset,
     UnlabeledTrainDataset,
     collate_eval,
     collate_train,
     collate_unlabeled,
+    labeled_sample,
+    unlabeled_sample,
 )
-from gd_hf.data.splits import Split, make_split
+from gd_hf.data.sources import (
+    Categories,
+    Records,
+    check_record,
+    image_folder_records,
+    image_ids_and_object_counts,
+    open_source,
+    select_ids,
+)
+from gd_hf.data.splits import Split, split_image_ids
 from gd_hf.data.synthetic import generate as generate_synthetic
 from gd_hf.data.transforms import pad_to
 from gd_hf.evaluation import coco_mask_ap, predict_coco_results, write_results
@@ -58,13 +79,17 @@ logger = logging.getLogger("gd_hf.train")
 class RunData:
     """Everything the loop needs to know about the data, validated before any output is written."""
 
-    train: CocoSource
-    val: CocoSource
+    labeled: Records  # gd_hf records of the labeled images (map-style, or a stream with data.streaming)
+    unlabeled: Records  # of the unlabeled split (all train images by default, as the paper)
+    val: datasets.Dataset
+    val_ground_truth: COCO | Path
+    categories: Categories
     split: Split
 
 
 def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
-    """Generate the synthetic set if asked and absent, load and validate train/val, split labeled/unlabeled."""
+    """Generate the synthetic set if asked and absent, open the source, split labeled/unlabeled (see
+    gd_hf.data.sources)."""
     d = recipe.data
     if d.generate_synthetic and not Path(d.train_annotations).exists():
         root = Path(d.train_annotations).parent.parent  # <root>/annotations/instances_train.json
@@ -74,15 +99,29 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
                 generate_synthetic(
                     root, d.synthetic_train_images, d.synthetic_val_images, d.synthetic_image_size, recipe.seed
                 )
-    train = load_coco(d.train_annotations, d.train_images)
-    val = load_coco(d.val_annotations, d.val_images)
-    if train.category_ids != val.category_ids or train.category_names != val.category_names:
-        raise DataError(
-            f"{d.train_annotations} and {d.val_annotations} list different categories: "
-            f"{list(zip(train.category_ids, train.category_names))} vs {list(zip(val.category_ids, val.category_names))}"
-        )
-    split = make_split(train, d.labeled_percent, d.split_seed, d.split_file)
-    return RunData(train=train, val=val, split=split)
+    opened = open_source(d)
+    ids, object_counts = image_ids_and_object_counts(opened.train)
+    split = split_image_ids(ids, object_counts, d.labeled_percent, d.split_seed, d.split_file, opened.description)
+    row_ids = ids if isinstance(opened.train, datasets.Dataset) else None
+    labeled = select_ids(opened.train, split.labeled, row_ids)
+    unlabeled = (
+        opened.train if recipe.ssl.unlabeled_includes_labeled else select_ids(opened.train, split.unlabeled, row_ids)
+    )
+    if d.unlabeled_images:
+        folder = image_folder_records(d.unlabeled_images)
+        if not isinstance(unlabeled, datasets.Dataset):
+            folder = folder.to_iterable_dataset(num_shards=min(64, len(folder)))
+        unlabeled = datasets.concatenate_datasets([unlabeled, folder])
+        split = Split(split.labeled, split.unlabeled + folder_ids(folder))
+    return RunData(labeled, unlabeled, opened.val, opened.val_ground_truth, opened.categories, split)
+
+
+def folder_ids(records: Records) -> list[int]:
+    return (
+        list(records["image_id"])
+        if isinstance(records, datasets.Dataset)
+        else [int(r["image_id"]) for r in records.select_columns(["image_id"])]
+    )
 
 
 def find_resume_checkpoint(recipe: Recipe) -> Path | None:
@@ -133,8 +172,13 @@ def evaluate_on_val(
     model: torch.nn.Module, data: RunData, recipe: Recipe, accelerator: Accelerator, divisibility: int
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Mask AP of `model` on the val split; each process predicts its share, the results are gathered."""
-    image_ids = sorted(data.val.images)[: recipe.eval.max_images]
-    val_dataset = EvalDataset(to_hf_dataset(data.val, image_ids, with_labels=False), recipe.data)
+    val = (
+        data.val
+        if recipe.eval.max_images is None
+        else data.val.select(range(min(recipe.eval.max_images, len(data.val))))
+    )
+    image_ids = list(val["image_id"])
+    val_dataset = EvalDataset(val, recipe.data)
     share = torch.utils.data.Subset(
         val_dataset, range(accelerator.process_index, len(val_dataset), accelerator.num_processes)
     )
@@ -145,11 +189,11 @@ def evaluate_on_val(
         collate_fn=partial(collate_eval, divisibility=divisibility),
     )
     results = predict_coco_results(
-        model, loader, data.val.category_ids, recipe.eval.top_k, accelerator.device, accelerator.is_local_main_process
+        model, loader, data.categories.ids, recipe.eval.top_k, accelerator.device, accelerator.is_local_main_process
     )
     if accelerator.num_processes > 1:
         results = gather_object(results)
-    metrics = coco_mask_ap(data.val.annotation_file, results, image_ids=image_ids)
+    metrics = coco_mask_ap(data.val_ground_truth, results, image_ids=image_ids)
     return metrics, results
 
 
@@ -325,17 +369,17 @@ def train(recipe: Recipe) -> dict[str, Any]:
         "labeled images: %d, unlabeled: %d, val: %d",
         len(data.split.labeled),
         len(data.split.unlabeled),
-        len(data.val.images),
+        len(data.val),
     )
 
     # --- Model, optimizer, schedule.
     set_seed(recipe.seed)
-    model = build_model(recipe.model, data.train.id2label)
+    model = build_model(recipe.model, data.categories.id2label)
     image_processor = build_image_processor(model, recipe.data)
     divisibility = size_divisibility(model)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg)
-    teacher = build_teacher(recipe, model, data.train.id2label)
+    teacher = build_teacher(recipe, model, data.categories.id2label)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The schedule is stepped once per optimizer step by us (not once per process by accelerate).
     accelerator.register_for_checkpointing(scheduler)
@@ -368,22 +412,57 @@ def train(recipe: Recipe) -> dict[str, Any]:
         )
         return iter(loader)  # draws a seed from torch's RNG: created before the RNG state is restored
 
-    labeled = LabeledTrainDataset(to_hf_dataset(data.train, data.split.labeled), recipe.data)
-    batches = step_indexed_batches(labeled, cfg.batch_size, recipe.seed, collate_train)
+    # With data.streaming the loaders are StatefulDataLoaders whose positions are saved in each checkpoint.
+    stream_loaders: dict[str, StatefulDataLoader] = {}
+    stream_states = read_data_state(resume_from, accelerator.process_index) if resume_from is not None else {}
+
+    def streamed_batches(name: str, records, make_sample, batch_size: int, seed: int, collate) -> Iterator[dict]:
+        dataset = StreamedTrainDataset(
+            records, make_sample, recipe.data, seed, accelerator.process_index, accelerator.num_processes, check_record
+        )
+        loader = StatefulDataLoader(
+            dataset,
+            batch_size=batch_size // cfg.gradient_accumulation_steps,
+            num_workers=recipe.data.num_workers,
+            collate_fn=partial(collate, divisibility=divisibility),
+            persistent_workers=recipe.data.num_workers > 0,
+        )
+        if name in stream_states:
+            loader.load_state_dict(stream_states[name])
+        elif resume_from is not None:
+            logger.warning("no saved position of the %s stream in %s: it starts from the beginning", name, resume_from)
+        stream_loaders[name] = loader
+        return iter(loader)
+
+    d = recipe.data
+    if d.streaming:
+        batches = streamed_batches(
+            "labeled", data.labeled, partial(labeled_sample, data=d), cfg.batch_size, recipe.seed, collate_train
+        )
+    else:
+        batches = step_indexed_batches(LabeledTrainDataset(data.labeled, d), cfg.batch_size, recipe.seed, collate_train)
     unlabeled_batches = None
     if recipe.ssl.enabled:
-        unlabeled_ids = sorted(data.train.images) if recipe.ssl.unlabeled_includes_labeled else data.split.unlabeled
-        if not unlabeled_ids:
+        if not recipe.ssl.unlabeled_includes_labeled and not data.split.unlabeled:
             raise DataError(
                 "the unlabeled split is empty: lower data.labeled_percent or set ssl.unlabeled_includes_labeled"
             )
-        unlabeled = UnlabeledTrainDataset(
-            to_hf_dataset(data.train, unlabeled_ids), recipe.data, recipe.ssl.strong_erase_prob
-        )
         # A different seed: the unlabeled stream is not in the labeled stream's order.
-        unlabeled_batches = step_indexed_batches(
-            unlabeled, recipe.ssl.unlabeled_batch_size, recipe.seed + 1, collate_unlabeled
-        )
+        if d.streaming:
+            make_views = partial(unlabeled_sample, data=d, erase_prob=recipe.ssl.strong_erase_prob)
+            unlabeled_batches = streamed_batches(
+                "unlabeled",
+                data.unlabeled,
+                make_views,
+                recipe.ssl.unlabeled_batch_size,
+                recipe.seed + 1,
+                collate_unlabeled,
+            )
+        else:
+            unlabeled = UnlabeledTrainDataset(data.unlabeled, d, recipe.ssl.strong_erase_prob)
+            unlabeled_batches = step_indexed_batches(
+                unlabeled, recipe.ssl.unlabeled_batch_size, recipe.seed + 1, collate_unlabeled
+            )
 
     # --- Resume: model, optimizer, schedule and RNG states as they were after step `state["step"]`.
     if resume_from is not None:
@@ -409,6 +488,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     window: dict[str, list[float]] = {}  # key -> [sum, count] since the last log line
     window_start = time.perf_counter()
     metrics: dict[str, float] = {}
+    skipped_here = 0  # bad records skipped by this process since the last checkpoint
     while state["step"] < cfg.max_steps:
         phase = training_phase(state["step"], recipe.ssl)
         if phase == "ema" and state["step"] == recipe.ssl.burn_in_steps:
@@ -434,6 +514,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         )
         if phase == "ema":
             teacher.update(unwrapped, recipe.ssl.ema_decay)
+        skipped_here += sum(b["skipped"] for b in micro_batches + (unlabeled_micro or []))
         state["step"] += 1
         step = state["step"]
         progress.update(1)
@@ -446,7 +527,10 @@ def train(recipe: Recipe) -> dict[str, Any]:
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             steps_in_window = window["loss"][1]
             record = {key: total / count for key, (total, count) in window.items()}
+            # Bad records skipped so far (data.on_error: skip), over all processes.
+            skipped = accelerator.reduce(torch.tensor(skipped_here, device=accelerator.device), "sum").item()
             record.update(
+                data_skipped=state.get("data_skipped", 0) + skipped,
                 step=step,
                 lr=scheduler.get_last_lr()[-1],
                 seconds_per_step=(time.perf_counter() - window_start) / steps_in_window,
@@ -476,7 +560,10 @@ def train(recipe: Recipe) -> dict[str, Any]:
                     export_model(evaluated, image_processor, output_dir / "best", {"step": step, **metrics})
             state = _broadcast_state(accelerator, state)
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or is_last:
-            save_checkpoint(accelerator, output_dir / "checkpoints", step, state, cfg.keep_checkpoints)
+            skipped = accelerator.reduce(torch.tensor(skipped_here, device=accelerator.device), "sum").item()
+            state["data_skipped"], skipped_here = state.get("data_skipped", 0) + skipped, 0
+            data_state = {name: loader.state_dict() for name, loader in stream_loaders.items()}
+            save_checkpoint(accelerator, output_dir / "checkpoints", step, state, cfg.keep_checkpoints, data_state)
     progress.close()
     del batches
 

@@ -167,8 +167,8 @@ def test_resume_continues_identically(synthetic_root, tmp_path, teacher_dir, mon
 
     real_save = train_module.save_checkpoint
 
-    def save_then_crash(accelerator, directory, step, state, keep):
-        path = real_save(accelerator, directory, step, state, keep)
+    def save_then_crash(accelerator, directory, step, state, keep, *rest):
+        path = real_save(accelerator, directory, step, state, keep, *rest)
         if step == crash_after:
             raise KeyboardInterrupt("simulated crash")
         return path

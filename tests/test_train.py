@@ -55,8 +55,8 @@ def test_resume_continues_with_identical_state(synthetic_root, tmp_path, monkeyp
     interrupted = tmp_path / "b"
     real_save = train_module.save_checkpoint
 
-    def save_then_crash(accelerator, directory, step, state, keep):
-        path = real_save(accelerator, directory, step, state, keep)
+    def save_then_crash(accelerator, directory, step, state, keep, *rest):
+        path = real_save(accelerator, directory, step, state, keep, *rest)
         if step == 2:
             # As if the run went on a little past its checkpoint before dying.
             with (interrupted / "metrics.jsonl").open("a") as log:
@@ -140,7 +140,20 @@ def test_corrupt_training_image_names_the_file(tmp_path, synthetic_root):
     shutil.copytree(synthetic_root, root)
     (root / "train" / "000001.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"cannot read image .*000001\.png \(image id 1\)"):
-        run(root, tmp_path / "run", "train.max_steps=40")
+        run(root, tmp_path / "run", "train.max_steps=40", "data.on_error=raise")
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map_style", "streaming"])
+def test_corrupt_training_image_is_skipped_and_counted(tmp_path, synthetic_root, streaming):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    (root / "train" / "000001.png").write_bytes(b"not a png")
+    # 24 images, batch 2: 13 steps read every image once at least.
+    run(root, tmp_path / "run", "train.max_steps=13", "train.log_every=13", f"data.streaming={streaming}")
+    last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-2]
+    assert last["step"] == 13 and last["data_skipped"] >= 1
 
 
 def test_standalone_evaluation_reproduces_the_training_metrics(synthetic_root, tmp_path):

@@ -9,6 +9,7 @@ images with the same augmentation, and a resumed run simply starts the sampler a
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from datasets.distributed import split_dataset_by_node
 from PIL import Image, UnidentifiedImageError
 
 from gd_hf.config import DataConfig
@@ -29,6 +31,8 @@ from gd_hf.data.transforms import (
     scale_jitter_crop_flip,
     strong_photometric,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def read_image(example: dict[str, Any]) -> torch.Tensor:
@@ -48,7 +52,8 @@ def read_image(example: dict[str, Any]) -> torch.Tensor:
         ) from e
     if image.mode != "RGB":
         image = image.convert("RGB")
-    if (image.width, image.height) != (example["width"], example["height"]):
+    # width/height 0: a record without a stated size (plain image folders); any other mismatch is an error.
+    if example["width"] > 0 and (image.width, image.height) != (example["width"], example["height"]):
         raise DataError(
             f"image {path} (image id {example['image_id']}) is {image.width}x{image.height} but the annotation file "
             f"says {example['width']}x{example['height']}: fix width/height in the JSON"
@@ -62,9 +67,7 @@ def read_image_and_targets(example: dict[str, Any]) -> tuple[torch.Tensor, torch
     image = read_image(example)
     objects = example["objects"]
     keep = [i for i, crowd in enumerate(objects["iscrowd"]) if not crowd]
-    masks = torch.from_numpy(
-        decode_masks([objects["rle_counts"][i] for i in keep], example["height"], example["width"])
-    )
+    masks = torch.from_numpy(decode_masks([objects["rle_counts"][i] for i in keep], *image.shape[-2:]))
     classes = torch.tensor([objects["category"][i] for i in keep], dtype=torch.long)
     return image, masks, classes
 
@@ -74,66 +77,190 @@ def sample_seed(seed: int, position: int) -> int:
     return (seed * 1_000_003 + position) % (2**63 - 1)
 
 
+def labeled_sample(example: dict[str, Any], data: DataConfig, seed: int) -> dict[str, Any]:
+    """A training sample: scale jitter + crop + flip drawn from `seed` (objects cropped away are dropped)."""
+    image, masks, classes, _ = _jittered(example, data, seed)
+    return {"image": image, "masks": masks, "classes": classes, "image_id": example["image_id"]}
+
+
+def unlabeled_sample(example: dict[str, Any], data: DataConfig, seed: int, erase_prob: float = 0.0) -> dict[str, Any]:
+    """Two views with one geometry: weak (for the teacher) and strong (for the student).
+
+    Both views share the scale jitter, crop and flip; the strong one adds photometric noise only, so the
+    teacher's masks on the weak view are valid targets on the strong one. If the record carries labels (the
+    hidden labels of synthetic data or ablations), they come back transformed alike, for pseudo-label
+    monitoring only; they are never training targets.
+    """
+    weak, masks, classes, generator = _jittered(example, data, seed)
+    strong = strong_photometric(weak, generator, erase_prob=erase_prob)
+    return {
+        "weak": weak,
+        "strong": strong,
+        "hidden_masks": masks,
+        "hidden_classes": classes,
+        "image_id": example["image_id"],
+    }
+
+
+def _jittered(
+    example: dict[str, Any], data: DataConfig, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator]:
+    image, masks, classes = read_image_and_targets(example)
+    generator = torch.Generator().manual_seed(seed)
+    image, masks = scale_jitter_crop_flip(
+        image, masks, data.crop_size, data.min_scale, data.max_scale, data.hflip_prob, generator
+    )
+    visible = masks.flatten(1).any(1)
+    return image, masks[visible], classes[visible], generator
+
+
+MAX_CONSECUTIVE_BAD_RECORDS = 50
+
+
+class SkipCounter:
+    """`data.on_error` for one reader: re-raise, or count and warn (the first few times) and go on."""
+
+    def __init__(self, on_error: str):
+        self.on_error = on_error
+        self.total = 0
+        self.since_last_sample = 0
+
+    def bad(self, error: DataError) -> None:
+        if self.on_error == "raise":
+            raise error
+        self.total += 1
+        self.since_last_sample += 1
+        if self.total <= 10:
+            logger.warning("skipping a bad record (data.on_error: skip): %s", error)
+        if self.since_last_sample >= MAX_CONSECUTIVE_BAD_RECORDS:
+            raise DataError(f"{self.since_last_sample} bad records in a row, the last: {error}") from error
+
+    def good(self, sample: dict[str, Any]) -> dict[str, Any]:
+        sample["skipped"] = self.since_last_sample  # summed per batch by the collate functions, logged by the loop
+        self.since_last_sample = 0
+        return sample
+
+
 class LabeledTrainDataset(torch.utils.data.Dataset):
-    """Labeled images with scale jitter + crop + flip; indexed by (row, augmentation seed)."""
+    """Labeled images with scale jitter + crop + flip; indexed by (row, augmentation seed).
+
+    A bad row (unreadable image, missing field) is skipped for the next row when `data.on_error: skip`, so a
+    key always gives a sample, and still the same one on a resumed run."""
 
     def __init__(self, hf_dataset: datasets.Dataset, data: DataConfig):
         # Decode images ourselves so a bad file raises our error, not a datasets one.
         self.dataset = hf_dataset.cast_column("image", datasets.Image(decode=False))
         self.data = data
+        self.skips = SkipCounter(data.on_error)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def jittered(
-        self, key: tuple[int, int]
-    ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator]:
-        """Row `key[0]` after the geometry draw seeded by `key[1]`; the generator is returned to draw on."""
-        row, seed = key
-        example = self.dataset[row]
-        image, masks, classes = read_image_and_targets(example)
-        generator = torch.Generator().manual_seed(seed)
-        d = self.data
-        image, masks = scale_jitter_crop_flip(
-            image, masks, d.crop_size, d.min_scale, d.max_scale, d.hflip_prob, generator
-        )
-        visible = masks.flatten(1).any(1)  # objects cropped away are no longer targets
-        return example, image, masks[visible], classes[visible], generator
+    def make_sample(self, example: dict[str, Any], seed: int) -> dict[str, Any]:
+        return labeled_sample(example, self.data, seed)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        example, image, masks, classes, _ = self.jittered(key)
-        return {"image": image, "masks": masks, "classes": classes, "image_id": example["image_id"]}
+        row, seed = key
+        while True:
+            try:
+                return self.skips.good(self.make_sample(self.dataset[row], seed))
+            except DataError as e:
+                self.skips.bad(e)
+                row = (row + 1) % len(self.dataset)
 
 
 class UnlabeledTrainDataset(LabeledTrainDataset):
-    """Unlabeled images as two views with one geometry: weak (for the teacher) and strong (for the student).
-
-    Both views share the scale jitter, crop and flip; the strong one adds photometric noise only, so the
-    teacher's masks on the weak view are valid targets on the strong one. If the rows carry labels (the
-    hidden labels of synthetic data or ablations), they come back transformed alike, for pseudo-label
-    monitoring only; they are never training targets.
-    """
+    """Unlabeled images as weak + strong views (`unlabeled_sample`), indexed like `LabeledTrainDataset`."""
 
     def __init__(self, hf_dataset: datasets.Dataset, data: DataConfig, strong_erase_prob: float = 0.0):
         super().__init__(hf_dataset, data)
         self.strong_erase_prob = strong_erase_prob
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        example, weak, masks, classes, generator = self.jittered(key)
-        strong = strong_photometric(weak, generator, erase_prob=self.strong_erase_prob)
-        return {
-            "weak": weak,
-            "strong": strong,
-            "hidden_masks": masks,
-            "hidden_classes": classes,
-            "image_id": example["image_id"],
-        }
+    def make_sample(self, example: dict[str, Any], seed: int) -> dict[str, Any]:
+        return unlabeled_sample(example, self.data, seed, self.strong_erase_prob)
+
+
+class StreamedTrainDataset(torch.utils.data.IterableDataset):
+    """Training samples from a stream of records: shuffled per epoch (shard order + a buffer), split over
+    processes (`split_dataset_by_node`; the DataLoader workers of a process split its shards), endless (epoch
+    after epoch), and resumable with `torchdata`'s `StatefulDataLoader` (`state_dict` / `load_state_dict`).
+
+    The state is (epoch, records read this epoch) per process and worker. What one worker reads is a function
+    of (seed, epoch, rank, world size, worker, number of workers), so a resumed worker re-reads the records it
+    had read this epoch without decoding them and goes on exactly where it stopped (same records, same
+    augmentation seeds). Not `datasets`' own `state_dict`: it drops the shuffle buffer on resume, and its
+    state cannot be restored inside a DataLoader worker in datasets 5.2.
+    """
+
+    def __init__(
+        self,
+        records: datasets.IterableDataset,
+        make_sample: Any,  # (record, seed=...) -> sample
+        data: DataConfig,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        check: Any = None,  # record -> record, raising DataError on a malformed one
+    ):
+        if records.features is not None and "image" in records.features:
+            # Decode images ourselves so a bad file is skipped (or raises our error), not a datasets one.
+            records = records.cast_column("image", datasets.Image(decode=False))
+        self.records = records
+        self.make_sample = make_sample
+        self.data = data
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.check = check
+        self._epoch = 0
+        self._count = 0
+        self.skips = SkipCounter(data.on_error)
+
+    def epoch_stream(self, epoch: int) -> datasets.IterableDataset:
+        """This process's records for `epoch` (the same shuffle seed on every rank, as split_dataset_by_node
+        requires)."""
+        stream = self.records.shuffle(seed=self.seed, buffer_size=self.data.shuffle_buffer)
+        stream.set_epoch(epoch)
+        return split_dataset_by_node(stream, self.rank, self.world_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        while True:
+            already_read, self._count = self._count, 0
+            for example in self.epoch_stream(self._epoch):
+                self._count += 1
+                if self._count <= already_read:
+                    continue  # resuming: read before the checkpoint
+                seed = _stream_seed(self.seed, self.rank, worker, self._epoch, self._count)
+                try:
+                    if self.check is not None:
+                        example = self.check(example)
+                    sample = self.make_sample(example, seed=seed)
+                except DataError as e:
+                    self.skips.bad(e)
+                    continue
+                yield self.skips.good(sample)
+            if self._count == 0:
+                raise DataError("a training stream is empty for this process: fewer records than processes?")
+            self._epoch, self._count = self._epoch + 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "count": self._count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._epoch, self._count = state["epoch"], state["count"]
+
+
+def _stream_seed(seed: int, rank: int, worker: int, epoch: int, count: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, worker, epoch, count]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def collate_unlabeled(samples: list[dict[str, Any]], divisibility: int) -> dict[str, Any]:
     """Pad both views of a batch alike; keep the hidden labels (possibly empty) for monitoring."""
     height, width = padded_size([tuple(s["weak"].shape[-2:]) for s in samples], divisibility)
     return {
+        "skipped": sum(s.get("skipped", 0) for s in samples),
         "weak_pixel_values": torch.stack([pad_to(normalize(s["weak"]), height, width) for s in samples]),
         "strong_pixel_values": torch.stack([pad_to(normalize(s["strong"]), height, width) for s in samples]),
         "hidden_masks": [pad_to(s["hidden_masks"].float(), height, width) for s in samples],
@@ -197,6 +324,7 @@ def collate_train(samples: list[dict[str, Any]], divisibility: int) -> dict[str,
     """Pad to a common size (multiple of `divisibility`) and build Mask2Former's inputs and targets."""
     height, width = padded_size([tuple(s["image"].shape[-2:]) for s in samples], divisibility)
     return {
+        "skipped": sum(s.get("skipped", 0) for s in samples),
         "pixel_values": torch.stack([pad_to(normalize(s["image"]), height, width) for s in samples]),
         "mask_labels": [pad_to(s["masks"].float(), height, width) for s in samples],
         "class_labels": [s["classes"] for s in samples],

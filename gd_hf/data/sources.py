@@ -1,0 +1,380 @@
+"""Where the records come from (`data.source`), read as `datasets` data sets — map-style or streamed.
+
+Every source ends as *gd_hf records* (`gd_hf.data.coco.FEATURES`: image, image_id, width, height,
+objects{category, rle_counts, iscrowd}, categories contiguous 0..C-1):
+
+- `coco`: a COCO folder (image folder + instances JSON), read and validated by `load_coco`.
+- `shards`: a folder of Parquet files in that schema (`python -m gd_hf.data.convert shards`, or any
+  `Dataset.to_parquet` / `push_to_hub` of such records) with `gd_hf_dataset.json` naming the categories, or a
+  `Dataset.save_to_disk` folder of them.
+- `hub`: a data set on the Hub (or a local folder `load_dataset` reads) whose columns are mapped by
+  `data.hub_columns`: an image column, an objects column (a list of dicts or a dict of lists) with a class
+  field (int or ClassLabel) and a segmentation field (COCO polygons or RLE `{size, counts}`), optionally an
+  image-id column and an iscrowd field. Class names come from the ClassLabel feature or `data.category_names`.
+- `data.unlabeled_images`: a plain folder of images added to the unlabeled split (no labels at all).
+
+The val split is always map-style (evaluation needs all of it anyway). With `data.streaming: true`, the train
+split is an `IterableDataset`: the labeled stream is the train stream filtered to the labeled ids, the
+unlabeled stream all of it (or the rest). Splitting needs the image ids: they are read once at start from the
+id and objects columns only (no image is decoded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from tqdm.auto import tqdm
+
+from gd_hf.config import DataConfig
+from gd_hf.data.coco import FEATURES, DataError, _rle_from_segmentation, load_coco, to_hf_dataset
+from gd_hf.data.convert import SHARDS_INFO_FILE
+
+logger = logging.getLogger(__name__)
+
+Records = datasets.Dataset | datasets.IterableDataset
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Categories:
+    """The classes: contiguous id -> the source's category id (COCO id, written into results) and name."""
+
+    ids: list[int]
+    names: list[str]
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.names))
+
+
+@dataclass
+class TrainVal:
+    """A source opened: train records (map-style or streamed), val records (map-style), the classes, and the
+    val ground truth for pycocotools (an annotation file, or built from the val records)."""
+
+    train: Records
+    val: datasets.Dataset
+    categories: Categories
+    val_ground_truth: COCO | Path
+    description: str
+
+
+def check_columns(features: datasets.Features | None, where: str) -> None:
+    """Fail at start when records lack (or add) columns of gd_hf's schema, naming them."""
+    if features is None:
+        return  # an untyped stream: records are checked one by one as they are read
+    expected, found = set(FEATURES), set(features)
+    if expected != found:
+        missing, extra = sorted(expected - found), sorted(found - expected)
+        raise DataError(
+            f"{where} does not have gd_hf's record columns: missing {missing}, extra {extra}. Write shards with "
+            "`python -m gd_hf.data.convert shards`, or use data.source: hub with data.hub_columns for other layouts."
+        )
+
+
+def check_record(example: dict[str, Any]) -> dict[str, Any]:
+    """A record as read from a stream, checked field by field (streams may hold rows of a different shape)."""
+    missing = [key for key in FEATURES if key not in example or example[key] is None]
+    if missing:
+        raise DataError(f"record {example.get('image_id', '?')} has no {missing}")
+    objects = example["objects"]
+    absent = [key for key in ("category", "rle_counts", "iscrowd") if key not in objects]
+    if absent:
+        raise DataError(f"record {example['image_id']}: objects have no {absent}")
+    return example
+
+
+# --- coco ---------------------------------------------------------------------------------------------------
+
+
+def open_coco(d: DataConfig) -> TrainVal:
+    train = load_coco(d.train_annotations, d.train_images)
+    val = load_coco(d.val_annotations, d.val_images)
+    if train.category_ids != val.category_ids or train.category_names != val.category_names:
+        raise DataError(
+            f"{d.train_annotations} and {d.val_annotations} list different categories: "
+            f"{list(zip(train.category_ids, train.category_names))} vs {list(zip(val.category_ids, val.category_names))}"
+        )
+    records = to_hf_dataset(train)
+    return TrainVal(
+        train=records,
+        val=to_hf_dataset(val, with_labels=False),
+        categories=Categories(train.category_ids, train.category_names),
+        val_ground_truth=Path(d.val_annotations),
+        description=str(d.train_annotations),
+    )
+
+
+# --- shards -------------------------------------------------------------------------------------------------
+
+
+def _shard_files(folder: Path) -> list[str]:
+    files = sorted(str(p) for p in folder.glob("*.parquet"))
+    if not files:
+        raise DataError(f"{folder} holds no *.parquet shards (write some with `python -m gd_hf.data.convert shards`)")
+    return files
+
+
+def read_shards(folder: str | Path, streaming: bool) -> tuple[Records, Categories | None]:
+    """Records of a shards folder (Parquet files or a save_to_disk folder) and the categories it names."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"shards folder {folder} does not exist: check data.train_shards / data.val_shards")
+    categories = None
+    info_file = folder / SHARDS_INFO_FILE
+    if info_file.is_file():
+        info = json.loads(info_file.read_text())
+        categories = Categories([int(i) for i in info["category_ids"]], [str(n) for n in info["category_names"]])
+    if (folder / "state.json").is_file():  # Dataset.save_to_disk
+        records: Records = datasets.load_from_disk(str(folder))
+        check_columns(records.features, str(folder))
+        if streaming:
+            records = records.to_iterable_dataset(num_shards=min(64, max(1, len(records))))
+        return records, categories
+    files = _shard_files(folder)
+    schema = datasets.load_dataset("parquet", data_files=files[:1], split="train", streaming=True).features
+    check_columns(schema, files[0])
+    records = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming, features=FEATURES)
+    return records, categories
+
+
+def open_shards(d: DataConfig) -> TrainVal:
+    if not d.train_shards or not d.val_shards:
+        raise DataError("data.source: shards needs data.train_shards and data.val_shards (folders)")
+    train, train_categories = read_shards(d.train_shards, d.streaming)
+    val, val_categories = read_shards(d.val_shards, streaming=False)
+    categories = train_categories or _named_categories(d, f"{d.train_shards}/{SHARDS_INFO_FILE}")
+    if val_categories is not None and val_categories != categories:
+        raise DataError(f"{d.train_shards} and {d.val_shards} name different categories")
+    return TrainVal(
+        train=train,
+        val=val.cast_column("image", datasets.Image(decode=False)),
+        categories=categories,
+        val_ground_truth=coco_ground_truth(val, categories),
+        description=str(d.train_shards),
+    )
+
+
+def _named_categories(d: DataConfig, where: str) -> Categories:
+    if not d.category_names:
+        raise DataError(f"no class names: write {where} or set data.category_names")
+    return Categories(list(range(len(d.category_names))), list(d.category_names))
+
+
+# --- hub ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HubRecordReader:
+    """Turns a row of a hub data set into a gd_hf record (`data.hub_columns` names the columns)."""
+
+    columns: dict[str, str]
+    has_image_id: bool
+
+    def __call__(self, row: dict[str, Any], index: int | None = None) -> dict[str, Any]:
+        c = self.columns
+        image_id = row[c["image_id"]] if self.has_image_id else index
+        cell = row.get(c["image"])
+        if cell is None:
+            raise DataError(f"row {image_id}: no image in column {c['image']!r}")
+        if isinstance(cell, Image.Image):  # a decoded image (should not happen: we cast to decode=False)
+            buffer = io.BytesIO()
+            cell.save(buffer, format="PNG")
+            cell = {"bytes": buffer.getvalue(), "path": None}
+        try:
+            with Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") is not None else cell["path"]) as image:
+                width, height = image.size
+                image = {"bytes": cell.get("bytes"), "path": cell.get("path")}
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"row {image_id}: cannot read the image ({e})") from e
+        objects = row.get(c["objects"])
+        if objects is None:
+            raise DataError(f"row {image_id}: no column {c['objects']!r}")
+        if isinstance(objects, dict):  # a dict of lists -> a list of dicts
+            keys = list(objects)
+            objects = [dict(zip(keys, values)) for values in zip(*objects.values())]
+        categories, counts, crowd = [], [], []
+        for k, obj in enumerate(objects):
+            if c["category"] not in obj or c["segmentation"] not in obj:
+                raise DataError(f"row {image_id}, object {k}: no {c['category']!r} / {c['segmentation']!r} field")
+            try:
+                rle = _rle_from_segmentation(obj[c["segmentation"]], height, width)
+            except ValueError:
+                continue  # unusable geometry: skipped, as for COCO files
+            categories.append(int(obj[c["category"]]))
+            counts.append(rle["counts"])
+            crowd.append(int(obj.get(c["iscrowd"], 0) or 0))
+        return {
+            "image": image,
+            "image_id": int(image_id),
+            "width": width,
+            "height": height,
+            "objects": {"category": categories, "rle_counts": counts, "iscrowd": crowd},
+        }
+
+
+def _hub_categories(features: datasets.Features, columns: dict[str, str], d: DataConfig) -> Categories:
+    objects = features.get(columns["objects"])
+    feature = None
+    if isinstance(objects, datasets.Sequence | datasets.List):
+        inner = objects.feature
+        feature = inner.get(columns["category"]) if isinstance(inner, dict) else None
+        if isinstance(feature, datasets.Sequence | datasets.List):
+            feature = feature.feature
+    elif isinstance(objects, dict):
+        feature = objects.get(columns["category"])
+        if isinstance(feature, datasets.Sequence | datasets.List):
+            feature = feature.feature
+    if isinstance(feature, datasets.ClassLabel):
+        return Categories(list(range(feature.num_classes)), list(feature.names))
+    return _named_categories(d, f"the ClassLabel of {columns['objects']}.{columns['category']}")
+
+
+def open_hub(d: DataConfig) -> TrainVal:
+    if not d.hub_dataset:
+        raise DataError("data.source: hub needs data.hub_dataset (a data set id or a local folder)")
+    columns = dataclasses.asdict(d.hub_columns)
+
+    def load(split: str, streaming: bool) -> Records:
+        try:
+            return datasets.load_dataset(d.hub_dataset, split=split, revision=d.hub_revision, streaming=streaming)
+        except (FileNotFoundError, ValueError, ConnectionError) as e:
+            raise DataError(f"cannot load split {split!r} of {d.hub_dataset}: {e}") from e
+
+    train = load(d.hub_train_split, d.streaming)
+    features = train.features
+    if features is not None:
+        required = [columns["image"], columns["objects"]]
+        missing = [name for name in required if name not in features]
+        if missing:
+            raise DataError(
+                f"{d.hub_dataset} has no column(s) {missing} (its columns: {sorted(features)}): "
+                "map them with data.hub_columns"
+            )
+    has_image_id = features is not None and columns["image_id"] in features
+    if d.streaming and not has_image_id:
+        raise DataError(
+            f"{d.hub_dataset} has no image-id column {columns['image_id']!r}: streaming needs one to split labeled "
+            "from unlabeled images; set data.hub_columns.image_id or data.streaming: false"
+        )
+    categories = _hub_categories(features, columns, d)
+    reader = HubRecordReader(columns, has_image_id)
+    keep = [columns["image"], columns["objects"]] + ([columns["image_id"]] if has_image_id else [])
+
+    def canonical(records: Records, streaming: bool) -> Records:
+        records = records.select_columns(keep).cast_column(columns["image"], datasets.Image(decode=False))
+        if streaming:
+            return records.map(reader, with_indices=True, features=FEATURES, remove_columns=keep)
+        return records.map(reader, with_indices=True, features=FEATURES, remove_columns=keep, desc="hub records")
+
+    val = canonical(load(d.hub_val_split, False), False)
+    return TrainVal(
+        train=canonical(train, d.streaming),
+        val=val.cast_column("image", datasets.Image(decode=False)),
+        categories=categories,
+        val_ground_truth=coco_ground_truth(val, categories),
+        description=f"{d.hub_dataset} ({d.hub_train_split})",
+    )
+
+
+# --- image folder (unlabeled) -------------------------------------------------------------------------------
+
+
+def image_folder_records(folder: str | Path) -> datasets.Dataset:
+    """Every image under `folder` (recursively) as a record without labels; ids are -1, -2, ... (COCO ids are
+    positive, so they never collide). Width/height 0 = read from the image."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"unlabeled image folder {folder} does not exist: check data.unlabeled_images")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise DataError(f"{folder} holds no images ({sorted(IMAGE_SUFFIXES)})")
+    empty = {"category": [], "rle_counts": [], "iscrowd": []}
+    return datasets.Dataset.from_dict(
+        {
+            "image": [str(p) for p in paths],
+            "image_id": [-(i + 1) for i in range(len(paths))],
+            "width": [0] * len(paths),
+            "height": [0] * len(paths),
+            "objects": [empty] * len(paths),
+        },
+        features=FEATURES,
+    )
+
+
+# --- shared -------------------------------------------------------------------------------------------------
+
+
+def open_source(d: DataConfig) -> TrainVal:
+    """Open `data.source` (see the module doc)."""
+    opened = {"coco": open_coco, "shards": open_shards, "hub": open_hub}[d.source](d)
+    if d.streaming and isinstance(opened.train, datasets.Dataset):
+        # One shard per worker of every process at least; more lets the shard order shuffle too.
+        opened.train = opened.train.to_iterable_dataset(num_shards=min(64, max(1, len(opened.train))))
+    # Images are decoded by the training datasets, so a bad file is skipped or reported by us, not datasets.
+    opened.train = opened.train.cast_column("image", datasets.Image(decode=False))
+    return opened
+
+
+def image_ids_and_object_counts(records: Records) -> tuple[list[int], list[int]]:
+    """Each record's image id and number of non-crowd objects, reading no image."""
+    columns = records.select_columns(["image_id", "objects"])
+    if isinstance(columns, datasets.Dataset):
+        ids = columns["image_id"]
+        crowd = [o["iscrowd"] for o in columns["objects"]]
+        return list(ids), [sum(1 for c in flags if not c) for flags in crowd]
+    ids, counts = [], []
+    for row in tqdm(columns, desc="reading image ids", unit="rec", leave=False):
+        ids.append(int(row["image_id"]))
+        counts.append(sum(1 for c in row["objects"]["iscrowd"] if not c))
+    return ids, counts
+
+
+def select_ids(records: Records, image_ids: list[int], all_ids: list[int] | None = None) -> Records:
+    """The records whose image id is in `image_ids` (map-style: by row, streams: a filter)."""
+    wanted = set(image_ids)
+    if isinstance(records, datasets.Dataset):
+        all_ids = all_ids if all_ids is not None else records["image_id"]
+        return records.select([row for row, image_id in enumerate(all_ids) if image_id in wanted])
+    return records.filter(lambda image_id: image_id in wanted, input_columns=["image_id"])
+
+
+def coco_ground_truth(records: datasets.Dataset, categories: Categories) -> COCO:
+    """A pycocotools ground truth built from gd_hf records (area and box computed from the masks)."""
+    images, annotations = [], []
+    for row in records.select_columns(["image_id", "width", "height", "objects"]):
+        images.append({"id": row["image_id"], "width": row["width"], "height": row["height"]})
+        objects = row["objects"]
+        for category, counts, crowd in zip(objects["category"], objects["rle_counts"], objects["iscrowd"]):
+            rle = {"size": [row["height"], row["width"]], "counts": counts.encode()}
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": row["image_id"],
+                    "category_id": categories.ids[category],
+                    "segmentation": {"size": rle["size"], "counts": counts},
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "iscrowd": int(crowd),
+                }
+            )
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        ground_truth = COCO()
+        ground_truth.dataset = {
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": i, "name": n} for i, n in zip(categories.ids, categories.names)],
+        }
+        ground_truth.createIndex()
+    return ground_truth
