@@ -160,9 +160,15 @@ def test_teacher_with_other_classes_is_refused(synthetic_root, tmp_path, teacher
         run(synthetic_root, tmp_path / "run", other)
 
 
-@pytest.mark.parametrize("crash_after", [1, 3], ids=["in_burn_in", "in_ema"])
-def test_resume_continues_identically(synthetic_root, tmp_path, teacher_dir, monkeypatch, crash_after):
+@pytest.mark.parametrize(
+    "crash_after, streaming",
+    [(1, False), (3, False), (3, True)],
+    ids=["in_burn_in", "in_ema", "in_ema_streaming_2_workers"],
+)
+def test_resume_continues_identically(synthetic_root, tmp_path, teacher_dir, monkeypatch, crash_after, streaming):
     extra = ("ssl.burn_in_steps=2", "train.max_steps=4", "train.checkpoint_every=1", "ssl.ema_decay=0.5")
+    if streaming:  # both streams (labeled + unlabeled) resume from the positions saved in the checkpoint
+        extra += ("data.streaming=true", "data.num_workers=2", "data.shuffle_buffer=8")
     run(synthetic_root, tmp_path / "a", teacher_dir, *extra)
 
     real_save = train_module.save_checkpoint
