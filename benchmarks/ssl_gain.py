@@ -5,8 +5,10 @@ same labeled images, same number of steps:
   (b) ema_baseline — burn-in on labeled images only, then EMA teacher + pseudo labels (the earlier-work recipe)
   (c) guided       — guided burn-in: pseudo labels of the frozen (a) from the first step, then EMA
 
-    python benchmarks/ssl_gain.py [--labeled-percent 5] [--steps 1500] [--burn-in 750] [--seeds 0 1]
-                                  [--out outputs/ssl_gain] [key=value ...]
+    python benchmarks/ssl_gain.py [--labeled-percent 5] [--train-images 2400] [--steps 1000] [--burn-in 500]
+                                  [--seeds 0 1] [--out outputs/ssl_gain] [key=value ...]
+
+The synthetic set (`--train-images` training images, 100 val) is generated once under OUT/data.
 
 Each run is a separate `python -m gd_hf.train` process (extra key=value overrides go to every run); finished
 runs are reused when the script is started again. Prints a markdown table of val mask AP (mean and per seed)
@@ -29,8 +31,15 @@ RUNS = ("supervised", "ema_baseline", "guided")
 def run(name: str, seed: int, args: argparse.Namespace) -> dict:
     out = Path(args.out) / f"{name}_seed{seed}"
     if not (out / "final_metrics.json").is_file():
+        data = Path(args.out) / "data"
         overrides = [
             f"output_dir={out}",
+            "data.generate_synthetic=true",
+            f"data.synthetic_train_images={args.train_images}",
+            f"data.train_images={data / 'train'}",
+            f"data.train_annotations={data / 'annotations' / 'instances_train.json'}",
+            f"data.val_images={data / 'val'}",
+            f"data.val_annotations={data / 'annotations' / 'instances_val.json'}",
             f"seed={seed}",
             f"data.labeled_percent={args.labeled_percent}",
             f"data.split_seed={seed}",
@@ -60,8 +69,9 @@ def run(name: str, seed: int, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--labeled-percent", type=float, default=5.0)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--burn-in", type=int, default=750)
+    parser.add_argument("--train-images", type=int, default=2400)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--burn-in", type=int, default=500)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--unlabeled-batch-size", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -71,7 +81,8 @@ def main() -> None:
 
     results = {name: {seed: run(name, seed, args) for seed in args.seeds} for name in RUNS}
     lines = [
-        f"labeled {args.labeled_percent} %, {args.steps} steps, burn-in {args.burn_in}, seeds {args.seeds}",
+        f"{args.train_images} training images, labeled {args.labeled_percent} %, {args.steps} steps, "
+        f"burn-in {args.burn_in}, seeds {args.seeds}",
         "",
         "| run | mask AP (mean) | per seed | pseudo precision / recall (last log) |",
         "|---|---|---|---|",
