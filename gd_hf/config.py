@@ -239,6 +239,27 @@ class SslConfig:
 
 
 @dataclass
+class HubConfig:
+    """Model cards and pushes to the Hugging Face Hub (the token comes from `hf auth login` / `HF_TOKEN`)."""
+
+    push: bool = False
+    """Push the final export (model, image processor, model card) to `repo_id` at the end of the run."""
+    repo_id: str | None = None
+    """Model repository, e.g. `your-name/mask2former-coco-1pct-gd` (created if absent)."""
+    private: bool = False
+    """Create the repository as private."""
+    revision: str | None = None
+    """Branch to push the final export to (created if absent); `null` = the default branch."""
+    push_intermediate: bool = False
+    """Also push the phase-1 teacher (branch `teacher`) and the student at the end of burn-in (branch
+    `burn-in`), each as its own commit."""
+    license: str = "apache-2.0"
+    """License written into the model card."""
+    retries: int = 4
+    """Retries of a push after a transient failure (network, HTTP 429/5xx), with exponential back-off."""
+
+
+@dataclass
 class Recipe:
     """A whole training run."""
 
@@ -254,6 +275,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ssl: SslConfig = field(default_factory=SslConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,6 +421,8 @@ def validate(recipe: Recipe) -> None:
         (recipe.model.num_queries > 0, "model.num_queries", "must be > 0"),
         (len(recipe.model.backbone_depths) == 4, "model.backbone_depths", "must list 4 stages"),
         (recipe.eval.top_k > 0, "eval.top_k", "must be > 0"),
+        (not recipe.hub.push or bool(recipe.hub.repo_id), "hub.repo_id", "is required when hub.push is true"),
+        (recipe.hub.retries >= 0, "hub.retries", "must be >= 0"),
         (0 <= recipe.ssl.ema_decay < 1, "ssl.ema_decay", "must be in [0, 1)"),
         (recipe.ssl.burn_in_steps >= 0, "ssl.burn_in_steps", "must be >= 0"),
         (recipe.ssl.unsup_loss_weight >= 0, "ssl.unsup_loss_weight", "must be >= 0"),

@@ -11,17 +11,22 @@ from typing import Any
 
 from transformers import Mask2FormerForUniversalSegmentation, PreTrainedModel
 
+from gd_hf.model_card import RunSummary, write_model_card
+
 
 def export_model(
     model: PreTrainedModel,
     image_processor: Any,
     out_dir: str | Path,
     metrics: dict[str, Any] | None = None,
+    summary: RunSummary | None = None,
+    model_id: str | None = None,
 ) -> Path:
     """`save_pretrained` the model and its image processor into `out_dir`, replacing it atomically.
 
     The folder is written under a temporary name and renamed into place, so a crash leaves the previous export
-    (or nothing), never a half-written one. `metrics` (if given) go to `eval_results.json`.
+    (or nothing), never a half-written one. `metrics` (if given) go to `eval_results.json`; `summary` (if
+    given) becomes the model card `README.md`, whose usage snippet loads `model_id` (default: `out_dir`).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -31,6 +36,8 @@ def export_model(
         image_processor.save_pretrained(tmp)
         if metrics is not None:
             (tmp / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+        if summary is not None:
+            write_model_card(tmp, summary, model_id or str(out_dir))
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -67,9 +67,11 @@ from gd_hf.data.synthetic import generate as generate_synthetic
 from gd_hf.data.transforms import pad_to
 from gd_hf.evaluation import coco_mask_ap, predict_coco_results, write_results
 from gd_hf.hub import export_model
+from gd_hf.model_card import RunSummary
 from gd_hf.modeling import build_image_processor, build_model, loss_terms, size_divisibility
 from gd_hf.optim import build_lr_scheduler, build_optimizer
 from gd_hf.pseudo_labels import filter_pseudo_labels, pseudo_label_quality
+from gd_hf.push import PushError, push_export
 from gd_hf.teacher import EmaTeacher
 
 logger = logging.getLogger("gd_hf.train")
@@ -336,9 +338,14 @@ def train_teacher_first(recipe: Recipe) -> Recipe:
         recipe,
         output_dir=str(Path(recipe.output_dir) / "teacher"),
         ssl=dataclasses.replace(recipe.ssl, enabled=False),
+        # hub.push_intermediate: the teacher goes to the `teacher` branch of the same repository.
+        hub=dataclasses.replace(recipe.hub, push=recipe.hub.push and recipe.hub.push_intermediate, revision="teacher"),
         train=dataclasses.replace(recipe.train, max_steps=recipe.ssl.teacher_max_steps or recipe.train.max_steps),
     )
-    train(teacher_recipe)
+    try:
+        train(teacher_recipe)
+    except PushError as e:  # the teacher is trained and saved; only its upload failed: distillation goes on
+        logger.error("%s", e)
     best = Path(teacher_recipe.output_dir) / "best"
     return dataclasses.replace(
         recipe,
@@ -475,6 +482,36 @@ def train(recipe: Recipe) -> dict[str, Any]:
         drop_log_lines_after(output_dir / "metrics.jsonl", state["step"])
     accelerator.init_trackers("tensorboard" if accelerator.log_with else "gd_hf")
 
+    # --- Model cards and pushes (rank 0 only).
+    teacher_results = Path(recipe.ssl.teacher or "") / "eval_results.json"
+    teacher_metrics = (
+        json.loads(teacher_results.read_text()) if recipe.ssl.enabled and teacher_results.is_file() else None
+    )
+
+    def summary(step: int, val_metrics: dict[str, float]) -> RunSummary:
+        return RunSummary(
+            recipe=recipe,
+            stage="guided distillation" if recipe.ssl.enabled else "supervised",
+            step=step,
+            metrics=val_metrics,
+            num_labeled=len(data.split.labeled),
+            num_unlabeled=len(data.split.unlabeled),
+            num_val=len(data.val),
+            class_names=data.categories.names,
+            teacher_metrics=teacher_metrics,
+        )
+
+    push_failures: list[str] = []
+
+    def push_or_report(folder: Path, revision: str | None, message: str) -> None:
+        """A failed push is reported at the end of the run; the local outputs are complete either way."""
+        try:
+            url = push_export(folder, recipe.hub.repo_id, revision, recipe.hub.private, message, recipe.hub.retries)
+            logger.info("pushed %s -> %s", folder, url)
+        except PushError as e:
+            logger.error("%s", e)
+            push_failures.append(str(e))
+
     # --- The loop.
     metrics_log = output_dir / "metrics.jsonl"
     progress = tqdm(
@@ -493,6 +530,16 @@ def train(recipe: Recipe) -> dict[str, Any]:
         phase = training_phase(state["step"], recipe.ssl)
         if phase == "ema" and state["step"] == recipe.ssl.burn_in_steps:
             teacher.copy_from(unwrapped)  # end of burn-in: teacher <- student, EMA from here on
+            if recipe.hub.push and recipe.hub.push_intermediate and accelerator.is_main_process:
+                folder = export_model(
+                    unwrapped,
+                    image_processor,
+                    output_dir / "burn_in",
+                    None,
+                    summary(state["step"], {}),
+                    recipe.hub.repo_id,
+                )
+                push_or_report(folder, "burn-in", f"Student at the end of guided burn-in (step {state['step']})")
         micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
         # Both streams advance every step, so the unlabeled position is a function of the step too.
         unlabeled_micro = (
@@ -557,7 +604,13 @@ def train(recipe: Recipe) -> dict[str, Any]:
                 )
                 if metrics["AP"] > state["best_ap"]:
                     state["best_ap"], state["best_step"] = metrics["AP"], step
-                    export_model(evaluated, image_processor, output_dir / "best", {"step": step, **metrics})
+                    export_model(
+                        evaluated,
+                        image_processor,
+                        output_dir / "best",
+                        {"step": step, **metrics},
+                        summary(step, metrics),
+                    )
             state = _broadcast_state(accelerator, state)
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or is_last:
             skipped = accelerator.reduce(torch.tensor(skipped_here, device=accelerator.device), "sum").item()
@@ -571,14 +624,27 @@ def train(recipe: Recipe) -> dict[str, Any]:
     if not metrics:
         metrics, _ = evaluate_on_val(evaluated, data, recipe, accelerator, divisibility)
     if accelerator.is_main_process:
-        export_model(evaluated, image_processor, output_dir / "final", {"step": state["step"], **metrics})
-        summary = {"final": metrics, "best_ap": state["best_ap"], "best_step": state["best_step"]}
-        (output_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
+        model_id = recipe.hub.repo_id if recipe.hub.push else None
+        final = export_model(
+            evaluated,
+            image_processor,
+            output_dir / "final",
+            {"step": state["step"], **metrics},
+            summary(state["step"], metrics),
+            model_id,
+        )
+        final_summary = {"final": metrics, "best_ap": state["best_ap"], "best_step": state["best_step"]}
+        (output_dir / "final_metrics.json").write_text(json.dumps(final_summary, indent=2))
         print(_format_metrics(metrics, state["step"]), flush=True)
-        teacher_results = Path(recipe.ssl.teacher or "") / "eval_results.json"
-        if recipe.ssl.enabled and teacher_results.is_file():
-            print(_side_by_side(json.loads(teacher_results.read_text()), metrics), flush=True)
+        if teacher_metrics is not None:
+            print(_side_by_side(teacher_metrics, metrics), flush=True)
+        if recipe.hub.push:
+            push_or_report(
+                final, recipe.hub.revision, f"Model after {state['step']} steps (mask AP {metrics['AP']:.2f})"
+            )
     accelerator.end_training()
+    if push_failures:
+        raise PushError("\n".join(push_failures))
     return metrics
 
 
@@ -640,6 +706,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PushError as e:  # training finished and its outputs are saved; only the upload failed
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -1,0 +1,126 @@
+"""Push an exported model folder to the Hub, retrying transient failures.
+
+    python -m gd_hf.push OUTPUT_DIR REPO_ID [--revision BRANCH] [--private] [--folder final]
+
+OUTPUT_DIR is a run's output folder (its `final/` export is pushed; `--folder best` for the best one) or an
+export folder itself. The token comes from huggingface_hub's usual places (`hf auth login`, `HF_TOKEN`); it is
+never printed. A failed push changes nothing locally: run the same command again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
+
+logger = logging.getLogger(__name__)
+
+TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+class PushError(RuntimeError):
+    """A push failed for good; the message says how to push again."""
+
+
+def export_folder(path: str | Path, folder: str = "final") -> Path:
+    """The export to push: `path` itself if it is one (has config.json), else `path/folder`."""
+    path = Path(path)
+    chosen = path if (path / "config.json").is_file() else path / folder
+    if not (chosen / "config.json").is_file():
+        raise PushError(f"{chosen} is not an exported model (no config.json): give a run's output folder or an export")
+    return chosen
+
+
+def push_command(output: Path, repo_id: str, revision: str | None, private: bool) -> str:
+    parts = ["python -m gd_hf.push", str(output), repo_id]
+    if revision:
+        parts += ["--revision", revision]
+    if private:
+        parts.append("--private")
+    return " ".join(parts)
+
+
+def _is_transient(error: Exception) -> bool:
+    if isinstance(error, HfHubHTTPError):
+        status = error.response.status_code if error.response is not None else None
+        return status is None or status in TRANSIENT_STATUS
+    return isinstance(error, (ConnectionError, TimeoutError, OSError))
+
+
+def push_export(
+    folder: str | Path,
+    repo_id: str,
+    revision: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload model trained with gd_hf",
+    retries: int = 4,
+    backoff_s: float = 2.0,
+) -> str:
+    """Create the repo (and branch) if needed and upload `folder` as one commit; returns the commit URL.
+
+    Transient failures (connection errors, HTTP 408/429/5xx) are retried `retries` times with exponential
+    back-off; anything else (bad token, no access) fails at once. Raises `PushError` with the command that
+    pushes again."""
+    folder = Path(folder)
+    api = HfApi()
+    attempt = 0
+    while True:
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if revision:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=str(folder),
+                revision=revision,
+                commit_message=commit_message,
+                repo_type="model",
+            )
+            return str(getattr(info, "commit_url", info))
+        except Exception as e:  # noqa: BLE001 - classified below; the original is chained
+            if attempt < retries and _is_transient(e):
+                wait = backoff_s * 2**attempt
+                attempt += 1
+                logger.warning(
+                    "push of %s to %s failed (%s); retry %d/%d in %.1f s", folder, repo_id, e, attempt, retries, wait
+                )
+                time.sleep(wait)
+                continue
+            raise PushError(
+                f"pushing {folder} to {repo_id}{'@' + revision if revision else ''} failed: {type(e).__name__}: {e}. "
+                f"The local export is intact; push it again with: "
+                f"{push_command(folder, repo_id, revision, private)}"
+            ) from e
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gd_hf.push", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("output", help="a run's output folder, or an export folder")
+    parser.add_argument("repo_id")
+    parser.add_argument("--revision", help="branch (created if absent); default: the default branch")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--folder", default="final", help="which export of a run folder (default: final)")
+    parser.add_argument("--retries", type=int, default=4, help="retries after transient failures (default 4)")
+    parser.add_argument("--backoff-s", type=float, default=2.0, help="wait before the first retry, doubled after each")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        folder = export_folder(args.output, args.folder)
+        url = push_export(
+            folder, args.repo_id, args.revision, args.private, retries=args.retries, backoff_s=args.backoff_s
+        )
+    except PushError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    print(f"pushed {folder} -> {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""A stand-in for the Hub's HTTP API on 127.0.0.1 that records what huggingface_hub sends (for HF_ENDPOINT).
+
+It answers the calls `create_repo`, `create_branch` and `upload_folder` make (repo creation, branch creation,
+YAML validation, pre-upload, commit), stores each commit's files, and can fail the next N calls to a path with
+a given status (to test retries)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
+
+
+class HubStandIn:
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, dict]] = []  # (method, path, headers)
+        self.commits: list[dict] = []  # {"repo", "revision", "files": {path: bytes}, "summary"}
+        self.branches: list[tuple[str, str]] = []
+        self.repos: list[dict] = []
+        self.failures: list[list] = []  # [path regex, status, remaining count]
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _reply(self, status: int, body: dict | list | None = None) -> None:
+                data = json.dumps(body if body is not None else {}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _body(self) -> bytes:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    return self.rfile.read(length)
+                if self.headers.get("Transfer-Encoding") == "chunked":
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().strip(), 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            break
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    return b"".join(chunks)
+                return b""
+
+            def _handle(self, method: str) -> None:
+                path = unquote(self.path.split("?")[0])
+                body = self._body()
+                stand_in.requests.append((method, path, dict(self.headers)))
+                for failure in stand_in.failures:
+                    if failure[2] > 0 and re.search(failure[0], path):
+                        failure[2] -= 1
+                        return self._reply(failure[1], {"error": "stand-in failure"})
+                if path == "/api/repos/create":
+                    payload = json.loads(body or b"{}")
+                    stand_in.repos.append(payload)
+                    name = f"{payload.get('organization') or 'user'}/{payload['name']}"
+                    return self._reply(200, {"url": f"{stand_in.url}/{name}", "name": name})
+                if path == "/api/validate-yaml":
+                    return self._reply(200, {})
+                match = re.match(r"^/api/models/(.+?/.+?)/branch/(.+)$", path)
+                if match:
+                    stand_in.branches.append((match.group(1), match.group(2)))
+                    return self._reply(200, {})
+                match = re.match(r"^/api/models/(.+?/.+?)/preupload/(.+)$", path)
+                if match:
+                    files = json.loads(body)["files"]
+                    return self._reply(
+                        200,
+                        {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
+                    )
+                match = re.match(r"^/api/models/(.+?/.+?)/commit/(.+)$", path)
+                if match:
+                    files, summary = {}, None
+                    for line in body.decode().splitlines():
+                        record = json.loads(line)
+                        if record["key"] == "header":
+                            summary = record["value"].get("summary")
+                        elif record["key"] == "file":
+                            files[record["value"]["path"]] = base64.b64decode(record["value"]["content"])
+                    stand_in.commits.append(
+                        {"repo": match.group(1), "revision": match.group(2), "files": files, "summary": summary}
+                    )
+                    oid = f"{len(stand_in.commits):040x}"
+                    return self._reply(
+                        200, {"commitUrl": f"{stand_in.url}/{match.group(1)}/commit/{oid}", "commitOid": oid}
+                    )
+                return self._reply(404, {"error": f"stand-in does not know {method} {path}"})
+
+            def do_POST(self) -> None:  # noqa: N802
+                self._handle("POST")
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._handle("GET")
+
+            def do_PUT(self) -> None:  # noqa: N802
+                self._handle("PUT")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def fail(self, path_regex: str, status: int, times: int = 1) -> None:
+        self.failures.append([path_regex, status, times])
+
+    def __enter__(self) -> HubStandIn:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

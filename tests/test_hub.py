@@ -1,0 +1,204 @@
+"""Model cards, pushes to a stand-in Hub on 127.0.0.1 (requests recorded), the pipeline/widget contract."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import yaml
+from PIL import Image
+from transformers import Mask2FormerForUniversalSegmentation, pipeline
+
+from gd_hf.config import load_recipe
+from gd_hf.model_card import card_metadata
+from gd_hf.push import PushError, push_export
+from gd_hf.train import main
+from tests.conftest import tiny_overrides
+from tests.hub_standin import HubStandIn
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "hf_standinsecrettoken0123456789"
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """The stand-in Hub as huggingface_hub's endpoint, with a token in the environment."""
+    with HubStandIn() as stand_in:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", stand_in.url)
+        # The suite runs offline; the stand-in on 127.0.0.1 is the only "Hub" these tests can reach.
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", stand_in.url)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        yield stand_in
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_root, tmp_path_factory) -> Path:
+    """A tiny phase-1 run whose exports carry model cards."""
+    from accelerate.state import AcceleratorState
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    args = [str(ROOT / "recipes" / "demo_synthetic.yaml"), *tiny_overrides(synthetic_root, out), "train.eval_every=2"]
+    assert main(args) == 0
+    return out
+
+
+def folder_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_model_card_metadata_and_contents(trained_run):
+    final = trained_run / "final"
+    metadata = card_metadata(final)
+    assert metadata["library_name"] == "transformers"
+    assert metadata["pipeline_tag"] == "image-segmentation"
+    assert {"mask2former", "instance-segmentation", "semi-supervised", "guided-distillation"} <= set(metadata["tags"])
+    assert metadata["license"] == "apache-2.0"
+    results = metadata["model-index"][0]["results"]
+    values = {r["metrics"][0]["name"]: r["metrics"][0]["value"] for r in results}
+    metrics = json.loads((final / "eval_results.json").read_text())
+    assert values["mask AP"] == round(metrics["AP"], 2)
+    assert {r["task"]["type"] for r in results} == {"image-segmentation"}
+
+    text = (final / "README.md").read_text()
+    body = text.split("---", 2)[2]
+    assert f"{metrics['AP']:.2f}" in body  # the metrics table
+    assert "supervised training (phase 1 of Guided Distillation) for 4 steps" in body
+    assert "circle, rectangle, triangle, cross" in body
+    recipe_yaml = re.search(r"```yaml\n(.*?)```", body, re.S).group(1)
+    assert yaml.safe_load(recipe_yaml) == yaml.safe_load((trained_run / "recipe.yaml").read_text())
+    assert "Guided Distillation for Semi-Supervised Instance Segmentation" in body and "2308.02668" in body
+    assert (trained_run / "best" / "README.md").is_file()
+
+
+def test_card_usage_snippet_runs_as_written(trained_run, synthetic_root, tmp_path):
+    final = trained_run / "final"
+    snippet = re.search(r"```python\n(.*?)```", (final / "README.md").read_text(), re.S).group(1)
+    assert f'"{final}"' in snippet  # a local export's card loads the folder; a pushed one the repo id
+    Image.open(synthetic_root / "val" / "1000000.png").convert("RGB").save(tmp_path / "image.jpg")
+    (tmp_path / "snippet.py").write_text(snippet)
+    result = subprocess.run(
+        [sys.executable, "snippet.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_exported_model_is_widget_ready(trained_run, synthetic_root):
+    final = trained_run / "final"
+    config = json.loads((final / "config.json").read_text())
+    assert config["architectures"] == ["Mask2FormerForUniversalSegmentation"]
+    assert json.loads((final / "preprocessor_config.json").read_text())["image_processor_type"].startswith(
+        "Mask2FormerImageProcessor"
+    )
+    model = Mask2FormerForUniversalSegmentation.from_pretrained(final)
+    assert model.config.id2label == {0: "circle", 1: "rectangle", 2: "triangle", 3: "cross"}  # round trip
+    segmenter = pipeline("image-segmentation", model=str(final))
+    image = Image.open(synthetic_root / "val" / "1000000.png").convert("RGB")
+    segments = segmenter(image, subtask="instance", threshold=0.0)
+    assert segments and {s["label"] for s in segments} <= set(model.config.id2label.values())
+    assert all(isinstance(s["mask"], Image.Image) and s["mask"].size == image.size for s in segments)
+    assert card_metadata(final)["pipeline_tag"] == "image-segmentation"
+
+
+def test_push_uploads_the_export_to_the_repo_and_revision(trained_run, hub):
+    url = push_export(trained_run / "final", "me/gd-model", revision="v1", retries=0)
+    assert url.startswith(hub.url + "/me/gd-model/commit/")
+    assert [r["name"] for r in hub.repos] == ["gd-model"]
+    assert hub.branches == [("me/gd-model", "v1")]
+    (commit,) = hub.commits
+    assert commit["repo"] == "me/gd-model" and commit["revision"] == "v1"
+    local = {p.name: p.read_bytes() for p in (trained_run / "final").iterdir()}
+    assert commit["files"] == local  # every file, byte for byte
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(commit["files"])
+
+
+def test_transient_failures_are_retried(trained_run, hub):
+    hub.fail(r"/api/repos/create", 503, times=2)
+    push_export(trained_run / "final", "me/gd-model", retries=2, backoff_s=0.01)
+    assert [p for m, p, _ in hub.requests].count("/api/repos/create") == 3
+    assert len(hub.commits) == 1 and hub.commits[0]["revision"] == "main"
+
+
+def test_failed_push_keeps_the_outputs_and_says_how_to_push_again(trained_run, hub, capsys):
+    before = folder_digest(trained_run)
+    hub.fail(r"/commit/", 403, times=100)  # not transient: no retry
+    with pytest.raises(PushError) as error:
+        push_export(trained_run / "final", "me/gd-model", retries=3, backoff_s=0.01)
+    assert f"python -m gd_hf.push {trained_run / 'final'} me/gd-model" in str(error.value)
+    assert [p for m, p, _ in hub.requests].count("/api/models/me/gd-model/commit/main") == 1
+    assert folder_digest(trained_run) == before
+
+    from gd_hf.push import main as push_main
+
+    assert push_main([str(trained_run), "me/gd-model", "--retries", "0"]) == 3
+    assert "push it again with: python -m gd_hf.push" in capsys.readouterr().err
+
+
+def test_training_run_pushes_teacher_burn_in_and_final(synthetic_root, tmp_path, hub, capsys):
+    out = tmp_path / "run"
+    args = [
+        str(ROOT / "recipes" / "demo_synthetic.yaml"),
+        *tiny_overrides(synthetic_root, out),
+        "ssl.enabled=true",
+        "ssl.train_teacher_first=true",
+        "ssl.teacher_max_steps=2",
+        "ssl.burn_in_steps=1",
+        "ssl.unlabeled_batch_size=2",
+        "train.max_steps=2",
+        "hub.push=true",
+        "hub.repo_id=me/gd-run",
+        "hub.push_intermediate=true",
+    ]
+    assert main(args) == 0
+    assert [(c["repo"], c["revision"]) for c in hub.commits] == [
+        ("me/gd-run", "teacher"),
+        ("me/gd-run", "burn-in"),
+        ("me/gd-run", "main"),
+    ]
+    final_card = hub.commits[-1]["files"]["README.md"].decode()
+    assert 'model="me/gd-run"' in final_card  # the pushed card's snippet loads the repo
+    assert "Guided Distillation for 2 steps" in final_card and "supervised teacher" in final_card
+    for commit in hub.commits:
+        assert all(TOKEN.encode() not in content for content in commit["files"].values())
+    logged = capsys.readouterr()
+    assert TOKEN not in logged.out + logged.err
+    assert TOKEN not in "".join(
+        p.read_text(errors="ignore") for p in out.rglob("*") if p.suffix in {".json", ".jsonl", ".yaml", ".md"}
+    )
+
+
+def test_training_run_with_a_failed_push_exits_3_and_keeps_everything(synthetic_root, tmp_path, hub, capsys):
+    hub.fail(r"/api/repos/create", 401, times=100)
+    out = tmp_path / "run"
+    args = [str(ROOT / "recipes" / "demo_synthetic.yaml"), *tiny_overrides(synthetic_root, out)]
+    assert main([*args, "hub.push=true", "hub.repo_id=me/gd-run", "hub.retries=0"]) == 3
+    err = capsys.readouterr().err
+    assert f"python -m gd_hf.push {out / 'final'} me/gd-run" in err
+    assert Mask2FormerForUniversalSegmentation.from_pretrained(out / "final") is not None
+    assert (out / "final_metrics.json").is_file() and (out / "final" / "README.md").is_file()
+
+
+def test_push_requires_a_repo_id(synthetic_root, tmp_path):
+    from gd_hf.config import RecipeError
+
+    with pytest.raises(RecipeError, match="hub.repo_id is required"):
+        load_recipe(
+            ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path) + ["hub.push=true"]
+        )
