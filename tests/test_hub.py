@@ -202,3 +202,59 @@ def test_push_requires_a_repo_id(synthetic_root, tmp_path):
         load_recipe(
             ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path) + ["hub.push=true"]
         )
+
+
+def test_predict_writes_overlays_and_coco_results_and_skips_a_corrupt_image(
+    trained_run, synthetic_root, tmp_path, capsys
+):
+    from gd_hf.predict import main as predict_main
+
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    names = ["1000000.png", "1000001.png", "1000002.png"]
+    for name in names[:2]:
+        (images / name).write_bytes((synthetic_root / "val" / name).read_bytes())
+    (images / "sub" / names[2]).write_bytes((synthetic_root / "val" / names[2]).read_bytes())
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "out"
+    assert (
+        predict_main(
+            [str(trained_run / "final"), str(images), "--out", str(out), "--threshold", "0", "--batch-size", "2"]
+        )
+        == 0
+    )
+
+    err = capsys.readouterr().err
+    assert "skipped unreadable image" in err and "broken.jpg" in err
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(names)
+    results = json.loads((out / "predictions.json").read_text())
+    assert {Path(r["file_name"]).name for r in results} == set(names)
+    assert {r["category_name"] for r in results} <= {"circle", "rectangle", "triangle", "cross"}
+    for name in names:
+        source = Image.open(next(images.rglob(name))).convert("RGB")
+        overlay = Image.open(out / name).convert("RGB")
+        assert overlay.size == source.size
+        ours = [r for r in results if Path(r["file_name"]).name == name]
+        import numpy as np
+        from pycocotools import mask as mask_utils
+
+        covered = np.zeros((source.height, source.width), dtype=bool)
+        for r in ours:
+            covered |= mask_utils.decode({**r["segmentation"], "counts": r["segmentation"]["counts"].encode()}).astype(
+                bool
+            )
+        difference = np.abs(np.asarray(overlay, dtype=int) - np.asarray(source, dtype=int)).sum(-1) > 0
+        assert covered.any() and difference[covered].mean() > 0.5  # coloured where masks are
+        assert not difference[~covered].any() or difference[~covered].mean() < difference[covered].mean()
+
+
+def test_predict_threshold_filters_instances(trained_run, synthetic_root, tmp_path):
+    from gd_hf.predict import main as predict_main
+
+    image = str(synthetic_root / "val" / "1000000.png")
+    assert predict_main([str(trained_run / "final"), image, "--out", str(tmp_path / "all"), "--threshold", "0"]) == 0
+    assert (
+        predict_main([str(trained_run / "final"), image, "--out", str(tmp_path / "none"), "--threshold", "1.01"]) == 0
+    )
+    assert json.loads((tmp_path / "all" / "predictions.json").read_text())
+    assert json.loads((tmp_path / "none" / "predictions.json").read_text()) == []
