@@ -176,6 +176,9 @@ class TrainConfig:
     """Full-model gradient-norm clip (the reference: 0.01); 0 disables it."""
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     """`null` takes it from the accelerate config / `accelerate launch` flags."""
+    max_nonfinite_steps: int = 10
+    """A step whose loss or gradient is NaN/Inf is skipped (no optimizer or EMA update, counted as
+    `nonfinite_steps` in the metrics log); this many in a row stop the run, its last checkpoint kept."""
     log_every: int = 20
     """Steps between metrics-log lines."""
     eval_every: int = 5000
@@ -415,6 +418,7 @@ def validate(recipe: Recipe) -> None:
         (t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
         (t.grad_clip >= 0, "train.grad_clip", "must be >= 0"),
         (t.log_every > 0, "train.log_every", "must be > 0"),
+        (t.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "must be > 0"),
         (t.eval_every >= 0, "train.eval_every", "must be >= 0"),
         (t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),
         (t.keep_checkpoints > 0, "train.keep_checkpoints", "must be > 0"),

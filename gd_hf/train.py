@@ -77,6 +77,10 @@ from gd_hf.teacher import EmaTeacher
 logger = logging.getLogger("gd_hf.train")
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stays non-finite); the message says what is kept and what to try."""
+
+
 @dataclass
 class RunData:
     """Everything the loop needs to know about the data, validated before any output is written."""
@@ -296,14 +300,20 @@ def train_step(
                 for key, value in quality.items():
                     if value == value:  # not NaN
                         add(f"pseudo_{key}", value)
-    if grad_clip > 0:
-        totals["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    # The gradient norm (after DDP's all-reduce: the same on every rank) also tells whether any rank's loss was
+    # non-finite; clipping at inf measures it without changing anything.
+    totals["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    # One host sync for all logged values and the finiteness check.
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in totals.values()]).tolist()
+    logged = dict(zip(totals, values))
+    if math.isfinite(logged["grad_norm"]) and math.isfinite(logged["loss"]):
+        optimizer.step()
+        logged["nonfinite"] = 0.0
+    else:  # skip the update (the caller skips the EMA update too); the schedule stays a function of the step
+        logged["nonfinite"] = 1.0
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    # One host sync for all logged values.
-    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in totals.values()]).tolist()
-    return dict(zip(totals, values))
+    return logged
 
 
 def build_teacher(recipe: Recipe, student: torch.nn.Module, id2label: dict[int, str]) -> EmaTeacher | None:
@@ -523,9 +533,10 @@ def train(recipe: Recipe) -> dict[str, Any]:
     )
     model.train()
     window: dict[str, list[float]] = {}  # key -> [sum, count] since the last log line
-    window_start = time.perf_counter()
+    window_start, steps_in_window = time.perf_counter(), 0
     metrics: dict[str, float] = {}
     skipped_here = 0  # bad records skipped by this process since the last checkpoint
+    nonfinite_total = consecutive_nonfinite = 0  # steps skipped for a non-finite loss/gradient (this launch)
     while state["step"] < cfg.max_steps:
         phase = training_phase(state["step"], recipe.ssl)
         if phase == "ema" and state["step"] == recipe.ssl.burn_in_steps:
@@ -559,31 +570,54 @@ def train(recipe: Recipe) -> dict[str, Any]:
             teacher,
             recipe.ssl,
         )
-        if phase == "ema":
-            teacher.update(unwrapped, recipe.ssl.ema_decay)
+        if step_terms["nonfinite"]:
+            nonfinite_total += 1
+            consecutive_nonfinite += 1
+            logger.warning(
+                "step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
+                state["step"] + 1,
+                step_terms["loss"],
+                step_terms["grad_norm"],
+                consecutive_nonfinite,
+            )
+            if consecutive_nonfinite >= cfg.max_nonfinite_steps:
+                last = list_checkpoints(output_dir / "checkpoints")
+                raise TrainingError(
+                    f"{consecutive_nonfinite} steps in a row had a non-finite loss or gradient (up to step "
+                    f"{state['step'] + 1}); stopping. The last good checkpoint is "
+                    f"{last[-1] if last else 'none (no checkpoint yet)'}; resume: auto continues from it. Try a lower "
+                    "train.lr, train.grad_clip, bf16 instead of fp16, or look for broken labels around this step."
+                )
+        else:
+            consecutive_nonfinite = 0
+            if phase == "ema":
+                teacher.update(unwrapped, recipe.ssl.ema_decay)
         skipped_here += sum(b["skipped"] for b in micro_batches + (unlabeled_micro or []))
         state["step"] += 1
         step = state["step"]
         progress.update(1)
         progress.set_postfix(loss=f"{step_terms['loss']:.3f}")
+        steps_in_window += 1
         for key, value in step_terms.items():  # some keys (pseudo-label quality) are not logged every step
+            if step_terms["nonfinite"] or key == "nonfinite":
+                continue  # a skipped step's NaN would hide the window's other values
             window.setdefault(key, [0.0, 0])
             window[key][0] += value
             window[key][1] += 1
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            steps_in_window = window["loss"][1]
             record = {key: total / count for key, (total, count) in window.items()}
             # Bad records skipped so far (data.on_error: skip), over all processes.
             skipped = accelerator.reduce(torch.tensor(skipped_here, device=accelerator.device), "sum").item()
             record.update(
+                nonfinite_steps=nonfinite_total,
                 data_skipped=state.get("data_skipped", 0) + skipped,
                 step=step,
                 lr=scheduler.get_last_lr()[-1],
                 seconds_per_step=(time.perf_counter() - window_start) / steps_in_window,
             )
             _log(accelerator, metrics_log, record)
-            window, window_start = {}, time.perf_counter()
+            window, window_start, steps_in_window = {}, time.perf_counter(), 0
 
         is_last = step == cfg.max_steps
         if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
@@ -706,6 +740,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     except PushError as e:  # training finished and its outputs are saved; only the upload failed
         print(f"error: {e}", file=sys.stderr)
         return 3

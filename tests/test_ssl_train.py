@@ -215,3 +215,58 @@ def test_one_launch_trains_the_teacher_then_distills_and_prints_both(synthetic_r
     assert any("loss_unsup" in r for r in log(out))
     printed = capsys.readouterr().out
     assert "supervised teacher" in printed and "distilled student" in printed
+
+
+def poison_loss(monkeypatch, bad_calls):
+    """Make the loss of the given loss_terms calls (1-based, one call per loss) NaN."""
+    real = train_module.loss_terms
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        terms = real(*args, **kwargs)
+        if calls["n"] in bad_calls:
+            terms["loss_mask"] = terms["loss_mask"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(train_module, "loss_terms", poisoned)
+
+
+def test_nonfinite_step_in_ema_phase_updates_neither_student_nor_teacher(
+    synthetic_root, tmp_path, teacher_dir, monkeypatch
+):
+    # Two loss_terms calls per distillation step (labeled + unlabeled): step 3 = calls 5 and 6.
+    poison_loss(monkeypatch, {5})
+    out = tmp_path / "run"
+    run(
+        synthetic_root,
+        out,
+        teacher_dir,
+        "ssl.burn_in_steps=1",
+        "train.max_steps=4",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=5",
+    )
+    checkpoints = out / "checkpoints"
+    student = {k: load_file(checkpoints / f"step_0000000{s}" / "model.safetensors") for k, s in (("2", 2), ("3", 3))}
+    assert all(torch.equal(student["2"][k], student["3"][k]) for k in student["2"])
+    teachers = [teacher_state(checkpoints / f"step_0000000{s}") for s in (2, 3, 4)]
+    assert all(torch.equal(teachers[0][k], teachers[1][k]) for k in teachers[0])  # no EMA update at step 3
+    assert not all(torch.equal(teachers[1][k], teachers[2][k]) for k in teachers[1])  # step 4 updates again
+    records = [r for r in log(out) if "loss" in r]
+    assert records[-1]["nonfinite_steps"] == 1
+    assert all(r["loss"] == r["loss"] for r in records)  # the skipped step's NaN is not averaged in
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_checkpoint(
+    synthetic_root, tmp_path, monkeypatch, capsys
+):
+    from gd_hf.train import main
+
+    poison_loss(monkeypatch, set(range(3, 100)))  # supervised: one call per step; NaN from step 3 on
+    out = tmp_path / "run"
+    args = [str(ROOT / "recipes" / "demo_synthetic.yaml"), *tiny_overrides(synthetic_root, out)]
+    assert main([*args, "train.max_steps=10", "train.max_nonfinite_steps=2"]) == 4
+    err = capsys.readouterr().err
+    assert "2 steps in a row had a non-finite loss" in err and "step_00000002" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
