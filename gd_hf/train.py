@@ -72,6 +72,7 @@ from gd_hf.modeling import build_image_processor, build_model, loss_terms, size_
 from gd_hf.optim import build_lr_scheduler, build_optimizer
 from gd_hf.pseudo_labels import filter_pseudo_labels, pseudo_label_quality
 from gd_hf.push import PushError, push_export
+from gd_hf.run_info import check_output_folder, record_launch, run_storage_bytes
 from gd_hf.teacher import EmaTeacher
 
 logger = logging.getLogger("gd_hf.train")
@@ -397,6 +398,10 @@ def train(recipe: Recipe) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg)
     teacher = build_teacher(recipe, model, data.categories.id2label)
+    needed = run_storage_bytes(sum(p.numel() for p in model.parameters()), cfg.keep_checkpoints, teacher is not None)
+    problem = check_output_folder(output_dir, needed)
+    if problem:
+        raise RecipeError(problem)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The schedule is stepped once per optimizer step by us (not once per process by accelerate).
     accelerator.register_for_checkpointing(scheduler)
@@ -488,6 +493,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        record_launch(output_dir, accelerator.num_processes, accelerator.mixed_precision)  # versions, commit, command
         # Lines logged after the checkpoint we resume from will be logged again: drop them.
         drop_log_lines_after(output_dir / "metrics.jsonl", state["step"])
     accelerator.init_trackers("tensorboard" if accelerator.log_with else "gd_hf")

@@ -75,10 +75,17 @@ def test_annotation_without_usable_segmentation_is_skipped_and_counted(tmp_path)
         {"id": 1, "image_id": 1, "category_id": 7, "segmentation": [[0, 0, 5, 5]], "iscrowd": 0},  # 2 points
         {"id": 2, "image_id": 1, "category_id": 7, "bbox": [0, 0, 4, 4], "iscrowd": 0},  # bbox only
         {"id": 3, "image_id": 1, "category_id": 7, "segmentation": square(0, 0, 4, 4), "iscrowd": 0},
+        {"id": 4, "image_id": 1, "category_id": 7, "segmentation": [[0, 0, 5, 0, 9, 0]], "iscrowd": 0},  # no area
+        {"id": 5, "image_id": 1, "category_id": 7, "segmentation": [], "bbox": [1, 1, 2, 2], "iscrowd": 0},
     ]
     source = load_coco(*make_folder(tmp_path, annotations))
     assert len(source.annotations[1]) == 1
-    assert source.skipped_annotations == 2
+    assert source.skipped_annotations == 4
+    assert source.skip_reasons == {
+        "no polygon with at least 3 points": 1,
+        "no segmentation (a bbox alone is not a mask)": 2,
+        "empty mask (zero area)": 1,
+    }
 
 
 @pytest.mark.parametrize(

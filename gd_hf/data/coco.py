@@ -47,6 +47,8 @@ class CocoSource:
 
 def _rle_from_segmentation(segmentation: Any, height: int, width: int) -> dict[str, Any]:
     """Polygons / uncompressed RLE / compressed RLE -> compressed RLE with `counts` as str."""
+    if segmentation is None or segmentation == []:
+        raise ValueError("no segmentation (a bbox alone is not a mask)")
     if isinstance(segmentation, list):
         polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6]
         if not polygons:
@@ -62,6 +64,8 @@ def _rle_from_segmentation(segmentation: Any, height: int, width: int) -> dict[s
             rle = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
     else:
         raise ValueError("segmentation is neither a polygon list nor an RLE dict")
+    if mask_utils.area(rle) == 0:
+        raise ValueError("empty mask (zero area)")
     counts = rle["counts"]
     return {"size": [height, width], "counts": counts.decode() if isinstance(counts, bytes) else counts}
 

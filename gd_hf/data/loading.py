@@ -18,7 +18,7 @@ import datasets
 import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gd_hf.config import DataConfig
 from gd_hf.data.coco import DataError, decode_masks
@@ -38,27 +38,51 @@ logger = logging.getLogger(__name__)
 def read_image(example: dict[str, Any]) -> torch.Tensor:
     """Decode the example's image (an undecoded `datasets.Image` cell) as uint8 RGB (3, H, W).
 
-    Unreadable files raise a `DataError` that names the file and the image id.
+    - grayscale, palette, RGBA (alpha dropped), CMYK: converted to RGB; 16-bit and 32-bit integer images are
+      scaled to 8 bits (not clipped);
+    - EXIF orientation: the image is turned as viewers show it when the record's width/height are the turned
+      size (what annotation tools draw on), and left as stored when they are the stored size;
+    - unreadable, truncated or too large (PIL's decompression-bomb limit) files raise a `DataError` naming the
+      file and the image id; so does a size that matches neither way.
     """
     cell = example["image"]
     path = cell.get("path") or "<bytes>"
     try:
         image = Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") is not None else cell["path"])
         image.load()
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(
             f"cannot read image {path} (image id {example['image_id']}): {e}. Replace the file, or remove the image "
             "and its annotations from the JSON."
         ) from e
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    stated = (example["width"], example["height"])
+    if image.getexif().get(0x0112, 1) not in (1, None):  # an EXIF orientation other than "as stored"
+        turned = ImageOps.exif_transpose(image)
+        if stated[0] <= 0 or (turned.width, turned.height) == stated:
+            image = turned
+    image = _to_rgb(image)
     # width/height 0: a record without a stated size (plain image folders); any other mismatch is an error.
-    if example["width"] > 0 and (image.width, image.height) != (example["width"], example["height"]):
+    if stated[0] > 0 and (image.width, image.height) != stated:
         raise DataError(
             f"image {path} (image id {example['image_id']}) is {image.width}x{image.height} but the annotation file "
-            f"says {example['width']}x{example['height']}: fix width/height in the JSON"
+            f"says {stated[0]}x{stated[1]}: fix width/height in the JSON"
         )
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image).astype(np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        if image.mode == "I" and values.max() > 65535:
+            top = float(2**31 - 1)
+        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([gray] * 3, axis=-1))
+    if image.mode == "F":
+        values = np.asarray(image)
+        gray = np.clip(values / max(float(values.max()), 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([gray] * 3, axis=-1))
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def read_image_and_targets(example: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
