@@ -25,7 +25,7 @@ from typing import Any
 import datasets
 import torch
 import yaml
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
 from accelerate.utils import gather_object, set_seed
 from pycocotools.coco import COCO
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -612,7 +612,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
             window[key][1] += 1
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            record = {key: total / count for key, (total, count) in window.items()}
+            record = window_means(accelerator, window)
             # Bad records skipped so far (data.on_error: skip), over all processes.
             skipped = accelerator.reduce(torch.tensor(skipped_here, device=accelerator.device), "sum").item()
             record.update(
@@ -656,6 +656,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
             skipped = accelerator.reduce(torch.tensor(skipped_here, device=accelerator.device), "sum").item()
             state["data_skipped"], skipped_here = state.get("data_skipped", 0) + skipped, 0
             data_state = {name: loader.state_dict() for name, loader in stream_loaders.items()}
+            if accelerator.num_processes > 1:
+                state["replica_fingerprints"] = replica_fingerprints(accelerator, unwrapped, teacher)
             save_checkpoint(accelerator, output_dir / "checkpoints", step, state, cfg.keep_checkpoints, data_state)
     progress.close()
     del batches
@@ -682,10 +684,48 @@ def train(recipe: Recipe) -> dict[str, Any]:
             push_or_report(
                 final, recipe.hub.revision, f"Model after {state['step']} steps (mask AP {metrics['AP']:.2f})"
             )
-    accelerator.end_training()
+    # Not accelerator.end_training(): it destroys the process group, which the distillation phase of a
+    # `ssl.train_teacher_first` launch still needs; main() ends the group once everything is done.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     if push_failures:
         raise PushError("\n".join(push_failures))
     return metrics
+
+
+def window_means(accelerator: Accelerator, window: dict[str, list[float]]) -> dict[str, float]:
+    """Each logged value averaged over the steps of the window and over all processes (a key some processes
+    lack, like pseudo-label quality without hidden labels, is averaged over those that have it)."""
+    windows = gather_object([window]) if accelerator.num_processes > 1 else [window]
+    sums: dict[str, list[float]] = {}
+    for each in windows:
+        for key, (total, count) in each.items():
+            sums.setdefault(key, [0.0, 0])
+            sums[key][0] += total
+            sums[key][1] += count
+    return {key: total / count for key, (total, count) in sums.items()}
+
+
+def replica_fingerprints(
+    accelerator: Accelerator, student: torch.nn.Module, teacher: EmaTeacher | None
+) -> dict[str, list[float]]:
+    """A float64 checksum of the student's and the teacher's weights on every process: they must all agree
+    (DDP keeps students in sync; the EMA teacher is updated from them on each rank). Diverged replicas would
+    train silently on different models, so they stop the run."""
+
+    def checksum(module: torch.nn.Module) -> float:
+        return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(module.state_dict().values())
+                         if p.is_floating_point()))  # fmt: skip
+
+    mine = {"student": checksum(student)}
+    if teacher is not None:
+        mine["teacher"] = checksum(teacher.model)
+    everyone = gather_object([mine])
+    fingerprints = {key: [f[key] for f in everyone] for key in mine}
+    diverged = [key for key, values in fingerprints.items() if len(set(values)) > 1]
+    if diverged:
+        raise TrainingError(f"the {' and '.join(diverged)} weights differ between processes: {fingerprints}")
+    return fingerprints
 
 
 def _log(accelerator: Accelerator, path: Path, record: dict[str, Any]) -> None:
@@ -742,7 +782,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        train(recipe)
+        try:
+            train(recipe)
+        finally:
+            PartialState().destroy_process_group()
     except (RecipeError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
