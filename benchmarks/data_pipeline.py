@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from torchdata.stateful_dataloader import StatefulDataLoader
+from train_step import gd_hf_step  # benchmarks/train_step.py: the step as the loop runs it
 
 from gd_hf.config import load_recipe
 from gd_hf.data.coco import load_coco, to_hf_dataset
@@ -45,7 +46,6 @@ from gd_hf.data.synthetic import generate
 from gd_hf.modeling import build_model, size_divisibility
 from gd_hf.optim import build_lr_scheduler, build_optimizer
 from gd_hf.teacher import EmaTeacher
-from gd_hf.train import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,13 +138,7 @@ def main() -> None:
 
     def step() -> float:
         start = time.perf_counter()
-        if teacher is None:
-            train_step(model, [batch], optimizer, scheduler, accelerator, recipe.train.grad_clip)
-        else:
-            train_step(
-                model, [batch], optimizer, scheduler, accelerator, recipe.train.grad_clip, [unlabeled], teacher, ssl
-            )
-            teacher.update(accelerator.unwrap_model(model), ssl.ema_decay)
+        gd_hf_step(model, batch, unlabeled, optimizer, scheduler, accelerator, recipe.train.grad_clip, teacher, ssl)
         if accelerator.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start

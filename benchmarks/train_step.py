@@ -45,6 +45,15 @@ from gd_hf.train import train_step
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def gd_hf_step(model, batch, unlabeled, optimizer, scheduler, accelerator, grad_clip, teacher, ssl) -> None:
+    """One step as the loop runs it: supervised without a teacher, else distillation + the EMA update."""
+    if teacher is None:
+        train_step(model, [batch], optimizer, scheduler, accelerator, grad_clip)
+    else:
+        train_step(model, [batch], optimizer, scheduler, accelerator, grad_clip, [unlabeled], teacher, ssl)
+        teacher.update(accelerator.unwrap_model(model), ssl.ema_decay)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "demo_synthetic.yaml"))
@@ -98,13 +107,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
 
     def ours() -> None:
-        if teacher is None:
-            train_step(model, [batch], optimizer, scheduler, accelerator, recipe.train.grad_clip)
-        else:
-            train_step(
-                model, [batch], optimizer, scheduler, accelerator, recipe.train.grad_clip, [unlabeled], teacher, ssl
-            )
-            teacher.update(accelerator.unwrap_model(model), ssl.ema_decay)
+        gd_hf_step(model, batch, unlabeled, optimizer, scheduler, accelerator, recipe.train.grad_clip, teacher, ssl)
 
     def timed(fn) -> float:
         if device.type == "cuda":

@@ -69,3 +69,14 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# Phase 1 then phases 2-3 in one launch, a couple of steps each (the tiny model of `tiny_overrides`).
+ONE_LAUNCH_SSL = [
+    "ssl.enabled=true",
+    "ssl.train_teacher_first=true",
+    "ssl.teacher_max_steps=2",
+    "ssl.burn_in_steps=1",
+    "ssl.unlabeled_batch_size=2",
+    "train.max_steps=2",
+]

@@ -79,6 +79,7 @@ def test_truncated_jpeg_is_a_data_error_naming_the_file():
         read_image(truncated)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_a_10k_by_10k_image_is_read_and_trained_on():
     big = Image.new("L", (10_000, 10_000), 0)
     big.paste(255, (2_000, 2_000, 6_000, 6_000))

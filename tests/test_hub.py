@@ -19,7 +19,7 @@ from gd_hf.config import load_recipe
 from gd_hf.model_card import card_metadata
 from gd_hf.push import PushError, push_export
 from gd_hf.train import main
-from tests.conftest import tiny_overrides
+from tests.conftest import ONE_LAUNCH_SSL, tiny_overrides
 from tests.hub_standin import HubStandIn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,12 +156,7 @@ def test_training_run_pushes_teacher_burn_in_and_final(synthetic_root, tmp_path,
     args = [
         str(ROOT / "recipes" / "demo_synthetic.yaml"),
         *tiny_overrides(synthetic_root, out),
-        "ssl.enabled=true",
-        "ssl.train_teacher_first=true",
-        "ssl.teacher_max_steps=2",
-        "ssl.burn_in_steps=1",
-        "ssl.unlabeled_batch_size=2",
-        "train.max_steps=2",
+        *ONE_LAUNCH_SSL,
         "hub.push=true",
         "hub.repo_id=me/gd-run",
         "hub.push_intermediate=true",

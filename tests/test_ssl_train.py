@@ -11,7 +11,7 @@ import gd_hf.train as train_module
 from gd_hf.config import RecipeError, load_recipe
 from gd_hf.train import train
 
-from .conftest import ROOT, tiny_overrides
+from .conftest import ONE_LAUNCH_SSL, ROOT, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -199,14 +199,7 @@ def test_resume_continues_identically(synthetic_root, tmp_path, teacher_dir, mon
 
 def test_one_launch_trains_the_teacher_then_distills_and_prints_both(synthetic_root, tmp_path, capsys):
     out = tmp_path / "run"
-    overrides = tiny_overrides(synthetic_root, out) + [
-        "ssl.enabled=true",
-        "ssl.train_teacher_first=true",
-        "ssl.teacher_max_steps=2",
-        "ssl.burn_in_steps=1",
-        "ssl.unlabeled_batch_size=2",
-        "train.max_steps=2",
-    ]
+    overrides = tiny_overrides(synthetic_root, out) + ONE_LAUNCH_SSL
     train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
     assert (out / "teacher" / "best" / "model.safetensors").is_file()  # phase 1, exported like any run
     assert (out / "final" / "model.safetensors").is_file()  # the distilled student, a vanilla checkpoint
