@@ -401,3 +401,20 @@ def test_cityscapes_conversion_names_a_missing_label_file(tmp_path):
 
 def test_record_schema_is_the_features():
     assert set(FEATURES) == {"image", "image_id", "width", "height", "objects"}
+
+
+def test_a_save_to_disk_folder_is_a_shards_source(synthetic_root, tmp_path):
+    from_coco = open_source(coco_config(synthetic_root))
+    for split, records in (("train", from_coco.train), ("val", open_source(coco_config(synthetic_root)).val)):
+        records.save_to_disk(str(tmp_path / split))
+    config = coco_config(
+        synthetic_root,
+        source="shards",
+        train_shards=str(tmp_path / "train"),
+        val_shards=str(tmp_path / "val"),
+        category_names=from_coco.categories.names,  # no gd_hf_dataset.json in a save_to_disk folder
+    )
+    for streaming in (False, True):
+        opened = open_source(dataclasses.replace(config, streaming=streaming))
+        assert all_records(opened.train) == all_records(from_coco.train)
+        assert opened.categories.names == from_coco.categories.names
