@@ -98,6 +98,14 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
     """Generate the synthetic set if asked and absent, open the source, split labeled/unlabeled (see
     gd_hf.data.sources)."""
     d = recipe.data
+    if d.generate_synthetic and Path(d.train_annotations).is_file():
+        found = len(json.loads(Path(d.train_annotations).read_text())["images"])
+        if found != d.synthetic_train_images:
+            raise DataError(
+                f"{d.train_annotations} holds a synthetic set of {found} training images but the recipe asks for "
+                f"{d.synthetic_train_images}: delete {Path(d.train_annotations).parent.parent} to generate it anew, "
+                "or point data.train_* / data.val_* elsewhere"
+            )
     if d.generate_synthetic and not Path(d.train_annotations).exists():
         root = Path(d.train_annotations).parent.parent  # <root>/annotations/instances_train.json
         with accelerator.main_process_first():

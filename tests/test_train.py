@@ -209,3 +209,13 @@ def test_bf16_mixed_precision_and_gradient_accumulation_train(synthetic_root, tm
     assert sorted(losses(out)) == [1, 2]
     assert all(torch.isfinite(torch.tensor(v)) for v in losses(out).values())
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard logging when installed
+
+
+def test_existing_synthetic_set_of_another_size_is_named(synthetic_root, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "synthetic"
+    shutil.copytree(synthetic_root, root)
+    args = [str(ROOT / "recipes" / "demo_synthetic.yaml"), *tiny_overrides(root, tmp_path / "run")]
+    assert main([*args, "data.generate_synthetic=true", "data.synthetic_train_images=2400"]) == 2
+    assert "holds a synthetic set of 24 training images but the recipe asks for 2400" in capsys.readouterr().err
