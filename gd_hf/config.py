@@ -237,6 +237,11 @@ class SslConfig:
     """Pseudo-label mask = sigmoid(mask logit) > this."""
     strong_erase_prob: float = 0.0
     """Random erasing on the student's view (not in the reference; 0 = off)."""
+    strong_hue: float = 0.1
+    """Strong view: largest hue shift of the colour jitter (the reference: 0.1). Set 0 when colour tells the
+    classes apart (the synthetic set), or the student is trained on objects recoloured into another class."""
+    strong_grayscale_prob: float = 0.2
+    """Strong view: probability of turning the image gray (the reference: 0.2); 0 when colour is the class."""
     evaluate: Literal["student", "teacher", "both"] = "student"
     """Which model the periodic evaluation scores (the exported model is the student unless `teacher`)."""
 
@@ -430,6 +435,8 @@ def validate(recipe: Recipe) -> None:
         (0 <= recipe.ssl.ema_decay < 1, "ssl.ema_decay", "must be in [0, 1)"),
         (recipe.ssl.burn_in_steps >= 0, "ssl.burn_in_steps", "must be >= 0"),
         (recipe.ssl.unsup_loss_weight >= 0, "ssl.unsup_loss_weight", "must be >= 0"),
+        (0 <= recipe.ssl.strong_hue <= 0.5, "ssl.strong_hue", "must be in [0, 0.5]"),
+        (0 <= recipe.ssl.strong_grayscale_prob <= 1, "ssl.strong_grayscale_prob", "must be in [0, 1]"),
         (
             recipe.ssl.unlabeled_batch_size % t.gradient_accumulation_steps == 0
             and recipe.ssl.unlabeled_batch_size > 0,

@@ -64,7 +64,7 @@ from gd_hf.data.sources import (
 )
 from gd_hf.data.splits import Split, split_image_ids
 from gd_hf.data.synthetic import generate as generate_synthetic
-from gd_hf.data.transforms import pad_to
+from gd_hf.data.transforms import StrongAugment, pad_to
 from gd_hf.evaluation import coco_mask_ap, predict_coco_results, write_results
 from gd_hf.hub import export_model
 from gd_hf.model_card import RunSummary
@@ -325,6 +325,11 @@ def train_step(
     return logged
 
 
+def strong_augment(ssl: SslConfig) -> StrongAugment:
+    """The strong view of the recipe (the reference's, with the hue/grayscale/erasing knobs of `ssl`)."""
+    return StrongAugment(hue=ssl.strong_hue, grayscale_prob=ssl.strong_grayscale_prob, erase_prob=ssl.strong_erase_prob)
+
+
 def build_teacher(recipe: Recipe, student: torch.nn.Module, id2label: dict[int, str]) -> EmaTeacher | None:
     """The frozen phase-1 teacher (or, without one, a placeholder the student overwrites at burn-in's end)."""
     if not recipe.ssl.enabled:
@@ -479,7 +484,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
             )
         # A different seed: the unlabeled stream is not in the labeled stream's order.
         if d.streaming:
-            make_views = partial(unlabeled_sample, data=d, erase_prob=recipe.ssl.strong_erase_prob)
+            make_views = partial(unlabeled_sample, data=d, strong=strong_augment(recipe.ssl))
             unlabeled_batches = streamed_batches(
                 "unlabeled",
                 data.unlabeled,
@@ -489,7 +494,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
                 collate_unlabeled,
             )
         else:
-            unlabeled = UnlabeledTrainDataset(data.unlabeled, d, recipe.ssl.strong_erase_prob)
+            unlabeled = UnlabeledTrainDataset(data.unlabeled, d, strong_augment(recipe.ssl))
             unlabeled_batches = step_indexed_batches(
                 unlabeled, recipe.ssl.unlabeled_batch_size, recipe.seed + 1, collate_unlabeled
             )

@@ -12,7 +12,7 @@ def test_strong_view_changes_colours_not_geometry():
     image[:, 20:40, 10:30] = 200
     changed = 0
     for seed in range(20):
-        strong = strong_photometric(image, torch.Generator().manual_seed(seed), erase_prob=0.0)
+        strong = strong_photometric(image, torch.Generator().manual_seed(seed))
         assert strong.shape == image.shape and strong.dtype == torch.uint8
         changed += int(not torch.equal(strong, image))
         # The square is still where it was: brighter or dimmer, maybe blurred at the edge, never moved.
@@ -53,3 +53,26 @@ def test_weak_and_strong_views_share_geometry_with_the_hidden_masks(synthetic_ro
                 assert sample["weak"].float()[:, mask].std(1).mean() < 25
     batch = collate_unlabeled([dataset[(0, 1)], dataset[(1, 2)]], divisibility=32)
     assert batch["weak_pixel_values"].shape == batch["strong_pixel_values"].shape == (2, 3, 64, 64)
+
+
+def test_strong_view_keeps_hue_and_colour_when_asked():
+    import colorsys
+
+    from gd_hf.data.transforms import StrongAugment
+
+    image = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    image[0], image[1], image[2] = 200, 60, 40  # a saturated red-orange
+    hue = colorsys.rgb_to_hsv(200 / 255, 60 / 255, 40 / 255)[0]
+
+    def hues(augment: StrongAugment) -> list[float]:
+        out = []
+        for seed in range(40):
+            view = strong_photometric(image, torch.Generator().manual_seed(seed), augment).float().mean((1, 2)) / 255
+            h, s, _ = colorsys.rgb_to_hsv(*view.tolist())
+            out.append(h if s > 0.05 else float("nan"))
+        return out
+
+    keep = hues(StrongAugment(hue=0.0, grayscale_prob=0.0, jitter_prob=1.0, blur_prob=0.0))
+    assert all(abs(h - hue) < 0.02 for h in keep)  # brightness/contrast/saturation only: same hue, never gray
+    reference = hues(StrongAugment(jitter_prob=1.0, blur_prob=0.0))
+    assert any(h != h or abs(h - hue) > 0.03 for h in reference)  # the reference shifts hue or turns gray

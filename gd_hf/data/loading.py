@@ -23,6 +23,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from gd_hf.config import DataConfig
 from gd_hf.data.coco import DataError, decode_masks
 from gd_hf.data.transforms import (
+    REFERENCE_STRONG,
+    StrongAugment,
     eval_size,
     normalize,
     pad_to,
@@ -107,7 +109,9 @@ def labeled_sample(example: dict[str, Any], data: DataConfig, seed: int) -> dict
     return {"image": image, "masks": masks, "classes": classes, "image_id": example["image_id"]}
 
 
-def unlabeled_sample(example: dict[str, Any], data: DataConfig, seed: int, erase_prob: float = 0.0) -> dict[str, Any]:
+def unlabeled_sample(
+    example: dict[str, Any], data: DataConfig, seed: int, strong: StrongAugment = REFERENCE_STRONG
+) -> dict[str, Any]:
     """Two views with one geometry: weak (for the teacher) and strong (for the student).
 
     Both views share the scale jitter, crop and flip; the strong one adds photometric noise only, so the
@@ -116,10 +120,10 @@ def unlabeled_sample(example: dict[str, Any], data: DataConfig, seed: int, erase
     monitoring only; they are never training targets.
     """
     weak, masks, classes, generator = _jittered(example, data, seed)
-    strong = strong_photometric(weak, generator, erase_prob=erase_prob)
+    strong_view = strong_photometric(weak, generator, strong)
     return {
         "weak": weak,
-        "strong": strong,
+        "strong": strong_view,
         "hidden_masks": masks,
         "hidden_classes": classes,
         "image_id": example["image_id"],
@@ -196,12 +200,12 @@ class LabeledTrainDataset(torch.utils.data.Dataset):
 class UnlabeledTrainDataset(LabeledTrainDataset):
     """Unlabeled images as weak + strong views (`unlabeled_sample`), indexed like `LabeledTrainDataset`."""
 
-    def __init__(self, hf_dataset: datasets.Dataset, data: DataConfig, strong_erase_prob: float = 0.0):
+    def __init__(self, hf_dataset: datasets.Dataset, data: DataConfig, strong: StrongAugment = REFERENCE_STRONG):
         super().__init__(hf_dataset, data)
-        self.strong_erase_prob = strong_erase_prob
+        self.strong = strong
 
     def make_sample(self, example: dict[str, Any], seed: int) -> dict[str, Any]:
-        return unlabeled_sample(example, self.data, seed, self.strong_erase_prob)
+        return unlabeled_sample(example, self.data, seed, self.strong)
 
 
 class StreamedTrainDataset(torch.utils.data.IterableDataset):

@@ -6,6 +6,7 @@ Images are uint8 tensors (3, H, W) until `normalize`; masks are bool tensors (N,
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -155,23 +156,34 @@ def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     return blurred[0]
 
 
+@dataclass(frozen=True)
+class StrongAugment:
+    """The strong view's photometric noise; the defaults are the reference's."""
+
+    jitter_prob: float = 0.8
+    hue: float = 0.1  # colour jitter's hue shift (brightness/contrast/saturation: 0.4)
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    erase_prob: float = 0.0  # not in the reference
+
+
+REFERENCE_STRONG = StrongAugment()
+
+
 def strong_photometric(
-    image: torch.Tensor,
-    generator: torch.Generator,
-    jitter_prob: float = 0.8,
-    grayscale_prob: float = 0.2,
-    blur_prob: float = 0.5,
-    erase_prob: float = 0.0,
+    image: torch.Tensor, generator: torch.Generator, augment: StrongAugment = REFERENCE_STRONG
 ) -> torch.Tensor:
-    """The reference's strong view on a uint8 image: colour jitter (0.4/0.4/0.4/0.1, p 0.8), grayscale (p 0.2),
-    Gaussian blur (sigma 0.1-2, p 0.5); optional random erasing (not in the reference)."""
+    """The strong view on a uint8 image: colour jitter (0.4/0.4/0.4/hue, p `jitter_prob`), grayscale, Gaussian
+    blur (sigma 0.1-2), optional random erasing, with the probabilities of `augment`."""
+    jitter_prob, grayscale_prob = augment.jitter_prob, augment.grayscale_prob
+    blur_prob, erase_prob = augment.blur_prob, augment.erase_prob
     out = image.float() / 255.0
 
     def chance(p: float) -> bool:
         return p > 0 and torch.rand((), generator=generator).item() < p
 
     if chance(jitter_prob):
-        out = color_jitter(out, 0.4, 0.4, 0.4, 0.1, generator)
+        out = color_jitter(out, 0.4, 0.4, 0.4, augment.hue, generator)
     if chance(grayscale_prob):
         out = _grayscale(out).expand(3, -1, -1).clone()
     if chance(blur_prob):
