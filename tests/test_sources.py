@@ -418,3 +418,36 @@ def test_a_save_to_disk_folder_is_a_shards_source(synthetic_root, tmp_path):
         opened = open_source(dataclasses.replace(config, streaming=streaming))
         assert all_records(opened.train) == all_records(from_coco.train)
         assert opened.categories.names == from_coco.categories.names
+
+
+@pytest.mark.parametrize("kind", ["shards_streamed", "hub"])
+def test_training_runs_on_shards_and_hub_sources(synthetic_root, shards, tmp_path, kind):
+    from gd_hf.config import load_recipe
+    from gd_hf.train import train
+    from tests.conftest import tiny_overrides
+
+    if kind == "hub":
+        folder = hub_like_folder(synthetic_root, tmp_path / "hub")
+        source = [
+            "data.source=hub",
+            f"data.hub_dataset={folder}",
+            "data.hub_columns.image=picture",
+            "data.hub_columns.image_id=uid",
+            "data.hub_columns.objects=instances",
+            "data.hub_columns.category=label",
+            "data.hub_columns.segmentation=mask",
+        ]
+    else:
+        source = [
+            "data.source=shards",
+            f"data.train_shards={shards / 'train'}",
+            f"data.val_shards={shards / 'val'}",
+            "data.streaming=true",
+        ]
+    out = tmp_path / "run"
+    overrides = tiny_overrides(synthetic_root, out) + source + ["train.max_steps=2"]
+    metrics = train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert (out / "final" / "config.json").is_file()
+    labels = json.loads((out / "final" / "config.json").read_text())["id2label"]
+    assert list(labels.values()) == ["circle", "rectangle", "triangle", "cross"]
