@@ -123,7 +123,7 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
         opened.train if recipe.ssl.unlabeled_includes_labeled else select_ids(opened.train, split.unlabeled, row_ids)
     )
     if d.unlabeled_images:
-        folder = image_folder_records(d.unlabeled_images)
+        folder = image_folder_records(d.unlabeled_images).cast_column("image", datasets.Image(decode=False))
         if not isinstance(unlabeled, datasets.Dataset):
             folder = folder.to_iterable_dataset(num_shards=min(64, len(folder)))
         unlabeled = datasets.concatenate_datasets([unlabeled, folder])

@@ -263,3 +263,27 @@ def test_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_checkpoint(
     err = capsys.readouterr().err
     assert "2 steps in a row had a non-finite loss" in err and "step_00000002" in err
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_image_folder_joins_the_unlabeled_split(synthetic_root, tmp_path, teacher_dir, streaming):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for k in range(3):
+        Image.open(synthetic_root / "val" / f"100000{k}.png").save(folder / f"extra_{k}.png")
+    out = tmp_path / "run"
+    run(
+        synthetic_root,
+        out,
+        teacher_dir,
+        f"data.unlabeled_images={folder}",
+        f"data.streaming={streaming}",
+        "ssl.unlabeled_includes_labeled=false",
+        "data.labeled_percent=50",
+        "train.max_steps=2",
+    )
+    assert (out / "final" / "config.json").is_file()
+    card = (out / "final" / "README.md").read_text()
+    assert "12 labeled images + 15 unlabeled images" in card  # 12 of the 24 + the 3 photos
