@@ -124,19 +124,11 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
     )
     if d.unlabeled_images:
         folder = image_folder_records(d.unlabeled_images).cast_column("image", datasets.Image(decode=False))
+        split = Split(split.labeled, split.unlabeled + list(folder["image_id"]))
         if not isinstance(unlabeled, datasets.Dataset):
             folder = folder.to_iterable_dataset(num_shards=min(64, len(folder)))
         unlabeled = datasets.concatenate_datasets([unlabeled, folder])
-        split = Split(split.labeled, split.unlabeled + folder_ids(folder))
     return RunData(labeled, unlabeled, opened.val, opened.val_ground_truth, opened.categories, split)
-
-
-def folder_ids(records: Records) -> list[int]:
-    return (
-        list(records["image_id"])
-        if isinstance(records, datasets.Dataset)
-        else [int(r["image_id"]) for r in records.select_columns(["image_id"])]
-    )
 
 
 def find_resume_checkpoint(recipe: Recipe) -> Path | None:

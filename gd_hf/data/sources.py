@@ -188,10 +188,6 @@ class HubRecordReader:
         cell = row.get(c["image"])
         if cell is None:
             raise DataError(f"row {image_id}: no image in column {c['image']!r}")
-        if isinstance(cell, Image.Image):  # a decoded image (should not happen: we cast to decode=False)
-            buffer = io.BytesIO()
-            cell.save(buffer, format="PNG")
-            cell = {"bytes": buffer.getvalue(), "path": None}
         try:
             with Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") is not None else cell["path"]) as image:
                 width, height = image.size
