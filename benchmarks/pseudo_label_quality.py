@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3])
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     recipe = load_recipe(args.recipe, args.overrides)
     d, ssl = recipe.data, recipe.ssl
     teacher = Mask2FormerForUniversalSegmentation.from_pretrained(args.teacher).eval()

@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/ssl_gain")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which runs (default: all)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
 
     results = {name: {seed: run(name, seed, args) for seed in args.seeds} for name in args.runs}
     lines = [
