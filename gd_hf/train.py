@@ -26,7 +26,7 @@ import datasets
 import torch
 import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from pycocotools.coco import COCO
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
@@ -172,7 +172,24 @@ def build_accelerator(recipe: Recipe) -> Accelerator:
         kwargs["log_with"] = "tensorboard"
     except ImportError:
         pass
-    return Accelerator(**kwargs)
+    accelerator = Accelerator(**kwargs)
+    check_distributed_type(accelerator.distributed_type)
+    return accelerator
+
+
+# Strategies that shard parameters: the EMA update pairs full teacher and student tensors, and exports,
+# checksums and the teacher's checkpoint state expect full parameters on every process.
+SHARDED_STRATEGIES = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+
+
+def check_distributed_type(distributed_type: DistributedType) -> None:
+    """Stop before any work when the accelerate config asks for a parameter-sharding strategy."""
+    if distributed_type in SHARDED_STRATEGIES:
+        raise RecipeError(
+            f"the accelerate config asks for {distributed_type.value}, which gd_hf does not support yet: the EMA "
+            "teacher update, exports and checkpoints need full (unsharded) parameters. Use DDP instead "
+            "(accelerate_configs/multi_gpu.yaml or multi_node.yaml)."
+        )
 
 
 def evaluate_on_val(

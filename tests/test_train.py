@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import pipeline
@@ -11,7 +12,7 @@ from transformers import pipeline
 import gd_hf.train as train_module
 from gd_hf.config import RecipeError, load_recipe
 from gd_hf.data.coco import DataError
-from gd_hf.train import main, train
+from gd_hf.train import check_distributed_type, main, train
 
 from .conftest import ROOT, tiny_overrides
 
@@ -219,3 +220,14 @@ def test_existing_synthetic_set_of_another_size_is_named(synthetic_root, tmp_pat
     args = [str(ROOT / "recipes" / "demo_synthetic.yaml"), *tiny_overrides(root, tmp_path / "run")]
     assert main([*args, "data.generate_synthetic=true", "data.synthetic_train_images=2400"]) == 2
     assert "holds a synthetic set of 24 training images but the recipe asks for 2400" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strategy", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
+def test_parameter_sharding_strategies_stop_with_a_message(strategy):
+    with pytest.raises(RecipeError, match="unsharded.*multi_gpu.yaml"):
+        check_distributed_type(DistributedType[strategy])
+
+
+@pytest.mark.parametrize("strategy", ["NO", "MULTI_CPU", "MULTI_GPU"])
+def test_replicating_strategies_are_accepted(strategy):
+    check_distributed_type(DistributedType[strategy])
