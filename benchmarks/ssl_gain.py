@@ -46,6 +46,9 @@ def run(name: str, seed: int, args: argparse.Namespace) -> dict:
             f"train.max_steps={args.steps}",
             f"train.eval_every={args.steps}",
             "ssl.evaluate=student",
+            # The demo recipe runs the whole method in one launch; here each run is one phase.
+            f"ssl.enabled={name != 'supervised'}",
+            "ssl.train_teacher_first=false",
             *args.overrides,
         ]
         if name == "ema_baseline":

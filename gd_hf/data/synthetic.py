@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from pycocotools import mask as mask_utils
+from tqdm.auto import tqdm
 
 CLASSES = ["circle", "rectangle", "triangle", "cross"]
 MIN_VISIBLE_PIXELS = 24
@@ -126,7 +127,7 @@ def write_split(out: Path, split: str, count: int, size: int, rng: np.random.Gen
     """Write `count` images to out/split and their annotations to out/annotations/instances_{split}.json."""
     (out / split).mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
-    for k in range(count):
+    for k in tqdm(range(count), desc=f"synthetic {split}", unit="img", mininterval=2.0):
         image_id = first_id + k
         pixels, objects = make_image(rng, size)
         file_name = f"{image_id:06d}.png"
