@@ -287,3 +287,14 @@ def test_an_image_folder_joins_the_unlabeled_split(synthetic_root, tmp_path, tea
     assert (out / "final" / "config.json").is_file()
     card = (out / "final" / "README.md").read_text()
     assert "12 labeled images + 15 unlabeled images" in card  # 12 of the 24 + the 3 photos
+
+
+def test_the_demo_recipe_runs_the_whole_method():
+    """README command 1 is the method, not phase 1 alone: teacher first, then burn-in AND an EMA phase, with a
+    strong view that keeps the colour the synthetic classes are told apart by."""
+    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", [])
+    assert recipe.ssl.enabled and recipe.ssl.train_teacher_first and recipe.ssl.burn_in_pseudo_labels
+    assert recipe.ssl.teacher_max_steps and recipe.ssl.teacher_max_steps > 0
+    assert 0 < recipe.ssl.burn_in_steps < recipe.train.max_steps  # both phases 2 and 3 happen
+    assert recipe.ssl.strong_hue == 0 and recipe.ssl.strong_grayscale_prob == 0
+    assert recipe.data.generate_synthetic and recipe.data.labeled_percent < 100
