@@ -6,13 +6,18 @@ same labeled images, same number of steps:
   (c) guided       — guided burn-in: pseudo labels of the frozen (a) from the first step, then EMA
 
     python benchmarks/ssl_gain.py [--labeled-percent 5] [--train-images 2400] [--steps 1000] [--burn-in 500]
-                                  [--seeds 0 1] [--out outputs/ssl_gain] [key=value ...]
+                                  [--seeds 0 1] [--heldout-val 500] [--out outputs/ssl_gain] [key=value ...]
 
-The synthetic set (`--train-images` training images, 100 val) is generated once under OUT/data.
+The synthetic set (`--train-images` training images, 100 val) is generated once under OUT/data. Its 100 val
+images pick each run's `best/` export, and 100 images leave about ±1 AP between evaluations of one run; so
+every `final/` and `best/` export is also scored on a held-out set of `--heldout-val` images generated from
+another seed (`--heldout-seed`), used for neither training nor model selection. That is the comparison that
+counts; 0 turns it off.
 
 Each run is a separate `python -m gd_hf.train` process (extra key=value overrides go to every run); finished
-runs are reused when the script is started again. Prints a markdown table of val mask AP (mean and per seed)
-and the last logged pseudo-label precision/recall, and writes it to OUT/results.md.
+runs (and held-out scores) are reused when the script is started again, so seeds can be added later or run
+in parallel by separate invocations. Prints markdown tables of mask AP (mean and per seed) and the last logged
+pseudo-label precision/recall, and writes them to OUT/results.md.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from gd_hf.data.synthetic import generate
+from gd_hf.evaluate import evaluate_export
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("supervised", "ema_baseline", "guided")
@@ -71,31 +79,39 @@ def run(name: str, seed: int, args: argparse.Namespace) -> dict:
     return {"AP": summary["final"]["AP"], "best_AP": summary["best_ap"], **pseudo}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--labeled-percent", type=float, default=5.0)
-    parser.add_argument("--train-images", type=int, default=2400)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--burn-in", type=int, default=500)
-    parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--unlabeled-batch-size", type=int, default=4)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--out", default="outputs/ssl_gain")
-    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which runs (default: all)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
-    args = parser.parse_intermixed_args()
+def heldout_scores(name: str, seed: int, args: argparse.Namespace, heldout: Path) -> dict[str, float]:
+    """Mask AP of the run's `final/` and `best/` exports on the held-out set, cached beside the run."""
+    out = Path(args.out) / f"{name}_seed{seed}"
+    cache = out / f"{heldout.name}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    scores = {}
+    for export in ("final", "best"):
+        print(f"scoring {out / export} on {heldout}", flush=True)
+        metrics, _ = evaluate_export(
+            out / export,
+            heldout / "annotations" / "instances_val.json",
+            heldout / "val",
+            top_k=args.top_k,
+            batch_size=4,
+            num_workers=1,
+        )
+        scores[export] = metrics["AP"]
+    cache.write_text(json.dumps(scores) + "\n")
+    return scores
 
-    results = {name: {seed: run(name, seed, args) for seed in args.seeds} for name in args.runs}
+
+def ap_table(title: str, results: dict, keys: tuple[str, str], args: argparse.Namespace) -> list[str]:
+    """Markdown rows: mean and per-seed AP of each run under two keys (final, best), then the gains."""
     lines = [
-        f"{args.train_images} training images, labeled {args.labeled_percent} %, {args.steps} steps, "
-        f"burn-in {args.burn_in}, seeds {args.seeds}",
+        title,
         "",
-        "| run | final mask AP (mean) | per seed | best eval AP (mean) | per seed | pseudo precision / recall (last log) |",
+        "| run | final mask AP (mean) | per seed | best export AP (mean) | per seed | pseudo precision / recall (last log) |",
         "|---|---|---|---|---|---|",
     ]
     for name in args.runs:
-        final = [results[name][s]["AP"] for s in args.seeds]
-        best = [results[name][s]["best_AP"] for s in args.seeds]
+        final = [results[name][s][keys[0]] for s in args.seeds]
+        best = [results[name][s][keys[1]] for s in args.seeds]
         last = results[name][args.seeds[-1]]
         quality = f"{last['pseudo_precision']:.2f} / {last['pseudo_recall']:.2f}" if "pseudo_precision" in last else "—"
         lines.append(
@@ -105,10 +121,54 @@ def main() -> None:
     lines.append("")
     for baseline in ("supervised", "ema_baseline"):
         if "guided" in results and baseline in results:
-            for key, label in (("AP", "final"), ("best_AP", "best eval")):
-                gain = statistics.mean(results["guided"][s][key] - results[baseline][s][key] for s in args.seeds)
+            for key, label in zip(keys, ("final", "best export")):
+                gains = [results["guided"][s][key] - results[baseline][s][key] for s in args.seeds]
                 goal = " (goal >= +3)" if baseline == "supervised" else " (goal > 0)"
-                lines.append(f"guided - {baseline}, {label}: {gain:+.2f} AP{goal}")
+                lines.append(
+                    f"guided - {baseline}, {label}: {statistics.mean(gains):+.2f} AP{goal}; "
+                    f"per seed {' / '.join(f'{g:+.2f}' for g in gains)}"
+                )
+    return [*lines, ""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--labeled-percent", type=float, default=5.0)
+    parser.add_argument("--train-images", type=int, default=2400)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--burn-in", type=int, default=500)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--unlabeled-batch-size", type=int, default=4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--heldout-val", type=int, default=500, help="held-out val images (0: none)")
+    parser.add_argument("--heldout-seed", type=int, default=7, help="generator seed of the held-out set")
+    parser.add_argument("--top-k", type=int, default=50, help="instances per image when scoring held-out")
+    parser.add_argument("--out", default="outputs/ssl_gain")
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which runs (default: all)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    args = parser.parse_intermixed_args()
+    if args.heldout_val and args.heldout_seed in args.seeds:
+        # OUT/data is generated with the first run's seed: the same seed would make the held-out images
+        # copies of training images.
+        parser.error(f"--heldout-seed {args.heldout_seed} is one of --seeds; choose another")
+
+    results = {name: {seed: run(name, seed, args) for seed in args.seeds} for name in args.runs}
+    lines = [
+        f"{args.train_images} training images, labeled {args.labeled_percent} %, {args.steps} steps, "
+        f"burn-in {args.burn_in}, seeds {args.seeds}",
+        "",
+        *ap_table("On the 100 val images (these also pick `best/`):", results, ("AP", "best_AP"), args),
+    ]
+    if args.heldout_val:
+        heldout = Path(args.out) / f"heldout_val{args.heldout_val}_seed{args.heldout_seed}"
+        if not heldout.exists():
+            generate(heldout, train=0, val=args.heldout_val, seed=args.heldout_seed)
+        for name in args.runs:
+            for seed in args.seeds:
+                scores = heldout_scores(name, seed, args, heldout)
+                results[name][seed].update(heldout_final=scores["final"], heldout_best=scores["best"])
+        title = f"On {args.heldout_val} held-out val images (generator seed {args.heldout_seed}):"
+        lines += ap_table(title, results, ("heldout_final", "heldout_best"), args)
     text = "\n".join(lines)
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)

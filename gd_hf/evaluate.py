@@ -59,6 +59,30 @@ def evaluate_model(
     return coco_mask_ap(source.annotation_file, results), results
 
 
+def evaluate_export(
+    model_path: str | Path,
+    annotations: str | Path,
+    images: str | Path,
+    top_k: int = 100,
+    batch_size: int = 2,
+    shortest_edge: int | None = None,
+    longest_edge: int | None = None,
+    num_workers: int = 2,
+) -> tuple[dict[str, float], list[dict]]:
+    """Mask AP of an exported model (folder or hub id) on a COCO-format set, resized as its saved image
+    processor says unless `shortest_edge`/`longest_edge` are given."""
+    model = Mask2FormerForUniversalSegmentation.from_pretrained(model_path)
+    size = AutoImageProcessor.from_pretrained(model_path).size
+    data = DataConfig(
+        eval_shortest_edge=shortest_edge or size.get("shortest_edge") or 800,
+        eval_longest_edge=longest_edge or size.get("longest_edge") or 1333,
+        num_workers=num_workers,
+    )
+    source = load_coco(annotations, images)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return evaluate_model(model, source, data, top_k, batch_size, device)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gd_hf.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -76,17 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=2)
     args = parser.parse_args(argv)
     try:
-        model = Mask2FormerForUniversalSegmentation.from_pretrained(args.model)
-        processor = AutoImageProcessor.from_pretrained(args.model)
-        size = processor.size
-        data = DataConfig(
-            eval_shortest_edge=args.shortest_edge or size.get("shortest_edge") or 800,
-            eval_longest_edge=args.longest_edge or size.get("longest_edge") or 1333,
+        metrics, results = evaluate_export(
+            args.model,
+            args.annotations,
+            args.images,
+            top_k=args.top_k,
+            batch_size=args.batch_size,
+            shortest_edge=args.shortest_edge,
+            longest_edge=args.longest_edge,
             num_workers=args.num_workers,
         )
-        source = load_coco(args.annotations, args.images)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        metrics, results = evaluate_model(model, source, data, args.top_k, args.batch_size, device)
     except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
