@@ -3,11 +3,13 @@
     python benchmarks/pseudo_label_quality.py TEACHER [--recipe recipes/demo_synthetic.yaml] [--images 64]
         [--thresholds 0.9 0.7 0.5 0.3] [key=value ...]
 
-TEACHER is an exported model folder (phase 1's `best/`). The recipe's training images (with their labels,
-which the check uses as the hidden truth) go through the weak view exactly as in distillation; the teacher's
-predictions are filtered with `filter_pseudo_labels` at each threshold (the recipe's min area and mask
-threshold) and matched to the true objects (same class, mask IoU >= 0.5). Use it to see whether a teacher is
-worth distilling from before spending a run on it, and which threshold its confidence supports.
+TEACHER is an exported model folder (phase 1's `best/`, or a student's export to see what an EMA teacher hands
+out). The recipe's training images (with their labels, which the check uses as the hidden truth) go through the
+weak view exactly as in distillation; the teacher's predictions are filtered with `filter_pseudo_labels` at each
+threshold (the recipe's min area and mask threshold) and matched to the true objects (same class, mask IoU >=
+0.5); the wrong ones are sorted into duplicates, wrong class, mislocated (IoU 0.1-0.5) and background. Use it to
+see whether a teacher is worth distilling from before spending a run on it, and which threshold its confidence
+supports.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def main() -> None:
         batch_size=8,
         collate_fn=lambda keys: collate_unlabeled([dataset[k] for k in keys], size_divisibility(teacher)),
     )
-    totals = {t: {"labels": 0, "correct": 0.0} for t in args.thresholds}
+    kinds = ("correct", "fp_duplicate", "fp_wrong_class", "fp_mislocated", "fp_background")
+    totals = {t: dict.fromkeys(("labels", *kinds), 0) for t in args.thresholds}
     true_objects = 0
     for batch in loader:
         outputs = teacher(pixel_values=batch["weak_pixel_values"])
@@ -59,18 +62,26 @@ def main() -> None:
                 t,
                 ssl.pseudo_label_min_area,
                 ssl.pseudo_label_mask_threshold,
+                ssl.pseudo_label_max_overlap,
             )
-            quality = pseudo_label_quality(pseudo, batch["hidden_masks"], batch["hidden_classes"])
             count = sum(pseudo.counts())
+            if not count:
+                continue
+            quality = pseudo_label_quality(pseudo, batch["hidden_masks"], batch["hidden_classes"])
+            quality["correct"] = quality["precision"]
             totals[t]["labels"] += count
-            totals[t]["correct"] += round(quality["precision"] * count) if count else 0
+            for kind in kinds:  # fractions of this batch's pseudo labels -> counts
+                totals[t][kind] += round(quality[kind] * count)
     n = len(dataset)
     print(f"teacher {args.teacher} on {n} training images ({true_objects / n:.2f} true objects per image)")
-    print("| score threshold | pseudo labels / image | precision | recall |")
-    print("|---|---|---|---|")
+    print(
+        "| score threshold | pseudo labels / image | precision | recall | wrong: duplicate / wrong class / mislocated / background |"
+    )
+    print("|---|---|---|---|---|")
     for t, v in totals.items():
-        precision = v["correct"] / v["labels"] if v["labels"] else float("nan")
-        print(f"| {t} | {v['labels'] / n:.2f} | {precision:.2f} | {v['correct'] / true_objects:.2f} |")
+        share = {kind: v[kind] / v["labels"] if v["labels"] else float("nan") for kind in kinds}
+        wrong = " / ".join(f"{share[kind]:.2f}" for kind in kinds[1:])
+        print(f"| {t} | {v['labels'] / n:.2f} | {share['correct']:.2f} | {v['correct'] / true_objects:.2f} | {wrong} |")
 
 
 if __name__ == "__main__":

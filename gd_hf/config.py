@@ -235,6 +235,9 @@ class SslConfig:
     """Keep teacher queries whose soft mask area (sum of sigmoids) exceeds this many mask pixels."""
     pseudo_label_mask_threshold: float = 0.5
     """Pseudo-label mask = sigmoid(mask logit) > this."""
+    pseudo_label_max_overlap: float | None = None
+    """Not in the paper (`null` = off, as the paper): drop a pseudo label whose mask IoU with a higher-scoring
+    one of the same image exceeds this (mask NMS, e.g. 0.5). Against teachers that fire twice on one object."""
     strong_erase_prob: float = 0.0
     """Random erasing on the student's view (not in the reference; 0 = off)."""
     strong_hue: float = 0.1
@@ -435,6 +438,11 @@ def validate(recipe: Recipe) -> None:
         (0 <= recipe.ssl.ema_decay < 1, "ssl.ema_decay", "must be in [0, 1)"),
         (recipe.ssl.burn_in_steps >= 0, "ssl.burn_in_steps", "must be >= 0"),
         (recipe.ssl.unsup_loss_weight >= 0, "ssl.unsup_loss_weight", "must be >= 0"),
+        (
+            recipe.ssl.pseudo_label_max_overlap is None or 0 <= recipe.ssl.pseudo_label_max_overlap < 1,
+            "ssl.pseudo_label_max_overlap",
+            "must be null (off) or in [0, 1)",
+        ),
         (0 <= recipe.ssl.strong_hue <= 0.5, "ssl.strong_hue", "must be in [0, 0.5]"),
         (0 <= recipe.ssl.strong_grayscale_prob <= 1, "ssl.strong_grayscale_prob", "must be in [0, 1]"),
         (

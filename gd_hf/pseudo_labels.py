@@ -1,4 +1,5 @@
-"""Teacher outputs -> pseudo labels for the student (the four rules of Guided Distillation)."""
+"""Teacher outputs -> pseudo labels for the student (the four rules of Guided Distillation, plus an optional
+duplicate filter)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def filter_pseudo_labels(
     score_threshold: float = 0.7,
     min_soft_area: float = 5.0,
     mask_threshold: float = 0.5,
+    max_overlap: float | None = None,
 ) -> PseudoLabels:
     """Keep the teacher's confident, non-empty, non-"no object" queries as hard targets.
 
@@ -34,6 +36,10 @@ def filter_pseudo_labels(
     2. keep those whose softmax max probability > `score_threshold`;
     3. keep those whose soft mask area (sum of sigmoid over the mask logits) > `min_soft_area` pixels;
     4. target class = arg-max, target mask = sigmoid(mask logit) > `mask_threshold`.
+    Optionally (not in the paper, `None` = off): 5. going down by score, drop a pseudo label whose mask IoU with
+    one already kept exceeds `max_overlap` (mask NMS). Mask2Former has no NMS, so a teacher that fires two
+    queries on one object hands the student two targets for it, the student learns to fire twice, and an EMA
+    teacher feeds that back (`pseudo_label_quality`'s `fp_duplicate` shows it).
     Masks stay at the teacher's mask resolution: the loss samples points in normalised coordinates.
     An image may end with no pseudo label; the loss then pushes all its queries to "no object".
     """
@@ -45,35 +51,64 @@ def filter_pseudo_labels(
     keep = (labels != no_object) & (scores > score_threshold) & (soft_area > min_soft_area)
     masks, classes, kept_scores = [], [], []
     for i in range(class_logits.shape[0]):
-        masks.append((mask_probabilities[i, keep[i]] > mask_threshold).float())
-        classes.append(labels[i, keep[i]])
-        kept_scores.append(scores[i, keep[i]])
+        hard = mask_probabilities[i, keep[i]] > mask_threshold
+        image_classes, image_scores = labels[i, keep[i]], scores[i, keep[i]]
+        if max_overlap is not None and len(image_scores) > 1:
+            kept = _non_overlapping(hard, image_scores, max_overlap)
+            hard, image_classes, image_scores = hard[kept], image_classes[kept], image_scores[kept]
+        masks.append(hard.float())
+        classes.append(image_classes)
+        kept_scores.append(image_scores)
     return PseudoLabels(masks, classes, kept_scores)
+
+
+def _non_overlapping(masks: torch.Tensor, scores: torch.Tensor, max_overlap: float) -> torch.Tensor:
+    """Indices (in score order) of the masks that overlap no higher-scoring kept mask by IoU > `max_overlap`."""
+    order = scores.argsort(descending=True)
+    flat = masks[order].flatten(1).float()
+    intersection = flat @ flat.T
+    area = flat.sum(-1)
+    iou = intersection / (area[:, None] + area[None] - intersection).clamp(min=1)
+    kept: list[int] = []
+    for j in range(len(order)):  # at most the number of queries (100): a Python loop is fine
+        if not kept or float(iou[j, kept].max()) <= max_overlap:
+            kept.append(j)
+    return order[kept]
 
 
 @torch.no_grad()
 def pseudo_label_quality(
     pseudo: PseudoLabels, true_masks: list[torch.Tensor], true_classes: list[torch.Tensor], iou_threshold: float = 0.5
 ) -> dict[str, float]:
-    """Precision/recall of pseudo labels against hidden ground truth (synthetic data, ablations).
+    """Precision/recall of pseudo labels against hidden ground truth (synthetic data, ablations), and what the
+    wrong ones are.
 
     A pseudo label is correct when it has the class of a not-yet-matched true object and mask IoU >=
-    `iou_threshold` with it (greedy by score). True masks are resized to the pseudo labels' resolution.
+    `iou_threshold` with it (greedy by score). True masks are resized to the pseudo labels' resolution. Each
+    wrong one is counted once, as the first of: `fp_duplicate` (a second label on an object already matched),
+    `fp_wrong_class` (on an object, wrong class), `fp_mislocated` (overlaps an object, IoU in [0.1,
+    `iou_threshold`)), `fp_background` (on nothing); these are fractions of all pseudo labels, so with
+    `precision` they sum to 1. Which kind grows tells what a teacher's confirmation bias looks like.
     """
     true_positives = predicted = actual = 0
+    wrong = dict.fromkeys(("duplicate", "wrong_class", "mislocated", "background"), 0)
     for masks, classes, scores, gt_masks, gt_classes in zip(
         pseudo.mask_labels, pseudo.class_labels, pseudo.scores, true_masks, true_classes
     ):
         predicted += len(classes)
         actual += len(gt_classes)
-        if not len(classes) or not len(gt_classes):
+        if not len(classes):
+            continue
+        if not len(gt_classes):
+            wrong["background"] += len(classes)
             continue
         gt = torch.nn.functional.interpolate(gt_masks[None].float(), size=masks.shape[-2:], mode="nearest")[0] > 0.5
         pred = masks > 0.5
         intersection = (pred[:, None] & gt[None]).flatten(2).sum(-1).float()
         union = (pred[:, None] | gt[None]).flatten(2).sum(-1).float().clamp(min=1)
-        iou = intersection / union  # (P, G)
-        iou[classes[:, None] != gt_classes[None].to(classes.device)] = 0
+        overlap = intersection / union  # (P, G), class-agnostic
+        same_class = classes[:, None] == gt_classes[None].to(classes.device)
+        iou = torch.where(same_class, overlap, torch.zeros_like(overlap))
         matched = torch.zeros(len(gt_classes), dtype=torch.bool)
         for p in scores.argsort(descending=True).tolist():
             candidates = iou[p].clone()
@@ -82,7 +117,17 @@ def pseudo_label_quality(
             if candidates[best] >= iou_threshold:
                 matched[best] = True
                 true_positives += 1
+            elif bool((iou[p][matched] >= iou_threshold).any()):
+                wrong["duplicate"] += 1
+            elif float(overlap[p].max()) >= iou_threshold:
+                wrong["wrong_class"] += 1
+            elif float(overlap[p].max()) >= 0.1:
+                wrong["mislocated"] += 1
+            else:
+                wrong["background"] += 1
+    nan = float("nan")
     return {
-        "precision": true_positives / predicted if predicted else float("nan"),
-        "recall": true_positives / actual if actual else float("nan"),
+        "precision": true_positives / predicted if predicted else nan,
+        "recall": true_positives / actual if actual else nan,
+        **{f"fp_{kind}": count / predicted if predicted else nan for kind, count in wrong.items()},
     }

@@ -280,6 +280,7 @@ def train_step(
                 ssl.pseudo_label_score_threshold,
                 ssl.pseudo_label_min_area,
                 ssl.pseudo_label_mask_threshold,
+                ssl.pseudo_label_max_overlap,
             )
             pixel_values, strong = _same_size(pixel_values, unlabeled["strong_pixel_values"].to(device))
             pixel_values = torch.cat([pixel_values, strong])

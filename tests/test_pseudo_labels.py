@@ -1,6 +1,9 @@
+from pathlib import Path
+
+import pytest
 import torch
 
-from gd_hf.pseudo_labels import filter_pseudo_labels, pseudo_label_quality
+from gd_hf.pseudo_labels import PseudoLabels, filter_pseudo_labels, pseudo_label_quality
 
 NO_OBJECT = 3  # 3 classes + "no object"
 
@@ -72,5 +75,66 @@ def test_quality_against_hidden_labels():
     truth[0, :8] = 1  # = query 0's mask (first 32 of 64 pixels at 8x8 = top half), class 0
     truth[1, 8:] = 1
     quality = pseudo_label_quality(pseudo, [truth], [torch.tensor([0, 1])])
-    # query 0 matches object 0; query 1 has the same (top-half) mask but object 1 is the bottom half
-    assert quality == {"precision": 0.5, "recall": 0.5}
+    # query 0 matches object 0; query 1 has the same (top-half) mask but object 1 is the bottom half: query 1
+    # sits on object 0 with class 1, a wrong-class pseudo label
+    assert quality == {
+        "precision": 0.5,
+        "recall": 0.5,
+        "fp_duplicate": 0.0,
+        "fp_wrong_class": 0.5,
+        "fp_mislocated": 0.0,
+        "fp_background": 0.0,
+    }
+
+
+def test_quality_sorts_every_wrong_pseudo_label_into_one_kind():
+    def box(rows: slice, cols: slice) -> torch.Tensor:
+        mask = torch.zeros(8, 8)
+        mask[rows, cols] = 1
+        return mask
+
+    a, b = box(slice(0, 4), slice(0, 4)), box(slice(4, 8), slice(4, 8))
+    truth, truth_classes = torch.stack([a, b]), torch.tensor([0, 1])
+    pseudo = PseudoLabels(
+        mask_labels=[
+            torch.stack([a, a, b, box(slice(4, 8), slice(4, 5)), box(slice(0, 4), slice(6, 8))]),
+            torch.stack([a]),  # an image with no true objects
+        ],
+        class_labels=[torch.tensor([0, 0, 2, 1, 0]), torch.tensor([1])],
+        scores=[torch.tensor([0.90, 0.95, 0.85, 0.80, 0.75]), torch.tensor([0.9])],
+    )
+    quality = pseudo_label_quality(pseudo, [truth, torch.zeros(0, 8, 8)], [truth_classes, torch.tensor([])])
+    # 6 pseudo labels: the hit on a; a again (duplicate); b with the wrong class; a quarter of b with b's class
+    # (IoU 0.25: mislocated); one on nothing, plus the one in the empty image (background).
+    assert quality == pytest.approx(
+        {
+            "precision": 1 / 6,
+            "recall": 1 / 2,
+            "fp_duplicate": 1 / 6,
+            "fp_wrong_class": 1 / 6,
+            "fp_mislocated": 1 / 6,
+            "fp_background": 2 / 6,
+        }
+    )
+
+
+def test_optional_overlap_rule_drops_lower_scoring_duplicates():
+    classes = logits_for([[0.80, 0.1, 0.05, 0.05], [0.1, 0.85, 0.03, 0.02], [0.9, 0.05, 0.03, 0.02]])
+    masks = mask_logits([32, 24, 32])  # queries 0 and 2: the same top half; query 1: IoU 24/32 = 0.75 with both
+    assert filter_pseudo_labels(classes, masks).counts() == [3]  # the paper's rules keep duplicates
+    pseudo = filter_pseudo_labels(classes, masks, max_overlap=0.5)
+    # by score: query 2 (0.9) kept; query 1 (0.85) overlaps it by 0.75 (another class: still dropped); query 0 too
+    assert pseudo.class_labels[0].tolist() == [0] and pseudo.scores[0].tolist() == pytest.approx([0.9])
+    assert pseudo.mask_labels[0].sum() == 32
+    # a looser limit keeps query 1 (IoU 0.75 <= 0.8) but not query 0 (IoU 1 with query 2)
+    assert filter_pseudo_labels(classes, masks, max_overlap=0.8).class_labels[0].tolist() == [0, 1]
+
+
+def test_overlap_rule_is_a_recipe_setting():
+    from gd_hf.config import RecipeError, load_recipe
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "demo_synthetic.yaml"
+    assert load_recipe(recipe).ssl.pseudo_label_max_overlap is None  # the paper: off
+    assert load_recipe(recipe, ["ssl.pseudo_label_max_overlap=0.5"]).ssl.pseudo_label_max_overlap == 0.5
+    with pytest.raises(RecipeError, match="ssl.pseudo_label_max_overlap"):
+        load_recipe(recipe, ["ssl.pseudo_label_max_overlap=1.5"])
