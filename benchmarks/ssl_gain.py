@@ -106,14 +106,19 @@ def ap_table(title: str, results: dict, keys: tuple[str, str], args: argparse.Na
     lines = [
         title,
         "",
-        "| run | final mask AP (mean) | per seed | best export AP (mean) | per seed | pseudo precision / recall (last log) |",
+        "| run | final mask AP (mean) | per seed | best export AP (mean) | per seed "
+        "| pseudo labels per image / precision / recall / duplicates (last log, mean of seeds) |",
         "|---|---|---|---|---|---|",
     ]
     for name in args.runs:
         final = [results[name][s][keys[0]] for s in args.seeds]
         best = [results[name][s][keys[1]] for s in args.seeds]
-        last = results[name][args.seeds[-1]]
-        quality = f"{last['pseudo_precision']:.2f} / {last['pseudo_recall']:.2f}" if "pseudo_precision" in last else "—"
+        quality = " / ".join(
+            f"{statistics.mean(results[name][s][key] for s in args.seeds):.2f}"
+            if all(key in results[name][s] for s in args.seeds)
+            else "—"
+            for key in ("pseudo_labels_per_image", "pseudo_precision", "pseudo_recall", "pseudo_fp_duplicate")
+        )
         lines.append(
             f"| {name} | {statistics.mean(final):.2f} | {' / '.join(f'{a:.2f}' for a in final)} "
             f"| {statistics.mean(best):.2f} | {' / '.join(f'{a:.2f}' for a in best)} | {quality} |"
