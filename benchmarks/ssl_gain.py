@@ -8,7 +8,9 @@ same labeled images, same number of steps:
     python benchmarks/ssl_gain.py [--labeled-percent 5] [--train-images 2400] [--steps 1000] [--burn-in 500]
                                   [--seeds 0 1] [--heldout-val 500] [--out outputs/ssl_gain] [key=value ...]
 
-The synthetic set (`--train-images` training images, 100 val) is generated once under OUT/data. Its 100 val
+The synthetic set (`--train-images` training images, 100 val) is generated once under OUT/data from
+`--data-seed`, whatever the run seeds: every seed trains on the same images and differs only in its labeled
+split, initialisation and data order, so seeds run by separate invocations stay comparable. Its 100 val
 images pick each run's `best/` export, and 100 images leave about ±1 AP between evaluations of one run; so
 every `final/` and `best/` export is also scored on a held-out set of `--heldout-val` images generated from
 another seed (`--heldout-seed`), used for neither training nor model selection. That is the comparison that
@@ -42,6 +44,7 @@ def run(name: str, seed: int, args: argparse.Namespace) -> dict:
         data = Path(args.out) / "data"
         overrides = [
             f"output_dir={out}",
+            # main() has generated OUT/data from --data-seed; this only makes the run check its image count.
             "data.generate_synthetic=true",
             f"data.synthetic_train_images={args.train_images}",
             f"data.train_images={data / 'train'}",
@@ -145,6 +148,7 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--unlabeled-batch-size", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--data-seed", type=int, default=0, help="generator seed of the training/val images")
     parser.add_argument("--heldout-val", type=int, default=500, help="held-out val images (0: none)")
     parser.add_argument("--heldout-seed", type=int, default=7, help="generator seed of the held-out set")
     parser.add_argument("--top-k", type=int, default=50, help="instances per image when scoring held-out")
@@ -152,15 +156,17 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which runs (default: all)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_intermixed_args()
-    if args.heldout_val and args.heldout_seed in args.seeds:
-        # OUT/data is generated with the first run's seed: the same seed would make the held-out images
-        # copies of training images.
-        parser.error(f"--heldout-seed {args.heldout_seed} is one of --seeds; choose another")
+    if args.heldout_val and args.heldout_seed == args.data_seed:
+        # The same generator seed would make the held-out images copies of the training images.
+        parser.error(f"--heldout-seed and --data-seed are both {args.data_seed}; choose another held-out seed")
 
+    data = Path(args.out) / "data"
+    if not data.exists():
+        generate(data, train=args.train_images, val=100, seed=args.data_seed)
     results = {name: {seed: run(name, seed, args) for seed in args.seeds} for name in args.runs}
     lines = [
         f"{args.train_images} training images, labeled {args.labeled_percent} %, {args.steps} steps, "
-        f"burn-in {args.burn_in}, seeds {args.seeds}",
+        f"burn-in {args.burn_in}, seeds {args.seeds}, data seed {args.data_seed}",
         "",
         *ap_table("On the 100 val images (these also pick `best/`):", results, ("AP", "best_AP"), args),
     ]
