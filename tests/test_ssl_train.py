@@ -126,6 +126,27 @@ def test_images_with_zero_pseudo_labels_are_trained_towards_no_object(synthetic_
     assert all(r["loss_unsup"] > 0 for r in records)  # the class term still pushes queries to "no object"
 
 
+def test_the_overlap_rule_of_the_recipe_reaches_the_pseudo_label_filter(
+    synthetic_root, tmp_path, teacher_dir, monkeypatch
+):
+    seen = []
+    real_filter = train_module.filter_pseudo_labels
+
+    def spy(*args, **kwargs):
+        pseudo = real_filter(*args, **kwargs)
+        seen.append((args[-1], sum(pseudo.counts())))
+        return pseudo
+
+    monkeypatch.setattr(train_module, "filter_pseudo_labels", spy)
+    run(synthetic_root, tmp_path / "off", teacher_dir, "train.max_steps=2")
+    run(synthetic_root, tmp_path / "nms", teacher_dir, "train.max_steps=2", "ssl.pseudo_label_max_overlap=0.0")
+    assert [overlap for overlap, _ in seen] == [None, None, 0.0, 0.0]
+    # Same teacher, same images: the rule only removes labels (IoU > 0 with a kept one), and this unsure
+    # teacher's masks overlap, so some go.
+    kept_off, kept_nms = sum(n for o, n in seen if o is None), sum(n for o, n in seen if o == 0.0)
+    assert 0 < kept_nms < kept_off
+
+
 def test_labeled_only_burn_in_needs_no_teacher(synthetic_root, tmp_path):
     out = tmp_path / "run"
     overrides = tiny_overrides(synthetic_root, out) + [
