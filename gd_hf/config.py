@@ -226,6 +226,11 @@ class SslConfig:
     """loss = L_sup + weight * L_unsup."""
     unlabeled_batch_size: int = 16
     """Unlabeled images per optimizer step per process (split over gradient_accumulation_steps)."""
+    labeled_repeat_threshold: float | None = 10.0
+    """Repeat-factor sampling of the labeled images in phases 2-3, as the reference (detectron2's
+    RepeatFactorTrainingSampler, threshold 10): an image is drawn in proportion to max(1, sqrt(t / f)) of its
+    rarest class, f = share of labeled images holding that class. `null` = every labeled image equally often
+    (phase 1 always does that). Needs an indexed labeled split: `null` with `data.streaming`."""
     unlabeled_includes_labeled: bool = True
     """As the paper: the unlabeled stream is every training image (labels ignored); `false` = only the
     images outside the labeled split."""
@@ -442,6 +447,18 @@ def validate(recipe: Recipe) -> None:
             recipe.ssl.pseudo_label_max_overlap is None or 0 <= recipe.ssl.pseudo_label_max_overlap < 1,
             "ssl.pseudo_label_max_overlap",
             "must be null (off) or in [0, 1)",
+        ),
+        (
+            recipe.ssl.labeled_repeat_threshold is None or recipe.ssl.labeled_repeat_threshold > 0,
+            "ssl.labeled_repeat_threshold",
+            "must be null (uniform sampling) or > 0",
+        ),
+        (
+            not (recipe.ssl.enabled and d.streaming and recipe.ssl.labeled_repeat_threshold is not None),
+            "ssl.labeled_repeat_threshold",
+            "needs an indexed labeled split, and data.streaming is on: a stream cannot be resampled by class "
+            "frequency. Set ssl.labeled_repeat_threshold=null (labeled images drawn uniformly, what the reference "
+            "does with streamed data) or data.streaming=false",
         ),
         (0 <= recipe.ssl.strong_hue <= 0.5, "ssl.strong_hue", "must be in [0, 0.5]"),
         (0 <= recipe.ssl.strong_grayscale_prob <= 1, "ssl.strong_grayscale_prob", "must be in [0, 1]"),

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
@@ -51,6 +52,7 @@ from gd_hf.data.loading import (
     collate_train,
     collate_unlabeled,
     labeled_sample,
+    repeat_factors,
     unlabeled_sample,
 )
 from gd_hf.data.sources import (
@@ -439,7 +441,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
         state = read_trainer_state(resume_from)
 
     # --- Data loader: the sampler is indexed by micro-batch, so resuming = starting it at the right step.
-    def step_indexed_batches(dataset, batch_size: int, seed: int, collate) -> Iterator[dict[str, Any]]:
+    def step_indexed_batches(
+        dataset, batch_size: int, seed: int, collate, factors: np.ndarray | None = None
+    ) -> Iterator[dict[str, Any]]:
         sampler = StepBatchSampler(
             num_items=len(dataset),
             batch_size=batch_size // cfg.gradient_accumulation_steps,
@@ -447,6 +451,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
             start_step=state["step"] * cfg.gradient_accumulation_steps,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
+            repeat_factors=factors,
         )
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -485,7 +490,20 @@ def train(recipe: Recipe) -> dict[str, Any]:
             "labeled", data.labeled, partial(labeled_sample, data=d), cfg.batch_size, recipe.seed, collate_train
         )
     else:
-        batches = step_indexed_batches(LabeledTrainDataset(data.labeled, d), cfg.batch_size, recipe.seed, collate_train)
+        # Phases 2-3 draw rare-class labeled images more often, as the reference (ssl.labeled_repeat_threshold).
+        factors = None
+        if recipe.ssl.enabled and recipe.ssl.labeled_repeat_threshold is not None:
+            # Only the class column is read (not the masks); crowd regions count, as in detectron2.
+            image_categories = data.labeled.select_columns(["objects"]).flatten()["objects.category"]
+            factors = repeat_factors(image_categories, recipe.ssl.labeled_repeat_threshold)
+            logger.info(
+                "repeat-factor sampling of the labeled images (threshold %g): factors %.2f to %.2f",
+                recipe.ssl.labeled_repeat_threshold,
+                factors.min(),
+                factors.max(),
+            )
+        labeled = LabeledTrainDataset(data.labeled, d)
+        batches = step_indexed_batches(labeled, cfg.batch_size, recipe.seed, collate_train, factors)
     unlabeled_batches = None
     if recipe.ssl.enabled:
         if not recipe.ssl.unlabeled_includes_labeled and not data.split.unlabeled:

@@ -56,6 +56,17 @@ def test_wrong_value_names_the_key(tmp_path):
         load_recipe(write(tmp_path, ""), ["train.batch_size=3", "train.gradient_accumulation_steps=2"])
 
 
+def test_repeat_factor_sampling_of_a_stream_is_refused_with_the_fix(tmp_path):
+    streamed_ssl = ["data.streaming=true", "ssl.enabled=true", "ssl.burn_in_pseudo_labels=false"]
+    with pytest.raises(RecipeError, match="ssl.labeled_repeat_threshold needs an indexed.*=null"):
+        load_recipe(write(tmp_path, ""), streamed_ssl)
+    assert load_recipe(write(tmp_path, ""), [*streamed_ssl, "ssl.labeled_repeat_threshold=null"]).data.streaming
+    # Phase 1 never resamples, so a supervised streamed run does not care.
+    assert load_recipe(write(tmp_path, ""), ["data.streaming=true"]).ssl.labeled_repeat_threshold == 10.0
+    with pytest.raises(RecipeError, match="ssl.labeled_repeat_threshold must be null"):
+        load_recipe(write(tmp_path, ""), ["ssl.labeled_repeat_threshold=0"])
+
+
 def test_missing_recipe_file_and_bad_override_form(tmp_path):
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -9,6 +10,7 @@ from transformers import Mask2FormerForUniversalSegmentation
 
 import gd_hf.train as train_module
 from gd_hf.config import RecipeError, load_recipe
+from gd_hf.data.loading import repeat_factors
 from gd_hf.train import train
 
 from .conftest import ONE_LAUNCH_SSL, ROOT, tiny_overrides
@@ -147,6 +149,37 @@ def test_the_overlap_rule_of_the_recipe_reaches_the_pseudo_label_filter(
     assert 0 < kept_nms < kept_off
 
 
+def test_phases_2_3_draw_labeled_images_by_repeat_factor_and_phase_1_does_not(
+    synthetic_root, tmp_path, teacher_dir, monkeypatch
+):
+    samplers, datasets = [], []
+    real_sampler, real_dataset = train_module.StepBatchSampler, train_module.LabeledTrainDataset
+
+    def sampler_spy(**kwargs):
+        samplers.append(kwargs)
+        return real_sampler(**kwargs)
+
+    def dataset_spy(hf_dataset, data):
+        datasets.append(hf_dataset)
+        return real_dataset(hf_dataset, data)
+
+    monkeypatch.setattr(train_module, "StepBatchSampler", sampler_spy)
+    monkeypatch.setattr(train_module, "LabeledTrainDataset", dataset_spy)
+    run(synthetic_root, tmp_path / "rfs", teacher_dir, "train.max_steps=1", "ssl.labeled_repeat_threshold=10")
+    labeled, unlabeled = samplers
+    categories = [objects["category"] for objects in datasets[0]["objects"]]
+    assert len(categories) == labeled["num_items"] > 1
+    assert np.array_equal(labeled["repeat_factors"], repeat_factors(categories, 10.0))
+    assert unlabeled["repeat_factors"] is None  # the unlabeled stream is uniform (a bug of the reference)
+    samplers.clear()
+    run(synthetic_root, tmp_path / "uniform", teacher_dir, "train.max_steps=1", "ssl.labeled_repeat_threshold=null")
+    assert [s["repeat_factors"] for s in samplers] == [None, None]
+    samplers.clear()
+    overrides = tiny_overrides(synthetic_root, tmp_path / "phase1") + ["train.max_steps=1"]
+    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    assert [s["repeat_factors"] for s in samplers] == [None]
+
+
 def test_labeled_only_burn_in_needs_no_teacher(synthetic_root, tmp_path):
     out = tmp_path / "run"
     overrides = tiny_overrides(synthetic_root, out) + [
@@ -190,6 +223,7 @@ def test_resume_continues_identically(synthetic_root, tmp_path, teacher_dir, mon
     extra = ("ssl.burn_in_steps=2", "train.max_steps=4", "train.checkpoint_every=1", "ssl.ema_decay=0.5")
     if streaming:  # both streams (labeled + unlabeled) resume from the positions saved in the checkpoint
         extra += ("data.streaming=true", "data.num_workers=2", "data.shuffle_buffer=8")
+        extra += ("ssl.labeled_repeat_threshold=null",)  # a stream cannot be resampled by class
     run(synthetic_root, tmp_path / "a", teacher_dir, *extra)
 
     real_save = train_module.save_checkpoint
@@ -301,6 +335,7 @@ def test_an_image_folder_joins_the_unlabeled_split(synthetic_root, tmp_path, tea
         teacher_dir,
         f"data.unlabeled_images={folder}",
         f"data.streaming={streaming}",
+        f"ssl.labeled_repeat_threshold={'null' if streaming else 10}",  # a stream cannot be resampled by class
         "ssl.unlabeled_includes_labeled=false",
         "data.labeled_percent=50",
         "train.max_steps=2",

@@ -1,8 +1,13 @@
+import math
+from itertools import islice
+
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from gd_hf.config import DataConfig
-from gd_hf.data.loading import StepBatchSampler, collate_train
+from gd_hf.data.loading import StepBatchSampler, collate_train, repeat_factors
 from gd_hf.data.transforms import eval_size, padded_size, scale_jitter_crop_flip
 
 
@@ -93,6 +98,38 @@ def test_sampler_resumes_exactly_and_ranks_are_disjoint():
     rank1 = iter(StepBatchSampler(num_items=10, batch_size=2, seed=4, rank=1, world_size=2))
     for _ in range(5):
         assert next(one) == next(rank0) + next(rank1)
+
+
+def test_repeat_factors_follow_the_category_frequency_formula():
+    # class 0 is in 3 of the 4 images (twice in one: counted once), class 1 in 1; the last image is empty.
+    categories = [[0], [0, 0], [0, 1], []]
+    assert np.allclose(repeat_factors(categories, 0.5), [1, 1, math.sqrt(0.5 / 0.25), 1])
+    # The reference's threshold 10: every class is "rare"; an image takes its rarest class's factor.
+    assert np.allclose(repeat_factors(categories, 10), [math.sqrt(10 / 0.75)] * 2 + [math.sqrt(10 / 0.25), 1])
+
+
+def test_repeat_factor_sampler_draws_images_in_proportion_and_resumes_exactly():
+    factors = np.array([1.0, 1.0, 2.5, 4.0])
+    sampler = StepBatchSampler(num_items=4, batch_size=3, seed=1, repeat_factors=factors)
+    # An epoch lists image i floor(r_i) or floor(r_i) + 1 times (stochastic rounding), and both happen.
+    counts = np.array([np.bincount(sampler.epoch_order(e), minlength=4) for e in range(40)])
+    assert (counts[:, [0, 1, 3]] == [1, 1, 4]).all()
+    assert set(counts[:, 2]) == {2, 3}
+    batches = list(islice(iter(sampler), 400))
+    rows = [row for batch in batches for row, _ in batch]
+    # Epochs of different lengths are read back to back, whole.
+    first, second = sampler.epoch_order(0), sampler.epoch_order(1)
+    assert rows[: len(first) + len(second)] == first.tolist() + second.tolist()
+    assert np.allclose(np.bincount(rows, minlength=4) / len(rows), factors / factors.sum(), atol=0.01)
+    resumed = StepBatchSampler(num_items=4, batch_size=3, seed=1, start_step=137, repeat_factors=factors)
+    assert list(islice(iter(resumed), 50)) == batches[137:187]
+    rank0, rank1 = (
+        iter(StepBatchSampler(num_items=4, batch_size=1, seed=1, rank=r, world_size=3, repeat_factors=factors))
+        for r in (0, 1)
+    )
+    assert [next(rank0) + next(rank1) for _ in range(5)] == [b[:2] for b in batches[:5]]
+    with pytest.raises(ValueError, match="each >= 1"):
+        next(iter(StepBatchSampler(num_items=4, batch_size=1, seed=1, repeat_factors=np.array([1, 1, 0.5, 1]))))
 
 
 def test_labeled_dataset_drops_crowd_and_cropped_away_objects(synthetic_root):

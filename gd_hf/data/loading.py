@@ -4,12 +4,17 @@ Resuming exactly: the sample at global stream position p (counted over all proce
 `perm_e[p % N]` of epoch e = p // N (perm_e seeded by `seed + e`), augmented with a generator seeded from
 (seed, p). So step s of a run — on any number of processes, with any number of workers — sees the same
 images with the same augmentation, and a resumed run simply starts the sampler at its step.
+
+With repeat factors (the reference's labeled loader in phases 2-3, detectron2's RepeatFactorTrainingSampler),
+epoch e lists image i floor(r_i) or floor(r_i) + 1 times (stochastic rounding, seeded by `seed + e`) in a
+shuffled order; epochs then differ in length, and position p falls in the epoch whose span holds it.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -316,9 +321,31 @@ class EvalDataset(torch.utils.data.Dataset):
         return {"image": image, "image_id": example["image_id"], "original_size": (height, width)}
 
 
+def repeat_factors(image_categories: list[list[int]], threshold: float) -> np.ndarray:
+    """detectron2's repeat factors from category frequency (LVIS, Gupta et al. 2019), one per image.
+
+    f(c) = share of the images that contain class c; r(c) = max(1, sqrt(threshold / f(c))); an image's factor
+    is the largest r(c) of its classes (1 for an image without objects). The reference uses threshold 10 for
+    the labeled loader of phases 2-3: above 1, every class counts as rare, so images are drawn in proportion
+    to 1 / sqrt(f) of their rarest class.
+    """
+    if threshold <= 0:
+        raise ValueError(f"repeat threshold must be > 0, got {threshold}")
+    num_images = len(image_categories)
+    images_with: dict[int, int] = {}
+    for categories in image_categories:
+        for c in set(categories):
+            images_with[c] = images_with.get(c, 0) + 1
+    class_factor = {c: max(1.0, math.sqrt(threshold / (n / num_images))) for c, n in images_with.items()}
+    return np.array([max((class_factor[c] for c in set(cats)), default=1.0) for cats in image_categories])
+
+
 @dataclass
 class StepBatchSampler:
-    """Infinite batches of (row, augmentation seed) for one process, starting at `start_step` (see module doc)."""
+    """Infinite batches of (row, augmentation seed) for one process, starting at `start_step` (see module doc).
+
+    `repeat_factors` (one per row, each >= 1) turns on repeat-factor sampling; `None` = every row once per epoch.
+    """
 
     num_items: int
     batch_size: int
@@ -326,24 +353,37 @@ class StepBatchSampler:
     start_step: int = 0
     rank: int = 0
     world_size: int = 1
+    repeat_factors: np.ndarray | None = None
 
     def batch_positions(self, step: int) -> list[int]:
         """Global stream positions this process reads at micro-batch `step`."""
         first = (step * self.world_size + self.rank) * self.batch_size
         return list(range(first, first + self.batch_size))
 
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The rows of `epoch`, in the order they are read."""
+        rng = np.random.Generator(np.random.PCG64(self.seed + epoch))
+        if self.repeat_factors is None:
+            return rng.permutation(self.num_items)
+        whole = np.floor(self.repeat_factors)
+        copies = (whole + (rng.random(self.num_items) < self.repeat_factors - whole)).astype(np.int64)
+        return rng.permutation(np.repeat(np.arange(self.num_items), copies))
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        permutations: dict[int, np.ndarray] = {}
+        if self.repeat_factors is not None and (
+            len(self.repeat_factors) != self.num_items or np.any(self.repeat_factors < 1)
+        ):
+            raise ValueError(f"need {self.num_items} repeat factors, each >= 1")
+        # Epochs are walked from the first, so their (possibly varying) lengths place every position.
+        epoch, epoch_start, order = 0, 0, self.epoch_order(0)
         step = self.start_step
         while True:
             batch = []
             for position in self.batch_positions(step):
-                epoch, offset = divmod(position, self.num_items)
-                if epoch not in permutations:
-                    permutations.clear()  # keep one or two epochs in memory
-                    rng = np.random.Generator(np.random.PCG64(self.seed + epoch))
-                    permutations[epoch] = rng.permutation(self.num_items)
-                batch.append((int(permutations[epoch][offset]), sample_seed(self.seed, position)))
+                while position >= epoch_start + len(order):
+                    epoch, epoch_start = epoch + 1, epoch_start + len(order)
+                    order = self.epoch_order(epoch)
+                batch.append((int(order[position - epoch_start]), sample_seed(self.seed, position)))
             yield batch
             step += 1
 
