@@ -131,10 +131,13 @@ def test_optional_overlap_rule_drops_lower_scoring_duplicates():
 
 
 def test_overlap_rule_is_a_recipe_setting():
-    from gd_hf.config import RecipeError, load_recipe
+    from gd_hf.config import RecipeError, SslConfig, load_recipe
 
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "demo_synthetic.yaml"
-    assert load_recipe(recipe).ssl.pseudo_label_max_overlap is None  # the paper: off
-    assert load_recipe(recipe, ["ssl.pseudo_label_max_overlap=0.5"]).ssl.pseudo_label_max_overlap == 0.5
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    assert SslConfig().pseudo_label_max_overlap is None  # the paper: off, unless a recipe turns it on
+    assert load_recipe(recipes / "coco_1pct.yaml").ssl.pseudo_label_max_overlap is None  # paper recipes: as the paper
+    recipe = recipes / "demo_synthetic.yaml"
+    assert load_recipe(recipe).ssl.pseudo_label_max_overlap == 0.5
+    assert load_recipe(recipe, ["ssl.pseudo_label_max_overlap=null"]).ssl.pseudo_label_max_overlap is None
     with pytest.raises(RecipeError, match="ssl.pseudo_label_max_overlap"):
         load_recipe(recipe, ["ssl.pseudo_label_max_overlap=1.5"])

@@ -140,7 +140,7 @@ def test_the_overlap_rule_of_the_recipe_reaches_the_pseudo_label_filter(
         return pseudo
 
     monkeypatch.setattr(train_module, "filter_pseudo_labels", spy)
-    run(synthetic_root, tmp_path / "off", teacher_dir, "train.max_steps=2")
+    run(synthetic_root, tmp_path / "off", teacher_dir, "train.max_steps=2", "ssl.pseudo_label_max_overlap=null")
     run(synthetic_root, tmp_path / "nms", teacher_dir, "train.max_steps=2", "ssl.pseudo_label_max_overlap=0.0")
     assert [overlap for overlap, _ in seen] == [None, None, 0.0, 0.0]
     # Same teacher, same images: the rule only removes labels (IoU > 0 with a kept one), and this unsure
@@ -353,4 +353,5 @@ def test_the_demo_recipe_runs_the_whole_method():
     assert recipe.ssl.teacher_max_steps and recipe.ssl.teacher_max_steps > 0
     assert 0 < recipe.ssl.burn_in_steps < recipe.train.max_steps  # both phases 2 and 3 happen
     assert recipe.ssl.strong_hue == 0 and recipe.ssl.strong_grayscale_prob == 0
+    assert recipe.ssl.pseudo_label_max_overlap == 0.5  # the duplicate filter measured in benchmarks/RESULTS.md
     assert recipe.data.generate_synthetic and recipe.data.labeled_percent < 100
