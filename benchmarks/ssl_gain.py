@@ -18,8 +18,10 @@ counts; 0 turns it off.
 
 Each run is a separate `python -m gd_hf.train` process (extra key=value overrides go to every run); finished
 runs (and held-out scores) are reused when the script is started again, so seeds can be added later or run
-in parallel by separate invocations. Prints markdown tables of mask AP (mean and per seed) and the last logged
-pseudo-label precision/recall, and writes them to OUT/results.md.
+in parallel by separate invocations. A run started with other settings is not: the script stops and says so
+(each run folder keeps its settings in `ssl_gain_overrides.json`), so give each comparison its own `--out`.
+Prints markdown tables of mask AP (mean and per seed) and the last logged pseudo-label precision/recall, and
+writes them to OUT/results.md.
 """
 
 from __future__ import annotations
@@ -40,35 +42,45 @@ RUNS = ("supervised", "ema_baseline", "guided")
 
 def run(name: str, seed: int, args: argparse.Namespace) -> dict:
     out = Path(args.out) / f"{name}_seed{seed}"
+    data = Path(args.out) / "data"
+    overrides = [
+        f"output_dir={out}",
+        # main() has generated OUT/data from --data-seed; this only makes the run check its image count.
+        "data.generate_synthetic=true",
+        f"data.synthetic_train_images={args.train_images}",
+        f"data.train_images={data / 'train'}",
+        f"data.train_annotations={data / 'annotations' / 'instances_train.json'}",
+        f"data.val_images={data / 'val'}",
+        f"data.val_annotations={data / 'annotations' / 'instances_val.json'}",
+        f"seed={seed}",
+        f"data.labeled_percent={args.labeled_percent}",
+        f"data.split_seed={seed}",
+        f"train.max_steps={args.steps}",
+        f"train.eval_every={args.steps}",
+        "ssl.evaluate=student",
+        # The demo recipe runs the whole method in one launch; here each run is one phase.
+        f"ssl.enabled={name != 'supervised'}",
+        "ssl.train_teacher_first=false",
+        *args.overrides,
+    ]
+    if name == "ema_baseline":
+        overrides += ["ssl.enabled=true", "ssl.burn_in_pseudo_labels=false", f"ssl.burn_in_steps={args.burn_in}"]
+    if name == "guided":
+        teacher = Path(args.out) / f"supervised_seed{seed}" / "best"
+        overrides += ["ssl.enabled=true", f"ssl.teacher={teacher}", f"ssl.burn_in_steps={args.burn_in}"]
+    if name != "supervised":
+        overrides += [f"ssl.ema_decay={args.ema_decay}", f"ssl.unlabeled_batch_size={args.unlabeled_batch_size}"]
+    # A run found in OUT is reused (finished) or resumed (`resume: auto`): only if it was started with the same
+    # settings, or a table would mix runs of different recipes without saying so.
+    settings = out / "ssl_gain_overrides.json"
+    if settings.is_file() and json.loads(settings.read_text()) != overrides:
+        sys.exit(
+            f"{out} was started with other settings (see {settings}): give this comparison its own --out, "
+            "or delete that run folder to train it again"
+        )
     if not (out / "final_metrics.json").is_file():
-        data = Path(args.out) / "data"
-        overrides = [
-            f"output_dir={out}",
-            # main() has generated OUT/data from --data-seed; this only makes the run check its image count.
-            "data.generate_synthetic=true",
-            f"data.synthetic_train_images={args.train_images}",
-            f"data.train_images={data / 'train'}",
-            f"data.train_annotations={data / 'annotations' / 'instances_train.json'}",
-            f"data.val_images={data / 'val'}",
-            f"data.val_annotations={data / 'annotations' / 'instances_val.json'}",
-            f"seed={seed}",
-            f"data.labeled_percent={args.labeled_percent}",
-            f"data.split_seed={seed}",
-            f"train.max_steps={args.steps}",
-            f"train.eval_every={args.steps}",
-            "ssl.evaluate=student",
-            # The demo recipe runs the whole method in one launch; here each run is one phase.
-            f"ssl.enabled={name != 'supervised'}",
-            "ssl.train_teacher_first=false",
-            *args.overrides,
-        ]
-        if name == "ema_baseline":
-            overrides += ["ssl.enabled=true", "ssl.burn_in_pseudo_labels=false", f"ssl.burn_in_steps={args.burn_in}"]
-        if name == "guided":
-            teacher = Path(args.out) / f"supervised_seed{seed}" / "best"
-            overrides += ["ssl.enabled=true", f"ssl.teacher={teacher}", f"ssl.burn_in_steps={args.burn_in}"]
-        if name != "supervised":
-            overrides += [f"ssl.ema_decay={args.ema_decay}", f"ssl.unlabeled_batch_size={args.unlabeled_batch_size}"]
+        out.mkdir(parents=True, exist_ok=True)
+        settings.write_text(json.dumps(overrides, indent=1) + "\n")
         command = [sys.executable, "-m", "gd_hf.train", str(ROOT / "recipes" / "demo_synthetic.yaml"), *overrides]
         print("+", " ".join(command), flush=True)
         subprocess.run(command, check=True)
