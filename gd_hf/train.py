@@ -408,12 +408,21 @@ def train(recipe: Recipe) -> dict[str, Any]:
     if recipe.ssl.enabled and recipe.ssl.train_teacher_first:
         recipe = train_teacher_first(recipe)
     resume_from = find_resume_checkpoint(recipe)
-    logger.info(
-        "labeled images: %d, unlabeled: %d, val: %d",
-        len(data.split.labeled),
-        len(data.split.unlabeled),
-        len(data.val),
-    )
+    labeled_count, unlabeled_count = len(data.split.labeled), len(data.split.unlabeled)
+    if not recipe.ssl.enabled:
+        logger.info(
+            "labeled images: %d (of %d), val: %d", labeled_count, labeled_count + unlabeled_count, len(data.val)
+        )
+    elif recipe.ssl.unlabeled_includes_labeled:  # as the paper: the stream is every training image
+        stream = labeled_count + unlabeled_count
+        logger.info(
+            "labeled images: %d, unlabeled stream: %d (the labeled ones included), val: %d",
+            labeled_count,
+            stream,
+            len(data.val),
+        )
+    else:
+        logger.info("labeled images: %d, unlabeled stream: %d, val: %d", labeled_count, unlabeled_count, len(data.val))
 
     # --- Model, optimizer, schedule.
     set_seed(recipe.seed)

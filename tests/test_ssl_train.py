@@ -355,3 +355,18 @@ def test_the_demo_recipe_runs_the_whole_method():
     assert recipe.ssl.strong_hue == 0 and recipe.ssl.strong_grayscale_prob == 0
     assert recipe.ssl.pseudo_label_max_overlap == 0.5  # the duplicate filter measured in benchmarks/RESULTS.md
     assert recipe.data.generate_synthetic and recipe.data.labeled_percent < 100
+
+
+def test_the_log_counts_the_unlabeled_stream_the_run_reads(synthetic_root, tmp_path, teacher_dir, caplog):
+    """As the paper, the unlabeled stream is every training image (24 here), not only the unlabeled split."""
+    import re
+
+    caplog.set_level("INFO", logger="gd_hf.train")
+    run(synthetic_root, tmp_path / "all", teacher_dir, "train.max_steps=1", "data.labeled_percent=50")
+    assert "unlabeled stream: 24 (the labeled ones included)" in caplog.text
+    labeled = int(re.search(r"labeled images: (\d+), unlabeled stream", caplog.text).group(1))
+    assert 0 < labeled < 24
+    caplog.clear()
+    rest = ("data.labeled_percent=50", "ssl.unlabeled_includes_labeled=false")
+    run(synthetic_root, tmp_path / "rest", teacher_dir, "train.max_steps=1", *rest)
+    assert f"labeled images: {labeled}, unlabeled stream: {24 - labeled}, val" in caplog.text
