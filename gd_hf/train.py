@@ -413,16 +413,16 @@ def train(recipe: Recipe) -> dict[str, Any]:
         logger.info(
             "labeled images: %d (of %d), val: %d", labeled_count, labeled_count + unlabeled_count, len(data.val)
         )
-    elif recipe.ssl.unlabeled_includes_labeled:  # as the paper: the stream is every training image
-        stream = labeled_count + unlabeled_count
+    else:
+        # As the paper (ssl.unlabeled_includes_labeled), the unlabeled stream is every training image.
+        included = recipe.ssl.unlabeled_includes_labeled
         logger.info(
-            "labeled images: %d, unlabeled stream: %d (the labeled ones included), val: %d",
+            "labeled images: %d, unlabeled stream: %d%s, val: %d",
             labeled_count,
-            stream,
+            unlabeled_count + (labeled_count if included else 0),
+            " (the labeled ones included)" if included else "",
             len(data.val),
         )
-    else:
-        logger.info("labeled images: %d, unlabeled stream: %d, val: %d", labeled_count, unlabeled_count, len(data.val))
 
     # --- Model, optimizer, schedule.
     set_seed(recipe.seed)
