@@ -51,7 +51,9 @@ from gd_hf.data.loading import (
     collate_eval,
     collate_train,
     collate_unlabeled,
+    frame_size,
     labeled_sample,
+    pad_batch,
     repeat_factors,
     unlabeled_sample,
 )
@@ -66,7 +68,7 @@ from gd_hf.data.sources import (
 )
 from gd_hf.data.splits import Split, split_image_ids
 from gd_hf.data.synthetic import generate as generate_synthetic
-from gd_hf.data.transforms import StrongAugment, pad_to
+from gd_hf.data.transforms import StrongAugment
 from gd_hf.evaluation import coco_mask_ap, predict_coco_results, write_results
 from gd_hf.hub import export_model
 from gd_hf.model_card import RunSummary
@@ -239,9 +241,13 @@ def _rows(outputs: Any, rows: slice) -> SimpleNamespace:
     )
 
 
-def _same_size(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    height, width = max(a.shape[-2], b.shape[-2]), max(a.shape[-1], b.shape[-1])
-    return pad_to(a, height, width), pad_to(b, height, width)
+def one_frame(labeled: dict[str, Any], unlabeled: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A labeled and an unlabeled batch padded to one frame (the larger of the two, side by side), images and
+    targets alike, before the teacher sees the weak view: its pseudo labels then lie in the frame of the student's
+    input, as the labeled targets do (see `pad_batch`)."""
+    (lh, lw), (uh, uw) = frame_size(labeled), frame_size(unlabeled)
+    height, width = max(lh, uh), max(lw, uw)
+    return pad_batch(labeled, height, width), pad_batch(unlabeled, height, width)
 
 
 def train_step(
@@ -269,9 +275,11 @@ def train_step(
         totals[key] = totals.get(key, 0.0) + (value.detach() if torch.is_tensor(value) else value) / len(micro_batches)
 
     for index, batch in enumerate(micro_batches):
+        unlabeled = unlabeled_batches[index] if unlabeled_batches is not None else None
+        if unlabeled is not None:
+            batch, unlabeled = one_frame(batch, unlabeled)
         pixel_values = batch["pixel_values"].to(device)
         labeled_count = pixel_values.shape[0]
-        unlabeled = unlabeled_batches[index] if unlabeled_batches is not None else None
         pseudo = None
         if unlabeled is not None:
             with accelerator.autocast():
@@ -284,8 +292,7 @@ def train_step(
                 ssl.pseudo_label_mask_threshold,
                 ssl.pseudo_label_max_overlap,
             )
-            pixel_values, strong = _same_size(pixel_values, unlabeled["strong_pixel_values"].to(device))
-            pixel_values = torch.cat([pixel_values, strong])
+            pixel_values = torch.cat([pixel_values, unlabeled["strong_pixel_values"].to(device)])
         # Gradients are all-reduced once, on the last micro-batch.
         sync = contextlib.nullcontext() if index == len(micro_batches) - 1 else accelerator.no_sync(model)
         with sync:

@@ -400,6 +400,37 @@ def collate_train(samples: list[dict[str, Any]], divisibility: int) -> dict[str,
     }
 
 
+# The spatial entries of collated training batches: images (B, 3, H, W) and per-image masks (N_i, H, W).
+_FRAME_TENSORS = ("pixel_values", "weak_pixel_values", "strong_pixel_values")
+_FRAME_MASK_LISTS = ("mask_labels", "hidden_masks")
+
+
+def frame_size(batch: dict[str, Any]) -> tuple[int, int]:
+    """(H, W) of the padded frame a collated training batch (labeled or unlabeled) lives in."""
+    key = "pixel_values" if "pixel_values" in batch else "weak_pixel_values"
+    return tuple(batch[key].shape[-2:])
+
+
+def pad_batch(batch: dict[str, Any], height: int, width: int) -> dict[str, Any]:
+    """The batch in a larger padded frame: its images and every mask that belongs to them, padded alike.
+
+    Mask2Former's matcher and loss sample targets in coordinates normalised to each tensor's extent, so a target
+    is only under its prediction when the target covers exactly the frame of the `pixel_values` it belongs to.
+    Whatever meets in one forward pass (labeled images, strong views, the teacher's weak views and so its pseudo
+    labels) must therefore be padded to one frame, images and masks together: this does that for one batch.
+    """
+    if frame_size(batch) == (height, width):
+        return batch
+    padded = dict(batch)
+    for key in _FRAME_TENSORS:
+        if key in batch:
+            padded[key] = pad_to(batch[key], height, width)
+    for key in _FRAME_MASK_LISTS:
+        if key in batch:
+            padded[key] = [pad_to(m, height, width) for m in batch[key]]
+    return padded
+
+
 def collate_eval(samples: list[dict[str, Any]], divisibility: int) -> dict[str, Any]:
     """Pad a batch of evaluation images; keep each one's resized and original size for post-processing."""
     sizes = [tuple(s["image"].shape[-2:]) for s in samples]
