@@ -6,7 +6,8 @@ same labeled images, same number of steps:
   (c) guided       — guided burn-in: pseudo labels of the frozen (a) from the first step, then EMA
 
     python benchmarks/ssl_gain.py [--labeled-percent 5] [--train-images 2400] [--steps 1000] [--burn-in 500]
-                                  [--seeds 0 1] [--heldout-val 500] [--out outputs/ssl_gain] [key=value ...]
+                                  [--seeds 0 1] [--heldout-val 500] [--varied-sizes] [--out outputs/ssl_gain]
+                                  [key=value ...]
 
 The synthetic set (`--train-images` training images, 100 val) is generated once under OUT/data from
 `--data-seed`, whatever the run seeds: every seed trains on the same images and differs only in its labeled
@@ -14,7 +15,8 @@ split, initialisation and data order, so seeds run by separate invocations stay 
 images pick each run's `best/` export, and 100 images leave about ±1 AP between evaluations of one run; so
 every `final/` and `best/` export is also scored on a held-out set of `--heldout-val` images generated from
 another seed (`--heldout-seed`), used for neither training nor model selection. That is the comparison that
-counts; 0 turns it off.
+counts; 0 turns it off. `--varied-sizes` generates both sets with mixed image sizes and aspect ratios (the
+paper's data path, with e.g. `data.min_scale=0.3 data.max_scale=2.0`).
 
 Each run is a separate `python -m gd_hf.train` process (extra key=value overrides go to every run); finished
 runs (and held-out scores) are reused when the script is started again, so seeds can be added later or run
@@ -164,6 +166,7 @@ def main() -> None:
     parser.add_argument("--heldout-val", type=int, default=500, help="held-out val images (0: none)")
     parser.add_argument("--heldout-seed", type=int, default=7, help="generator seed of the held-out set")
     parser.add_argument("--top-k", type=int, default=50, help="instances per image when scoring held-out")
+    parser.add_argument("--varied-sizes", action="store_true", help="images of mixed sizes and aspect ratios")
     parser.add_argument("--out", default="outputs/ssl_gain")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which runs (default: all)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
@@ -174,18 +177,20 @@ def main() -> None:
 
     data = Path(args.out) / "data"
     if not data.exists():
-        generate(data, train=args.train_images, val=100, seed=args.data_seed)
+        generate(data, train=args.train_images, val=100, seed=args.data_seed, varied_sizes=args.varied_sizes)
     results = {name: {seed: run(name, seed, args) for seed in args.seeds} for name in args.runs}
     lines = [
         f"{args.train_images} training images, labeled {args.labeled_percent} %, {args.steps} steps, "
-        f"burn-in {args.burn_in}, seeds {args.seeds}, data seed {args.data_seed}",
+        f"burn-in {args.burn_in}, seeds {args.seeds}, data seed {args.data_seed}"
+        + (", images of mixed sizes and aspect ratios" if args.varied_sizes else "")
+        + (f", overrides {' '.join(args.overrides)}" if args.overrides else ""),
         "",
         *ap_table("On the 100 val images (these also pick `best/`):", results, ("AP", "best_AP"), args),
     ]
     if args.heldout_val:
         heldout = Path(args.out) / f"heldout_val{args.heldout_val}_seed{args.heldout_seed}"
         if not heldout.exists():
-            generate(heldout, train=0, val=args.heldout_val, seed=args.heldout_seed)
+            generate(heldout, train=0, val=args.heldout_val, seed=args.heldout_seed, varied_sizes=args.varied_sizes)
         for name in args.runs:
             for seed in args.seeds:
                 scores = heldout_scores(name, seed, args, heldout)

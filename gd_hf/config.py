@@ -133,7 +133,10 @@ class DataConfig:
     synthetic_val_images: int = 100
     """Synthetic set only: number of validation images."""
     synthetic_image_size: int = 256
-    """Synthetic set only: side of the square images."""
+    """Synthetic set only: side of the square images (the mean longer side with `synthetic_varied_sizes`)."""
+    synthetic_varied_sizes: bool = False
+    """Synthetic set only: images of mixed sizes and aspect ratios (4:3, 3:4, 1:1, 16:9, 9:16), as COCO's,
+    instead of squares; with `min_scale` < 1 that is the paper's data path (crops and batches of many sizes)."""
     crop_size: int = 256
     """Training crop (square) after scale jitter; the reference uses 1024 on COCO."""
     min_scale: float = 0.1

@@ -116,7 +116,12 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
             if accelerator.is_main_process and not root.exists():
                 logger.info("generating the synthetic data set in %s", root)
                 generate_synthetic(
-                    root, d.synthetic_train_images, d.synthetic_val_images, d.synthetic_image_size, recipe.seed
+                    root,
+                    d.synthetic_train_images,
+                    d.synthetic_val_images,
+                    d.synthetic_image_size,
+                    recipe.seed,
+                    d.synthetic_varied_sizes,
                 )
     opened = open_source(d)
     ids, object_counts = image_ids_and_object_counts(opened.train)
