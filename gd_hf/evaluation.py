@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,35 @@ class InstancePrediction:
     masks: torch.Tensor  # (K, H, W) bool
 
 
+def resample_to_original(
+    mask_logits: torch.Tensor, image_size: tuple[int, int], original_size: tuple[int, int], padded_size: tuple[int, int]
+) -> torch.Tensor:
+    """Mask logits (K, h, w) over a padded input -> (K, H, W) at the image's original size, in one bilinear pass.
+
+    The logits span the padded frame (`padded_size`); the image is its top-left `image_size`. Each original
+    pixel centre is sampled at its position in that frame: the geometry of upsampling to the padded frame,
+    cropping and resizing, without the padded-size intermediate (for a COCO image 100 x 800 x 1344 values, ~3.5x
+    the result, and two passes).
+    """
+    (height, width), (out_h, out_w), (pad_h, pad_w) = image_size, original_size, padded_size
+    logits_h, logits_w = mask_logits.shape[-2:]
+    # The image covers height * logits_h / pad_h logit rows (often a fraction). Keep one row/column past it so
+    # that edge pixels interpolate with the real next logit (clamped only at the frame's end, as a full resize).
+    rows = min(logits_h, math.ceil(height * logits_h / pad_h) + 1)
+    cols = min(logits_w, math.ceil(width * logits_w / pad_w) + 1)
+    # With an explicit scale (not recomputed from the sizes), output pixel y samples input row
+    # (y + 0.5) / scale - 0.5: the original pixel's centre in logit units. The output may have a few rows more.
+    scale = (out_h * pad_h / (height * logits_h), out_w * pad_w / (width * logits_w))
+    sampled = F.interpolate(
+        mask_logits[None, :, :rows, :cols].float(),
+        scale_factor=scale,
+        mode="bilinear",
+        align_corners=False,
+        recompute_scale_factor=False,
+    )
+    return sampled[0, :, :out_h, :out_w]
+
+
 def post_process_instances(
     class_logits: torch.Tensor,
     mask_logits: torch.Tensor,
@@ -40,30 +70,30 @@ def post_process_instances(
     padded_size: tuple[int, int],
     top_k: int = 100,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Mask2Former outputs -> per image (scores, labels, bool masks at original size), as the reference does.
+    """Mask2Former outputs -> per image (scores, labels, bool masks at original size) on the CPU, as the reference.
 
     Top-k over the flattened query x class probabilities (no threshold); score = class probability x mean
     mask probability inside the binary mask. class_logits: (B, Q, C+1); mask_logits: (B, Q, h, w) for an
     input padded to `padded_size`, of which the top-left `image_sizes[i]` is the resized image.
+    The work runs where the logits are (the accelerator during training): each kept query is resampled once,
+    straight to the original size, and thresholded there; only the binary masks and the scores leave the device.
     """
     results = []
     num_classes = class_logits.shape[-1] - 1
+    probs = class_logits.float().softmax(-1)[..., :-1]  # (B, Q, C): "no object" dropped
+    k = min(top_k, probs.shape[1] * num_classes)
+    top_scores, flat = probs.flatten(1).topk(k)  # (B, k)
     for i in range(class_logits.shape[0]):
-        probs = class_logits[i].float().softmax(-1)[:, :-1]  # drop "no object"
-        k = min(top_k, probs.numel())
-        scores, flat = probs.flatten().topk(k)
-        labels, queries = flat % num_classes, flat // num_classes
-        masks = F.interpolate(
-            mask_logits[i, queries][None].float(), size=padded_size, mode="bilinear", align_corners=False
-        )
-        height, width = image_sizes[i]
-        masks = F.interpolate(
-            masks[:, :, :height, :width], size=original_sizes[i], mode="bilinear", align_corners=False
-        )[0]
-        probabilities = masks.sigmoid()
-        binary = probabilities > 0.5
-        mask_scores = (probabilities * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-        results.append((scores * mask_scores, labels, binary))
+        labels, queries = flat[i] % num_classes, flat[i] // num_classes
+        # A query may be kept with several classes: resample each query once.
+        unique_queries, which = queries.unique(return_inverse=True)
+        logits = resample_to_original(mask_logits[i, unique_queries], image_sizes[i], original_sizes[i], padded_size)
+        binary = logits > 0  # probability > 0.5
+        inside = binary.view(torch.uint8).flatten(1).sum(1, dtype=torch.int32)  # (bool sums are slow on CPU)
+        probabilities = logits.sigmoid_()  # in place: no second mask-sized buffer
+        mean_inside = torch.where(binary, probabilities, 0).flatten(1).sum(1) / (inside + 1e-6)
+        scores = top_scores[i] * mean_inside[which]
+        results.append((scores.cpu(), labels.cpu(), binary[which].cpu()))
     return results
 
 
@@ -73,7 +103,9 @@ def to_coco_results(
     """One image's instances as COCO results (compressed RLE, COCO category ids)."""
     if len(scores) == 0:
         return []
-    rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+    # pycocotools wants (H, W, K) in Fortran order, which is (K, W, H) in C order: one transposing copy.
+    fortran = masks.transpose(1, 2).contiguous().numpy().view(np.uint8).T
+    rles = mask_utils.encode(fortran)
     return [
         {
             "image_id": int(image_id),
@@ -125,8 +157,8 @@ def predict_coco_results(
             pixel_values = batch["pixel_values"].to(device)
             outputs = model(pixel_values=pixel_values)
             processed = post_process_instances(
-                outputs.class_queries_logits.cpu(),
-                outputs.masks_queries_logits.cpu(),
+                outputs.class_queries_logits,
+                outputs.masks_queries_logits,
                 batch["image_sizes"],
                 batch["original_sizes"],
                 tuple(pixel_values.shape[-2:]),

@@ -121,8 +121,8 @@ def predict(
         pixel_values = torch.stack([pad_to(normalize(p), height, width) for *_, p in batch]).to(device)
         outputs = model(pixel_values=pixel_values)
         processed = post_process_instances(
-            outputs.class_queries_logits.cpu(),
-            outputs.masks_queries_logits.cpu(),
+            outputs.class_queries_logits,
+            outputs.masks_queries_logits,
             sizes,
             [(image.height, image.width) for _, _, image, _ in batch],
             (height, width),

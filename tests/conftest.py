@@ -24,6 +24,17 @@ def synthetic_root(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("data") / "synthetic", train=24, val=8, size=64, seed=1)
 
 
+@pytest.fixture(scope="session")
+def varied_root(tmp_path_factory) -> Path:
+    """24 train + 8 val images of mixed sizes and aspect ratios (longer side 48-80 px): the paper's data path."""
+    return generate(tmp_path_factory.mktemp("data") / "varied", train=24, val=8, size=64, seed=2, varied_sizes=True)
+
+
+# With `varied_root`: large-scale jitter as the paper recipes (0.1-2.0), so crops are smaller than crop_size,
+# non-square, and labeled and unlabeled batches pad to different sizes.
+PAPER_JITTER = ["data.min_scale=0.3", "data.max_scale=2.0"]
+
+
 def tiny_overrides(root: Path, output_dir: Path) -> list[str]:
     """Recipe overrides for a ~1 M parameter Swin Mask2Former on the 64 px synthetic set."""
     return [

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -102,3 +103,49 @@ def test_post_processing_takes_topk_over_query_class_pairs_and_rescales():
     results = to_coco_results(5, scores, labels, masks, category_ids=[10, 20])
     assert results[0]["category_id"] == 20 and results[0]["image_id"] == 5
     json.dumps(results)
+
+
+def two_pass_post_process(class_logits, mask_logits, image_size, original_size, padded_size, top_k):
+    """The textbook geometry, written independently: logits upsampled to the whole padded input, the image
+    cropped out, resized to the original size, thresholded; score x mean mask probability inside."""
+    probs = class_logits.softmax(-1)[:, :-1]
+    scores, flat = probs.flatten().topk(top_k)
+    labels, queries = flat % probs.shape[1], flat // probs.shape[1]
+    full = F.interpolate(mask_logits[queries][None], size=padded_size, mode="bilinear", align_corners=False)
+    cropped = full[:, :, : image_size[0], : image_size[1]]
+    masks = F.interpolate(cropped, size=original_size, mode="bilinear", align_corners=False)[0].sigmoid()
+    binary = masks > 0.5
+    return scores * (masks * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6), labels, binary
+
+
+@pytest.mark.parametrize(
+    ("image_size", "original_size", "padded_size"),
+    [((256, 341), (480, 640), (256, 352)), ((341, 256), (640, 480), (352, 256)), ((200, 200), (100, 100), (224, 256))],
+    ids=["landscape_up", "portrait_up", "square_down_padded_both_ways"],
+)
+def test_one_pass_post_processing_matches_the_two_pass_geometry(image_size, original_size, padded_size):
+    generator = torch.Generator().manual_seed(0)
+    h, w = padded_size[0] // 4, padded_size[1] // 4
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    centres = torch.rand(12, 2, generator=generator) * torch.tensor([h, w])
+    # Blobs of several sizes, some near the image's bottom/right edge and in the padding.
+    mask_logits = 6 - ((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2).sqrt() / 2
+    class_logits = torch.randn(12, 4, generator=generator) * 3
+    ((scores, labels, masks),) = post_process_instances(
+        class_logits[None], mask_logits[None], [image_size], [original_size], padded_size, top_k=10
+    )
+    ref_scores, ref_labels, ref_masks = two_pass_post_process(
+        class_logits, mask_logits, image_size, original_size, padded_size, 10
+    )
+    assert masks.shape == (10, *original_size) and masks.dtype == torch.bool
+    assert torch.equal(labels, ref_labels)
+    assert ref_masks.any() and (masks ^ ref_masks).sum() <= 1e-3 * (masks | ref_masks).sum()
+    torch.testing.assert_close(scores, ref_scores, atol=2e-3, rtol=0)
+
+
+def test_rle_encoding_round_trips_the_masks():
+    masks = torch.rand(3, 17, 23, generator=torch.Generator().manual_seed(1)) > 0.6
+    results = to_coco_results(1, torch.ones(3), torch.zeros(3, dtype=torch.long), masks, category_ids=[7])
+    for result, mask in zip(results, masks):
+        rle = {"size": result["segmentation"]["size"], "counts": result["segmentation"]["counts"].encode()}
+        assert np.array_equal(mask_utils.decode(rle), mask.numpy().astype(np.uint8))

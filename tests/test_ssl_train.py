@@ -13,7 +13,7 @@ from gd_hf.config import RecipeError, load_recipe
 from gd_hf.data.loading import repeat_factors
 from gd_hf.train import train
 
-from .conftest import ONE_LAUNCH_SSL, ROOT, tiny_overrides
+from .conftest import ONE_LAUNCH_SSL, PAPER_JITTER, ROOT, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -370,3 +370,43 @@ def test_the_log_counts_the_unlabeled_stream_the_run_reads(synthetic_root, tmp_p
     rest = ("data.labeled_percent=50", "ssl.unlabeled_includes_labeled=false")
     run(synthetic_root, tmp_path / "rest", teacher_dir, "train.max_steps=1", *rest)
     assert f"labeled images: {labeled}, unlabeled stream: {24 - labeled}, val" in caplog.text
+
+
+def test_the_paper_data_path_trains_every_phase_with_targets_in_the_frame_of_their_inputs(
+    varied_root, tmp_path, monkeypatch
+):
+    """Mixed image sizes and aspect ratios, jitter 0.3-2.0: crops smaller than crop_size and non-square, labeled
+    and unlabeled batches of different padded sizes. Every target that reaches the loss covers the frame of the
+    predictions it is scored against (Mask2Former samples both in normalised coordinates)."""
+    frames, losses = [], []
+    real_one_frame, real_loss_terms = train_module.one_frame, train_module.loss_terms
+
+    def frame_spy(labeled, unlabeled):
+        frames.append((tuple(labeled["pixel_values"].shape[-2:]), tuple(unlabeled["weak_pixel_values"].shape[-2:])))
+        return real_one_frame(labeled, unlabeled)
+
+    def loss_spy(model, outputs, mask_labels, class_labels):
+        logits_frame = tuple(outputs.masks_queries_logits.shape[-2:])
+        losses.append((logits_frame, [tuple(m.shape[-2:]) for m in mask_labels], [len(c) for c in class_labels]))
+        return real_loss_terms(model, outputs, mask_labels, class_labels)
+
+    monkeypatch.setattr(train_module, "one_frame", frame_spy)
+    monkeypatch.setattr(train_module, "loss_terms", loss_spy)
+    out = tmp_path / "run"
+    overrides = tiny_overrides(varied_root, out) + ONE_LAUNCH_SSL + PAPER_JITTER
+    overrides += ["ssl.teacher_max_steps=3", "train.max_steps=6", "ssl.burn_in_steps=3", "data.labeled_percent=50"]
+    overrides += ["ssl.pseudo_label_score_threshold=0.2", "ssl.pseudo_label_min_area=1"]  # an unsure 3-step teacher
+    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+
+    assert len(frames) == 6  # every student step met an unlabeled batch (burn-in and EMA)
+    assert any(labeled != unlabeled for labeled, unlabeled in frames)  # the two batches padded differently
+    sides = {side for pair in frames for frame in pair for side in frame}
+    assert 32 in sides and any(h != w for pair in frames for h, w in pair)  # small and non-square crops
+    assert len(losses) == 3 + 2 * 6  # teacher steps, then a labeled and an unlabeled loss per student step
+    for logits_frame, mask_frames, _ in losses:
+        for mask_frame in mask_frames:
+            # Full-resolution labeled masks (x4) or pseudo labels at the teacher's mask resolution (x1).
+            scale = (mask_frame[0] / logits_frame[0], mask_frame[1] / logits_frame[1])
+            assert scale in ((4.0, 4.0), (1.0, 1.0)), (mask_frame, logits_frame)
+    assert sum(sum(counts) for _, _, counts in losses[4::2]) > 0  # pseudo labels were handed out
+    assert (out / "final" / "model.safetensors").is_file()
