@@ -21,6 +21,7 @@ from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 from gd_hf.config import DataConfig
 from gd_hf.data.coco import CocoSource, DataError, load_coco, to_hf_dataset
 from gd_hf.data.loading import EvalDataset, collate_eval
+from gd_hf.data.sources import Categories, coco_ground_truth
 from gd_hf.evaluation import coco_mask_ap, predict_coco_results, write_results
 from gd_hf.modeling import size_divisibility
 
@@ -47,6 +48,8 @@ def evaluate_model(
     device: str | torch.device = "cpu",
 ) -> tuple[dict[str, float], list[dict]]:
     """Mask AP and COCO results of `model` on every image of `source`."""
+    # The ground truth is built from the cleaned records first, as in training: a problem shows before inference.
+    ground_truth = coco_ground_truth(to_hf_dataset(source), Categories(source.category_ids, source.category_names))
     dataset = EvalDataset(to_hf_dataset(source, with_labels=False), data)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -56,7 +59,7 @@ def evaluate_model(
     )
     model.to(device)
     results = predict_coco_results(model, loader, category_ids_for_model(model, source), top_k, device)
-    return coco_mask_ap(source.annotation_file, results), results
+    return coco_mask_ap(ground_truth, results), results
 
 
 def evaluate_export(

@@ -93,7 +93,7 @@ class RunData:
     labeled: Records  # gd_hf records of the labeled images (map-style, or a stream with data.streaming)
     unlabeled: Records  # of the unlabeled split (all train images by default, as the paper)
     val: datasets.Dataset
-    val_ground_truth: COCO | Path
+    val_ground_truth: COCO
     categories: Categories
     split: Split
 

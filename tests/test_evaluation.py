@@ -149,3 +149,36 @@ def test_rle_encoding_round_trips_the_masks():
     for result, mask in zip(results, masks):
         rle = {"size": result["segmentation"]["size"], "counts": result["segmentation"]["counts"].encode()}
         assert np.array_equal(mask_utils.decode(rle), mask.numpy().astype(np.uint8))
+
+
+def test_val_ground_truth_comes_from_the_cleaned_records_so_labeling_tool_json_evaluates(synthetic_root, tmp_path):
+    """Exports of labeling tools: no `iscrowd`, box-only `segmentation: []`, annotation ids from 0. The raw JSON
+    crashes pycocotools (KeyError / IndexError) or loses id 0; the run's ground truth is built at start from what
+    training reads, and scores a perfect prediction 100."""
+    from gd_hf.config import DataConfig
+    from gd_hf.data.sources import open_source
+
+    coco = json.loads((synthetic_root / "annotations" / "instances_val.json").read_text())
+    for new_id, annotation in enumerate(coco["annotations"]):
+        annotation["id"] = new_id
+        del annotation["iscrowd"]
+    box_only = dict(coco["annotations"][0], id=len(coco["annotations"]), segmentation=[])
+    coco["annotations"].append(box_only)
+    messy = tmp_path / "instances_val.json"
+    messy.write_text(json.dumps(coco))
+    data = DataConfig(
+        train_images=str(synthetic_root / "train"),
+        train_annotations=str(synthetic_root / "annotations" / "instances_train.json"),
+        val_images=str(synthetic_root / "val"),
+        val_annotations=str(messy),
+    )
+    ground_truth = open_source(data).val_ground_truth
+    assert isinstance(ground_truth, COCO)
+    assert len(ground_truth.dataset["annotations"]) == len(coco["annotations"]) - 1  # the box-only one is skipped
+    perfect = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "segmentation": a["segmentation"], "score": 1.0}
+        for a in coco["annotations"][:-1]
+    ]
+    assert coco_mask_ap(ground_truth, perfect)["AP"] == pytest.approx(100.0)
+    with pytest.raises((KeyError, IndexError)):  # what the raw JSON did at the first evaluation
+        coco_mask_ap(messy, perfect)

@@ -66,7 +66,7 @@ class TrainVal:
     train: Records
     val: datasets.Dataset
     categories: Categories
-    val_ground_truth: COCO | Path
+    val_ground_truth: COCO
     description: str
 
 
@@ -107,11 +107,15 @@ def open_coco(d: DataConfig) -> TrainVal:
             f"{list(zip(train.category_ids, train.category_names))} vs {list(zip(val.category_ids, val.category_names))}"
         )
     records = to_hf_dataset(train)
+    categories = Categories(train.category_ids, train.category_names)
     return TrainVal(
         train=records,
         val=to_hf_dataset(val, with_labels=False),
-        categories=Categories(train.category_ids, train.category_names),
-        val_ground_truth=Path(d.val_annotations),
+        categories=categories,
+        # From the cleaned records, not the raw JSON: what training accepts (a missing `iscrowd`, a box-only
+        # `segmentation: []`, annotation id 0) evaluation accepts too, and any problem shows now, before step 1,
+        # not at the first evaluation hours into a run.
+        val_ground_truth=coco_ground_truth(to_hf_dataset(val), categories),
         description=str(d.train_annotations),
     )
 
