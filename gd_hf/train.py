@@ -123,7 +123,9 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
                     recipe.seed,
                     d.synthetic_varied_sizes,
                 )
-    opened = open_source(d)
+    # The main process parses and caches the records first (data.records_cache); the others read its cache.
+    with accelerator.main_process_first():
+        opened = open_source(d)
     ids, object_counts = image_ids_and_object_counts(opened.train)
     split = split_image_ids(ids, object_counts, d.labeled_percent, d.split_seed, d.split_file, opened.description)
     row_ids = ids if isinstance(opened.train, datasets.Dataset) else None
@@ -380,8 +382,9 @@ def build_teacher(recipe: Recipe, student: torch.nn.Module, id2label: dict[int, 
     return EmaTeacher(model)
 
 
-def train_teacher_first(recipe: Recipe) -> Recipe:
-    """Phase 1 in the same launch: train the supervised teacher into output_dir/teacher, return the SSL recipe."""
+def train_teacher_first(recipe: Recipe, data: RunData) -> Recipe:
+    """Phase 1 in the same launch: train the supervised teacher into output_dir/teacher, return the SSL recipe.
+    The teacher trains on the launch's `data` (prepared once: at COCO size a parse costs minutes)."""
     teacher_recipe = dataclasses.replace(
         recipe,
         output_dir=str(Path(recipe.output_dir) / "teacher"),
@@ -391,7 +394,7 @@ def train_teacher_first(recipe: Recipe) -> Recipe:
         train=dataclasses.replace(recipe.train, max_steps=recipe.ssl.teacher_max_steps or recipe.train.max_steps),
     )
     try:
-        train(teacher_recipe)
+        train(teacher_recipe, data)
     except PushError as e:  # the teacher is trained and saved; only its upload failed: distillation goes on
         logger.error("%s", e)
     best = Path(teacher_recipe.output_dir) / "best"
@@ -405,8 +408,9 @@ def train_teacher_first(recipe: Recipe) -> Recipe:
     )
 
 
-def train(recipe: Recipe) -> dict[str, Any]:
-    """Run a recipe to its end (resuming if there is a checkpoint); return the final val metrics."""
+def train(recipe: Recipe, data: RunData | None = None) -> dict[str, Any]:
+    """Run a recipe to its end (resuming if there is a checkpoint); return the final val metrics. `data`: the
+    launch's data, already prepared for this recipe's `data` settings (phase 1 of a one-launch run)."""
     accelerator = build_accelerator(recipe)
     logging.basicConfig(
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
@@ -416,9 +420,10 @@ def train(recipe: Recipe) -> dict[str, Any]:
     output_dir = Path(recipe.output_dir)
 
     # --- Data: every check happens before anything is written to output_dir.
-    data = prepare_data(recipe, accelerator)
+    if data is None:
+        data = prepare_data(recipe, accelerator)
     if recipe.ssl.enabled and recipe.ssl.train_teacher_first:
-        recipe = train_teacher_first(recipe)
+        recipe = train_teacher_first(recipe, data)
     resume_from = find_resume_checkpoint(recipe)
     labeled_count, unlabeled_count = len(data.split.labeled), len(data.split.unlabeled)
     if not recipe.ssl.enabled:

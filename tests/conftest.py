@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# data.records_cache: auto writes under the datasets cache; tests keep theirs out of the user's home.
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="gd_hf_tests_datasets_"))
 
 from gd_hf.config import Recipe, load_recipe  # noqa: E402
 from gd_hf.data.synthetic import generate  # noqa: E402

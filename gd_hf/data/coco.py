@@ -166,8 +166,19 @@ FEATURES = datasets.Features(
 )
 
 
-def to_hf_dataset(source: CocoSource, image_ids: list[int] | None = None, with_labels: bool = True) -> datasets.Dataset:
-    """The images `image_ids` (default: all) as a `datasets.Dataset`; `with_labels=False` drops the objects."""
+# FEATURES with the image as its path only: `save_to_disk` copies the files of an `Image` column into the
+# folder (all of COCO's images for a cache); a string column keeps the path, cast back to `Image` when read.
+PATH_FEATURES = datasets.Features({**FEATURES, "image": datasets.Value("string")})
+
+
+def to_hf_dataset(
+    source: CocoSource,
+    image_ids: list[int] | None = None,
+    with_labels: bool = True,
+    features: datasets.Features = FEATURES,
+) -> datasets.Dataset:
+    """The images `image_ids` (default: all) as a `datasets.Dataset`; `with_labels=False` drops the objects.
+    `features`: FEATURES, or PATH_FEATURES (image paths as plain strings, e.g. for a cache on disk)."""
     ids = sorted(source.images) if image_ids is None else list(image_ids)
     rows: dict[str, list] = {"image": [], "image_id": [], "width": [], "height": [], "objects": []}
     for image_id in ids:
@@ -184,7 +195,7 @@ def to_hf_dataset(source: CocoSource, image_ids: list[int] | None = None, with_l
                 "iscrowd": [a["iscrowd"] for a in anns],
             }
         )
-    return datasets.Dataset.from_dict(rows, features=FEATURES)
+    return datasets.Dataset.from_dict(rows, features=features)
 
 
 def decode_masks(rle_counts: list[str], height: int, width: int) -> np.ndarray:

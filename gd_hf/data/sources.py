@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,7 @@ from pycocotools.coco import COCO
 from tqdm.auto import tqdm
 
 from gd_hf.config import DataConfig
-from gd_hf.data.coco import FEATURES, DataError, _rle_from_segmentation, load_coco, to_hf_dataset
+from gd_hf.data.coco import FEATURES, PATH_FEATURES, DataError, _rle_from_segmentation, load_coco, to_hf_dataset
 from gd_hf.data.convert import SHARDS_INFO_FILE
 
 logger = logging.getLogger(__name__)
@@ -98,24 +101,94 @@ def check_record(example: dict[str, Any]) -> dict[str, Any]:
 # --- coco ---------------------------------------------------------------------------------------------------
 
 
+RECORDS_CACHE_VERSION = 1  # bump when the records' schema or the parsing rules change
+RECORDS_INFO_FILE = "gd_hf_records.json"
+
+
+def records_cache_root(setting: str | None) -> Path | None:
+    """The folder of `data.records_cache` (`auto`: under the `datasets` cache), or None for no cache."""
+    if setting is None:
+        return None
+    return Path(datasets.config.HF_DATASETS_CACHE) / "gd_hf_records" if setting == "auto" else Path(setting)
+
+
+def coco_records(annotation_file: str | Path, image_dir: str | Path, cache_root: Path | None) -> tuple[
+    datasets.Dataset, Categories
+]:  # fmt: skip
+    """The gd_hf records of a COCO folder, and its categories: parsed and validated once (`load_coco`), then
+    read from a memory-mapped `datasets` folder under `cache_root` (see `DataConfig.records_cache`).
+
+    The cache key is the JSON's resolved path, size and modification time and the image folder: an edited JSON
+    is parsed again. The folder is written under a temporary name and renamed into place, so a process that
+    reads it sees all of it or none; in a multi-process launch the main process builds it first (`prepare_data`).
+    """
+    annotation_file, image_dir = Path(annotation_file), Path(image_dir)
+    folder = None
+    if cache_root is not None and annotation_file.is_file():
+        stat = annotation_file.stat()
+        key = json.dumps(
+            [RECORDS_CACHE_VERSION, str(annotation_file.resolve()), stat.st_size, stat.st_mtime_ns,
+             str(image_dir.resolve())]
+        )  # fmt: skip
+        folder = cache_root / f"{annotation_file.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+        if (folder / RECORDS_INFO_FILE).is_file():
+            info = json.loads((folder / RECORDS_INFO_FILE).read_text())
+            logger.info("%s: records read from the cache %s", annotation_file, folder)
+            if info["skipped_annotations"]:  # said again at every launch, as on the first
+                logger.warning(
+                    "%s: skipped %d annotations without usable segmentation: %s",
+                    annotation_file,
+                    info["skipped_annotations"],
+                    info["skip_reasons"],
+                )
+            return _read_cached_records(folder), Categories(info["category_ids"], info["category_names"])
+    source = load_coco(annotation_file, image_dir)
+    categories = Categories(source.category_ids, source.category_names)
+    if folder is None:
+        return to_hf_dataset(source), categories
+    records = to_hf_dataset(source, features=PATH_FEATURES)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    records.save_to_disk(str(tmp))
+    info = {
+        "annotation_file": str(annotation_file),
+        "category_ids": categories.ids,
+        "category_names": categories.names,
+        "skipped_annotations": source.skipped_annotations,
+        "skip_reasons": source.skip_reasons,
+    }
+    (tmp / RECORDS_INFO_FILE).write_text(json.dumps(info, indent=1))
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another launch wrote the same cache meanwhile: theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("%s: records cached in %s", annotation_file, folder)
+    del records, source  # the parsed JSON: read the memory-mapped copy from here on
+    return _read_cached_records(folder), categories
+
+
+def _read_cached_records(folder: Path) -> datasets.Dataset:
+    """A cache folder as gd_hf records: memory-mapped, the image paths cast back to `Image`."""
+    return datasets.load_from_disk(str(folder)).cast_column("image", datasets.Image())
+
+
 def open_coco(d: DataConfig) -> TrainVal:
-    train = load_coco(d.train_annotations, d.train_images)
-    val = load_coco(d.val_annotations, d.val_images)
-    if train.category_ids != val.category_ids or train.category_names != val.category_names:
+    cache_root = records_cache_root(d.records_cache)
+    train, categories = coco_records(d.train_annotations, d.train_images, cache_root)
+    val, val_categories = coco_records(d.val_annotations, d.val_images, cache_root)
+    if categories != val_categories:
         raise DataError(
             f"{d.train_annotations} and {d.val_annotations} list different categories: "
-            f"{list(zip(train.category_ids, train.category_names))} vs {list(zip(val.category_ids, val.category_names))}"
+            f"{list(zip(categories.ids, categories.names))} vs {list(zip(val_categories.ids, val_categories.names))}"
         )
-    records = to_hf_dataset(train)
-    categories = Categories(train.category_ids, train.category_names)
     return TrainVal(
-        train=records,
-        val=to_hf_dataset(val, with_labels=False),
+        train=train,
+        val=val,
         categories=categories,
         # From the cleaned records, not the raw JSON: what training accepts (a missing `iscrowd`, a box-only
         # `segmentation: []`, annotation id 0) evaluation accepts too, and any problem shows now, before step 1,
         # not at the first evaluation hours into a run.
-        val_ground_truth=coco_ground_truth(to_hf_dataset(val), categories),
+        val_ground_truth=coco_ground_truth(val, categories),
         description=str(d.train_annotations),
     )
 
@@ -332,7 +405,8 @@ def image_ids_and_object_counts(records: Records) -> tuple[list[int], list[int]]
     columns = records.select_columns(["image_id", "objects"])
     if isinstance(columns, datasets.Dataset):
         ids = columns["image_id"]
-        crowd = [o["iscrowd"] for o in columns["objects"]]
+        # The crowd flags only: the RLE strings of every object (GBs at COCO size) are never built in Python.
+        crowd = columns.select_columns(["objects"]).flatten()["objects.iscrowd"]
         return list(ids), [sum(1 for c in flags if not c) for flags in crowd]
     ids, counts = [], []
     for row in tqdm(columns, desc="reading image ids", unit="rec", leave=False):
