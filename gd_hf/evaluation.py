@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,15 +148,31 @@ def predict_coco_results(
     top_k: int,
     device: torch.device | str = "cpu",
     show_progress: bool = True,
+    timings: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the model over an evaluation loader (`collate_eval` batches) and return COCO results."""
+    """Run the model over an evaluation loader (`collate_eval` batches) and return COCO results.
+
+    `timings`, if given, receives the seconds spent in `forward`, `postprocess` and `encode` (RLE + results),
+    added to what it holds, and the number of `images`."""
     was_training = model.training
     model.eval()
     results: list[dict[str, Any]] = []
+    timings = {} if timings is None else timings
+    on_cuda = torch.device(device).type == "cuda"
+
+    def lap(key: str, since: float) -> float:
+        if on_cuda:
+            torch.cuda.synchronize(device)  # kernels run asynchronously: charge them to the stage that ran them
+        now = time.perf_counter()
+        timings[key] = timings.get(key, 0.0) + now - since
+        return now
+
     try:
         for batch in tqdm(dataloader, desc="evaluate", disable=not show_progress, leave=False):
+            start = time.perf_counter()
             pixel_values = batch["pixel_values"].to(device)
             outputs = model(pixel_values=pixel_values)
+            start = lap("forward", start)
             processed = post_process_instances(
                 outputs.class_queries_logits,
                 outputs.masks_queries_logits,
@@ -164,8 +181,11 @@ def predict_coco_results(
                 tuple(pixel_values.shape[-2:]),
                 top_k,
             )
+            start = lap("postprocess", start)
             for image_id, (scores, labels, masks) in zip(batch["image_ids"], processed):
                 results += to_coco_results(image_id, scores, labels, masks, category_ids)
+            lap("encode", start)
+            timings["images"] = timings.get("images", 0) + len(batch["image_ids"])
     finally:
         model.train(was_training)
     return results

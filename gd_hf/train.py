@@ -24,6 +24,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import psutil
 import torch
 import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
@@ -205,8 +206,9 @@ def check_distributed_type(distributed_type: DistributedType) -> None:
 
 def evaluate_on_val(
     model: torch.nn.Module, data: RunData, recipe: Recipe, accelerator: Accelerator, divisibility: int
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Mask AP of `model` on the val split; each process predicts its share, the results are gathered."""
+) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, float]]:
+    """Mask AP of `model` on the val split; each process predicts its share, the results are gathered. Also
+    returns the seconds per image of forward / post-processing / encoding and those of COCOeval."""
     val = (
         data.val
         if recipe.eval.max_images is None
@@ -223,13 +225,25 @@ def evaluate_on_val(
         num_workers=min(recipe.data.num_workers, 2),
         collate_fn=partial(collate_eval, divisibility=divisibility),
     )
+    timings: dict[str, float] = {}
     results = predict_coco_results(
-        model, loader, data.categories.ids, recipe.eval.top_k, accelerator.device, accelerator.is_local_main_process
+        model,
+        loader,
+        data.categories.ids,
+        recipe.eval.top_k,
+        accelerator.device,
+        accelerator.is_local_main_process,
+        timings,
     )
     if accelerator.num_processes > 1:
         results = gather_object(results)
+    start = time.perf_counter()
     metrics = coco_mask_ap(data.val_ground_truth, results, image_ids=image_ids)
-    return metrics, results
+    # Where an evaluation's time goes (this process's share of the images; COCOeval runs on every process).
+    images = max(1, timings.pop("images", 0))
+    costs = {f"{stage}_s_per_image": seconds / images for stage, seconds in timings.items()}
+    costs["cocoeval_s"] = time.perf_counter() - start
+    return metrics, results, costs
 
 
 def training_phase(step: int, ssl: SslConfig) -> str:
@@ -688,16 +702,19 @@ def train(recipe: Recipe, data: RunData | None = None) -> dict[str, Any]:
                 step=step,
                 lr=scheduler.get_last_lr()[-1],
                 seconds_per_step=(time.perf_counter() - window_start) / steps_in_window,
+                seconds_since_launch=time.time() - PROCESS_START,
+                peak_rss_gb=peak_rss_gb(accelerator),
             )
             _log(accelerator, metrics_log, record)
             window, window_start, steps_in_window = {}, time.perf_counter(), 0
 
         is_last = step == cfg.max_steps
         if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
-            metrics, results = evaluate_on_val(evaluated, data, recipe, accelerator, divisibility)
+            metrics, results, costs = evaluate_on_val(evaluated, data, recipe, accelerator, divisibility)
             logged = {f"val/{k}": v for k, v in metrics.items()}
+            logged.update({f"eval/{k}": v for k, v in costs.items()})
             if teacher is not None and recipe.ssl.evaluate == "both":
-                teacher_metrics, _ = evaluate_on_val(teacher.model, data, recipe, accelerator, divisibility)
+                teacher_metrics, *_ = evaluate_on_val(teacher.model, data, recipe, accelerator, divisibility)
                 logged.update({f"val_teacher/{k}": v for k, v in teacher_metrics.items()})
             if accelerator.is_main_process:
                 write_results(output_dir / "predictions" / f"val_step_{step:08d}.json", results)
@@ -731,7 +748,7 @@ def train(recipe: Recipe, data: RunData | None = None) -> dict[str, Any]:
 
     # --- Final export (also when the run was already complete and only resumed to this point).
     if not metrics:
-        metrics, _ = evaluate_on_val(evaluated, data, recipe, accelerator, divisibility)
+        metrics, *_ = evaluate_on_val(evaluated, data, recipe, accelerator, divisibility)
     if accelerator.is_main_process:
         model_id = recipe.hub.repo_id if recipe.hub.push else None
         final = export_model(
@@ -758,6 +775,26 @@ def train(recipe: Recipe, data: RunData | None = None) -> dict[str, Any]:
     if push_failures:
         raise PushError("\n".join(push_failures))
     return metrics
+
+
+try:
+    import resource  # peak memory of this process (POSIX)
+except ImportError:  # Windows
+    resource = None
+
+# When this process started (the launch, for the time to the first step), from the OS, not from an import.
+PROCESS_START = psutil.Process().create_time()
+
+
+def peak_rss_gb(accelerator: Accelerator) -> float:
+    """The largest peak resident memory of any process so far, in GB (the training process itself; DataLoader
+    workers are processes of their own)."""
+    if resource is not None:  # ru_maxrss: kilobytes on Linux, bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1e9 if sys.platform == "darwin" else 1e6)
+    else:
+        peak = psutil.Process().memory_info().peak_wset / 1e9
+    mine = torch.tensor([peak], device=accelerator.device)
+    return float(accelerator.gather(mine).max()) if accelerator.num_processes > 1 else float(mine)
 
 
 def window_means(accelerator: Accelerator, window: dict[str, list[float]]) -> dict[str, float]:

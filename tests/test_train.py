@@ -43,6 +43,18 @@ def test_run_writes_checkpoints_exports_metrics_and_predictions(synthetic_root, 
     predictions = json.loads((out / "predictions" / "val_step_00000004.json").read_text())
     assert predictions and {"image_id", "category_id", "segmentation", "score"} <= set(predictions[0])
     assert {r["category_id"] for r in predictions} <= {1, 2, 3, 4}  # COCO ids, not contiguous ones
+    # What a run at scale needs to be read from its log: start-up, memory, where an evaluation's time goes.
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    since_launch = [r["seconds_since_launch"] for r in steps]
+    assert since_launch == sorted(since_launch) and 0 < since_launch[0] < 600
+    rss = [r["peak_rss_gb"] for r in steps]
+    assert rss == sorted(rss) and 0.1 < rss[0] < 24  # a peak never goes down; this process holds torch at least
+    evaluations = [r for r in records if "val/AP" in r]
+    assert len(evaluations) == 2
+    for stage in ("forward", "postprocess", "encode"):
+        assert all(r[f"eval/{stage}_s_per_image"] > 0 for r in evaluations)
+    assert all(r["eval/cocoeval_s"] > 0 for r in evaluations)
     assert sorted(losses(out)) == [1, 2, 3, 4]
     assert json.loads((out / "final_metrics.json").read_text())["final"] == metrics
     assert (out / "recipe.yaml").is_file()
