@@ -21,12 +21,14 @@ id and objects columns only (no image is decoded).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 from dataclasses import dataclass
@@ -119,41 +121,64 @@ def coco_records(annotation_file: str | Path, image_dir: str | Path, cache_root:
     read from a memory-mapped `datasets` folder under `cache_root` (see `DataConfig.records_cache`).
 
     The cache key is the JSON's resolved path, size and modification time and the image folder: an edited JSON
-    is parsed again. The folder is written under a temporary name and renamed into place, so a process that
-    reads it sees all of it or none; in a multi-process launch the main process builds it first (`prepare_data`).
+    is parsed again. The parse runs in a child process, so the parsed JSON (GBs for COCO's train2017, which
+    Python would keep in this process's heap) goes with it; the folder is written under a temporary name and
+    renamed into place, so a reader sees all of it or none. In a multi-process launch the main process builds
+    it first (`prepare_data`), the others read it.
     """
     annotation_file, image_dir = Path(annotation_file), Path(image_dir)
-    folder = None
-    if cache_root is not None and annotation_file.is_file():
-        stat = annotation_file.stat()
-        key = json.dumps(
-            [RECORDS_CACHE_VERSION, str(annotation_file.resolve()), stat.st_size, stat.st_mtime_ns,
-             str(image_dir.resolve())]
-        )  # fmt: skip
-        folder = cache_root / f"{annotation_file.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
-        if (folder / RECORDS_INFO_FILE).is_file():
-            info = json.loads((folder / RECORDS_INFO_FILE).read_text())
-            logger.info("%s: records read from the cache %s", annotation_file, folder)
-            if info["skipped_annotations"]:  # said again at every launch, as on the first
-                logger.warning(
-                    "%s: skipped %d annotations without usable segmentation: %s",
-                    annotation_file,
-                    info["skipped_annotations"],
-                    info["skip_reasons"],
-                )
-            return _read_cached_records(folder), Categories(info["category_ids"], info["category_names"])
+    if cache_root is None:
+        source = load_coco(annotation_file, image_dir)
+        return to_hf_dataset(source), Categories(source.category_ids, source.category_names)
+    folder = records_cache_folder(annotation_file, image_dir, cache_root)
+    if (folder / RECORDS_INFO_FILE).is_file():
+        logger.info("%s: records read from the cache %s", annotation_file, folder)
+    else:
+        logger.info("%s: parsing (once; the records are cached in %s)", annotation_file, folder)
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            child.submit(build_records_cache, annotation_file, image_dir, folder).result()  # re-raises DataError
+    info = json.loads((folder / RECORDS_INFO_FILE).read_text())
+    if info["skipped_annotations"]:  # said at every launch, also when read from the cache
+        logger.warning(
+            "%s: skipped %d annotations without usable segmentation: %s",
+            annotation_file,
+            info["skipped_annotations"],
+            info["skip_reasons"],
+        )
+    records = datasets.load_from_disk(str(folder)).cast_column("image", datasets.Image())  # paths -> images
+    return records, Categories(info["category_ids"], info["category_names"])
+
+
+def records_cache_folder(annotation_file: Path, image_dir: Path, cache_root: Path) -> Path:
+    """The cache folder of an instances JSON: a new one whenever the file's path, size or mtime changes."""
+    if not annotation_file.is_file():
+        raise DataError(f"annotation file {annotation_file} does not exist: check data.*_annotations in the recipe")
+    stat = annotation_file.stat()
+    key = json.dumps(
+        [
+            RECORDS_CACHE_VERSION,
+            str(annotation_file.resolve()),
+            stat.st_size,
+            stat.st_mtime_ns,
+            str(image_dir.resolve()),
+        ]
+    )
+    return cache_root / f"{annotation_file.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+
+
+def build_records_cache(annotation_file: Path, image_dir: Path, folder: Path) -> None:
+    """Parse and validate an instances JSON (`load_coco`) and save its records to `folder` (atomically)."""
+    logging.getLogger("gd_hf").setLevel(logging.ERROR)  # the parent says what was skipped, from the info file
     source = load_coco(annotation_file, image_dir)
-    categories = Categories(source.category_ids, source.category_names)
-    if folder is None:
-        return to_hf_dataset(source), categories
+    # Image paths as strings: save_to_disk would copy the files of an Image column into the folder.
     records = to_hf_dataset(source, features=PATH_FEATURES)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     records.save_to_disk(str(tmp))
     info = {
         "annotation_file": str(annotation_file),
-        "category_ids": categories.ids,
-        "category_names": categories.names,
+        "category_ids": source.category_ids,
+        "category_names": source.category_names,
         "skipped_annotations": source.skipped_annotations,
         "skip_reasons": source.skip_reasons,
     }
@@ -162,14 +187,6 @@ def coco_records(annotation_file: str | Path, image_dir: str | Path, cache_root:
         os.replace(tmp, folder)
     except OSError:  # another launch wrote the same cache meanwhile: theirs is as good
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("%s: records cached in %s", annotation_file, folder)
-    del records, source  # the parsed JSON: read the memory-mapped copy from here on
-    return _read_cached_records(folder), categories
-
-
-def _read_cached_records(folder: Path) -> datasets.Dataset:
-    """A cache folder as gd_hf records: memory-mapped, the image paths cast back to `Image`."""
-    return datasets.load_from_disk(str(folder)).cast_column("image", datasets.Image())
 
 
 def open_coco(d: DataConfig) -> TrainVal:
