@@ -42,7 +42,8 @@ def resample_to_original(
     The logits span the padded frame (`padded_size`); the image is its top-left `image_size`. Each original
     pixel centre is sampled at its position in that frame: the geometry of upsampling to the padded frame,
     cropping and resizing, without the padded-size intermediate (for a COCO image 100 x 800 x 1344 values, ~3.5x
-    the result, and two passes).
+    the result, and two passes). The result is a transposed view of a (K, W, H) tensor: in memory it is already
+    the column-major layout that COCO's RLE encoder reads.
     """
     (height, width), (out_h, out_w), (pad_h, pad_w) = image_size, original_size, padded_size
     logits_h, logits_w = mask_logits.shape[-2:]
@@ -52,15 +53,15 @@ def resample_to_original(
     cols = min(logits_w, math.ceil(width * logits_w / pad_w) + 1)
     # With an explicit scale (not recomputed from the sizes), output pixel y samples input row
     # (y + 0.5) / scale - 0.5: the original pixel's centre in logit units. The output may have a few rows more.
-    scale = (out_h * pad_h / (height * logits_h), out_w * pad_w / (width * logits_w))
+    scale = (out_w * pad_w / (width * logits_w), out_h * pad_h / (height * logits_h))
     sampled = F.interpolate(
-        mask_logits[None, :, :rows, :cols].float(),
+        mask_logits[None, :, :rows, :cols].transpose(-1, -2).float(),
         scale_factor=scale,
         mode="bilinear",
         align_corners=False,
         recompute_scale_factor=False,
     )
-    return sampled[0, :, :out_h, :out_w]
+    return sampled[0, :, :out_w, :out_h].transpose(-1, -2)
 
 
 def post_process_instances(
@@ -82,19 +83,26 @@ def post_process_instances(
     results = []
     num_classes = class_logits.shape[-1] - 1
     probs = class_logits.float().softmax(-1)[..., :-1]  # (B, Q, C): "no object" dropped
-    k = min(top_k, probs.shape[1] * num_classes)
+    k = max(1, min(top_k, probs.shape[1] * num_classes))
     top_scores, flat = probs.flatten(1).topk(k)  # (B, k)
     for i in range(class_logits.shape[0]):
         labels, queries = flat[i] % num_classes, flat[i] // num_classes
         # A query may be kept with several classes: resample each query once.
         unique_queries, which = queries.unique(return_inverse=True)
         logits = resample_to_original(mask_logits[i, unique_queries], image_sizes[i], original_sizes[i], padded_size)
-        binary = logits > 0  # probability > 0.5
-        inside = binary.view(torch.uint8).flatten(1).sum(1, dtype=torch.int32)  # (bool sums are slow on CPU)
-        probabilities = logits.sigmoid_()  # in place: no second mask-sized buffer
-        mean_inside = torch.where(binary, probabilities, 0).flatten(1).sum(1) / (inside + 1e-6)
-        scores = top_scores[i] * mean_inside[which]
-        results.append((scores.cpu(), labels.cpu(), binary[which].cpu()))
+        # Work on the contiguous (K, W, H) memory behind the (K, H, W) view: same values, no strided reads.
+        column_major = logits.mT
+        binary = column_major > 0  # probability > 0.5
+        # Mean probability inside each mask: the sigmoid of the inside pixels only, summed query by query (the
+        # selected pixels come out in query order), instead of a sigmoid over every pixel of every mask. Counts
+        # per row: a bool reduction over dims is ~15x slower on the CPU.
+        inside = torch.stack([torch.count_nonzero(mask) for mask in binary])
+        sums = torch.segment_reduce(column_major[binary].sigmoid(), "sum", lengths=inside)
+        mean_inside = sums / (inside + 1e-6)
+        scores = top_scores[i] * mean_inside[which].to(top_scores.dtype)
+        if not torch.equal(which, torch.arange(len(which), device=which.device)):
+            binary = binary[which]
+        results.append((scores.cpu(), labels.cpu(), binary.cpu().mT))  # (K, H, W), column-major in memory
     return results
 
 
