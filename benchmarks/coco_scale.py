@@ -167,7 +167,7 @@ def launch(name: str, processes: int, data: Path, args: argparse.Namespace, cach
         steps = [r for r in records if "loss" in r]
         evals = [r for r in records if "eval/seconds_per_image" in r]
         result[phase] = {
-            "to_first_step_s": steps[0]["seconds_since_launch"],
+            "to_first_step_s": steps[0]["seconds_to_first_step"],
             "s_per_step": float(np.median([r["seconds_per_step"] for r in steps[1:] or steps])),
             "peak_rss_gb": max(r["peak_rss_gb"] for r in records if "peak_rss_gb" in r),
             "eval": {k.removeprefix("eval/"): v for k, v in evals[-1].items() if k.startswith("eval/")}

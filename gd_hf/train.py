@@ -624,6 +624,8 @@ def train(recipe: Recipe, data: RunData | None = None) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     skipped_here = 0  # bad records skipped by this process since the last checkpoint
     nonfinite_total = consecutive_nonfinite = 0  # steps skipped for a non-finite loss/gradient (this launch)
+    # Seconds from the process's start to this launch's first step (data, model, resume): logged once.
+    startup_seconds: float | None = time.time() - PROCESS_START
     while state["step"] < cfg.max_steps:
         phase = training_phase(state["step"], recipe.ssl)
         if phase == "ema" and state["step"] == recipe.ssl.burn_in_steps:
@@ -705,6 +707,8 @@ def train(recipe: Recipe, data: RunData | None = None) -> dict[str, Any]:
                 seconds_since_launch=time.time() - PROCESS_START,
                 peak_rss_gb=peak_rss_gb(accelerator),
             )
+            if startup_seconds is not None:
+                record["seconds_to_first_step"], startup_seconds = startup_seconds, None
             _log(accelerator, metrics_log, record)
             window, window_start, steps_in_window = {}, time.perf_counter(), 0
 

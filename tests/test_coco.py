@@ -153,3 +153,41 @@ def test_image_size_disagreeing_with_json_is_named(tmp_path):
     dataset = to_hf_dataset(load_coco(path, image_dir)).cast_column("image", datasets.Image(decode=False))
     with pytest.raises(DataError, match=r"3\.png \(image id 3\) is 31x20 but the annotation file says 30x20"):
         read_image(dataset[2])
+
+
+def test_conversion_in_worker_processes_equals_the_serial_one(tmp_path, monkeypatch):
+    """Many annotations are converted by forked workers (COCO's ~860k): same RLEs, same skips, same order."""
+    import gd_hf.data.coco as coco_module
+
+    mask = np.zeros((20, 30), bool)
+    mask[2:8, 5:15] = True
+    annotations = []
+    for k in range(60):
+        kinds = [
+            square(k % 7, k % 5, k % 7 + 3 + k % 4, k % 5 + 4),  # one polygon
+            square(0, 0, 5, 5) + square(10, 10, 15, 15),  # two polygons of one object: merged
+            rle_of(mask, compressed=False),
+            [[0, 0, 5, 5]],  # unusable: skipped and counted
+        ]
+        annotations.append(
+            {"id": k, "image_id": 1 + k % 2, "category_id": 3 + 4 * (k % 2), "segmentation": kinds[k % 4]}
+        )
+    path, image_dir = make_folder(tmp_path, annotations)
+    serial = load_coco(path, image_dir)
+    monkeypatch.setattr(coco_module, "PARALLEL_CONVERSION_MIN", 0)
+    forked = []
+    real_pool = coco_module.mp.get_context("fork").Pool
+
+    class CountingContext:
+        def Pool(self, workers):  # noqa: N802 (multiprocessing's name)
+            forked.append(workers)
+            return real_pool(workers)
+
+    monkeypatch.setattr(coco_module.mp, "get_context", lambda method: CountingContext())
+    monkeypatch.setattr(coco_module.os, "cpu_count", lambda: 2)
+    parallel = load_coco(path, image_dir)
+    assert forked == [2]  # the worker path really ran
+    assert parallel.annotations == serial.annotations
+    assert parallel.skip_reasons == serial.skip_reasons and serial.skipped_annotations == 15
+    merged = decode_masks([serial.annotations[2][0]["rle"]["counts"]], 20, 30)[0]  # annotation 1: two squares
+    assert merged[1:4, 1:4].all() and merged[11:14, 11:14].all() and not merged[6:9, :].any()

@@ -48,6 +48,8 @@ def test_run_writes_checkpoints_exports_metrics_and_predictions(synthetic_root, 
     steps = [r for r in records if "loss" in r]
     since_launch = [r["seconds_since_launch"] for r in steps]
     assert since_launch == sorted(since_launch) and 0 < since_launch[0] < 600
+    assert 0 < steps[0]["seconds_to_first_step"] < since_launch[0]  # once, in the launch's first log line
+    assert not any("seconds_to_first_step" in r for r in steps[1:])
     rss = [r["peak_rss_gb"] for r in steps]
     assert rss == sorted(rss) and 0.1 < rss[0] < 24  # a peak never goes down; this process holds torch at least
     evaluations = [r for r in records if "val/AP" in r]

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import multiprocessing as mp
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +56,8 @@ def _rle_from_segmentation(segmentation: Any, height: int, width: int) -> dict[s
         polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6]
         if not polygons:
             raise ValueError("no polygon with at least 3 points")
-        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+        pieces = mask_utils.frPyObjects(polygons, height, width)
+        rle = pieces[0] if len(pieces) == 1 else mask_utils.merge(pieces)  # most objects are one polygon
     elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
         if list(segmentation["size"]) != [height, width]:
             raise ValueError(f"RLE size {segmentation['size']} differs from the image size {[height, width]}")
@@ -68,6 +72,43 @@ def _rle_from_segmentation(segmentation: Any, height: int, width: int) -> dict[s
         raise ValueError("empty mask (zero area)")
     counts = rle["counts"]
     return {"size": [height, width], "counts": counts.decode() if isinstance(counts, bytes) else counts}
+
+
+# Polygon -> RLE conversion runs in worker processes above this many annotations (COCO train2017: ~860k,
+# about 35 us each in pycocotools, plus the JSON parse: the bulk of a first launch's start-up).
+PARALLEL_CONVERSION_MIN = 20_000
+_GEOMETRY: list[tuple[Any, int, int]] = []  # what forked conversion workers read (inherited, never pickled)
+
+
+def _convert_range(bounds: tuple[int, int]) -> list[dict[str, Any] | ValueError]:
+    results: list[dict[str, Any] | ValueError] = []
+    for segmentation, height, width in _GEOMETRY[bounds[0] : bounds[1]]:
+        try:
+            results.append(_rle_from_segmentation(segmentation, height, width))
+        except ValueError as e:
+            results.append(ValueError(str(e)))
+    return results
+
+
+def convert_segmentations(geometry: list[tuple[Any, int, int]]) -> list[dict[str, Any] | ValueError]:
+    """`_rle_from_segmentation` of each (segmentation, height, width), or the ValueError saying why it is unusable;
+    spread over forked worker processes (up to 8, one per core) when there are many."""
+    global _GEOMETRY
+    workers = min(8, os.cpu_count() or 1)
+    if len(geometry) < PARALLEL_CONVERSION_MIN or workers < 2 or "fork" not in mp.get_all_start_methods():
+        _GEOMETRY = geometry
+        try:
+            return _convert_range((0, len(geometry)))
+        finally:
+            _GEOMETRY = []
+    chunk = math.ceil(len(geometry) / (workers * 4))
+    bounds = [(start, min(start + chunk, len(geometry))) for start in range(0, len(geometry), chunk)]
+    _GEOMETRY = geometry  # set before the fork: the workers inherit it
+    try:
+        with mp.get_context("fork").Pool(workers) as pool:
+            return [converted for part in pool.map(_convert_range, bounds) for converted in part]
+    finally:
+        _GEOMETRY = []
 
 
 def load_coco(annotation_file: str | Path, image_dir: str | Path, check_images: bool = True) -> CocoSource:
@@ -108,6 +149,8 @@ def load_coco(annotation_file: str | Path, image_dir: str | Path, check_images: 
 
     annotations: dict[int, list[dict[str, Any]]] = {i: [] for i in images}
     skip_reasons: dict[str, int] = {}
+    kept: list[tuple[int, int, int]] = []  # (image id, contiguous class, iscrowd) of each annotation to convert
+    geometry: list[tuple[Any, int, int]] = []  # (segmentation, height, width), converted below in bulk
     for record in coco["annotations"]:
         ann_id = record.get("id", "?")
         image_id = record.get("image_id")
@@ -122,16 +165,16 @@ def load_coco(annotation_file: str | Path, image_dir: str | Path, check_images: 
                 f"which is not in `categories` (known: {sorted(coco_to_contiguous)})"
             )
         info = images[image_id]
-        try:
-            rle = _rle_from_segmentation(record.get("segmentation"), info["height"], info["width"])
-        except ValueError as e:
+        kept.append((image_id, coco_to_contiguous[category_id], int(record.get("iscrowd", 0))))
+        geometry.append((record.get("segmentation"), info["height"], info["width"]))
+    del coco  # the raw JSON: only `geometry` is still needed
+    for (image_id, category, crowd), converted in zip(kept, convert_segmentations(geometry)):
+        if isinstance(converted, ValueError):
             # Unusable geometry is skipped (and counted), not fatal: COCO itself has a few such records.
-            reason = str(e)
+            reason = str(converted)
             skip_reasons[reason] = skip_reasons.get(reason, 0) + 1
             continue
-        annotations[image_id].append(
-            {"rle": rle, "category": coco_to_contiguous[category_id], "iscrowd": int(record.get("iscrowd", 0))}
-        )
+        annotations[image_id].append({"rle": converted, "category": category, "iscrowd": crowd})
     skipped = sum(skip_reasons.values())
     if skipped:
         logger.warning(
