@@ -127,7 +127,7 @@ def write_standin(root: Path, train: int, val: int, seed: int = 0) -> Path:
 
 def launch(name: str, processes: int, data: Path, args: argparse.Namespace, cache: Path) -> dict:
     """One `accelerate launch` of the recipe; returns its timings from the metrics logs."""
-    out = Path(args.out) / name
+    out = Path(args.out) / f"{name.split(',')[0].replace(' ', '_')}_{processes}p"
     shutil.rmtree(out, ignore_errors=True)
     overrides = [
         f"output_dir={out}",
@@ -165,7 +165,7 @@ def launch(name: str, processes: int, data: Path, args: argparse.Namespace, cach
     for phase, log in phases.items():
         records = [json.loads(line) for line in log.read_text().splitlines()]
         steps = [r for r in records if "loss" in r]
-        evals = [r for r in records if "eval/seconds_per_image" in r]
+        evals = [r for r in records if "eval/forward_s_per_image" in r]
         result[phase] = {
             "to_first_step_s": steps[0]["seconds_to_first_step"],
             "s_per_step": float(np.median([r["seconds_per_step"] for r in steps[1:] or steps])),

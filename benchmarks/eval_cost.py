@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from gd_hf.evaluation import coco_mask_ap, post_process_instances, to_coco_results
+from gd_hf.evaluation import Instances, coco_mask_ap, post_process_instances, to_coco_results
 
 
 def reference_post_process(class_logits, mask_logits, image_sizes, original_sizes, padded_size, top_k=100):
@@ -50,12 +50,13 @@ def reference_post_process(class_logits, mask_logits, image_sizes, original_size
         probabilities = masks.sigmoid()
         binary = probabilities > 0.5
         mask_scores = (probabilities * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-        results.append((scores * mask_scores, labels, binary))
+        results.append(Instances(scores * mask_scores, labels, binary, torch.arange(len(labels))))
     return results
 
 
-def reference_to_coco_results(image_id, scores, labels, masks, category_ids):
-    """The previous RLE encoding (a permuted copy, then a Fortran copy)."""
+def reference_to_coco_results(image_id, instances, category_ids):
+    """The previous RLE encoding (every instance's mask, a permuted copy, then a Fortran copy)."""
+    scores, labels, masks = instances.scores, instances.labels, instances.instance_masks()
     rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
     return [
         {"image_id": image_id, "category_id": category_ids[int(label)], "segmentation": rle, "score": float(score)}
@@ -91,16 +92,17 @@ def synthetic_comparison(args: argparse.Namespace) -> None:
         category_ids = list(range(1, args.classes + 1))
         ref, ref_post = timed(reference_post_process, class_logits, mask_logits, [image_size], [original_size], padded)
         new, new_post = timed(post_process_instances, class_logits, mask_logits, [image_size], [original_size], padded)
-        _, ref_encode = timed(reference_to_coco_results, 1, *ref[0], category_ids)
-        _, new_encode = timed(to_coco_results, 1, *new[0], category_ids)
+        _, ref_encode = timed(reference_to_coco_results, 1, ref[0], category_ids)
+        _, new_encode = timed(to_coco_results, 1, new[0], category_ids)
         rows["reference"][0].append(ref_post)
         rows["reference"][1].append(ref_encode)
         rows["gd_hf"][0].append(new_post)
         rows["gd_hf"][1].append(new_encode)
-        assert torch.equal(ref[0][1], new[0][1])  # same instances, same order
-        differing += int((ref[0][2] ^ new[0][2]).sum())
-        inside += int((ref[0][2] | new[0][2]).sum())
-        score_gap = float((ref[0][0] - new[0][0]).abs().max())
+        assert torch.equal(ref[0].labels, new[0].labels)  # same instances, same order
+        ref_masks, new_masks = ref[0].instance_masks(), new[0].instance_masks()
+        differing += int((ref_masks ^ new_masks).sum())
+        inside += int((ref_masks | new_masks).sum())
+        score_gap = float((ref[0].scores - new[0].scores).abs().max())
     print(f"{args.images} COCO-sized images, {args.queries} queries, {args.classes} classes, top-k 100, "
           f"{torch.get_num_threads()} thread(s); median seconds per image")  # fmt: skip
     print("| implementation | post-processing | RLE encoding | total |")
@@ -135,7 +137,7 @@ def export_comparison(args: argparse.Namespace) -> None:
     loader = torch.utils.data.DataLoader(
         EvalDataset(records, data), batch_size=4, collate_fn=lambda b: collate_eval(b, size_divisibility(model))
     )
-    category_ids = [source.categories[i]["id"] for i in range(len(source.categories))]
+    category_ids = source.category_ids
     results = {"reference": [], "gd_hf": []}
     seconds = {"reference": 0.0, "gd_hf": 0.0}
     for batch in loader:
@@ -143,12 +145,12 @@ def export_comparison(args: argparse.Namespace) -> None:
         call = (outputs.class_queries_logits, outputs.masks_queries_logits, batch["image_sizes"],
                 batch["original_sizes"], tuple(batch["pixel_values"].shape[-2:]), args.top_k)  # fmt: skip
         for name, post, encode in (
-            ("reference", reference_post_process, to_coco_results),
+            ("reference", reference_post_process, reference_to_coco_results),
             ("gd_hf", post_process_instances, to_coco_results),
         ):
             start = time.perf_counter()
-            for image_id, instance in zip(batch["image_ids"], post(*call)):
-                results[name] += encode(image_id, *instance, category_ids)
+            for image_id, instances in zip(batch["image_ids"], post(*call)):
+                results[name] += encode(image_id, instances, category_ids)
             seconds[name] += time.perf_counter() - start
     aps = {name: coco_mask_ap(args.annotations, r)["AP"] for name, r in results.items()}
     print(f"{args.export} on {len(records)} images of {args.annotations}:")

@@ -25,13 +25,23 @@ METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 
 @dataclass
-class InstancePrediction:
-    """Instances of one image at its original size."""
+class Instances:
+    """One image's instances at its original size: K (score, class) pairs, the mask of pair j being
+    `masks[mask_index[j]]`. Top-k over query x class pairs often keeps a query with several classes: its mask is
+    computed, moved and RLE-encoded once."""
 
-    image_id: int
     scores: torch.Tensor  # (K,)
     labels: torch.Tensor  # (K,) contiguous class ids
-    masks: torch.Tensor  # (K, H, W) bool
+    masks: torch.Tensor  # (M, H, W) bool, M <= K distinct masks
+    mask_index: torch.Tensor  # (K,) long
+
+    def select(self, keep: torch.Tensor) -> Instances:
+        """The instances where `keep` (a bool mask over K) is true."""
+        return Instances(self.scores[keep], self.labels[keep], self.masks, self.mask_index[keep])
+
+    def instance_masks(self) -> torch.Tensor:
+        """(K, H, W): each instance's mask (a copy per instance)."""
+        return self.masks[self.mask_index]
 
 
 def resample_to_original(
@@ -71,8 +81,9 @@ def post_process_instances(
     original_sizes: list[tuple[int, int]],
     padded_size: tuple[int, int],
     top_k: int = 100,
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Mask2Former outputs -> per image (scores, labels, bool masks at original size) on the CPU, as the reference.
+) -> list[Instances]:
+    """Mask2Former outputs -> per image its instances (scores, labels, bool masks at original size) on the CPU, as
+    the reference.
 
     Top-k over the flattened query x class probabilities (no threshold); score = class probability x mean
     mask probability inside the binary mask. class_logits: (B, Q, C+1); mask_logits: (B, Q, h, w) for an
@@ -100,30 +111,34 @@ def post_process_instances(
         sums = torch.segment_reduce(column_major[binary].sigmoid(), "sum", lengths=inside)
         mean_inside = sums / (inside + 1e-6)
         scores = top_scores[i] * mean_inside[which].to(top_scores.dtype)
-        if not torch.equal(which, torch.arange(len(which), device=which.device)):
-            binary = binary[which]
-        results.append((scores.cpu(), labels.cpu(), binary.cpu().mT))  # (K, H, W), column-major in memory
+        # (M, H, W) views of column-major memory: what the RLE encoder reads, with no copy.
+        results.append(Instances(scores.cpu(), labels.cpu(), binary.cpu().mT, which.cpu()))
     return results
 
 
-def to_coco_results(
-    image_id: int, scores: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, category_ids: list[int]
-) -> list[dict[str, Any]]:
-    """One image's instances as COCO results (compressed RLE, COCO category ids)."""
-    if len(scores) == 0:
+def to_coco_results(image_id: int, instances: Instances, category_ids: list[int]) -> list[dict[str, Any]]:
+    """One image's instances as COCO results (compressed RLE, COCO category ids); each distinct mask is encoded
+    once."""
+    if len(instances.scores) == 0:
         return []
-    # pycocotools wants (H, W, K) in Fortran order, which is (K, W, H) in C order: one transposing copy.
+    used = torch.unique(instances.mask_index)
+    # pycocotools wants (H, W, M) in Fortran order, which is (M, W, H) in C order: the masks' own memory when
+    # they come from `post_process_instances`, else one transposing copy.
+    masks = instances.masks[used]
     fortran = masks.transpose(1, 2).contiguous().numpy().view(np.uint8).T
-    rles = mask_utils.encode(fortran)
-    return [
-        {
-            "image_id": int(image_id),
-            "category_id": int(category_ids[int(label)]),
-            "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode()},
-            "score": float(score),
-        }
-        for rle, label, score in zip(rles, labels.tolist(), scores.tolist())
-    ]
+    encoded = dict(zip(used.tolist(), mask_utils.encode(fortran)))
+    results = []
+    for index, label, score in zip(instances.mask_index.tolist(), instances.labels.tolist(), instances.scores.tolist()):
+        rle = encoded[index]
+        results.append(
+            {
+                "image_id": int(image_id),
+                "category_id": int(category_ids[int(label)]),
+                "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode()},
+                "score": float(score),
+            }
+        )
+    return results
 
 
 def coco_mask_ap(
@@ -190,8 +205,8 @@ def predict_coco_results(
                 top_k,
             )
             start = lap("postprocess", start)
-            for image_id, (scores, labels, masks) in zip(batch["image_ids"], processed):
-                results += to_coco_results(image_id, scores, labels, masks, category_ids)
+            for image_id, instances in zip(batch["image_ids"], processed):
+                results += to_coco_results(image_id, instances, category_ids)
             lap("encode", start)
             timings["images"] = timings.get("images", 0) + len(batch["image_ids"])
     finally:

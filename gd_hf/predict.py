@@ -128,11 +128,11 @@ def predict(
             (height, width),
             top_k,
         )
-        for (image_id, path, image, _), (scores, labels, masks) in zip(batch, processed):
-            keep = scores > threshold
-            scores, labels, masks = scores[keep], labels[keep], masks[keep]
-            names = [id2label[int(label)] for label in labels]
-            for record in to_coco_results(image_id, scores, labels, masks, list(range(len(id2label)))):
+        for (image_id, path, image, _), instances in zip(batch, processed):
+            instances = instances.select(instances.scores > threshold)
+            scores, masks = instances.scores, instances.instance_masks()
+            names = [id2label[int(label)] for label in instances.labels]
+            for record in to_coco_results(image_id, instances, list(range(len(id2label)))):
                 record.update(category_name=id2label[record["category_id"]], file_name=str(path))
                 results.append(record)
             name = path.stem

@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from gd_hf.evaluation import CocoMaskAP, coco_mask_ap, post_process_instances, to_coco_results
+from gd_hf.evaluation import CocoMaskAP, Instances, coco_mask_ap, post_process_instances, to_coco_results
 
 
 @pytest.fixture
@@ -93,14 +93,15 @@ def test_post_processing_takes_topk_over_query_class_pairs_and_rescales():
     class_logits[0, 2, 0] = 2.0
     mask_logits = torch.full((1, 3, 8, 8), -10.0)
     mask_logits[0, 0, :4, :4] = 10.0  # top-left quarter of the padded input
-    ((scores, labels, masks),) = post_process_instances(
+    (instances,) = post_process_instances(
         class_logits, mask_logits, image_sizes=[(4, 8)], original_sizes=[(2, 4)], padded_size=(8, 8), top_k=2
     )
+    scores, labels, masks = instances.scores, instances.labels, instances.instance_masks()
     assert labels.tolist()[0] == 1 and scores[0] == pytest.approx(1.0, abs=1e-3)
     assert masks.shape == (2, 2, 4)
     # The image occupies the top 4 rows of the padded input; the mask covers its left half.
     assert masks[0].tolist() == [[True, True, False, False], [True, True, False, False]]
-    results = to_coco_results(5, scores, labels, masks, category_ids=[10, 20])
+    results = to_coco_results(5, instances, category_ids=[10, 20])
     assert results[0]["category_id"] == 20 and results[0]["image_id"] == 5
     json.dumps(results)
 
@@ -131,22 +132,27 @@ def test_one_pass_post_processing_matches_the_two_pass_geometry(image_size, orig
     # Blobs of several sizes, some near the image's bottom/right edge and in the padding.
     mask_logits = 6 - ((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2).sqrt() / 2
     class_logits = torch.randn(12, 4, generator=generator) * 3
-    ((scores, labels, masks),) = post_process_instances(
-        class_logits[None], mask_logits[None], [image_size], [original_size], padded_size, top_k=10
+    (instances,) = post_process_instances(
+        class_logits[None], mask_logits[None], [image_size], [original_size], padded_size, top_k=20
     )
+    scores, labels, masks = instances.scores, instances.labels, instances.instance_masks()
+    assert len(instances.masks) <= 12 < len(scores)  # 20 pairs of 12 queries: one mask per query
     ref_scores, ref_labels, ref_masks = two_pass_post_process(
-        class_logits, mask_logits, image_size, original_size, padded_size, 10
+        class_logits, mask_logits, image_size, original_size, padded_size, 20
     )
-    assert masks.shape == (10, *original_size) and masks.dtype == torch.bool
+    assert masks.shape == (20, *original_size) and masks.dtype == torch.bool
     assert torch.equal(labels, ref_labels)
     assert ref_masks.any() and (masks ^ ref_masks).sum() <= 1e-3 * (masks | ref_masks).sum()
     torch.testing.assert_close(scores, ref_scores, atol=2e-3, rtol=0)
 
 
-def test_rle_encoding_round_trips_the_masks():
+def test_rle_encoding_round_trips_the_masks_and_shares_one_mask_between_classes():
     masks = torch.rand(3, 17, 23, generator=torch.Generator().manual_seed(1)) > 0.6
-    results = to_coco_results(1, torch.ones(3), torch.zeros(3, dtype=torch.long), masks, category_ids=[7])
-    for result, mask in zip(results, masks):
+    mask_index = torch.tensor([2, 0, 2, 1])  # instances 0 and 2: one query kept with two classes
+    instances = Instances(torch.ones(4), torch.tensor([0, 1, 1, 0]), masks, mask_index)
+    results = to_coco_results(1, instances, category_ids=[7, 9])
+    assert [r["category_id"] for r in results] == [7, 9, 9, 7]
+    for result, mask in zip(results, masks[mask_index]):
         rle = {"size": result["segmentation"]["size"], "counts": result["segmentation"]["counts"].encode()}
         assert np.array_equal(mask_utils.decode(rle), mask.numpy().astype(np.uint8))
 
