@@ -104,12 +104,15 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
     gd_hf.data.sources)."""
     d = recipe.data
     if d.generate_synthetic and Path(d.train_annotations).is_file():
-        found = len(json.loads(Path(d.train_annotations).read_text())["images"])
-        if found != d.synthetic_train_images:
+        images = json.loads(Path(d.train_annotations).read_text())["images"]
+        found, varied = len(images), len({(i["width"], i["height"]) for i in images}) > 1
+        if found != d.synthetic_train_images or (varied != d.synthetic_varied_sizes and found > 1):
             raise DataError(
-                f"{d.train_annotations} holds a synthetic set of {found} training images but the recipe asks for "
-                f"{d.synthetic_train_images}: delete {Path(d.train_annotations).parent.parent} to generate it anew, "
-                "or point data.train_* / data.val_* elsewhere"
+                f"{d.train_annotations} holds a synthetic set of {found} training images "
+                f"({'mixed sizes' if varied else 'squares'}) but the recipe asks for {d.synthetic_train_images} "
+                f"({'mixed sizes' if d.synthetic_varied_sizes else 'squares'}): delete "
+                f"{Path(d.train_annotations).parent.parent} to generate it anew, or point data.train_* / data.val_* "
+                "elsewhere"
             )
     if d.generate_synthetic and not Path(d.train_annotations).exists():
         root = Path(d.train_annotations).parent.parent  # <root>/annotations/instances_train.json

@@ -233,7 +233,17 @@ def test_existing_synthetic_set_of_another_size_is_named(synthetic_root, tmp_pat
     shutil.copytree(synthetic_root, root)
     args = [str(ROOT / "recipes" / "demo_synthetic.yaml"), *tiny_overrides(root, tmp_path / "run")]
     assert main([*args, "data.generate_synthetic=true", "data.synthetic_train_images=2400"]) == 2
-    assert "holds a synthetic set of 24 training images but the recipe asks for 2400" in capsys.readouterr().err
+    assert (
+        "holds a synthetic set of 24 training images (squares) but the recipe asks for 2400" in capsys.readouterr().err
+    )
+    varied = [
+        *args,
+        "data.generate_synthetic=true",
+        "data.synthetic_train_images=24",
+        "data.synthetic_varied_sizes=true",
+    ]
+    assert main(varied) == 2
+    assert "24 training images (squares) but the recipe asks for 24 (mixed sizes)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("strategy", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
