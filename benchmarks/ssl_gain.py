@@ -16,7 +16,8 @@ images pick each run's `best/` export, and 100 images leave about ±1 AP between
 every `final/` and `best/` export is also scored on a held-out set of `--heldout-val` images generated from
 another seed (`--heldout-seed`), used for neither training nor model selection. That is the comparison that
 counts; 0 turns it off. `--varied-sizes` generates both sets with mixed image sizes and aspect ratios (the
-paper's data path, with e.g. `data.min_scale=0.3 data.max_scale=2.0`).
+paper's data path, with e.g. `data.min_scale=0.3 data.max_scale=2.0`); each run is told so
+(`data.synthetic_varied_sizes`), and refuses an OUT/data generated the other way.
 
 Each run is a separate `python -m gd_hf.train` process (extra key=value overrides go to every run); finished
 runs (and held-out scores) are reused when the script is started again, so seeds can be added later or run
@@ -50,6 +51,7 @@ def run(name: str, seed: int, args: argparse.Namespace) -> dict:
         # main() has generated OUT/data from --data-seed; this only makes the run check its image count.
         "data.generate_synthetic=true",
         f"data.synthetic_train_images={args.train_images}",
+        f"data.synthetic_varied_sizes={args.varied_sizes}",
         f"data.train_images={data / 'train'}",
         f"data.train_annotations={data / 'annotations' / 'instances_train.json'}",
         f"data.val_images={data / 'val'}",

@@ -50,28 +50,32 @@ def resample_to_original(
     """Mask logits (K, h, w) over a padded input -> (K, H, W) at the image's original size, in one bilinear pass.
 
     The logits span the padded frame (`padded_size`); the image is its top-left `image_size`. Each original
-    pixel centre is sampled at its position in that frame: the geometry of upsampling to the padded frame,
-    cropping and resizing, without the padded-size intermediate (for a COCO image 100 x 800 x 1344 values, ~3.5x
-    the result, and two passes). The result is a transposed view of a (K, W, H) tensor: in memory it is already
-    the column-major layout that COCO's RLE encoder reads.
+    pixel centre is sampled at its position in that frame: the mapping of upsampling to the padded frame,
+    cropping and resizing (the reference's two passes), without the padded-size intermediate (for a COCO image
+    100 x 800 x 1344 values, ~3.5x the result). Computed as (K, W, H) and returned as its transposed view: in
+    memory column-major per mask, the layout COCO's RLE encoder reads.
     """
     (height, width), (out_h, out_w), (pad_h, pad_w) = image_size, original_size, padded_size
     logits_h, logits_w = mask_logits.shape[-2:]
     # The image covers height * logits_h / pad_h logit rows (often a fraction). Keep one row/column past it so
-    # that edge pixels interpolate with the real next logit (clamped only at the frame's end, as a full resize).
+    # that edge pixels interpolate with the real next logit, and one more, replicated (as a resize clamps at
+    # the frame's end), so that the output below always has at least out_h x out_w pixels.
     rows = min(logits_h, math.ceil(height * logits_h / pad_h) + 1)
     cols = min(logits_w, math.ceil(width * logits_w / pad_w) + 1)
+    cropped = F.pad(mask_logits[None, :, :rows, :cols].float(), (0, 1, 0, 1), mode="replicate")
     # With an explicit scale (not recomputed from the sizes), output pixel y samples input row
-    # (y + 0.5) / scale - 0.5: the original pixel's centre in logit units. The output may have a few rows more.
+    # (y + 0.5) / scale - 0.5: the original pixel's centre in logit units. The output has a few rows more.
     scale = (out_w * pad_w / (width * logits_w), out_h * pad_h / (height * logits_h))
     sampled = F.interpolate(
-        mask_logits[None, :, :rows, :cols].transpose(-1, -2).float(),
+        cropped.transpose(-1, -2),
         scale_factor=scale,
         mode="bilinear",
         align_corners=False,
         recompute_scale_factor=False,
-    )
-    return sampled[0, :, :out_w, :out_h].transpose(-1, -2)
+    )[0, :, :out_w, :out_h]
+    if sampled.shape[-2:] != (out_w, out_h):  # cannot happen (the padding above); a wrong size would cost AP silently
+        raise RuntimeError(f"resampled masks are {tuple(sampled.shape[-2:])[::-1]}, expected {original_size}")
+    return sampled.transpose(-1, -2)
 
 
 def post_process_instances(
@@ -82,8 +86,8 @@ def post_process_instances(
     padded_size: tuple[int, int],
     top_k: int = 100,
 ) -> list[Instances]:
-    """Mask2Former outputs -> per image its instances (scores, labels, bool masks at original size) on the CPU, as
-    the reference.
+    """Mask2Former outputs -> per image its instances (scores, labels, bool masks at original size), as the
+    reference; the results are on the CPU.
 
     Top-k over the flattened query x class probabilities (no threshold); score = class probability x mean
     mask probability inside the binary mask. class_logits: (B, Q, C+1); mask_logits: (B, Q, h, w) for an

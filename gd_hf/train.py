@@ -127,8 +127,10 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
                     recipe.seed,
                     d.synthetic_varied_sizes,
                 )
-    # The main process parses and caches the records first (data.records_cache); the others read its cache.
-    with accelerator.main_process_first():
+    # COCO: the main process of each machine parses and caches the records first (data.records_cache), the others
+    # read its cache. Other sources wait on `datasets`' own file locks, with no collective timeout.
+    first = d.source == "coco" and d.records_cache is not None
+    with accelerator.local_main_process_first() if first else contextlib.nullcontext():
         opened = open_source(d)
     ids, object_counts = image_ids_and_object_counts(opened.train)
     split = split_image_ids(ids, object_counts, d.labeled_percent, d.split_seed, d.split_file, opened.description)

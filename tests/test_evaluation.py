@@ -121,8 +121,15 @@ def two_pass_post_process(class_logits, mask_logits, image_size, original_size, 
 
 @pytest.mark.parametrize(
     ("image_size", "original_size", "padded_size"),
-    [((256, 341), (480, 640), (256, 352)), ((341, 256), (640, 480), (352, 256)), ((200, 200), (100, 100), (224, 256))],
-    ids=["landscape_up", "portrait_up", "square_down_padded_both_ways"],
+    [
+        ((256, 341), (480, 640), (256, 352)),
+        ((341, 256), (640, 480), (352, 256)),
+        ((200, 200), (100, 100), (224, 256)),
+        # COCO's 640x427 at shortest edge 800: the image fills its frame's height, 200 x 2.135 rounds below 427
+        ((800, 1199), (427, 640), (800, 1216)),
+        ((1199, 800), (640, 427), (1216, 800)),
+    ],
+    ids=["landscape_up", "portrait_up", "square_down_padded_both_ways", "coco_640x427", "coco_427x640"],
 )
 def test_one_pass_post_processing_matches_the_two_pass_geometry(image_size, original_size, padded_size):
     generator = torch.Generator().manual_seed(0)

@@ -3,7 +3,9 @@ memory-mapped cache that relaunches and the other processes read, rebuilt when t
 
 import json
 import logging
+from pathlib import Path
 
+import datasets
 import pytest
 
 import gd_hf.data.sources as sources
@@ -29,11 +31,27 @@ def spy_on(monkeypatch, name):
 
 
 def builds(cache):
-    """Cache folder -> when its records were written (a rebuild writes a new info file)."""
+    """Cache folder -> when its records were written."""
     return {f.name: (f / RECORDS_INFO_FILE).stat().st_mtime_ns for f in cache.iterdir()}
 
 
-def test_a_one_launch_run_reads_each_json_once_and_a_relaunch_parses_none(synthetic_root, tmp_path, monkeypatch):
+@pytest.fixture
+def parses(monkeypatch):
+    """How many child processes parsed a JSON (a build runs in one; a cache hit starts none)."""
+    count = []
+    real = sources.concurrent.futures.ProcessPoolExecutor
+
+    def counting(*args, **kwargs):
+        count.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sources.concurrent.futures, "ProcessPoolExecutor", counting)
+    return count
+
+
+def test_a_one_launch_run_reads_each_json_once_and_a_relaunch_parses_none(
+    synthetic_root, tmp_path, monkeypatch, parses
+):
     opened = spy_on(monkeypatch, "coco_records")
     cache = tmp_path / "cache"
     overrides = tiny_overrides(synthetic_root, tmp_path / "run") + ONE_LAUNCH_SSL + [f"data.records_cache={cache}"]
@@ -41,17 +59,19 @@ def test_a_one_launch_run_reads_each_json_once_and_a_relaunch_parses_none(synthe
     train_json = str(synthetic_root / "annotations" / "instances_train.json")
     val_json = str(synthetic_root / "annotations" / "instances_val.json")
     assert opened == [train_json, val_json]  # phase 1 and phases 2-3 share the launch's data
+    assert len(parses) == 2
     first = builds(cache)
     assert len(first) == 2 and not any(name.startswith(".") for name in first)  # no temporary folder left
     opened.clear()
     relaunch = tiny_overrides(synthetic_root, tmp_path / "again") + ONE_LAUNCH_SSL + [f"data.records_cache={cache}"]
     train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", relaunch))
     assert opened == [train_json, val_json]
-    assert builds(cache) == first  # read, not rebuilt
+    assert len(parses) == 2  # no new parse
+    assert builds(cache) == first
 
 
 def test_the_cache_equals_a_parse_is_memory_mapped_and_is_rebuilt_when_the_json_changes(
-    synthetic_root, tmp_path, caplog
+    synthetic_root, tmp_path, caplog, parses
 ):
     annotations = tmp_path / "instances_train.json"
     coco = json.loads((synthetic_root / "annotations" / "instances_train.json").read_text())
@@ -64,9 +84,13 @@ def test_the_cache_equals_a_parse_is_memory_mapped_and_is_rebuilt_when_the_json_
     first = builds(cache)
     caplog.set_level(logging.WARNING)
     cached, cached_categories = coco_records(annotations, images, cache)
-    assert builds(cache) == first
+    assert len(parses) == 1 and builds(cache) == first
     assert "skipped 1 annotations without usable segmentation" in caplog.text
-    assert parsed.to_list() == built.to_list() == cached.to_list()
+    assert built.to_list() == cached.to_list()
+    paths = lambda records: records.cast_column("image", datasets.Image(decode=False))["image"]  # noqa: E731
+    assert [r["path"] for r in paths(cached)] == [str(images.resolve() / r["path"]) for r in paths(parsed)]
+    without_paths = lambda records: records.remove_columns("image").to_list()  # noqa: E731
+    assert without_paths(parsed) == without_paths(cached)
     assert categories == built_categories == cached_categories
     assert cached.cache_files and all(str(cache) in f["filename"] for f in cached.cache_files)  # memory-mapped
     assert not any(str(images) in f["filename"] for f in cached.cache_files)  # paths only, no copied images
@@ -74,8 +98,22 @@ def test_the_cache_equals_a_parse_is_memory_mapped_and_is_rebuilt_when_the_json_
     coco["annotations"].pop(0)
     annotations.write_text(json.dumps(coco))  # edited: size and modification time change
     rebuilt, _ = coco_records(annotations, images, cache)
-    assert len(builds(cache)) == 2  # one folder per version of the file
-    assert rebuilt.to_list() == parsed.to_list()  # the removed annotation was the skipped one
+    assert len(parses) == 2 and len(builds(cache)) == 2  # one folder per version of the file
+    assert without_paths(rebuilt) == without_paths(parsed)  # the removed annotation was the skipped one
+
+
+def test_a_launch_from_another_working_directory_reads_the_same_cache_with_usable_paths(
+    synthetic_root, tmp_path, monkeypatch, parses
+):
+    cache = tmp_path / "cache"
+    monkeypatch.chdir(synthetic_root.parent)
+    relative = (synthetic_root.name + "/annotations/instances_val.json", synthetic_root.name + "/val")
+    coco_records(*relative, cache)
+    monkeypatch.chdir(tmp_path)
+    records, _ = coco_records(synthetic_root / "annotations" / "instances_val.json", synthetic_root / "val", cache)
+    assert len(parses) == 1  # the same file: found in the cache
+    undecoded = records.cast_column("image", datasets.Image(decode=False))["image"]
+    assert all(Path(r["path"]).is_file() for r in undecoded)
 
 
 def test_records_cache_null_parses_in_process_every_time(synthetic_root, monkeypatch):

@@ -123,7 +123,7 @@ def coco_records(annotation_file: str | Path, image_dir: str | Path, cache_root:
     The cache key is the JSON's resolved path, size and modification time and the image folder: an edited JSON
     is parsed again. The parse runs in a child process, so the parsed JSON (GBs for COCO's train2017, which
     Python would keep in this process's heap) goes with it; the folder is written under a temporary name and
-    renamed into place, so a reader sees all of it or none. In a multi-process launch the main process builds
+    renamed into place, so a reader sees all of it or none. In a multi-process launch the main process of each machine builds
     it first (`prepare_data`), the others read it.
     """
     annotation_file, image_dir = Path(annotation_file), Path(image_dir)
@@ -169,7 +169,9 @@ def records_cache_folder(annotation_file: Path, image_dir: Path, cache_root: Pat
 def build_records_cache(annotation_file: Path, image_dir: Path, folder: Path) -> None:
     """Parse and validate an instances JSON (`load_coco`) and save its records to `folder` (atomically)."""
     logging.getLogger("gd_hf").setLevel(logging.ERROR)  # the parent says what was skipped, from the info file
-    source = load_coco(annotation_file, image_dir)
+    # Absolute image paths: the cache is found by resolved paths, so a launch from another working directory
+    # (or naming the folder another way) reads it too.
+    source = load_coco(annotation_file, image_dir.resolve())
     # Image paths as strings: save_to_disk would copy the files of an Image column into the folder.
     records = to_hf_dataset(source, features=PATH_FEATURES)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
