@@ -149,8 +149,9 @@ def test_one_pass_post_processing_matches_the_two_pass_geometry(image_size, orig
     )
     assert masks.shape == (20, *original_size) and masks.dtype == torch.bool
     assert torch.equal(labels, ref_labels)
-    assert ref_masks.any() and (masks ^ ref_masks).sum() <= 1e-3 * (masks | ref_masks).sum()
-    torch.testing.assert_close(scores, ref_scores, atol=2e-3, rtol=0)
+    # The reference's geometry, not an approximation of it: float rounding may flip a pixel sitting at 0 exactly.
+    assert ref_masks.any() and (masks ^ ref_masks).sum() <= 1e-5 * (masks | ref_masks).sum()
+    torch.testing.assert_close(scores, ref_scores, atol=1e-4, rtol=0)
 
 
 def test_rle_encoding_round_trips_the_masks_and_shares_one_mask_between_classes():
