@@ -159,7 +159,11 @@ def launch(name: str, processes: int, data: Path, args: argparse.Namespace, cach
     print("+", " ".join(command), flush=True)
     start = time.time()
     subprocess.run(command, check=True, env=env)
-    wall = time.time() - start
+    return read_launch(out, name, processes, time.time() - start)
+
+
+def read_launch(out: Path, name: str, processes: int, wall: float | None = None) -> dict:
+    """A launch's figures from its metrics logs (phase 1 in OUT/teacher, phases 2-3 in OUT)."""
     phases = {"phase 1": out / "teacher" / "metrics.jsonl", "phases 2-3": out / "metrics.jsonl"}
     result = {"name": name, "processes": processes, "wall_s": wall}
     for phase, log in phases.items():
@@ -167,7 +171,8 @@ def launch(name: str, processes: int, data: Path, args: argparse.Namespace, cach
         steps = [r for r in records if "loss" in r]
         evals = [r for r in records if "eval/forward_s_per_image" in r]
         result[phase] = {
-            "to_first_step_s": steps[0]["seconds_to_first_step"],
+            # (the first line of a launch has it, also when its step was skipped as non-finite and has no loss)
+            "to_first_step_s": next(r["seconds_to_first_step"] for r in records if "seconds_to_first_step" in r),
             "s_per_step": float(np.median([r["seconds_per_step"] for r in steps[1:] or steps])),
             "peak_rss_gb": max(r["peak_rss_gb"] for r in records if "peak_rss_gb" in r),
             "eval": {k.removeprefix("eval/"): v for k, v in evals[-1].items() if k.startswith("eval/")}

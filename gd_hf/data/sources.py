@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow.compute as pc
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -423,10 +425,14 @@ def image_ids_and_object_counts(records: Records) -> tuple[list[int], list[int]]
     """Each record's image id and number of non-crowd objects, reading no image."""
     columns = records.select_columns(["image_id", "objects"])
     if isinstance(columns, datasets.Dataset):
-        ids = columns["image_id"]
-        # The crowd flags only: the RLE strings of every object (GBs at COCO size) are never built in Python.
-        crowd = columns.select_columns(["objects"]).flatten()["objects.iscrowd"]
-        return list(ids), [sum(1 for c in flags if not c) for flags in crowd]
+        # In Arrow: the crowd flags only, counted per row with numpy. Building the objects in Python (the RLE
+        # strings of ~860k objects at COCO size) took ~20 s at every launch.
+        table = columns.with_format("arrow")[:]  # honours a row selection
+        crowd = table.column("objects").combine_chunks().field("iscrowd")  # list<int8> per row
+        lengths = pc.fill_null(pc.list_value_length(crowd), 0).to_numpy(zero_copy_only=False)
+        flags = pc.list_flatten(crowd).to_numpy(zero_copy_only=False).astype(np.int64)
+        crowded = np.bincount(np.repeat(np.arange(len(lengths)), lengths), weights=flags, minlength=len(lengths))
+        return table.column("image_id").to_pylist(), (lengths - crowded).astype(int).tolist()
     ids, counts = [], []
     for row in tqdm(columns, desc="reading image ids", unit="rec", leave=False):
         ids.append(int(row["image_id"]))
