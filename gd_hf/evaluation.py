@@ -125,9 +125,10 @@ def to_coco_results(image_id: int, instances: Instances, category_ids: list[int]
         return []
     used = torch.unique(instances.mask_index)
     # pycocotools wants (H, W, M) in Fortran order, which is (M, W, H) in C order: the masks' own memory when
-    # they come from `post_process_instances`, else one transposing copy.
-    masks = instances.masks[used]
-    fortran = masks.transpose(1, 2).contiguous().numpy().view(np.uint8).T
+    # they come from `post_process_instances` (so pick the used ones in that layout: no copy but the selection),
+    # else one transposing copy.
+    column_major = instances.masks.mT[used].contiguous()
+    fortran = column_major.numpy().view(np.uint8).T
     encoded = dict(zip(used.tolist(), mask_utils.encode(fortran)))
     results = []
     for index, label, score in zip(instances.mask_index.tolist(), instances.labels.tolist(), instances.scores.tolist()):
