@@ -132,3 +132,10 @@ def test_a_bad_json_is_named_through_the_child_process(synthetic_root, tmp_path)
         coco_records(bad, synthetic_root / "val", tmp_path / "cache")
     cache = tmp_path / "cache"
     assert not cache.exists() or not any(cache.iterdir())  # nothing half-written
+
+
+def test_an_unwritable_cache_folder_is_named_with_the_key_to_change(synthetic_root, tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.raises(DataError, match=r"cannot write the records cache .*not_a_folder.*data.records_cache"):
+        coco_records(synthetic_root / "annotations" / "instances_val.json", synthetic_root / "val", blocker / "cache")

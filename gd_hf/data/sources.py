@@ -137,6 +137,13 @@ def coco_records(annotation_file: str | Path, image_dir: str | Path, cache_root:
         logger.info("%s: records read from the cache %s", annotation_file, folder)
     else:
         logger.info("%s: parsing (once; the records are cached in %s)", annotation_file, folder)
+        try:
+            cache_root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(
+                f"cannot write the records cache {cache_root} ({e}): set data.records_cache to a writable folder, "
+                "or to null to parse the JSON at every launch"
+            ) from e
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
             child.submit(build_records_cache, annotation_file, image_dir, folder).result()  # re-raises DataError
     info = json.loads((folder / RECORDS_INFO_FILE).read_text())
