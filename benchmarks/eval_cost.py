@@ -1,6 +1,7 @@
-"""Evaluation post-processing at COCO size: gd_hf's one-pass resampling vs the two-pass one it replaced.
+"""Evaluation post-processing at COCO size: gd_hf's exact resampling (whole masks on an accelerator, within each
+mask's reachable box on the CPU) vs the two-pass one it replaced.
 
-    python benchmarks/eval_cost.py [--images 5] [--queries 100] [--classes 80] [--threads 1]
+    python benchmarks/eval_cost.py [--images 5] [--queries 100] [--classes 80] [--threads 1] [--logits scattered]
                                    [--export FOLDER --annotations VAL.json --images-dir VAL/]
 
 Part 1 (always): per COCO-sized image (100 queries, 80 classes, an 800 x 1067 resized image padded to
@@ -64,14 +65,20 @@ def reference_to_coco_results(image_id, instances, category_ids):
     ]
 
 
-def blob_logits(queries: int, classes: int, h: int, w: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask logits with one smooth blob per query (objects of many sizes) and peaked class logits."""
+def blob_logits(
+    queries: int, classes: int, h: int, w: int, seed: int, scattered: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask logits with one smooth blob per query (objects of many sizes) and peaked class logits.
+    `scattered`: instead, positives scattered over the whole image (~7 % of the logits), the worst case for
+    gd_hf's CPU path (each mask's box is the whole image), as an untrained model's masks are."""
     generator = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
     cy, cx = torch.rand(queries, generator=generator) * h, torch.rand(queries, generator=generator) * w
     radius = 2 + torch.rand(queries, generator=generator) * min(h, w) / 4
     distance = ((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2).sqrt()
     masks = (radius[:, None, None] - distance) / 2 + torch.randn(queries, h, w, generator=generator) * 0.3
+    if scattered:
+        masks = torch.randn(queries, h, w, generator=generator) - 1.5
     class_logits = torch.randn(queries, classes + 1, generator=generator) * 3
     return class_logits[None], masks[None]
 
@@ -88,7 +95,9 @@ def synthetic_comparison(args: argparse.Namespace) -> None:
     differing = inside = 0
     for n in range(args.images):
         image_size, original_size, padded = cases[n % len(cases)]
-        class_logits, mask_logits = blob_logits(args.queries, args.classes, padded[0] // 4, padded[1] // 4, n)
+        class_logits, mask_logits = blob_logits(
+            args.queries, args.classes, padded[0] // 4, padded[1] // 4, n, scattered=args.logits == "scattered"
+        )
         category_ids = list(range(1, args.classes + 1))
         ref, ref_post = timed(reference_post_process, class_logits, mask_logits, [image_size], [original_size], padded)
         new, new_post = timed(post_process_instances, class_logits, mask_logits, [image_size], [original_size], padded)
@@ -103,7 +112,7 @@ def synthetic_comparison(args: argparse.Namespace) -> None:
         differing += int((ref_masks ^ new_masks).sum())
         inside += int((ref_masks | new_masks).sum())
         score_gap = float((ref[0].scores - new[0].scores).abs().max())
-    print(f"{args.images} COCO-sized images, {args.queries} queries, {args.classes} classes, top-k 100, "
+    print(f"{args.images} COCO-sized images ({args.logits} masks), {args.queries} queries, {args.classes} classes, top-k 100, "
           f"{torch.get_num_threads()} thread(s); median seconds per image")  # fmt: skip
     print("| implementation | post-processing | RLE encoding | total |")
     print("|---|---|---|---|")
@@ -163,6 +172,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=6, help="synthetic COCO-sized outputs to time")
     parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument(
+        "--logits", choices=["blobs", "scattered"], default="blobs", help="object-like masks, or the worst case"
+    )
     parser.add_argument("--classes", type=int, default=80)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--top-k", type=int, default=100)

@@ -154,6 +154,46 @@ def test_one_pass_post_processing_matches_the_two_pass_geometry(image_size, orig
     torch.testing.assert_close(scores, ref_scores, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("image_size", "original_size", "padded_size"),
+    [
+        ((256, 341), (480, 640), (256, 352)),
+        ((800, 1199), (427, 640), (800, 1216)),
+        ((200, 200), (100, 100), (224, 256)),
+    ],
+)
+def test_masks_resampled_within_their_boxes_equal_whole_masks_and_the_two_pass_reference(
+    image_size, original_size, padded_size
+):
+    """The CPU path resamples each mask only where its positive logits reach: the same masks and mean
+    probabilities as resampling whole masks, for small blobs, masks of scattered positives (a box as large as
+    the image), a mask with no positive logit, and one positive only in the padding."""
+    from gd_hf.evaluation import threshold_at_original_size
+
+    generator = torch.Generator().manual_seed(3)
+    h, w = padded_size[0] // 4, padded_size[1] // 4
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    centres = torch.rand(6, 2, generator=generator) * torch.tensor([h, w])
+    blobs = 4 - ((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2).sqrt() / 2
+    scattered = torch.randn(2, h, w, generator=generator) - 1.5  # ~7 % positive pixels anywhere
+    negative = torch.full((1, h, w), -3.0)
+    in_padding = torch.full((1, h, w), -3.0)
+    in_padding[0, -1, -1] = 5.0  # the last logit lies under padding on both axes
+    logits = torch.cat([blobs, scattered, negative, in_padding])
+    boxed, boxed_mean = threshold_at_original_size(logits, image_size, original_size, padded_size, within_boxes=True)
+    whole, whole_mean = threshold_at_original_size(logits, image_size, original_size, padded_size, within_boxes=False)
+    assert boxed.shape == whole.shape == (len(logits), *original_size)
+    assert boxed[:6].any() and boxed[6:8].any() and not boxed[8].any()
+    assert (boxed ^ whole).sum() <= 1e-5 * (boxed | whole).sum()
+    torch.testing.assert_close(boxed_mean, whole_mean, atol=1e-5, rtol=0)
+    full = F.interpolate(logits[None], size=padded_size, mode="bilinear", align_corners=False)
+    reference = F.interpolate(
+        full[:, :, : image_size[0], : image_size[1]], size=original_size, mode="bilinear", align_corners=False
+    )[0]
+    assert torch.equal(boxed[9], reference[9] > 0)
+    assert ((boxed ^ (reference > 0)).sum()) <= 1e-5 * boxed.sum()
+
+
 def test_rle_encoding_round_trips_the_masks_and_shares_one_mask_between_classes():
     masks = torch.rand(3, 17, 23, generator=torch.Generator().manual_seed(1)) > 0.6
     mask_index = torch.tensor([2, 0, 2, 1])  # instances 0 and 2: one query kept with two classes
@@ -194,5 +234,13 @@ def test_val_ground_truth_comes_from_the_cleaned_records_so_labeling_tool_json_e
         for a in coco["annotations"][:-1]
     ]
     assert coco_mask_ap(ground_truth, perfect)["AP"] == pytest.approx(100.0)
-    with pytest.raises((KeyError, IndexError)):  # what the raw JSON did at the first evaluation
-        coco_mask_ap(messy, perfect)
+    # The file itself, as `coco_mask_ap(path)` and the `evaluate` metric take it, reads the same way (raw, it
+    # raised KeyError / IndexError in pycocotools).
+    assert coco_mask_ap(messy, perfect)["AP"] == pytest.approx(100.0)
+    metric = CocoMaskAP()
+    for image_id in sorted({a["image_id"] for a in coco["annotations"][:-1]}):
+        mine = [
+            {k: r[k] for k in ("category_id", "score", "segmentation")} for r in perfect if r["image_id"] == image_id
+        ]
+        metric.add(predictions=mine, references=image_id)
+    assert metric.compute(annotation_file=str(messy))["AP"] == pytest.approx(100.0)
