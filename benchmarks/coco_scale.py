@@ -14,6 +14,9 @@
 3. Times COCOeval (pycocotools, segm) on the 5,000 val images x 100 detections (each a ground-truth mask
    moved a little or a random other object's mask), and the post-processing + encoding of COCO-sized outputs.
 
+`--startup-only` runs one supervised step per launch instead (no evaluation, no phases 2-3): the start-up
+figures alone, in minutes rather than the hour a full run takes on 2 cores.
+
 Prints, per launch: seconds from launch to the first step of phase 1 and of phase 2, peak RSS per process at
 the end of each phase, s/step per phase, evaluation seconds per image split into forward / post-processing /
 encoding, and COCOeval seconds. Extra key=value overrides go to every launch (e.g. `data.crop_size=512` where
@@ -147,6 +150,12 @@ def launch(name: str, processes: int, data: Path, args: argparse.Namespace, cach
         f"data.num_workers={min(2, os.cpu_count() or 1)}",
         *args.overrides,
     ]
+    start = time.time()
+    subprocess.run(accelerate_command(processes, overrides), check=True, env=launch_env(processes))
+    return read_launch(out, name, processes, time.time() - start)
+
+
+def accelerate_command(processes: int, overrides: list[str]) -> list[str]:
     if processes == 1:
         accelerate = ["--num_processes", "1"]
     else:  # real gloo DDP on a CPU machine (hf-notes), one thread per process on these 2 cores
@@ -155,11 +164,40 @@ def launch(name: str, processes: int, data: Path, args: argparse.Namespace, cach
         sys.executable, "-m", "accelerate.commands.launch", *accelerate, "--mixed_precision", "no",
         "--dynamo_backend", "no", "-m", "gd_hf.train", str(ROOT / "recipes" / "coco_1pct.yaml"), *overrides,
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // processes)))
     print("+", " ".join(command), flush=True)
-    start = time.time()
-    subprocess.run(command, check=True, env=env)
-    return read_launch(out, name, processes, time.time() - start)
+    return command
+
+
+def launch_env(processes: int) -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // processes)))
+
+
+def launch_to_first_step(name: str, processes: int, data: Path, args: argparse.Namespace, cache: Path) -> dict:
+    """`--startup-only`: one supervised step of the recipe (no evaluation), timed from launch to that step."""
+    out = Path(args.out) / f"{name.split(',')[0].replace(' ', '_')}_{processes}p"
+    shutil.rmtree(out, ignore_errors=True)
+    overrides = [
+        f"output_dir={out}",
+        f"data.train_images={data / 'train2017'}",
+        f"data.train_annotations={data / 'annotations' / 'instances_train2017.json'}",
+        f"data.val_images={data / 'val2017'}",
+        f"data.val_annotations={data / 'annotations' / 'instances_val2017.json'}",
+        f"data.records_cache={cache}",
+        *SWIN_T,
+        "ssl.enabled=false",
+        "ssl.train_teacher_first=false",
+        "train.max_steps=1",
+        "train.eval_every=0",
+        "train.log_every=1",
+        "eval.max_images=1",  # the end-of-run evaluation: one image, not val2017's 5,000
+        f"data.num_workers={min(2, os.cpu_count() or 1)}",
+        *args.overrides,
+    ]
+    subprocess.run(accelerate_command(processes, overrides), check=True, env=launch_env(processes))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if "seconds_to_first_step" in r)
+    return {"name": name, "processes": processes, "to_first_step_s": first["seconds_to_first_step"],
+            "peak_rss_gb": first["peak_rss_gb"]}  # fmt: skip
 
 
 def read_launch(out: Path, name: str, processes: int, wall: float | None = None) -> dict:
@@ -259,12 +297,32 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps of each phase")
     parser.add_argument("--eval-images", type=int, default=8, help="val images per evaluation")
     parser.add_argument("--skip-cocoeval", action="store_true")
+    parser.add_argument(
+        "--startup-only", action="store_true", help="time launch -> first step only (one supervised step, no eval)"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every launch")
     args = parser.parse_intermixed_args()
 
     start = time.time()
     data = write_standin(Path(args.data), args.train_images, args.val_images)
     print(f"stand-in ready in {time.time() - start:.0f} s: {data}", flush=True)
+    if args.startup_only:
+        startups = []
+        for processes in args.processes:
+            cache = Path(args.out) / f"records_cache_{processes}p"
+            shutil.rmtree(cache, ignore_errors=True)
+            startups.append(launch_to_first_step(f"first launch, {processes}p", processes, data, args, cache))
+            startups.append(launch_to_first_step(f"relaunch, {processes}p", processes, data, args, cache))
+        text = "\n".join(
+            ["| launch | processes | launch -> first step (s) | peak RSS (GB) |", "|---|---|---|---|"]
+            + [
+                f"| {r['name']} | {r['processes']} | {r['to_first_step_s']:.1f} | {r['peak_rss_gb']:.2f} |"
+                for r in startups
+            ]
+        )
+        print(text)
+        (Path(args.out) / "startup.md").write_text(text + "\n")
+        return
     launches = []
     for processes in args.processes:
         cache = Path(args.out) / f"records_cache_{processes}p"

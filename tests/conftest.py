@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,7 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # data.records_cache: auto writes under the datasets cache; tests keep theirs out of the user's home.
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="gd_hf_tests_datasets_"))
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="gd_hf_tests_datasets_")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 from gd_hf.config import Recipe, load_recipe  # noqa: E402
 from gd_hf.data.synthetic import generate  # noqa: E402

@@ -3,6 +3,7 @@ memory-mapped cache that relaunches and the other processes read, rebuilt when t
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import datasets
@@ -139,3 +140,22 @@ def test_an_unwritable_cache_folder_is_named_with_the_key_to_change(synthetic_ro
     blocker.write_text("a file where the cache folder should be")
     with pytest.raises(DataError, match=r"cannot write the records cache .*not_a_folder.*data.records_cache"):
         coco_records(synthetic_root / "annotations" / "instances_val.json", synthetic_root / "val", blocker / "cache")
+
+
+def test_a_build_left_half_written_by_a_dead_process_is_removed_and_a_running_one_kept(synthetic_root, tmp_path):
+    """A child killed mid-write leaves `.NAME.tmpPID` (GBs at COCO size): the next build removes it, unless that
+    process still runs (another launch writing the same cache)."""
+    import subprocess
+    import sys
+
+    annotations = synthetic_root / "annotations" / "instances_val.json"
+    cache = tmp_path / "cache"
+    folder = sources.records_cache_folder(annotations, synthetic_root / "val", cache)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = (folder.with_name(f".{folder.name}.tmp{pid}") for pid in (finished.stdout.strip(), os.getpid()))
+    for tmp in (dead, alive):
+        (tmp / "part").mkdir(parents=True)
+    coco_records(annotations, synthetic_root / "val", cache)
+    assert not dead.exists()
+    assert alive.exists()
+    assert (folder / RECORDS_INFO_FILE).is_file()
