@@ -74,6 +74,14 @@ class HubColumns:
     """Segmentation field inside objects: COCO polygons `[[x1, y1, ...], ...]` or RLE `{size, counts}`."""
     iscrowd: str = "iscrowd"
     """Optional crowd flag inside objects (crowd regions are never training targets)."""
+    mask: str = "annotation"
+    """With `data.mask_encoding`: the mask-image column (an `Image`; ImageFolder's `mask_file_name` -> `mask`)."""
+    semantic_class_to_id: str = "semantic_class_to_id"
+    """With `data.mask_encoding`: optional column `{class name: id}` (transformers' instance-segmentation example)."""
+    instance_classes: str = "instance_classes"
+    """`mask_encoding: instance_ids`: optional column `{instance id: class id}` of each image."""
+    segments_info: str = "segments_info"
+    """`mask_encoding: coco_panoptic`: the column of each image's segments (`id`, `category_id`, `iscrowd`)."""
 
 
 @dataclass
@@ -107,12 +115,27 @@ class DataConfig:
     """`source: hub`: the column mapping."""
     category_names: list[str] | None = None
     """Class names in class-id order, when the source does not name them (shards without
-    gd_hf_dataset.json, hub data sets without a ClassLabel)."""
+    gd_hf_dataset.json, hub data sets without a ClassLabel). With a mask encoding, a first name `background`
+    names class 0 as background (the classes are then ids 1..)."""
+    mask_encoding: Literal["semantic_instance_channels", "instance_ids", "cityscapes", "coco_panoptic"] | None = None
+    """`source: hub`: the objects are a mask image (`hub_columns.mask`) in this encoding instead of an objects
+    column (see `gd_hf.data.mask_images`). The COCO-folder equivalent is `python -m gd_hf.data.convert masks`."""
+    classes_file: str | None = None
+    """A JSON naming the classes: id2label `{"1": "cat"}`, label2id `{"cat": 1}`, a list of names, or a
+    transformers config.json. For hub data sets whose classes are not a ClassLabel or a `semantic_class_to_id`."""
+    crowd_masks_as_objects: bool = False
+    """`source: coco`: train on `iscrowd: 1` annotations as objects. CVAT (and some other tools) export every mask
+    instance as `iscrowd: 1` with an RLE; without this, those are ignored regions (COCO's meaning) and a split
+    of only such objects has nothing to learn from (a warning names the count)."""
+    drop_empty_categories: bool = False
+    """`source: coco`: drop the categories that no training annotation uses from the class list (Roboflow's root
+    category, say); they are always reported. Off by default: dropping renumbers the classes of the export."""
     records_cache: str | None = "auto"
     """`source: coco`: where the parsed, validated records of each instances JSON are kept as a memory-mapped
     `datasets` folder, so that a relaunch, a resume and every other process read them instead of parsing the
     JSON again (COCO train2017: minutes per parse, ~3 GB per process). `auto`: `$HF_DATASETS_CACHE/gd_hf_records`;
-    a path: there; `null`: no cache. A cache is rebuilt when its JSON's path, size or modification time changes."""
+    a path: there; `null`: no cache (every process of every launch parses the JSON itself: N processes, N parses
+    and N copies in memory). A cache is rebuilt when its JSON's path, size or modification time changes."""
     unlabeled_images: str | None = None
     """A folder of extra images without labels, added to the unlabeled split (searched recursively)."""
     streaming: bool = False

@@ -1,9 +1,20 @@
-"""Conversions into what gd_hf reads: Cityscapes -> COCO format, COCO folder -> Parquet shards.
+"""Conversions into what gd_hf reads: mask images / Cityscapes -> COCO format, COCO folder -> Parquet shards.
 
+    python -m gd_hf.data.convert masks IMAGES MASKS OUT.json --encoding ENCODING [--classes FILE]
+                                       [--panoptic-json FILE]
     python -m gd_hf.data.convert cityscapes CITYSCAPES_ROOT [--splits train val]
     python -m gd_hf.data.convert shards ANNOTATIONS IMAGES OUT [--num-shards 16]
 
-**Cityscapes.** `CITYSCAPES_ROOT` holds `leftImg8bit/{split}/{city}/*_leftImg8bit.png` and
+**Masks.** Every image under IMAGES (recursively) with its mask image in MASKS: the same relative path with a
+`.png` suffix (`a/b.jpg` -> `MASKS/a/b.png`), or for `coco_panoptic` the `file_name` the panoptic JSON gives.
+`--encoding` is one of `gd_hf.data.mask_images.MASK_ENCODINGS` (see that module). The classes come from
+`--classes` (a JSON id2label `{"1": "cat"}`, label2id `{"cat": 1}`, a list of names, or a transformers
+config.json), the panoptic JSON's thing categories, or Cityscapes' 8 instance classes. `instance_ids` takes each
+image's `{instance id: class id}` from a JSON beside its mask (`b.png` -> `b.json`), or, with a one-class
+`--classes`, that class for every instance. Writes a COCO instances JSON (compressed RLE, `file_name`s relative
+to IMAGES, image ids 1.. in sorted path order) that every recipe reads as `data.*_annotations`.
+
+**Cityscapes** (the `masks` converter's `cityscapes` encoding with Cityscapes' file layout). `CITYSCAPES_ROOT` holds `leftImg8bit/{split}/{city}/*_leftImg8bit.png` and
 `gtFine/{split}/{city}/*_gtFine_instanceIds.png` (the official archives, unpacked). A pixel of an
 instanceIds PNG is `class_id * 1000 + k` for instance k of a class that has instances, or just `class_id`
 where the annotators drew a group ("cars" too crowded to separate) or a class without instances. The 8
@@ -35,32 +46,126 @@ from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
 from gd_hf.data.coco import FEATURES, DataError, load_coco
+from gd_hf.data.mask_images import (
+    CITYSCAPES_INSTANCE_CLASSES,
+    DROPS_OTHER_CLASSES,
+    MASK_ENCODINGS,
+    ClassTable,
+    encode_objects,
+    objects_from_mask,
+    read_mask_array,
+)
 
 logger = logging.getLogger(__name__)
 
-CITYSCAPES_INSTANCE_CLASSES = {
-    24: "person",
-    25: "rider",
-    26: "car",
-    27: "truck",
-    28: "bus",
-    31: "train",
-    32: "motorcycle",
-    33: "bicycle",
-}
 SHARDS_INFO_FILE = "gd_hf_dataset.json"
 
 
-def _coco_annotation(mask: np.ndarray, category_id: int, iscrowd: int) -> dict[str, Any]:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
-    return {
-        "category_id": category_id,
-        "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()},
-        "area": float(mask_utils.area(rle)),
-        "bbox": [x, y, w, h],
-        "iscrowd": iscrowd,
-    }
+def _coco_annotations(converted, classes: ClassTable, image_id: int, first: int) -> list[dict[str, Any]]:
+    """One image's `ConvertedObjects` as COCO annotations (ids first+1, first+2, ...)."""
+    annotations = []
+    for category, counts, crowd in zip(converted.categories, converted.rle_counts, converted.iscrowd):
+        rle = {"size": list(converted.size), "counts": counts.encode()}
+        annotations.append(
+            {
+                "id": first + len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": classes.source_ids[category],
+                "segmentation": {"size": list(converted.size), "counts": counts},
+                "area": float(mask_utils.area(rle)),
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                "iscrowd": crowd,
+            }
+        )
+    return annotations
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def masks_to_coco(
+    images: str | Path,
+    masks: str | Path,
+    encoding: str,
+    classes: ClassTable | None = None,
+    panoptic_json: str | Path | None = None,
+) -> dict[str, Any]:
+    """The COCO instances dict of a folder of images and their mask images (see the module doc)."""
+    images, masks = Path(images), Path(masks)
+    if encoding not in MASK_ENCODINGS:
+        raise DataError(f"unknown --encoding {encoding!r}: one of {MASK_ENCODINGS}")
+    for folder, what in ((images, "image"), (masks, "mask")):
+        if not folder.is_dir():
+            raise DataError(f"{what} folder {folder} does not exist")
+    segments: dict[str, tuple[str, list]] = {}  # image path relative to IMAGES -> (mask file, segments_info)
+    if encoding == "coco_panoptic":
+        if panoptic_json is None:
+            raise DataError("--encoding coco_panoptic needs --panoptic-json (the panoptic annotations JSON)")
+        panoptic = json.loads(Path(panoptic_json).read_text())
+        by_id = {i["id"]: i["file_name"] for i in panoptic["images"]}
+        for a in panoptic["annotations"]:
+            segments[by_id[a["image_id"]]] = (a["file_name"], a["segments_info"])
+        if classes is None:
+            things = [c for c in panoptic["categories"] if c.get("isthing", 1)]
+            classes = ClassTable([c["id"] for c in things], [c["name"] for c in things])
+    elif encoding == "cityscapes" and classes is None:
+        classes = ClassTable(list(CITYSCAPES_INSTANCE_CLASSES), list(CITYSCAPES_INSTANCE_CLASSES.values()))
+    if classes is None:
+        raise DataError(f"--encoding {encoding} needs --classes (a JSON id2label, label2id or list of names)")
+    mask_root = masks.resolve()
+    image_files = sorted(
+        p
+        for p in images.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and mask_root not in p.resolve().parents  # masks inside IMAGES
+    )
+    if not image_files:
+        raise DataError(f"no images under {images}")
+    coco_images, annotations, dropped = [], [], {}
+    for image_id, image_file in enumerate(tqdm(image_files, desc=f"masks ({encoding})", unit="img"), 1):
+        relative = image_file.relative_to(images).as_posix()
+        if encoding == "coco_panoptic":
+            if relative not in segments:
+                raise DataError(f"{image_file}: the panoptic JSON has no annotation for {relative}")
+            mask_file, segments_info = masks / segments[relative][0], segments[relative][1]
+        else:
+            mask_file, segments_info = (masks / relative).with_suffix(".png"), None
+        if not mask_file.is_file():
+            raise DataError(f"{mask_file} (the mask of {image_file}) does not exist")
+        with Image.open(image_file) as image:
+            width, height = image.size
+        array = read_mask_array(mask_file)
+        if array.shape[:2] != (height, width):
+            raise DataError(f"{mask_file} is {array.shape[1]}x{array.shape[0]} but {image_file} is {width}x{height}")
+        instance_classes, single = None, None
+        if encoding == "instance_ids":
+            table_file = mask_file.with_suffix(".json")
+            if table_file.is_file():
+                instance_classes = json.loads(table_file.read_text())
+            elif len(classes.source_ids) == 1:
+                single = classes.source_ids[0]
+        objects = objects_from_mask(
+            array, encoding, instance_classes=instance_classes, segments_info=segments_info, single_class=single,
+            where=str(mask_file),
+        )  # fmt: skip
+        converted = encode_objects(objects, classes, str(mask_file), encoding in DROPS_OTHER_CLASSES)
+        for reason, n in converted.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + n
+        coco_images.append({"id": image_id, "file_name": relative, "width": width, "height": height})
+        annotations += _coco_annotations(converted, classes, image_id, len(annotations))
+    if dropped:
+        logger.info("%s: dropped objects of other classes: %s", masks, dropped)
+    categories = [{"id": i, "name": n} for i, n in zip(classes.source_ids, classes.names)]
+    return {"images": coco_images, "annotations": annotations, "categories": categories}
+
+
+def write_json(coco: dict[str, Any], path: str | Path) -> Path:
+    """Write a COCO dict atomically (never a half-written annotation file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(coco))
+    tmp.replace(path)
+    return path
 
 
 def cityscapes_to_coco(root: str | Path, split: str) -> dict[str, Any]:
@@ -71,6 +176,7 @@ def cityscapes_to_coco(root: str | Path, split: str) -> dict[str, Any]:
         raise DataError(f"{image_root} does not exist: unpack leftImg8bit_trainvaltest.zip into {root}")
     if not label_root.is_dir():
         raise DataError(f"{label_root} does not exist: unpack gtFine_trainvaltest.zip into {root}")
+    classes = ClassTable(list(CITYSCAPES_INSTANCE_CLASSES), list(CITYSCAPES_INSTANCE_CLASSES.values()))
     image_files = sorted(image_root.glob("*/*_leftImg8bit.png"))
     if not image_files:
         raise DataError(f"no */*_leftImg8bit.png under {image_root}")
@@ -82,8 +188,8 @@ def cityscapes_to_coco(root: str | Path, split: str) -> dict[str, Any]:
             raise DataError(f"{label_file} (labels of {image_file}) does not exist: is gtFine complete?")
         with Image.open(image_file) as image:
             width, height = image.size
-        ids = np.asarray(Image.open(label_file))
-        if ids.shape != (height, width):
+        ids = read_mask_array(label_file)
+        if ids.shape[:2] != (height, width):
             raise DataError(f"{label_file} is {ids.shape[1]}x{ids.shape[0]} but {image_file} is {width}x{height}")
         images.append(
             {
@@ -93,14 +199,11 @@ def cityscapes_to_coco(root: str | Path, split: str) -> dict[str, Any]:
                 "height": height,
             }
         )
-        for value in np.unique(ids):
-            value = int(value)
-            class_id = value // 1000 if value >= 1000 else value
-            if class_id not in CITYSCAPES_INSTANCE_CLASSES:
-                continue
-            annotation = _coco_annotation(ids == value, class_id, iscrowd=int(value < 1000))
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **annotation})
-    categories = [{"id": i, "name": name} for i, name in CITYSCAPES_INSTANCE_CLASSES.items()]
+        objects = objects_from_mask(ids, "cityscapes", where=str(label_file))
+        annotations += _coco_annotations(
+            encode_objects(objects, classes, str(label_file), True), classes, image_id, len(annotations)
+        )
+    categories = [{"id": i, "name": n} for i, n in zip(classes.source_ids, classes.names)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
@@ -164,6 +267,13 @@ def coco_to_shards(annotations: str | Path, images: str | Path, out: str | Path,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    masks = commands.add_parser("masks", help="images + mask images -> COCO instances JSON")
+    masks.add_argument("images")
+    masks.add_argument("masks")
+    masks.add_argument("out")
+    masks.add_argument("--encoding", required=True, choices=MASK_ENCODINGS)
+    masks.add_argument("--classes", help="JSON: id2label, label2id, a list of names, or a transformers config.json")
+    masks.add_argument("--panoptic-json", help="coco_panoptic: the panoptic annotations JSON")
     city = commands.add_parser("cityscapes", help="Cityscapes gtFine instance PNGs -> COCO instances JSON")
     city.add_argument("root")
     city.add_argument("--splits", nargs="+", default=["train", "val"])
@@ -175,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        if args.command == "cityscapes":
+        if args.command == "masks":
+            classes = ClassTable.from_file(args.classes) if args.classes else None
+            coco = masks_to_coco(args.images, args.masks, args.encoding, classes, args.panoptic_json)
+            print(write_json(coco, args.out))
+        elif args.command == "cityscapes":
             for path in convert_cityscapes(args.root, args.splits):
                 print(path)
         else:

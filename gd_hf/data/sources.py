@@ -37,6 +37,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import psutil
 import pyarrow.compute as pc
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -46,6 +47,14 @@ from tqdm.auto import tqdm
 from gd_hf.config import DataConfig
 from gd_hf.data.coco import FEATURES, PATH_FEATURES, DataError, _rle_from_segmentation, load_coco, to_hf_dataset
 from gd_hf.data.convert import SHARDS_INFO_FILE
+from gd_hf.data.mask_images import (
+    CITYSCAPES_INSTANCE_CLASSES,
+    DROPS_OTHER_CLASSES,
+    ClassTable,
+    encode_objects,
+    objects_from_mask,
+    read_mask_array,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +72,10 @@ class Categories:
     @property
     def id2label(self) -> dict[int, str]:
         return dict(enumerate(self.names))
+
+    def class_table(self) -> ClassTable:
+        """The same classes as a mask reader's table (source id -> contiguous id)."""
+        return ClassTable(list(self.ids), list(self.names))
 
 
 @dataclass
@@ -116,23 +129,23 @@ def records_cache_root(setting: str | None) -> Path | None:
     return Path(datasets.config.HF_DATASETS_CACHE) / "gd_hf_records" if setting == "auto" else Path(setting)
 
 
-def coco_records(annotation_file: str | Path, image_dir: str | Path, cache_root: Path | None) -> tuple[
-    datasets.Dataset, Categories
-]:  # fmt: skip
+def coco_records(
+    annotation_file: str | Path, image_dir: str | Path, cache_root: Path | None, crowd_as_objects: bool = False
+) -> tuple[datasets.Dataset, Categories]:
     """The gd_hf records of a COCO folder, and its categories: parsed and validated once (`load_coco`), then
     read from a memory-mapped `datasets` folder under `cache_root` (see `DataConfig.records_cache`).
 
-    The cache key is the JSON's resolved path, size and modification time and the image folder: an edited JSON
-    is parsed again. The parse runs in a child process, so the parsed JSON (GBs for COCO's train2017, which
+    The cache key is the JSON's resolved path, size and modification time, the image folder and
+    `crowd_as_objects` (see `load_coco`): an edited JSON is parsed again. The parse runs in a child process, so the parsed JSON (GBs for COCO's train2017, which
     Python would keep in this process's heap) goes with it; the folder is written under a temporary name and
     renamed into place, so a reader sees all of it or none. In a multi-process launch the main process of each machine builds
     it first (`prepare_data`), the others read it.
     """
     annotation_file, image_dir = Path(annotation_file), Path(image_dir)
     if cache_root is None:
-        source = load_coco(annotation_file, image_dir)
+        source = load_coco(annotation_file, image_dir, crowd_as_objects=crowd_as_objects)
         return to_hf_dataset(source), Categories(source.category_ids, source.category_names)
-    folder = records_cache_folder(annotation_file, image_dir, cache_root)
+    folder = records_cache_folder(annotation_file, image_dir, cache_root, crowd_as_objects)
     if (folder / RECORDS_INFO_FILE).is_file():
         logger.info("%s: records read from the cache %s", annotation_file, folder)
     else:
@@ -144,8 +157,10 @@ def coco_records(annotation_file: str | Path, image_dir: str | Path, cache_root:
                 f"cannot write the records cache {cache_root} ({e}): set data.records_cache to a writable folder, "
                 "or to null to parse the JSON at every launch"
             ) from e
+        remove_abandoned_builds(folder)
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-            child.submit(build_records_cache, annotation_file, image_dir, folder).result()  # re-raises DataError
+            # (.result() re-raises the child's DataError here)
+            child.submit(build_records_cache, annotation_file, image_dir, folder, crowd_as_objects).result()
     info = json.loads((folder / RECORDS_INFO_FILE).read_text())
     if info["skipped_annotations"]:  # said at every launch, also when read from the cache
         logger.warning(
@@ -158,7 +173,9 @@ def coco_records(annotation_file: str | Path, image_dir: str | Path, cache_root:
     return records, Categories(info["category_ids"], info["category_names"])
 
 
-def records_cache_folder(annotation_file: Path, image_dir: Path, cache_root: Path) -> Path:
+def records_cache_folder(
+    annotation_file: Path, image_dir: Path, cache_root: Path, crowd_as_objects: bool = False
+) -> Path:
     """The cache folder of an instances JSON: a new one whenever the file's path, size or mtime changes."""
     if not annotation_file.is_file():
         raise DataError(f"annotation file {annotation_file} does not exist: check data.*_annotations in the recipe")
@@ -171,16 +188,27 @@ def records_cache_folder(annotation_file: Path, image_dir: Path, cache_root: Pat
             stat.st_mtime_ns,
             str(image_dir.resolve()),
         ]
+        + (["crowd_as_objects"] if crowd_as_objects else [])  # (the default keeps existing caches' keys)
     )
     return cache_root / f"{annotation_file.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
 
 
-def build_records_cache(annotation_file: Path, image_dir: Path, folder: Path) -> None:
+def remove_abandoned_builds(folder: Path) -> None:
+    """Delete the half-written builds of `folder` whose process is gone (a child killed mid-write, e.g. by the
+    OOM killer: its `.NAME.tmpPID` folder holds GBs); a build whose process still runs is left to finish."""
+    for tmp in folder.parent.glob(f".{folder.name}.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            logger.info("removing %s, left by a records build that did not finish", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_records_cache(annotation_file: Path, image_dir: Path, folder: Path, crowd_as_objects: bool = False) -> None:
     """Parse and validate an instances JSON (`load_coco`) and save its records to `folder` (atomically)."""
     logging.getLogger("gd_hf").setLevel(logging.ERROR)  # the parent says what was skipped, from the info file
     # Absolute image paths: the cache is found by resolved paths, so a launch from another working directory
     # (or naming the folder another way) reads it too.
-    source = load_coco(annotation_file, image_dir.resolve())
+    source = load_coco(annotation_file, image_dir.resolve(), crowd_as_objects=crowd_as_objects)
     # Image paths as strings: save_to_disk would copy the files of an Image column into the folder.
     records = to_hf_dataset(source, features=PATH_FEATURES)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
@@ -202,13 +230,38 @@ def build_records_cache(annotation_file: Path, image_dir: Path, folder: Path) ->
 
 def open_coco(d: DataConfig) -> TrainVal:
     cache_root = records_cache_root(d.records_cache)
-    train, categories = coco_records(d.train_annotations, d.train_images, cache_root)
-    val, val_categories = coco_records(d.val_annotations, d.val_images, cache_root)
+    crowd = d.crowd_masks_as_objects
+    train, categories = coco_records(d.train_annotations, d.train_images, cache_root, crowd)
+    val, val_categories = coco_records(d.val_annotations, d.val_images, cache_root, crowd)
     if categories != val_categories:
         raise DataError(
             f"{d.train_annotations} and {d.val_annotations} list different categories: "
             f"{list(zip(categories.ids, categories.names))} vs {list(zip(val_categories.ids, val_categories.names))}"
         )
+    per_category, crowd_objects = object_statistics(train, len(categories.ids))
+    if crowd_objects and not per_category.any():
+        logger.warning(
+            "%s: all %d objects are crowd regions (iscrowd: 1), which are never training targets. Labeling tools "
+            "such as CVAT export every mask instance so: set data.crowd_masks_as_objects: true to train on them.",
+            d.train_annotations,
+            crowd_objects,
+        )
+    empty = [i for i in range(len(categories.ids)) if per_category[i] == 0]
+    if empty and per_category.any():
+        described = [f"{categories.names[i]} (id {categories.ids[i]})" for i in empty]
+        if d.drop_empty_categories:
+            logger.warning(
+                "%s: dropping %d categories no training annotation uses: %s", d.train_annotations, len(empty), described
+            )
+            train, val, categories = drop_categories(train, val, categories, set(empty), str(d.val_annotations))
+        else:
+            logger.warning(
+                "%s: %d categories have no training annotation: %s. They stay in the class list (the model can "
+                "never learn them); data.drop_empty_categories: true drops them.",
+                d.train_annotations,
+                len(empty),
+                described,
+            )
     return TrainVal(
         train=train,
         val=val,
@@ -219,6 +272,53 @@ def open_coco(d: DataConfig) -> TrainVal:
         val_ground_truth=coco_ground_truth(val, categories),
         description=str(d.train_annotations),
     )
+
+
+def object_statistics(records: datasets.Dataset, num_classes: int) -> tuple[np.ndarray, int]:
+    """Non-crowd objects per class (an array of `num_classes` counts) and the number of crowd objects; in Arrow."""
+    objects = records.select_columns(["objects"]).with_format("arrow")[:].column("objects").combine_chunks()
+    classes = pc.list_flatten(objects.field("category")).to_numpy(zero_copy_only=False)
+    crowd = pc.list_flatten(objects.field("iscrowd")).to_numpy(zero_copy_only=False).astype(bool)
+    return np.bincount(classes[~crowd], minlength=num_classes), int(crowd.sum())
+
+
+def drop_categories(
+    train: datasets.Dataset, val: datasets.Dataset, categories: Categories, dropped: set[int], val_where: str
+) -> tuple[datasets.Dataset, datasets.Dataset, Categories]:
+    """Remove classes from the class list: the remaining ones renumbered 0..C'-1, objects of removed classes
+    removed (in val too: said with a count)."""
+    new_id = {old: new for new, old in enumerate(i for i in range(len(categories.ids)) if i not in dropped)}
+    removed_from_val = [0]
+
+    def renumber(objects_batch: list[dict], count: list[int] | None) -> dict[str, list]:
+        out = []
+        for objects in objects_batch:
+            keep = [k for k, c in enumerate(objects["category"]) if c in new_id]
+            if count is not None:
+                count[0] += len(objects["category"]) - len(keep)
+            out.append(
+                {
+                    "category": [new_id[objects["category"][k]] for k in keep],
+                    "rle_counts": [objects["rle_counts"][k] for k in keep],
+                    "iscrowd": [objects["iscrowd"][k] for k in keep],
+                }
+            )
+        return {"objects": out}
+
+    train = train.map(renumber, input_columns=["objects"], batched=True, fn_kwargs={"count": None}, desc="drop classes")
+    val = val.map(
+        renumber,
+        input_columns=["objects"],
+        batched=True,
+        fn_kwargs={"count": removed_from_val},
+        load_from_cache_file=False,
+    )
+    if removed_from_val[0]:
+        logger.warning(
+            "%s: removed %d objects of the dropped categories from the evaluation", val_where, removed_from_val[0]
+        )
+    kept = sorted(new_id)
+    return train, val, Categories([categories.ids[i] for i in kept], [categories.names[i] for i in kept])
 
 
 # --- shards -------------------------------------------------------------------------------------------------
@@ -280,12 +380,22 @@ def _named_categories(d: DataConfig, where: str) -> Categories:
 # --- hub ----------------------------------------------------------------------------------------------------
 
 
+SKIPPED = "skipped"  # a temporary column of map-style hub records: why objects were skipped (counted, then dropped)
+
+
 @dataclass
 class HubRecordReader:
-    """Turns a row of a hub data set into a gd_hf record (`data.hub_columns` names the columns)."""
+    """Turns a row of a hub data set into a gd_hf record (`data.hub_columns` names the columns).
+
+    Objects come from the objects column (polygons, RLE, or dense H x W 0/1 masks) or, with `mask_encoding`, from
+    a mask image (`gd_hf.data.mask_images`). Classes are checked against the class list (ints in 0..C-1, or
+    names); unusable geometry is skipped and its reason kept in the `skipped` column when `report_skipped`."""
 
     columns: dict[str, str]
     has_image_id: bool
+    categories: Categories
+    mask_encoding: str | None = None
+    report_skipped: bool = False
 
     def __call__(self, row: dict[str, Any], index: int | None = None) -> dict[str, Any]:
         c = self.columns
@@ -299,47 +409,148 @@ class HubRecordReader:
                 image = {"bytes": cell.get("bytes"), "path": cell.get("path")}
         except (OSError, SyntaxError, ValueError) as e:
             raise DataError(f"row {image_id}: cannot read the image ({e})") from e
-        objects = row.get(c["objects"])
-        if objects is None:
-            raise DataError(f"row {image_id}: no column {c['objects']!r}")
-        if isinstance(objects, dict):  # a dict of lists -> a list of dicts
-            keys = list(objects)
-            objects = [dict(zip(keys, values)) for values in zip(*objects.values())]
-        categories, counts, crowd = [], [], []
-        for k, obj in enumerate(objects):
-            if c["category"] not in obj or c["segmentation"] not in obj:
-                raise DataError(f"row {image_id}, object {k}: no {c['category']!r} / {c['segmentation']!r} field")
-            try:
-                rle = _rle_from_segmentation(obj[c["segmentation"]], height, width)
-            except ValueError:
-                continue  # unusable geometry: skipped, as for COCO files
-            categories.append(int(obj[c["category"]]))
-            counts.append(rle["counts"])
-            crowd.append(int(obj.get(c["iscrowd"], 0) or 0))
-        return {
+        if self.mask_encoding is not None:
+            categories, counts, crowd, skipped = self._objects_from_mask(row, image_id, height, width)
+        else:
+            categories, counts, crowd, skipped = self._objects_from_column(row, image_id, height, width)
+        record = {
             "image": image,
             "image_id": int(image_id),
             "width": width,
             "height": height,
             "objects": {"category": categories, "rle_counts": counts, "iscrowd": crowd},
         }
+        if self.report_skipped:
+            record[SKIPPED] = skipped
+        elif skipped and not getattr(self, "_warned", False):  # streamed: said once per worker, not per record
+            logger.warning(
+                "%s: row %s: skipped objects (%s); later skips are not reported", c["objects"], image_id, skipped
+            )
+            self._warned = True
+        return record
+
+    def _objects_from_column(self, row, image_id, height, width):
+        c = self.columns
+        objects = row.get(c["objects"])
+        if objects is None:
+            raise DataError(f"row {image_id}: no column {c['objects']!r}")
+        if isinstance(objects, dict):  # a dict of lists -> a list of dicts
+            keys = list(objects)
+            objects = [dict(zip(keys, values)) for values in zip(*objects.values())]
+        categories, counts, crowd, skipped = [], [], [], []
+        for k, obj in enumerate(objects):
+            if c["category"] not in obj or c["segmentation"] not in obj:
+                raise DataError(f"row {image_id}, object {k}: no {c['category']!r} / {c['segmentation']!r} field")
+            category = self._category(obj[c["category"]], f"row {image_id}, object {k}")
+            segmentation = obj[c["segmentation"]]
+            try:
+                if _is_dense_mask(segmentation, height, width):
+                    mask = np.asfortranarray(np.asarray(segmentation, dtype=np.uint8))
+                    rle = mask_utils.encode(mask)
+                    if mask_utils.area(rle) == 0:
+                        raise ValueError("empty mask (zero area)")
+                    rle = {"counts": rle["counts"].decode()}
+                else:
+                    rle = _rle_from_segmentation(segmentation, height, width)
+            except ValueError as e:
+                skipped.append(str(e))  # unusable geometry: skipped and counted, as for COCO files
+                continue
+            categories.append(category)
+            counts.append(rle["counts"])
+            crowd.append(int(obj.get(c["iscrowd"], 0) or 0))
+        return categories, counts, crowd, skipped
+
+    def _objects_from_mask(self, row, image_id, height, width):
+        c = self.columns
+        cell = row.get(c["mask"])
+        if cell is None:
+            raise DataError(f"row {image_id}: no mask image in column {c['mask']!r} (data.hub_columns.mask)")
+        where = f"row {image_id}, column {c['mask']!r}"
+        try:
+            array = read_mask_array(cell)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{where}: cannot read the mask image ({e})") from e
+        if array.shape[:2] != (height, width):
+            raise DataError(f"{where}: the mask is {array.shape[1]}x{array.shape[0]} but the image {width}x{height}")
+        table = self.categories.class_table()
+        objects = objects_from_mask(
+            array,
+            self.mask_encoding,
+            instance_classes=row.get(c["instance_classes"]),
+            segments_info=row.get(c["segments_info"]),
+            single_class=table.source_ids[0] if len(table.source_ids) == 1 else None,
+            where=where,
+        )
+        converted = encode_objects(objects, table, where, self.mask_encoding in DROPS_OTHER_CLASSES)
+        skipped = [reason for reason, n in converted.dropped.items() for _ in range(n)]
+        return converted.categories, converted.rle_counts, converted.iscrowd, skipped
+
+    def _category(self, value: Any, where: str) -> int:
+        """A class as stored (an int in 0..C-1, or a name) -> its contiguous id; anything else is a DataError."""
+        names, ids = self.categories.names, self.categories.ids
+        if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+            if value not in names:
+                raise DataError(f"{where}: class {value!r} is not one of the class names {names}")
+            return names.index(value)
+        try:
+            category = int(value)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{where}: class {value!r} is neither a class id nor a name") from e
+        if category not in ids:
+            raise DataError(
+                f"{where}: class id {category} is not in the class list {dict(zip(ids, names))}: fix "
+                "data.category_names / data.classes_file / the ClassLabel, or the data"
+            )
+        return ids.index(category)
 
 
-def _hub_categories(features: datasets.Features, columns: dict[str, str], d: DataConfig) -> Categories:
-    objects = features.get(columns["objects"])
-    feature = None
-    if isinstance(objects, datasets.Sequence | datasets.List):
-        inner = objects.feature
-        feature = inner.get(columns["category"]) if isinstance(inner, dict) else None
+def _is_dense_mask(segmentation: Any, height: int, width: int) -> bool:
+    """An H x W array or nested list of 0/1 (not polygons, which are lists of coordinate lists)."""
+    if isinstance(segmentation, np.ndarray):
+        return segmentation.shape == (height, width)
+    if not (isinstance(segmentation, list) and len(segmentation) == height and segmentation):
+        return False
+    if not all(isinstance(r, list | np.ndarray) and len(r) == width for r in segmentation):
+        return False
+    return bool(np.isin(np.asarray(segmentation), (0, 1)).all())
+
+
+def _hub_categories(records: Records, columns: dict[str, str], d: DataConfig) -> Categories:
+    """The classes of a hub data set: `data.classes_file`, the objects' ClassLabel, a `semantic_class_to_id`
+    column (mask images), Cityscapes' instance classes (`mask_encoding: cityscapes`), or `data.category_names`."""
+    if d.classes_file:
+        table = ClassTable.from_file(d.classes_file)
+        return Categories(table.source_ids, table.names)
+    features = records.features or {}
+    if d.mask_encoding is None:
+        objects = features.get(columns["objects"])
+        feature = None
+        if isinstance(objects, datasets.Sequence | datasets.List):
+            inner = objects.feature
+            feature = inner.get(columns["category"]) if isinstance(inner, dict) else None
+        elif isinstance(objects, dict):
+            feature = objects.get(columns["category"])
         if isinstance(feature, datasets.Sequence | datasets.List):
             feature = feature.feature
-    elif isinstance(objects, dict):
-        feature = objects.get(columns["category"])
-        if isinstance(feature, datasets.Sequence | datasets.List):
-            feature = feature.feature
-    if isinstance(feature, datasets.ClassLabel):
-        return Categories(list(range(feature.num_classes)), list(feature.names))
-    return _named_categories(d, f"the ClassLabel of {columns['objects']}.{columns['category']}")
+        if isinstance(feature, datasets.ClassLabel):
+            return Categories(list(range(feature.num_classes)), list(feature.names))
+        return _named_categories(d, f"the ClassLabel of {columns['objects']}.{columns['category']}")
+    if columns["semantic_class_to_id"] in features:
+        first = next(iter(records.select_columns([columns["semantic_class_to_id"]])))
+        mapping = first[columns["semantic_class_to_id"]]
+        table = ClassTable.from_mapping(
+            json.loads(mapping) if isinstance(mapping, str) else mapping, columns["semantic_class_to_id"]
+        )
+        return Categories(table.source_ids, table.names)
+    if d.category_names:
+        table = ClassTable.from_mapping(dict(enumerate(d.category_names)), "data.category_names")
+        return Categories(table.source_ids, table.names)
+    if d.mask_encoding == "cityscapes":
+        return Categories(list(CITYSCAPES_INSTANCE_CLASSES), list(CITYSCAPES_INSTANCE_CLASSES.values()))
+    raise DataError(
+        f"no class names for the mask images of {d.hub_dataset}: set data.classes_file (an id2label JSON) or "
+        f"data.category_names, or add a {columns['semantic_class_to_id']!r} column"
+    )
 
 
 def open_hub(d: DataConfig) -> TrainVal:
@@ -348,6 +559,13 @@ def open_hub(d: DataConfig) -> TrainVal:
     columns = dataclasses.asdict(d.hub_columns)
 
     def load(split: str, streaming: bool) -> Records:
+        folder = Path(d.hub_dataset)
+        if (folder / "dataset_dict.json").is_file():  # a DatasetDict.save_to_disk folder (load_dataset refuses it)
+            saved = datasets.load_from_disk(str(folder))
+            if split not in saved:
+                raise DataError(f"{folder} has no split {split!r} (its splits: {sorted(saved)}): set data.hub_*_split")
+            records = saved[split]
+            return records.to_iterable_dataset(num_shards=min(64, max(1, len(records)))) if streaming else records
         try:
             return datasets.load_dataset(d.hub_dataset, split=split, revision=d.hub_revision, streaming=streaming)
         except (FileNotFoundError, ValueError, ConnectionError) as e:
@@ -355,13 +573,13 @@ def open_hub(d: DataConfig) -> TrainVal:
 
     train = load(d.hub_train_split, d.streaming)
     features = train.features
+    objects_column = columns["mask"] if d.mask_encoding else columns["objects"]
     if features is not None:
-        required = [columns["image"], columns["objects"]]
-        missing = [name for name in required if name not in features]
+        missing = [name for name in (columns["image"], objects_column) if name not in features]
         if missing:
             raise DataError(
                 f"{d.hub_dataset} has no column(s) {missing} (its columns: {sorted(features)}): "
-                "map them with data.hub_columns"
+                "map them with data.hub_columns" + ("" if d.mask_encoding else " (mask images: set data.mask_encoding)")
             )
     has_image_id = features is not None and columns["image_id"] in features
     if d.streaming and not has_image_id:
@@ -369,24 +587,41 @@ def open_hub(d: DataConfig) -> TrainVal:
             f"{d.hub_dataset} has no image-id column {columns['image_id']!r}: streaming needs one to split labeled "
             "from unlabeled images; set data.hub_columns.image_id or data.streaming: false"
         )
-    categories = _hub_categories(features, columns, d)
-    reader = HubRecordReader(columns, has_image_id)
-    keep = [columns["image"], columns["objects"]] + ([columns["image_id"]] if has_image_id else [])
+    categories = _hub_categories(train, columns, d)
+    keep = [columns["image"], objects_column] + ([columns["image_id"]] if has_image_id else [])
+    if d.mask_encoding and features is not None:
+        keep += [columns[k] for k in ("instance_classes", "segments_info") if columns[k] in features]
 
-    def canonical(records: Records, streaming: bool) -> Records:
+    def canonical(records: Records, streaming: bool, split: str) -> Records:
         records = records.select_columns(keep).cast_column(columns["image"], datasets.Image(decode=False))
+        if d.mask_encoding:
+            records = records.cast_column(columns["mask"], datasets.Image(decode=False))
+        reader = HubRecordReader(columns, has_image_id, categories, d.mask_encoding, report_skipped=not streaming)
         if streaming:
             return records.map(reader, with_indices=True, features=FEATURES, remove_columns=keep)
-        return records.map(reader, with_indices=True, features=FEATURES, remove_columns=keep, desc="hub records")
+        features = datasets.Features({**FEATURES, SKIPPED: datasets.List(datasets.Value("string"))})
+        records = records.map(reader, with_indices=True, features=features, remove_columns=keep, desc="hub records")
+        _report_skipped(records[SKIPPED], f"{d.hub_dataset} ({split})")
+        return records.remove_columns(SKIPPED)
 
-    val = canonical(load(d.hub_val_split, False), False)
+    val = canonical(load(d.hub_val_split, False), False, d.hub_val_split)
     return TrainVal(
-        train=canonical(train, d.streaming),
+        train=canonical(train, d.streaming, d.hub_train_split),
         val=val.cast_column("image", datasets.Image(decode=False)),
         categories=categories,
         val_ground_truth=coco_ground_truth(val, categories),
         description=f"{d.hub_dataset} ({d.hub_train_split})",
     )
+
+
+def _report_skipped(reasons_per_row: list[list[str]], where: str) -> None:
+    """Skipped objects, counted by reason, said as the COCO path says them."""
+    counts: dict[str, int] = {}
+    for reasons in reasons_per_row:
+        for reason in reasons:
+            counts[reason] = counts.get(reason, 0) + 1
+    if counts:
+        logger.warning("%s: skipped %d objects: %s", where, sum(counts.values()), counts)
 
 
 # --- image folder (unlabeled) -------------------------------------------------------------------------------
@@ -454,6 +689,13 @@ def select_ids(records: Records, image_ids: list[int], all_ids: list[int] | None
         all_ids = all_ids if all_ids is not None else records["image_id"]
         return records.select([row for row, image_id in enumerate(all_ids) if image_id in wanted])
     return records.filter(lambda image_id: image_id in wanted, input_columns=["image_id"])
+
+
+def ground_truth_from_json(annotation_file: str | Path) -> COCO:
+    """The pycocotools ground truth of a COCO instances JSON as gd_hf reads it (`load_coco`: polygons, RLE, missing
+    `iscrowd`, box-only and empty objects, any ids), not as pycocotools would read the raw file."""
+    source = load_coco(annotation_file, Path(annotation_file).parent, check_images=False)
+    return coco_ground_truth(to_hf_dataset(source), Categories(source.category_ids, source.category_names))
 
 
 def coco_ground_truth(records: datasets.Dataset, categories: Categories) -> COCO:
