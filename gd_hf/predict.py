@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
+from gd_hf.data.loading import to_rgb
 from gd_hf.data.sources import IMAGE_SUFFIXES
 from gd_hf.data.transforms import eval_size, normalize, pad_to, padded_size, resize
 from gd_hf.evaluation import post_process_instances, to_coco_results
@@ -77,9 +78,10 @@ def draw_overlay(
 
 
 def load_image(path: Path) -> Image.Image:
+    """The image as training and evaluation read it (`to_rgb`: a 16-bit TIFF is scaled, not clipped to white)."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)  # photos as they are shown, not as they are stored
-        return image.convert("RGB")
+        return to_rgb(image)
 
 
 @torch.no_grad()

@@ -50,6 +50,20 @@ def test_16_bit_png_is_scaled_not_clipped():
     assert np.abs(pixels[0].numpy().astype(int) - expected).max() <= 1  # a ramp, not a white image
 
 
+def test_predict_reads_a_16_bit_tiff_as_training_does(tmp_path):
+    """`gd_hf.predict` must give the model the pixels it was trained and evaluated on: PIL's own
+    convert("RGB") clips 16-bit values to white."""
+    from gd_hf.predict import load_image
+
+    values = np.linspace(0, 65535, 32 * 8).reshape(8, 32).astype(np.uint16)
+    path = tmp_path / "scan.tif"
+    Image.fromarray(values).save(path)
+    trained_on = read_image({"image": {"path": str(path), "bytes": None}, "image_id": 1, "width": 32, "height": 8})
+    predicted_on = torch.from_numpy(np.asarray(load_image(path)).copy()).permute(2, 0, 1)
+    assert torch.equal(predicted_on, trained_on)
+    assert predicted_on.float().std() > 50  # a ramp
+
+
 def exif_rotated(image: Image.Image, orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation

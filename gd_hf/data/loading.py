@@ -67,7 +67,7 @@ def read_image(example: dict[str, Any]) -> torch.Tensor:
         turned = ImageOps.exif_transpose(image)
         if stated[0] <= 0 or (turned.width, turned.height) == stated:
             image = turned
-    image = _to_rgb(image)
+    image = to_rgb(image)
     # width/height 0: a record without a stated size (plain image folders); any other mismatch is an error.
     if stated[0] > 0 and (image.width, image.height) != stated:
         raise DataError(
@@ -77,7 +77,8 @@ def read_image(example: dict[str, Any]) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB, as training and evaluation see it (16/32-bit and float scaled, not clipped)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         values = np.asarray(image).astype(np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
