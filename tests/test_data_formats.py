@@ -276,27 +276,25 @@ def test_imagefolder_with_a_mask_column_reads_through_the_same_reader(example_sc
 # --- COCO panoptic ---------------------------------------------------------------------------------------------
 
 
-def test_a_coco_panoptic_pair_converts_things_only(example_scenes, tmp_path, synthetic_root):
-    """PNG segment id = R + 256 G + 256^2 B with segments_info; a stuff segment (sky) is not an object."""
-    from gd_hf.data.coco import load_coco
-
-    scenes = example_scenes[0][:4]
-    (tmp_path / "images").mkdir()
-    (tmp_path / "panoptic").mkdir()
+def write_panoptic(scenes: list[Scene], root: Path) -> Path:
+    """A COCO-panoptic pair under `root`: images/*.jpg, panoptic/*.png (segment id = R + 256 G + 256^2 B, ids
+    above 65,535 so that all three channels are used) and panoptic.json; a stuff segment (sky) in every image."""
+    (root / "images").mkdir(parents=True)
+    (root / "panoptic").mkdir()
     images, annotations = [], []
     for k, scene in enumerate(scenes):
         height, width = scene.pixels.shape[:2]
-        Image.fromarray(scene.pixels).save(tmp_path / "images" / f"{k:012d}.jpg", quality=95)
+        Image.fromarray(scene.pixels).save(root / "images" / f"{k:012d}.jpg", quality=95)
         ids = np.zeros((height, width), dtype=np.int64)
         segments = []
         sky = np.zeros((height, width), bool)
         sky[0, :] = True  # the top row: a stuff segment
         for j, (class_id, mask) in enumerate([*scene.objects, (184, sky & ~np.any([m for _, m in scene.objects], 0))]):
-            segment_id = 70_000 + 300 * k + j  # ids above 65,535: all three channels in use
+            segment_id = 70_000 + 300 * k + j
             ids[mask] = segment_id
             segments.append({"id": segment_id, "category_id": class_id, "iscrowd": 0, "area": int(mask.sum())})
         rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
-        Image.fromarray(rgb).save(tmp_path / "panoptic" / f"{k:012d}.png")
+        Image.fromarray(rgb).save(root / "panoptic" / f"{k:012d}.png")
         images.append({"id": k, "file_name": f"{k:012d}.jpg", "height": height, "width": width})
         annotations.append({"image_id": k, "file_name": f"{k:012d}.png", "segments_info": segments})
     categories = [
@@ -304,8 +302,17 @@ def test_a_coco_panoptic_pair_converts_things_only(example_scenes, tmp_path, syn
         {"id": 2, "name": "dog", "isthing": 1},
         {"id": 184, "name": "sky", "isthing": 0},
     ]
-    panoptic = tmp_path / "panoptic.json"
+    panoptic = root / "panoptic.json"
     panoptic.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return panoptic
+
+
+def test_a_coco_panoptic_pair_converts_things_only(example_scenes, tmp_path, synthetic_root):
+    """PNG segment id = R + 256 G + 256^2 B with segments_info; a stuff segment (sky) is not an object."""
+    from gd_hf.data.coco import load_coco
+
+    scenes = example_scenes[0][:4]
+    panoptic = write_panoptic(scenes, tmp_path)
     out = tmp_path / "instances.json"
     args = ["masks", str(tmp_path / "images"), str(tmp_path / "panoptic"), str(out), "--encoding", "coco_panoptic"]
     assert convert_main([*args, "--panoptic-json", str(panoptic)]) == 0
@@ -323,6 +330,37 @@ def test_a_coco_panoptic_pair_converts_things_only(example_scenes, tmp_path, syn
     source = [f"data.{split}_{key}={path}" for split in ("train", "val") for key, path in
               (("images", tmp_path / "images"), ("annotations", out))]  # fmt: skip
     assert list(train_briefly(source, tmp_path, synthetic_root).values()) == ["cat", "dog"]
+
+
+def test_coco_panoptic_on_the_hub_reads_segments_info_and_drops_stuff(example_scenes, tmp_path, caplog):
+    """COCO panoptic as a hub data set: the image, the panoptic PNG and each image's `segments_info`; the class
+    file lists the thing classes, so the sky segments (class 184) are dropped and counted."""
+    scenes = example_scenes[0][:4]
+    panoptic = json.loads(write_panoptic(scenes, tmp_path / "pair").read_text())
+    rows = {
+        "image": [str(tmp_path / "pair" / "images" / i["file_name"]) for i in panoptic["images"]],
+        "annotation": [str(tmp_path / "pair" / "panoptic" / a["file_name"]) for a in panoptic["annotations"]],
+        "segments_info": [
+            [{k: s[k] for k in ("id", "category_id", "iscrowd")} for s in a["segments_info"]]
+            for a in panoptic["annotations"]
+        ],  # fmt: skip
+    }
+    split = (
+        datasets.Dataset.from_dict(rows)
+        .cast_column("image", datasets.Image())
+        .cast_column("annotation", datasets.Image())
+    )
+    datasets.DatasetDict(train=split, validation=split).save_to_disk(str(tmp_path / "hub"))
+    classes = tmp_path / "things.json"
+    classes.write_text(json.dumps({"1": "cat", "2": "dog"}))
+    config = DataConfig(
+        source="hub", hub_dataset=str(tmp_path / "hub"), mask_encoding="coco_panoptic", classes_file=str(classes)
+    )
+    with caplog.at_level(logging.WARNING, logger="gd_hf"):
+        opened = open_source(config)
+    assert opened.categories.ids == [1, 2]
+    assert_records_match(opened.train, dict(enumerate(scenes)), {1: 0, 2: 1})
+    assert f"skipped {len(scenes)} objects: {{'class 184 not in the class list': {len(scenes)}}}" in caplog.text
 
 
 # --- labeling-tool COCO exports --------------------------------------------------------------------------------
