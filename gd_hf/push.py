@@ -10,6 +10,7 @@ never printed. A failed push changes nothing locally: run the same command again
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import time
@@ -45,11 +46,23 @@ def push_command(output: Path, repo_id: str, revision: str | None, private: bool
     return " ".join(parts)
 
 
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The HTTP client's transport errors (refused, dropped or timed-out connections). huggingface_hub 1.x/2.x
+    talk through httpx (or its fork httpx2), whose errors are not `ConnectionError` or `OSError`."""
+    found: list[type[Exception]] = []
+    for name in ("httpx", "httpx2"):
+        try:
+            found.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
 def _is_transient(error: Exception) -> bool:
     if isinstance(error, HfHubHTTPError):
         status = error.response.status_code if error.response is not None else None
         return status is None or status in TRANSIENT_STATUS
-    return isinstance(error, (ConnectionError, TimeoutError, OSError))
+    return isinstance(error, (ConnectionError, TimeoutError, OSError, *_transport_errors()))
 
 
 def push_export(
@@ -63,8 +76,8 @@ def push_export(
 ) -> str:
     """Create the repo (and branch) if needed and upload `folder` as one commit; returns the commit URL.
 
-    Transient failures (connection errors, HTTP 408/429/5xx) are retried `retries` times with exponential
-    back-off; anything else (bad token, no access) fails at once. Raises `PushError` with the command that
+    Transient failures (refused, dropped or timed-out connections; HTTP 408/425/429/5xx) are retried `retries`
+    times, waiting `backoff_s`, then twice as long before each next retry; anything else (bad token, no access) fails at once. Raises `PushError` with the command that
     pushes again."""
     folder = Path(folder)
     api = HfApi()

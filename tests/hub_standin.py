@@ -13,6 +13,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
+DROP = 0  # `fail(..., DROP)`: close the connection without a response
+
 
 class HubStandIn:
     def __init__(self) -> None:
@@ -58,6 +60,9 @@ class HubStandIn:
                 for failure in stand_in.failures:
                     if failure[2] > 0 and re.search(failure[0], path):
                         failure[2] -= 1
+                        if failure[1] == DROP:  # the connection closes with no response at all
+                            self.close_connection = True
+                            return None
                         return self._reply(failure[1], {"error": "stand-in failure"})
                 if path == "/api/repos/create":
                     payload = json.loads(body or b"{}")
@@ -109,6 +114,7 @@ class HubStandIn:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def fail(self, path_regex: str, status: int, times: int = 1) -> None:
+        """The next `times` calls to a path answer `status`, or drop the connection with `status=DROP`."""
         self.failures.append([path_regex, status, times])
 
     def __enter__(self) -> HubStandIn:

@@ -20,7 +20,7 @@ from gd_hf.model_card import card_metadata
 from gd_hf.push import PushError, push_export
 from gd_hf.train import main
 from tests.conftest import ONE_LAUNCH_SSL, tiny_overrides
-from tests.hub_standin import HubStandIn
+from tests.hub_standin import DROP, HubStandIn
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_standinsecrettoken0123456789"
@@ -134,6 +134,48 @@ def test_transient_failures_are_retried(trained_run, hub):
     push_export(trained_run / "final", "me/gd-model", retries=2, backoff_s=0.01)
     assert [p for m, p, _ in hub.requests].count("/api/repos/create") == 3
     assert len(hub.commits) == 1 and hub.commits[0]["revision"] == "main"
+
+
+@pytest.fixture
+def waits(monkeypatch):
+    """The back-off waits a push sleeps, recorded instead of slept."""
+    import gd_hf.push
+
+    slept: list[float] = []
+    monkeypatch.setattr(gd_hf.push.time, "sleep", slept.append)
+    return slept
+
+
+@pytest.mark.parametrize("failure", [DROP, 429, 503], ids=["dropped_connection", "429", "503"])
+def test_transport_and_rate_limit_failures_are_retried_with_the_documented_back_off(trained_run, hub, waits, failure):
+    """A connection dropped without a response (an httpx transport error, not an OSError) is retried like a
+    429 or 503: N failures, N + 1 attempts, waits b, 2b, 4b, ..., then the push succeeds."""
+    hub.fail(r"/api/repos/create", failure, times=3)
+    push_export(trained_run / "final", "me/gd-model", retries=4, backoff_s=0.5)
+    assert [p for m, p, _ in hub.requests].count("/api/repos/create") == 4
+    assert waits == [0.5, 1.0, 2.0]
+    assert len(hub.commits) == 1
+
+
+def test_a_refused_connection_is_retried_then_reported_with_the_command(trained_run, monkeypatch, waits):
+    """Nothing listens on the endpoint: every attempt is refused (httpx ConnectError); retries, then a PushError
+    that says how to push again."""
+    import socket
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    probe.close()  # nothing listens there now
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", closed)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", closed)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with pytest.raises(PushError) as error:
+        push_export(trained_run / "final", "me/gd-model", retries=2, backoff_s=0.25)
+    assert waits == [0.25, 0.5]
+    assert "ConnectError" in str(error.value) and "push it again with: python -m gd_hf.push" in str(error.value)
+    assert TOKEN not in str(error.value)
 
 
 def test_failed_push_keeps_the_outputs_and_says_how_to_push_again(trained_run, hub, capsys):
