@@ -115,8 +115,8 @@ class DataConfig:
     """`source: hub`: the column mapping."""
     category_names: list[str] | None = None
     """Class names in class-id order, when the source does not name them (shards without
-    gd_hf_dataset.json, hub data sets without a ClassLabel). With a mask encoding, a first name `background`
-    names class 0 as background (the classes are then ids 1..)."""
+    gd_hf_dataset.json, hub data sets without a ClassLabel). With `mask_encoding: semantic_instance_channels`
+    (where class 0 is background) they name ids 1, 2, ... (or 0, 1, ... with a first name `background`)."""
     mask_encoding: Literal["semantic_instance_channels", "instance_ids", "cityscapes", "coco_panoptic"] | None = None
     """`source: hub`: the objects are a mask image (`hub_columns.mask`) in this encoding instead of an objects
     column (see `gd_hf.data.mask_images`). The COCO-folder equivalent is `python -m gd_hf.data.convert masks`."""
@@ -124,9 +124,10 @@ class DataConfig:
     """A JSON naming the classes: id2label `{"1": "cat"}`, label2id `{"cat": 1}`, a list of names, or a
     transformers config.json. For hub data sets whose classes are not a ClassLabel or a `semantic_class_to_id`."""
     crowd_masks_as_objects: bool = False
-    """`source: coco`: train on `iscrowd: 1` annotations as objects. CVAT (and some other tools) export every mask
-    instance as `iscrowd: 1` with an RLE; without this, those are ignored regions (COCO's meaning) and a split
-    of only such objects has nothing to learn from (a warning names the count)."""
+    """`source: coco`: read `iscrowd: 1` annotations as objects, in train (targets) and val (ground truth to
+    detect). CVAT (and some other tools) export every mask instance as `iscrowd: 1` with an RLE; without this,
+    those are ignored regions (COCO's meaning) and a split of mostly such objects has little to learn from (a
+    warning names the count when they are the majority)."""
     drop_empty_categories: bool = False
     """`source: coco`: drop the categories that no training annotation uses from the class list (Roboflow's root
     category, say); they are always reported. Off by default: dropping renumbers the classes of the export."""

@@ -96,8 +96,14 @@ def train_briefly(overrides: list[str], tmp_path: Path, synthetic_root: Path) ->
     """Two training steps and an evaluation of the tiny model on the source the overrides name."""
     out = tmp_path / "run"
     base = tiny_overrides(synthetic_root, out) + ["train.max_steps=2", "train.checkpoint_every=0"]
-    metrics = train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", base + overrides))
+    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", base + overrides)
+    opened = open_source(recipe.data)
+    metrics = train(recipe)
     assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    # The evaluation predicted on every val image, with the source's own category ids.
+    predictions = json.loads(sorted((out / "predictions").glob("*.json"))[-1].read_text())
+    assert {r["image_id"] for r in predictions} == set(opened.val["image_id"])
+    assert {r["category_id"] for r in predictions} <= set(opened.categories.ids)
     return json.loads((out / "final" / "config.json").read_text())["id2label"]
 
 
@@ -332,7 +338,8 @@ def test_a_coco_panoptic_pair_converts_things_only(example_scenes, tmp_path, syn
     assert list(train_briefly(source, tmp_path, synthetic_root).values()) == ["cat", "dog"]
 
 
-def test_coco_panoptic_on_the_hub_reads_segments_info_and_drops_stuff(example_scenes, tmp_path, caplog):
+@pytest.mark.parametrize("typed_as", ["list of dicts", "Sequence (dict of lists)"])
+def test_coco_panoptic_on_the_hub_reads_segments_info_and_drops_stuff(example_scenes, tmp_path, caplog, typed_as):
     """COCO panoptic as a hub data set: the image, the panoptic PNG and each image's `segments_info`; the class
     file lists the thing classes, so the sky segments (class 184) are dropped and counted."""
     scenes = example_scenes[0][:4]
@@ -345,16 +352,28 @@ def test_coco_panoptic_on_the_hub_reads_segments_info_and_drops_stuff(example_sc
             for a in panoptic["annotations"]
         ],  # fmt: skip
     }
-    split = (
-        datasets.Dataset.from_dict(rows)
-        .cast_column("image", datasets.Image())
-        .cast_column("annotation", datasets.Image())
+    segment = {
+        "id": datasets.Value("int64"),
+        "category_id": datasets.Value("int64"),
+        "iscrowd": datasets.Value("int64"),
+    }
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "annotation": datasets.Image(),
+            "segments_info": datasets.List(segment) if typed_as == "list of dicts" else datasets.Sequence(segment),
+        }
     )
+    if typed_as != "list of dicts":  # a Sequence of dicts is written (and read back) as a dict of lists
+        rows["segments_info"] = [{k: [x[k] for x in info] for k in segment} for info in rows["segments_info"]]
+    split = datasets.Dataset.from_dict(rows, features=features)
     datasets.DatasetDict(train=split, validation=split).save_to_disk(str(tmp_path / "hub"))
-    classes = tmp_path / "things.json"
-    classes.write_text(json.dumps({"1": "cat", "2": "dog"}))
+    # The class file is the panoptic JSON itself: its thing categories are the classes, sky (isthing 0) is not.
     config = DataConfig(
-        source="hub", hub_dataset=str(tmp_path / "hub"), mask_encoding="coco_panoptic", classes_file=str(classes)
+        source="hub",
+        hub_dataset=str(tmp_path / "hub"),
+        mask_encoding="coco_panoptic",
+        classes_file=str(tmp_path / "pair" / "panoptic.json"),
     )
     with caplog.at_level(logging.WARNING, logger="gd_hf"):
         opened = open_source(config)
@@ -466,17 +485,19 @@ def test_a_label_studio_export_with_ids_from_zero_and_no_iscrowd_trains_and_eval
     opened = open_source(recipe.data)
     assert opened.categories.ids == [0, 1]  # category id 0 is a class like any other
     assert_records_match(opened.train, dict(enumerate(train_scenes)), {1: 0})  # image id 0 included
-    # Annotation id 0 and image id 0 are evaluated: the ground truth as its own prediction scores 100.
-    truth = opened.val_ground_truth
-    perfect = [
-        {k: a[k] for k in ("image_id", "category_id", "segmentation")} | {"score": 1.0}
-        for a in truth.dataset["annotations"]
-    ]
+    # Predictions written from the drawn masks (not from the ground truth): image 0 and annotation 0 count.
     from gd_hf.evaluation import coco_mask_ap
 
-    assert 0 in {a["image_id"] for a in perfect}
-    assert coco_mask_ap(truth, perfect)["AP"] == pytest.approx(100.0)
+    perfect = []
+    for image_id, scene in enumerate(val_scenes):
+        for _, mask in scene.objects:
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            perfect.append({"image_id": image_id, "category_id": 0, "score": 1.0,
+                            "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()}})  # fmt: skip
+    assert json.loads(val_export[0].read_text())["annotations"][0]["id"] == 0
+    assert coco_mask_ap(opened.val_ground_truth, perfect)["AP"] == pytest.approx(100.0)
     assert coco_mask_ap(val_export[0], perfect)["AP"] == pytest.approx(100.0)  # the raw file, read the same way
+    assert coco_mask_ap(val_export[0], perfect[1:])["AP"] < 100.0  # leaving annotation 0 out is a miss
     train_briefly(export_source(train_export, val_export), tmp_path, synthetic_root)
 
 
@@ -553,3 +574,111 @@ def test_hub_classes_outside_the_class_list_fail_at_start(example_scenes, tmp_pa
     folder = hub_objects_folder(tmp_path, scenes, objects)
     with pytest.raises(DataError, match=r"row 0, object 0: " + message):
         open_source(DataConfig(source="hub", hub_dataset=str(folder), category_names=["cat", "dog"]))
+
+
+def test_class_zero_is_background_in_the_example_layout_whatever_the_class_list_says(example_scenes, tmp_path, caplog):
+    """semantic_instance_channels: class 0 pixels are background. Recipe names count from 1; a table that names
+    id 0 otherwise (a reduce-labels config.json) loses it with a warning instead of a class nothing can learn."""
+    train_scenes, val_scenes = example_scenes
+    folder = tmp_path / "example"
+    splits = datasets.DatasetDict(
+        train=transformers_example_dataset(train_scenes).remove_columns("semantic_class_to_id"),
+        validation=transformers_example_dataset(val_scenes).remove_columns("semantic_class_to_id"),
+    )
+    splits.save_to_disk(str(folder))
+    names = DataConfig(
+        source="hub", hub_dataset=str(folder), mask_encoding="semantic_instance_channels", category_names=["cat", "dog"]
+    )
+    opened = open_source(names)
+    assert opened.categories.ids == [1, 2] and opened.categories.names == ["cat", "dog"]
+    assert_records_match(opened.train, dict(enumerate(train_scenes)), {1: 0, 2: 1})
+    table = tmp_path / "id2label.json"
+    table.write_text(json.dumps({"0": "unlabeled", "1": "cat", "2": "dog"}))
+    config = DataConfig(
+        source="hub", hub_dataset=str(folder), mask_encoding="semantic_instance_channels", classes_file=str(table)
+    )
+    with caplog.at_level(logging.WARNING, logger="gd_hf"):
+        opened = open_source(config)
+    assert opened.categories.names == ["cat", "dog"]
+    assert "class id 0 ('unlabeled') is background" in caplog.text
+
+
+def test_mask_images_of_the_wrong_size_or_with_unknown_classes_fail_at_start(example_scenes, tmp_path):
+    scenes = example_scenes[0][:2]
+    wrong_size = datasets.Dataset.from_dict(
+        {
+            "image": [Image.fromarray(s.pixels) for s in scenes],
+            "annotation": [semantic_instance_png(s).resize((8, 8)) for s in scenes],
+        },
+        features=datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()}),
+    )
+    datasets.DatasetDict(train=wrong_size, validation=wrong_size).save_to_disk(str(tmp_path / "small"))
+    config = DataConfig(
+        source="hub",
+        hub_dataset=str(tmp_path / "small"),
+        mask_encoding="semantic_instance_channels",
+        category_names=["cat", "dog"],
+    )
+    with pytest.raises(DataError, match=r"row 0, column 'annotation': the mask is 8x8 but the image 64x48"):
+        open_source(config)
+    unknown = transformers_example_dataset(scenes).remove_columns("semantic_class_to_id")
+    unknown = unknown.add_column("semantic_class_to_id", [{"background": 0, "cat": 1}] * 2)
+    datasets.DatasetDict(train=unknown, validation=unknown).save_to_disk(str(tmp_path / "unknown"))
+    config.hub_dataset, config.category_names = str(tmp_path / "unknown"), None
+    with pytest.raises(DataError, match=r"class 2 is not in the class list \{1: 'cat'\}"):
+        open_source(config)
+
+
+def test_dense_masks_of_0_255_are_read_as_masks(example_scenes, tmp_path):
+    scenes = example_scenes[0][:3]
+    names = {1: "cat", 2: "dog"}
+
+    def objects(scene):
+        return [{"category": names[c], "segmentation": (m.astype(np.uint8) * 255).tolist()} for c, m in scene.objects]
+
+    folder = hub_objects_folder(tmp_path, scenes, objects)
+    opened = open_source(DataConfig(source="hub", hub_dataset=str(folder), category_names=["cat", "dog"]))
+    assert_records_match(opened.train, dict(enumerate(scenes)), {1: 0, 2: 1})
+
+
+@pytest.mark.parametrize("encoding", ["cityscapes", "semantic_instance_channels"])
+def test_the_masks_converter_reads_cityscapes_ids_and_the_example_layout(example_scenes, tmp_path, encoding):
+    """`convert masks` with the other encodings: Cityscapes ids (class * 1000 + k; a bare class value is a crowd
+    group; road is dropped) and transformers' two-channel PNGs with a label2id class file."""
+    from gd_hf.data.coco import load_coco
+
+    scenes = example_scenes[0][:3]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    city_class = {1: 26, 2: 24}  # cat -> car, dog -> person
+    for k, scene in enumerate(scenes):
+        Image.fromarray(scene.pixels).save(tmp_path / "images" / f"{k}.png")
+        if encoding == "cityscapes":
+            ids = np.full(scene.pixels.shape[:2], 7, dtype=np.uint16)  # road everywhere else
+            for j, (class_id, mask) in enumerate(scene.objects):
+                ids[mask] = city_class[class_id] * 1000 + j
+            ids[-2:, :4] = 26  # a group of cars: a crowd region
+            Image.fromarray(ids).save(tmp_path / "masks" / f"{k}.png")
+        else:
+            semantic_instance_png(scene).save(tmp_path / "masks" / f"{k}.png")
+    out = tmp_path / "out.json"
+    args = ["masks", str(tmp_path / "images"), str(tmp_path / "masks"), str(out), "--encoding", encoding]
+    if encoding == "semantic_instance_channels":
+        (tmp_path / "label2id.json").write_text(json.dumps(LABEL2ID))
+        args += ["--classes", str(tmp_path / "label2id.json")]
+    assert convert_main(args) == 0
+    source = load_coco(out, tmp_path / "images")
+    for k, scene in enumerate(scenes):
+        height, width = scene.pixels.shape[:2]
+        anns = source.annotations[k + 1]
+        objects = [a for a in anns if not a["iscrowd"]]
+        names = [source.category_names[a["category"]] for a in objects]
+        if encoding == "cityscapes":  # ids in ascending value: person (24xxx) before car (26xxx)
+            expected = sorted(scene.objects, key=lambda o: city_class[o[0]])
+            assert [a["iscrowd"] for a in anns].count(1) == 1
+            assert names == [{26: "car", 24: "person"}[city_class[c]] for c, _ in expected]
+        else:
+            expected = scene.objects
+            assert names == [("cat", "dog")[c - 1] for c, _ in expected]
+        masks = decode_masks([a["rle"]["counts"] for a in objects], height, width)
+        assert all(np.array_equal(m, drawn) for m, (_, drawn) in zip(masks, expected))

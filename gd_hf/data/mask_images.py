@@ -20,6 +20,7 @@ set (a `semantic_class_to_id` column, a ClassLabel, an id2label JSON) or the rec
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from gd_hf.data.coco import DataError
+
+logger = logging.getLogger(__name__)
 
 MASK_ENCODINGS = ("semantic_instance_channels", "instance_ids", "cityscapes", "coco_panoptic")
 # Cityscapes' instance classes (label ids of cityscapesScripts' labels.py).
@@ -77,8 +80,8 @@ class ClassTable:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ClassTable:
-        """A JSON file: id2label / label2id dict, or a list of names (ids 0..C-1; or 1..C with `"background"`
-        first)."""
+        """A JSON file: id2label / label2id dict, a list of names (ids 0..C-1), a transformers config.json, or
+        COCO categories (a list of `{id, name[, isthing]}`, or a COCO / panoptic JSON: its thing categories)."""
         path = Path(path)
         if not path.is_file():
             raise DataError(f"class file {path} does not exist")
@@ -88,11 +91,31 @@ class ClassTable:
             raise DataError(f"class file {path} is not valid JSON: {e}") from e
         if isinstance(content, dict) and isinstance(content.get("id2label"), dict):  # a transformers config.json
             content = content["id2label"]
-        if isinstance(content, list):
+        if isinstance(content, dict) and isinstance(content.get("categories"), list):  # a COCO / panoptic JSON
+            content = content["categories"]
+        if isinstance(content, list) and content and all(isinstance(c, dict) for c in content):
+            # COCO categories: the thing classes (panoptic's `isthing: 0` stuff classes are not instances)
+            content = {c["id"]: c["name"] for c in content if c.get("isthing", 1)}
+        elif isinstance(content, list):
             content = dict(enumerate(content))
         if not isinstance(content, dict):
             raise DataError(f"class file {path}: expected a JSON object (id2label) or a list of names")
         return cls.from_mapping(content, str(path))
+
+    def without_background(self, where: str) -> ClassTable:
+        """The table without id 0, for encodings where 0 is background (semantic_instance_channels): a class 0
+        named otherwise could never be learned (its pixels are background), so it is dropped with a warning."""
+        if 0 not in self.contiguous:
+            return self
+        logger.warning(
+            "%s: class id 0 (%r) is background in this mask encoding: it is not a class. (A transformers "
+            "config.json of a model trained with do_reduce_labels numbers its classes from 0: give the data set's "
+            "own label2id instead.)",
+            where,
+            self.names[self.contiguous[0]],
+        )
+        kept = [(i, n) for i, n in zip(self.source_ids, self.names) if i != 0]
+        return ClassTable([i for i, _ in kept], [n for _, n in kept])
 
     def contiguous_id(self, source_id: int) -> int | None:
         return self.contiguous.get(int(source_id))
@@ -164,6 +187,8 @@ def objects_from_mask(
         if segments_info is None:
             raise DataError(f"{where}: coco_panoptic needs the image's segments_info (from the panoptic JSON)")
         ids = array[..., 0] + 256 * array[..., 1] + 256 * 256 * array[..., 2]
+        if isinstance(segments_info, Mapping):  # a `Sequence({...})` column reads back as a dict of lists
+            segments_info = [dict(zip(segments_info, values)) for values in zip(*segments_info.values())]
         objects = []
         for segment in sorted(segments_info, key=lambda s: int(s["id"])):
             mask = ids == int(segment["id"])

@@ -239,12 +239,13 @@ def open_coco(d: DataConfig) -> TrainVal:
             f"{list(zip(categories.ids, categories.names))} vs {list(zip(val_categories.ids, val_categories.names))}"
         )
     per_category, crowd_objects = object_statistics(train, len(categories.ids))
-    if crowd_objects and not per_category.any():
+    if crowd_objects > per_category.sum():
+        described = "all" if not per_category.any() else f"{crowd_objects} of {crowd_objects + per_category.sum()}"
         logger.warning(
-            "%s: all %d objects are crowd regions (iscrowd: 1), which are never training targets. Labeling tools "
-            "such as CVAT export every mask instance so: set data.crowd_masks_as_objects: true to train on them.",
+            "%s: %s objects are crowd regions (iscrowd: 1), which are never training targets. Labeling tools such "
+            "as CVAT export every mask instance so: set data.crowd_masks_as_objects: true to train on them.",
             d.train_annotations,
-            crowd_objects,
+            f"all {crowd_objects}" if described == "all" else described,
         )
     empty = [i for i in range(len(categories.ids)) if per_category[i] == 0]
     if empty and per_category.any():
@@ -424,7 +425,10 @@ class HubRecordReader:
             record[SKIPPED] = skipped
         elif skipped and not getattr(self, "_warned", False):  # streamed: said once per worker, not per record
             logger.warning(
-                "%s: row %s: skipped objects (%s); later skips are not reported", c["objects"], image_id, skipped
+                "%s: row %s: skipped objects (%s); later skips are not reported",
+                c["mask"] if self.mask_encoding else c["objects"],
+                image_id,
+                skipped,
             )
             self._warned = True
         return record
@@ -445,7 +449,7 @@ class HubRecordReader:
             segmentation = obj[c["segmentation"]]
             try:
                 if _is_dense_mask(segmentation, height, width):
-                    mask = np.asfortranarray(np.asarray(segmentation, dtype=np.uint8))
+                    mask = np.asfortranarray((np.asarray(segmentation) != 0).astype(np.uint8))  # 0/1, 0/255, bool
                     rle = mask_utils.encode(mask)
                     if mask_utils.area(rle) == 0:
                         raise ValueError("empty mask (zero area)")
@@ -505,24 +509,24 @@ class HubRecordReader:
 
 
 def _is_dense_mask(segmentation: Any, height: int, width: int) -> bool:
-    """An H x W array or nested list of 0/1 (not polygons, which are lists of coordinate lists)."""
+    """An H x W array or nested list (any values: nonzero is the object), not polygons (a few coordinate lists,
+    never H lists of W numbers each)."""
     if isinstance(segmentation, np.ndarray):
         return segmentation.shape == (height, width)
     if not (isinstance(segmentation, list) and len(segmentation) == height and segmentation):
         return False
-    if not all(isinstance(r, list | np.ndarray) and len(r) == width for r in segmentation):
-        return False
-    return bool(np.isin(np.asarray(segmentation), (0, 1)).all())
+    return all(isinstance(r, list | np.ndarray) and len(r) == width for r in segmentation)
 
 
-def _hub_categories(records: Records, columns: dict[str, str], d: DataConfig) -> Categories:
-    """The classes of a hub data set: `data.classes_file`, the objects' ClassLabel, a `semantic_class_to_id`
-    column (mask images), Cityscapes' instance classes (`mask_encoding: cityscapes`), or `data.category_names`."""
-    if d.classes_file:
-        table = ClassTable.from_file(d.classes_file)
-        return Categories(table.source_ids, table.names)
-    features = records.features or {}
+def _hub_categories(records: Records, columns: dict[str, str], d: DataConfig, val: Records | None = None) -> Categories:
+    """The classes of a hub data set, in this order of precedence: `data.classes_file`; for an objects column its
+    ClassLabel, else `data.category_names`; for mask images a `semantic_class_to_id` column (the same in train
+    and val), `data.category_names`, or Cityscapes' instance classes (`mask_encoding: cityscapes`)."""
     if d.mask_encoding is None:
+        if d.classes_file:
+            table = ClassTable.from_file(d.classes_file)
+            return Categories(table.source_ids, table.names)
+        features = records.features or {}
         objects = features.get(columns["objects"])
         feature = None
         if isinstance(objects, datasets.Sequence | datasets.List):
@@ -535,21 +539,39 @@ def _hub_categories(records: Records, columns: dict[str, str], d: DataConfig) ->
         if isinstance(feature, datasets.ClassLabel):
             return Categories(list(range(feature.num_classes)), list(feature.names))
         return _named_categories(d, f"the ClassLabel of {columns['objects']}.{columns['category']}")
-    if columns["semantic_class_to_id"] in features:
-        first = next(iter(records.select_columns([columns["semantic_class_to_id"]])))
-        mapping = first[columns["semantic_class_to_id"]]
-        table = ClassTable.from_mapping(
-            json.loads(mapping) if isinstance(mapping, str) else mapping, columns["semantic_class_to_id"]
-        )
-        return Categories(table.source_ids, table.names)
+    table = _mask_class_table(records, columns, d, val)
+    if d.mask_encoding == "semantic_instance_channels":
+        table = table.without_background(d.classes_file or d.hub_dataset or "the class list")
+    return Categories(table.source_ids, table.names)
+
+
+def _mask_class_table(records: Records, columns: dict[str, str], d: DataConfig, val: Records | None) -> ClassTable:
+    if d.classes_file:
+        return ClassTable.from_file(d.classes_file)
+    column = columns["semantic_class_to_id"]
+    if column in (records.features or {}):
+
+        def first_mapping(split: Records) -> dict:
+            mapping = next(iter(split.select_columns([column])))[column]
+            return json.loads(mapping) if isinstance(mapping, str) else dict(mapping)
+
+        mapping = first_mapping(records)
+        if val is not None and column in (val.features or {}) and first_mapping(val) != mapping:
+            raise DataError(
+                f"{d.hub_dataset}: the {column!r} of the train split and of the val split differ "
+                f"({mapping} vs {first_mapping(val)}): the class ids must mean the same in both"
+            )
+        return ClassTable.from_mapping(mapping, column)
     if d.category_names:
-        table = ClassTable.from_mapping(dict(enumerate(d.category_names)), "data.category_names")
-        return Categories(table.source_ids, table.names)
+        names = list(d.category_names)
+        if d.mask_encoding == "semantic_instance_channels" and names[0].lower() not in ("background", "_background_"):
+            return ClassTable(list(range(1, len(names) + 1)), names)  # 0 is background in this encoding
+        return ClassTable.from_mapping(dict(enumerate(names)), "data.category_names")
     if d.mask_encoding == "cityscapes":
-        return Categories(list(CITYSCAPES_INSTANCE_CLASSES), list(CITYSCAPES_INSTANCE_CLASSES.values()))
+        return ClassTable(list(CITYSCAPES_INSTANCE_CLASSES), list(CITYSCAPES_INSTANCE_CLASSES.values()))
     raise DataError(
         f"no class names for the mask images of {d.hub_dataset}: set data.classes_file (an id2label JSON) or "
-        f"data.category_names, or add a {columns['semantic_class_to_id']!r} column"
+        f"data.category_names, or add a {column!r} column"
     )
 
 
@@ -587,7 +609,8 @@ def open_hub(d: DataConfig) -> TrainVal:
             f"{d.hub_dataset} has no image-id column {columns['image_id']!r}: streaming needs one to split labeled "
             "from unlabeled images; set data.hub_columns.image_id or data.streaming: false"
         )
-    categories = _hub_categories(train, columns, d)
+    val_raw = load(d.hub_val_split, False)
+    categories = _hub_categories(train, columns, d, val_raw)
     keep = [columns["image"], objects_column] + ([columns["image_id"]] if has_image_id else [])
     if d.mask_encoding and features is not None:
         keep += [columns[k] for k in ("instance_classes", "segments_info") if columns[k] in features]
@@ -604,7 +627,7 @@ def open_hub(d: DataConfig) -> TrainVal:
         _report_skipped(records[SKIPPED], f"{d.hub_dataset} ({split})")
         return records.remove_columns(SKIPPED)
 
-    val = canonical(load(d.hub_val_split, False), False, d.hub_val_split)
+    val = canonical(val_raw, False, d.hub_val_split)
     return TrainVal(
         train=canonical(train, d.streaming, d.hub_train_split),
         val=val.cast_column("image", datasets.Image(decode=False)),
