@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -170,7 +171,27 @@ def test_each_launch_records_versions_commit_and_command(synthetic_root, tmp_pat
     )
     assert {"transformers", "accelerate", "datasets", "python", "gd_hf"} <= set(first["versions"])
     assert first["command"] and first["num_processes"] == 1
-    assert first["git_commit"] is None or len(first["git_commit"].removesuffix("-dirty")) == 40
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:  # the suite runs from a git checkout (CI's clone): the run must name its commit
+        assert first["git_commit"].removesuffix("-dirty") == head.stdout.strip()
+    else:
+        assert first["git_commit"] is None
     assert (out / "recipe.yaml").is_file()
     record_launch(out, 2, "bf16")
     assert json.loads((out / "run_info.json").read_text())[-1]["num_processes"] == 2
+
+
+def test_git_commit_names_the_commit_and_whether_tracked_files_changed(tmp_path):
+    from gd_hf.run_info import git_commit
+
+    assert git_commit(tmp_path) is None  # not a checkout
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "a.txt").write_text("1")
+    subprocess.run(["git", "add", "a.txt"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", "c"], cwd=tmp_path, check=True, env=env)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert git_commit(tmp_path) == head
+    (tmp_path / "a.txt").write_text("2")
+    assert git_commit(tmp_path) == head + "-dirty"
