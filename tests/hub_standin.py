@@ -64,10 +64,18 @@ class HubStandIn:
                             self.close_connection = True
                             return None
                         return self._reply(failure[1], {"error": "stand-in failure"})
+                if stand_in.token is not None and self.headers.get("Authorization") != f"Bearer {stand_in.token}":
+                    return self._reply(401, {"error": "Invalid credentials in Authorization header"})
                 if path == "/api/repos/create":
                     payload = json.loads(body or b"{}")
-                    stand_in.repos.append(payload)
                     name = f"{payload.get('organization') or 'user'}/{payload['name']}"
+                    if any(r["name"] == payload["name"] and r.get("organization") == payload.get("organization")
+                           for r in stand_in.repos):  # fmt: skip
+                        # As the Hub: creating an existing repo is a 409 (huggingface_hub's exist_ok absorbs it).
+                        return self._reply(
+                            409, {"error": "You already created this model repo", "url": f"{stand_in.url}/{name}"}
+                        )
+                    stand_in.repos.append(payload)
                     return self._reply(200, {"url": f"{stand_in.url}/{name}", "name": name})
                 if path == "/api/validate-yaml":
                     return self._reply(200, {})
@@ -112,6 +120,8 @@ class HubStandIn:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    token: str | None = None  # when set, every request must carry `Authorization: Bearer <token>` (else 401)
 
     def fail(self, path_regex: str, status: int, times: int = 1) -> None:
         """The next `times` calls to a path answer `status`, or drop the connection with `status=DROP`."""

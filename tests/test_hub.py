@@ -36,6 +36,7 @@ def hub(monkeypatch):
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.setenv("HF_ENDPOINT", stand_in.url)
         monkeypatch.setenv("HF_TOKEN", TOKEN)
+        stand_in.token = TOKEN  # requests without this bearer token are refused, as on the Hub
         yield stand_in
 
 
@@ -127,6 +128,29 @@ def test_push_uploads_the_export_to_the_repo_and_revision(trained_run, hub):
     local = {p.name: p.read_bytes() for p in (trained_run / "final").iterdir()}
     assert commit["files"] == local  # every file, byte for byte
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(commit["files"])
+
+
+def test_a_second_push_to_an_existing_private_repo_succeeds(trained_run, hub):
+    """The Hub answers 409 when a repo exists (every push after the first): that is not a failure. `private` is
+    what the create request asks for."""
+    push_export(trained_run / "final", "me/gd-model", private=True, retries=0)
+    push_export(trained_run / "final", "me/gd-model", private=True, retries=0)
+    assert [p for m, p, _ in hub.requests].count("/api/repos/create") == 2
+    assert len(hub.repos) == 1
+    assert hub.repos[0].get("visibility") == "private" or hub.repos[0].get("private") is True  # hub 2.x / 1.x
+    assert len(hub.commits) == 2
+    writes = [(m, p, {k.lower(): v for k, v in h.items()}) for m, p, h in hub.requests if m in ("POST", "PUT")]
+    assert writes and all(h.get("authorization") == f"Bearer {TOKEN}" for _, _, h in writes)  # every write signed
+
+
+def test_a_wrong_token_fails_at_once_without_showing_the_token(trained_run, hub, monkeypatch, waits):
+    monkeypatch.setenv("HF_TOKEN", "hf_wrongtoken0000000000000000000")
+    with pytest.raises(PushError) as error:
+        push_export(trained_run / "final", "me/gd-model", retries=3, backoff_s=0.01)
+    assert waits == []  # 401 is not transient: no retry
+    assert "401" in str(error.value)
+    assert "hf_wrongtoken" not in str(error.value) and TOKEN not in str(error.value)
+    assert hub.commits == []
 
 
 def test_transient_failures_are_retried(trained_run, hub):
