@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -138,3 +139,54 @@ def test_two_processes_of_b_images_give_the_gradients_of_one_process_of_2b(synth
     for expected, got0, got1 in zip(single, rank0, rank1):
         assert torch.equal(got0, got1)  # DDP: every rank steps with the same averaged gradient
         torch.testing.assert_close(got0, expected, atol=max(1e-6, 1e-5 * float(expected.abs().max())), rtol=1e-4)
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_two_accumulated_micro_batches_give_the_step_of_one_batch(
+    synthetic_root, tmp_path, monkeypatch, mixed_precision
+):
+    """`train.gradient_accumulation_steps=2`: the gradients gd_hf's `train_step` steps with, for two micro-batches of
+    2 images, equal those of one batch of 4 (point sampling fixed; as many masks per micro-batch, see above):
+    within float rounding in fp32, within bf16's precision under autocast."""
+    from accelerate import Accelerator
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+
+    from gd_hf.config import load_recipe
+    from gd_hf.data.loading import collate_train
+    from gd_hf.modeling import build_model
+    from gd_hf.optim import build_lr_scheduler, build_optimizer
+    from gd_hf.train import train_step
+    from tests.conftest import ROOT, tiny_overrides
+    from tests.test_method_flow import ID2LABEL, rectangles
+
+    monkeypatch.setattr(Mask2FormerLoss, "sample_points_using_uncertainty", _fixed_points)
+    monkeypatch.setattr(torch, "rand", _same_draw_for_the_same_shape)
+    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path))
+    torch.manual_seed(0)
+    model0 = _deterministic(build_model(recipe.model, ID2LABEL))
+    samples = []
+    for seed, count in zip(range(4), (1, 3, 2, 2)):
+        image, masks, classes = rectangles(seed, count, 64, 64)
+        samples.append({"image": image, "masks": masks, "classes": classes, "image_id": seed})
+
+    def stepped_gradients(micro_batches):
+        import copy
+
+        model = copy.deepcopy(model0)
+        optimizer = build_optimizer(model, recipe.train)
+        seen = {}
+        optimizer.register_step_pre_hook(
+            lambda *_: seen.update(grads=[p.grad.clone() for p in model.parameters() if p.grad is not None])
+        )
+        accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
+        train_step(model, micro_batches, optimizer, build_lr_scheduler(optimizer, recipe.train), accelerator, 0.0)
+        return seen["grads"]
+
+    whole = stepped_gradients([collate_train(samples, 32)])
+    accumulated = stepped_gradients([collate_train(samples[:2], 32), collate_train(samples[2:], 32)])
+    assert len(whole) == len(accumulated) > 0
+    whole, accumulated = torch.cat([g.flatten() for g in whole]), torch.cat([g.flatten() for g in accumulated])
+    error = float((accumulated - whole).norm() / whole.norm())
+    # fp32: float rounding; bf16: ~3 significant digits, rounded op by op (halving a micro-batch's gradient,
+    # the bug this guards against, would be an error of ~0.5).
+    assert error < (1e-5 if mixed_precision == "no" else 0.05), error
