@@ -13,6 +13,7 @@ import datasets
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_utils
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from gd_hf.config import DataConfig, HubColumns
@@ -97,6 +98,29 @@ def test_shards_hold_the_coco_folder(synthetic_root, shards, streaming):
     assert sorted(built.getImgIds()) == sorted(truth_file.images)
     n_file = sum(len(a) for a in truth_file.annotations.values())
     assert len(built.getAnnIds()) == n_file
+    raw = json.loads(Path(config.val_annotations).read_text())
+    by_image: dict[int, list] = {}
+    for annotation in raw["annotations"]:
+        by_image.setdefault(annotation["image_id"], []).append(annotation)
+    for image_id in built.getImgIds():
+        info = built.imgs[image_id]
+        ours = built.imgToAnns[image_id]
+        theirs = by_image.get(image_id, [])
+        assert [a["category_id"] for a in ours] == [a["category_id"] for a in theirs]  # COCO ids, file order
+        assert [a["iscrowd"] for a in ours] == [a.get("iscrowd", 0) for a in theirs]
+        for mine, original in zip(ours, theirs):
+            # The mask the file describes (polygons rasterised by pycocotools itself), pixel for pixel ...
+            segmentation, height, width = original["segmentation"], info["height"], info["width"]
+            if isinstance(segmentation, list):
+                rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+            elif isinstance(segmentation["counts"], str):  # compressed RLE
+                rle = {"size": segmentation["size"], "counts": segmentation["counts"].encode()}
+            else:  # uncompressed RLE
+                rle = mask_utils.frPyObjects(segmentation, height, width)
+            expected = mask_utils.decode(rle)
+            assert np.array_equal(built.annToMask(mine), expected)
+            # ... and the area COCOeval's size ranges use: the mask's pixel count.
+            assert mine["area"] == float(expected.sum())
 
 
 def test_shards_with_other_columns_fail_at_start_naming_them(tmp_path):
