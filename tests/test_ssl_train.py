@@ -216,8 +216,9 @@ def test_teacher_with_other_classes_is_refused(synthetic_root, tmp_path, teacher
 
 @pytest.mark.parametrize(
     "crash_after, streaming",
-    [(1, False), (3, False), (3, True)],
-    ids=["in_burn_in", "in_ema", "in_ema_streaming_2_workers"],
+    [(1, False), (2, False), (3, False), (3, True)],
+    # crash 2: right after the checkpoint of the last burn-in step, where the teacher becomes the student's copy
+    ids=["in_burn_in", "at_the_burn_in_step", "in_ema", "in_ema_streaming_2_workers"],
 )
 def test_resume_continues_identically(synthetic_root, tmp_path, teacher_dir, monkeypatch, crash_after, streaming):
     extra = ("ssl.burn_in_steps=2", "train.max_steps=4", "train.checkpoint_every=1", "ssl.ema_decay=0.5")
@@ -410,3 +411,37 @@ def test_the_paper_data_path_trains_every_phase_with_targets_in_the_frame_of_the
             assert scale in ((4.0, 4.0), (1.0, 1.0)), (mask_frame, logits_frame)
     assert sum(sum(counts) for _, _, counts in losses[4::2]) > 0  # pseudo labels were handed out
     assert (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("which", ["student", "teacher", "both"])
+def test_ssl_evaluate_scores_and_exports_the_model_it_names(synthetic_root, tmp_path, teacher_dir, monkeypatch, which):
+    """`ssl.evaluate`: `student` scores and exports the student; `teacher` the EMA teacher (its weights become
+    the export); `both` scores both, logs the teacher as `val_teacher/*`, and exports the student."""
+    evaluated = []
+    real_evaluate = train_module.evaluate_on_val
+
+    def spy(model, *args, **kwargs):
+        evaluated.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_on_val", spy)
+    out = tmp_path / "run"
+    run(synthetic_root, out, teacher_dir, "ssl.burn_in_steps=1", "train.max_steps=2", "ssl.ema_decay=0.5",
+        "train.checkpoint_every=2", f"ssl.evaluate={which}")  # fmt: skip
+    student = load_file(out / "checkpoints" / "step_00000002" / "model.safetensors")  # accelerate's raw keys
+    teacher = teacher_state(out / "checkpoints" / "step_00000002")
+    floats = [k for k in student if student[k].is_floating_point()]
+    assert any(not torch.equal(student[k], teacher[k]) for k in floats)  # decay 0.5: they differ at step 2
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in floats)
+
+    eval_lines = [r for r in log(out) if "val/AP" in r]
+    assert len(eval_lines) == 1  # the end-of-run evaluation
+    if which == "both":
+        assert len(evaluated) == 2 and same(evaluated[0], student) and same(evaluated[1], teacher)
+        assert "val_teacher/AP" in eval_lines[0]
+    else:
+        assert len(evaluated) == 1 and "val_teacher/AP" not in eval_lines[0]
+        assert same(evaluated[0], teacher if which == "teacher" else student)
+    assert same(exported_state(out / "final"), teacher if which == "teacher" else student)
