@@ -76,3 +76,43 @@ def test_strong_view_keeps_hue_and_colour_when_asked():
     assert all(abs(h - hue) < 0.02 for h in keep)  # brightness/contrast/saturation only: same hue, never gray
     reference = hues(StrongAugment(jitter_prob=1.0, blur_prob=0.0))
     assert any(h != h or abs(h - hue) > 0.03 for h in reference)  # the reference shifts hue or turns gray
+
+
+def test_strong_erase_prob_erases_one_rectangle_of_the_strong_view_only():
+    """`ssl.strong_erase_prob` (not in the reference): with probability 1 and every other noise off, exactly one
+    rectangle of 2-20 % of the image is filled with one random colour; everything else is untouched."""
+    from gd_hf.data.transforms import StrongAugment, strong_photometric
+
+    image = torch.full((3, 40, 60), 100, dtype=torch.uint8)
+    erase_only = StrongAugment(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, erase_prob=1.0)
+    for seed in range(5):
+        out = strong_photometric(image, torch.Generator().manual_seed(seed), erase_only)
+        changed = (out != image).any(0)
+        rows, cols = changed.any(1).nonzero()[:, 0], changed.any(0).nonzero()[:, 0]
+        box = changed[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        assert box.all()  # one filled rectangle
+        assert 0.02 * 40 * 60 * 0.8 <= box.numel() <= 0.2 * 40 * 60 * 1.2
+        assert len(torch.unique(out[:, changed].T, dim=0)) == 1  # one colour
+    off = StrongAugment(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, erase_prob=0.0)
+    assert torch.equal(strong_photometric(image, torch.Generator().manual_seed(0), off), image)
+
+
+def test_the_recipes_strong_augmentation_reaches_the_unlabeled_data(synthetic_root, tmp_path, monkeypatch):
+    import gd_hf.train as train_module
+    from gd_hf.config import load_recipe
+    from gd_hf.train import train
+
+    from .conftest import ONE_LAUNCH_SSL, ROOT, tiny_overrides
+
+    seen = []
+    real = train_module.UnlabeledTrainDataset
+
+    def spy(records, data, strong):
+        seen.append(strong)
+        return real(records, data, strong)
+
+    monkeypatch.setattr(train_module, "UnlabeledTrainDataset", spy)
+    overrides = tiny_overrides(synthetic_root, tmp_path / "run") + ONE_LAUNCH_SSL
+    overrides += ["ssl.strong_erase_prob=0.7", "ssl.strong_hue=0.05", "ssl.strong_grayscale_prob=0.1"]
+    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    assert seen and all((s.erase_prob, s.hue, s.grayscale_prob) == (0.7, 0.05, 0.1) for s in seen)
