@@ -77,13 +77,24 @@ def losses(out: Path) -> dict[int, float]:
     }
 
 
-@pytest.mark.parametrize("killed_after", [1, 4], ids=["killed_in_burn_in", "killed_in_ema"])
-def test_sigkill_then_resume_equals_an_uninterrupted_run(synthetic_root, tmp_path, killed_after):
+@pytest.mark.parametrize(
+    ("phase_folder", "killed_after"),
+    [("teacher", 2), (".", 1), (".", 4)],
+    ids=["killed_in_phase_1", "killed_in_burn_in", "killed_in_ema"],
+)
+def test_sigkill_then_resume_equals_an_uninterrupted_run(synthetic_root, tmp_path, phase_folder, killed_after):
+    """One `train_teacher_first` launch killed (SIGKILL: no handler runs) in phase 1, in burn-in or in the EMA
+    phase, then launched again with the same command: the same teacher, student, losses and metrics, bitwise."""
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     run_to_end(ssl_args(synthetic_root, reference))
-    kill_after_checkpoint(ssl_args(synthetic_root, killed), killed / "checkpoints" / f"step_{killed_after:08d}")
+    checkpoint = killed / phase_folder / "checkpoints" / f"step_{killed_after:08d}"
+    kill_after_checkpoint(ssl_args(synthetic_root, killed), checkpoint)
     assert not (killed / "final").exists()
     run_to_end(ssl_args(synthetic_root, killed))  # resume: auto
+
+    t_ref, t_killed = weights(reference / "teacher" / "final"), weights(killed / "teacher" / "final")
+    assert all(torch.equal(t_ref[k], t_killed[k]) for k in t_ref)  # phase 1's export
+    assert losses(killed / "teacher") == losses(reference / "teacher")
 
     a, b = weights(reference / "final"), weights(killed / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise, on CPU
@@ -91,7 +102,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(synthetic_root, tmp_pat
     assert json.loads((killed / "final_metrics.json").read_text()) == json.loads(
         (reference / "final_metrics.json").read_text()
     )
-    assert len(json.loads((killed / "run_info.json").read_text())) == 2  # the killed launch and the resume
+    # The phase that was killed records both launches: the killed one and the resume.
+    assert len(json.loads((killed / phase_folder / "run_info.json").read_text())) == 2
 
 
 def test_two_processes_match_one_with_the_double_batch(synthetic_root, tmp_path):
