@@ -128,11 +128,9 @@ def write_standin(root: Path, train: int, val: int, seed: int = 0) -> Path:
     return root
 
 
-def launch(name: str, processes: int, data: Path, args: argparse.Namespace, cache: Path) -> dict:
-    """One `accelerate launch` of the recipe; returns its timings from the metrics logs."""
-    out = Path(args.out) / f"{name.split(',')[0].replace(' ', '_')}_{processes}p"
-    shutil.rmtree(out, ignore_errors=True)
-    overrides = [
+def standin_overrides(out: Path, data: Path, cache: Path) -> list[str]:
+    """The recipe pointed at the stand-in, with a random-init Swin-T and its own records cache."""
+    return [
         f"output_dir={out}",
         f"data.train_images={data / 'train2017'}",
         f"data.train_annotations={data / 'annotations' / 'instances_train2017.json'}",
@@ -140,6 +138,15 @@ def launch(name: str, processes: int, data: Path, args: argparse.Namespace, cach
         f"data.val_annotations={data / 'annotations' / 'instances_val2017.json'}",
         f"data.records_cache={cache}",
         *SWIN_T,
+    ]
+
+
+def launch(name: str, processes: int, data: Path, args: argparse.Namespace, cache: Path) -> dict:
+    """One `accelerate launch` of the recipe; returns its timings from the metrics logs."""
+    out = Path(args.out) / f"{name.split(',')[0].replace(' ', '_')}_{processes}p"
+    shutil.rmtree(out, ignore_errors=True)
+    overrides = [
+        *standin_overrides(out, data, cache),
         f"ssl.teacher_max_steps={args.steps}",
         f"ssl.burn_in_steps={args.steps}",
         f"train.max_steps={2 * args.steps}",
@@ -177,13 +184,7 @@ def launch_to_first_step(name: str, processes: int, data: Path, args: argparse.N
     out = Path(args.out) / f"{name.split(',')[0].replace(' ', '_')}_{processes}p"
     shutil.rmtree(out, ignore_errors=True)
     overrides = [
-        f"output_dir={out}",
-        f"data.train_images={data / 'train2017'}",
-        f"data.train_annotations={data / 'annotations' / 'instances_train2017.json'}",
-        f"data.val_images={data / 'val2017'}",
-        f"data.val_annotations={data / 'annotations' / 'instances_val2017.json'}",
-        f"data.records_cache={cache}",
-        *SWIN_T,
+        *standin_overrides(out, data, cache),
         "ssl.enabled=false",
         "ssl.train_teacher_first=false",
         "train.max_steps=1",

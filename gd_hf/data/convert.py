@@ -83,6 +83,16 @@ def _coco_annotations(converted, classes: ClassTable, image_id: int, first: int)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
+def _mask_of(image_file: Path, mask_file: Path) -> tuple[np.ndarray, int, int]:
+    """The mask image's values, and its image's width and height, which the mask must match."""
+    with Image.open(image_file) as image:
+        width, height = image.size
+    array = read_mask_array(mask_file)
+    if array.shape[:2] != (height, width):
+        raise DataError(f"{mask_file} is {array.shape[1]}x{array.shape[0]} but {image_file} is {width}x{height}")
+    return array, width, height
+
+
 def masks_to_coco(
     images: str | Path,
     masks: str | Path,
@@ -131,11 +141,7 @@ def masks_to_coco(
             mask_file, segments_info = (masks / relative).with_suffix(".png"), None
         if not mask_file.is_file():
             raise DataError(f"{mask_file} (the mask of {image_file}) does not exist")
-        with Image.open(image_file) as image:
-            width, height = image.size
-        array = read_mask_array(mask_file)
-        if array.shape[:2] != (height, width):
-            raise DataError(f"{mask_file} is {array.shape[1]}x{array.shape[0]} but {image_file} is {width}x{height}")
+        array, width, height = _mask_of(image_file, mask_file)
         instance_classes, single = None, None
         if encoding == "instance_ids":
             table_file = mask_file.with_suffix(".json")
@@ -186,11 +192,7 @@ def cityscapes_to_coco(root: str | Path, split: str) -> dict[str, Any]:
         label_file = label_root / image_file.parent.name / f"{stem}_gtFine_instanceIds.png"
         if not label_file.is_file():
             raise DataError(f"{label_file} (labels of {image_file}) does not exist: is gtFine complete?")
-        with Image.open(image_file) as image:
-            width, height = image.size
-        ids = read_mask_array(label_file)
-        if ids.shape[:2] != (height, width):
-            raise DataError(f"{label_file} is {ids.shape[1]}x{ids.shape[0]} but {image_file} is {width}x{height}")
+        ids, width, height = _mask_of(image_file, label_file)
         images.append(
             {
                 "id": image_id,

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from gd_hf.config import DataConfig
 from gd_hf.data.coco import FEATURES, PATH_FEATURES, DataError, _rle_from_segmentation, load_coco, to_hf_dataset
-from gd_hf.data.convert import SHARDS_INFO_FILE
+from gd_hf.data.convert import IMAGE_SUFFIXES, SHARDS_INFO_FILE
 from gd_hf.data.mask_images import (
     CITYSCAPES_INSTANCE_CLASSES,
     DROPS_OTHER_CLASSES,
@@ -59,7 +59,6 @@ from gd_hf.data.mask_images import (
 logger = logging.getLogger(__name__)
 
 Records = datasets.Dataset | datasets.IterableDataset
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
