@@ -7,6 +7,7 @@ a given status (to test retries)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import threading
@@ -14,6 +15,41 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
 DROP = 0  # `fail(..., DROP)`: close the connection without a response
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pkl")
+
+
+def model_index_problem(readme: bytes | None) -> str | None:
+    """What the Hub's metadata check would object to in a card's `model-index` (None if fine or absent): a list
+    of {name, results: [{task: {type}, dataset: {name, type}, metrics: [{type, value}]}]}."""
+    if readme is None:
+        return None
+    import yaml
+
+    text = readme.decode()
+    if not text.startswith("---"):
+        return None
+    metadata = yaml.safe_load(text.split("---", 2)[1]) or {}
+    index = metadata.get("model-index")
+    if index is None:
+        return None
+    if not isinstance(index, list) or not index:
+        return "model-index must be a non-empty list"
+    for entry in index:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            return "each model-index entry needs a name"
+        for result in entry.get("results") or []:
+            if not isinstance(result.get("task", {}).get("type"), str):
+                return "each result needs task.type"
+            dataset = result.get("dataset", {})
+            if not (isinstance(dataset.get("name"), str) and isinstance(dataset.get("type"), str)):
+                return "each result needs dataset.name and dataset.type"
+            metrics = result.get("metrics")
+            if not isinstance(metrics, list) or not metrics:
+                return "each result needs a list of metrics"
+            for metric in metrics:
+                if not isinstance(metric.get("type"), str) or not isinstance(metric.get("value"), int | float | str):
+                    return "each metric needs a type and a value"
+    return None
 
 
 class HubStandIn:
@@ -23,6 +59,8 @@ class HubStandIn:
         self.branches: list[tuple[str, str]] = []
         self.repos: list[dict] = []
         self.failures: list[list] = []  # [path regex, status, remaining count]
+        self.lfs: dict[str, bytes] = {}  # sha256 -> content uploaded to LFS storage
+        self.lfs_paths: list[str] = []  # files committed as LFS pointers
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -64,6 +102,12 @@ class HubStandIn:
                             self.close_connection = True
                             return None
                         return self._reply(failure[1], {"error": "stand-in failure"})
+                match = re.match(r"^/lfs-upload/([0-9a-f]{64})$", path)
+                if match and method == "PUT":  # a presigned storage URL: no token, the content must hash to its oid
+                    if hashlib.sha256(body).hexdigest() != match.group(1):
+                        return self._reply(400, {"error": "content does not match its sha256"})
+                    stand_in.lfs[match.group(1)] = body
+                    return self._reply(200, {})
                 if stand_in.token is not None and self.headers.get("Authorization") != f"Bearer {stand_in.token}":
                     return self._reply(401, {"error": "Invalid credentials in Authorization header"})
                 if path == "/api/repos/create":
@@ -84,12 +128,28 @@ class HubStandIn:
                     stand_in.branches.append((match.group(1), match.group(2)))
                     return self._reply(200, {})
                 match = re.match(r"^/api/models/(.+?/.+?)/preupload/(.+)$", path)
-                if match:
+                if match:  # as the Hub's .gitattributes: weights go through LFS storage, small files inline
                     files = json.loads(body)["files"]
+                    modes = [("lfs" if f["path"].endswith(LFS_SUFFIXES) else "regular") for f in files]
                     return self._reply(
                         200,
-                        {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
+                        {
+                            "files": [
+                                {"path": f["path"], "uploadMode": m, "shouldIgnore": False}
+                                for f, m in zip(files, modes)
+                            ]
+                        },
                     )
+                if re.match(r"^/(.+?/.+?)\.git/info/lfs/objects/batch$", path):
+                    objects = json.loads(body)["objects"]
+                    return self._reply(200, {"transfer": "basic", "objects": [
+                        {"oid": o["oid"], "size": o["size"], "actions": {
+                            "upload": {"href": f"{stand_in.url}/lfs-upload/{o['oid']}"},
+                            "verify": {"href": f"{stand_in.url}/lfs-verify"}}}
+                        for o in objects]})  # fmt: skip
+                if path == "/lfs-verify":
+                    oid = json.loads(body)["oid"]
+                    return self._reply(200 if oid in stand_in.lfs else 404, {})
                 match = re.match(r"^/api/models/(.+?/.+?)/commit/(.+)$", path)
                 if match:
                     files, summary = {}, None
@@ -99,6 +159,15 @@ class HubStandIn:
                             summary = record["value"].get("summary")
                         elif record["key"] == "file":
                             files[record["value"]["path"]] = base64.b64decode(record["value"]["content"])
+                        elif record["key"] == "lfsFile":
+                            oid = record["value"]["oid"]
+                            if oid not in stand_in.lfs:
+                                return self._reply(400, {"error": f"LFS object {oid} was never uploaded"})
+                            files[record["value"]["path"]] = stand_in.lfs[oid]
+                            stand_in.lfs_paths.append(record["value"]["path"])
+                    problem = model_index_problem(files.get("README.md"))
+                    if problem:  # the Hub refuses a commit whose card metadata is invalid
+                        return self._reply(400, {"error": f"Invalid metadata in README.md: {problem}"})
                     stand_in.commits.append(
                         {"repo": match.group(1), "revision": match.group(2), "files": files, "summary": summary}
                     )

@@ -37,6 +37,9 @@ def hub(monkeypatch):
         monkeypatch.setenv("HF_ENDPOINT", stand_in.url)
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         stand_in.token = TOKEN  # requests without this bearer token are refused, as on the Hub
+        # Large files take the LFS path (preupload answers `lfs`, batch, PUT, verify, commit pointer). The Xet path
+        # that hf_xet would take first talks to a content-addressed store the stand-in does not emulate.
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
         yield stand_in
 
 
@@ -128,6 +131,7 @@ def test_push_uploads_the_export_to_the_repo_and_revision(trained_run, hub):
     local = {p.name: p.read_bytes() for p in (trained_run / "final").iterdir()}
     assert commit["files"] == local  # every file, byte for byte
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(commit["files"])
+    assert hub.lfs_paths == ["model.safetensors"]  # the weights went through LFS storage, checked by sha256
 
 
 def test_a_second_push_to_an_existing_private_repo_succeeds(trained_run, hub):
@@ -139,7 +143,11 @@ def test_a_second_push_to_an_existing_private_repo_succeeds(trained_run, hub):
     assert len(hub.repos) == 1
     assert hub.repos[0].get("visibility") == "private" or hub.repos[0].get("private") is True  # hub 2.x / 1.x
     assert len(hub.commits) == 2
-    writes = [(m, p, {k.lower(): v for k, v in h.items()}) for m, p, h in hub.requests if m in ("POST", "PUT")]
+    writes = [  # to the Hub's API and git endpoints (the LFS storage PUT goes to a presigned URL, without token)
+        (m, p, {k.lower(): v for k, v in h.items()})
+        for m, p, h in hub.requests
+        if m in ("POST", "PUT") and (p.startswith("/api/") or ".git/" in p)
+    ]
     assert writes and all(h.get("authorization") == f"Bearer {TOKEN}" for _, _, h in writes)  # every write signed
 
 
@@ -151,6 +159,22 @@ def test_a_wrong_token_fails_at_once_without_showing_the_token(trained_run, hub,
     assert "401" in str(error.value)
     assert "hf_wrongtoken" not in str(error.value) and TOKEN not in str(error.value)
     assert hub.commits == []
+
+
+def test_the_cards_model_index_passes_the_hubs_metadata_check_and_a_broken_one_does_not(trained_run, hub, tmp_path):
+    """The stand-in refuses a commit whose README metadata the Hub would refuse (tested on a broken copy), and
+    gd_hf's card passes it."""
+    import shutil
+
+    push_export(trained_run / "final", "me/gd-model", retries=0)
+    assert len(hub.commits) == 1
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_run / "final", broken)
+    card = (broken / "README.md").read_text()
+    (broken / "README.md").write_text(card.replace("    - type: map", "    - kind: map", 1))  # a metric without a type
+    assert card != (broken / "README.md").read_text()
+    with pytest.raises(PushError, match="Invalid metadata in README.md"):
+        push_export(broken, "me/gd-model", retries=0)
 
 
 def test_transient_failures_are_retried(trained_run, hub):
