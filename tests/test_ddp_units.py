@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 
 from gd_hf.modeling import use_mean_mask_count_across_processes
 
+pytestmark = pytest.mark.slow  # real gloo processes and tiny-model training steps
+
 
 def _num_masks_on_rank(rank: int, init_file: str, counts: list[int], results) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(counts))

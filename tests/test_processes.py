@@ -55,15 +55,19 @@ def run_to_end(args: list[str], processes: int = 1) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def kill_after_checkpoint(args: list[str], checkpoint: Path) -> None:
-    """Start a run and SIGKILL it as soon as `checkpoint` exists (it is then inside the next step)."""
-    process = subprocess.Popen(train_command(args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_after_checkpoint(args: list[str], checkpoint: Path, processes: int = 1) -> None:
+    """Start a run and SIGKILL it (every process of the launch) as soon as `checkpoint` exists (it is then
+    inside the next step)."""
+    process = subprocess.Popen(
+        train_command(args, processes), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the launcher and its workers die together
+    )  # fmt: skip
     deadline = time.time() + 300
     while not checkpoint.is_dir():
         assert process.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
 
@@ -136,3 +140,21 @@ def test_two_processes_match_one_with_the_double_batch(synthetic_root, tmp_path)
     fingerprints = json.loads((last / "trainer_state.json").read_text())["replica_fingerprints"]
     assert set(fingerprints) == {"student", "teacher"}
     assert all(len(values) == 2 and values[0] == values[1] for values in fingerprints.values())
+
+
+def test_two_streaming_processes_killed_then_resumed_equal_an_uninterrupted_run(synthetic_root, tmp_path):
+    """Streamed data on 2 processes: each rank saves its own stream positions (labeled and unlabeled, per
+    worker); a launch killed in the EMA phase and launched again reads on from them: the same losses and
+    weights as a launch that was never killed."""
+    streaming = ["data.streaming=true", "data.num_workers=1", "data.shuffle_buffer=8",
+                 "ssl.labeled_repeat_threshold=null", "train.batch_size=2", "ssl.unlabeled_batch_size=2"]  # fmt: skip
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run_to_end(ssl_args(synthetic_root, reference, *streaming), processes=2)
+    kill_after_checkpoint(ssl_args(synthetic_root, killed, *streaming), killed / "checkpoints" / "step_00000004", 2)
+    assert not (killed / "final").exists()
+    last = killed / "checkpoints" / "step_00000004"
+    assert (last / "data_state_rank0.pt").is_file() and (last / "data_state_rank1.pt").is_file()  # one per rank
+    run_to_end(ssl_args(synthetic_root, killed, *streaming), processes=2)
+    a, b = weights(reference / "final"), weights(killed / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(killed) == losses(reference)

@@ -97,6 +97,7 @@ def _step_with_nan_on_rank_1(rank: int, port: int, recipe, out_file: str) -> Non
     accelerator.end_training()
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_process_only_skips_the_step_on_every_process(synthetic_root, tmp_path):
     """Rank 1's loss is NaN, rank 0's is finite: DDP's all-reduced gradient is NaN on both, so both skip the
     update (otherwise the replicas would drift apart for good) and count it."""
