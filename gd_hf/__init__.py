@@ -1,3 +1,14 @@
-"""gd_hf: semi-supervised instance segmentation with Guided Distillation, on Hugging Face transformers."""
+"""gd_hf: semi-supervised instance segmentation with Guided Distillation, on Hugging Face transformers.
+
+The package, in the order a run goes through it:
+
+- data: `data/` — sources (`sources`, `coco`, `mask_images`, `convert`), the launch's data (`prepare`), splits,
+  transforms and datasets (`loading`), the training batches (`batches`), the synthetic set;
+- model: `modeling` (Mask2Former + backbone, loss), `optim` (AdamW groups, schedule);
+- method: `teacher` (frozen, then EMA), `pseudo_labels` (the rules), `train.train_step` (one distillation step);
+- loop: `train` (set-up, the loop, the end), `checkpointing` (state, resume), `config` (recipes), `run_info`;
+- outputs: `evaluation` / `evaluate` (mask AP), `publish` (exports, model cards, pushes: `hub`, `model_card`,
+  `push`), `predict`.
+"""
 
 __version__ = "0.1.0"

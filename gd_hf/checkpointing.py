@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,31 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 DATA_STATE = "data_state_rank{rank}.pt"
+
+
+@dataclass
+class RunState:
+    """The loop's own state, saved in every checkpoint (`trainer_state.json`) and restored as a whole on resume
+    (the model, optimizer, schedule, RNG and stream positions are saved beside it by `save_checkpoint`)."""
+
+    step: int = 0  # optimizer steps done
+    best_ap: float = -1.0  # best val mask AP so far, and its step (the `best/` export)
+    best_step: int | None = None
+    data_skipped: int = 0  # bad records skipped (data.on_error: skip), all processes, up to the last checkpoint
+    nonfinite_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
+    nonfinite_in_a_row: int = 0  # ... of them in a row (train.max_nonfinite_steps stops the run)
+    replica_fingerprints: dict[str, list[float]] | None = None  # multi-process: weight checksums per rank
+    skipped_since_checkpoint: int = 0  # this process's bad records since the last checkpoint (not saved)
+
+    def to_dict(self) -> dict[str, Any]:
+        saved = asdict(self)
+        del saved["skipped_since_checkpoint"]
+        return {k: v for k, v in saved.items() if v is not None or k in ("best_step",)}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> RunState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
 
 
 def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:

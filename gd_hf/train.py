@@ -1,7 +1,9 @@
 """The training recipe: `accelerate launch -m gd_hf.train recipes/NAME.yaml [key=value ...]`.
 
-Reads top to bottom: recipe -> data -> model/optimizer -> resume -> loop (step, log, evaluate, checkpoint)
--> final evaluation and export. Phase 1 of Guided Distillation (supervised training on the labeled split).
+`train()` reads top to bottom: the data, the set-up (`set_up`: model, teacher, optimizer, batches, resume), the
+loop (the phase of the step, the copy at the end of burn-in, the student's step, the EMA update, then logging,
+evaluation and checkpoints as named calls) and the end (`finish`: final export and push). Phase 1 of Guided
+Distillation is the same loop without a teacher (supervised training on the labeled split).
 """
 
 from __future__ import annotations
@@ -15,68 +17,38 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import datasets
-import numpy as np
 import psutil
 import torch
 import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
 from accelerate.utils import DistributedType, gather_object, set_seed
-from pycocotools.coco import COCO
-from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 from transformers import Mask2FormerForUniversalSegmentation
 
 from gd_hf.checkpointing import (
+    RunState,
     list_checkpoints,
     load_checkpoint,
-    read_data_state,
     read_trainer_state,
     save_checkpoint,
 )
 from gd_hf.config import Recipe, RecipeError, SslConfig, load_recipe, recipe_to_dict
+from gd_hf.data.batches import TrainBatches, build_train_batches, strong_augment  # noqa: F401 (strong_augment: API)
 from gd_hf.data.coco import DataError
-from gd_hf.data.loading import (
-    EvalDataset,
-    LabeledTrainDataset,
-    StepBatchSampler,
-    StreamedTrainDataset,
-    UnlabeledTrainDataset,
-    collate_eval,
-    collate_train,
-    collate_unlabeled,
-    frame_size,
-    labeled_sample,
-    pad_batch,
-    repeat_factors,
-    unlabeled_sample,
-)
-from gd_hf.data.sources import (
-    Categories,
-    Records,
-    check_record,
-    image_folder_records,
-    image_ids_and_object_counts,
-    open_source,
-    select_ids,
-)
-from gd_hf.data.splits import Split, split_image_ids
-from gd_hf.data.synthetic import generate as generate_synthetic
-from gd_hf.data.transforms import StrongAugment
+from gd_hf.data.loading import EvalDataset, collate_eval, frame_size, pad_batch
+from gd_hf.data.prepare import RunData, prepare_data
 from gd_hf.evaluation import coco_mask_ap, predict_coco_results, write_results
-from gd_hf.hub import export_model
-from gd_hf.model_card import RunSummary
 from gd_hf.modeling import build_image_processor, build_model, loss_terms, size_divisibility
 from gd_hf.optim import build_lr_scheduler, build_optimizer
 from gd_hf.pseudo_labels import filter_pseudo_labels, pseudo_label_quality
-from gd_hf.push import PushError, push_export
+from gd_hf.publish import Publisher
+from gd_hf.push import PushError
 from gd_hf.run_info import check_output_folder, record_launch, run_storage_bytes
 from gd_hf.teacher import EmaTeacher
 
@@ -85,67 +57,6 @@ logger = logging.getLogger("gd_hf.train")
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stays non-finite); the message says what is kept and what to try."""
-
-
-@dataclass
-class RunData:
-    """Everything the loop needs to know about the data, validated before any output is written."""
-
-    labeled: Records  # gd_hf records of the labeled images (map-style, or a stream with data.streaming)
-    unlabeled: Records  # of the unlabeled split (all train images by default, as the paper)
-    val: datasets.Dataset
-    val_ground_truth: COCO
-    categories: Categories
-    split: Split
-
-
-def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
-    """Generate the synthetic set if asked and absent, open the source, split labeled/unlabeled (see
-    gd_hf.data.sources)."""
-    d = recipe.data
-    if d.generate_synthetic and Path(d.train_annotations).is_file():
-        images = json.loads(Path(d.train_annotations).read_text())["images"]
-        found, varied = len(images), len({(i["width"], i["height"]) for i in images}) > 1
-        if found != d.synthetic_train_images or (varied != d.synthetic_varied_sizes and found > 1):
-            raise DataError(
-                f"{d.train_annotations} holds a synthetic set of {found} training images "
-                f"({'mixed sizes' if varied else 'squares'}) but the recipe asks for {d.synthetic_train_images} "
-                f"({'mixed sizes' if d.synthetic_varied_sizes else 'squares'}): delete "
-                f"{Path(d.train_annotations).parent.parent} to generate it anew, or point data.train_* / data.val_* "
-                "elsewhere"
-            )
-    if d.generate_synthetic and not Path(d.train_annotations).exists():
-        root = Path(d.train_annotations).parent.parent  # <root>/annotations/instances_train.json
-        with accelerator.main_process_first():
-            if accelerator.is_main_process and not root.exists():
-                logger.info("generating the synthetic data set in %s", root)
-                generate_synthetic(
-                    root,
-                    d.synthetic_train_images,
-                    d.synthetic_val_images,
-                    d.synthetic_image_size,
-                    recipe.seed,
-                    d.synthetic_varied_sizes,
-                )
-    # COCO: the main process of each machine parses and caches the records first (data.records_cache), the others
-    # read its cache. Other sources wait on `datasets`' own file locks, with no collective timeout.
-    first = d.source == "coco" and d.records_cache is not None
-    with accelerator.local_main_process_first() if first else contextlib.nullcontext():
-        opened = open_source(d)
-    ids, object_counts = image_ids_and_object_counts(opened.train)
-    split = split_image_ids(ids, object_counts, d.labeled_percent, d.split_seed, d.split_file, opened.description)
-    row_ids = ids if isinstance(opened.train, datasets.Dataset) else None
-    labeled = select_ids(opened.train, split.labeled, row_ids)
-    unlabeled = (
-        opened.train if recipe.ssl.unlabeled_includes_labeled else select_ids(opened.train, split.unlabeled, row_ids)
-    )
-    if d.unlabeled_images:
-        folder = image_folder_records(d.unlabeled_images).cast_column("image", datasets.Image(decode=False))
-        split = Split(split.labeled, split.unlabeled + list(folder["image_id"]))
-        if not isinstance(unlabeled, datasets.Dataset):
-            folder = folder.to_iterable_dataset(num_shards=min(64, len(folder)))
-        unlabeled = datasets.concatenate_datasets([unlabeled, folder])
-    return RunData(labeled, unlabeled, opened.val, opened.val_ground_truth, opened.categories, split)
 
 
 def find_resume_checkpoint(recipe: Recipe) -> Path | None:
@@ -276,6 +187,35 @@ def one_frame(labeled: dict[str, Any], unlabeled: dict[str, Any]) -> tuple[dict[
     return pad_batch(labeled, height, width), pad_batch(unlabeled, height, width)
 
 
+def teacher_pseudo_labels(teacher: EmaTeacher, weak_pixel_values: torch.Tensor, ssl: SslConfig, accelerator):
+    """The teacher's predictions on the weak view, filtered by the recipe's pseudo-label rules."""
+    with accelerator.autocast():
+        outputs = teacher(pixel_values=weak_pixel_values)
+    return filter_pseudo_labels(
+        outputs.class_queries_logits,
+        outputs.masks_queries_logits,
+        ssl.pseudo_label_score_threshold,
+        ssl.pseudo_label_min_area,
+        ssl.pseudo_label_mask_threshold,
+        ssl.pseudo_label_max_overlap,
+    )
+
+
+def pseudo_label_figures(pseudo, unlabeled: dict[str, Any]) -> dict[str, float]:
+    """What is logged of a step's pseudo labels: how many per image, their mean score, and, when the unlabeled
+    images carry hidden labels (synthetic data, ablations), their quality against those (monitoring only)."""
+    counts = pseudo.counts()
+    all_scores = torch.cat(pseudo.scores)
+    figures = {
+        "pseudo_labels_per_image": sum(counts) / len(counts),
+        "pseudo_label_score": float(all_scores.mean()) if len(all_scores) else 0.0,
+    }
+    if any(len(c) for c in unlabeled["hidden_classes"]):
+        quality = pseudo_label_quality(pseudo, unlabeled["hidden_masks"], unlabeled["hidden_classes"])
+        figures.update({f"pseudo_{key}": value for key, value in quality.items() if value == value})  # not NaN
+    return figures
+
+
 def train_step(
     model: torch.nn.Module,
     micro_batches: list[dict[str, Any]],
@@ -308,16 +248,7 @@ def train_step(
         labeled_count = pixel_values.shape[0]
         pseudo = None
         if unlabeled is not None:
-            with accelerator.autocast():
-                teacher_outputs = teacher(pixel_values=unlabeled["weak_pixel_values"].to(device))
-            pseudo = filter_pseudo_labels(
-                teacher_outputs.class_queries_logits,
-                teacher_outputs.masks_queries_logits,
-                ssl.pseudo_label_score_threshold,
-                ssl.pseudo_label_min_area,
-                ssl.pseudo_label_mask_threshold,
-                ssl.pseudo_label_max_overlap,
-            )
+            pseudo = teacher_pseudo_labels(teacher, unlabeled["weak_pixel_values"].to(device), ssl, accelerator)
             pixel_values = torch.cat([pixel_values, unlabeled["strong_pixel_values"].to(device)])
         # Gradients are all-reduced once, on the last micro-batch.
         sync = contextlib.nullcontext() if index == len(micro_batches) - 1 else accelerator.no_sync(model)
@@ -345,15 +276,8 @@ def train_step(
         for key in ("loss_cross_entropy", "loss_mask", "loss_dice"):
             add(key, terms[key])
         if pseudo is not None:
-            counts = pseudo.counts()
-            add("pseudo_labels_per_image", sum(counts) / len(counts))
-            all_scores = torch.cat(pseudo.scores)
-            add("pseudo_label_score", float(all_scores.mean()) if len(all_scores) else 0.0)
-            if any(len(c) for c in unlabeled["hidden_classes"]):
-                quality = pseudo_label_quality(pseudo, unlabeled["hidden_masks"], unlabeled["hidden_classes"])
-                for key, value in quality.items():
-                    if value == value:  # not NaN
-                        add(f"pseudo_{key}", value)
+            for key, value in pseudo_label_figures(pseudo, unlabeled).items():
+                add(key, value)
     # The gradient norm (after DDP's all-reduce: the same on every rank) also tells whether any rank's loss was
     # non-finite; clipping at inf measures it without changing anything.
     totals["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
@@ -368,11 +292,6 @@ def train_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return logged
-
-
-def strong_augment(ssl: SslConfig) -> StrongAugment:
-    """The strong view of the recipe (the reference's, with the hue/grayscale/erasing knobs of `ssl`)."""
-    return StrongAugment(hue=ssl.strong_hue, grayscale_prob=ssl.strong_grayscale_prob, erase_prob=ssl.strong_erase_prob)
 
 
 def build_teacher(recipe: Recipe, student: torch.nn.Module, id2label: dict[int, str]) -> EmaTeacher | None:
@@ -427,6 +346,32 @@ def train_teacher_first(recipe: Recipe, data: RunData) -> Recipe:
     )
 
 
+@dataclass
+class Run:
+    """What the loop works with: the recipe, the prepared data, the models and their optimizer, the batches, the
+    publisher, and the run's state. `state` is all the loop changes that a checkpoint keeps."""
+
+    recipe: Recipe
+    accelerator: Accelerator
+    data: RunData
+    model: torch.nn.Module  # as prepared by accelerate (DDP-wrapped on several processes)
+    unwrapped: Mask2FormerForUniversalSegmentation
+    evaluated: Mask2FormerForUniversalSegmentation  # scored and exported: the student, or the teacher if asked
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    teacher: EmaTeacher | None
+    batches: TrainBatches
+    publisher: Publisher
+    state: RunState
+    divisibility: int
+    log: LogWindow = field(default_factory=lambda: LogWindow())
+    metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation's
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.recipe.output_dir)
+
+
 def train(recipe: Recipe, data: RunData | None = None) -> dict[str, Any]:
     """Run a recipe to its end (resuming if there is a checkpoint); return the final val metrics. `data`: the
     launch's data, already prepared for this recipe's `data` settings (phase 1 of a one-launch run)."""
@@ -435,32 +380,49 @@ def train(recipe: Recipe, data: RunData | None = None) -> dict[str, Any]:
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
     )
-    cfg = recipe.train
-    output_dir = Path(recipe.output_dir)
-
-    # --- Data: every check happens before anything is written to output_dir.
     if data is None:
-        data = prepare_data(recipe, accelerator)
+        data = prepare_data(recipe, accelerator)  # every check happens before anything is written
     if recipe.ssl.enabled and recipe.ssl.train_teacher_first:
-        recipe = train_teacher_first(recipe, data)
-    resume_from = find_resume_checkpoint(recipe)
-    labeled_count, unlabeled_count = len(data.split.labeled), len(data.split.unlabeled)
-    if not recipe.ssl.enabled:
-        logger.info(
-            "labeled images: %d (of %d), val: %d", labeled_count, labeled_count + unlabeled_count, len(data.val)
-        )
-    else:
-        # As the paper (ssl.unlabeled_includes_labeled), the unlabeled stream is every training image.
-        included = recipe.ssl.unlabeled_includes_labeled
-        logger.info(
-            "labeled images: %d, unlabeled stream: %d%s, val: %d",
-            labeled_count,
-            unlabeled_count + (labeled_count if included else 0),
-            " (the labeled ones included)" if included else "",
-            len(data.val),
-        )
+        recipe = train_teacher_first(recipe, data)  # phase 1 in this launch, into output_dir/teacher
+    run = set_up(recipe, data, accelerator)
+    cfg, ssl = recipe.train, recipe.ssl
+    progress = tqdm(total=cfg.max_steps, initial=run.state.step, desc="train", dynamic_ncols=True,
+                    disable=not accelerator.is_local_main_process)  # fmt: skip
+    run.model.train()
+    while run.state.step < cfg.max_steps:
+        phase = training_phase(run.state.step, ssl)  # supervised, burn_in (fixed teacher) or ema
+        if phase == "ema" and run.state.step == ssl.burn_in_steps:
+            end_burn_in(run)  # the teacher becomes a copy of the student, then follows it by EMA
+        labeled, unlabeled = run.batches.next_step(cfg.gradient_accumulation_steps)
+        # The student's step: labeled images, plus the strong views with the teacher's pseudo labels of the weak.
+        uses_pseudo_labels = phase == "ema" or (phase == "burn_in" and ssl.burn_in_pseudo_labels)
+        terms = train_step(run.model, labeled, run.optimizer, run.scheduler, accelerator, cfg.grad_clip,
+                           unlabeled if uses_pseudo_labels else None, run.teacher, ssl)  # fmt: skip
+        if not skipped_for_nonfinite(run, terms) and phase == "ema":
+            run.teacher.update(run.unwrapped, ssl.ema_decay)  # teacher <- decay * teacher + (1 - decay) * student
+        run.state.step += 1
+        run.state.skipped_since_checkpoint += sum(b["skipped"] for b in labeled + (unlabeled or []))
+        run.log.add(terms)
+        progress.update(1)
+        progress.set_postfix(loss=f"{terms['loss']:.3f}")
+        # Periodic actions.
+        step, is_last = run.state.step, run.state.step == cfg.max_steps
+        if step % cfg.log_every == 0 or is_last:
+            write_log_line(run)
+        if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
+            evaluate_and_export_best(run)
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or is_last:
+            save_run_checkpoint(run)
+    progress.close()
+    del run.batches  # ends the loaders' workers
+    return finish(run)
 
-    # --- Model, optimizer, schedule.
+
+def set_up(recipe: Recipe, data: RunData, accelerator: Accelerator) -> Run:
+    """Model, teacher, optimizer and schedule; the batches; the resume; the output folder's first files."""
+    cfg = recipe.train
+    log_split_sizes(recipe, data)
+    resume_from = find_resume_checkpoint(recipe)
     set_seed(recipe.seed)
     model = build_model(recipe.model, data.categories.id2label)
     image_processor = build_image_processor(model, recipe.data)
@@ -469,7 +431,7 @@ def train(recipe: Recipe, data: RunData | None = None) -> dict[str, Any]:
     scheduler = build_lr_scheduler(optimizer, cfg)
     teacher = build_teacher(recipe, model, data.categories.id2label)
     needed = run_storage_bytes(sum(p.numel() for p in model.parameters()), cfg.keep_checkpoints, teacher is not None)
-    problem = check_output_folder(output_dir, needed)
+    problem = check_output_folder(Path(recipe.output_dir), needed)
     if problem:
         raise RecipeError(problem)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -479,310 +441,183 @@ def train(recipe: Recipe, data: RunData | None = None) -> dict[str, Any]:
         teacher.to(accelerator.device)
         accelerator.register_for_checkpointing(teacher)  # the EMA teacher is part of the run's state
     unwrapped = accelerator.unwrap_model(model)
-    # The model that is evaluated and exported: the student, unless the recipe asks for the teacher.
     evaluated = teacher.model if teacher is not None and recipe.ssl.evaluate == "teacher" else unwrapped
-    state = {"step": 0, "best_ap": -1.0, "best_step": None}
-    if resume_from is not None:
-        state = read_trainer_state(resume_from)
-
-    # --- Data loader: the sampler is indexed by micro-batch, so resuming = starting it at the right step.
-    def step_indexed_batches(
-        dataset, batch_size: int, seed: int, collate, factors: np.ndarray | None = None
-    ) -> Iterator[dict[str, Any]]:
-        sampler = StepBatchSampler(
-            num_items=len(dataset),
-            batch_size=batch_size // cfg.gradient_accumulation_steps,
-            seed=seed,
-            start_step=state["step"] * cfg.gradient_accumulation_steps,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-            repeat_factors=factors,
-        )
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=recipe.data.num_workers,
-            collate_fn=partial(collate, divisibility=divisibility),
-            persistent_workers=recipe.data.num_workers > 0,
-        )
-        return iter(loader)  # draws a seed from torch's RNG: created before the RNG state is restored
-
-    # With data.streaming the loaders are StatefulDataLoaders whose positions are saved in each checkpoint.
-    stream_loaders: dict[str, StatefulDataLoader] = {}
-    stream_states = read_data_state(resume_from, accelerator.process_index) if resume_from is not None else {}
-
-    def streamed_batches(name: str, records, make_sample, batch_size: int, seed: int, collate) -> Iterator[dict]:
-        dataset = StreamedTrainDataset(
-            records, make_sample, recipe.data, seed, accelerator.process_index, accelerator.num_processes, check_record
-        )
-        loader = StatefulDataLoader(
-            dataset,
-            batch_size=batch_size // cfg.gradient_accumulation_steps,
-            num_workers=recipe.data.num_workers,
-            collate_fn=partial(collate, divisibility=divisibility),
-            persistent_workers=recipe.data.num_workers > 0,
-        )
-        if name in stream_states:
-            loader.load_state_dict(stream_states[name])
-        elif resume_from is not None:
-            logger.warning("no saved position of the %s stream in %s: it starts from the beginning", name, resume_from)
-        stream_loaders[name] = loader
-        return iter(loader)
-
-    d = recipe.data
-    if d.streaming:
-        batches = streamed_batches(
-            "labeled", data.labeled, partial(labeled_sample, data=d), cfg.batch_size, recipe.seed, collate_train
-        )
-    else:
-        # Phases 2-3 draw rare-class labeled images more often, as the reference (ssl.labeled_repeat_threshold).
-        factors = None
-        if recipe.ssl.enabled and recipe.ssl.labeled_repeat_threshold is not None:
-            # Only the class column is read (not the masks); crowd regions count, as in detectron2.
-            image_categories = data.labeled.select_columns(["objects"]).flatten()["objects.category"]
-            factors = repeat_factors(image_categories, recipe.ssl.labeled_repeat_threshold)
-            logger.info(
-                "repeat-factor sampling of the labeled images (threshold %g): factors %.2f to %.2f",
-                recipe.ssl.labeled_repeat_threshold,
-                factors.min(),
-                factors.max(),
-            )
-        labeled = LabeledTrainDataset(data.labeled, d)
-        batches = step_indexed_batches(labeled, cfg.batch_size, recipe.seed, collate_train, factors)
-    unlabeled_batches = None
-    if recipe.ssl.enabled:
-        if not recipe.ssl.unlabeled_includes_labeled and not data.split.unlabeled:
-            raise DataError(
-                "the unlabeled split is empty: lower data.labeled_percent or set ssl.unlabeled_includes_labeled"
-            )
-        # A different seed: the unlabeled stream is not in the labeled stream's order.
-        if d.streaming:
-            make_views = partial(unlabeled_sample, data=d, strong=strong_augment(recipe.ssl))
-            unlabeled_batches = streamed_batches(
-                "unlabeled",
-                data.unlabeled,
-                make_views,
-                recipe.ssl.unlabeled_batch_size,
-                recipe.seed + 1,
-                collate_unlabeled,
-            )
-        else:
-            unlabeled = UnlabeledTrainDataset(data.unlabeled, d, strong_augment(recipe.ssl))
-            unlabeled_batches = step_indexed_batches(
-                unlabeled, recipe.ssl.unlabeled_batch_size, recipe.seed + 1, collate_unlabeled
-            )
-
-    # --- Resume: model, optimizer, schedule and RNG states as they were after step `state["step"]`.
-    if resume_from is not None:
+    state = RunState.from_dict(read_trainer_state(resume_from)) if resume_from is not None else RunState()
+    batches = build_train_batches(recipe, data, accelerator.process_index, accelerator.num_processes, divisibility,
+                                  state.step, resume_from)  # fmt: skip
+    if resume_from is not None:  # model, optimizer, schedule and RNG states as they were after `state.step`
         load_checkpoint(accelerator, resume_from)
-        logger.info("resumed from %s at step %d", resume_from, state["step"])
+        logger.info("resumed from %s at step %d", resume_from, state.step)
+    write_run_files(recipe, accelerator, state.step)
+    publisher = Publisher.for_run(recipe, image_processor, len(data.split.labeled), len(data.split.unlabeled),
+                                  len(data.val), data.categories.names)  # fmt: skip
+    return Run(recipe, accelerator, data, model, unwrapped, evaluated, optimizer, scheduler, teacher, batches,
+               publisher, state, divisibility)  # fmt: skip
+
+
+def log_split_sizes(recipe: Recipe, data: RunData) -> None:
+    labeled_count, unlabeled_count = len(data.split.labeled), len(data.split.unlabeled)
+    if not recipe.ssl.enabled:
+        logger.info(
+            "labeled images: %d (of %d), val: %d", labeled_count, labeled_count + unlabeled_count, len(data.val)
+        )
+        return
+    # As the paper (ssl.unlabeled_includes_labeled), the unlabeled stream is every training image.
+    included = recipe.ssl.unlabeled_includes_labeled
+    logger.info(
+        "labeled images: %d, unlabeled stream: %d%s, val: %d",
+        labeled_count,
+        unlabeled_count + (labeled_count if included else 0),
+        " (the labeled ones included)" if included else "",
+        len(data.val),
+    )
+
+
+def write_run_files(recipe: Recipe, accelerator: Accelerator, step: int) -> None:
+    """The resolved recipe, this launch's record (versions, commit, command), a metrics log without the lines of
+    steps a resume repeats; the trackers."""
+    output_dir = Path(recipe.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-        record_launch(output_dir, accelerator.num_processes, accelerator.mixed_precision)  # versions, commit, command
-        # Lines logged after the checkpoint we resume from will be logged again: drop them.
-        drop_log_lines_after(output_dir / "metrics.jsonl", state["step"])
+        record_launch(output_dir, accelerator.num_processes, accelerator.mixed_precision)
+        drop_log_lines_after(output_dir / "metrics.jsonl", step)
     accelerator.init_trackers("tensorboard" if accelerator.log_with else "gd_hf")
 
-    # --- Model cards and pushes (rank 0 only).
-    teacher_results = Path(recipe.ssl.teacher or "") / "eval_results.json"
-    teacher_metrics = (
-        json.loads(teacher_results.read_text()) if recipe.ssl.enabled and teacher_results.is_file() else None
+
+def end_burn_in(run: Run) -> None:
+    """The end of guided burn-in: teacher <- student (EMA from here on); the student so far is exported and
+    pushed to the `burn-in` branch when `hub.push_intermediate`."""
+    run.teacher.copy_from(run.unwrapped)
+    hub = run.recipe.hub
+    if hub.push and hub.push_intermediate and run.accelerator.is_main_process:
+        step = run.state.step
+        folder = run.publisher.export(run.unwrapped, "burn_in", step, None, hub.repo_id)
+        run.publisher.push(folder, "burn-in", f"Student at the end of guided burn-in (step {step})")
+
+
+def skipped_for_nonfinite(run: Run, terms: dict[str, float]) -> bool:
+    """Count a step whose update `train_step` skipped (non-finite loss or gradient on any process); too many in a
+    row stop the run, its last good checkpoint kept."""
+    state, cfg = run.state, run.recipe.train
+    if not terms["nonfinite"]:
+        state.nonfinite_in_a_row = 0
+        return False
+    state.nonfinite_steps += 1
+    state.nonfinite_in_a_row += 1
+    logger.warning(
+        "step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
+        state.step + 1,
+        terms["loss"],
+        terms["grad_norm"],
+        state.nonfinite_in_a_row,
     )
-
-    def summary(step: int, val_metrics: dict[str, float]) -> RunSummary:
-        return RunSummary(
-            recipe=recipe,
-            stage="guided distillation" if recipe.ssl.enabled else "supervised",
-            step=step,
-            metrics=val_metrics,
-            num_labeled=len(data.split.labeled),
-            num_unlabeled=len(data.split.unlabeled),
-            num_val=len(data.val),
-            class_names=data.categories.names,
-            teacher_metrics=teacher_metrics,
+    if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+        last = list_checkpoints(run.output_dir / "checkpoints")
+        raise TrainingError(
+            f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
+            f"{state.step + 1}); stopping. The last good checkpoint is "
+            f"{last[-1] if last else 'none (no checkpoint yet)'}; resume: auto continues from it. Try a lower "
+            "train.lr, train.grad_clip, bf16 instead of fp16, or look for broken labels around this step."
         )
+    return True
 
-    push_failures: list[str] = []
 
-    def push_or_report(folder: Path, revision: str | None, message: str) -> None:
-        """A failed push is reported at the end of the run; the local outputs are complete either way."""
-        try:
-            url = push_export(folder, recipe.hub.repo_id, revision, recipe.hub.private, message, recipe.hub.retries)
-            logger.info("pushed %s -> %s", folder, url)
-        except PushError as e:
-            logger.error("%s", e)
-            push_failures.append(str(e))
+class LogWindow:
+    """The logged values summed since the last log line; the first line of a launch also says how long the
+    launch took to reach its first step."""
 
-    # --- The loop.
-    metrics_log = output_dir / "metrics.jsonl"
-    progress = tqdm(
-        total=cfg.max_steps,
-        initial=state["step"],
-        desc="train",
-        disable=not accelerator.is_local_main_process,
-        dynamic_ncols=True,
-    )
-    model.train()
-    window: dict[str, list[float]] = {}  # key -> [sum, count] since the last log line
-    window_start, steps_in_window = time.perf_counter(), 0
-    metrics: dict[str, float] = {}
-    skipped_here = 0  # bad records skipped by this process since the last checkpoint
-    nonfinite_total = consecutive_nonfinite = 0  # steps skipped for a non-finite loss/gradient (this launch)
-    # Seconds from the process's start to this launch's first step (data, model, resume): logged once.
-    startup_seconds: float | None = time.time() - PROCESS_START
-    while state["step"] < cfg.max_steps:
-        phase = training_phase(state["step"], recipe.ssl)
-        if phase == "ema" and state["step"] == recipe.ssl.burn_in_steps:
-            teacher.copy_from(unwrapped)  # end of burn-in: teacher <- student, EMA from here on
-            if recipe.hub.push and recipe.hub.push_intermediate and accelerator.is_main_process:
-                folder = export_model(
-                    unwrapped,
-                    image_processor,
-                    output_dir / "burn_in",
-                    None,
-                    summary(state["step"], {}),
-                    recipe.hub.repo_id,
-                )
-                push_or_report(folder, "burn-in", f"Student at the end of guided burn-in (step {state['step']})")
-        micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
-        # Both streams advance every step, so the unlabeled position is a function of the step too.
-        unlabeled_micro = (
-            [next(unlabeled_batches) for _ in range(cfg.gradient_accumulation_steps)]
-            if unlabeled_batches is not None
-            else None
-        )
-        use_pseudo_labels = phase == "ema" or (phase == "burn_in" and recipe.ssl.burn_in_pseudo_labels)
-        step_terms = train_step(
-            model,
-            micro_batches,
-            optimizer,
-            scheduler,
-            accelerator,
-            cfg.grad_clip,
-            unlabeled_micro if use_pseudo_labels else None,
-            teacher,
-            recipe.ssl,
-        )
-        if step_terms["nonfinite"]:
-            nonfinite_total += 1
-            consecutive_nonfinite += 1
-            logger.warning(
-                "step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
-                state["step"] + 1,
-                step_terms["loss"],
-                step_terms["grad_norm"],
-                consecutive_nonfinite,
-            )
-            if consecutive_nonfinite >= cfg.max_nonfinite_steps:
-                last = list_checkpoints(output_dir / "checkpoints")
-                raise TrainingError(
-                    f"{consecutive_nonfinite} steps in a row had a non-finite loss or gradient (up to step "
-                    f"{state['step'] + 1}); stopping. The last good checkpoint is "
-                    f"{last[-1] if last else 'none (no checkpoint yet)'}; resume: auto continues from it. Try a lower "
-                    "train.lr, train.grad_clip, bf16 instead of fp16, or look for broken labels around this step."
-                )
-        else:
-            consecutive_nonfinite = 0
-            if phase == "ema":
-                teacher.update(unwrapped, recipe.ssl.ema_decay)
-        skipped_here += sum(b["skipped"] for b in micro_batches + (unlabeled_micro or []))
-        state["step"] += 1
-        step = state["step"]
-        progress.update(1)
-        progress.set_postfix(loss=f"{step_terms['loss']:.3f}")
-        steps_in_window += 1
-        for key, value in step_terms.items():  # some keys (pseudo-label quality) are not logged every step
-            if step_terms["nonfinite"] or key == "nonfinite":
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = {}  # key -> [sum, count]
+        self.start, self.steps = time.perf_counter(), 0
+        self.seconds_to_first_step: float | None = time.time() - PROCESS_START
+
+    def add(self, terms: dict[str, float]) -> None:
+        self.steps += 1
+        for key, value in terms.items():  # some keys (pseudo-label quality) are not logged every step
+            if terms["nonfinite"] or key == "nonfinite":
                 continue  # a skipped step's NaN would hide the window's other values
-            window.setdefault(key, [0.0, 0])
-            window[key][0] += value
-            window[key][1] += 1
+            self.sums.setdefault(key, [0.0, 0])
+            self.sums[key][0] += value
+            self.sums[key][1] += 1
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            record = window_means(accelerator, window)
-            # Bad records skipped so far (data.on_error: skip), over all processes.
-            skipped = accelerator.reduce(torch.tensor(skipped_here, device=accelerator.device), "sum").item()
-            record.update(
-                nonfinite_steps=nonfinite_total,
-                data_skipped=state.get("data_skipped", 0) + skipped,
-                step=step,
-                lr=scheduler.get_last_lr()[-1],
-                seconds_per_step=(time.perf_counter() - window_start) / steps_in_window,
-                seconds_since_launch=time.time() - PROCESS_START,
-                peak_rss_gb=peak_rss_gb(accelerator),
-            )
-            if startup_seconds is not None:
-                record["seconds_to_first_step"], startup_seconds = startup_seconds, None
-            _log(accelerator, metrics_log, record)
-            window, window_start, steps_in_window = {}, time.perf_counter(), 0
 
-        is_last = step == cfg.max_steps
-        if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
-            metrics, results, costs = evaluate_on_val(evaluated, data, recipe, accelerator, divisibility)
-            logged = {f"val/{k}": v for k, v in metrics.items()}
-            logged.update({f"eval/{k}": v for k, v in costs.items()})
-            if teacher is not None and recipe.ssl.evaluate == "both":
-                teacher_metrics, *_ = evaluate_on_val(teacher.model, data, recipe, accelerator, divisibility)
-                logged.update({f"val_teacher/{k}": v for k, v in teacher_metrics.items()})
-            if accelerator.is_main_process:
-                write_results(output_dir / "predictions" / f"val_step_{step:08d}.json", results)
-                _log(accelerator, metrics_log, {"step": step, **logged})
-                logger.info(
-                    "step %d val mask AP %.2f (AP50 %.2f, AP75 %.2f)",
-                    step,
-                    metrics["AP"],
-                    metrics["AP50"],
-                    metrics["AP75"],
-                )
-                if metrics["AP"] > state["best_ap"]:
-                    state["best_ap"], state["best_step"] = metrics["AP"], step
-                    export_model(
-                        evaluated,
-                        image_processor,
-                        output_dir / "best",
-                        {"step": step, **metrics},
-                        summary(step, metrics),
-                    )
-            state = _broadcast_state(accelerator, state)
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or is_last:
-            skipped = accelerator.reduce(torch.tensor(skipped_here, device=accelerator.device), "sum").item()
-            state["data_skipped"], skipped_here = state.get("data_skipped", 0) + skipped, 0
-            data_state = {name: loader.state_dict() for name, loader in stream_loaders.items()}
-            if accelerator.num_processes > 1:
-                state["replica_fingerprints"] = replica_fingerprints(accelerator, unwrapped, teacher)
-            save_checkpoint(accelerator, output_dir / "checkpoints", step, state, cfg.keep_checkpoints, data_state)
-    progress.close()
-    del batches
+def write_log_line(run: Run) -> None:
+    accelerator, window = run.accelerator, run.log
+    record = window_means(accelerator, window.sums)
+    # Bad records skipped so far (data.on_error: skip), over all processes.
+    skipped = accelerator.reduce(torch.tensor(run.state.skipped_since_checkpoint, device=accelerator.device), "sum")
+    record.update(
+        nonfinite_steps=run.state.nonfinite_steps,
+        data_skipped=run.state.data_skipped + skipped.item(),
+        step=run.state.step,
+        lr=run.scheduler.get_last_lr()[-1],
+        seconds_per_step=(time.perf_counter() - window.start) / window.steps,
+        seconds_since_launch=time.time() - PROCESS_START,
+        peak_rss_gb=peak_rss_gb(accelerator),
+    )
+    if window.seconds_to_first_step is not None:
+        record["seconds_to_first_step"] = window.seconds_to_first_step
+    _log(accelerator, run.output_dir / "metrics.jsonl", record)
+    run.log = LogWindow()
+    run.log.seconds_to_first_step = None
 
-    # --- Final export (also when the run was already complete and only resumed to this point).
+
+def evaluate_and_export_best(run: Run) -> None:
+    """Val mask AP of the evaluated model (and of the teacher with `ssl.evaluate: both`); a new best is exported
+    to `best/`. Rank 0 decides the best; every rank learns it for the next checkpoint."""
+    accelerator, step, recipe = run.accelerator, run.state.step, run.recipe
+    metrics, results, costs = evaluate_on_val(run.evaluated, run.data, recipe, accelerator, run.divisibility)
+    logged = {f"val/{k}": v for k, v in metrics.items()}
+    logged.update({f"eval/{k}": v for k, v in costs.items()})
+    if run.teacher is not None and recipe.ssl.evaluate == "both":
+        teacher_metrics, *_ = evaluate_on_val(run.teacher.model, run.data, recipe, accelerator, run.divisibility)
+        logged.update({f"val_teacher/{k}": v for k, v in teacher_metrics.items()})
+    run.metrics = metrics
+    if accelerator.is_main_process:
+        write_results(run.output_dir / "predictions" / f"val_step_{step:08d}.json", results)
+        _log(accelerator, run.output_dir / "metrics.jsonl", {"step": step, **logged})
+        logger.info("step %d val mask AP %.2f (AP50 %.2f, AP75 %.2f)", step, metrics["AP"], metrics["AP50"],
+                    metrics["AP75"])  # fmt: skip
+        if metrics["AP"] > run.state.best_ap:
+            run.state.best_ap, run.state.best_step = metrics["AP"], step
+            run.publisher.export(run.evaluated, "best", step, metrics)
+    run.state = _broadcast_state(accelerator, run.state)
+
+
+def save_run_checkpoint(run: Run) -> None:
+    accelerator, state = run.accelerator, run.state
+    skipped = accelerator.reduce(torch.tensor(state.skipped_since_checkpoint, device=accelerator.device), "sum")
+    state.data_skipped, state.skipped_since_checkpoint = state.data_skipped + skipped.item(), 0
+    if accelerator.num_processes > 1:
+        state.replica_fingerprints = replica_fingerprints(accelerator, run.unwrapped, run.teacher)
+    save_checkpoint(accelerator, run.output_dir / "checkpoints", state.step, state.to_dict(),
+                    run.recipe.train.keep_checkpoints, run.batches.data_state())  # fmt: skip
+
+
+def finish(run: Run) -> dict[str, float]:
+    """The final export (also when the run was already complete and only resumed to this point), its metrics,
+    and the final push."""
+    accelerator, recipe, state = run.accelerator, run.recipe, run.state
+    metrics = run.metrics
     if not metrics:
-        metrics, *_ = evaluate_on_val(evaluated, data, recipe, accelerator, divisibility)
+        metrics, *_ = evaluate_on_val(run.evaluated, run.data, recipe, accelerator, run.divisibility)
     if accelerator.is_main_process:
         model_id = recipe.hub.repo_id if recipe.hub.push else None
-        final = export_model(
-            evaluated,
-            image_processor,
-            output_dir / "final",
-            {"step": state["step"], **metrics},
-            summary(state["step"], metrics),
-            model_id,
-        )
-        final_summary = {"final": metrics, "best_ap": state["best_ap"], "best_step": state["best_step"]}
-        (output_dir / "final_metrics.json").write_text(json.dumps(final_summary, indent=2))
-        print(_format_metrics(metrics, state["step"]), flush=True)
-        if teacher_metrics is not None:
-            print(_side_by_side(teacher_metrics, metrics), flush=True)
+        final = run.publisher.export(run.evaluated, "final", state.step, metrics, model_id)
+        final_summary = {"final": metrics, "best_ap": state.best_ap, "best_step": state.best_step}
+        (run.output_dir / "final_metrics.json").write_text(json.dumps(final_summary, indent=2))
+        print(_format_metrics(metrics, state.step), flush=True)
+        if run.publisher.teacher_metrics is not None:
+            print(_side_by_side(run.publisher.teacher_metrics, metrics), flush=True)
         if recipe.hub.push:
-            push_or_report(
-                final, recipe.hub.revision, f"Model after {state['step']} steps (mask AP {metrics['AP']:.2f})"
-            )
+            message = f"Model after {state.step} steps (mask AP {metrics['AP']:.2f})"
+            run.publisher.push(final, recipe.hub.revision, message)
     # Not accelerator.end_training(): it destroys the process group, which the distillation phase of a
     # `ssl.train_teacher_first` launch still needs; main() ends the group once everything is done.
     for tracker in accelerator.trackers:
         tracker.finish()
-    if push_failures:
-        raise PushError("\n".join(push_failures))
+    run.publisher.raise_failures()
     return metrics
 
 
@@ -865,7 +700,7 @@ def drop_log_lines_after(path: Path, step: int) -> None:
         path.write_text("".join(kept))
 
 
-def _broadcast_state(accelerator: Accelerator, state: dict[str, Any]) -> dict[str, Any]:
+def _broadcast_state(accelerator: Accelerator, state: RunState) -> RunState:
     """Rank 0 decides the best checkpoint; every rank must agree on it for the next checkpoint."""
     if accelerator.num_processes == 1:
         return state

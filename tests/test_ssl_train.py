@@ -152,8 +152,10 @@ def test_the_overlap_rule_of_the_recipe_reaches_the_pseudo_label_filter(
 def test_phases_2_3_draw_labeled_images_by_repeat_factor_and_phase_1_does_not(
     synthetic_root, tmp_path, teacher_dir, monkeypatch
 ):
+    import gd_hf.data.batches as batches_module  # where the loaders are built
+
     samplers, datasets = [], []
-    real_sampler, real_dataset = train_module.StepBatchSampler, train_module.LabeledTrainDataset
+    real_sampler, real_dataset = batches_module.StepBatchSampler, batches_module.LabeledTrainDataset
 
     def sampler_spy(**kwargs):
         samplers.append(kwargs)
@@ -163,8 +165,8 @@ def test_phases_2_3_draw_labeled_images_by_repeat_factor_and_phase_1_does_not(
         datasets.append(hf_dataset)
         return real_dataset(hf_dataset, data)
 
-    monkeypatch.setattr(train_module, "StepBatchSampler", sampler_spy)
-    monkeypatch.setattr(train_module, "LabeledTrainDataset", dataset_spy)
+    monkeypatch.setattr(batches_module, "StepBatchSampler", sampler_spy)
+    monkeypatch.setattr(batches_module, "LabeledTrainDataset", dataset_spy)
     run(synthetic_root, tmp_path / "rfs", teacher_dir, "train.max_steps=1", "ssl.labeled_repeat_threshold=10")
     labeled, unlabeled = samplers
     categories = [objects["category"] for objects in datasets[0]["objects"]]

@@ -98,20 +98,20 @@ def test_strong_erase_prob_erases_one_rectangle_of_the_strong_view_only():
 
 
 def test_the_recipes_strong_augmentation_reaches_the_unlabeled_data(synthetic_root, tmp_path, monkeypatch):
-    import gd_hf.train as train_module
+    import gd_hf.data.batches as batches_module
     from gd_hf.config import load_recipe
     from gd_hf.train import train
 
     from .conftest import ONE_LAUNCH_SSL, ROOT, tiny_overrides
 
     seen = []
-    real = train_module.UnlabeledTrainDataset
+    real = batches_module.UnlabeledTrainDataset
 
     def spy(records, data, strong):
         seen.append(strong)
         return real(records, data, strong)
 
-    monkeypatch.setattr(train_module, "UnlabeledTrainDataset", spy)
+    monkeypatch.setattr(batches_module, "UnlabeledTrainDataset", spy)
     overrides = tiny_overrides(synthetic_root, tmp_path / "run") + ONE_LAUNCH_SSL
     overrides += ["ssl.strong_erase_prob=0.7", "ssl.strong_hue=0.05", "ssl.strong_grayscale_prob=0.1"]
     train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))

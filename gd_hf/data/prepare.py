@@ -1,0 +1,92 @@
+"""A launch's data, opened and split once: the labeled and unlabeled training records, val and its ground truth.
+
+Every check happens here, before anything is written to the run's output folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from accelerate import Accelerator
+from pycocotools.coco import COCO
+
+from gd_hf.config import Recipe
+from gd_hf.data.coco import DataError
+from gd_hf.data.sources import (
+    Categories,
+    Records,
+    image_folder_records,
+    image_ids_and_object_counts,
+    open_source,
+    select_ids,
+)
+from gd_hf.data.splits import Split, split_image_ids
+from gd_hf.data.synthetic import generate as generate_synthetic
+
+logger = logging.getLogger("gd_hf.train")
+
+
+@dataclass
+class RunData:
+    """Everything the loop needs to know about the data, validated before any output is written."""
+
+    labeled: Records  # gd_hf records of the labeled images (map-style, or a stream with data.streaming)
+    unlabeled: Records  # of the unlabeled split (all train images by default, as the paper)
+    val: datasets.Dataset
+    val_ground_truth: COCO
+    categories: Categories
+    split: Split
+
+
+def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
+    """Generate the synthetic set if asked and absent, open the source, split labeled/unlabeled (see
+    gd_hf.data.sources)."""
+    d = recipe.data
+    if d.generate_synthetic and Path(d.train_annotations).is_file():
+        images = json.loads(Path(d.train_annotations).read_text())["images"]
+        found, varied = len(images), len({(i["width"], i["height"]) for i in images}) > 1
+        if found != d.synthetic_train_images or (varied != d.synthetic_varied_sizes and found > 1):
+            raise DataError(
+                f"{d.train_annotations} holds a synthetic set of {found} training images "
+                f"({'mixed sizes' if varied else 'squares'}) but the recipe asks for {d.synthetic_train_images} "
+                f"({'mixed sizes' if d.synthetic_varied_sizes else 'squares'}): delete "
+                f"{Path(d.train_annotations).parent.parent} to generate it anew, or point data.train_* / data.val_* "
+                "elsewhere"
+            )
+    if d.generate_synthetic and not Path(d.train_annotations).exists():
+        root = Path(d.train_annotations).parent.parent  # <root>/annotations/instances_train.json
+        with accelerator.main_process_first():
+            if accelerator.is_main_process and not root.exists():
+                logger.info("generating the synthetic data set in %s", root)
+                generate_synthetic(
+                    root,
+                    d.synthetic_train_images,
+                    d.synthetic_val_images,
+                    d.synthetic_image_size,
+                    recipe.seed,
+                    d.synthetic_varied_sizes,
+                )
+    # COCO: the main process of each machine parses and caches the records first (data.records_cache), the others
+    # read its cache. Other sources wait on `datasets`' own file locks, with no collective timeout.
+    first = d.source == "coco" and d.records_cache is not None
+    with accelerator.local_main_process_first() if first else contextlib.nullcontext():
+        opened = open_source(d)
+    ids, object_counts = image_ids_and_object_counts(opened.train)
+    split = split_image_ids(ids, object_counts, d.labeled_percent, d.split_seed, d.split_file, opened.description)
+    row_ids = ids if isinstance(opened.train, datasets.Dataset) else None
+    labeled = select_ids(opened.train, split.labeled, row_ids)
+    unlabeled = (
+        opened.train if recipe.ssl.unlabeled_includes_labeled else select_ids(opened.train, split.unlabeled, row_ids)
+    )
+    if d.unlabeled_images:
+        folder = image_folder_records(d.unlabeled_images).cast_column("image", datasets.Image(decode=False))
+        split = Split(split.labeled, split.unlabeled + list(folder["image_id"]))
+        if not isinstance(unlabeled, datasets.Dataset):
+            folder = folder.to_iterable_dataset(num_shards=min(64, len(folder)))
+        unlabeled = datasets.concatenate_datasets([unlabeled, folder])
+    return RunData(labeled, unlabeled, opened.val, opened.val_ground_truth, opened.categories, split)
