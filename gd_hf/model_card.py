@@ -84,6 +84,31 @@ print(result["segmentation"].shape, [model.config.id2label[s["label_id"]] for s 
 ```'''
 
 
+def _training_phases(summary: RunSummary) -> str:
+    ssl = summary.recipe.ssl
+    if summary.stage == "supervised":
+        return f"supervised training (phase 1 of Guided Distillation) for {summary.step} steps"
+    return (
+        f"Guided Distillation for {summary.step} steps: guided burn-in with a frozen supervised teacher for "
+        f"{ssl.burn_in_steps} steps, then distillation from an EMA teacher (decay {ssl.ema_decay}); "
+        f"unsupervised loss weight {ssl.unsup_loss_weight}, pseudo-label score threshold "
+        f"{ssl.pseudo_label_score_threshold}"
+    )
+
+
+def _metric_rows(summary: RunSummary) -> list[str]:
+    """The results table (beside the supervised teacher's figures after distillation)."""
+    if summary.teacher_metrics:
+        return ["| metric | supervised teacher | this model |", "|---|---|---|"] + [
+            f"| {METRIC_NAMES[k]} | {summary.teacher_metrics.get(k, float('nan')):.2f} | {v:.2f} |"
+            for k, v in summary.metrics.items()
+            if k in METRIC_NAMES
+        ]
+    return ["| metric | value |", "|---|---|"] + [
+        f"| {METRIC_NAMES[k]} | {v:.2f} |" for k, v in summary.metrics.items() if k in METRIC_NAMES
+    ]
+
+
 def build_model_card(summary: RunSummary, model_id: str) -> ModelCard:
     """The card of a model exported by a run; `model_id` is what users pass to `from_pretrained` (repo id or
     folder)."""
@@ -121,25 +146,7 @@ def build_model_card(summary: RunSummary, model_id: str) -> ModelCard:
     labeled = f"{summary.num_labeled} labeled images"
     if summary.stage != "supervised":
         labeled += f" + {summary.num_unlabeled} unlabeled images (pseudo-labelled by the teacher)"
-    ssl = recipe.ssl
-    if summary.stage == "supervised":
-        phases = f"supervised training (phase 1 of Guided Distillation) for {summary.step} steps"
-    else:
-        phases = (
-            f"Guided Distillation for {summary.step} steps: guided burn-in with a frozen supervised teacher for "
-            f"{ssl.burn_in_steps} steps, then distillation from an EMA teacher (decay {ssl.ema_decay}); "
-            f"unsupervised loss weight {ssl.unsup_loss_weight}, pseudo-label score threshold "
-            f"{ssl.pseudo_label_score_threshold}"
-        )
-    rows = ["| metric | value |", "|---|---|"] + [
-        f"| {METRIC_NAMES[k]} | {v:.2f} |" for k, v in summary.metrics.items() if k in METRIC_NAMES
-    ]
-    if summary.teacher_metrics:
-        rows = ["| metric | supervised teacher | this model |", "|---|---|---|"] + [
-            f"| {METRIC_NAMES[k]} | {summary.teacher_metrics.get(k, float('nan')):.2f} | {v:.2f} |"
-            for k, v in summary.metrics.items()
-            if k in METRIC_NAMES
-        ]
+    phases, rows = _training_phases(summary), _metric_rows(summary)
     body = f"""
 # {name}
 

@@ -157,6 +157,29 @@ class _ImageFiles:
         return name in self.listings[parent] or (self.image_dir / file_name).is_file()
 
 
+def _image_records(
+    records: list[dict[str, Any]], annotation_file: Path, image_dir: Path, check_images: bool
+) -> dict[int, dict[str, Any]]:
+    """Image id -> file name and size, checked (ids unique, fields present, files there)."""
+    images: dict[int, dict[str, Any]] = {}
+    image_files = _ImageFiles(image_dir)
+    for record in records:
+        try:
+            image_id, file_name = record["id"], record["file_name"]
+            width, height = int(record["width"]), int(record["height"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{annotation_file}: image record {record} lacks id/file_name/width/height ({e})") from e
+        if image_id in images:
+            raise DataError(f"{annotation_file}: image id {image_id} appears twice ({file_name})")
+        images[image_id] = {"file_name": file_name, "width": width, "height": height}
+        if check_images and not image_files.exists(file_name):
+            raise DataError(
+                f"image {image_dir / file_name} (image id {image_id} in {annotation_file}) does not exist: "
+                "restore the file or remove the image and its annotations from the JSON"
+            )
+    return images
+
+
 def load_coco(
     annotation_file: str | Path, image_dir: str | Path, check_images: bool = True, crowd_as_objects: bool = False
 ) -> CocoSource:
@@ -186,22 +209,7 @@ def _load_coco(annotation_file: Path, image_dir: Path, check_images: bool, crowd
     categories = sorted(coco["categories"], key=lambda c: c["id"])
     coco_to_contiguous = {c["id"]: i for i, c in enumerate(categories)}
 
-    images: dict[int, dict[str, Any]] = {}
-    image_files = _ImageFiles(image_dir)
-    for record in coco["images"]:
-        try:
-            image_id, file_name = record["id"], record["file_name"]
-            width, height = int(record["width"]), int(record["height"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{annotation_file}: image record {record} lacks id/file_name/width/height ({e})") from e
-        if image_id in images:
-            raise DataError(f"{annotation_file}: image id {image_id} appears twice ({file_name})")
-        images[image_id] = {"file_name": file_name, "width": width, "height": height}
-        if check_images and not image_files.exists(file_name):
-            raise DataError(
-                f"image {image_dir / file_name} (image id {image_id} in {annotation_file}) does not exist: "
-                "restore the file or remove the image and its annotations from the JSON"
-            )
+    images = _image_records(coco["images"], annotation_file, image_dir, check_images)
 
     annotations: dict[int, list[dict[str, Any]]] = {i: [] for i in images}
     skip_reasons: dict[str, int] = {}
