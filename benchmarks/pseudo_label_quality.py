@@ -9,7 +9,8 @@ weak view exactly as in distillation; the teacher's predictions are filtered wit
 threshold (the recipe's min area and mask threshold) and matched to the true objects (same class, mask IoU >=
 0.5); the wrong ones are sorted into duplicates, wrong class, mislocated (IoU 0.1-0.5) and background. Use it to
 see whether a teacher is worth distilling from before spending a run on it, and which threshold its confidence
-supports.
+supports. The measurement is `gd_hf.teacher_check.measure_teacher`, the one a training run's teacher check
+(`ssl.teacher_check`) makes on val before distilling.
 """
 
 from __future__ import annotations
@@ -17,16 +18,37 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import datasets
 import torch
 from transformers import Mask2FormerForUniversalSegmentation
 
 from gd_hf.config import load_recipe
 from gd_hf.data.coco import load_coco, to_hf_dataset
-from gd_hf.data.loading import UnlabeledTrainDataset, collate_unlabeled
 from gd_hf.modeling import size_divisibility
-from gd_hf.pseudo_labels import filter_pseudo_labels, pseudo_label_quality
+from gd_hf.teacher_check import WRONG_KINDS, measure_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def quality_table(teacher, records: datasets.Dataset, recipe, images: int, thresholds: list[float]) -> str:
+    """The table this benchmark prints; the measurement is `gd_hf.teacher_check.measure_teacher`, the one the
+    training run's teacher check makes."""
+    reports = measure_teacher(teacher, records, recipe.data, recipe.ssl, size_divisibility(teacher), images,
+                              tuple(thresholds))  # fmt: skip
+    lines = [
+        "| score threshold | pseudo labels / image | precision | recall | wrong: duplicate / wrong class / "
+        "mislocated / background |",
+        "|---|---|---|---|---|",
+    ]
+    for t in sorted(thresholds, reverse=True):
+        r = reports[t]
+        shares = r.figures()
+        wrong = " / ".join(f"{shares[f'fp_{k}']:.2f}" for k in WRONG_KINDS)
+        lines.append(f"| {t} | {r.pseudo_labels / r.images:.2f} | {r.precision:.2f} | {r.recall:.2f} | {wrong} |")
+    first = next(iter(reports.values()))
+    return f"{first.images} images ({first.true_objects / first.images:.2f} true objects per image)\n" + "\n".join(
+        lines
+    )
 
 
 @torch.no_grad()
@@ -39,49 +61,14 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     recipe = load_recipe(args.recipe, args.overrides)
-    d, ssl = recipe.data, recipe.ssl
+    d = recipe.data
     teacher = Mask2FormerForUniversalSegmentation.from_pretrained(args.teacher).eval()
     source = load_coco(d.train_annotations, d.train_images)
-    ids = sorted(source.images)[: args.images]
-    dataset = UnlabeledTrainDataset(to_hf_dataset(source, ids), d)
-    loader = torch.utils.data.DataLoader(
-        [(row, row) for row in range(len(dataset))],
-        batch_size=8,
-        collate_fn=lambda keys: collate_unlabeled([dataset[k] for k in keys], size_divisibility(teacher)),
+    records = to_hf_dataset(source, sorted(source.images)[: args.images]).cast_column(
+        "image", datasets.Image(decode=False)
     )
-    kinds = ("correct", "fp_duplicate", "fp_wrong_class", "fp_mislocated", "fp_background")
-    totals = {t: dict.fromkeys(("labels", *kinds), 0) for t in args.thresholds}
-    true_objects = 0
-    for batch in loader:
-        outputs = teacher(pixel_values=batch["weak_pixel_values"])
-        true_objects += sum(len(c) for c in batch["hidden_classes"])
-        for t in args.thresholds:
-            pseudo = filter_pseudo_labels(
-                outputs.class_queries_logits,
-                outputs.masks_queries_logits,
-                t,
-                ssl.pseudo_label_min_area,
-                ssl.pseudo_label_mask_threshold,
-                ssl.pseudo_label_max_overlap,
-            )
-            count = sum(pseudo.counts())
-            if not count:
-                continue
-            quality = pseudo_label_quality(pseudo, batch["hidden_masks"], batch["hidden_classes"])
-            quality["correct"] = quality["precision"]
-            totals[t]["labels"] += count
-            for kind in kinds:  # fractions of this batch's pseudo labels -> counts
-                totals[t][kind] += round(quality[kind] * count)
-    n = len(dataset)
-    print(f"teacher {args.teacher} on {n} training images ({true_objects / n:.2f} true objects per image)")
-    print(
-        "| score threshold | pseudo labels / image | precision | recall | wrong: duplicate / wrong class / mislocated / background |"
-    )
-    print("|---|---|---|---|---|")
-    for t, v in totals.items():
-        share = {kind: v[kind] / v["labels"] if v["labels"] else float("nan") for kind in kinds}
-        wrong = " / ".join(f"{share[kind]:.2f}" for kind in kinds[1:])
-        print(f"| {t} | {v['labels'] / n:.2f} | {share['correct']:.2f} | {v['correct'] / true_objects:.2f} | {wrong} |")
+    print(f"teacher {args.teacher} on training images:")
+    print(quality_table(teacher, records, recipe, args.images, args.thresholds))
 
 
 if __name__ == "__main__":

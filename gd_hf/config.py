@@ -284,6 +284,17 @@ class SslConfig:
     """Strong view: probability of turning the image gray (the reference: 0.2); 0 when colour is the class."""
     evaluate: Literal["student", "teacher", "both"] = "student"
     """Which model the periodic evaluation scores (the exported model is the student unless `teacher`)."""
+    teacher_check: Literal["stop", "warn", "off"] = "stop"
+    """Before the first step of phases 2-3 (with a trained teacher: `ssl.teacher` or phase 1 of this launch), its
+    pseudo labels are measured on val under the recipe's rules (`gd_hf.teacher_check`). `stop`: a teacher that
+    would mostly teach "no object" or wrong labels stops the run (exit code 2) before anything is written;
+    `warn`: the same figures and a warning, then distillation; `off`: no check."""
+    teacher_check_images: int = 200
+    """Val images the teacher check measures (its cost: one teacher forward pass each)."""
+    teacher_check_min_precision: float = 0.3
+    """The check's rule: at least this share of the teacher's pseudo labels right (class and mask IoU >= 0.5)."""
+    teacher_check_min_label_ratio: float = 0.1
+    """... and at least this many pseudo labels per true object."""
 
 
 @dataclass
@@ -351,6 +362,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise RecipeError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool) and ("off" if not value else "on") in args:
+            value = "off" if not value else "on"  # YAML 1.1 reads a bare `off` / `on` as a boolean
         if value not in args:
             raise RecipeError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
@@ -473,6 +486,9 @@ def validate(recipe: Recipe) -> None:
         (not recipe.hub.push or bool(recipe.hub.repo_id), "hub.repo_id", "is required when hub.push is true"),
         (recipe.hub.retries >= 0, "hub.retries", "must be >= 0"),
         (0 <= recipe.ssl.ema_decay < 1, "ssl.ema_decay", "must be in [0, 1)"),
+        (recipe.ssl.teacher_check_images > 0, "ssl.teacher_check_images", "must be > 0"),
+        (0 <= recipe.ssl.teacher_check_min_precision <= 1, "ssl.teacher_check_min_precision", "must be in [0, 1]"),
+        (recipe.ssl.teacher_check_min_label_ratio >= 0, "ssl.teacher_check_min_label_ratio", "must be >= 0"),
         (recipe.ssl.burn_in_steps >= 0, "ssl.burn_in_steps", "must be >= 0"),
         (recipe.ssl.unsup_loss_weight >= 0, "ssl.unsup_loss_weight", "must be >= 0"),
         (

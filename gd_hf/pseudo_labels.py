@@ -77,26 +77,25 @@ def _non_overlapping(masks: torch.Tensor, scores: torch.Tensor, max_overlap: flo
 
 
 @torch.no_grad()
-def pseudo_label_quality(
+def pseudo_label_counts(
     pseudo: PseudoLabels, true_masks: list[torch.Tensor], true_classes: list[torch.Tensor], iou_threshold: float = 0.5
-) -> dict[str, float]:
-    """Precision/recall of pseudo labels against hidden ground truth (synthetic data, ablations), and what the
-    wrong ones are.
+) -> dict[str, int]:
+    """Pseudo labels matched against known objects (hidden labels of synthetic data, ablations, or the val split for
+    `gd_hf.teacher_check`): how many there are, how many objects, how many are right, what the wrong ones are.
 
     A pseudo label is correct when it has the class of a not-yet-matched true object and mask IoU >=
     `iou_threshold` with it (greedy by score). True masks are resized to the pseudo labels' resolution. Each
     wrong one is counted once, as the first of: `fp_duplicate` (a second label on an object already matched),
     `fp_wrong_class` (on an object, wrong class), `fp_mislocated` (overlaps an object, IoU in [0.1,
-    `iou_threshold`)), `fp_background` (on nothing); these are fractions of all pseudo labels, so with
-    `precision` they sum to 1. Which kind grows tells what a teacher's confirmation bias looks like.
+    `iou_threshold`)), `fp_background` (on nothing).
     """
-    true_positives = predicted = actual = 0
+    counts = dict.fromkeys(("pseudo_labels", "objects", "correct"), 0)
     wrong = dict.fromkeys(("duplicate", "wrong_class", "mislocated", "background"), 0)
     for masks, classes, scores, gt_masks, gt_classes in zip(
         pseudo.mask_labels, pseudo.class_labels, pseudo.scores, true_masks, true_classes
     ):
-        predicted += len(classes)
-        actual += len(gt_classes)
+        counts["pseudo_labels"] += len(classes)
+        counts["objects"] += len(gt_classes)
         if not len(classes):
             continue
         if not len(gt_classes):
@@ -116,7 +115,7 @@ def pseudo_label_quality(
             best = int(candidates.argmax())
             if candidates[best] >= iou_threshold:
                 matched[best] = True
-                true_positives += 1
+                counts["correct"] += 1
             elif bool((iou[p][matched] >= iou_threshold).any()):
                 wrong["duplicate"] += 1
             elif float(overlap[p].max()) >= iou_threshold:
@@ -125,9 +124,21 @@ def pseudo_label_quality(
                 wrong["mislocated"] += 1
             else:
                 wrong["background"] += 1
+    return {**counts, **{f"fp_{kind}": n for kind, n in wrong.items()}}
+
+
+def pseudo_label_quality(
+    pseudo: PseudoLabels, true_masks: list[torch.Tensor], true_classes: list[torch.Tensor], iou_threshold: float = 0.5
+) -> dict[str, float]:
+    """`pseudo_label_counts` as fractions: precision, recall, and each kind of wrong label as a fraction of all
+    pseudo labels (with `precision` they sum to 1). Which kind grows tells what a teacher's confirmation bias
+    looks like."""
+    counts = pseudo_label_counts(pseudo, true_masks, true_classes, iou_threshold)
+    predicted, actual = counts["pseudo_labels"], counts["objects"]
     nan = float("nan")
+    kinds = ("duplicate", "wrong_class", "mislocated", "background")
     return {
-        "precision": true_positives / predicted if predicted else nan,
-        "recall": true_positives / actual if actual else nan,
-        **{f"fp_{kind}": count / predicted if predicted else nan for kind, count in wrong.items()},
+        "precision": counts["correct"] / predicted if predicted else nan,
+        "recall": counts["correct"] / actual if actual else nan,
+        **{f"fp_{kind}": counts[f"fp_{kind}"] / predicted if predicted else nan for kind in kinds},
     }

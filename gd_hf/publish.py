@@ -34,6 +34,7 @@ class Publisher:
     class_names: list[str]
     teacher_metrics: dict[str, float] | None = None  # the phase-1 teacher's, shown beside the student's
     failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # extra lines for the model card (the teacher check's figures)
 
     @classmethod
     def for_run(cls, recipe: Recipe, image_processor: Any, num_labeled: int, num_unlabeled: int, num_val: int,
@@ -55,6 +56,7 @@ class Publisher:
             num_val=self.num_val,
             class_names=self.class_names,
             teacher_metrics=self.teacher_metrics,
+            notes=list(self.notes),
         )
 
     def export(

@@ -51,6 +51,7 @@ from gd_hf.publish import Publisher
 from gd_hf.push import PushError
 from gd_hf.run_info import check_output_folder, record_launch, run_storage_bytes
 from gd_hf.teacher import EmaTeacher
+from gd_hf.teacher_check import check_teacher, teacher_check_note
 
 logger = logging.getLogger("gd_hf.train")
 
@@ -443,6 +444,11 @@ def set_up(recipe: Recipe, data: RunData, accelerator: Accelerator) -> Run:
     unwrapped = accelerator.unwrap_model(model)
     evaluated = teacher.model if teacher is not None and recipe.ssl.evaluate == "teacher" else unwrapped
     state = RunState.from_dict(read_trainer_state(resume_from)) if resume_from is not None else RunState()
+    teacher_figures = None
+    if teacher is not None and recipe.ssl.teacher is not None and resume_from is None:
+        # Can this teacher teach? Measured before anything is written (a stop leaves only the teacher); a
+        # resumed run checked it at its start and does not again.
+        teacher_figures = check_teacher(teacher.model, data.val, recipe, divisibility, accelerator.is_main_process)
     batches = build_train_batches(recipe, data, accelerator.process_index, accelerator.num_processes, divisibility,
                                   state.step, resume_from)  # fmt: skip
     if resume_from is not None:  # model, optimizer, schedule and RNG states as they were after `state.step`
@@ -451,6 +457,10 @@ def set_up(recipe: Recipe, data: RunData, accelerator: Accelerator) -> Run:
     write_run_files(recipe, accelerator, state.step)
     publisher = Publisher.for_run(recipe, image_processor, len(data.split.labeled), len(data.split.unlabeled),
                                   len(data.val), data.categories.names)  # fmt: skip
+    if teacher_figures is not None:
+        _log(accelerator, Path(recipe.output_dir) / "metrics.jsonl",
+             {"step": state.step, **{f"teacher_check/{k}": v for k, v in teacher_figures.items()}})  # fmt: skip
+        publisher.notes.append(teacher_check_note(teacher_figures))
     return Run(recipe, accelerator, data, model, unwrapped, evaluated, optimizer, scheduler, teacher, batches,
                publisher, state, divisibility)  # fmt: skip
 

@@ -1,0 +1,195 @@
+"""`ssl.teacher_check`: before distilling, the teacher's pseudo labels are measured on val; a teacher that would
+teach "no object" or wrong labels stops the run (exit 2, nothing written), `warn` goes on, `off` skips it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import gd_hf.teacher_check as check_module
+import gd_hf.train as train_module
+from gd_hf.config import load_recipe
+from gd_hf.data.prepare import prepare_data
+from gd_hf.modeling import build_image_processor, build_model, size_divisibility
+from gd_hf.teacher_check import measure_teacher
+from gd_hf.train import build_accelerator, main, train
+
+from .conftest import ROOT, tiny_overrides
+from .test_one_frame import LOGIT, perfect_outputs
+
+RECIPE = str(ROOT / "recipes" / "demo_synthetic.yaml")
+
+
+def squares_folder(root: Path, images: int) -> Path:
+    """A COCO folder of black images with red squares (class 0): what `perfect_outputs` segments exactly."""
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    records, annotations = [], []
+    for k in range(images):
+        pixels = np.zeros((64, 64, 3), np.uint8)
+        top, left = (int(v) for v in rng.integers(4, 36, 2))
+        pixels[top : top + 24, left : left + 24, 0] = 255
+        Image.fromarray(pixels).save(root / "images" / f"{k}.png")
+        records.append({"id": k + 1, "file_name": f"{k}.png", "width": 64, "height": 64})
+        box = [left, top, left + 24, top, left + 24, top + 24, left, top + 24]
+        annotations.append({"id": k + 1, "image_id": k + 1, "category_id": 1, "iscrowd": 0,
+                            "segmentation": [[float(v) for v in box]]})  # fmt: skip
+    categories = [{"id": 1, "name": "square"}, {"id": 2, "name": "other"}]
+    (root / "instances.json").write_text(json.dumps({"images": records, "annotations": annotations,
+                                                     "categories": categories}))  # fmt: skip
+    return root
+
+
+def squares_overrides(root: Path, out: Path, teacher: Path, *extra: str) -> list[str]:
+    data = [f"data.{split}_{key}={path}" for split in ("train", "val")
+            for key, path in (("images", root / "images"), ("annotations", root / "instances.json"))]  # fmt: skip
+    return (
+        tiny_overrides(root, out)
+        + data
+        + [
+            "ssl.enabled=true",
+            f"ssl.teacher={teacher}",
+            "ssl.burn_in_steps=1",
+            "ssl.unlabeled_batch_size=2",
+            "train.max_steps=2",
+            "data.min_scale=1.0",
+            "data.max_scale=1.0",
+            "data.labeled_percent=50",
+            "ssl.teacher_check=stop",  # the default (tiny_overrides sets warn for the other tests)
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture
+def squares(tmp_path):
+    return squares_folder(tmp_path / "squares", 8)
+
+
+def export_teacher(folder: Path, recipe) -> Path:
+    """A random-init export of the recipe's architecture (what a run's `best/` holds after 0 steps)."""
+    torch.manual_seed(0)
+    model = build_model(recipe.model, {0: "square", 1: "other"})
+    model.save_pretrained(folder)
+    build_image_processor(model, recipe.data).save_pretrained(folder)
+    return folder
+
+
+def make_teacher_perfect(monkeypatch, right_class: bool = True):
+    """Every Mask2Former forward of a model that is not training (the teacher) segments the red square
+    exactly, with the right class or the other one: a teacher whose figures are known."""
+    from transformers import Mask2FormerForUniversalSegmentation
+
+    real_forward = Mask2FormerForUniversalSegmentation.forward
+
+    def forward(self, pixel_values, **kwargs):
+        if self.training:
+            return real_forward(self, pixel_values=pixel_values, **kwargs)
+        outputs = perfect_outputs(pixel_values, self.config.num_queries, 2, torch.zeros(()))
+        if not right_class:  # the square, called "other"
+            logits = outputs.class_queries_logits.clone()
+            logits[:, 0] = torch.tensor([-LOGIT, LOGIT, -LOGIT])
+            outputs.class_queries_logits = logits
+        return outputs
+
+    monkeypatch.setattr(Mask2FormerForUniversalSegmentation, "forward", forward)
+
+
+def test_a_random_init_teacher_is_stopped_before_anything_is_written(squares, tmp_path, capsys):
+    recipe = load_recipe(RECIPE, tiny_overrides(squares, tmp_path / "x"))
+    teacher = export_teacher(tmp_path / "teacher", recipe)
+    out = tmp_path / "run"
+    assert main([RECIPE, *squares_overrides(squares, out, teacher)]) == 2
+    err = capsys.readouterr()
+    assert "the teacher" in err.err and "should not teach" in err.err
+    assert "ssl.teacher_check=warn" in err.err and "ssl.pseudo_label_score_threshold=" in err.err
+    assert "teacher check on 8 val images" in err.out  # the table came first
+    assert not out.exists() or not any(out.iterdir())  # nothing written but the teacher
+
+
+def test_a_teacher_that_teaches_passes_and_its_figures_reach_the_log_and_the_card(
+    squares, tmp_path, monkeypatch, capsys
+):
+    recipe = load_recipe(RECIPE, tiny_overrides(squares, tmp_path / "x"))
+    teacher = export_teacher(tmp_path / "teacher", recipe)
+    make_teacher_perfect(monkeypatch)
+    out = tmp_path / "run"
+    train(load_recipe(RECIPE, squares_overrides(squares, out, teacher)))
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "teacher_check" in x]
+    assert line["step"] == 0
+    assert line["teacher_check/precision"] == 1.0 and line["teacher_check/recall"] == 1.0
+    assert line["teacher_check/pseudo_labels_per_image"] == line["teacher_check/objects_per_image"] == 1.0
+    assert "Teacher check before distillation (8 val images" in (out / "final" / "README.md").read_text()
+    assert "precision" in capsys.readouterr().out
+
+
+def test_a_teacher_of_wrong_labels_stops_with_stop_and_goes_on_with_warn(squares, tmp_path, monkeypatch, caplog):
+    recipe = load_recipe(RECIPE, tiny_overrides(squares, tmp_path / "x"))
+    teacher = export_teacher(tmp_path / "teacher", recipe)
+    make_teacher_perfect(monkeypatch, right_class=False)
+    with pytest.raises(check_module.TeacherCheckError, match="only 0% of its pseudo labels are right"):
+        train(load_recipe(RECIPE, squares_overrides(squares, tmp_path / "stopped", teacher)))
+    out = tmp_path / "warned"
+    train(load_recipe(RECIPE, squares_overrides(squares, out, teacher, "ssl.teacher_check=warn")))
+    assert "should not teach" in caplog.text
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "teacher_check" in x]
+    assert line["teacher_check/precision"] == 0.0 and line["teacher_check/fp_wrong_class"] == 1.0
+
+
+def test_off_skips_the_check_and_a_resumed_run_does_not_repeat_it(squares, tmp_path, monkeypatch):
+    recipe = load_recipe(RECIPE, tiny_overrides(squares, tmp_path / "x"))
+    teacher = export_teacher(tmp_path / "teacher", recipe)
+    calls = []
+    real = check_module.measure_teacher
+    monkeypatch.setattr(check_module, "measure_teacher", lambda *a, **k: calls.append(1) or real(*a, **k))
+    train(load_recipe(RECIPE, squares_overrides(squares, tmp_path / "off", teacher, "ssl.teacher_check=off")))
+    assert calls == []
+    out = tmp_path / "resumed"
+    warn = ("ssl.teacher_check=warn", "train.checkpoint_every=1")
+    real_save = train_module.save_checkpoint
+
+    def save_then_crash(accelerator, directory, step, *rest):
+        path = real_save(accelerator, directory, step, *rest)
+        if step == 1:
+            raise KeyboardInterrupt("simulated crash")
+        return path
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_recipe(RECIPE, squares_overrides(squares, out, teacher, *warn)))
+    assert calls == [1]
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    train(load_recipe(RECIPE, squares_overrides(squares, out, teacher, *warn)))
+    assert calls == [1]  # checked at the run's start, not at the resume
+    lines = [x for x in (out / "metrics.jsonl").read_text().splitlines() if "teacher_check" in x]
+    assert len(lines) == 1  # and logged once
+
+
+def test_the_check_and_the_benchmark_measure_the_same(squares, tmp_path, monkeypatch):
+    """benchmarks/pseudo_label_quality.py and the run's check share `measure_teacher`: on the same images and
+    threshold their figures agree."""
+    recipe = load_recipe(RECIPE, squares_overrides(squares, tmp_path / "run", tmp_path / "teacher"))
+    model = build_model(recipe.model, {0: "square", 1: "other"}).eval()
+    make_teacher_perfect(monkeypatch)
+    data = prepare_data(recipe, build_accelerator(recipe))
+    figures = check_module.check_teacher(model, data.val, recipe, size_divisibility(model), show=False)
+    spec = importlib.util.spec_from_file_location("plq", ROOT / "benchmarks" / "pseudo_label_quality.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    threshold = recipe.ssl.pseudo_label_score_threshold
+    table = benchmark.quality_table(model, data.val, recipe, recipe.ssl.teacher_check_images, [threshold])
+    row = next(line for line in table.splitlines() if line.startswith(f"| {threshold} |"))
+    per_image, precision, recall = (float(v) for v in row.split("|")[2:5])
+    assert (per_image, precision, recall) == (
+        round(figures["pseudo_labels_per_image"], 2),
+        round(figures["precision"], 2),
+        round(figures["recall"], 2),
+    )
+    direct = measure_teacher(model, data.val, recipe.data, recipe.ssl, size_divisibility(model))[threshold]
+    assert direct.figures()["precision"] == figures["precision"] == 1.0
