@@ -60,6 +60,19 @@ def _fix_loss_randomness() -> None:
     modeling_mask2former.torch.rand = _same_draw_for_the_same_shape  # (the module's `torch` is torch itself)
 
 
+def four_images() -> list[dict]:
+    """Mask counts per image 1, 3 | 2, 2: unequal per image, equal per half. (The class term is a weighted mean
+    whose weights count matched queries, so it splits exactly only when each half has as many masks; the mean
+    mask count over processes with unequal counts is the first test.)"""
+    from tests.test_method_flow import rectangles
+
+    samples = []
+    for seed, count in zip(range(4), (1, 3, 2, 2)):
+        image, masks, classes = rectangles(seed, count, 64, 64)
+        samples.append({"image": image, "masks": masks, "classes": classes, "image_id": seed})
+    return samples
+
+
 def _deterministic(model):
     """Train mode (DDP reduces gradients in it) without its random parts: drop-path and dropout off."""
     model.train()
@@ -113,19 +126,12 @@ def test_two_processes_of_b_images_give_the_gradients_of_one_process_of_2b(synth
     from gd_hf.data.loading import collate_train
     from gd_hf.modeling import build_model
     from tests.conftest import ROOT, tiny_overrides
-    from tests.test_method_flow import ID2LABEL, rectangles
+    from tests.test_method_flow import ID2LABEL
 
     recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path))
     torch.manual_seed(0)
     model = _deterministic(build_model(recipe.model, ID2LABEL))
-    samples = []
-    # Mask counts per image 1, 3 | 2, 2: unequal per image, equal per process. (The class term is a weighted mean
-    # whose weights count matched queries, so it splits exactly only when each process has as many masks; the
-    # mean mask count over processes with unequal counts is the test above.)
-    for seed, count in zip(range(4), (1, 3, 2, 2)):
-        image, masks, classes = rectangles(seed, count, 64, 64)
-        samples.append({"image": image, "masks": masks, "classes": classes, "image_id": seed})
-    batch = collate_train(samples, 32)
+    batch = collate_train(four_images(), 32)
     state_file = tmp_path / "state.pt"
     torch.save(
         {"model_config": recipe.model, "id2label": ID2LABEL, "state": model.state_dict(), "batch": batch}, state_file
@@ -159,17 +165,14 @@ def test_two_accumulated_micro_batches_give_the_step_of_one_batch(
     from gd_hf.optim import build_lr_scheduler, build_optimizer
     from gd_hf.train import train_step
     from tests.conftest import ROOT, tiny_overrides
-    from tests.test_method_flow import ID2LABEL, rectangles
+    from tests.test_method_flow import ID2LABEL
 
     monkeypatch.setattr(Mask2FormerLoss, "sample_points_using_uncertainty", _fixed_points)
     monkeypatch.setattr(torch, "rand", _same_draw_for_the_same_shape)
     recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path))
     torch.manual_seed(0)
     model0 = _deterministic(build_model(recipe.model, ID2LABEL))
-    samples = []
-    for seed, count in zip(range(4), (1, 3, 2, 2)):
-        image, masks, classes = rectangles(seed, count, 64, 64)
-        samples.append({"image": image, "masks": masks, "classes": classes, "image_id": seed})
+    samples = four_images()
 
     def stepped_gradients(micro_batches):
         import copy

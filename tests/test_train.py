@@ -1,6 +1,7 @@
 """End-to-end runs of the training recipe on the tiny synthetic set (a few seconds each)."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -47,7 +48,11 @@ def test_run_writes_checkpoints_exports_metrics_and_predictions(synthetic_root, 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     since_launch = [r["seconds_since_launch"] for r in steps]
-    assert since_launch == sorted(since_launch) and 0 < since_launch[0] < 600
+    # Seconds since this process started (here: the test session, so no fixed bound holds on a slow machine).
+    import psutil
+
+    process_age = time.time() - psutil.Process().create_time()
+    assert since_launch == sorted(since_launch) and 0 < since_launch[0] <= since_launch[-1] < process_age
     assert 0 < steps[0]["seconds_to_first_step"] < since_launch[0]  # once, in the launch's first log line
     assert not any("seconds_to_first_step" in r for r in steps[1:])
     rss = [r["peak_rss_gb"] for r in steps]
