@@ -415,3 +415,60 @@ def test_pipeline_and_gd_hf_predict_see_the_same_pixels_and_agree_on_the_top_ins
             r for r in results if r["category_name"] == segment["label"] and abs(r["score"] - segment["score"]) < 0.02
         ]
         assert same, segment
+
+
+def test_pipeline_and_gd_hf_predict_give_the_same_masks_for_a_model_that_is_sure(trained_run, tmp_path, monkeypatch):
+    """With a model that is sure of what it sees (its forward segments the red square exactly: a stand-in for a
+    trained model, which a test cannot afford), `pipeline` and `gd_hf.predict` report the same top instance:
+    mask IoU > 0.9, score within 0.02. A wrong normalisation in the export's config loses the square."""
+    import numpy as np
+    import torch
+    from pycocotools import mask as mask_utils
+    from transformers import AutoImageProcessor
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerForUniversalSegmentationOutput
+
+    from gd_hf.predict import predict
+    from tests.test_one_frame import perfect_outputs
+
+    def sure_forward(self, pixel_values, **kwargs):
+        sure = perfect_outputs(pixel_values, self.config.num_queries, len(self.config.id2label), torch.zeros(()))
+        return Mask2FormerForUniversalSegmentationOutput(
+            class_queries_logits=sure.class_queries_logits, masks_queries_logits=sure.masks_queries_logits
+        )
+
+    monkeypatch.setattr(Mask2FormerForUniversalSegmentation, "forward", sure_forward)
+    pixels = np.zeros((96, 96, 3), np.uint8)
+    pixels[24:72, 24:72, 0] = 255  # a red square on the model's 1/4-resolution grid, segmented as class 0
+    image_path = tmp_path / "square.png"
+    Image.fromarray(pixels).save(image_path)
+    drawn = torch.from_numpy(pixels[..., 0] > 0)
+
+    def top_instances(folder):
+        segments = pipeline("image-segmentation", model=str(folder))(
+            Image.open(image_path).convert("RGB"), subtask="instance", threshold=0.5
+        )
+        model = Mask2FormerForUniversalSegmentation.from_pretrained(folder)
+        size = AutoImageProcessor.from_pretrained(folder).size
+        results, _ = predict(model, [image_path], tmp_path / "pred", size["shortest_edge"], size["longest_edge"], 0.5)
+        return segments, results
+
+    def iou(a, b):
+        return float((a & b).sum()) / max(1, float((a | b).sum()))
+
+    segments, results = top_instances(trained_run / "final")
+    assert len(segments) == len(results) == 1
+    theirs = torch.from_numpy(np.asarray(segments[0]["mask"]) > 0)
+    rle = results[0]["segmentation"]
+    ours = torch.from_numpy(mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}) > 0)
+    assert segments[0]["label"] == results[0]["category_name"] == "circle"
+    assert abs(segments[0]["score"] - results[0]["score"]) < 0.02
+    assert iou(theirs, ours) > 0.9 and iou(ours, drawn) > 0.9
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (broken / name).write_bytes((trained_run / "final" / name).read_bytes())
+    config = json.loads((trained_run / "final" / "preprocessor_config.json").read_text())
+    config |= {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    (broken / "preprocessor_config.json").write_text(json.dumps(config))
+    segments, _ = top_instances(broken)
+    assert segments == [] or iou(torch.from_numpy(np.asarray(segments[0]["mask"]) > 0), drawn) < 0.9
