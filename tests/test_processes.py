@@ -123,6 +123,13 @@ def test_two_processes_match_one_with_the_double_batch(synthetic_root, tmp_path)
     # Same data and weights; the loss's random point sampling draws differently on 2 processes, hence a tolerance.
     for step in single:
         assert double[step] == pytest.approx(single[step], rel=0.1), step
+    # The weights after 6 distillation steps: only the loss's random point sampling differs between the launches,
+    # so they stay close. Relative difference of all weights measured 2026-11-26: 0.0073; the bound is 0.02. (The
+    # exact equivalence, step-1 gradients within 1e-5 with the sampling fixed, is tests/test_ddp_units.py.)
+    a, b = weights(one / "final"), weights(two / "final")
+    difference = sum(float((a[k] - b[k]).double().norm() ** 2) for k in a) ** 0.5
+    scale = sum(float(a[k].double().norm() ** 2) for k in a) ** 0.5
+    assert difference / scale < 0.02
     teacher_single, teacher_double = losses(one / "teacher"), losses(two / "teacher")
     assert teacher_double[1] == pytest.approx(teacher_single[1], rel=0.02)  # same init, same batch: step 1 matches
 
