@@ -20,6 +20,7 @@ from gd_hf.config import DataConfig, RecipeError, SslConfig
 from gd_hf.data.loading import UnlabeledTrainDataset, collate_unlabeled
 from gd_hf.pseudo_labels import filter_pseudo_labels, pseudo_label_counts
 
+logger = logging.getLogger("gd_hf.train")
 WRONG_KINDS = ("duplicate", "wrong_class", "mislocated", "background")
 # Score thresholds tried for the suggestion (the recipe's own is always measured too).
 SUGGESTION_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -83,12 +84,11 @@ def measure_teacher(
     dataset = UnlabeledTrainDataset(records.select(range(rows)), data)
     all_thresholds = sorted({ssl.pseudo_label_score_threshold, *thresholds})
     reports = {t: TeacherReport(t, 0, 0, 0, 0, dict.fromkeys(WRONG_KINDS, 0)) for t in all_thresholds}
-    was_training = teacher.training
+    was_training, device = teacher.training, next(teacher.parameters()).device
     teacher.eval()
     for start in range(0, rows, batch_size):
         # Key (row, seed = row): a fixed weak view per image, the same in every measurement.
         batch = collate_unlabeled([dataset[(r, r)] for r in range(start, min(start + batch_size, rows))], divisibility)
-        device = next(teacher.parameters()).device
         outputs = teacher(pixel_values=batch["weak_pixel_values"].to(device))
         for threshold, report in reports.items():
             pseudo = filter_pseudo_labels(
@@ -175,7 +175,7 @@ def check_teacher(
         )
         if ssl.teacher_check == "stop":
             raise TeacherCheckError(message)
-        logging.getLogger("gd_hf.train").warning("%s", message)
+        logger.warning("%s", message)
     return figures
 
 

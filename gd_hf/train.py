@@ -365,7 +365,7 @@ class Run:
     publisher: Publisher
     state: RunState
     divisibility: int
-    log: LogWindow = field(default_factory=lambda: LogWindow())
+    log: LogWindow = field(default_factory=lambda: LogWindow())  # (LogWindow is defined below)
     metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation's
 
     @property
@@ -537,10 +537,10 @@ class LogWindow:
     """The logged values summed since the last log line; the first line of a launch also says how long the
     launch took to reach its first step."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_of_launch: bool = True) -> None:
         self.sums: dict[str, list[float]] = {}  # key -> [sum, count]
         self.start, self.steps = time.perf_counter(), 0
-        self.seconds_to_first_step: float | None = time.time() - PROCESS_START
+        self.seconds_to_first_step = time.time() - PROCESS_START if first_of_launch else None
 
     def add(self, terms: dict[str, float]) -> None:
         self.steps += 1
@@ -569,8 +569,7 @@ def write_log_line(run: Run) -> None:
     if window.seconds_to_first_step is not None:
         record["seconds_to_first_step"] = window.seconds_to_first_step
     _log(accelerator, run.output_dir / "metrics.jsonl", record)
-    run.log = LogWindow()
-    run.log.seconds_to_first_step = None
+    run.log = LogWindow(first_of_launch=False)
 
 
 def evaluate_and_export_best(run: Run) -> None:

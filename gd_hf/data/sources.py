@@ -396,6 +396,7 @@ class HubRecordReader:
     categories: Categories
     mask_encoding: str | None = None
     report_skipped: bool = False
+    warned: bool = False  # streamed: a worker says once that it skips objects
 
     def __call__(self, row: dict[str, Any], index: int | None = None) -> dict[str, Any]:
         c = self.columns
@@ -422,14 +423,14 @@ class HubRecordReader:
         }
         if self.report_skipped:
             record[SKIPPED] = skipped
-        elif skipped and not getattr(self, "_warned", False):  # streamed: said once per worker, not per record
+        elif skipped and not self.warned:  # streamed: said once per worker, not per record
             logger.warning(
                 "%s: row %s: skipped objects (%s); later skips are not reported",
                 c["mask"] if self.mask_encoding else c["objects"],
                 image_id,
                 skipped,
             )
-            self._warned = True
+            self.warned = True
         return record
 
     def _objects_from_column(self, row, image_id, height, width):
