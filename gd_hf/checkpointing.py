@@ -33,12 +33,9 @@ class RunState:
     nonfinite_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
     nonfinite_in_a_row: int = 0  # ... of them in a row (train.max_nonfinite_steps stops the run)
     replica_fingerprints: dict[str, list[float]] | None = None  # multi-process: weight checksums per rank
-    skipped_since_checkpoint: int = 0  # this process's bad records since the last checkpoint (not saved)
 
     def to_dict(self) -> dict[str, Any]:
-        saved = asdict(self)
-        del saved["skipped_since_checkpoint"]
-        return {k: v for k, v in saved.items() if v is not None or k in ("best_step",)}
+        return {k: v for k, v in asdict(self).items() if v is not None or k in ("best_step",)}
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> RunState:

@@ -210,7 +210,8 @@ class TrainConfig:
     """`null` takes it from the accelerate config / `accelerate launch` flags."""
     max_nonfinite_steps: int = 10
     """A step whose loss or gradient is NaN/Inf is skipped (no optimizer or EMA update, counted as
-    `nonfinite_steps` in the metrics log); this many in a row stop the run, its last checkpoint kept."""
+    `nonfinite_steps` in the metrics log, over the whole run: checkpoints keep both counts); this many in a row
+    stop the run, its last checkpoint kept (a streak goes on across a resume)."""
     log_every: int = 20
     """Steps between metrics-log lines."""
     eval_every: int = 5000

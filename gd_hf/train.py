@@ -366,6 +366,9 @@ class Run:
     state: RunState
     divisibility: int
     log: LogWindow = field(default_factory=lambda: LogWindow())  # (LogWindow is defined below)
+    # This process's bad records (data.on_error: skip) since the last checkpoint; each checkpoint adds them up over
+    # the processes into state.data_skipped. Per process, so not in `state`, which every rank shares.
+    skipped_since_checkpoint: int = 0
     metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation's
 
     @property
@@ -399,10 +402,11 @@ def train(recipe: Recipe, data: RunData | None = None) -> dict[str, Any]:
         uses_pseudo_labels = phase == "ema" or (phase == "burn_in" and ssl.burn_in_pseudo_labels)
         terms = train_step(run.model, labeled, run.optimizer, run.scheduler, accelerator, cfg.grad_clip,
                            unlabeled if uses_pseudo_labels else None, run.teacher, ssl)  # fmt: skip
-        if not skipped_for_nonfinite(run, terms) and phase == "ema":
+        update_skipped = skipped_for_nonfinite(run, terms)  # counted; too many in a row stop the run
+        if phase == "ema" and not update_skipped:
             run.teacher.update(run.unwrapped, ssl.ema_decay)  # teacher <- decay * teacher + (1 - decay) * student
         run.state.step += 1
-        run.state.skipped_since_checkpoint += sum(b["skipped"] for b in labeled + (unlabeled or []))
+        run.skipped_since_checkpoint += sum(b["skipped"] for b in labeled + (unlabeled or []))
         run.log.add(terms)
         progress.update(1)
         progress.set_postfix(loss=f"{terms['loss']:.3f}")
@@ -556,7 +560,7 @@ def write_log_line(run: Run) -> None:
     accelerator, window = run.accelerator, run.log
     record = window_means(accelerator, window.sums)
     # Bad records skipped so far (data.on_error: skip), over all processes.
-    skipped = accelerator.reduce(torch.tensor(run.state.skipped_since_checkpoint, device=accelerator.device), "sum")
+    skipped = accelerator.reduce(torch.tensor(run.skipped_since_checkpoint, device=accelerator.device), "sum")
     record.update(
         nonfinite_steps=run.state.nonfinite_steps,
         data_skipped=run.state.data_skipped + skipped.item(),
@@ -591,13 +595,13 @@ def evaluate_and_export_best(run: Run) -> None:
         if metrics["AP"] > run.state.best_ap:
             run.state.best_ap, run.state.best_step = metrics["AP"], step
             run.publisher.export(run.evaluated, "best", step, metrics)
-    run.state = _broadcast_state(accelerator, run.state)
+    _share_best(accelerator, run.state)
 
 
 def save_run_checkpoint(run: Run) -> None:
     accelerator, state = run.accelerator, run.state
-    skipped = accelerator.reduce(torch.tensor(state.skipped_since_checkpoint, device=accelerator.device), "sum")
-    state.data_skipped, state.skipped_since_checkpoint = state.data_skipped + skipped.item(), 0
+    skipped = accelerator.reduce(torch.tensor(run.skipped_since_checkpoint, device=accelerator.device), "sum")
+    state.data_skipped, run.skipped_since_checkpoint = state.data_skipped + skipped.item(), 0
     if accelerator.num_processes > 1:
         state.replica_fingerprints = replica_fingerprints(accelerator, run.unwrapped, run.teacher)
     save_checkpoint(accelerator, run.output_dir / "checkpoints", state.step, state.to_dict(),
@@ -709,13 +713,14 @@ def drop_log_lines_after(path: Path, step: int) -> None:
         path.write_text("".join(kept))
 
 
-def _broadcast_state(accelerator: Accelerator, state: RunState) -> RunState:
-    """Rank 0 decides the best checkpoint; every rank must agree on it for the next checkpoint."""
+def _share_best(accelerator: Accelerator, state: RunState) -> None:
+    """Rank 0 decides the best evaluation; every rank takes its AP and step, for the next checkpoint. (Only
+    these: the rest of the state is the same on every rank, or, like the bad-record count, this rank's own.)"""
     if accelerator.num_processes == 1:
-        return state
+        return
     from accelerate.utils import broadcast_object_list
 
-    return broadcast_object_list([state])[0]
+    state.best_ap, state.best_step = broadcast_object_list([(state.best_ap, state.best_step)])[0]
 
 
 def _format_metrics(metrics: dict[str, float], step: int) -> str:

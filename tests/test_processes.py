@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,3 +166,22 @@ def test_two_streaming_processes_killed_then_resumed_equal_an_uninterrupted_run(
     a, b = weights(reference / "final"), weights(killed / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(killed) == losses(reference)
+
+
+def test_bad_records_skipped_on_two_processes_are_each_counted_once(synthetic_root, tmp_path):
+    """`data_skipped` in the checkpoint is every process's own count, added up once (an evaluation used to copy
+    rank 0's running count over the others', so the sum became 2 x rank 0's)."""
+    root, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(synthetic_root, root)
+    for name in ("000001.png", "000002.png", "000005.png"):
+        (root / "train" / name).write_bytes(b"not a png")
+    args = [RECIPE, *tiny_overrides(root, out), "data.on_error=skip", "train.max_steps=8", "train.eval_every=2",
+            "train.checkpoint_every=8", "train.log_every=8"]  # fmt: skip
+    result = subprocess.run(train_command(args, 2), env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    # What each process's reader skipped: it warns for each of its first 10 (here ~4 over both processes).
+    warned = result.stderr.count("skipping a bad record")
+    assert 1 <= warned <= 10
+    state = json.loads((out / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())
+    assert state["data_skipped"] == warned
+    assert state["best_step"] in (2, 4, 6, 8) and state["best_ap"] >= 0  # rank 0's choice reached the checkpoint
