@@ -2,7 +2,7 @@
 
 The package, in the order a run goes through it:
 
-- data: `data/` — sources (`sources`, `coco`, `mask_images`, `convert`), the launch's data (`prepare`), splits,
+- data: `data/` — sources (`sources`, `coco`, `mask_images`, `convert`), the class list (`categories`), the launch's data (`prepare`), splits,
   transforms and datasets (`loading`), the training batches (`batches`), the synthetic set;
 - model: `modeling` (Mask2Former + backbone, loss), `optim` (AdamW groups, schedule);
 - method: `teacher` (frozen, then EMA), `pseudo_labels` (the rules), `train.train_step` (one distillation step);

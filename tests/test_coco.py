@@ -108,6 +108,13 @@ def test_annotation_pointing_at_unknown_image_or_category_is_an_error(tmp_path, 
     assert str(path) in str(error.value)
 
 
+def test_a_category_id_listed_twice_is_an_error_naming_both(tmp_path):
+    categories = [{"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}, {"id": 7, "name": "lynx"}]
+    path, image_dir = make_folder(tmp_path, [], categories=categories)
+    with pytest.raises(DataError, match=r"category ids \[7\] appear more than once .*'cat' \(id 7\).*'lynx' \(id 7\)"):
+        load_coco(path, image_dir)
+
+
 def test_missing_image_file_is_named(tmp_path):
     path, image_dir = make_folder(tmp_path, [])
     (image_dir / "2.png").unlink()

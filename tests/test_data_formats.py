@@ -232,22 +232,22 @@ def test_instance_png_folders_convert_to_coco_and_train(example_scenes, tmp_path
 
 
 def test_a_single_class_instance_folder_needs_no_tables_and_a_missing_mask_is_named(example_scenes, tmp_path):
+    from gd_hf.data.categories import Categories
     from gd_hf.data.convert import masks_to_coco
-    from gd_hf.data.mask_images import ClassTable
 
     scenes = example_scenes[0][:3]
     write_instance_folder(scenes, tmp_path / "images", tmp_path / "masks", with_tables=False)
-    coco = masks_to_coco(tmp_path / "images", tmp_path / "masks", "instance_ids", ClassTable([1], ["nucleus"]))
+    coco = masks_to_coco(tmp_path / "images", tmp_path / "masks", "instance_ids", Categories([1], ["nucleus"]))
     assert len(coco["annotations"]) == sum(len(s.objects) for s in scenes)
     assert {a["category_id"] for a in coco["annotations"]} == {1}
     with pytest.raises(DataError, match="instance 1 has no class"):  # two classes, no table
-        masks_to_coco(tmp_path / "images", tmp_path / "masks", "instance_ids", ClassTable([1, 2], ["a", "b"]))
+        masks_to_coco(tmp_path / "images", tmp_path / "masks", "instance_ids", Categories([1, 2], ["a", "b"]))
     Image.fromarray(np.zeros((10, 10), np.uint16)).save(tmp_path / "masks" / "sub" / "img02.png")
     with pytest.raises(DataError, match=r"img02.png is 10x10 but .*img02.png is \d+x\d+"):
-        masks_to_coco(tmp_path / "images", tmp_path / "masks", "instance_ids", ClassTable([1], ["nucleus"]))
+        masks_to_coco(tmp_path / "images", tmp_path / "masks", "instance_ids", Categories([1], ["nucleus"]))
     (tmp_path / "masks" / "sub" / "img01.png").unlink()
     with pytest.raises(DataError, match=r"img01.png \(the mask of .*img01.png\) does not exist"):
-        masks_to_coco(tmp_path / "images", tmp_path / "masks", "instance_ids", ClassTable([1], ["nucleus"]))
+        masks_to_coco(tmp_path / "images", tmp_path / "masks", "instance_ids", Categories([1], ["nucleus"]))
 
 
 def test_imagefolder_with_a_mask_column_reads_through_the_same_reader(example_scenes, tmp_path, synthetic_root):

@@ -208,6 +208,10 @@ def _load_coco(annotation_file: Path, image_dir: Path, check_images: bool, crowd
 
     categories = sorted(coco["categories"], key=lambda c: c["id"])
     coco_to_contiguous = {c["id"]: i for i, c in enumerate(categories)}
+    if len(coco_to_contiguous) < len(categories):  # the annotations of such an id could mean either class
+        twice = sorted({c["id"] for c in categories if sum(d["id"] == c["id"] for d in categories) > 1})
+        named = [f"{c.get('name')!r} (id {c['id']})" for c in categories if c["id"] in twice]
+        raise DataError(f"{annotation_file}: category ids {twice} appear more than once in `categories`: {named}")
 
     images = _image_records(coco["images"], annotation_file, image_dir, check_images)
 

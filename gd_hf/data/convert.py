@@ -45,12 +45,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
+from gd_hf.data.categories import Categories
 from gd_hf.data.coco import FEATURES, DataError, load_coco
 from gd_hf.data.mask_images import (
     CITYSCAPES_INSTANCE_CLASSES,
     DROPS_OTHER_CLASSES,
     MASK_ENCODINGS,
-    ClassTable,
     encode_objects,
     objects_from_mask,
     read_mask_array,
@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 SHARDS_INFO_FILE = "gd_hf_dataset.json"
 
 
-def _coco_annotations(converted, classes: ClassTable, image_id: int, first: int) -> list[dict[str, Any]]:
+def _coco_annotations(converted, classes: Categories, image_id: int, first: int) -> list[dict[str, Any]]:
     """One image's `ConvertedObjects` as COCO annotations (ids first+1, first+2, ...)."""
     annotations = []
     for category, counts, crowd in zip(converted.categories, converted.rle_counts, converted.iscrowd):
@@ -70,7 +70,7 @@ def _coco_annotations(converted, classes: ClassTable, image_id: int, first: int)
             {
                 "id": first + len(annotations) + 1,
                 "image_id": image_id,
-                "category_id": classes.source_ids[category],
+                "category_id": classes.ids[category],
                 "segmentation": {"size": list(converted.size), "counts": counts},
                 "area": float(mask_utils.area(rle)),
                 "bbox": [float(v) for v in mask_utils.toBbox(rle)],
@@ -97,7 +97,7 @@ def masks_to_coco(
     images: str | Path,
     masks: str | Path,
     encoding: str,
-    classes: ClassTable | None = None,
+    classes: Categories | None = None,
     panoptic_json: str | Path | None = None,
 ) -> dict[str, Any]:
     """The COCO instances dict of a folder of images and their mask images (see the module doc)."""
@@ -117,9 +117,9 @@ def masks_to_coco(
             segments[by_id[a["image_id"]]] = (a["file_name"], a["segments_info"])
         if classes is None:
             things = [c for c in panoptic["categories"] if c.get("isthing", 1)]
-            classes = ClassTable([c["id"] for c in things], [c["name"] for c in things])
+            classes = Categories([c["id"] for c in things], [c["name"] for c in things])
     elif encoding == "cityscapes" and classes is None:
-        classes = ClassTable(list(CITYSCAPES_INSTANCE_CLASSES), list(CITYSCAPES_INSTANCE_CLASSES.values()))
+        classes = Categories(list(CITYSCAPES_INSTANCE_CLASSES), list(CITYSCAPES_INSTANCE_CLASSES.values()))
     if classes is None:
         raise DataError(f"--encoding {encoding} needs --classes (a JSON id2label, label2id or list of names)")
     mask_root = masks.resolve()
@@ -147,8 +147,8 @@ def masks_to_coco(
             table_file = mask_file.with_suffix(".json")
             if table_file.is_file():
                 instance_classes = json.loads(table_file.read_text())
-            elif len(classes.source_ids) == 1:
-                single = classes.source_ids[0]
+            elif len(classes.ids) == 1:
+                single = classes.ids[0]
         objects = objects_from_mask(
             array, encoding, instance_classes=instance_classes, segments_info=segments_info, single_class=single,
             where=str(mask_file),
@@ -160,7 +160,7 @@ def masks_to_coco(
         annotations += _coco_annotations(converted, classes, image_id, len(annotations))
     if dropped:
         logger.info("%s: dropped objects of other classes: %s", masks, dropped)
-    categories = [{"id": i, "name": n} for i, n in zip(classes.source_ids, classes.names)]
+    categories = [{"id": i, "name": n} for i, n in zip(classes.ids, classes.names)]
     return {"images": coco_images, "annotations": annotations, "categories": categories}
 
 
@@ -182,7 +182,7 @@ def cityscapes_to_coco(root: str | Path, split: str) -> dict[str, Any]:
         raise DataError(f"{image_root} does not exist: unpack leftImg8bit_trainvaltest.zip into {root}")
     if not label_root.is_dir():
         raise DataError(f"{label_root} does not exist: unpack gtFine_trainvaltest.zip into {root}")
-    classes = ClassTable(list(CITYSCAPES_INSTANCE_CLASSES), list(CITYSCAPES_INSTANCE_CLASSES.values()))
+    classes = Categories(list(CITYSCAPES_INSTANCE_CLASSES), list(CITYSCAPES_INSTANCE_CLASSES.values()))
     image_files = sorted(image_root.glob("*/*_leftImg8bit.png"))
     if not image_files:
         raise DataError(f"no */*_leftImg8bit.png under {image_root}")
@@ -205,7 +205,7 @@ def cityscapes_to_coco(root: str | Path, split: str) -> dict[str, Any]:
         annotations += _coco_annotations(
             encode_objects(objects, classes, str(label_file), True), classes, image_id, len(annotations)
         )
-    categories = [{"id": i, "name": n} for i, n in zip(classes.source_ids, classes.names)]
+    categories = [{"id": i, "name": n} for i, n in zip(classes.ids, classes.names)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "masks":
-            classes = ClassTable.from_file(args.classes) if args.classes else None
+            classes = Categories.from_file(args.classes) if args.classes else None
             coco = masks_to_coco(args.images, args.masks, args.encoding, classes, args.panoptic_json)
             print(write_json(coco, args.out))
         elif args.command == "cityscapes":

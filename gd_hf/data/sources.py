@@ -45,12 +45,12 @@ from pycocotools.coco import COCO
 from tqdm.auto import tqdm
 
 from gd_hf.config import DataConfig
+from gd_hf.data.categories import Categories
 from gd_hf.data.coco import FEATURES, PATH_FEATURES, DataError, _rle_from_segmentation, load_coco, to_hf_dataset
 from gd_hf.data.convert import IMAGE_SUFFIXES, SHARDS_INFO_FILE
 from gd_hf.data.mask_images import (
     CITYSCAPES_INSTANCE_CLASSES,
     DROPS_OTHER_CLASSES,
-    ClassTable,
     encode_objects,
     objects_from_mask,
     read_mask_array,
@@ -59,22 +59,6 @@ from gd_hf.data.mask_images import (
 logger = logging.getLogger(__name__)
 
 Records = datasets.Dataset | datasets.IterableDataset
-
-
-@dataclass
-class Categories:
-    """The classes: contiguous id -> the source's category id (COCO id, written into results) and name."""
-
-    ids: list[int]
-    names: list[str]
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.names))
-
-    def class_table(self) -> ClassTable:
-        """The same classes as a mask reader's table (source id -> contiguous id)."""
-        return ClassTable(list(self.ids), list(self.names))
 
 
 @dataclass
@@ -476,13 +460,13 @@ class HubRecordReader:
             raise DataError(f"{where}: cannot read the mask image ({e})") from e
         if array.shape[:2] != (height, width):
             raise DataError(f"{where}: the mask is {array.shape[1]}x{array.shape[0]} but the image {width}x{height}")
-        table = self.categories.class_table()
+        table = self.categories
         objects = objects_from_mask(
             array,
             self.mask_encoding,
             instance_classes=row.get(c["instance_classes"]),
             segments_info=row.get(c["segments_info"]),
-            single_class=table.source_ids[0] if len(table.source_ids) == 1 else None,
+            single_class=table.ids[0] if len(table.ids) == 1 else None,
             where=where,
         )
         converted = encode_objects(objects, table, where, self.mask_encoding in DROPS_OTHER_CLASSES)
@@ -524,8 +508,7 @@ def _hub_categories(records: Records, columns: dict[str, str], d: DataConfig, va
     and val), `data.category_names`, or Cityscapes' instance classes (`mask_encoding: cityscapes`)."""
     if d.mask_encoding is None:
         if d.classes_file:
-            table = ClassTable.from_file(d.classes_file)
-            return Categories(table.source_ids, table.names)
+            return Categories.from_file(d.classes_file)
         features = records.features or {}
         objects = features.get(columns["objects"])
         feature = None
@@ -539,15 +522,15 @@ def _hub_categories(records: Records, columns: dict[str, str], d: DataConfig, va
         if isinstance(feature, datasets.ClassLabel):
             return Categories(list(range(feature.num_classes)), list(feature.names))
         return _named_categories(d, f"the ClassLabel of {columns['objects']}.{columns['category']}")
-    table = _mask_class_table(records, columns, d, val)
+    table = _mask_categories(records, columns, d, val)
     if d.mask_encoding == "semantic_instance_channels":
         table = table.without_background(d.classes_file or d.hub_dataset or "the class list")
-    return Categories(table.source_ids, table.names)
+    return table
 
 
-def _mask_class_table(records: Records, columns: dict[str, str], d: DataConfig, val: Records | None) -> ClassTable:
+def _mask_categories(records: Records, columns: dict[str, str], d: DataConfig, val: Records | None) -> Categories:
     if d.classes_file:
-        return ClassTable.from_file(d.classes_file)
+        return Categories.from_file(d.classes_file)
     column = columns["semantic_class_to_id"]
     if column in (records.features or {}):
 
@@ -561,14 +544,14 @@ def _mask_class_table(records: Records, columns: dict[str, str], d: DataConfig, 
                 f"{d.hub_dataset}: the {column!r} of the train split and of the val split differ "
                 f"({mapping} vs {first_mapping(val)}): the class ids must mean the same in both"
             )
-        return ClassTable.from_mapping(mapping, column)
+        return Categories.from_mapping(mapping, column)
     if d.category_names:
         names = list(d.category_names)
         if d.mask_encoding == "semantic_instance_channels" and names[0].lower() not in ("background", "_background_"):
-            return ClassTable(list(range(1, len(names) + 1)), names)  # 0 is background in this encoding
-        return ClassTable.from_mapping(dict(enumerate(names)), "data.category_names")
+            return Categories(list(range(1, len(names) + 1)), names)  # 0 is background in this encoding
+        return Categories.from_mapping(dict(enumerate(names)), "data.category_names")
     if d.mask_encoding == "cityscapes":
-        return ClassTable(list(CITYSCAPES_INSTANCE_CLASSES), list(CITYSCAPES_INSTANCE_CLASSES.values()))
+        return Categories(list(CITYSCAPES_INSTANCE_CLASSES), list(CITYSCAPES_INSTANCE_CLASSES.values()))
     raise DataError(
         f"no class names for the mask images of {d.hub_dataset}: set data.classes_file (an id2label JSON) or "
         f"data.category_names, or add a {column!r} column"
