@@ -39,7 +39,7 @@ from gd_hf.checkpointing import (
     save_checkpoint,
 )
 from gd_hf.config import Recipe, RecipeError, SslConfig, load_recipe, recipe_to_dict
-from gd_hf.data.batches import TrainBatches, build_train_batches, strong_augment  # noqa: F401 (strong_augment: API)
+from gd_hf.data.batches import TrainBatches, build_train_batches
 from gd_hf.data.coco import DataError
 from gd_hf.data.loading import EvalDataset, collate_eval, frame_size, pad_batch
 from gd_hf.data.prepare import RunData, prepare_data
@@ -557,6 +557,8 @@ class LogWindow:
 
 
 def write_log_line(run: Run) -> None:
+    """One metrics.jsonl line (rank 0 writes it): the window's means over all processes, the counts so far,
+    speed, memory, and, after a launch's first step, its start-up time."""
     accelerator, window = run.accelerator, run.log
     record = window_means(accelerator, window.sums)
     # Bad records skipped so far (data.on_error: skip), over all processes.
@@ -599,6 +601,8 @@ def evaluate_and_export_best(run: Run) -> None:
 
 
 def save_run_checkpoint(run: Run) -> None:
+    """A checkpoint of the run: weights, optimizer, schedule, RNG, `run.state` (with the bad records of every
+    process added up), each process's stream positions and, on several processes, the replicas' checksums."""
     accelerator, state = run.accelerator, run.state
     skipped = accelerator.reduce(torch.tensor(run.skipped_since_checkpoint, device=accelerator.device), "sum")
     state.data_skipped, run.skipped_since_checkpoint = state.data_skipped + skipped.item(), 0

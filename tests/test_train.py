@@ -32,7 +32,9 @@ def losses(output_dir):
 
 def test_run_writes_checkpoints_exports_metrics_and_predictions(synthetic_root, tmp_path):
     out = tmp_path / "run"
+    called = time.time()
     metrics = run(synthetic_root, out, "train.eval_every=2", "train.keep_checkpoints=1")
+    finished = time.time()
     assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000004"]  # keep-last-1
     for export in ("final", "best"):
@@ -51,8 +53,10 @@ def test_run_writes_checkpoints_exports_metrics_and_predictions(synthetic_root, 
     # Seconds since this process started (here: the test session, so no fixed bound holds on a slow machine).
     import psutil
 
-    process_age = time.time() - psutil.Process().create_time()
-    assert since_launch == sorted(since_launch) and 0 < since_launch[0] <= since_launch[-1] < process_age
+    started = psutil.Process().create_time()
+    # Counted from the process's start: later than the call into train() began, earlier than it returned.
+    assert since_launch == sorted(since_launch) and called - started < since_launch[0] <= since_launch[-1]
+    assert since_launch[-1] < finished - started
     assert 0 < steps[0]["seconds_to_first_step"] < since_launch[0]  # once, in the launch's first log line
     assert not any("seconds_to_first_step" in r for r in steps[1:])
     rss = [r["peak_rss_gb"] for r in steps]
@@ -150,6 +154,15 @@ def test_empty_labeled_split_is_an_error(synthetic_root, tmp_path):
     (tmp_path / "split.txt").write_text("# only an image without objects would be empty; here: none at all\n")
     with pytest.raises(DataError, match="labeled split is empty"):
         run(synthetic_root, tmp_path / "run", f"data.split_file={tmp_path / 'split.txt'}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_unlabeled_split_stops_a_one_launch_run_before_its_teacher_trains(synthetic_root, tmp_path):
+    # Every image labeled and the unlabeled split kept apart: nothing to distill from. Said at start, not after
+    # phase 1 has trained the teacher.
+    args = ["ssl.enabled=true", "ssl.train_teacher_first=true", "ssl.unlabeled_includes_labeled=false"]
+    with pytest.raises(DataError, match=r"unlabeled split of .* is empty \(data.labeled_percent 100"):
+        run(synthetic_root, tmp_path / "run", *args)
     assert not (tmp_path / "run").exists()
 
 

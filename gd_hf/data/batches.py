@@ -20,7 +20,6 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from gd_hf.checkpointing import read_data_state
 from gd_hf.config import Recipe, SslConfig
-from gd_hf.data.coco import DataError
 from gd_hf.data.loading import (
     LabeledTrainDataset,
     StepBatchSampler,
@@ -125,10 +124,6 @@ def build_train_batches(
         )
     unlabeled = None
     if ssl.enabled:
-        if not ssl.unlabeled_includes_labeled and not data.split.unlabeled:
-            raise DataError(
-                "the unlabeled split is empty: lower data.labeled_percent or set ssl.unlabeled_includes_labeled"
-            )
         # A different seed: the unlabeled stream is not in the labeled stream's order.
         if d.streaming:
             make_views = partial(unlabeled_sample, data=d, strong=strong_augment(ssl))

@@ -89,4 +89,11 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
         if not isinstance(unlabeled, datasets.Dataset):
             folder = folder.to_iterable_dataset(num_shards=min(64, len(folder)))
         unlabeled = datasets.concatenate_datasets([unlabeled, folder])
+    if recipe.ssl.enabled and not recipe.ssl.unlabeled_includes_labeled and not split.unlabeled:
+        # Here, not when the student's batches are built: a one-launch run would train its teacher first.
+        raise DataError(
+            f"the unlabeled split of {opened.description} is empty (data.labeled_percent {d.labeled_percent}"
+            f"{', data.split_file ' + str(d.split_file) if d.split_file else ''}): lower data.labeled_percent, add "
+            "images with data.unlabeled_images, or set ssl.unlabeled_includes_labeled"
+        )
     return RunData(labeled, unlabeled, opened.val, opened.val_ground_truth, opened.categories, split)
