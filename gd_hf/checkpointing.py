@@ -1,4 +1,5 @@
-"""Resumable checkpoints: `accelerator.save_state` into a temporary folder renamed into place, keep-last-K."""
+"""The run's state (`RunState`) and resumable checkpoints: `accelerator.save_state` into a temporary folder
+renamed into place, keep-last-K."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from gd_hf.config import Recipe
-from gd_hf.hub import export_model
+from gd_hf.export import export_model
 from gd_hf.model_card import RunSummary
 from gd_hf.push import PushError, push_export
 

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from transformers import Mask2FormerForUniversalSegmentation, PreTrainedModel
+from transformers import PreTrainedModel
 
 from gd_hf.model_card import RunSummary, write_model_card
 
@@ -50,8 +50,3 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def load_exported_model(path: str | Path) -> Mask2FormerForUniversalSegmentation:
-    """Load an exported folder (or hub id) with plain transformers."""
-    return Mask2FormerForUniversalSegmentation.from_pretrained(str(path))
