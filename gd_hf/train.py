@@ -17,6 +17,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -288,9 +289,12 @@ def train_step(
     if math.isfinite(logged["grad_norm"]) and math.isfinite(logged["loss"]):
         optimizer.step()
         logged["nonfinite"] = 0.0
+        scheduler.step()
     else:  # skip the update (the caller skips the EMA update too); the schedule stays a function of the step
         logged["nonfinite"] = 1.0
-    scheduler.step()
+        with warnings.catch_warnings():  # (torch warns when a run's first update is skipped: meant here)
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+            scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return logged
 
