@@ -14,7 +14,7 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
 #   export PYTHONPATH=/tmp/site:$PWD && mkdir -p /tmp/bin &&
 #   printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" >/tmp/bin/python && chmod +x /tmp/bin/python &&
-#   PATH=/tmp/bin:$PATH bash benchmarks/gpu_checks.sh $OUT 500
+#   PATH=/tmp/bin:$PATH bash benchmarks/gpu_checks.sh "$OUT" 500
 # (`python` must be a wrapper, not a symlink: a symlinked venv interpreter loses its venv, and torch with it.)
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR [BUDGET_SECONDS]}
@@ -59,10 +59,11 @@ check eval_cost_blobs 45 python benchmarks/eval_cost.py --device cuda --images 6
 check eval_cost_scattered 40 python benchmarks/eval_cost.py --device cuda --images 2 --logits scattered
 # The paper recipe (coco_1pct: 1,024-px crops, jitter 0.1-2.0, Swin-T sizes) on a 5,500-image stand-in at COCO's
 # image sizes: start-up, s/step of each phase, peak memory, evaluation split. bf16, as users run it on a GPU.
-TAIL=20 check coco_scale 220 python benchmarks/coco_scale.py --data /tmp/coco_standin --out /tmp/coco_scale \
+TAIL=20 check coco_scale 220 python benchmarks/coco_scale.py --data /tmp/coco_standin_5000 --out /tmp/coco_scale \
     --train-images 5000 --val-images 500 --processes 1 --steps 5 --eval-images 50 --skip-cocoeval \
     train.mixed_precision=bf16 data.num_workers=8
 # The demo recipe as README command 1 runs it, on the GPU, for what is left (its metrics.jsonl has s/step).
+rm -rf /tmp/demo  # resume: auto would go on from a run of an earlier call on a warm machine
 check demo 600 python -m gd_hf.train recipes/demo_synthetic.yaml output_dir=/tmp/demo data.num_workers=4
 # (a device call brings back 8 files: the seven logs and this one; coco_scale's table is in its log)
 cat /tmp/demo/teacher/metrics.jsonl /tmp/demo/metrics.jsonl >"$out/demo_metrics.jsonl" 2>/dev/null

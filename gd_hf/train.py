@@ -283,10 +283,17 @@ def train_step(
     # The gradient norm (after DDP's all-reduce: the same on every rank) also tells whether any rank's loss was
     # non-finite; clipping at inf measures it without changing anything.
     totals["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    # A loss can be infinite with a finite gradient (an infinite constant term): every rank must still decide
+    # alike, so the number of ranks whose loss is finite is summed over them.
+    finite_losses = torch.isfinite(torch.as_tensor(totals["loss"], device=device)).float()
+    totals["finite_losses"] = (
+        accelerator.reduce(finite_losses, "sum") if accelerator.num_processes > 1 else finite_losses
+    )
     # One host sync for all logged values and the finiteness check.
     values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in totals.values()]).tolist()
     logged = dict(zip(totals, values))
-    if math.isfinite(logged["grad_norm"]) and math.isfinite(logged["loss"]):
+    every_loss_finite = logged.pop("finite_losses") == accelerator.num_processes
+    if math.isfinite(logged["grad_norm"]) and every_loss_finite:
         optimizer.step()
         logged["nonfinite"] = 0.0
         scheduler.step()

@@ -67,7 +67,7 @@ def test_an_infinite_gradient_with_a_finite_loss_skips_the_update_and_the_schedu
     assert optimizer.param_groups[0]["lr"] == pytest.approx(recipe.train.lr * lr_factor(2, recipe.train))
 
 
-def _step_with_nan_on_rank_1(rank: int, port: int, recipe, out_file: str) -> None:
+def _step_with_nan_on_rank_1(rank: int, port: int, recipe, out_file: str, poison: str = "nan") -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
@@ -85,8 +85,10 @@ def _step_with_nan_on_rank_1(rank: int, port: int, recipe, out_file: str) -> Non
 
     def nan_on_rank_1(*args, **kwargs):
         terms = real_loss_terms(*args, **kwargs)
-        if rank == 1:
+        if rank == 1 and poison == "nan":  # its gradient is NaN too
             terms["loss_dice"] = terms["loss_dice"] * math.nan
+        if rank == 1 and poison == "inf_constant":  # its gradient stays finite: only the loss says so
+            terms["loss_dice"] = terms["loss_dice"] + torch.tensor(math.inf)
         return terms
 
     train_module.loss_terms = nan_on_rank_1
@@ -98,15 +100,17 @@ def _step_with_nan_on_rank_1(rank: int, port: int, recipe, out_file: str) -> Non
 
 
 @pytest.mark.slow
-def test_a_nan_on_one_process_only_skips_the_step_on_every_process(synthetic_root, tmp_path):
-    """Rank 1's loss is NaN, rank 0's is finite: DDP's all-reduced gradient is NaN on both, so both skip the
-    update (otherwise the replicas would drift apart for good) and count it."""
+@pytest.mark.parametrize("poison", ["nan", "inf_constant"])
+def test_a_nan_on_one_process_only_skips_the_step_on_every_process(synthetic_root, tmp_path, poison):
+    """Rank 1's loss is not finite, rank 0's is: both skip the update (otherwise the replicas would drift apart
+    for good) and count it. With a NaN, DDP's all-reduced gradient is NaN on both; with an infinite constant
+    term the gradient stays finite, and only the loss, whose finiteness is shared, tells rank 0."""
     recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = tmp_path / "result"
-    mp.spawn(_step_with_nan_on_rank_1, args=(port, recipe, str(out)), nprocs=2)
+    mp.spawn(_step_with_nan_on_rank_1, args=(port, recipe, str(out), poison), nprocs=2)
     rank0, rank1 = (torch.load(f"{out}.{r}", weights_only=False) for r in (0, 1))
     assert math.isfinite(rank0["logged"]["loss"]) and not math.isfinite(rank1["logged"]["loss"])
     assert rank0["logged"]["nonfinite"] == rank1["logged"]["nonfinite"] == 1.0, (

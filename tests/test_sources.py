@@ -21,7 +21,7 @@ from gd_hf.config import DataConfig, HubColumns
 from gd_hf.data.coco import FEATURES, DataError, load_coco
 from gd_hf.data.convert import coco_to_shards, convert_cityscapes
 from gd_hf.data.loading import StreamedTrainDataset, labeled_sample
-from gd_hf.data.sources import check_record, image_folder_records, open_source
+from gd_hf.data.sources import check_record, image_folder_records, open_source, read_shards
 from gd_hf.data.splits import CITYSCAPES_COUNTS, draw_labeled_ids, make_split, read_split_file, write_paper_splits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +133,20 @@ def test_shards_with_other_columns_fail_at_start_naming_them(tmp_path):
         open_source(config)
     message = str(error.value)
     assert "missing ['height', 'image', 'objects', 'width']" in message and "extra ['picture']" in message
+
+
+def test_a_shards_info_listing_a_category_id_twice_fails_naming_the_file(shards, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "train"
+    shutil.copytree(shards / "train", folder)
+    info_file = folder / "gd_hf_dataset.json"
+    info = json.loads(info_file.read_text())
+    info["category_ids"][1] = info["category_ids"][0]  # edited by hand, say
+    info_file.write_text(json.dumps(info))
+    with pytest.raises(DataError, match=rf"{info_file}: class list: an id appears twice"):
+        read_shards(folder, streaming=False)
 
 
 def hub_like_folder(synthetic_root: Path, out: Path, with_ids: bool = True) -> Path:

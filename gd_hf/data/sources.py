@@ -152,8 +152,12 @@ def coco_records(
             info["skipped_annotations"],
             info["skip_reasons"],
         )
+    try:
+        categories = Categories(info["category_ids"], info["category_names"])
+    except DataError as e:  # a cache written before the COCO reader checked its categories
+        raise DataError(f"{annotation_file} (records cache {folder}): {e}") from e
     records = datasets.load_from_disk(str(folder)).cast_column("image", datasets.Image())  # paths -> images
-    return records, Categories(info["category_ids"], info["category_names"])
+    return records, categories
 
 
 def records_cache_folder(
@@ -324,7 +328,10 @@ def read_shards(folder: str | Path, streaming: bool) -> tuple[Records, Categorie
     info_file = folder / SHARDS_INFO_FILE
     if info_file.is_file():
         info = json.loads(info_file.read_text())
-        categories = Categories([int(i) for i in info["category_ids"]], [str(n) for n in info["category_names"]])
+        try:
+            categories = Categories([int(i) for i in info["category_ids"]], [str(n) for n in info["category_names"]])
+        except DataError as e:
+            raise DataError(f"{info_file}: {e}") from e
     if (folder / "state.json").is_file():  # Dataset.save_to_disk
         records: Records = datasets.load_from_disk(str(folder))
         check_columns(records.features, str(folder))
