@@ -22,26 +22,18 @@ import dataclasses
 import statistics
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from torchdata.stateful_dataloader import StatefulDataLoader
 from train_step import gd_hf_step  # benchmarks/train_step.py: the step as the loop runs it
 
 from gd_hf.config import load_recipe
+from gd_hf.data.batches import build_train_batches
+from gd_hf.data.categories import Categories
 from gd_hf.data.coco import load_coco, to_hf_dataset
-from gd_hf.data.loading import (
-    LabeledTrainDataset,
-    StepBatchSampler,
-    StreamedTrainDataset,
-    UnlabeledTrainDataset,
-    collate_train,
-    collate_unlabeled,
-    labeled_sample,
-    unlabeled_sample,
-)
+from gd_hf.data.prepare import RunData
+from gd_hf.data.splits import Split
 from gd_hf.data.synthetic import generate
 from gd_hf.modeling import build_model, size_divisibility
 from gd_hf.optim import build_lr_scheduler, build_optimizer
@@ -51,43 +43,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def loaders(source, recipe, divisibility: int, streaming: bool, num_workers: int):
-    d = recipe.data
+    """The labeled and unlabeled batch iterators exactly as a run builds them (`build_train_batches`: the
+    recipe's strong view, sampler, workers), over all of `source` as both splits."""
+    recipe = dataclasses.replace(
+        recipe,
+        data=dataclasses.replace(recipe.data, streaming=streaming, num_workers=num_workers),
+        ssl=dataclasses.replace(recipe.ssl, enabled=True, unlabeled_includes_labeled=True),
+    )
     records = to_hf_dataset(source)
-    labeled_batch, unlabeled_batch = recipe.train.batch_size, recipe.ssl.unlabeled_batch_size
     if streaming:
-        stream = records.to_iterable_dataset(num_shards=max(1, num_workers) * 4)
-        labeled = StreamedTrainDataset(stream, partial(labeled_sample, data=d), d, seed=0)
-        unlabeled = StreamedTrainDataset(stream, partial(unlabeled_sample, data=d), d, seed=1)
-        kwargs = {"num_workers": num_workers, "persistent_workers": num_workers > 0}
-        return (
-            StatefulDataLoader(
-                labeled,
-                batch_size=labeled_batch,
-                collate_fn=partial(collate_train, divisibility=divisibility),
-                **kwargs,
-            ),
-            StatefulDataLoader(
-                unlabeled,
-                batch_size=unlabeled_batch,
-                collate_fn=partial(collate_unlabeled, divisibility=divisibility),
-                **kwargs,
-            ),
-        )
-    made = []
-    for dataset, batch, seed, collate in (
-        (LabeledTrainDataset(records, d), labeled_batch, 0, collate_train),
-        (UnlabeledTrainDataset(records, d), unlabeled_batch, 1, collate_unlabeled),
-    ):
-        made.append(
-            torch.utils.data.DataLoader(
-                dataset,
-                batch_sampler=StepBatchSampler(len(dataset), batch, seed),
-                num_workers=num_workers,
-                collate_fn=partial(collate, divisibility=divisibility),
-                persistent_workers=num_workers > 0,
-            )
-        )
-    return made
+        records = records.to_iterable_dataset(num_shards=max(1, num_workers) * 4)
+    ids = sorted(source.images)
+    categories = Categories(source.category_ids, source.category_names)
+    data = RunData(records, records, None, None, categories, Split(ids, []))
+    batches = build_train_batches(recipe, data, 0, 1, divisibility, 0, None)
+    return batches.labeled, batches.unlabeled
 
 
 def main() -> None:
@@ -109,8 +79,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(recipe.model, source.id2label)
         divisibility = size_divisibility(model)
-        labeled_loader, unlabeled_loader = loaders(source, recipe, divisibility, args.streaming, num_workers)
-        labeled_iter, unlabeled_iter = iter(labeled_loader), iter(unlabeled_loader)
+        labeled_iter, unlabeled_iter = loaders(source, recipe, divisibility, args.streaming, num_workers)
 
         # --- Loader side (the workers start and fill their queues during the warm-up batches).
         for _ in range(4):
@@ -123,7 +92,7 @@ def main() -> None:
             if not args.supervised:
                 images += len(next(unlabeled_iter)["image_ids"])
         loader_rate = images / (time.perf_counter() - start)
-        del labeled_iter, unlabeled_iter, labeled_loader, unlabeled_loader
+        del labeled_iter, unlabeled_iter
 
     # --- Step side.
     ssl = dataclasses.replace(recipe.ssl, enabled=True, pseudo_label_score_threshold=0.0)
