@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ from transformers import (
 from transformers.models.mask2former.image_processing_pil_mask2former import Mask2FormerImageProcessorPil
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 
-from gd_hf.config import DataConfig, ModelConfig
+from gd_hf.config import DataConfig, ModelConfig, RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +29,50 @@ BACKBONE_MODEL_TYPES = {"swin": ("swin",), "dinov2": ("dinov2", "dinov2_with_reg
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
 
-class ModelLoadError(ValueError):
-    """`model.pretrained` cannot be used for the recipe's backbone."""
+class ModelLoadError(RecipeError):
+    """`model.pretrained` cannot be used for the recipe's backbone (a recipe error: exit code 2)."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """NaN or infinite weights were about to be written (a checkpoint or an export): refused."""
+
+
+def all_finite(module: torch.nn.Module) -> torch.Tensor:
+    """Whether every floating-point parameter and buffer of `module` is finite: a 0-dim bool tensor on the
+    module's device (no host sync; one fused norm over all tensors)."""
+    tensors = [t.detach() for t in (*module.parameters(), *module.buffers()) if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return torch.tensor(True)
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()
+
+
+def check_finite(module: torch.nn.Module, what: str) -> None:
+    """Raise `NonFiniteWeightsError` if `module` holds a non-finite weight: called before every checkpoint and
+    export, so nothing written is ever NaN."""
+    if not bool(all_finite(module)):
+        bad = [name for name, t in module.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+        raise NonFiniteWeightsError(
+            f"{what} holds non-finite weights ({len(bad)} tensors, e.g. {bad[:3]}): not written"
+        )
+
+
+@contextlib.contextmanager
+def _loading(source: str) -> Iterator[None]:
+    """Whatever stops the weights of `source` from loading (a missing or truncated file, shapes that do not fit)
+    as one `ModelLoadError` naming it, instead of a library traceback."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError) as e:
+        raise ModelLoadError(
+            f"model.pretrained={source!r} could not be loaded: {type(e).__name__}: {str(e)[:500]}\n"
+            "Give a hub id (with network access or a filled HF cache) or a complete folder written by save_pretrained."
+        ) from e
+    except Exception as e:  # safetensors' SafetensorError (a truncated file) derives from Exception only
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ModelLoadError(f"model.pretrained={source!r}: its weights file is damaged ({e})") from e
 
 
 def dinov2_feature_layers(num_layers: int, layers: list[int] | None) -> list[int]:
@@ -113,13 +157,8 @@ def _mask2former_config(cfg: ModelConfig, backbone_config, id2label: dict[int, s
 
 
 def _load_pretrained_config(source: str):
-    try:
+    with _loading(source):
         return AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"model.pretrained={source!r} could not be loaded: {e}\n"
-            "Give a hub id (with network access or a filled HF cache) or a folder written by save_pretrained."
-        ) from e
 
 
 def build_model(cfg: ModelConfig, id2label: dict[int, str]) -> Mask2FormerForUniversalSegmentation:
@@ -130,6 +169,8 @@ def build_model(cfg: ModelConfig, id2label: dict[int, str]) -> Mask2FormerForUni
         model = Mask2FormerForUniversalSegmentation(
             _mask2former_config(cfg, _backbone_config_from_sizes(cfg), id2label)
         )
+        if cfg.backbone == "swin":
+            give_padding_a_nonzero_embedding(model)
     else:
         pretrained_config = _load_pretrained_config(cfg.pretrained)
         if pretrained_config.model_type == "mask2former":
@@ -138,6 +179,21 @@ def build_model(cfg: ModelConfig, id2label: dict[int, str]) -> Mask2FormerForUni
             model = _build_with_pretrained_backbone(cfg, pretrained_config, id2label)
     use_mean_mask_count_across_processes(model)
     return model
+
+
+def give_padding_a_nonzero_embedding(model: Mask2FormerForUniversalSegmentation) -> None:
+    """Draw the bias of a random-init Swin's patch embedding like its weights (normal, `initializer_range`).
+
+    transformers initialises it to 0, and Swin has no absolute position embedding, so a zero-padded patch (every
+    batch of mixed-size crops has some) embeds to an exact zero vector; a LayerNorm over a zero vector scales its
+    gradient by 1/sqrt(eps), and the first step's gradient norm was ~1e8 on a half-padded tiny batch (1e18 at
+    Swin-T sizes) against ~10 unpadded. A non-zero constant token normalises like any other. Pretrained weights
+    have non-zero biases already.
+    """
+    encoder = model.model.pixel_level_module.encoder
+    projection = encoder.swin.embeddings.patch_embeddings.projection
+    with torch.no_grad():
+        projection.bias.normal_(0.0, encoder.config.initializer_range)
 
 
 def _build_with_pretrained_backbone(cfg: ModelConfig, backbone_config, id2label) -> Mask2FormerForUniversalSegmentation:
@@ -153,7 +209,8 @@ def _build_with_pretrained_backbone(cfg: ModelConfig, backbone_config, id2label)
     encoder = model.model.pixel_level_module.encoder
     # The concrete class (SwinBackbone, ...), not AutoBackbone: AutoBackbone.from_pretrained asks the hub whether
     # the repo exists (a network call even for a local folder) before loading.
-    pretrained = type(encoder).from_pretrained(cfg.pretrained, config=encoder.config)
+    with _loading(cfg.pretrained):
+        pretrained = type(encoder).from_pretrained(cfg.pretrained, config=encoder.config)
     missing, unexpected = encoder.load_state_dict(pretrained.state_dict(), strict=False)
     if missing or unexpected:
         raise ModelLoadError(
@@ -164,12 +221,13 @@ def _build_with_pretrained_backbone(cfg: ModelConfig, backbone_config, id2label)
 
 
 def _load_mask2former_checkpoint(cfg: ModelConfig, id2label) -> Mask2FormerForUniversalSegmentation:
-    model = Mask2FormerForUniversalSegmentation.from_pretrained(
-        cfg.pretrained,
-        id2label={int(k): v for k, v in id2label.items()},
-        label2id={v: int(k) for k, v in id2label.items()},
-        ignore_mismatched_sizes=True,
-    )
+    with _loading(cfg.pretrained):
+        model = Mask2FormerForUniversalSegmentation.from_pretrained(
+            cfg.pretrained,
+            id2label={int(k): v for k, v in id2label.items()},
+            label2id={v: int(k) for k, v in id2label.items()},
+            ignore_mismatched_sizes=True,
+        )
     backbone_type = model.config.backbone_config.model_type
     if backbone_type not in BACKBONE_MODEL_TYPES[cfg.backbone]:
         raise ModelLoadError(
