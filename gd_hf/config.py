@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -136,7 +137,7 @@ class DataConfig:
     `datasets` folder, so that a relaunch, a resume and every other process read them instead of parsing the
     JSON again (COCO train2017: minutes per parse, ~3 GB per process). `auto`: `$HF_DATASETS_CACHE/gd_hf_records`;
     a path: there; `null`: no cache (every process of every launch parses the JSON itself: N processes, N parses
-    and N copies in memory). A cache is rebuilt when its JSON's path, size or modification time changes."""
+    and N copies in memory). A cache is rebuilt when its JSON's content (SHA-256) changes."""
     unlabeled_images: str | None = None
     """A folder of extra images without labels, added to the unlabeled split (searched recursively)."""
     streaming: bool = False
@@ -328,8 +329,12 @@ class Recipe:
     seed: int = 0
     """Seed of model init, data order and augmentation."""
     resume: str = "auto"
-    """`auto`: continue from the newest checkpoint in `output_dir/checkpoints` if any; `none`: start
-    fresh (fails if the output folder already holds checkpoints); or a checkpoint folder."""
+    """`auto`: continue from the newest readable checkpoint in `output_dir/checkpoints` if any (an unreadable
+    newest one is passed over, saying so); `none`: start fresh (fails if the output folder already holds
+    checkpoints); `force`: as `auto`, and also when the recipe changed keys that change what is trained (the
+    change is recorded in `run_info.json` and the model card); or a checkpoint folder. A relaunch whose recipe
+    differs from the run's in such keys stops without `force` (`MAY_CHANGE` in `gd_hf.run_info` lists the
+    keys that may change)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -388,6 +393,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML reads .inf / .nan: an infinite lr turns every weight NaN at step 1
+            raise RecipeError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -457,8 +464,49 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 def validate(recipe: Recipe) -> None:
     """Value checks that types alone cannot express."""
-    d, t = recipe.data, recipe.train
+    d, t, m, e = recipe.data, recipe.train, recipe.model, recipe.eval
     checks = [
+        (bool(recipe.output_dir.strip()), "output_dir", "must name a folder (it is empty)"),
+        (recipe.seed >= 0, "seed", "must be >= 0"),
+        (d.split_seed >= 0, "data.split_seed", "must be >= 0"),
+        (m.backbone_hidden_size > 0, "model.backbone_hidden_size", "must be > 0"),
+        (all(v > 0 for v in m.backbone_depths), "model.backbone_depths", "must all be > 0"),
+        (
+            bool(m.backbone_num_heads) and all(v > 0 for v in m.backbone_num_heads),
+            "model.backbone_num_heads",
+            "must all be > 0",
+        ),  # fmt: skip
+        (m.hidden_dim > 0, "model.hidden_dim", "must be > 0"),
+        (m.encoder_layers > 0, "model.encoder_layers", "must be > 0"),
+        (m.decoder_layers > 0, "model.decoder_layers", "must be > 0"),
+        (m.train_num_points > 0, "model.train_num_points", "must be > 0"),
+        (
+            min(m.no_object_weight, m.class_weight, m.mask_weight, m.dice_weight) >= 0,
+            "model.*_weight",
+            "loss weights must be >= 0",
+        ),  # fmt: skip
+        (d.eval_shortest_edge > 0, "data.eval_shortest_edge", "must be > 0"),
+        (d.eval_longest_edge >= d.eval_shortest_edge, "data.eval_longest_edge", "must be >= data.eval_shortest_edge"),
+        (d.synthetic_train_images > 0, "data.synthetic_train_images", "must be > 0"),
+        (d.synthetic_val_images > 0, "data.synthetic_val_images", "must be > 0"),
+        (d.synthetic_image_size >= 16, "data.synthetic_image_size", "must be >= 16"),
+        (e.batch_size > 0, "eval.batch_size", "must be > 0"),
+        (e.max_images is None or e.max_images > 0, "eval.max_images", "must be null (all) or > 0"),
+        (t.backbone_lr_multiplier >= 0, "train.backbone_lr_multiplier", "must be >= 0"),
+        (t.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
+        (t.poly_power > 0, "train.poly_power", "must be > 0"),
+        (
+            recipe.ssl.teacher_max_steps is None or recipe.ssl.teacher_max_steps > 0,
+            "ssl.teacher_max_steps",
+            "must be null (train.max_steps) or > 0",
+        ),
+        (
+            not (recipe.ssl.teacher is not None and recipe.ssl.train_teacher_first),
+            "ssl.teacher",
+            f"is {recipe.ssl.teacher!r} but ssl.train_teacher_first is true, which trains its own teacher: set "
+            "ssl.train_teacher_first=false to distill from that teacher, or ssl.teacher=null to train one first",
+        ),
+        (_repo_id_problem(recipe.hub.repo_id) is None, "hub.repo_id", _repo_id_problem(recipe.hub.repo_id) or ""),
         (0 < d.labeled_percent <= 100, "data.labeled_percent", "must be in (0, 100]"),
         (0 < d.min_scale <= d.max_scale, "data.min_scale", "must be > 0 and <= data.max_scale"),
         (0 <= d.hflip_prob <= 1, "data.hflip_prob", "must be in [0, 1]"),
@@ -473,7 +521,9 @@ def validate(recipe: Recipe) -> None:
             "train.batch_size",
             "must be divisible by train.gradient_accumulation_steps",
         ),
-        (t.lr > 0, "train.lr", "must be > 0"),
+        # AdamW moves each weight by about lr per step (the reference: 1e-4); above 1 is never meant, and above
+        # ~3e37 torch cannot even apply the step (the bias-corrected step overflows float32).
+        (0 < t.lr <= 1, "train.lr", "must be in (0, 1] (AdamW moves each weight by about lr per step)"),
         (t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
         (t.grad_clip >= 0, "train.grad_clip", "must be >= 0"),
         (t.log_every > 0, "train.log_every", "must be > 0"),
@@ -530,6 +580,19 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError(f"{key} {message}")
 
 
+def _repo_id_problem(repo_id: str | None) -> str | None:
+    """Why `repo_id` can never name a Hub repository (checked at start, not at the final push), or None."""
+    if repo_id is None:
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        return f"{repo_id!r} is not a valid repository id ({e}); write it as `user-or-org/name`"
+    return None
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a YAML recipe, apply `key=value` overrides, and return a validated `Recipe`."""
     path = Path(path)
@@ -537,8 +600,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"recipe file {path} does not exist (recipes live in recipes/*.yaml)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"{path} holds a YAML {type(data).__name__}, not a mapping of recipe keys (output_dir:, model:, data:, ...)"
+        )
     for override in overrides:
         apply_override(data, override)
     try:

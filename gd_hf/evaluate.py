@@ -74,14 +74,19 @@ def evaluate_export(
 ) -> tuple[dict[str, float], list[dict]]:
     """Mask AP of an exported model (folder or hub id) on a COCO-format set, resized as its saved image
     processor says unless `shortest_edge`/`longest_edge` are given."""
-    model = Mask2FormerForUniversalSegmentation.from_pretrained(model_path)
-    size = AutoImageProcessor.from_pretrained(model_path).size
+    try:
+        model = Mask2FormerForUniversalSegmentation.from_pretrained(model_path)
+        size = AutoImageProcessor.from_pretrained(model_path).size
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load the model {model_path}: {e}") from e
     data = DataConfig(
         eval_shortest_edge=shortest_edge or size.get("shortest_edge") or 800,
         eval_longest_edge=longest_edge or size.get("longest_edge") or 1333,
         num_workers=num_workers,
     )
     source = load_coco(annotations, images)
+    if not source.images:
+        raise DataError(f"{annotations} lists no images: there is nothing to evaluate")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return evaluate_model(model, source, data, top_k, batch_size, device)
 
@@ -102,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--longest-edge", type=int, help="test-time cap on the longer side")
     parser.add_argument("--num-workers", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1 or args.num_workers < 0:
+        print("error: --top-k and --batch-size must be >= 1, --num-workers >= 0", file=sys.stderr)
+        return 2
     try:
         metrics, results = evaluate_export(
             args.model,

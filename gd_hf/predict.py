@@ -108,7 +108,7 @@ def predict(
         for image_id, path in enumerate(images[start : start + batch_size], start + 1):
             try:
                 image = load_image(path)
-            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 failures.append((path, str(e)))
                 continue
             pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
@@ -165,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = Mask2FormerForUniversalSegmentation.from_pretrained(args.model)
         size = AutoImageProcessor.from_pretrained(args.model).size
-    except OSError as e:
+    except (OSError, ValueError) as e:
         print(f"error: cannot load the model {args.model}: {e}", file=sys.stderr)
+        return 2
+    if args.batch_size < 1 or args.top_k < 1:
+        print("error: --batch-size and --top-k must be >= 1", file=sys.stderr)
         return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results, failures = predict(

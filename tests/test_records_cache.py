@@ -159,3 +159,24 @@ def test_a_build_left_half_written_by_a_dead_process_is_removed_and_a_running_on
     assert not dead.exists()
     assert alive.exists()
     assert (folder / RECORDS_INFO_FILE).is_file()
+
+
+def test_an_edit_that_keeps_size_and_modification_time_is_parsed_again(synthetic_root, tmp_path, parses):
+    """The cache is keyed by the JSON's content: an edit of the same length whose mtime is put back (`touch -r`,
+    `rsync -t`, a restored backup) would otherwise train on the stale records without a word."""
+    annotations = tmp_path / "instances_val.json"
+    coco = json.loads((synthetic_root / "annotations" / "instances_val.json").read_text())
+    text = json.dumps(coco)
+    annotations.write_text(text)
+    cache = tmp_path / "cache"
+    before, categories = coco_records(annotations, synthetic_root / "val", cache)
+    stat = annotations.stat()
+    renamed = coco["categories"][0]["name"]
+    edited = text.replace(f'"name": "{renamed}"', f'"name": "{renamed[::-1]}"', 1)
+    assert len(edited) == len(text) and edited != text
+    annotations.write_text(edited)
+    os.utime(annotations, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert annotations.stat().st_size == stat.st_size and annotations.stat().st_mtime_ns == stat.st_mtime_ns
+    _, edited_categories = coco_records(annotations, synthetic_root / "val", cache)
+    assert len(parses) == 2
+    assert edited_categories.names[0] == renamed[::-1] and categories.names[0] == renamed

@@ -53,23 +53,95 @@ class CocoSource:
         return self.image_dir / self.images[image_id]["file_name"]
 
 
+def compressed_rle_problem(counts: str | bytes, height: int, width: int) -> str | None:
+    """Why a compressed RLE string cannot be an (height, width) mask, or None if it can.
+
+    pycocotools checks none of this: counts that sum past h*w fail only when decoded (a `ValueError` mid-run),
+    and counts that sum short of it decode to uninitialised memory without a word. This walks the string as
+    pycocotools' `rleFrString` does (LEB128-like 5-bit groups, offset 48, each run after the second a delta
+    of the run two back).
+    """
+    if isinstance(counts, str):
+        try:
+            counts = counts.encode("ascii")
+        except UnicodeEncodeError:
+            return "compressed RLE counts hold non-ASCII characters"
+    if not isinstance(counts, bytes):
+        return f"RLE counts are a {type(counts).__name__}, not a string or a list of integers"
+    runs: list[int] = []
+    value = shift = 0
+    for byte in counts:
+        c = byte - 48
+        if not 0 <= c < 64:
+            return f"compressed RLE counts hold the character {chr(byte)!r}, which is not in its alphabet"
+        value |= (c & 0x1F) << shift
+        shift += 5
+        if c & 0x20:
+            continue
+        if c & 0x10:
+            value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            return f"compressed RLE counts decode to a negative run ({value}) at run {len(runs)}"
+        runs.append(value)
+        value = shift = 0
+    if shift:
+        return "compressed RLE counts end in the middle of a number (the string is cut)"
+    total = sum(runs)
+    if total != height * width:
+        return f"RLE counts cover {total} pixels but the image has {height}x{width} = {height * width}"
+    return None
+
+
+def _uncompressed_rle_problem(counts: list, height: int, width: int) -> str | None:
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        return "uncompressed RLE counts must be non-negative integers"
+    if sum(counts) != height * width:
+        return f"RLE counts cover {sum(counts)} pixels but the image has {height}x{width} = {height * width}"
+    return None
+
+
+def _polygon_problem(polygon: list, height: int, width: int) -> str | None:
+    """Coordinates that are not numbers, or lie far outside the image: pycocotools rasterises a polygon along
+    its whole outline, so coordinates of ~1e7 take GBs (and ~1e12 crash it)."""
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in polygon):
+        return "polygon coordinates must be finite numbers"
+    xs, ys = polygon[0::2], polygon[1::2]
+    if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
+        return f"polygon coordinates far outside the {width}x{height} image (x {min(xs):g}..{max(xs):g}, y {min(ys):g}..{max(ys):g})"
+    return None
+
+
 def _rle_from_segmentation(segmentation: Any, height: int, width: int) -> dict[str, Any]:
-    """Polygons / uncompressed RLE / compressed RLE -> compressed RLE with `counts` as str."""
+    """Polygons / uncompressed RLE / compressed RLE -> compressed RLE with `counts` as str; a `ValueError` says
+    why a segmentation is unusable."""
     if segmentation is None or segmentation == []:
         raise ValueError("no segmentation (a bbox alone is not a mask)")
     if isinstance(segmentation, list):
         polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6]
         if not polygons:
             raise ValueError("no polygon with at least 3 points")
+        for polygon in polygons:
+            problem = _polygon_problem(polygon, height, width)
+            if problem:
+                raise ValueError(problem)
         pieces = mask_utils.frPyObjects(polygons, height, width)
         rle = pieces[0] if len(pieces) == 1 else mask_utils.merge(pieces)  # most objects are one polygon
     elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        if list(segmentation["size"]) != [height, width]:
-            raise ValueError(f"RLE size {segmentation['size']} differs from the image size {[height, width]}")
-        if isinstance(segmentation["counts"], list):
-            rle = mask_utils.frPyObjects(segmentation, height, width)
+        size = segmentation["size"]
+        if not isinstance(size, (list, tuple)) or list(size) != [height, width]:
+            raise ValueError(f"RLE size {size} differs from the image size {[height, width]}")
+        counts = segmentation["counts"]
+        if isinstance(counts, list):
+            problem = _uncompressed_rle_problem(counts, height, width)
+            if problem:
+                raise ValueError(problem)
+            rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
         else:
-            counts = segmentation["counts"]
+            problem = compressed_rle_problem(counts, height, width)
+            if problem:
+                raise ValueError(problem)
             rle = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
     else:
         raise ValueError("segmentation is neither a polygon list nor an RLE dict")
@@ -90,8 +162,8 @@ def _convert_range(bounds: tuple[int, int]) -> list[str | ValueError]:
     for segmentation, height, width in _GEOMETRY[bounds[0] : bounds[1]]:
         try:
             results.append(_rle_from_segmentation(segmentation, height, width)["counts"])
-        except ValueError as e:
-            results.append(ValueError(str(e)))
+        except (ValueError, TypeError, OverflowError) as e:  # pycocotools' own errors on odd input included
+            results.append(ValueError(str(e) if isinstance(e, ValueError) else f"unusable segmentation ({e})"))
     return results
 
 
@@ -157,18 +229,51 @@ class _ImageFiles:
         return name in self.listings[parent] or (self.image_dir / file_name).is_file()
 
 
+# The largest image a record may state: PIL's own hard limit (2x its decompression-bomb warning size). Masks are
+# decoded at the stated size, so a record claiming 1e5 x 1e5 would take 10 GB per object.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
+
+
+def _integer(value: Any) -> int | None:
+    """`value` as an int if it is one (JSON writers sometimes give 640.0), else None; booleans are not ints."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def _image_records(
     records: list[dict[str, Any]], annotation_file: Path, image_dir: Path, check_images: bool
 ) -> dict[int, dict[str, Any]]:
-    """Image id -> file name and size, checked (ids unique, fields present, files there)."""
+    """Image id -> file name and size, checked (ids unique integers, sizes positive, files there)."""
     images: dict[int, dict[str, Any]] = {}
     image_files = _ImageFiles(image_dir)
-    for record in records:
-        try:
-            image_id, file_name = record["id"], record["file_name"]
-            width, height = int(record["width"]), int(record["height"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{annotation_file}: image record {record} lacks id/file_name/width/height ({e})") from e
+    for index, record in enumerate(records):
+        where = f"{annotation_file}: `images`[{index}]"
+        if not isinstance(record, dict):
+            raise DataError(f"{where} is a {type(record).__name__}, not an object: {str(record)[:200]}")
+        missing = [key for key in ("id", "file_name", "width", "height") if key not in record]
+        if missing:
+            raise DataError(f"{where} lacks {missing}: {str(record)[:200]}")
+        image_id, file_name = _integer(record["id"]), record["file_name"]
+        width, height = _integer(record["width"]), _integer(record["height"])
+        if image_id is None:
+            raise DataError(f"{where} has id {record['id']!r}: COCO image ids are integers")
+        if not isinstance(file_name, str) or not file_name:
+            raise DataError(f"{where} (image id {image_id}) has file_name {file_name!r}: a relative path is needed")
+        if width is None or height is None or width <= 0 or height <= 0:
+            raise DataError(
+                f"{where} (image id {image_id}) has width {record['width']!r} and height {record['height']!r}: "
+                "both must be positive integers (the image's size in pixels)"
+            )
+        if width * height > MAX_IMAGE_PIXELS:
+            raise DataError(
+                f"{where} (image id {image_id}) states {width}x{height} pixels, more than any image gd_hf reads "
+                f"({MAX_IMAGE_PIXELS}): fix width/height"
+            )
         if image_id in images:
             raise DataError(f"{annotation_file}: image id {image_id} appears twice ({file_name})")
         images[image_id] = {"file_name": file_name, "width": width, "height": height}
@@ -178,6 +283,26 @@ def _image_records(
                 "restore the file or remove the image and its annotations from the JSON"
             )
     return images
+
+
+def _categories(records: list[Any], annotation_file: Path) -> list[dict[str, Any]]:
+    """The `categories` list, checked (objects with integer ids) and sorted by id."""
+    for index, category in enumerate(records):
+        if not isinstance(category, dict) or _integer(category.get("id")) is None:
+            raise DataError(
+                f"{annotation_file}: `categories`[{index}] is {str(category)[:200]}: each category needs an integer "
+                "`id` (and a `name`)"
+            )
+    return sorted(({**c, "id": _integer(c["id"])} for c in records), key=lambda c: c["id"])
+
+
+def _crowd_flag(record: dict[str, Any], where: str) -> int:
+    value = record.get("iscrowd", 0)
+    if value is None:
+        return 0
+    if value not in (0, 1) or isinstance(value, float) and not value.is_integer():
+        raise DataError(f"{where} has iscrowd {value!r}: it must be 0 or 1 (or absent)")
+    return int(value)
 
 
 def load_coco(
@@ -206,7 +331,7 @@ def _load_coco(annotation_file: Path, image_dir: Path, check_images: bool, crowd
     if not coco["categories"]:
         raise DataError(f"{annotation_file} lists no categories")
 
-    categories = sorted(coco["categories"], key=lambda c: c["id"])
+    categories = _categories(coco["categories"], annotation_file)
     coco_to_contiguous = {c["id"]: i for i, c in enumerate(categories)}
     if len(coco_to_contiguous) < len(categories):  # the annotations of such an id could mean either class
         twice = sorted({c["id"] for c in categories if sum(d["id"] == c["id"] for d in categories) > 1})
@@ -219,21 +344,28 @@ def _load_coco(annotation_file: Path, image_dir: Path, check_images: bool, crowd
     skip_reasons: dict[str, int] = {}
     kept: list[tuple[int, int, int]] = []  # (image id, contiguous class, iscrowd) of each annotation to convert
     geometry: list[tuple[Any, int, int]] = []  # (segmentation, height, width), converted below in bulk
-    for record in coco["annotations"]:
+    for index, record in enumerate(coco["annotations"]):
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{annotation_file}: `annotations`[{index}] is a {type(record).__name__}, not an object: "
+                f"{str(record)[:200]}"
+            )
         ann_id = record.get("id", "?")
-        image_id = record.get("image_id")
+        image_id = _integer(record.get("image_id"))
         if image_id not in images:
             raise DataError(
-                f"{annotation_file}: annotation {ann_id} points at image id {image_id}, which is not in `images`"
+                f"{annotation_file}: annotation {ann_id!r} points at image id {record.get('image_id')!r}, which is "
+                "not in `images`"
             )
-        category_id = record.get("category_id")
+        category_id = _integer(record.get("category_id"))
         if category_id not in coco_to_contiguous:
             raise DataError(
-                f"{annotation_file}: annotation {ann_id} (image {image_id}) has category_id {category_id}, "
-                f"which is not in `categories` (known: {sorted(coco_to_contiguous)})"
+                f"{annotation_file}: annotation {ann_id!r} (image {image_id}) has category_id "
+                f"{record.get('category_id')!r}, which is not in `categories` (known: {sorted(coco_to_contiguous)})"
             )
         info = images[image_id]
-        crowd = 0 if crowd_as_objects else int(record.get("iscrowd", 0) or 0)
+        crowd = _crowd_flag(record, f"{annotation_file}: annotation {ann_id!r} (image {image_id})")
+        crowd = 0 if crowd_as_objects else crowd
         kept.append((image_id, coco_to_contiguous[category_id], crowd))
         geometry.append((record.get("segmentation"), info["height"], info["width"]))
     del coco  # the raw JSON: only `geometry` is still needed
@@ -331,8 +463,13 @@ def to_hf_dataset(
 
 
 def decode_masks(rle_counts: list[str], height: int, width: int) -> np.ndarray:
-    """Compressed RLE strings -> bool array (N, H, W)."""
+    """Compressed RLE strings -> bool array (N, H, W); a `ValueError` names the first one that is not a valid
+    (H, W) mask (records from shards, hub data sets or an old cache were not all checked at start)."""
     if not rle_counts:
         return np.zeros((0, height, width), dtype=bool)
+    for index, counts in enumerate(rle_counts):
+        problem = compressed_rle_problem(counts, height, width)
+        if problem:
+            raise ValueError(f"object {index}: {problem}")
     rles = [{"size": [height, width], "counts": c.encode()} for c in rle_counts]
     return mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import datasets
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from pycocotools.coco import COCO
 
 from gd_hf.config import Recipe
 from gd_hf.data.coco import DataError
+from gd_hf.data.loading import check_images
 from gd_hf.data.sources import (
     Categories,
     Records,
@@ -76,6 +78,14 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
     first = d.source == "coco" and d.records_cache is not None
     with accelerator.local_main_process_first() if first else contextlib.nullcontext():
         opened = open_source(d)
+    # Every val image is read now (each process a share): a broken one would otherwise stop the run at its first
+    # evaluation, hours in. (Training images are checked as they are read: data.on_error.)
+    problems = check_images(opened.val, "val", accelerator.process_index, accelerator.num_processes)
+    if accelerator.num_processes > 1:
+        problems = [p for share in gather_object([problems]) for p in share]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise DataError(f"{len(problems)} val images cannot be used: {'; '.join(problems[:3])}{more}")
     ids, object_counts = image_ids_and_object_counts(opened.train)
     split = split_image_ids(ids, object_counts, d.labeled_percent, d.split_seed, d.split_file, opened.description)
     row_ids = ids if isinstance(opened.train, datasets.Dataset) else None

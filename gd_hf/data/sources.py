@@ -46,7 +46,15 @@ from tqdm.auto import tqdm
 
 from gd_hf.config import DataConfig
 from gd_hf.data.categories import Categories
-from gd_hf.data.coco import FEATURES, PATH_FEATURES, DataError, _rle_from_segmentation, load_coco, to_hf_dataset
+from gd_hf.data.coco import (
+    FEATURES,
+    PATH_FEATURES,
+    DataError,
+    _rle_from_segmentation,
+    compressed_rle_problem,
+    load_coco,
+    to_hf_dataset,
+)
 from gd_hf.data.convert import IMAGE_SUFFIXES, SHARDS_INFO_FILE
 from gd_hf.data.mask_images import (
     CITYSCAPES_INSTANCE_CLASSES,
@@ -101,7 +109,7 @@ def check_record(example: dict[str, Any]) -> dict[str, Any]:
 # --- coco ---------------------------------------------------------------------------------------------------
 
 
-RECORDS_CACHE_VERSION = 1  # bump when the records' schema or the parsing rules change
+RECORDS_CACHE_VERSION = 2  # bump when the records' schema or the parsing rules change (2: RLE and fields checked)
 RECORDS_INFO_FILE = "gd_hf_records.json"
 
 
@@ -118,8 +126,8 @@ def coco_records(
     """The gd_hf records of a COCO folder, and its categories: parsed and validated once (`load_coco`), then
     read from a memory-mapped `datasets` folder under `cache_root` (see `DataConfig.records_cache`).
 
-    The cache key is the JSON's resolved path, size and modification time, the image folder and
-    `crowd_as_objects` (see `load_coco`): an edited JSON is parsed again. The parse runs in a child process, so the parsed JSON (GBs for COCO's train2017, which
+    The cache key is the JSON's content (SHA-256), the image folder and `crowd_as_objects` (see `load_coco`): an
+    edited JSON is parsed again. The parse runs in a child process, so the parsed JSON (GBs for COCO's train2017, which
     Python would keep in this process's heap) goes with it; the folder is written under a temporary name and
     renamed into place, so a reader sees all of it or none. In a multi-process launch the main process of each machine builds
     it first (`prepare_data`), the others read it.
@@ -141,9 +149,15 @@ def coco_records(
                 "or to null to parse the JSON at every launch"
             ) from e
         remove_abandoned_builds(folder)
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-            # (.result() re-raises the child's DataError here)
-            child.submit(build_records_cache, annotation_file, image_dir, folder, crowd_as_objects).result()
+        try:
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+                # (.result() re-raises the child's DataError here)
+                child.submit(build_records_cache, annotation_file, image_dir, folder, crowd_as_objects).result()
+        except concurrent.futures.process.BrokenProcessPool as e:
+            raise DataError(
+                f"{annotation_file}: the process parsing it died ({e}), most likely killed for memory. Look for "
+                "absurd records (huge sizes or coordinates), or free memory and launch again"
+            ) from e
     info = json.loads((folder / RECORDS_INFO_FILE).read_text())
     if info["skipped_annotations"]:  # said at every launch, also when read from the cache
         logger.warning(
@@ -163,19 +177,18 @@ def coco_records(
 def records_cache_folder(
     annotation_file: Path, image_dir: Path, cache_root: Path, crowd_as_objects: bool = False
 ) -> Path:
-    """The cache folder of an instances JSON: a new one whenever the file's path, size or mtime changes."""
+    """The cache folder of an instances JSON: a new one whenever the file's content changes (its SHA-256, ~0.3 s
+    per 400 MB here: an edit that keeps the file's size and modification time is still seen), or the image
+    folder, or `crowd_as_objects`."""
     if not annotation_file.is_file():
         raise DataError(f"annotation file {annotation_file} does not exist: check data.*_annotations in the recipe")
-    stat = annotation_file.stat()
+    digest = hashlib.sha256()
+    with annotation_file.open("rb") as f:
+        while chunk := f.read(1 << 23):
+            digest.update(chunk)
     key = json.dumps(
-        [
-            RECORDS_CACHE_VERSION,
-            str(annotation_file.resolve()),
-            stat.st_size,
-            stat.st_mtime_ns,
-            str(image_dir.resolve()),
-        ]
-        + (["crowd_as_objects"] if crowd_as_objects else [])  # (the default keeps existing caches' keys)
+        [RECORDS_CACHE_VERSION, digest.hexdigest(), str(image_dir.resolve())]
+        + (["crowd_as_objects"] if crowd_as_objects else [])
     )
     return cache_root / f"{annotation_file.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
 
@@ -718,6 +731,11 @@ def coco_ground_truth(records: datasets.Dataset, categories: Categories) -> COCO
         images.append({"id": row["image_id"], "width": row["width"], "height": row["height"]})
         objects = row["objects"]
         for category, counts, crowd in zip(objects["category"], objects["rle_counts"], objects["iscrowd"]):
+            # Val is read whole here, at start: a mask that is not one (shards, hub data sets) stops the run now,
+            # not at the first evaluation hours in.
+            problem = compressed_rle_problem(counts, row["height"], row["width"])
+            if problem:
+                raise DataError(f"val image id {row['image_id']}: an object's mask is not valid: {problem}")
             rle = {"size": [row["height"], row["width"]], "counts": counts.encode()}
             annotations.append(
                 {

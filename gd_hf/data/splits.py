@@ -142,6 +142,11 @@ def write_paper_splits(
     annotations are dropped, which the recipe does after reading the file too)."""
     from gd_hf.data.coco import load_coco
 
+    bad = [p for p in percents if not (isinstance(p, (int, float)) and 0 < p <= 100)]
+    if bad:  # checked before anything is written
+        raise DataError(f"percentages must lie in (0, 100], got {bad}")
+    if seed < 0:
+        raise DataError(f"the seed must be >= 0, got {seed}")
     source = load_coco(annotation_file, Path(annotation_file).parent, check_images=False)
     name = preset or Path(annotation_file).stem.removeprefix("instances_")
     out = Path(out)
