@@ -1,13 +1,18 @@
-"""The run's state (`RunState`) and resumable checkpoints: `accelerator.save_state` into a temporary folder
-renamed into place, keep-last-K."""
+"""The run's state (`RunState`) and resumable checkpoints: `accelerator.save_state` into a temporary folder,
+flushed to disk and renamed into place, keep-last-K; on resume, the newest checkpoint that reads whole.
+
+Nothing in a checkpoint folder is unpickled with arbitrary code: accelerate loads the weights (safetensors), the
+optimizer and the RNG states with `torch.load(weights_only=True)`, and gd_hf loads its own files (the schedule,
+the EMA teacher, the stream positions) the same way, or as JSON. (accelerate's `register_for_checkpointing` is
+not used: its `load_state` unpickles those objects with `weights_only=False`.)"""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -15,11 +20,15 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from gd_hf.files import replace_durably
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 DATA_STATE = "data_state_rank{rank}.pt"
+# The state dicts of what the loop adds to a checkpoint (the schedule, the EMA teacher), in that order.
+EXTRA_STATE = "gd_hf_state_{index}.pt"
 
 
 @dataclass
@@ -64,10 +73,13 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int,
     data_state: dict[str, Any] | None = None,
+    extra_states: list[torch.nn.Module | Any] = (),
 ) -> Path:
-    """Save model/optimizer/scheduler/RNG + `trainer_state` as `step_{step:08d}`, then delete all but the newest `keep`.
+    """Save model/optimizer/RNG + `extra_states` (objects with `state_dict`: the schedule, the EMA teacher) +
+    `trainer_state` as `step_{step:08d}`, then delete all but the newest `keep`.
 
-    `data_state` (stream positions, different on every process) is written by each process for itself."""
+    `data_state` (stream positions, different on every process) is written by each process for itself. The
+    folder is flushed to disk before it is renamed into place: a crash leaves the previous checkpoint or this one."""
     checkpoint_dir = Path(checkpoint_dir)
     final = checkpoint_dir / f"step_{step:08d}"
     tmp = checkpoint_dir / f".tmp_step_{step:08d}"
@@ -80,10 +92,12 @@ def save_checkpoint(
         torch.save(data_state, tmp / DATA_STATE.format(rank=accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for index, obj in enumerate(extra_states):
+            torch.save(obj.state_dict(), tmp / EXTRA_STATE.format(index=index))
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_durably(tmp, final)
         for old in list_checkpoints(checkpoint_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -91,21 +105,85 @@ def save_checkpoint(
 
 
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
-    """The loop's own state (step, best AP) stored in a checkpoint."""
+    """The loop's own state (step, best AP) stored in a checkpoint; a `CheckpointError` if it cannot be read."""
     path = Path(checkpoint) / TRAINER_STATE
     if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a complete gd_hf checkpoint (no {TRAINER_STATE})")
-    return json.loads(path.read_text())
+        raise CheckpointError(f"{checkpoint} is not a complete gd_hf checkpoint (no {TRAINER_STATE})")
+    try:
+        state = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise CheckpointError(f"{path} cannot be read ({e})") from e
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path} does not hold a step count")
+    return state
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: str | Path) -> dict[str, Any]:
-    """Restore model/optimizer/scheduler/RNG from a checkpoint written by `save_checkpoint`; return its trainer state."""
+class CheckpointError(ValueError):
+    """A checkpoint folder is incomplete or damaged (a truncated file, an empty state)."""
+
+
+def checkpoint_problem(checkpoint: str | Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from, or None if every file of it reads whole.
+
+    Cheap and without unpickling: the trainer state is parsed, safetensors headers are checked against the file
+    size, and every torch-saved file (a zip archive) is CRC-checked."""
+    checkpoint = Path(checkpoint)
+    try:
+        read_trainer_state(checkpoint)
+    except CheckpointError as e:
+        return str(e)
+    if any(checkpoint.glob("custom_checkpoint_*.pkl")):
+        return (
+            "it was written by an older gd_hf, whose schedule and teacher states resume only by unpickling "
+            "(custom_checkpoint_*.pkl): resume it with that version, or start afresh"
+        )
+    from safetensors import safe_open
+
+    weights = sorted(checkpoint.glob("*.safetensors"))
+    if not weights and not (checkpoint / "pytorch_model.bin").is_file():
+        return f"{checkpoint} holds no model weights"
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors' SafetensorError derives from Exception only
+            return f"{path.name} is damaged ({e})"
+    for path in sorted(checkpoint.iterdir()):  # every process's files: all processes must choose alike
+        if path.suffix not in (".bin", ".pkl", ".pt"):
+            continue
+        try:
+            with zipfile.ZipFile(path) as archive:
+                broken = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            return f"{path.name} is damaged ({e})"
+        if broken is not None:
+            return f"{path.name} is damaged (member {broken} fails its CRC)"
+    for path in sorted(checkpoint.glob("random_states_*.pkl")):
+        # accelerate's load_state ignores an unreadable RNG file without a word (the resume is then not exact):
+        # read it here as it would (weights_only, numpy's types allowed).
+        from accelerate.utils import load
+
+        try:
+            load(path)
+        except Exception as e:  # an UnpicklingError for anything but tensors, numbers and numpy RNG states
+            return f"{path.name} cannot be read ({type(e).__name__}: {str(e)[:200]})"
+    return None
+
+
+def load_checkpoint(
+    accelerator: Accelerator, checkpoint: str | Path, extra_states: list[torch.nn.Module | Any] = ()
+) -> dict[str, Any]:
+    """Restore model/optimizer/RNG and `extra_states` (as given to `save_checkpoint`) from a checkpoint written
+    by `save_checkpoint`; return its trainer state. Nothing is unpickled beyond tensors and plain containers."""
     state = read_trainer_state(checkpoint)
     accelerator.load_state(str(checkpoint))
+    for index, obj in enumerate(extra_states):
+        path = Path(checkpoint) / EXTRA_STATE.format(index=index)
+        obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return state
 
 
 def read_data_state(checkpoint: str | Path, rank: int) -> dict[str, Any]:
     """This process's stream positions saved in a checkpoint ({} if there are none, e.g. map-style data)."""
     path = Path(checkpoint) / DATA_STATE.format(rank=rank)
-    return torch.load(path, weights_only=False) if path.is_file() else {}
+    return torch.load(path, weights_only=True) if path.is_file() else {}

@@ -12,6 +12,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from gd_hf.model_card import RunSummary, write_model_card
+from gd_hf.modeling import check_finite
 
 
 def export_model(
@@ -29,6 +30,7 @@ def export_model(
     given) becomes the model card `README.md`, whose usage snippet loads `model_id` (default: `out_dir`).
     """
     out_dir = Path(out_dir)
+    check_finite(model, f"the model for {out_dir.name}/")  # an export is never NaN
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
     try:

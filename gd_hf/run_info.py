@@ -1,17 +1,22 @@
-"""Pre-flight checks on the output folder, and what each launch records for reproducibility."""
+"""Pre-flight checks on the output folder (space, a lock per folder), what each launch records for
+reproducibility, and what a relaunch may change of a run's recipe."""
 
 from __future__ import annotations
 
 import datetime
+import fnmatch
 import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from gd_hf.files import write_text_atomic
 
 PACKAGES = ("gd_hf", "torch", "transformers", "accelerate", "datasets", "huggingface_hub", "torchdata", "pycocotools")
 
@@ -23,8 +28,21 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder` (0 if absent)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += (Path(root) / name).stat().st_size
+            except OSError:
+                pass
+    return total
+
+
 def check_output_folder(output_dir: str | Path, needed_bytes: int) -> str | None:
-    """Why `output_dir` cannot take the run (not writable, too little free space), or None if it can."""
+    """Why `output_dir` cannot take the run (not writable, too little free space), or None if it can. A resumed
+    run's own checkpoints and exports count as space it has: they are replaced as it goes."""
     output_dir = Path(output_dir)
     parent = _existing_parent(output_dir)
     if not parent.is_dir():
@@ -32,6 +50,7 @@ def check_output_folder(output_dir: str | Path, needed_bytes: int) -> str | None
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"output_dir {output_dir} is not writable ({parent} does not allow it): choose another output_dir"
     free = shutil.disk_usage(parent).free
+    needed_bytes -= sum(folder_bytes(output_dir / name) for name in ("checkpoints", "best", "final"))
     if free < needed_bytes:
         return (
             f"output_dir {output_dir} has {free / 1e9:.2f} GB free but the run needs about {needed_bytes / 1e9:.2f} GB "
@@ -81,12 +100,134 @@ def launch_record(num_processes: int, mixed_precision: str) -> dict[str, Any]:
     }
 
 
-def record_launch(output_dir: str | Path, num_processes: int, mixed_precision: str) -> Path:
-    """Append this launch to `output_dir/run_info.json` (a list: a resumed run adds a launch)."""
+def record_launch(
+    output_dir: str | Path,
+    num_processes: int,
+    mixed_precision: str,
+    recipe: dict[str, Any] | None = None,
+    resumed_at_step: int | None = None,
+    recipe_changes: dict[str, list[Any]] | None = None,
+) -> Path:
+    """Append this launch to `output_dir/run_info.json` (a list: a resumed run adds a launch): its record, its
+    recipe, the step it resumed at and the recipe keys it changed (`[old, new]`)."""
     path = Path(output_dir) / "run_info.json"
-    launches = json.loads(path.read_text()) if path.is_file() else []
-    launches.append(launch_record(num_processes, mixed_precision))
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(launches, indent=2) + "\n")
-    tmp.replace(path)
+    launches = read_launches(output_dir)
+    record = launch_record(num_processes, mixed_precision)
+    if recipe is not None:
+        record.update(recipe=recipe, resumed_at_step=resumed_at_step, recipe_changes=recipe_changes or {})
+    launches.append(record)
+    write_text_atomic(path, json.dumps(launches, indent=2) + "\n")
     return path
+
+
+def read_launches(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The launch records of a run (an unreadable `run_info.json`, from a torn write, reads as none)."""
+    path = Path(output_dir) / "run_info.json"
+    try:
+        launches = json.loads(path.read_text()) if path.is_file() else []
+    except (ValueError, OSError):
+        return []
+    return launches if isinstance(launches, list) else []
+
+
+# Recipe keys a relaunch may change: how long, how often, how it is evaluated, where things go; not what is
+# trained. (`train.max_steps` extends or shortens the run, and with it the poly / cosine schedule from here on.)
+MAY_CHANGE = (
+    "output_dir",
+    "resume",
+    "train.max_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.max_nonfinite_steps",
+    "eval.*",
+    "data.num_workers",
+    "data.records_cache",
+    "data.generate_synthetic",
+    "data.eval_shortest_edge",
+    "data.eval_longest_edge",
+    "ssl.evaluate",
+    "ssl.teacher_check*",
+    "hub.*",
+)
+
+
+def flat_keys(recipe: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"train": {"lr": 1}}` -> `{"train.lr": 1}`."""
+    flat: dict[str, Any] = {}
+    for key, value in recipe.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def recipe_changes(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
+    """The dotted keys whose value differs between two resolved recipes: `{key: [previous, current]}`."""
+    old, new = flat_keys(previous), flat_keys(current)
+    return {key: [old.get(key), new.get(key)] for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
+
+
+def changes_what_is_trained(key: str) -> bool:
+    return not any(fnmatch.fnmatchcase(key, pattern) for pattern in MAY_CHANGE)
+
+
+def describe_changes(changes: dict[str, list[Any]]) -> str:
+    return ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+
+
+def launches_note(launches: list[dict[str, Any]]) -> str | None:
+    """A model-card line on the launches that trained the weights, when there was more than one."""
+    resumed = [launch for launch in launches if launch.get("resumed_at_step") is not None]
+    if not resumed:
+        return None
+    parts = []
+    for launch in resumed:
+        changed = {k: v for k, v in launch.get("recipe_changes", {}).items() if k not in ("resume",)}
+        what = f" with {describe_changes(changed)}" if changed else ""
+        parts.append(f"resumed at step {launch['resumed_at_step']}{what}")
+    return f"Trained in {len(resumed) + 1} launches: the first from step 0, then " + "; ".join(parts) + "."
+
+
+# --- one launch per output folder ------------------------------------------------------------------------------
+
+LOCK_FILE = ".gd_hf.lock"
+_held_locks: dict[Path, Any] = {}  # folder -> open lock file, for this process's lifetime or until released
+
+
+def lock_output_folder(output_dir: str | Path) -> str | None:
+    """Take the output folder's lock for this process (an OS lock, released when the process ends, however it
+    ends: a dead process's lock is free to take); None when taken, else who holds it."""
+    folder = Path(output_dir).resolve()
+    if folder in _held_locks:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = (folder / LOCK_FILE).open("a+")
+    try:
+        import fcntl
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # Windows: no flock; one launch per folder is then up to the user
+        pass
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        return holder
+    handle.seek(0)
+    handle.truncate()
+    handle.write(
+        f"pid {os.getpid()} on {socket.gethostname()}, since {datetime.datetime.now().isoformat(timespec='seconds')}"
+    )
+    handle.flush()
+    _held_locks[folder] = handle
+    return None
+
+
+def release_output_locks() -> None:
+    """Release every output-folder lock this process holds."""
+    for handle in _held_locks.values():
+        handle.close()  # closing the file releases its flock
+    _held_locks.clear()

@@ -8,8 +8,8 @@ import torch
 class EmaTeacher(torch.nn.Module):
     """Wraps the teacher model: always eval mode, no gradients, updated only by `copy_from` / `update`.
 
-    Being an `nn.Module`, it is saved and restored with the run's checkpoints
-    (`accelerator.register_for_checkpointing`), so a resumed run has the same teacher.
+    Its state dict is saved and restored with the run's checkpoints (`gd_hf.checkpointing`), so a resumed run
+    has the same teacher.
     """
 
     def __init__(self, model: torch.nn.Module):

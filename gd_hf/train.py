@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import pickle
 import sys
 import time
 import warnings
@@ -34,6 +35,7 @@ from transformers import Mask2FormerForUniversalSegmentation
 
 from gd_hf.checkpointing import (
     RunState,
+    checkpoint_problem,
     list_checkpoints,
     load_checkpoint,
     read_trainer_state,
@@ -45,12 +47,32 @@ from gd_hf.data.coco import DataError
 from gd_hf.data.loading import EvalDataset, collate_eval, frame_size, pad_batch
 from gd_hf.data.prepare import RunData, prepare_data
 from gd_hf.evaluation import coco_mask_ap, predict_coco_results, write_results
-from gd_hf.modeling import build_image_processor, build_model, loss_terms, size_divisibility
+from gd_hf.files import write_text_atomic
+from gd_hf.modeling import (
+    NonFiniteWeightsError,
+    all_finite,
+    build_image_processor,
+    build_model,
+    check_finite,
+    loss_terms,
+    size_divisibility,
+)
 from gd_hf.optim import build_lr_scheduler, build_optimizer
 from gd_hf.pseudo_labels import filter_pseudo_labels, pseudo_label_quality
 from gd_hf.publish import Publisher
 from gd_hf.push import PushError
-from gd_hf.run_info import check_output_folder, record_launch, run_storage_bytes
+from gd_hf.run_info import (
+    changes_what_is_trained,
+    check_output_folder,
+    describe_changes,
+    launches_note,
+    lock_output_folder,
+    read_launches,
+    recipe_changes,
+    record_launch,
+    release_output_locks,
+    run_storage_bytes,
+)
 from gd_hf.teacher import EmaTeacher
 from gd_hf.teacher_check import check_teacher, teacher_check_note
 
@@ -62,7 +84,8 @@ class TrainingError(RuntimeError):
 
 
 def find_resume_checkpoint(recipe: Recipe) -> Path | None:
-    """The checkpoint to resume from according to `recipe.resume` (see `Recipe.resume`)."""
+    """The checkpoint to resume from according to `recipe.resume` (see `Recipe.resume`): with `auto`/`force`
+    the newest one that reads whole, passing over (and naming) damaged newer ones."""
     checkpoint_dir = Path(recipe.output_dir) / "checkpoints"
     complete = list_checkpoints(checkpoint_dir)
     if recipe.resume == "none":
@@ -72,16 +95,35 @@ def find_resume_checkpoint(recipe: Recipe) -> Path | None:
                 "or choose another output_dir"
             )
         return None
-    if recipe.resume == "auto":
+    if recipe.resume in ("auto", "force"):
         partial_ones = sorted(p.name for p in checkpoint_dir.glob(".tmp_step_*")) if checkpoint_dir.is_dir() else []
         if partial_ones:
             logger.warning(
                 "ignoring partial checkpoint(s) %s in %s (a run stopped while writing)", partial_ones, checkpoint_dir
             )
-        return complete[-1] if complete else None
+        problems = []
+        for checkpoint in reversed(complete):
+            problem = checkpoint_problem(checkpoint)
+            if problem is None:
+                if problems:
+                    logger.warning("resuming from %s, the newest checkpoint that reads whole", checkpoint)
+                return checkpoint
+            logger.warning("checkpoint %s cannot be resumed from: %s", checkpoint, problem)
+            problems.append(f"{checkpoint.name}: {problem}")
+        if problems:
+            raise RecipeError(
+                f"no checkpoint in {checkpoint_dir} can be resumed from ({'; '.join(problems)}): move them away to "
+                "start afresh, or choose another output_dir"
+            )
+        return None
     path = Path(recipe.resume)
     if not path.is_dir():
-        raise RecipeError(f"resume: {recipe.resume} is neither 'auto', 'none' nor an existing checkpoint folder")
+        raise RecipeError(
+            f"resume: {recipe.resume} is neither 'auto', 'none', 'force' nor an existing checkpoint folder"
+        )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise RecipeError(f"resume: {path} cannot be resumed from: {problem}")
     return path
 
 
@@ -296,6 +338,9 @@ def train_step(
     if math.isfinite(logged["grad_norm"]) and every_loss_finite:
         optimizer.step()
         logged["nonfinite"] = 0.0
+        # A finite loss and gradient can still make weights non-finite (a learning rate far too high): the loop
+        # stops before such weights reach the EMA teacher, a checkpoint or an export.
+        logged["weights_nonfinite"] = float(not weights_finite(model, accelerator))
         scheduler.step()
     else:  # skip the update (the caller skips the EMA update too); the schedule stays a function of the step
         logged["nonfinite"] = 1.0
@@ -304,6 +349,14 @@ def train_step(
             scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return logged
+
+
+def weights_finite(model: torch.nn.Module, accelerator: Accelerator) -> bool:
+    """`all_finite` of the student on every process (all processes decide alike)."""
+    finite = all_finite(accelerator.unwrap_model(model)).float()
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce(finite.to(accelerator.device), "sum") / accelerator.num_processes
+    return bool(finite.item() == 1.0)
 
 
 def build_teacher(recipe: Recipe, student: torch.nn.Module, id2label: dict[int, str]) -> EmaTeacher | None:
@@ -395,8 +448,11 @@ def train(recipe: Recipe, data: RunData | None = None) -> dict[str, Any]:
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
     )
-    if data is None:
-        data = prepare_data(recipe, accelerator)  # every check happens before anything is written
+    if data is None:  # the launch itself (not its phase 1): the output folders it locks are freed at its end
+        try:
+            return train(recipe, prepare_data(recipe, accelerator))  # every check happens before anything is written
+        finally:
+            release_output_locks()
     if recipe.ssl.enabled and recipe.ssl.train_teacher_first:
         recipe = train_teacher_first(recipe, data)  # phase 1 in this launch, into output_dir/teacher
     run = set_up(recipe, data, accelerator)
@@ -413,6 +469,7 @@ def train(recipe: Recipe, data: RunData | None = None) -> dict[str, Any]:
         uses_pseudo_labels = phase == "ema" or (phase == "burn_in" and ssl.burn_in_pseudo_labels)
         terms = train_step(run.model, labeled, run.optimizer, run.scheduler, accelerator, cfg.grad_clip,
                            unlabeled if uses_pseudo_labels else None, run.teacher, ssl)  # fmt: skip
+        stop_if_weights_nonfinite(run, terms.pop("weights_nonfinite", 0.0))  # never reaches the teacher or disk
         update_skipped = skipped_for_nonfinite(run, terms)  # counted; too many in a row stop the run
         if phase == "ema" and not update_skipped:
             run.teacher.update(run.unwrapped, ssl.ema_decay)  # teacher <- decay * teacher + (1 - decay) * student
@@ -438,7 +495,11 @@ def set_up(recipe: Recipe, data: RunData, accelerator: Accelerator) -> Run:
     """Model, teacher, optimizer and schedule; the batches; the resume; the output folder's first files."""
     cfg = recipe.train
     log_split_sizes(recipe, data)
+    if Path(recipe.output_dir).is_dir():  # (a new folder is locked before its first write, after every check)
+        hold_output_lock(accelerator, recipe.output_dir)
     resume_from = find_resume_checkpoint(recipe)
+    saved = read_trainer_state(resume_from) if resume_from is not None else None
+    changes = check_relaunch(recipe, saved, resume_from) if resume_from is not None else {}
     set_seed(recipe.seed)
     model = build_model(recipe.model, data.categories.id2label)
     image_processor = build_image_processor(model, recipe.data)
@@ -450,15 +511,13 @@ def set_up(recipe: Recipe, data: RunData, accelerator: Accelerator) -> Run:
     problem = check_output_folder(Path(recipe.output_dir), needed)
     if problem:
         raise RecipeError(problem)
+    # The schedule is stepped once per optimizer step by us (not once per process by accelerate): not prepared.
     model, optimizer = accelerator.prepare(model, optimizer)
-    # The schedule is stepped once per optimizer step by us (not once per process by accelerate).
-    accelerator.register_for_checkpointing(scheduler)
     if teacher is not None:
         teacher.to(accelerator.device)
-        accelerator.register_for_checkpointing(teacher)  # the EMA teacher is part of the run's state
     unwrapped = accelerator.unwrap_model(model)
     evaluated = teacher.model if teacher is not None and recipe.ssl.evaluate == "teacher" else unwrapped
-    state = RunState.from_dict(read_trainer_state(resume_from)) if resume_from is not None else RunState()
+    state = RunState.from_dict(saved) if saved is not None else RunState()
     teacher_figures = None
     if teacher is not None and recipe.ssl.teacher is not None and resume_from is None:
         # Can this teacher teach? Measured before anything is written (a stop leaves only the teacher); a
@@ -466,12 +525,23 @@ def set_up(recipe: Recipe, data: RunData, accelerator: Accelerator) -> Run:
         teacher_figures = check_teacher(teacher.model, data.val, recipe, divisibility, accelerator.is_main_process)
     batches = build_train_batches(recipe, data, accelerator.process_index, accelerator.num_processes, divisibility,
                                   state.step, resume_from)  # fmt: skip
-    if resume_from is not None:  # model, optimizer, schedule and RNG states as they were after `state.step`
-        load_checkpoint(accelerator, resume_from)
+    if resume_from is not None:  # model, optimizer, schedule, teacher and RNG as they were after `state.step`
+        try:
+            load_checkpoint(accelerator, resume_from, checkpointed_states(scheduler, teacher))
+        except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, KeyError) as e:
+            raise RecipeError(
+                f"checkpoint {resume_from} cannot be loaded ({type(e).__name__}: {str(e)[:300]}). Only weights, "
+                "tensors and plain values are loaded from a checkpoint folder; move this one away to resume from "
+                "an earlier one, or choose another output_dir"
+            ) from e
         logger.info("resumed from %s at step %d", resume_from, state.step)
-    write_run_files(recipe, accelerator, state.step)
+    hold_output_lock(accelerator, recipe.output_dir)
+    write_run_files(recipe, accelerator, state.step, resume_from is not None, changes)
     publisher = Publisher.for_run(recipe, image_processor, len(data.split.labeled), len(data.split.unlabeled),
                                   len(data.val), data.categories.names)  # fmt: skip
+    note = launches_note(read_launches(recipe.output_dir)) if accelerator.is_main_process else None
+    if note:
+        publisher.notes.append(note)
     if teacher_figures is not None:
         _log(accelerator, Path(recipe.output_dir) / "metrics.jsonl",
              {"step": state.step, **{f"teacher_check/{k}": v for k, v in teacher_figures.items()}})  # fmt: skip
@@ -498,16 +568,63 @@ def log_split_sizes(recipe: Recipe, data: RunData) -> None:
     )
 
 
-def write_run_files(recipe: Recipe, accelerator: Accelerator, step: int) -> None:
-    """The resolved recipe, this launch's record (versions, commit, command), a metrics log without the lines of
-    steps a resume repeats; the trackers."""
+def write_run_files(
+    recipe: Recipe, accelerator: Accelerator, step: int, resumed: bool, changes: dict[str, list[Any]]
+) -> None:
+    """The resolved recipe, this launch's record (versions, commit, command, its recipe and what it changed), a
+    metrics log without the lines of steps a resume repeats; the trackers."""
     output_dir = Path(recipe.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-        record_launch(output_dir, accelerator.num_processes, accelerator.mixed_precision)
+        resolved = recipe_to_dict(recipe)
+        write_text_atomic(output_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        record_launch(output_dir, accelerator.num_processes, accelerator.mixed_precision, resolved,
+                      step if resumed else None, changes)  # fmt: skip
         drop_log_lines_after(output_dir / "metrics.jsonl", step)
     accelerator.init_trackers("tensorboard" if accelerator.log_with else "gd_hf")
+
+
+def hold_output_lock(accelerator: Accelerator, output_dir: str) -> None:
+    """One launch per output folder: the main process takes the folder's lock (held until the launch ends); if
+    another live process holds it, every process stops naming it."""
+    holder = lock_output_folder(output_dir) if accelerator.is_main_process else None
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        holder = broadcast_object_list([holder])[0]
+    if holder is not None:
+        raise RecipeError(
+            f"output_dir {output_dir} is in use by another launch ({holder}): wait for it to end, stop it, or "
+            "choose another output_dir"
+        )
+
+
+def check_relaunch(recipe: Recipe, saved: dict[str, Any], checkpoint: Path) -> dict[str, list[Any]]:
+    """Compare this launch's recipe with the one that trained `checkpoint`: a change to what is trained (model,
+    data, optimiser, schedule, batch, seed, method) stops the run unless `resume: force`; a change of how long,
+    how often or where goes on with a line. Returns the changes, for the launch record."""
+    previous = saved.get("recipe")
+    if previous is None:  # a checkpoint of an older gd_hf: its folder's recipe, if any
+        path = checkpoint.parent.parent / "recipe.yaml"
+        previous = yaml.safe_load(path.read_text()) if path.is_file() else None
+    if not isinstance(previous, dict):
+        logger.warning("%s does not say which recipe trained it: the relaunch's recipe is not compared", checkpoint)
+        return {}
+    changes = recipe_changes(previous, recipe_to_dict(recipe))
+    trained = {key: change for key, change in changes.items() if changes_what_is_trained(key)}
+    if trained and recipe.resume != "force":
+        raise RecipeError(
+            f"this relaunch changes what the run in {recipe.output_dir} trained (checkpoint {checkpoint.name}): "
+            f"{describe_changes(trained)}. To train with the new values, start a new run (another output_dir); to "
+            "go on from this checkpoint with them, relaunch with resume=force (the change is recorded in "
+            "run_info.json and the model card)."
+        )
+    if trained:
+        logger.warning("resume=force: going on from %s with %s", checkpoint, describe_changes(trained))
+    others = {key: change for key, change in changes.items() if key not in trained and key != "resume"}
+    if others:
+        logger.info("relaunch: %s", describe_changes(others))
+    return changes
 
 
 def end_burn_in(run: Run) -> None:
@@ -538,14 +655,32 @@ def skipped_for_nonfinite(run: Run, terms: dict[str, float]) -> bool:
         state.nonfinite_in_a_row,
     )
     if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-        last = list_checkpoints(run.output_dir / "checkpoints")
         raise TrainingError(
             f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
-            f"{state.step + 1}); stopping. The last good checkpoint is "
-            f"{last[-1] if last else 'none (no checkpoint yet)'}; resume: auto continues from it. Try a lower "
-            "train.lr, train.grad_clip, bf16 instead of fp16, or look for broken labels around this step."
+            f"{state.step + 1}); stopping. {last_good_checkpoint(run)} Try a lower train.lr, train.grad_clip, "
+            "bf16 instead of fp16, or look for broken labels around this step."
         )
     return True
+
+
+def stop_if_weights_nonfinite(run: Run, weights_nonfinite: float) -> None:
+    """Stop at once when a step's update made a weight non-finite although its loss and gradient were finite
+    (a learning rate far too high): nothing of it is written, and the last checkpoint is as it was."""
+    if weights_nonfinite:
+        raise TrainingError(
+            f"the update of step {run.state.step + 1} made weights non-finite (its loss and gradient were finite: "
+            f"train.lr {run.recipe.train.lr:g} is likely far too high); stopping before they reach the teacher, "
+            f"a checkpoint or an export. {last_good_checkpoint(run)} To go on with another train.lr from it, "
+            "relaunch with resume=force (the change is recorded)."
+        )
+
+
+def last_good_checkpoint(run: Run) -> str:
+    """The sentence naming the checkpoint a relaunch resumes from (every checkpoint holds finite weights)."""
+    last = list_checkpoints(run.output_dir / "checkpoints")
+    if not last:
+        return "There is no checkpoint yet: a relaunch starts from the beginning."
+    return f"The last good checkpoint is {last[-1]}; resume: auto continues from it."
 
 
 class LogWindow:
@@ -619,8 +754,20 @@ def save_run_checkpoint(run: Run) -> None:
     state.data_skipped, run.skipped_since_checkpoint = state.data_skipped + skipped.item(), 0
     if accelerator.num_processes > 1:
         state.replica_fingerprints = replica_fingerprints(accelerator, run.unwrapped, run.teacher)
-    save_checkpoint(accelerator, run.output_dir / "checkpoints", state.step, state.to_dict(),
-                    run.recipe.train.keep_checkpoints, run.batches.data_state())  # fmt: skip
+    check_finite(run.unwrapped, "the student")  # a checkpoint is always one a run can go on from
+    if run.teacher is not None:
+        check_finite(run.teacher.model, "the teacher")
+    # The checkpoint names the recipe that trained it: a relaunch compares its own with it.
+    trainer_state = {**state.to_dict(), "recipe": recipe_to_dict(run.recipe)}
+    save_checkpoint(accelerator, run.output_dir / "checkpoints", state.step, trainer_state,
+                    run.recipe.train.keep_checkpoints, run.batches.data_state(),
+                    checkpointed_states(run.scheduler, run.teacher))  # fmt: skip
+
+
+def checkpointed_states(scheduler: torch.optim.lr_scheduler.LRScheduler, teacher: EmaTeacher | None) -> list[Any]:
+    """What a checkpoint keeps beside the model, optimizer and RNG: the schedule, and the EMA teacher (part of the
+    run's state in phases 2-3), in this order."""
+    return [scheduler] + ([teacher] if teacher is not None else [])
 
 
 def finish(run: Run) -> dict[str, float]:
@@ -634,7 +781,7 @@ def finish(run: Run) -> dict[str, float]:
         model_id = recipe.hub.repo_id if recipe.hub.push else None
         final = run.publisher.export(run.evaluated, "final", state.step, metrics, model_id)
         final_summary = {"final": metrics, "best_ap": state.best_ap, "best_step": state.best_step}
-        (run.output_dir / "final_metrics.json").write_text(json.dumps(final_summary, indent=2))
+        write_text_atomic(run.output_dir / "final_metrics.json", json.dumps(final_summary, indent=2))
         print(_format_metrics(metrics, state.step), flush=True)
         if run.publisher.teacher_metrics is not None:
             print(_side_by_side(run.publisher.teacher_metrics, metrics), flush=True)
@@ -719,13 +866,22 @@ def _log(accelerator: Accelerator, path: Path, record: dict[str, Any]) -> None:
 
 
 def drop_log_lines_after(path: Path, step: int) -> None:
-    """Remove metrics-log lines of steps after `step` (a resumed run repeats those steps)."""
+    """Remove metrics-log lines of steps after `step` (a resumed run repeats those steps), and a torn line (what a
+    kill or a full disk leaves in the middle of an append)."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        path.write_text("".join(kept))
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            logger.warning("%s: dropping line %d, which is not whole (%r)", path, number, line[:80])
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
+        write_text_atomic(path, "".join(kept))
 
 
 def _share_best(accelerator: Accelerator, state: RunState) -> None:
@@ -750,6 +906,17 @@ def _side_by_side(teacher: dict[str, float], student: dict[str, float]) -> str:
     return "val mask AP, side by side\n" + "\n".join(rows)
 
 
+# Exit codes of `python -m gd_hf.train`, and the words of the last console line for each.
+EXIT_OUTCOMES = {
+    0: "done",
+    1: "failed: an unexpected error (the traceback is above; please report it)",
+    2: "stopped: a bad recipe, data or output folder (the message above names it)",
+    3: "trained and saved, but the Hub push failed (the command above pushes again)",
+    4: "stopped: training became non-finite (the message above names the last good checkpoint)",
+    130: "interrupted",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gd_hf.train", description="Train a Mask2Former recipe (see recipes/*.yaml)."
@@ -757,8 +924,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="path of a YAML recipe")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=200")
     args = parser.parse_args(argv)
+    code = run_main(args.recipe, args.overrides)
+    print(f"gd_hf.train: {EXIT_OUTCOMES[code]} (exit code {code})", file=sys.stderr, flush=True)
+    return code
+
+
+def run_main(recipe_path: str, overrides: list[str]) -> int:
+    """Load and train a recipe; the exit code of the outcome (see `EXIT_OUTCOMES`)."""
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(recipe_path, overrides)
         try:
             train(recipe)
         finally:
@@ -766,12 +940,19 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, NonFiniteWeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 4
     except PushError as e:  # training finished and its outputs are saved; only the upload failed
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        return 1
     return 0
 
 

@@ -60,8 +60,8 @@ def exported_state(folder):
 
 
 def teacher_state(checkpoint):
-    """The EmaTeacher registered for checkpointing is saved as accelerate's custom checkpoint 1."""
-    state = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=True)
+    """The EmaTeacher is saved beside the schedule as gd_hf_state_1.pt (gd_hf.checkpointing)."""
+    state = torch.load(checkpoint / "gd_hf_state_1.pt", weights_only=True)
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 

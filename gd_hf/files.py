@@ -1,0 +1,53 @@
+"""Durable writes: what a run renames into place is on disk first (fsync), so a power cut or a full disk leaves
+the old file or the new one, never an empty or a torn one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk. Folders cannot be opened on Windows: skipped there."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """fsync every file under `folder`, then the folders themselves (their entries)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fsync_path(Path(root) / name)
+        fsync_path(root)
+
+
+def replace_durably(source: str | Path, target: str | Path) -> None:
+    """`os.replace(source, target)` with `source` (file or folder) flushed first and the rename itself flushed
+    after (the parent folder's entry)."""
+    source = Path(source)
+    if source.is_dir():
+        fsync_tree(source)
+    else:
+        fsync_path(source)
+    os.replace(source, target)
+    fsync_path(Path(target).parent)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file renamed into place (durably)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
