@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
+from gd_hf.files import fsync_tree, replace_durably
 from gd_hf.model_card import RunSummary, write_model_card
 from gd_hf.modeling import check_finite
 
@@ -40,14 +41,15 @@ def export_model(
             (tmp / "eval_results.json").write_text(json.dumps(metrics, indent=2))
         if summary is not None:
             write_model_card(tmp, summary, model_id or str(out_dir))
+        fsync_tree(tmp)  # on disk before it takes the place of the previous export
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
+            replace_durably(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, out_dir)
+            replace_durably(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -566,3 +566,36 @@ def test_the_free_space_check_counts_a_resumed_runs_own_checkpoints_as_its_own(t
     monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage._replace(free=50_000))
     assert check_output_folder(out, 120_000) is None  # 100 kB of it is the run's, replaced as it goes
     assert "GB free but the run needs" in check_output_folder(out, 200_000)
+
+
+def test_an_unexpected_error_exits_1_with_the_traceback_and_a_last_line_naming_it(
+    synthetic_root, tmp_path, capsys, monkeypatch
+):
+    import gd_hf.train as train_module
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(train_module, "build_teacher", broken)
+    assert launch(synthetic_root, tmp_path / "run") == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert any("ZeroDivisionError: a bug" in line for line in lines)
+    assert lines[-1] == "gd_hf.train: " + main_outcome(1)
+
+
+def test_checkpoints_are_flushed_to_disk_before_they_are_renamed_into_place(synthetic_root, tmp_path, monkeypatch):
+    import gd_hf.files as files
+
+    flushed, renamed = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (flushed.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                        real_fsync(fd))[1])  # fmt: skip
+    monkeypatch.setattr(
+        files.os, "replace", lambda a, b: (renamed.append((str(a), len(flushed))), real_replace(a, b))[1]
+    )
+    assert launch(synthetic_root, tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=1") == 0
+    checkpoint_renames = [(a, n) for a, n in renamed if ".tmp_step_" in a]
+    assert len(checkpoint_renames) == 2
+    for tmp, flushed_before in checkpoint_renames:
+        files_flushed = [f for f in flushed[:flushed_before] if f.startswith(tmp + "/")]
+        assert {Path(f).name for f in files_flushed} >= {"model.safetensors", "optimizer.bin", "trainer_state.json"}

@@ -63,6 +63,7 @@ from gd_hf.data.mask_images import (
     objects_from_mask,
     read_mask_array,
 )
+from gd_hf.files import replace_durably
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def build_records_cache(annotation_file: Path, image_dir: Path, folder: Path, cr
     }
     (tmp / RECORDS_INFO_FILE).write_text(json.dumps(info, indent=1))
     try:
-        os.replace(tmp, folder)
+        replace_durably(tmp, folder)
     except OSError:  # another launch wrote the same cache meanwhile: theirs is as good
         shutil.rmtree(tmp, ignore_errors=True)
 
