@@ -165,9 +165,23 @@ def flat_keys(recipe: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def recipe_changes(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
-    """The dotted keys whose value differs between two resolved recipes: `{key: [previous, current]}`."""
+    """The dotted keys whose value differs between two resolved recipes: `{key: [previous, current]}`. Two
+    spellings of one existing file or folder (relative and absolute, say) are the same value."""
     old, new = flat_keys(previous), flat_keys(current)
-    return {key: [old.get(key), new.get(key)] for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
+    return {
+        key: [old.get(key), new.get(key)]
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key) and not _same_path(old.get(key), new.get(key))
+    }
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    if not (isinstance(a, str) and isinstance(b, str) and a and b):
+        return False
+    try:
+        return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 def changes_what_is_trained(key: str) -> bool:

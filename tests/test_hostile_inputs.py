@@ -599,3 +599,13 @@ def test_checkpoints_are_flushed_to_disk_before_they_are_renamed_into_place(synt
     for tmp, flushed_before in checkpoint_renames:
         files_flushed = [f for f in flushed[:flushed_before] if f.startswith(tmp + "/")]
         assert {Path(f).name for f in files_flushed} >= {"model.safetensors", "optimizer.bin", "trainer_state.json"}
+
+
+def test_a_relaunch_naming_the_same_folders_another_way_is_not_a_change(synthetic_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert run_tiny(synthetic_root, out, "train.max_steps=2") == 0
+    monkeypatch.chdir(synthetic_root.parent)
+    relative = [o.replace(f"{synthetic_root}/", f"{synthetic_root.name}/") for o in tiny_overrides(synthetic_root, out)]
+    assert relative != tiny_overrides(synthetic_root, out)
+    assert main([RECIPE, *relative, "train.max_steps=3"]) == 0
+    assert json.loads((out / "run_info.json").read_text())[-1]["recipe_changes"] == {"train.max_steps": [2, 3]}
