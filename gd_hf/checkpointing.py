@@ -54,15 +54,12 @@ class RunState:
 
 
 def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (partial ones carry a leading '.' and are ignored)."""
+    """Checkpoints, oldest first (partial ones carry a leading '.' and are ignored; whether one reads whole is
+    `checkpoint_problem`'s to say)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         return []
-    found = [
-        p
-        for p in checkpoint_dir.iterdir()
-        if p.is_dir() and CHECKPOINT_PATTERN.match(p.name) and (p / TRAINER_STATE).is_file()
-    ]
+    found = [p for p in checkpoint_dir.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
     return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
 
 
@@ -113,8 +110,13 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
         state = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError, OSError) as e:
         raise CheckpointError(f"{path} cannot be read ({e})") from e
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"{path} does not hold a step count")
+    for key, kind in (("best_ap", (int, float)), ("data_skipped", int), ("nonfinite_steps", int),
+                      ("nonfinite_in_a_row", int)):  # fmt: skip
+        if key in state and (not isinstance(state[key], kind) or isinstance(state[key], bool)):
+            raise CheckpointError(f"{path}: {key} is {state[key]!r}")
     return state
 
 
@@ -122,16 +124,27 @@ class CheckpointError(ValueError):
     """A checkpoint folder is incomplete or damaged (a truncated file, an empty state)."""
 
 
-def checkpoint_problem(checkpoint: str | Path) -> str | None:
-    """Why `checkpoint` cannot be resumed from, or None if every file of it reads whole.
+def checkpoint_problem(checkpoint: str | Path, num_processes: int = 1, extra_states: int = 1) -> str | None:
+    """Why `checkpoint` cannot be resumed from by `num_processes` processes, or None if every file it needs is
+    there and reads whole. `extra_states`: how many `gd_hf_state_*.pt` files the run saves (see `save_checkpoint`),
+    when the checkpoint does not say which recipe wrote it.
 
-    Cheap and without unpickling: the trainer state is parsed, safetensors headers are checked against the file
-    size, and every torch-saved file (a zip archive) is CRC-checked."""
+    Without unpickling anything but tensors and plain values: the trainer state is parsed, safetensors headers
+    are checked against the file size, every torch-saved file (a zip archive) is CRC-checked, and the small ones
+    (RNG, schedule, teacher and stream states) are loaded as a resume would load them."""
     checkpoint = Path(checkpoint)
     try:
-        read_trainer_state(checkpoint)
+        state = read_trainer_state(checkpoint)
     except CheckpointError as e:
         return str(e)
+    recipe = state.get("recipe")
+    if isinstance(recipe, dict) and isinstance(recipe.get("ssl"), dict):  # what its own run saved
+        extra_states = 2 if recipe["ssl"].get("enabled") else 1
+    needed = ["optimizer.bin"] + [EXTRA_STATE.format(index=i) for i in range(extra_states)]
+    needed += [f"random_states_{rank}.pkl" for rank in range(num_processes)]
+    missing = [name for name in needed if not (checkpoint / name).is_file()]
+    if missing:
+        return f"it lacks {missing}"
     if any(checkpoint.glob("custom_checkpoint_*.pkl")):
         return (
             "it was written by an older gd_hf, whose schedule and teacher states resume only by unpickling "
@@ -158,13 +171,15 @@ def checkpoint_problem(checkpoint: str | Path) -> str | None:
             return f"{path.name} is damaged ({e})"
         if broken is not None:
             return f"{path.name} is damaged (member {broken} fails its CRC)"
-    for path in sorted(checkpoint.glob("random_states_*.pkl")):
-        # accelerate's load_state ignores an unreadable RNG file without a word (the resume is then not exact):
-        # read it here as it would (weights_only, numpy's types allowed).
-        from accelerate.utils import load
+    from accelerate.utils import load
 
+    small = [*checkpoint.glob("random_states_*.pkl"), *checkpoint.glob("gd_hf_state_*.pt"),
+             *checkpoint.glob("data_state_rank*.pt")]  # fmt: skip
+    for path in sorted(small):
+        # Loaded as the resume loads them (accelerate's load: weights_only, numpy's RNG types allowed): accelerate's
+        # load_state even ignores an unreadable RNG file without a word, and the resume is then not exact.
         try:
-            load(path)
+            load(path, map_location="cpu")
         except Exception as e:  # an UnpicklingError for anything but tensors, numbers and numpy RNG states
             return f"{path.name} cannot be read ({type(e).__name__}: {str(e)[:200]})"
     return None

@@ -424,8 +424,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if key not in names:
             raise _unknown_key(prefix + str(key), [prefix + n for n in names])
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
+        if dataclasses.is_dataclass(tp):  # (`model:` with nothing after it is null: the defaults)
+            kwargs[key] = _build(tp, {} if value is None else value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, prefix + key)
     return cls(**kwargs)
@@ -476,7 +476,17 @@ def validate(recipe: Recipe) -> None:
             "model.backbone_num_heads",
             "must all be > 0",
         ),  # fmt: skip
-        (m.hidden_dim > 0, "model.hidden_dim", "must be > 0"),
+        (
+            m.hidden_dim > 0 and m.hidden_dim % 32 == 0,
+            "model.hidden_dim",
+            "must be a positive multiple of 32 (the pixel decoder's GroupNorm has 32 groups)",
+        ),  # fmt: skip
+        (_heads_problem(m) is None, "model.backbone_num_heads", _heads_problem(m) or ""),
+        (m.num_queries <= 10_000, "model.num_queries", "must be <= 10000 (the reference: 100)"),
+        (m.train_num_points <= 1_000_000, "model.train_num_points", "must be <= 1000000 (the reference: 12544)"),
+        (d.crop_size <= 8192, "data.crop_size", "must be <= 8192 (the reference: 1024)"),
+        (d.max_scale <= 10, "data.max_scale", "must be <= 10 (the reference: 2.0)"),
+        (d.eval_longest_edge <= 8192, "data.eval_longest_edge", "must be <= 8192 (the reference: 1333)"),
         (m.encoder_layers > 0, "model.encoder_layers", "must be > 0"),
         (m.decoder_layers > 0, "model.decoder_layers", "must be > 0"),
         (m.train_num_points > 0, "model.train_num_points", "must be > 0"),
@@ -517,7 +527,7 @@ def validate(recipe: Recipe) -> None:
         (t.batch_size > 0, "train.batch_size", "must be > 0"),
         (t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be > 0"),
         (
-            t.batch_size % t.gradient_accumulation_steps == 0,
+            t.gradient_accumulation_steps <= 0 or t.batch_size % t.gradient_accumulation_steps == 0,
             "train.batch_size",
             "must be divisible by train.gradient_accumulation_steps",
         ),
@@ -562,7 +572,8 @@ def validate(recipe: Recipe) -> None:
         (0 <= recipe.ssl.strong_hue <= 0.5, "ssl.strong_hue", "must be in [0, 0.5]"),
         (0 <= recipe.ssl.strong_grayscale_prob <= 1, "ssl.strong_grayscale_prob", "must be in [0, 1]"),
         (
-            recipe.ssl.unlabeled_batch_size % t.gradient_accumulation_steps == 0
+            t.gradient_accumulation_steps <= 0
+            or (recipe.ssl.unlabeled_batch_size % t.gradient_accumulation_steps == 0)
             and recipe.ssl.unlabeled_batch_size > 0,
             "ssl.unlabeled_batch_size",
             "must be > 0 and divisible by train.gradient_accumulation_steps",
@@ -578,6 +589,21 @@ def validate(recipe: Recipe) -> None:
     for ok, key, message in checks:
         if not ok:
             raise RecipeError(f"{key} {message}")
+
+
+def _heads_problem(m: ModelConfig) -> str | None:
+    """Why the attention heads do not fit the backbone's widths (random init only), or None."""
+    if m.pretrained is not None or not m.backbone_num_heads or min(m.backbone_num_heads) <= 0:
+        return None
+    if m.backbone == "swin":
+        if len(m.backbone_num_heads) != 4:
+            return "must list 4 stages for Swin"
+        widths = [m.backbone_hidden_size * 2**i for i in range(4)]
+        if any(w % h for w, h in zip(widths, m.backbone_num_heads)):
+            return f"must divide each Swin stage's width {widths}"
+    if m.backbone == "dinov2" and m.backbone_hidden_size % m.backbone_num_heads[-1]:
+        return f"(its last entry) must divide model.backbone_hidden_size {m.backbone_hidden_size}"
+    return None
 
 
 def _repo_id_problem(repo_id: str | None) -> str | None:

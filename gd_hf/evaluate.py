@@ -87,6 +87,11 @@ def evaluate_export(
     source = load_coco(annotations, images)
     if not source.images:
         raise DataError(f"{annotations} lists no images: there is nothing to evaluate")
+    if not any(not a["iscrowd"] for anns in source.annotations.values() for a in anns):
+        raise DataError(
+            f"{annotations} has no object with a usable mask ({source.skipped_annotations} skipped: "
+            f"{source.skip_reasons}): mask AP would be undefined"
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return evaluate_model(model, source, data, top_k, batch_size, device)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import fnmatch
 import json
+import logging
 import os
 import platform
 import shutil
@@ -121,13 +122,21 @@ def record_launch(
 
 
 def read_launches(output_dir: str | Path) -> list[dict[str, Any]]:
-    """The launch records of a run (an unreadable `run_info.json`, from a torn write, reads as none)."""
+    """The launch records of a run. An unreadable `run_info.json` (edited by hand: gd_hf writes it atomically) is
+    kept beside as `run_info.json.unreadable` and the record starts anew, with a warning."""
     path = Path(output_dir) / "run_info.json"
-    try:
-        launches = json.loads(path.read_text()) if path.is_file() else []
-    except (ValueError, OSError):
+    if not path.is_file():
         return []
-    return launches if isinstance(launches, list) else []
+    try:
+        launches = json.loads(path.read_text())
+        if isinstance(launches, list) and all(isinstance(launch, dict) for launch in launches):
+            return launches
+    except (ValueError, OSError):
+        pass
+    kept = path.with_name("run_info.json.unreadable")
+    os.replace(path, kept)
+    logging.getLogger("gd_hf.train").warning("%s cannot be read: kept as %s, the launch record starts anew", path, kept)
+    return []
 
 
 # Recipe keys a relaunch may change: how long, how often, how it is evaluated, where things go; not what is
@@ -194,7 +203,9 @@ def describe_changes(changes: dict[str, list[Any]]) -> str:
 
 def launches_note(launches: list[dict[str, Any]]) -> str | None:
     """A model-card line on the launches that trained the weights, when there was more than one."""
-    resumed = [launch for launch in launches if launch.get("resumed_at_step") is not None]
+    fresh = [i for i, launch in enumerate(launches) if launch.get("resumed_at_step") is None]
+    since_fresh = launches[fresh[-1] + 1 :] if fresh else launches  # the launches that trained these weights
+    resumed = [launch for launch in since_fresh if launch.get("resumed_at_step") is not None]
     if not resumed:
         return None
     parts = []
@@ -213,12 +224,15 @@ _held_locks: dict[Path, Any] = {}  # folder -> open lock file, for this process'
 
 def lock_output_folder(output_dir: str | Path) -> str | None:
     """Take the output folder's lock for this process (an OS lock, released when the process ends, however it
-    ends: a dead process's lock is free to take); None when taken, else who holds it."""
+    ends: a dead process's lock is free to take); None when taken, else why it cannot be (who holds it)."""
     folder = Path(output_dir).resolve()
     if folder in _held_locks:
         return None
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = (folder / LOCK_FILE).open("a+")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = (folder / LOCK_FILE).open("a+")
+    except OSError as e:
+        return f"output_dir {output_dir} is not writable ({e}): choose another output_dir"
     try:
         import fcntl
 
@@ -229,12 +243,14 @@ def lock_output_folder(output_dir: str | Path) -> str | None:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        return holder
+        return (
+            f"output_dir {output_dir} is in use by another launch ({holder}): wait for it to end, stop it, or "
+            "choose another output_dir"
+        )
     handle.seek(0)
     handle.truncate()
-    handle.write(
-        f"pid {os.getpid()} on {socket.gethostname()}, since {datetime.datetime.now().isoformat(timespec='seconds')}"
-    )
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}")
     handle.flush()
     _held_locks[folder] = handle
     return None

@@ -83,11 +83,12 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stays non-finite); the message says what is kept and what to try."""
 
 
-def find_resume_checkpoint(recipe: Recipe) -> Path | None:
+def find_resume_checkpoint(recipe: Recipe, num_processes: int = 1) -> Path | None:
     """The checkpoint to resume from according to `recipe.resume` (see `Recipe.resume`): with `auto`/`force`
     the newest one that reads whole, passing over (and naming) damaged newer ones."""
     checkpoint_dir = Path(recipe.output_dir) / "checkpoints"
     complete = list_checkpoints(checkpoint_dir)
+    extra_states = 2 if recipe.ssl.enabled else 1  # the schedule, and the EMA teacher (`checkpointed_states`)
     if recipe.resume == "none":
         if complete:
             raise RecipeError(
@@ -103,7 +104,7 @@ def find_resume_checkpoint(recipe: Recipe) -> Path | None:
             )
         problems = []
         for checkpoint in reversed(complete):
-            problem = checkpoint_problem(checkpoint)
+            problem = checkpoint_problem(checkpoint, num_processes, extra_states)
             if problem is None:
                 if problems:
                     logger.warning("resuming from %s, the newest checkpoint that reads whole", checkpoint)
@@ -121,7 +122,7 @@ def find_resume_checkpoint(recipe: Recipe) -> Path | None:
         raise RecipeError(
             f"resume: {recipe.resume} is neither 'auto', 'none', 'force' nor an existing checkpoint folder"
         )
-    problem = checkpoint_problem(path)
+    problem = checkpoint_problem(path, num_processes, extra_states)
     if problem is not None:
         raise RecipeError(f"resume: {path} cannot be resumed from: {problem}")
     return path
@@ -369,6 +370,10 @@ def build_teacher(recipe: Recipe, student: torch.nn.Module, id2label: dict[int, 
         model = Mask2FormerForUniversalSegmentation.from_pretrained(recipe.ssl.teacher)
     except (OSError, ValueError) as e:
         raise RecipeError(f"ssl.teacher={recipe.ssl.teacher!r} could not be loaded: {e}") from e
+    try:
+        check_finite(model, f"ssl.teacher={recipe.ssl.teacher!r}")
+    except NonFiniteWeightsError as e:  # found now, not at the first checkpoint hours in
+        raise RecipeError(f"{e}: train the teacher again or choose another export") from e
     teacher_labels = {int(k): v for k, v in model.config.id2label.items()}
     if teacher_labels != id2label:
         raise RecipeError(
@@ -395,11 +400,20 @@ def train_teacher_first(recipe: Recipe, data: RunData) -> Recipe:
         # hub.push_intermediate: the teacher goes to the `teacher` branch of the same repository.
         hub=dataclasses.replace(recipe.hub, push=recipe.hub.push and recipe.hub.push_intermediate, revision="teacher"),
         train=dataclasses.replace(recipe.train, max_steps=recipe.ssl.teacher_max_steps or recipe.train.max_steps),
+        # `resume: PATH` names a checkpoint of the student; the teacher resumes from its own folder.
+        resume=recipe.resume if recipe.resume in ("auto", "none", "force") else "auto",
     )
-    try:
-        train(teacher_recipe, data)
-    except PushError as e:  # the teacher is trained and saved; only its upload failed: distillation goes on
-        logger.error("%s", e)
+    if list_checkpoints(Path(recipe.output_dir) / "checkpoints"):
+        # Phases 2-3 have begun (their checkpoints hold the teacher they started from): phase 1 is not run again,
+        # so a relaunch that extends the run, or of a moved folder, leaves the teacher as it was, and a relaunch
+        # that changes what is trained is stopped by the student's comparison before anything is written.
+        logger.info("phases 2-3 have checkpoints in %s: phase 1 is done", recipe.output_dir)
+    else:
+        try:
+            # The launch's own folder is locked from its first write (one launch per folder, phase 1 included).
+            train(teacher_recipe, data, lock_also=(recipe.output_dir,))
+        except PushError as e:  # the teacher is trained and saved; only its upload failed: distillation goes on
+            logger.error("%s", e)
     best = Path(teacher_recipe.output_dir) / "best"
     return dataclasses.replace(
         recipe,
@@ -429,6 +443,7 @@ class Run:
     publisher: Publisher
     state: RunState
     divisibility: int
+    launch_recipe: Recipe  # as launched: each checkpoint records it, and a relaunch is compared with it
     log: LogWindow = field(default_factory=lambda: LogWindow())  # (LogWindow is defined below)
     # This process's bad records (data.on_error: skip) since the last checkpoint; each checkpoint adds them up over
     # the processes into state.data_skipped. Per process, so not in `state`, which every rank shares.
@@ -440,9 +455,10 @@ class Run:
         return Path(self.recipe.output_dir)
 
 
-def train(recipe: Recipe, data: RunData | None = None) -> dict[str, Any]:
+def train(recipe: Recipe, data: RunData | None = None, lock_also: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run a recipe to its end (resuming if there is a checkpoint); return the final val metrics. `data`: the
-    launch's data, already prepared for this recipe's `data` settings (phase 1 of a one-launch run)."""
+    launch's data, already prepared for this recipe's `data` settings (phase 1 of a one-launch run); `lock_also`:
+    output folders to lock beside this recipe's (phase 1 locks its launch's)."""
     accelerator = build_accelerator(recipe)
     logging.basicConfig(
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
@@ -453,9 +469,10 @@ def train(recipe: Recipe, data: RunData | None = None) -> dict[str, Any]:
             return train(recipe, prepare_data(recipe, accelerator))  # every check happens before anything is written
         finally:
             release_output_locks()
+    launch_recipe = recipe  # what the user asked for: what a relaunch is compared with
     if recipe.ssl.enabled and recipe.ssl.train_teacher_first:
         recipe = train_teacher_first(recipe, data)  # phase 1 in this launch, into output_dir/teacher
-    run = set_up(recipe, data, accelerator)
+    run = set_up(recipe, data, accelerator, launch_recipe, lock_also)
     cfg, ssl = recipe.train, recipe.ssl
     progress = tqdm(total=cfg.max_steps, initial=run.state.step, desc="train", dynamic_ncols=True,
                     disable=not accelerator.is_local_main_process)  # fmt: skip
@@ -491,15 +508,19 @@ def train(recipe: Recipe, data: RunData | None = None) -> dict[str, Any]:
     return finish(run)
 
 
-def set_up(recipe: Recipe, data: RunData, accelerator: Accelerator) -> Run:
-    """Model, teacher, optimizer and schedule; the batches; the resume; the output folder's first files."""
+def set_up(
+    recipe: Recipe, data: RunData, accelerator: Accelerator, launch_recipe: Recipe, lock_also: tuple[str, ...] = ()
+) -> Run:
+    """Model, teacher, optimizer and schedule; the batches; the resume; the output folder's first files.
+    `launch_recipe`: the recipe as launched (a one-launch run's student recipe is derived from it)."""
     cfg = recipe.train
     log_split_sizes(recipe, data)
-    if Path(recipe.output_dir).is_dir():  # (a new folder is locked before its first write, after every check)
-        hold_output_lock(accelerator, recipe.output_dir)
-    resume_from = find_resume_checkpoint(recipe)
+    folders = (recipe.output_dir, *lock_also)
+    # A folder that exists is locked now, before its checkpoints are read; a new one before its first write.
+    hold_output_locks(accelerator, [folder for folder in folders if Path(folder).is_dir()])
+    resume_from = find_resume_checkpoint(recipe, accelerator.num_processes)
     saved = read_trainer_state(resume_from) if resume_from is not None else None
-    changes = check_relaunch(recipe, saved, resume_from) if resume_from is not None else {}
+    changes = check_relaunch(recipe, launch_recipe, saved, resume_from) if resume_from is not None else {}
     set_seed(recipe.seed)
     model = build_model(recipe.model, data.categories.id2label)
     image_processor = build_image_processor(model, recipe.data)
@@ -535,7 +556,7 @@ def set_up(recipe: Recipe, data: RunData, accelerator: Accelerator) -> Run:
                 "an earlier one, or choose another output_dir"
             ) from e
         logger.info("resumed from %s at step %d", resume_from, state.step)
-    hold_output_lock(accelerator, recipe.output_dir)
+    hold_output_locks(accelerator, folders)
     write_run_files(recipe, accelerator, state.step, resume_from is not None, changes)
     publisher = Publisher.for_run(recipe, image_processor, len(data.split.labeled), len(data.split.unlabeled),
                                   len(data.val), data.categories.names)  # fmt: skip
@@ -547,7 +568,7 @@ def set_up(recipe: Recipe, data: RunData, accelerator: Accelerator) -> Run:
              {"step": state.step, **{f"teacher_check/{k}": v for k, v in teacher_figures.items()}})  # fmt: skip
         publisher.notes.append(teacher_check_note(teacher_figures))
     return Run(recipe, accelerator, data, model, unwrapped, evaluated, optimizer, scheduler, teacher, batches,
-               publisher, state, divisibility)  # fmt: skip
+               publisher, state, divisibility, launch_recipe)  # fmt: skip
 
 
 def log_split_sizes(recipe: Recipe, data: RunData) -> None:
@@ -584,34 +605,37 @@ def write_run_files(
     accelerator.init_trackers("tensorboard" if accelerator.log_with else "gd_hf")
 
 
-def hold_output_lock(accelerator: Accelerator, output_dir: str) -> None:
-    """One launch per output folder: the main process takes the folder's lock (held until the launch ends); if
-    another live process holds it, every process stops naming it."""
-    holder = lock_output_folder(output_dir) if accelerator.is_main_process else None
+def hold_output_locks(accelerator: Accelerator, folders: list[str] | tuple[str, ...]) -> None:
+    """One launch per output folder: the main process takes each folder's lock (held until the launch ends); if
+    one cannot be taken (another live launch holds it, or the folder is not writable), every process stops
+    naming why."""
+    problems = [p for p in (lock_output_folder(f) for f in folders) if p] if accelerator.is_main_process else []
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        holder = broadcast_object_list([holder])[0]
-    if holder is not None:
-        raise RecipeError(
-            f"output_dir {output_dir} is in use by another launch ({holder}): wait for it to end, stop it, or "
-            "choose another output_dir"
-        )
+        problems = broadcast_object_list([problems])[0]
+    if problems:
+        raise RecipeError("; ".join(problems))
 
 
-def check_relaunch(recipe: Recipe, saved: dict[str, Any], checkpoint: Path) -> dict[str, list[Any]]:
+def check_relaunch(
+    recipe: Recipe, launch_recipe: Recipe, saved: dict[str, Any], checkpoint: Path
+) -> dict[str, list[Any]]:
     """Compare this launch's recipe with the one that trained `checkpoint`: a change to what is trained (model,
     data, optimiser, schedule, batch, seed, method) stops the run unless `resume: force`; a change of how long,
     how often or where goes on with a line. Returns the changes, for the launch record."""
     previous = saved.get("recipe")
-    if previous is None:  # a checkpoint of an older gd_hf: its folder's recipe, if any
-        path = checkpoint.parent.parent / "recipe.yaml"
-        previous = yaml.safe_load(path.read_text()) if path.is_file() else None
     if not isinstance(previous, dict):
         logger.warning("%s does not say which recipe trained it: the relaunch's recipe is not compared", checkpoint)
         return {}
-    changes = recipe_changes(previous, recipe_to_dict(recipe))
-    trained = {key: change for key, change in changes.items() if changes_what_is_trained(key)}
+    changes = recipe_changes(previous, recipe_to_dict(launch_recipe))
+    # A supervised run (phase 1 of a one-launch run included) is not changed by the keys of phases 2-3.
+    supervised = not launch_recipe.ssl.enabled and not previous.get("ssl", {}).get("enabled")
+    trained = {
+        key: change
+        for key, change in changes.items()
+        if changes_what_is_trained(key) and not (supervised and key.startswith("ssl."))
+    }
     if trained and recipe.resume != "force":
         raise RecipeError(
             f"this relaunch changes what the run in {recipe.output_dir} trained (checkpoint {checkpoint.name}): "
@@ -657,8 +681,9 @@ def skipped_for_nonfinite(run: Run, terms: dict[str, float]) -> bool:
     if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
         raise TrainingError(
             f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
-            f"{state.step + 1}); stopping. {last_good_checkpoint(run)} Try a lower train.lr, train.grad_clip, "
-            "bf16 instead of fp16, or look for broken labels around this step."
+            f"{state.step + 1}); stopping. {last_good_checkpoint(run)} Look for broken labels around this step, or "
+            "go on from it with a lower train.lr, a train.grad_clip or bf16 instead of fp16 (resume=force: the "
+            "change is recorded)."
         )
     return True
 
@@ -680,7 +705,7 @@ def last_good_checkpoint(run: Run) -> str:
     last = list_checkpoints(run.output_dir / "checkpoints")
     if not last:
         return "There is no checkpoint yet: a relaunch starts from the beginning."
-    return f"The last good checkpoint is {last[-1]}; resume: auto continues from it."
+    return f"The last good checkpoint is {last[-1]}."
 
 
 class LogWindow:
@@ -758,7 +783,7 @@ def save_run_checkpoint(run: Run) -> None:
     if run.teacher is not None:
         check_finite(run.teacher.model, "the teacher")
     # The checkpoint names the recipe that trained it: a relaunch compares its own with it.
-    trainer_state = {**state.to_dict(), "recipe": recipe_to_dict(run.recipe)}
+    trainer_state = {**state.to_dict(), "recipe": recipe_to_dict(run.launch_recipe)}
     save_checkpoint(accelerator, run.output_dir / "checkpoints", state.step, trainer_state,
                     run.recipe.train.keep_checkpoints, run.batches.data_state(),
                     checkpointed_states(run.scheduler, run.teacher))  # fmt: skip
@@ -878,7 +903,11 @@ def drop_log_lines_after(path: Path, step: int) -> None:
         except ValueError:
             logger.warning("%s: dropping line %d, which is not whole (%r)", path, number, line[:80])
             continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
+        logged_step = record.get("step", 0) if isinstance(record, dict) else None
+        if not isinstance(logged_step, int) or isinstance(logged_step, bool):
+            logger.warning("%s: dropping line %d, which has no step (%r)", path, number, line[:80])
+            continue
+        if logged_step <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
     if kept != lines:
         write_text_atomic(path, "".join(kept))

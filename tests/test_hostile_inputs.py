@@ -18,7 +18,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from gd_hf.data.coco import DataError, compressed_rle_problem, load_coco
+from gd_hf.data.coco import DataError, load_coco
 from gd_hf.train import main
 from tests.conftest import ROOT, tiny_overrides
 
@@ -59,6 +59,8 @@ COCO_CASES = [
     ("image id a string", _set(["images", 0, "id"], "abc"), "ids are integers"),
     ("image id a list", _set(["images", 0, "id"], [1]), "ids are integers"),
     ("image id a boolean", _set(["images", 0, "id"], True), "ids are integers"),
+    ("image id past int64", _set(["images", 0, "id"], 2**63), "ids are integers"),
+    ("image id 1e300", _set(["images", 0, "id"], 1e300), "ids are integers"),
     ("image record a number", _set(["images", 0], 7), "not an object"),
     ("image record without file_name", lambda c: c["images"][0].pop("file_name"), r"lacks \['file_name'\]"),
     ("file_name a number", _set(["images", 0, "file_name"], 12), "file_name 12"),
@@ -150,6 +152,8 @@ def test_unusable_segmentation_is_skipped_at_start_and_counted(synthetic_root, c
 def test_compressed_rle_check_accepts_what_pycocotools_writes():
     import numpy as np
 
+    from gd_hf.data.coco import compressed_rle_problem
+
     rng = np.random.default_rng(0)
     for height, width in [(1, 1), (5, 7), (64, 48), (300, 2)]:
         mask = np.asfortranarray(rng.random((height, width)) > 0.6).astype(np.uint8)
@@ -216,6 +220,18 @@ RECIPE_CASES = [
     ("model.pretrained missing", ["model.pretrained=/nonexistent/weights"], "model.pretrained="),
     ("unknown key", ["train.max_step=3"], "did you mean"),
     ("resume nonsense", ["resume=sometimes"], "resume: sometimes"),
+    ("accumulation 0", ["train.gradient_accumulation_steps=0"], "train.gradient_accumulation_steps must be > 0"),
+    (
+        "Swin heads that do not divide",
+        ["model.backbone_num_heads=[3, 3, 3, 3]"],
+        "model.backbone_num_heads must divide",
+    ),
+    ("Swin heads of 2 stages", ["model.backbone_num_heads=[1, 1]"], "must list 4 stages"),
+    ("hidden_dim not a multiple of 32", ["model.hidden_dim=30"], "multiple of 32"),
+    ("max_scale absurd", ["data.max_scale=1e30"], "data.max_scale must be <= 10"),
+    ("crop absurd", ["data.crop_size=100000"], "data.crop_size must be <= 8192"),
+    ("points absurd", ["model.train_num_points=100000000000"], "model.train_num_points"),
+    ("queries absurd", ["model.num_queries=100000000"], "model.num_queries"),
 ]
 
 
@@ -231,13 +247,29 @@ def test_bad_recipe_value_stops_at_start_naming_the_key(synthetic_root, tmp_path
 
 @pytest.mark.parametrize(
     "content, message",
-    [("- just\n- a list\n", "not a mapping"), ("42\n", "not a mapping"), (b"\xff\xfe\x00bin", "not valid YAML")],
-    ids=["a list", "a number", "binary"],
+    [
+        ("- just\n- a list\n", "not a mapping"),
+        ("42\n", "not a mapping"),
+        (b"\xff\xfe\x00bin", "not valid YAML"),
+        ("model: []\n", "model: expected a mapping"),  # not the defaults, silently
+        ("train: 0\n", "train: expected a mapping"),
+        ("data: false\n", "data: expected a mapping"),
+        ("ssl: ''\n", "ssl: expected a mapping"),
+    ],
+    ids=[
+        "a list",
+        "a number",
+        "binary",
+        "a section that is a list",
+        "a section that is 0",
+        "a section false",
+        "a section empty",
+    ],  # fmt: skip
 )
 def test_a_recipe_file_that_is_not_a_mapping_is_named(tmp_path, capsys, content, message):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_bytes(content if isinstance(content, bytes) else content.encode())
-    assert main([str(recipe), "train.max_steps=2"]) == 2
+    assert main([str(recipe)]) == 2
     err = capsys.readouterr().err
     assert message in err and str(recipe) in err and "Traceback" not in err
 
@@ -437,8 +469,20 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("damage", ["truncated weights", "empty trainer state", "truncated optimizer",
-                                    "unreadable RNG state"])  # fmt: skip
+DAMAGES = [
+    "truncated weights",
+    "empty trainer state",
+    "truncated optimizer",
+    "unreadable RNG state",
+    "missing optimizer",
+    "missing schedule",
+    "missing RNG state",
+    "schedule holding code",
+    "negative step",
+]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_resume_falls_back_past_a_damaged_newest_checkpoint_and_ends_bitwise_the_same(
     synthetic_root, tmp_path, caplog, damage
 ):
@@ -454,8 +498,16 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint_and_ends_bitwise_the
     elif damage == "truncated optimizer":
         optimizer = newest / "optimizer.bin"
         optimizer.write_bytes(optimizer.read_bytes()[:-100])
-    else:
+    elif damage == "unreadable RNG state":
         (newest / "random_states_0.pkl").write_bytes(b"not a pickle at all")
+    elif damage.startswith("missing"):
+        name = {"missing optimizer": "optimizer.bin", "missing schedule": "gd_hf_state_0.pt"}.get(damage)
+        (newest / (name or "random_states_0.pkl")).unlink()
+    elif damage == "schedule holding code":
+        torch.save({"lr_lambdas": [Payload(tmp_path / "pwned")]}, newest / "gd_hf_state_0.pt")
+    else:
+        state = json.loads((newest / "trainer_state.json").read_text())
+        (newest / "trainer_state.json").write_text(json.dumps({**state, "step": -3}))
     caplog.set_level("WARNING")
     # The relaunch passes over step 4, resumes from step 3 and trains step 4 again: to the same weights.
     assert run_tiny(synthetic_root, out, "train.checkpoint_every=1", "train.keep_checkpoints=3") == 0
@@ -463,6 +515,17 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint_and_ends_bitwise_the
     assert "resuming from" in caplog.text and "step_00000003, the newest checkpoint that reads whole" in caplog.text
     assert same_weights(final_weights(out), uninterrupted)
     assert all(t.isfinite().all() for t in uninterrupted.values())
+    assert not (tmp_path / "pwned").exists()
+
+
+class Payload:
+    """A pickle that runs code when loaded without `weights_only`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(synthetic_root, tmp_path, capsys):
@@ -490,15 +553,11 @@ def test_a_malicious_pickle_in_a_checkpoint_is_not_run(synthetic_root, tmp_path,
     out = tmp_path / "run"
     assert run_tiny(synthetic_root, out, "train.max_steps=2", "train.checkpoint_every=1") == 0
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     for checkpoint in (out / "checkpoints").iterdir():
-        torch.save({"lr_lambdas": [Payload()]}, checkpoint / "gd_hf_state_0.pt")  # the schedule's file
+        torch.save({"lr_lambdas": [Payload(marker)]}, checkpoint / "gd_hf_state_0.pt")  # the schedule's file
     assert run_tiny(synthetic_root, out, "train.max_steps=3") == 2
-    assert "cannot be loaded" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "gd_hf_state_0.pt cannot be read (UnpicklingError" in err and "no checkpoint" in err
     assert not marker.exists()
 
 
@@ -609,3 +668,198 @@ def test_a_relaunch_naming_the_same_folders_another_way_is_not_a_change(syntheti
     assert relative != tiny_overrides(synthetic_root, out)
     assert main([RECIPE, *relative, "train.max_steps=3"]) == 0
     assert json.loads((out / "run_info.json").read_text())[-1]["recipe_changes"] == {"train.max_steps": [2, 3]}
+
+
+# --- one-launch runs (phase 1, then phases 2-3), as every paper recipe --------------------------------------
+
+ONE_LAUNCH = ["ssl.enabled=true", "ssl.train_teacher_first=true", "ssl.teacher_max_steps=2", "ssl.burn_in_steps=1",
+              "ssl.unlabeled_batch_size=2", "train.max_steps=2"]  # fmt: skip
+
+
+def sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_one_launch_run_locks_its_folder_before_phase_1(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    hold = f"from gd_hf.run_info import lock_output_folder; import time; lock_output_folder({str(out)!r}); print('held', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_tiny(synthetic_root, out, *ONE_LAUNCH) == 2
+        assert "is in use by another launch" in capsys.readouterr().err
+        assert not (out / "teacher").exists()  # phase 1 did not start
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_one_launch_relaunch_on_a_folder_of_another_run_stops_before_phase_1(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_tiny(synthetic_root, out, "train.max_steps=2") == 0  # a supervised run
+    assert run_tiny(synthetic_root, out, *ONE_LAUNCH) == 2
+    assert "ssl.enabled: False -> True" in capsys.readouterr().err
+    assert not (out / "teacher").exists()
+
+
+def test_a_one_launch_relaunch_leaves_the_teacher_and_compares_the_launched_recipe(synthetic_root, tmp_path, capsys):
+    import shutil
+
+    first = tmp_path / "first"
+    assert run_tiny(synthetic_root, first, *ONE_LAUNCH) == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(first, moved)
+    teacher_final = sha(moved / "teacher" / "final" / "model.safetensors")
+    # Extended (an allowed change), in a moved folder: phase 1 is not run again, the teacher stays as it was.
+    assert run_tiny(synthetic_root, moved, *ONE_LAUNCH, "train.max_steps=3") == 0
+    assert sha(moved / "teacher" / "final" / "model.safetensors") == teacher_final
+    assert len(json.loads((moved / "teacher" / "run_info.json").read_text())) == 1
+    assert json.loads((moved / "run_info.json").read_text())[-1]["recipe_changes"] == {
+        "output_dir": [str(first), str(moved)],
+        "train.max_steps": [2, 3],
+    }
+    capsys.readouterr()
+    # A key of phases 2-3 is named as a change of the student's run, not of the teacher's.
+    assert run_tiny(synthetic_root, moved, *ONE_LAUNCH, "train.max_steps=4", "ssl.unsup_loss_weight=3") == 2
+    err = capsys.readouterr().err
+    assert f"changes what the run in {moved} trained" in err and "ssl.unsup_loss_weight: 1.0 -> 3.0" in err
+
+
+def test_a_one_launch_run_resumed_from_a_named_checkpoint(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    assert run_tiny(synthetic_root, out, *ONE_LAUNCH, "train.checkpoint_every=1") == 0
+    named = out / "checkpoints" / "step_00000001"
+    assert run_tiny(synthetic_root, out, *ONE_LAUNCH, "train.checkpoint_every=1", f"resume={named}") == 0
+    assert json.loads((out / "run_info.json").read_text())[-1]["resumed_at_step"] == 1
+
+
+# --- more faults of the record ----------------------------------------------------------------------------
+
+
+def test_the_card_names_only_the_launches_that_trained_its_weights(synthetic_root, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    assert run_tiny(synthetic_root, out, "train.max_steps=2") == 0
+    assert run_tiny(synthetic_root, out, "train.max_steps=3") == 0
+    assert "Trained in 2 launches" in (out / "final" / "README.md").read_text()
+    for name in ("checkpoints", "best", "final"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    assert run_tiny(synthetic_root, out, "train.max_steps=2") == 0  # a fresh start
+    assert "launches" not in (out / "final" / "README.md").read_text()
+    assert len(json.loads((out / "run_info.json").read_text())) == 3  # the record keeps all of them
+
+
+def test_an_unreadable_run_record_is_kept_aside_not_overwritten(synthetic_root, tmp_path, caplog):
+    out = tmp_path / "run"
+    assert run_tiny(synthetic_root, out, "train.max_steps=2") == 0
+    (out / "run_info.json").write_text('[{"x"')
+    caplog.set_level("WARNING")
+    assert run_tiny(synthetic_root, out, "train.max_steps=3") == 0
+    assert (out / "run_info.json.unreadable").read_text() == '[{"x"'
+    assert "cannot be read: kept as" in caplog.text
+
+
+@pytest.mark.parametrize("junk", ['{"step": null, "loss": 1}', '{"step": "7"}', "[1, 2]", "not json at all"])
+def test_junk_lines_in_the_metrics_log_are_dropped_at_relaunch(synthetic_root, tmp_path, junk):
+    out = tmp_path / "run"
+    assert run_tiny(synthetic_root, out, "train.max_steps=2") == 0
+    log = out / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], junk, *lines[1:]]) + "\n")
+    assert run_tiny(synthetic_root, out, "train.max_steps=3") == 0
+    assert junk not in log.read_text()
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines() if "loss" in line] == [1, 2, 3]
+
+
+def test_an_output_folder_whose_lock_cannot_be_written_is_exit_2(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / ".gd_hf.lock").mkdir(parents=True)  # as root, permissions do not stop a write: a folder does
+    assert run_tiny(synthetic_root, out) == 2
+    err = capsys.readouterr().err
+    assert "is not writable" in err and "Traceback" not in err
+
+
+def test_a_val_set_without_objects_stops_at_start(synthetic_root, tmp_path, capsys):
+    coco = json.loads((synthetic_root / "annotations" / "instances_val.json").read_text())
+    for name, edit in [("no_images", {"images": [], "annotations": []}), ("no_objects", {"annotations": []})]:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**coco, **edit}))
+        out = tmp_path / name
+        assert run_tiny(synthetic_root, out, f"data.val_annotations={path}") == 2
+        err = capsys.readouterr().err
+        assert ("lists no images" if name == "no_images" else "no object to detect") in err and "Traceback" not in err
+        assert not out.exists()
+
+
+def test_a_teacher_with_non_finite_weights_is_refused_at_start(synthetic_root, tmp_path, capsys):
+    from gd_hf.config import load_recipe
+    from gd_hf.modeling import build_image_processor, build_model
+
+    recipe = load_recipe(RECIPE, tiny_overrides(synthetic_root, tmp_path / "run"))
+    names = [
+        c["name"]
+        for c in json.loads((synthetic_root / "annotations" / "instances_train.json").read_text())["categories"]
+    ]
+    model = build_model(recipe.model, dict(enumerate(names)))
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    model.save_pretrained(tmp_path / "teacher")
+    build_image_processor(model, recipe.data).save_pretrained(tmp_path / "teacher")
+    out = tmp_path / "run"
+    assert run_tiny(synthetic_root, out, "ssl.enabled=true", f"ssl.teacher={tmp_path / 'teacher'}",
+                    "ssl.unlabeled_batch_size=2") == 2  # fmt: skip
+    assert "holds non-finite weights" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_finite_weights_of_any_size_are_finite():
+    from gd_hf.modeling import all_finite
+
+    big = torch.nn.Linear(1000, 1000)
+    torch.nn.init.constant_(big.weight, 1e17)  # the sum of squares overflows float32; the weights do not
+    assert bool(all_finite(big))
+    big.bias.data[3] = float("nan")
+    assert not bool(all_finite(big))
+
+
+def test_an_unlabeled_image_keeps_its_place_when_its_hidden_labels_cannot_be_decoded(synthetic_root):
+    from gd_hf.config import DataConfig
+    from gd_hf.data.coco import to_hf_dataset
+    from gd_hf.data.loading import unlabeled_sample
+
+    records = to_hf_dataset(
+        load_coco(synthetic_root / "annotations" / "instances_train.json", synthetic_root / "train")
+    )
+    record = next(
+        r
+        for r in records.cast_column("image", __import__("datasets").Image(decode=False))
+        if r["objects"]["rle_counts"]
+    )
+    record["objects"]["rle_counts"][0] = "1" * 40
+    sample = unlabeled_sample(record, DataConfig(crop_size=64, min_scale=1.0, max_scale=1.0), seed=0)
+    assert sample["weak"].shape[-2:] == (64, 64) and len(sample["hidden_classes"]) == 0  # monitoring only
+
+
+@pytest.mark.parametrize("on_error", ["skip", "raise"])
+def test_labeled_records_of_shards_with_bad_masks_are_found_at_start(synthetic_root, on_error, caplog):
+    from gd_hf.data.coco import to_hf_dataset
+    from gd_hf.data.prepare import drop_records_with_bad_masks
+
+    records = to_hf_dataset(
+        load_coco(synthetic_root / "annotations" / "instances_train.json", synthetic_root / "train")
+    )
+    rows = [r for r in records.to_list() if r["objects"]["rle_counts"]]
+    rows[1]["objects"]["rle_counts"][0] = "0"
+    broken = __import__("datasets").Dataset.from_list(rows, features=records.features)
+    if on_error == "raise":
+        with pytest.raises(DataError, match=f"image id {rows[1]['image_id']}: RLE counts cover 0 pixels"):
+            drop_records_with_bad_masks(broken, on_error)
+        return
+    caplog.set_level("WARNING")
+    kept = drop_records_with_bad_masks(broken, on_error)
+    assert len(kept) == len(rows) - 1 and rows[1]["image_id"] not in kept["image_id"]
+    assert "skipping 1 labeled records" in caplog.text

@@ -238,10 +238,10 @@ def _integer(value: Any) -> int | None:
     """`value` as an int if it is one (JSON writers sometimes give 640.0), else None; booleans are not ints."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        value = int(value)
+    if isinstance(value, int) and -(2**63) <= value < 2**63:  # ids are stored as int64
+        return value
     return None
 
 
@@ -330,6 +330,8 @@ def _load_coco(annotation_file: Path, image_dir: Path, check_images: bool, crowd
             raise DataError(f"{annotation_file} has no `{key}` list: is it a COCO *instances* file?")
     if not coco["categories"]:
         raise DataError(f"{annotation_file} lists no categories")
+    if not coco["images"]:
+        raise DataError(f"{annotation_file} lists no images")
 
     categories = _categories(coco["categories"], annotation_file)
     coco_to_contiguous = {c["id"]: i for i, c in enumerate(categories)}

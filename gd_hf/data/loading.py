@@ -144,15 +144,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def read_image_and_targets(example: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def read_image_and_targets(
+    example: dict[str, Any], targets_needed: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image (3, H, W) uint8, masks (N, H, W) bool and classes (N,) of the non-crowd objects (crowd regions are
-    not targets)."""
+    not targets). `targets_needed=False` (an unlabeled image's hidden labels, for monitoring only): masks that
+    cannot be decoded leave the image without labels instead of making it a bad record."""
     image = read_image(example)
     objects = example["objects"]
     keep = [i for i, crowd in enumerate(objects["iscrowd"]) if not crowd]
     try:
         masks = torch.from_numpy(decode_masks([objects["rle_counts"][i] for i in keep], *image.shape[-2:]))
     except ValueError as e:  # a bad record, skipped and counted like a bad image (data.on_error)
+        if not targets_needed:
+            return image, torch.zeros(0, *image.shape[-2:], dtype=torch.bool), torch.zeros(0, dtype=torch.long)
         path = example["image"].get("path") if isinstance(example["image"], dict) else None
         raise DataError(
             f"image id {example['image_id']} ({path or 'no path'}): a mask cannot be decoded: {e}. Fix or remove "
@@ -183,7 +188,7 @@ def unlabeled_sample(
     hidden labels of synthetic data or ablations), they come back transformed alike, for pseudo-label
     monitoring only; they are never training targets.
     """
-    weak, masks, classes, generator = _jittered(example, data, seed)
+    weak, masks, classes, generator = _jittered(example, data, seed, targets_needed=False)
     strong_view = strong_photometric(weak, generator, strong)
     return {
         "weak": weak,
@@ -195,9 +200,9 @@ def unlabeled_sample(
 
 
 def _jittered(
-    example: dict[str, Any], data: DataConfig, seed: int
+    example: dict[str, Any], data: DataConfig, seed: int, targets_needed: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator]:
-    image, masks, classes = read_image_and_targets(example)
+    image, masks, classes = read_image_and_targets(example, targets_needed)
     generator = torch.Generator().manual_seed(seed)
     image, masks = scale_jitter_crop_flip(
         image, masks, data.crop_size, data.min_scale, data.max_scale, data.hflip_prob, generator

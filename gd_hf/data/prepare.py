@@ -17,7 +17,7 @@ from accelerate.utils import gather_object
 from pycocotools.coco import COCO
 
 from gd_hf.config import Recipe
-from gd_hf.data.coco import DataError
+from gd_hf.data.coco import DataError, compressed_rle_problem
 from gd_hf.data.loading import check_images
 from gd_hf.data.sources import (
     Categories,
@@ -78,6 +78,11 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
     first = d.source == "coco" and d.records_cache is not None
     with accelerator.local_main_process_first() if first else contextlib.nullcontext():
         opened = open_source(d)
+    if len(opened.val) == 0 or not opened.val_ground_truth.getAnnIds(iscrowd=False):
+        raise DataError(
+            f"the val split has {len(opened.val)} images and no object to detect: mask AP would be undefined "
+            "(reported as 0 or -1). Point the recipe's val keys (data.val_*, data.hub_val_split) at a labeled set"
+        )
     # Every val image is read now (each process a share): a broken one would otherwise stop the run at its first
     # evaluation, hours in. (Training images are checked as they are read: data.on_error.)
     problems = check_images(opened.val, "val", accelerator.process_index, accelerator.num_processes)
@@ -90,6 +95,8 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
     split = split_image_ids(ids, object_counts, d.labeled_percent, d.split_seed, d.split_file, opened.description)
     row_ids = ids if isinstance(opened.train, datasets.Dataset) else None
     labeled = select_ids(opened.train, split.labeled, row_ids)
+    if isinstance(labeled, datasets.Dataset) and d.source != "coco":  # (a COCO file's masks were checked when parsed)
+        labeled = drop_records_with_bad_masks(labeled, d.on_error)
     unlabeled = (
         opened.train if recipe.ssl.unlabeled_includes_labeled else select_ids(opened.train, split.unlabeled, row_ids)
     )
@@ -107,3 +114,30 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
             "images with data.unlabeled_images, or set ssl.unlabeled_includes_labeled"
         )
     return RunData(labeled, unlabeled, opened.val, opened.val_ground_truth, opened.categories, split)
+
+
+def drop_records_with_bad_masks(records: datasets.Dataset, on_error: str) -> datasets.Dataset:
+    """The labeled records whose every mask decodes (shards and hub data sets are checked here, at start, not
+    when a record is read hours in); the others are dropped and named (`data.on_error: skip`) or stop the run."""
+    bad: list[str] = []
+    keep: list[int] = []
+    columns = records.select_columns(["image_id", "width", "height", "objects"])
+    for row, record in enumerate(columns):
+        problems = [
+            compressed_rle_problem(counts, record["height"], record["width"])
+            for counts in record["objects"]["rle_counts"]
+        ]
+        problem = next((p for p in problems if p), None)
+        if problem:
+            bad.append(f"image id {record['image_id']}: {problem}")
+        else:
+            keep.append(row)
+    if not bad:
+        return records
+    if on_error == "raise":
+        raise DataError(f"{len(bad)} labeled records hold a mask that cannot be decoded, e.g. {bad[0]}")
+    logger.warning("skipping %d labeled records whose masks cannot be decoded (data.on_error: skip): %s", len(bad),
+                   "; ".join(bad[:3]))  # fmt: skip
+    if not keep:
+        raise DataError(f"no labeled record has masks that decode, e.g. {bad[0]}")
+    return records.select(keep)
