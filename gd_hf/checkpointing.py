@@ -138,10 +138,14 @@ def checkpoint_problem(checkpoint: str | Path, num_processes: int = 1, extra_sta
     except CheckpointError as e:
         return str(e)
     recipe = state.get("recipe")
+    streamed = False
     if isinstance(recipe, dict) and isinstance(recipe.get("ssl"), dict):  # what its own run saved
         extra_states = 2 if recipe["ssl"].get("enabled") else 1
+        streamed = bool(isinstance(recipe.get("data"), dict) and recipe["data"].get("streaming"))
     needed = ["optimizer.bin"] + [EXTRA_STATE.format(index=i) for i in range(extra_states)]
     needed += [f"random_states_{rank}.pkl" for rank in range(num_processes)]
+    if streamed:  # without its stream position a process would start its stream again, silently
+        needed += [DATA_STATE.format(rank=rank) for rank in range(num_processes)]
     missing = [name for name in needed if not (checkpoint / name).is_file()]
     if missing:
         return f"it lacks {missing}"
