@@ -38,19 +38,20 @@ from gd_hf.data.loading import (
 )
 from gd_hf.data.synthetic import generate
 from gd_hf.modeling import build_model, size_divisibility
-from gd_hf.optim import build_lr_scheduler, build_optimizer
+from gd_hf.optim import UpdateUndo, build_lr_scheduler, build_optimizer
 from gd_hf.teacher import EmaTeacher
 from gd_hf.train import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def gd_hf_step(model, batch, unlabeled, optimizer, scheduler, accelerator, grad_clip, teacher, ssl) -> None:
-    """One step as the loop runs it: supervised without a teacher, else distillation + the EMA update."""
+def gd_hf_step(model, batch, unlabeled, optimizer, scheduler, accelerator, grad_clip, teacher, ssl, undo) -> None:
+    """One step as the loop runs it (with the recipe's `UpdateUndo` copy of the weights and optimizer state):
+    supervised without a teacher, else distillation + the EMA update."""
     if teacher is None:
-        train_step(model, [batch], optimizer, scheduler, accelerator, grad_clip)
+        train_step(model, [batch], optimizer, scheduler, accelerator, grad_clip, undo=undo)
     else:
-        train_step(model, [batch], optimizer, scheduler, accelerator, grad_clip, [unlabeled], teacher, ssl)
+        train_step(model, [batch], optimizer, scheduler, accelerator, grad_clip, [unlabeled], teacher, ssl, undo)
         teacher.update(accelerator.unwrap_model(model), ssl.ema_decay)
 
 
@@ -80,6 +81,7 @@ def main() -> None:
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_lr_scheduler(optimizer, recipe.train)
     model, optimizer = accelerator.prepare(model, optimizer)
+    undo = UpdateUndo(optimizer) if recipe.train.undo_nonfinite_updates else None
     model.train()
     device = accelerator.device
     bare_inputs = {
@@ -107,7 +109,8 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
 
     def ours() -> None:
-        gd_hf_step(model, batch, unlabeled, optimizer, scheduler, accelerator, recipe.train.grad_clip, teacher, ssl)
+        gd_hf_step(model, batch, unlabeled, optimizer, scheduler, accelerator, recipe.train.grad_clip, teacher, ssl,
+                   undo)  # fmt: skip
 
     def timed(fn) -> float:
         if device.type == "cuda":

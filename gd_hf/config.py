@@ -213,6 +213,11 @@ class TrainConfig:
     """A step whose loss or gradient is NaN/Inf is skipped (no optimizer or EMA update, counted as
     `nonfinite_steps` in the metrics log, over the whole run: checkpoints keep both counts); this many in a row
     stop the run, its last checkpoint kept (a streak goes on across a resume)."""
+    undo_nonfinite_updates: bool = True
+    """A step whose loss and gradient are finite but whose update makes a weight non-finite (a learning rate far
+    too high) is taken back and counted like a non-finite step: a copy of the weights and the optimizer state is
+    kept before every step (about 3x the trained parameters in memory). `false`: no copy; such a step stops the
+    run at once (exit code 4), and nothing of it is written."""
     log_every: int = 20
     """Steps between metrics-log lines."""
     eval_every: int = 5000

@@ -75,3 +75,43 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over `lr_factor` (stateless in the step, so resume restores it exactly)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+class UpdateUndo:
+    """Takes back an optimizer step: `save()` copies the parameters and the optimizer's state before the step,
+    `restore()` puts them back, so a step whose update made a weight non-finite is as if it was never taken
+    (the optimizer's moments and step counts included). The copies cost about 3x the trained parameters in memory
+    (fp32 weights + AdamW's two moments); the buffers are made once and reused every step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.had_state: list[bool] = []
+        self.saved: list[torch.Tensor] = []
+        self.sources: list[torch.Tensor] = []
+
+    def _tensors(self) -> list[torch.Tensor]:
+        state = self.optimizer.state
+        return [p.data for p in self.params] + [
+            value for p in self.params for _, value in sorted(state.get(p, {}).items()) if torch.is_tensor(value)
+        ]
+
+    @torch.no_grad()
+    def save(self) -> None:
+        """Copy the parameters and the optimizer state (call right before `optimizer.step()`)."""
+        self.had_state = [bool(self.optimizer.state.get(p)) for p in self.params]
+        sources = self._tensors()
+        if [t.shape for t in sources] != [t.shape for t in self.saved] or any(
+            s.device != t.device or s.dtype != t.dtype for s, t in zip(sources, self.saved)
+        ):
+            self.saved = [torch.empty_like(t) for t in sources]  # the first step creates AdamW's state
+        torch._foreach_copy_(self.saved, sources)
+        self.sources = sources
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back what `save` copied; state the step created for a parameter is dropped again."""
+        torch._foreach_copy_(self.sources, self.saved)
+        for p, had in zip(self.params, self.had_state):
+            if not had:
+                self.optimizer.state.pop(p, None)

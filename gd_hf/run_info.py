@@ -150,6 +150,7 @@ MAY_CHANGE = (
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.max_nonfinite_steps",
+    "train.undo_nonfinite_updates",
     "eval.*",
     "data.num_workers",
     "data.records_cache",

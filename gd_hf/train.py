@@ -57,7 +57,7 @@ from gd_hf.modeling import (
     loss_terms,
     size_divisibility,
 )
-from gd_hf.optim import build_lr_scheduler, build_optimizer
+from gd_hf.optim import UpdateUndo, build_lr_scheduler, build_optimizer
 from gd_hf.pseudo_labels import filter_pseudo_labels, pseudo_label_quality
 from gd_hf.publish import Publisher
 from gd_hf.push import PushError
@@ -271,12 +271,15 @@ def train_step(
     unlabeled_batches: list[dict[str, Any]] | None = None,
     teacher: EmaTeacher | None = None,
     ssl: SslConfig | None = None,
+    undo: UpdateUndo | None = None,
 ) -> dict[str, float]:
     """One optimizer step over `micro_batches` (gradient accumulation); returns the values to log.
 
     With `unlabeled_batches` and a `teacher`, each micro-batch adds `ssl.unsup_loss_weight` x the same
     Mask2Former loss of the student's strong view against the teacher's pseudo labels on the weak view. The
     labeled and strong images go through the student in one forward pass (one DDP forward per backward).
+    An update that makes a weight non-finite is taken back with `undo` (and counted as non-finite), or, without
+    it, reported as `weights_nonfinite` for the loop to stop.
     """
     unwrapped = accelerator.unwrap_model(model)
     device = accelerator.device
@@ -337,11 +340,18 @@ def train_step(
     logged = dict(zip(totals, values))
     every_loss_finite = logged.pop("finite_losses") == accelerator.num_processes
     if math.isfinite(logged["grad_norm"]) and every_loss_finite:
+        if undo is not None:
+            undo.save()
         optimizer.step()
         logged["nonfinite"] = 0.0
-        # A finite loss and gradient can still make weights non-finite (a learning rate far too high): the loop
-        # stops before such weights reach the EMA teacher, a checkpoint or an export.
-        logged["weights_nonfinite"] = float(not weights_finite(model, accelerator))
+        # A finite loss and gradient can still make weights non-finite (a learning rate far too high): such an
+        # update never reaches the EMA teacher, a checkpoint or an export.
+        if not weights_finite(model, accelerator):
+            if undo is not None:
+                undo.restore()  # as if skipped: counted like a non-finite step
+                logged["nonfinite"] = logged["update_undone"] = 1.0
+            else:
+                logged["weights_nonfinite"] = 1.0
         scheduler.step()
     else:  # skip the update (the caller skips the EMA update too); the schedule stays a function of the step
         logged["nonfinite"] = 1.0
@@ -444,6 +454,7 @@ class Run:
     state: RunState
     divisibility: int
     launch_recipe: Recipe  # as launched: each checkpoint records it, and a relaunch is compared with it
+    undo: UpdateUndo | None  # takes back an update that made weights non-finite (train.undo_nonfinite_updates)
     log: LogWindow = field(default_factory=lambda: LogWindow())  # (LogWindow is defined below)
     # This process's bad records (data.on_error: skip) since the last checkpoint; each checkpoint adds them up over
     # the processes into state.data_skipped. Per process, so not in `state`, which every rank shares.
@@ -485,7 +496,7 @@ def train(recipe: Recipe, data: RunData | None = None, lock_also: tuple[str, ...
         # The student's step: labeled images, plus the strong views with the teacher's pseudo labels of the weak.
         uses_pseudo_labels = phase == "ema" or (phase == "burn_in" and ssl.burn_in_pseudo_labels)
         terms = train_step(run.model, labeled, run.optimizer, run.scheduler, accelerator, cfg.grad_clip,
-                           unlabeled if uses_pseudo_labels else None, run.teacher, ssl)  # fmt: skip
+                           unlabeled if uses_pseudo_labels else None, run.teacher, ssl, run.undo)  # fmt: skip
         stop_if_weights_nonfinite(run, terms.pop("weights_nonfinite", 0.0))  # never reaches the teacher or disk
         update_skipped = skipped_for_nonfinite(run, terms)  # counted; too many in a row stop the run
         if phase == "ema" and not update_skipped:
@@ -567,8 +578,9 @@ def set_up(
         _log(accelerator, Path(recipe.output_dir) / "metrics.jsonl",
              {"step": state.step, **{f"teacher_check/{k}": v for k, v in teacher_figures.items()}})  # fmt: skip
         publisher.notes.append(teacher_check_note(teacher_figures))
+    undo = UpdateUndo(optimizer) if cfg.undo_nonfinite_updates else None
     return Run(recipe, accelerator, data, model, unwrapped, evaluated, optimizer, scheduler, teacher, batches,
-               publisher, state, divisibility, launch_recipe)  # fmt: skip
+               publisher, state, divisibility, launch_recipe, undo)  # fmt: skip
 
 
 def log_split_sizes(recipe: Recipe, data: RunData) -> None:
@@ -671,9 +683,11 @@ def skipped_for_nonfinite(run: Run, terms: dict[str, float]) -> bool:
         return False
     state.nonfinite_steps += 1
     state.nonfinite_in_a_row += 1
+    what = "its update made weights non-finite" if terms.pop("update_undone", 0.0) else "non-finite loss or gradient"
     logger.warning(
-        "step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
+        "step %d: %s (loss %s, grad norm %s): update skipped (%d in a row)",
         state.step + 1,
+        what,
         terms["loss"],
         terms["grad_norm"],
         state.nonfinite_in_a_row,
@@ -695,8 +709,8 @@ def stop_if_weights_nonfinite(run: Run, weights_nonfinite: float) -> None:
         raise TrainingError(
             f"the update of step {run.state.step + 1} made weights non-finite (its loss and gradient were finite: "
             f"train.lr {run.recipe.train.lr:g} is likely far too high); stopping before they reach the teacher, "
-            f"a checkpoint or an export. {last_good_checkpoint(run)} To go on with another train.lr from it, "
-            "relaunch with resume=force (the change is recorded)."
+            f"a checkpoint or an export (train.undo_nonfinite_updates is off). {last_good_checkpoint(run)} To go on "
+            "with another train.lr from it, relaunch with resume=force (the change is recorded)."
         )
 
 

@@ -408,13 +408,10 @@ def test_a_half_padded_batch_gives_a_random_init_swin_an_ordinary_gradient(synth
 # --- run-time faults -----------------------------------------------------------------------------------------
 
 
-def test_a_step_that_makes_weights_non_finite_stops_the_run_and_nothing_non_finite_is_written(
-    synthetic_root, tmp_path, capsys, monkeypatch
-):
-    """The loss and gradient of step 3 are finite, but its update makes a weight NaN (as a far too high learning
-    rate does): the run stops at once (exit 4), the step-2 checkpoint stays the last one, no export is NaN."""
-    import gd_hf.train as train_module
-
+@pytest.fixture
+def nan_after_third_update(monkeypatch):
+    """AdamW's third step leaves a NaN in a weight although its loss and gradient were finite (as a far too high
+    learning rate does)."""
     real_step = torch.optim.AdamW.step
     calls = []
 
@@ -426,8 +423,35 @@ def test_a_step_that_makes_weights_non_finite_stops_the_run_and_nothing_non_fini
         return result
 
     monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
+
+
+def test_a_step_that_makes_weights_non_finite_is_taken_back(synthetic_root, tmp_path, caplog, nan_after_third_update):
+    from safetensors.torch import load_file
+
     out = tmp_path / "run"
-    assert launch(synthetic_root, out, "train.max_steps=6", "train.checkpoint_every=1", "train.eval_every=2") == 4
+    caplog.set_level("WARNING")
+    assert launch(synthetic_root, out, "train.max_steps=5", "train.checkpoint_every=1", "train.keep_checkpoints=5") == 0
+    assert "step 3: its update made weights non-finite" in caplog.text
+    checkpoints = out / "checkpoints"
+    after = {n: load_file(checkpoints / f"step_0000000{n}" / "model.safetensors") for n in (2, 3, 4)}
+    assert same_weights(after[3], after[2])  # step 3 was not taken: weights as after step 2
+    assert not same_weights(after[4], after[3])  # and training went on
+    optimizer_2 = torch.load(checkpoints / "step_00000002" / "optimizer.bin", weights_only=True)["state"]
+    optimizer_3 = torch.load(checkpoints / "step_00000003" / "optimizer.bin", weights_only=True)["state"]
+    assert all(torch.equal(optimizer_2[k][m], optimizer_3[k][m]) for k in optimizer_2 for m in optimizer_2[k])
+    assert all(t.isfinite().all() for t in final_weights(out).values())
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_steps"] for r in logged if "nonfinite_steps" in r] == [0, 0, 1, 1, 1]
+
+
+def test_without_undo_such_a_step_stops_the_run_and_nothing_non_finite_is_written(
+    synthetic_root, tmp_path, capsys, nan_after_third_update
+):
+    import gd_hf.train as train_module
+
+    out = tmp_path / "run"
+    assert launch(synthetic_root, out, "train.max_steps=6", "train.checkpoint_every=1", "train.eval_every=2",
+                  "train.undo_nonfinite_updates=false") == 4  # fmt: skip
     err = capsys.readouterr().err
     assert "the update of step 3 made weights non-finite" in err
     assert f"The last good checkpoint is {out / 'checkpoints' / 'step_00000002'}" in err
