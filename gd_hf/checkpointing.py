@@ -124,15 +124,20 @@ class CheckpointError(ValueError):
     """A checkpoint folder is incomplete or damaged (a truncated file, an empty state)."""
 
 
-def checkpoint_problem(checkpoint: str | Path, num_processes: int = 1, extra_states: int = 1) -> str | None:
-    """Why `checkpoint` cannot be resumed from by `num_processes` processes, or None if every file it needs is
-    there and reads whole. `extra_states`: how many `gd_hf_state_*.pt` files the run saves (see `save_checkpoint`),
-    when the checkpoint does not say which recipe wrote it.
+def checkpoint_problem(checkpoint: str | Path, extra_states: int = 1) -> str | None:
+    """Why `checkpoint` cannot be resumed from, or None if every file it needs is there and reads whole.
+    `extra_states`: how many `gd_hf_state_*.pt` files the run saves (see `save_checkpoint`), when the checkpoint
+    does not say which recipe wrote it.
 
     Without unpickling anything but tensors and plain values: the trainer state is parsed, safetensors headers
-    are checked against the file size, every torch-saved file (a zip archive) is CRC-checked, and the small ones
-    (RNG, schedule, teacher and stream states) are loaded as a resume would load them."""
+    are checked against the file size, every torch-saved file (a zip archive) is CRC-checked, and each is loaded
+    as a resume would load it (`weights_only`; memory-mapped, so its tensors are not read)."""
     checkpoint = Path(checkpoint)
+    if any(checkpoint.glob("custom_checkpoint_*.pkl")):
+        return (
+            "it was written by an older gd_hf, whose schedule and teacher states resume only by unpickling "
+            "(custom_checkpoint_*.pkl): resume it with that version, or start afresh"
+        )
     try:
         state = read_trainer_state(checkpoint)
     except CheckpointError as e:
@@ -142,18 +147,18 @@ def checkpoint_problem(checkpoint: str | Path, num_processes: int = 1, extra_sta
     if isinstance(recipe, dict) and isinstance(recipe.get("ssl"), dict):  # what its own run saved
         extra_states = 2 if recipe["ssl"].get("enabled") else 1
         streamed = bool(isinstance(recipe.get("data"), dict) and recipe["data"].get("streaming"))
+    # Every process that wrote it left its RNG state (and stream position): the number of processes is recorded,
+    # or, for a checkpoint that does not say, counted.
+    writers = state.get("num_processes")
+    if not isinstance(writers, int) or isinstance(writers, bool) or writers < 1:
+        writers = max(1, len(list(checkpoint.glob("random_states_*.pkl"))))
     needed = ["optimizer.bin"] + [EXTRA_STATE.format(index=i) for i in range(extra_states)]
-    needed += [f"random_states_{rank}.pkl" for rank in range(num_processes)]
+    needed += [f"random_states_{rank}.pkl" for rank in range(writers)]
     if streamed:  # without its stream position a process would start its stream again, silently
-        needed += [DATA_STATE.format(rank=rank) for rank in range(num_processes)]
+        needed += [DATA_STATE.format(rank=rank) for rank in range(writers)]
     missing = [name for name in needed if not (checkpoint / name).is_file()]
     if missing:
         return f"it lacks {missing}"
-    if any(checkpoint.glob("custom_checkpoint_*.pkl")):
-        return (
-            "it was written by an older gd_hf, whose schedule and teacher states resume only by unpickling "
-            "(custom_checkpoint_*.pkl): resume it with that version, or start afresh"
-        )
     from safetensors import safe_open
 
     weights = sorted(checkpoint.glob("*.safetensors"))
@@ -165,6 +170,8 @@ def checkpoint_problem(checkpoint: str | Path, num_processes: int = 1, extra_sta
                 f.keys()
         except Exception as e:  # safetensors' SafetensorError derives from Exception only
             return f"{path.name} is damaged ({e})"
+    from accelerate.utils import load
+
     for path in sorted(checkpoint.iterdir()):  # every process's files: all processes must choose alike
         if path.suffix not in (".bin", ".pkl", ".pt"):
             continue
@@ -175,15 +182,10 @@ def checkpoint_problem(checkpoint: str | Path, num_processes: int = 1, extra_sta
             return f"{path.name} is damaged ({e})"
         if broken is not None:
             return f"{path.name} is damaged (member {broken} fails its CRC)"
-    from accelerate.utils import load
-
-    small = [*checkpoint.glob("random_states_*.pkl"), *checkpoint.glob("gd_hf_state_*.pt"),
-             *checkpoint.glob("data_state_rank*.pt")]  # fmt: skip
-    for path in sorted(small):
-        # Loaded as the resume loads them (accelerate's load: weights_only, numpy's RNG types allowed): accelerate's
-        # load_state even ignores an unreadable RNG file without a word, and the resume is then not exact.
+        # Loaded as the resume loads it (accelerate's load: weights_only, numpy's RNG types allowed; accelerate's
+        # load_state even ignores an unreadable RNG file without a word, and the resume is then not exact).
         try:
-            load(path, map_location="cpu")
+            load(path, map_location="cpu", mmap=True)
         except Exception as e:  # an UnpicklingError for anything but tensors, numbers and numpy RNG states
             return f"{path.name} cannot be read ({type(e).__name__}: {str(e)[:200]})"
     return None

@@ -203,17 +203,27 @@ def describe_changes(changes: dict[str, list[Any]]) -> str:
 
 
 def launches_note(launches: list[dict[str, Any]]) -> str | None:
-    """A model-card line on the launches that trained the weights, when there was more than one."""
-    fresh = [i for i, launch in enumerate(launches) if launch.get("resumed_at_step") is None]
-    since_fresh = launches[fresh[-1] + 1 :] if fresh else launches  # the launches that trained these weights
-    resumed = [launch for launch in since_fresh if launch.get("resumed_at_step") is not None]
+    """A model-card line on the launches that trained the weights (those since the last fresh start), when there
+    was more than one."""
+
+    def resumed_at(launch: dict[str, Any]) -> int | None:
+        step = launch.get("resumed_at_step")
+        return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+    fresh = [i for i, launch in enumerate(launches) if resumed_at(launch) is None]
+    since_fresh = launches[fresh[-1] + 1 :] if fresh else launches
+    resumed = [launch for launch in since_fresh if resumed_at(launch) is not None]
     if not resumed:
         return None
     parts = []
     for launch in resumed:
-        changed = {k: v for k, v in launch.get("recipe_changes", {}).items() if k not in ("resume",)}
+        changes = launch.get("recipe_changes")
+        changes = changes if isinstance(changes, dict) else {}
+        changed = {k: v for k, v in changes.items() if k != "resume" and isinstance(v, list) and len(v) == 2}
         what = f" with {describe_changes(changed)}" if changed else ""
-        parts.append(f"resumed at step {launch['resumed_at_step']}{what}")
+        parts.append(f"resumed at step {resumed_at(launch)}{what}")
+    if not fresh:  # the record of the first launches is gone (an unreadable run_info.json set aside)
+        return f"Trained in more than {len(resumed)} launches; the record holds these: " + "; ".join(parts) + "."
     return f"Trained in {len(resumed) + 1} launches: the first from step 0, then " + "; ".join(parts) + "."
 
 

@@ -83,7 +83,7 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stays non-finite); the message says what is kept and what to try."""
 
 
-def find_resume_checkpoint(recipe: Recipe, num_processes: int = 1) -> Path | None:
+def find_resume_checkpoint(recipe: Recipe) -> Path | None:
     """The checkpoint to resume from according to `recipe.resume` (see `Recipe.resume`): with `auto`/`force`
     the newest one that reads whole, passing over (and naming) damaged newer ones."""
     checkpoint_dir = Path(recipe.output_dir) / "checkpoints"
@@ -104,7 +104,7 @@ def find_resume_checkpoint(recipe: Recipe, num_processes: int = 1) -> Path | Non
             )
         problems = []
         for checkpoint in reversed(complete):
-            problem = checkpoint_problem(checkpoint, num_processes, extra_states)
+            problem = checkpoint_problem(checkpoint, extra_states)
             if problem is None:
                 if problems:
                     logger.warning("resuming from %s, the newest checkpoint that reads whole", checkpoint)
@@ -122,7 +122,7 @@ def find_resume_checkpoint(recipe: Recipe, num_processes: int = 1) -> Path | Non
         raise RecipeError(
             f"resume: {recipe.resume} is neither 'auto', 'none', 'force' nor an existing checkpoint folder"
         )
-    problem = checkpoint_problem(path, num_processes, extra_states)
+    problem = checkpoint_problem(path, extra_states)
     if problem is not None:
         raise RecipeError(f"resume: {path} cannot be resumed from: {problem}")
     return path
@@ -413,11 +413,16 @@ def train_teacher_first(recipe: Recipe, data: RunData) -> Recipe:
         # `resume: PATH` names a checkpoint of the student; the teacher resumes from its own folder.
         resume=recipe.resume if recipe.resume in ("auto", "none", "force") else "auto",
     )
-    if list_checkpoints(Path(recipe.output_dir) / "checkpoints"):
+    named = recipe.resume not in ("auto", "none", "force")
+    if named:  # a checkpoint of phases 2-3 of another folder: its run's teacher is the one it started from
+        teacher_recipe = dataclasses.replace(
+            teacher_recipe, output_dir=str(Path(recipe.resume).parent.parent / "teacher")
+        )
+    if named or list_checkpoints(Path(recipe.output_dir) / "checkpoints"):
         # Phases 2-3 have begun (their checkpoints hold the teacher they started from): phase 1 is not run again,
         # so a relaunch that extends the run, or of a moved folder, leaves the teacher as it was, and a relaunch
         # that changes what is trained is stopped by the student's comparison before anything is written.
-        logger.info("phases 2-3 have checkpoints in %s: phase 1 is done", recipe.output_dir)
+        logger.info("phases 2-3 have begun: phase 1 is done (the teacher: %s)", teacher_recipe.output_dir)
     else:
         try:
             # The launch's own folder is locked from its first write (one launch per folder, phase 1 included).
@@ -483,6 +488,7 @@ def train(recipe: Recipe, data: RunData | None = None, lock_also: tuple[str, ...
     launch_recipe = recipe  # what the user asked for: what a relaunch is compared with
     if recipe.ssl.enabled and recipe.ssl.train_teacher_first:
         recipe = train_teacher_first(recipe, data)  # phase 1 in this launch, into output_dir/teacher
+        lock_also = (*lock_also, str(Path(recipe.ssl.teacher).parent))  # the teacher's folder stays as it is
     run = set_up(recipe, data, accelerator, launch_recipe, lock_also)
     cfg, ssl = recipe.train, recipe.ssl
     progress = tqdm(total=cfg.max_steps, initial=run.state.step, desc="train", dynamic_ncols=True,
@@ -529,7 +535,7 @@ def set_up(
     folders = (recipe.output_dir, *lock_also)
     # A folder that exists is locked now, before its checkpoints are read; a new one before its first write.
     hold_output_locks(accelerator, [folder for folder in folders if Path(folder).is_dir()])
-    resume_from = find_resume_checkpoint(recipe, accelerator.num_processes)
+    resume_from = find_resume_checkpoint(recipe)
     saved = read_trainer_state(resume_from) if resume_from is not None else None
     changes = check_relaunch(recipe, launch_recipe, saved, resume_from) if resume_from is not None else {}
     set_seed(recipe.seed)
@@ -567,8 +573,15 @@ def set_up(
                 "an earlier one, or choose another output_dir"
             ) from e
         logger.info("resumed from %s at step %d", resume_from, state.step)
+        writers = saved.get("num_processes")
+        if isinstance(writers, int) and writers != accelerator.num_processes:
+            logger.warning(
+                "%s was written by %d processes and this launch has %d: the data order is the same (step-indexed), "
+                "but the new processes' random states start afresh, so the run is not bitwise what it would have been",
+                resume_from, writers, accelerator.num_processes,
+            )  # fmt: skip
     hold_output_locks(accelerator, folders)
-    write_run_files(recipe, accelerator, state.step, resume_from is not None, changes)
+    write_run_files(recipe, launch_recipe, accelerator, state.step, resume_from is not None, changes)
     publisher = Publisher.for_run(recipe, image_processor, len(data.split.labeled), len(data.split.unlabeled),
                                   len(data.val), data.categories.names)  # fmt: skip
     note = launches_note(read_launches(recipe.output_dir)) if accelerator.is_main_process else None
@@ -602,14 +615,20 @@ def log_split_sizes(recipe: Recipe, data: RunData) -> None:
 
 
 def write_run_files(
-    recipe: Recipe, accelerator: Accelerator, step: int, resumed: bool, changes: dict[str, list[Any]]
+    recipe: Recipe,
+    launch_recipe: Recipe,
+    accelerator: Accelerator,
+    step: int,
+    resumed: bool,
+    changes: dict[str, list[Any]],
 ) -> None:
-    """The resolved recipe, this launch's record (versions, commit, command, its recipe and what it changed), a
-    metrics log without the lines of steps a resume repeats; the trackers."""
+    """The resolved recipe as launched (what relaunching it compares with), this launch's record (versions,
+    commit, command, its recipe and what it changed), a metrics log without the lines of steps a resume repeats;
+    the trackers."""
     output_dir = Path(recipe.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        resolved = recipe_to_dict(recipe)
+        resolved = recipe_to_dict(launch_recipe)
         write_text_atomic(output_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
         record_launch(output_dir, accelerator.num_processes, accelerator.mixed_precision, resolved,
                       step if resumed else None, changes)  # fmt: skip
@@ -694,10 +713,10 @@ def skipped_for_nonfinite(run: Run, terms: dict[str, float]) -> bool:
     )
     if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
         raise TrainingError(
-            f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (up to step "
-            f"{state.step + 1}); stopping. {last_good_checkpoint(run)} Look for broken labels around this step, or "
-            "go on from it with a lower train.lr, a train.grad_clip or bf16 instead of fp16 (resume=force: the "
-            "change is recorded)."
+            f"{state.nonfinite_in_a_row} steps in a row were skipped (a non-finite loss or gradient, or an update "
+            f"that made weights non-finite; the warnings above say which), up to step {state.step + 1}; stopping. "
+            f"{last_good_checkpoint(run)} Look for broken labels around this step, or go on from it with a lower "
+            "train.lr, a train.grad_clip or bf16 instead of fp16 (resume=force: the change is recorded)."
         )
     return True
 
@@ -797,7 +816,8 @@ def save_run_checkpoint(run: Run) -> None:
     if run.teacher is not None:
         check_finite(run.teacher.model, "the teacher")
     # The checkpoint names the recipe that trained it: a relaunch compares its own with it.
-    trainer_state = {**state.to_dict(), "recipe": recipe_to_dict(run.launch_recipe)}
+    trainer_state = {**state.to_dict(), "num_processes": accelerator.num_processes,
+                     "recipe": recipe_to_dict(run.launch_recipe)}  # fmt: skip
     save_checkpoint(accelerator, run.output_dir / "checkpoints", state.step, trainer_state,
                     run.recipe.train.keep_checkpoints, run.batches.data_state(),
                     checkpointed_states(run.scheduler, run.teacher))  # fmt: skip

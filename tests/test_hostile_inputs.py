@@ -503,6 +503,7 @@ DAMAGES = [
     "missing RNG state",
     "schedule holding code",
     "negative step",
+    "optimizer holding code",
 ]
 
 
@@ -529,6 +530,8 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint_and_ends_bitwise_the
         (newest / (name or "random_states_0.pkl")).unlink()
     elif damage == "schedule holding code":
         torch.save({"lr_lambdas": [Payload(tmp_path / "pwned")]}, newest / "gd_hf_state_0.pt")
+    elif damage == "optimizer holding code":
+        torch.save({"state": {}, "param_groups": [Payload(tmp_path / "pwned")]}, newest / "optimizer.bin")
     else:
         state = json.loads((newest / "trainer_state.json").read_text())
         (newest / "trainer_state.json").write_text(json.dumps({**state, "step": -3}))
@@ -887,3 +890,59 @@ def test_labeled_records_of_shards_with_bad_masks_are_found_at_start(synthetic_r
     kept = drop_records_with_bad_masks(broken, on_error)
     assert len(kept) == len(rows) - 1 and rows[1]["image_id"] not in kept["image_id"]
     assert "skipping 1 labeled records" in caplog.text
+
+
+def test_a_one_launch_run_relaunched_from_its_own_recipe_file_goes_on(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    assert run_tiny(synthetic_root, out, *ONE_LAUNCH) == 0
+    assert main([str(out / "recipe.yaml"), "train.max_steps=3"]) == 0
+    assert json.loads((out / "run_info.json").read_text())[-1]["recipe_changes"] == {"train.max_steps": [2, 3]}
+
+
+def test_a_one_launch_run_resumed_from_another_folders_checkpoint_does_not_train_a_teacher(synthetic_root, tmp_path):
+    first = tmp_path / "first"
+    assert run_tiny(synthetic_root, first, *ONE_LAUNCH, "train.checkpoint_every=1") == 0
+    second = tmp_path / "second"
+    named = first / "checkpoints" / "step_00000001"
+    assert run_tiny(synthetic_root, second, *ONE_LAUNCH, f"resume={named}") == 0
+    assert not (second / "teacher").exists()  # the checkpoint holds the teacher it started from
+    assert json.loads((second / "run_info.json").read_text())[-1]["resumed_at_step"] == 1
+
+
+def test_checkpoint_needs_the_files_of_the_processes_that_wrote_it(synthetic_root, tmp_path):
+    from gd_hf.checkpointing import checkpoint_problem
+
+    out = tmp_path / "run"
+    assert run_tiny(synthetic_root, out, "train.max_steps=1", "train.checkpoint_every=1") == 0
+    checkpoint = out / "checkpoints" / "step_00000001"
+    assert checkpoint_problem(checkpoint) is None  # written by 1 process: resumable by any number
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["num_processes"] == 1
+    (checkpoint / "trainer_state.json").write_text(json.dumps({**state, "num_processes": 2}))
+    assert "random_states_1.pkl" in checkpoint_problem(checkpoint)
+    (checkpoint / "custom_checkpoint_0.pkl").write_bytes(b"")
+    assert "written by an older gd_hf" in checkpoint_problem(checkpoint)
+
+
+def test_a_run_record_with_odd_fields_does_not_stop_a_relaunch(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    assert run_tiny(synthetic_root, out, "train.max_steps=2") == 0
+    (out / "run_info.json").write_text(json.dumps([{"resumed_at_step": 1, "recipe_changes": []}]))
+    assert run_tiny(synthetic_root, out, "train.max_steps=3") == 0
+    card = (out / "final" / "README.md").read_text()
+    assert "Trained in more than 2 launches" in card  # the record of the first launch is gone: not "from step 0"
+
+
+def test_crowd_regions_do_not_make_a_labeled_record_bad(synthetic_root):
+    import datasets
+
+    from gd_hf.data.coco import to_hf_dataset
+    from gd_hf.data.prepare import drop_records_with_bad_masks
+
+    records = to_hf_dataset(
+        load_coco(synthetic_root / "annotations" / "instances_train.json", synthetic_root / "train")
+    )
+    rows = [r for r in records.to_list() if r["objects"]["rle_counts"]]
+    rows[0]["objects"]["rle_counts"][0], rows[0]["objects"]["iscrowd"][0] = "zz", 1  # never decoded for training
+    kept = drop_records_with_bad_masks(datasets.Dataset.from_list(rows, features=records.features), "skip")
+    assert len(kept) == len(rows)

@@ -123,9 +123,11 @@ def drop_records_with_bad_masks(records: datasets.Dataset, on_error: str) -> dat
     keep: list[int] = []
     columns = records.select_columns(["image_id", "width", "height", "objects"])
     for row, record in enumerate(columns):
-        problems = [
+        objects = record["objects"]
+        problems = [  # crowd regions are never decoded for training
             compressed_rle_problem(counts, record["height"], record["width"])
-            for counts in record["objects"]["rle_counts"]
+            for counts, crowd in zip(objects["rle_counts"], objects["iscrowd"])
+            if not crowd
         ]
         problem = next((p for p in problems if p), None)
         if problem:
