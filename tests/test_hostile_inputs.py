@@ -946,3 +946,16 @@ def test_crowd_regions_do_not_make_a_labeled_record_bad(synthetic_root):
     rows[0]["objects"]["rle_counts"][0], rows[0]["objects"]["iscrowd"][0] = "zz", 1  # never decoded for training
     kept = drop_records_with_bad_masks(datasets.Dataset.from_list(rows, features=records.features), "skip")
     assert len(kept) == len(rows)
+
+
+def _die_like_the_oom_killer(*args, **kwargs) -> None:
+    os._exit(137)  # in the child that parses a COCO file: as if killed for memory
+
+
+def test_a_parse_child_that_dies_is_a_data_error_naming_the_file(synthetic_root, tmp_path, monkeypatch):
+    import gd_hf.data.sources as sources
+
+    monkeypatch.setattr(sources, "build_records_cache", _die_like_the_oom_killer)  # pickled by name for the child
+    annotations = synthetic_root / "annotations" / "instances_val.json"
+    with pytest.raises(DataError, match=r"instances_val\.json: the process parsing it died .*killed for memory"):
+        sources.coco_records(annotations, synthetic_root / "val", tmp_path / "cache")
