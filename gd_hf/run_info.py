@@ -220,11 +220,20 @@ def launches_note(launches: list[dict[str, Any]]) -> str | None:
         changes = launch.get("recipe_changes")
         changes = changes if isinstance(changes, dict) else {}
         changed = {k: v for k, v in changes.items() if k != "resume" and isinstance(v, list) and len(v) == 2}
+        # The card may be published: a folder of this machine is named by its last part only.
+        changed = {k: [_public(old), _public(new)] for k, (old, new) in changed.items()}
         what = f" with {describe_changes(changed)}" if changed else ""
         parts.append(f"resumed at step {resumed_at(launch)}{what}")
     if not fresh:  # the record of the first launches is gone (an unreadable run_info.json set aside)
         return f"Trained in more than {len(resumed)} launches; the record holds these: " + "; ".join(parts) + "."
     return f"Trained in {len(resumed) + 1} launches: the first from step 0, then " + "; ".join(parts) + "."
+
+
+def _public(value: Any) -> Any:
+    """`value`, with a path of this machine cut to its last part (`/home/me/runs/a` -> `.../a`)."""
+    if isinstance(value, str) and ("/" in value.strip("/") or "\\" in value) and Path(value).name:
+        return f".../{Path(value).name}"
+    return value
 
 
 # --- one launch per output folder ------------------------------------------------------------------------------

@@ -743,6 +743,9 @@ def test_a_one_launch_relaunch_leaves_the_teacher_and_compares_the_launched_reci
     # Extended (an allowed change), in a moved folder: phase 1 is not run again, the teacher stays as it was.
     assert run_tiny(synthetic_root, moved, *ONE_LAUNCH, "train.max_steps=3") == 0
     assert sha(moved / "teacher" / "final" / "model.safetensors") == teacher_final
+    card = (moved / "final" / "README.md").read_text()
+    note = next(line for line in card.splitlines() if "Trained in 2 launches" in line)
+    assert "output_dir: '.../first' -> '.../moved'" in note and str(tmp_path) not in note  # no machine path
     assert len(json.loads((moved / "teacher" / "run_info.json").read_text())) == 1
     assert json.loads((moved / "run_info.json").read_text())[-1]["recipe_changes"] == {
         "output_dir": [str(first), str(moved)],
