@@ -128,6 +128,11 @@ def find_resume_checkpoint(recipe: Recipe) -> Path | None:
     return path
 
 
+def names_a_checkpoint(recipe: Recipe) -> bool:
+    """Whether `recipe.resume` is a checkpoint folder rather than one of the modes `auto`, `none`, `force`."""
+    return recipe.resume not in ("auto", "none", "force")
+
+
 def build_accelerator(recipe: Recipe) -> Accelerator:
     """Accelerator with mixed precision from the recipe (or the accelerate config) and TensorBoard if installed."""
     kwargs: dict[str, Any] = {
@@ -411,9 +416,9 @@ def train_teacher_first(recipe: Recipe, data: RunData) -> Recipe:
         hub=dataclasses.replace(recipe.hub, push=recipe.hub.push and recipe.hub.push_intermediate, revision="teacher"),
         train=dataclasses.replace(recipe.train, max_steps=recipe.ssl.teacher_max_steps or recipe.train.max_steps),
         # `resume: PATH` names a checkpoint of the student; the teacher resumes from its own folder.
-        resume=recipe.resume if recipe.resume in ("auto", "none", "force") else "auto",
+        resume="auto" if names_a_checkpoint(recipe) else recipe.resume,
     )
-    named = recipe.resume not in ("auto", "none", "force")
+    named = names_a_checkpoint(recipe)
     if named:  # a checkpoint of phases 2-3 of another folder: its run's teacher is the one it started from
         teacher_recipe = dataclasses.replace(
             teacher_recipe, output_dir=str(Path(recipe.resume).parent.parent / "teacher")
