@@ -5,7 +5,7 @@
 
 TEACHER is an exported model folder (phase 1's `best/`, or a student's export to see what an EMA teacher hands
 out). The recipe's training images (with their labels, which the check uses as the hidden truth) go through the
-weak view exactly as in distillation; the teacher's predictions are filtered with `filter_pseudo_labels` at each
+weak view exactly as in distillation; the teacher's predictions are filtered with the recipe's `PseudoLabelRules` at each
 threshold (the recipe's min area and mask threshold) and matched to the true objects (same class, mask IoU >=
 0.5); the wrong ones are sorted into duplicates, wrong class, mislocated (IoU 0.1-0.5) and background. Use it to
 see whether a teacher is worth distilling from before spending a run on it, and which threshold its confidence
@@ -24,6 +24,7 @@ from transformers import Mask2FormerForUniversalSegmentation
 
 from gd_hf.config import load_recipe
 from gd_hf.data.coco import load_coco, to_hf_dataset
+from gd_hf.method import PseudoLabelRules
 from gd_hf.modeling import size_divisibility
 from gd_hf.teacher_check import WRONG_KINDS, measure_teacher
 
@@ -33,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def quality_table(teacher, records: datasets.Dataset, recipe, images: int, thresholds: list[float]) -> str:
     """The table this benchmark prints; the measurement is `gd_hf.teacher_check.measure_teacher`, the one the
     training run's teacher check makes."""
-    reports = measure_teacher(teacher, records, recipe.data, recipe.ssl, size_divisibility(teacher), images,
+    rules = PseudoLabelRules.from_recipe(recipe.ssl)  # the run's rules, at each threshold
+    reports = measure_teacher(teacher, records, recipe.data, rules, size_divisibility(teacher), images,
                               tuple(thresholds))  # fmt: skip
     lines = [
         "| score threshold | pseudo labels / image | precision | recall | wrong: duplicate / wrong class / "

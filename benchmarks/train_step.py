@@ -7,7 +7,7 @@ unlabeled batch (teacher forward on the weak view, pseudo-label filtering, one s
 strong images, both losses) + the EMA update; "bare" = its parts run plainly: teacher forward on the weak view,
 student forward+backward on the labeled batch and on the strong view (against fixed targets), optimizer step.
 
-"ours" is `gd_hf.train.train_step` exactly as the loop runs it (autocast context, loss terms, backward,
+"ours" is `gd_hf.optim.train_step` exactly as the loop runs it (autocast context, loss terms, backward,
 gradient clipping, AdamW step, schedule step, one host sync for logging). "bare" is
 `model(pixel_values, mask_labels, class_labels).loss.backward()` plus `optimizer.step()` — the least any loop
 must do. Both run interleaved on one batch, after warm-up; the medians and their ratio are printed
@@ -37,22 +37,22 @@ from gd_hf.data.loading import (
     collate_unlabeled,
 )
 from gd_hf.data.synthetic import generate
-from gd_hf.modeling import build_model, size_divisibility
-from gd_hf.optim import UpdateUndo, build_lr_scheduler, build_optimizer
+from gd_hf.method import GuidedDistillation
+from gd_hf.modeling import Mask2FormerFamily, build_model, size_divisibility
+from gd_hf.optim import UpdateUndo, build_lr_scheduler, build_optimizer, train_step
 from gd_hf.teacher import EmaTeacher
-from gd_hf.train import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def gd_hf_step(model, batch, unlabeled, optimizer, scheduler, accelerator, grad_clip, teacher, ssl, undo) -> None:
+def gd_hf_step(model, batch, unlabeled, optimizer, scheduler, accelerator, grad_clip, method, undo) -> None:
     """One step as the loop runs it (with the recipe's `UpdateUndo` copy of the weights and optimizer state):
-    supervised without a teacher, else distillation + the EMA update."""
-    if teacher is None:
-        train_step(model, [batch], optimizer, scheduler, accelerator, grad_clip, undo=undo)
+    supervised without a teacher, else distillation + the EMA update (an EMA-phase step)."""
+    if method.teacher is None:
+        train_step(model, [batch], optimizer, scheduler, accelerator, grad_clip, method, undo=undo)
     else:
-        train_step(model, [batch], optimizer, scheduler, accelerator, grad_clip, [unlabeled], teacher, ssl, undo)
-        teacher.update(accelerator.unwrap_model(model), ssl.ema_decay)
+        train_step(model, [batch], optimizer, scheduler, accelerator, grad_clip, method, [unlabeled], undo)
+        method.after_step(method.ssl.burn_in_steps, accelerator.unwrap_model(model), update_skipped=False)
 
 
 def main() -> None:
@@ -76,6 +76,8 @@ def main() -> None:
         unlabeled = collate_unlabeled([unlabeled_set[i] for i in indices], size_divisibility(model))
     ssl = dataclasses.replace(recipe.ssl, enabled=True, pseudo_label_score_threshold=0.0)
     teacher = EmaTeacher(copy.deepcopy(model)) if args.distill else None
+    method = (GuidedDistillation(ssl, Mask2FormerFamily(), teacher) if teacher is not None
+              else GuidedDistillation.supervised(Mask2FormerFamily()))  # fmt: skip
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     optimizer = build_optimizer(model, recipe.train)
@@ -109,7 +111,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
 
     def ours() -> None:
-        gd_hf_step(model, batch, unlabeled, optimizer, scheduler, accelerator, recipe.train.grad_clip, teacher, ssl,
+        gd_hf_step(model, batch, unlabeled, optimizer, scheduler, accelerator, recipe.train.grad_clip, method,
                    undo)  # fmt: skip
 
     def timed(fn) -> float:

@@ -20,9 +20,11 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from gd_hf.config import Recipe, RecipeError
 from gd_hf.files import replace_durably
 
 logger = logging.getLogger(__name__)
+launch_logger = logging.getLogger("gd_hf.train")  # what a launch says about its resume
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -208,3 +210,48 @@ def read_data_state(checkpoint: str | Path, rank: int) -> dict[str, Any]:
     """This process's stream positions saved in a checkpoint ({} if there are none, e.g. map-style data)."""
     path = Path(checkpoint) / DATA_STATE.format(rank=rank)
     return torch.load(path, weights_only=True) if path.is_file() else {}
+
+
+def find_resume_checkpoint(recipe: Recipe) -> Path | None:
+    """The checkpoint to resume from according to `recipe.resume` (see `Recipe.resume`): with `auto`/`force`
+    the newest one that reads whole, passing over (and naming) damaged newer ones."""
+    checkpoint_dir = Path(recipe.output_dir) / "checkpoints"
+    complete = list_checkpoints(checkpoint_dir)
+    extra_states = 2 if recipe.ssl.enabled else 1  # the schedule, and the EMA teacher (`checkpointed_states`)
+    if recipe.resume == "none":
+        if complete:
+            raise RecipeError(
+                f"resume: none, but {checkpoint_dir} already holds checkpoints: set resume: auto to continue, "
+                "or choose another output_dir"
+            )
+        return None
+    if recipe.resume in ("auto", "force"):
+        partial_ones = sorted(p.name for p in checkpoint_dir.glob(".tmp_step_*")) if checkpoint_dir.is_dir() else []
+        if partial_ones:
+            launch_logger.warning(
+                "ignoring partial checkpoint(s) %s in %s (a run stopped while writing)", partial_ones, checkpoint_dir
+            )
+        problems = []
+        for checkpoint in reversed(complete):
+            problem = checkpoint_problem(checkpoint, extra_states)
+            if problem is None:
+                if problems:
+                    launch_logger.warning("resuming from %s, the newest checkpoint that reads whole", checkpoint)
+                return checkpoint
+            launch_logger.warning("checkpoint %s cannot be resumed from: %s", checkpoint, problem)
+            problems.append(f"{checkpoint.name}: {problem}")
+        if problems:
+            raise RecipeError(
+                f"no checkpoint in {checkpoint_dir} can be resumed from ({'; '.join(problems)}): move them away to "
+                "start afresh, or choose another output_dir"
+            )
+        return None
+    path = Path(recipe.resume)
+    if not path.is_dir():
+        raise RecipeError(
+            f"resume: {recipe.resume} is neither 'auto', 'none', 'force' nor an existing checkpoint folder"
+        )
+    problem = checkpoint_problem(path, extra_states)
+    if problem is not None:
+        raise RecipeError(f"resume: {path} cannot be resumed from: {problem}")
+    return path

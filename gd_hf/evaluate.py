@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,9 +19,8 @@ from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
 from gd_hf.config import DataConfig
 from gd_hf.data.coco import CocoSource, DataError, load_coco, to_hf_dataset
-from gd_hf.data.loading import EvalDataset, collate_eval
 from gd_hf.data.sources import Categories, coco_ground_truth
-from gd_hf.evaluation import coco_mask_ap, predict_coco_results, write_results
+from gd_hf.evaluation import EvalSettings, evaluate_mask_ap, write_results
 from gd_hf.modeling import size_divisibility
 
 
@@ -50,16 +48,13 @@ def evaluate_model(
     """Mask AP and COCO results of `model` on every image of `source`."""
     # The ground truth is built from the cleaned records first, as in training: a problem shows before inference.
     ground_truth = coco_ground_truth(to_hf_dataset(source), Categories(source.category_ids, source.category_names))
-    dataset = EvalDataset(to_hf_dataset(source, with_labels=False), data)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=data.num_workers,
-        collate_fn=partial(collate_eval, divisibility=size_divisibility(model)),
-    )
+    category_ids = category_ids_for_model(model, source)
     model.to(device)
-    results = predict_coco_results(model, loader, category_ids_for_model(model, source), top_k, device)
-    return coco_mask_ap(ground_truth, results), results
+    settings = EvalSettings(data, size_divisibility(model), top_k, batch_size, data.num_workers)
+    # The driver training evaluates with: the same AP for the same model, data and settings.
+    evaluation = evaluate_mask_ap(model, to_hf_dataset(source, with_labels=False), ground_truth, category_ids,
+                                  settings, device)  # fmt: skip
+    return evaluation.metrics, evaluation.results
 
 
 def evaluate_export(

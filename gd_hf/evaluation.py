@@ -6,7 +6,9 @@ import contextlib
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm.auto import tqdm
+
+from gd_hf.config import DataConfig
+from gd_hf.data.loading import EvalDataset, collate_eval
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
@@ -278,6 +283,65 @@ def predict_coco_results(
     finally:
         model.train(was_training)
     return results
+
+
+@dataclass
+class Evaluation:
+    """Mask AP of one model on one set: the metrics, the COCO results, and where the time went (seconds per
+    image of forward / post-processing / encoding on this process's share, and COCOeval's seconds)."""
+
+    metrics: dict[str, float]
+    results: list[dict[str, Any]]
+    costs: dict[str, float]
+
+
+def evaluate_mask_ap(
+    model: torch.nn.Module,
+    records: datasets.Dataset,
+    ground_truth: COCO,
+    category_ids: list[int],
+    settings: EvalSettings,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+) -> Evaluation:
+    """The one evaluation driver, for training and `python -m gd_hf.evaluate` alike: `model` predicts on its
+    share of `records` (every `world_size`-th image from `rank`, resized as `settings.data` says), `gather` joins
+    the shares (None: one process), and COCOeval scores all of them against `ground_truth` on exactly the
+    images of `records`. `category_ids`: the COCO category id of each model class."""
+    dataset = EvalDataset(records, settings.data)
+    share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(
+        share,
+        batch_size=settings.batch_size,
+        num_workers=settings.num_workers,
+        collate_fn=partial(collate_eval, divisibility=settings.divisibility),
+    )
+    timings: dict[str, float] = {}
+    results = predict_coco_results(model, loader, category_ids, settings.top_k, device, settings.show_progress,
+                                   timings)  # fmt: skip
+    if gather is not None:
+        results = gather(results)
+    start = time.perf_counter()
+    metrics = coco_mask_ap(ground_truth, results, image_ids=list(records["image_id"]))
+    images = max(1, timings.pop("images", 0))
+    costs = {f"{stage}_s_per_image": seconds / images for stage, seconds in timings.items()}
+    costs["cocoeval_s"] = time.perf_counter() - start
+    return Evaluation(metrics, results, costs)
+
+
+@dataclass
+class EvalSettings:
+    """How `evaluate_mask_ap` predicts: test-time sizes (`data.eval_shortest_edge` / `eval_longest_edge`), the
+    padding divisor of the model, instances kept per image, batch size, loader workers, a progress bar."""
+
+    data: DataConfig
+    divisibility: int
+    top_k: int = 100
+    batch_size: int = 2
+    num_workers: int = 2
+    show_progress: bool = True
 
 
 def write_results(path: str | Path, results: list[dict[str, Any]]) -> None:

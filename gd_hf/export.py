@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 
 from gd_hf.files import fsync_tree, replace_durably
 from gd_hf.model_card import RunSummary, write_model_card
-from gd_hf.modeling import check_finite
+from gd_hf.weights import check_finite
 
 
 def export_model(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from transformers.models.mask2former.image_processing_pil_mask2former import Mas
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 
 from gd_hf.config import DataConfig, ModelConfig, RecipeError
+from gd_hf.method import Predictions
 
 logger = logging.getLogger(__name__)
 
@@ -32,30 +32,6 @@ STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
 class ModelLoadError(RecipeError):
     """`model.pretrained` cannot be used for the recipe's backbone (a recipe error: exit code 2)."""
-
-
-class NonFiniteWeightsError(RuntimeError):
-    """NaN or infinite weights were about to be written (a checkpoint or an export): refused."""
-
-
-def all_finite(module: torch.nn.Module) -> torch.Tensor:
-    """Whether every floating-point parameter and buffer of `module` is finite: a 0-dim bool tensor on the
-    module's device (no host sync; one fused norm over all tensors)."""
-    tensors = [t.detach() for t in (*module.parameters(), *module.buffers()) if t.is_floating_point() and t.numel()]
-    if not tensors:
-        return torch.tensor(True)
-    # The max-norm: NaN and inf propagate, and no sum of squares can overflow for finite weights.
-    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).all()
-
-
-def check_finite(module: torch.nn.Module, what: str) -> None:
-    """Raise `NonFiniteWeightsError` if `module` holds a non-finite weight: called before every checkpoint and
-    export, so nothing written is ever NaN."""
-    if not bool(all_finite(module)):
-        bad = [name for name, t in module.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
-        raise NonFiniteWeightsError(
-            f"{what} holds non-finite weights ({len(bad)} tensors, e.g. {bad[:3]}): not written"
-        )
 
 
 @contextlib.contextmanager
@@ -292,19 +268,47 @@ def is_model_folder(path: str | Path) -> bool:
 
 def loss_terms(
     model: Mask2FormerForUniversalSegmentation,
-    outputs,
+    predictions: Predictions,
     mask_labels: list[torch.Tensor],
     class_labels: list[torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """The weighted Mask2Former loss terms (Hungarian matching, auxiliary layers included) of `outputs`.
+    """The weighted Mask2Former loss terms (Hungarian matching, auxiliary layers included) of `predictions`.
 
-    `model` is the unwrapped model; `outputs` come from `model(pixel_values, output_auxiliary_logits=True)`.
-    Computing the loss outside `forward` lets the loop log each term and reuse the criterion for pseudo labels.
+    `model` is the unwrapped model. Computing the loss outside `forward` lets the loop log each term and reuse the
+    criterion for pseudo labels.
     """
     return model.get_loss_dict(
-        masks_queries_logits=outputs.masks_queries_logits,
-        class_queries_logits=outputs.class_queries_logits,
+        masks_queries_logits=predictions.mask_logits,
+        class_queries_logits=predictions.class_logits,
         mask_labels=mask_labels,
         class_labels=class_labels,
-        auxiliary_predictions=outputs.auxiliary_logits,
+        auxiliary_predictions=[
+            {"masks_queries_logits": masks, "class_queries_logits": classes} for classes, masks in predictions.auxiliary
+        ],
     )
+
+
+class Mask2FormerFamily:
+    """Mask2Former (any AutoBackbone) as Guided Distillation uses it (the `gd_hf.method.ModelFamily` protocol)."""
+
+    def forward(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Predictions:
+        outputs = model(pixel_values=pixel_values, output_auxiliary_logits=True)
+        auxiliary = [(aux["class_queries_logits"], aux["masks_queries_logits"]) for aux in outputs.auxiliary_logits]
+        return Predictions(outputs.class_queries_logits, outputs.masks_queries_logits, auxiliary)
+
+    def loss(
+        self, model: torch.nn.Module, predictions: Predictions, mask_labels: list[torch.Tensor],
+        class_labels: list[torch.Tensor],
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
+        return loss_terms(model, predictions, mask_labels, class_labels)
+
+    def padding_divisor(self, model: torch.nn.Module) -> int:
+        return size_divisibility(model)
+
+    def predict(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Predictions:
+        # Mask2Former predicts the same in eval mode whatever the step: nothing to switch off.
+        outputs = model(pixel_values=pixel_values)
+        return Predictions(outputs.class_queries_logits, outputs.masks_queries_logits)
+
+    def load_pretrained(self, path: str) -> torch.nn.Module:
+        return Mask2FormerForUniversalSegmentation.from_pretrained(path)

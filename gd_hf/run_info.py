@@ -17,7 +17,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from accelerate import Accelerator
+
+from gd_hf.config import Recipe, RecipeError, recipe_to_dict
 from gd_hf.files import write_text_atomic
+
+launch_logger = logging.getLogger("gd_hf.train")  # what a launch says about its relaunch
 
 PACKAGES = ("gd_hf", "torch", "transformers", "accelerate", "datasets", "huggingface_hub", "torchdata", "pycocotools")
 
@@ -281,3 +286,56 @@ def release_output_locks() -> None:
     for handle in _held_locks.values():
         handle.close()  # closing the file releases its flock
     _held_locks.clear()
+
+
+def names_a_checkpoint(recipe: Recipe) -> bool:
+    """Whether `recipe.resume` is a checkpoint folder rather than one of the modes `auto`, `none`, `force`."""
+    return recipe.resume not in ("auto", "none", "force")
+
+
+def hold_output_locks(accelerator: Accelerator, folders: list[str] | tuple[str, ...]) -> None:
+    """One launch per output folder: the main process takes each folder's lock (held until the launch ends); if
+    one cannot be taken (another live launch holds it, or the folder is not writable), every process stops
+    naming why."""
+    problems = [p for p in (lock_output_folder(f) for f in folders) if p] if accelerator.is_main_process else []
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        problems = broadcast_object_list([problems])[0]
+    if problems:
+        raise RecipeError("; ".join(problems))
+
+
+def check_relaunch(
+    recipe: Recipe, launch_recipe: Recipe, saved: dict[str, Any], checkpoint: Path
+) -> dict[str, list[Any]]:
+    """Compare this launch's recipe with the one that trained `checkpoint`: a change to what is trained (model,
+    data, optimiser, schedule, batch, seed, method) stops the run unless `resume: force`; a change of how long,
+    how often or where goes on with a line. Returns the changes, for the launch record."""
+    previous = saved.get("recipe")
+    if not isinstance(previous, dict):
+        launch_logger.warning(
+            "%s does not say which recipe trained it: the relaunch's recipe is not compared", checkpoint
+        )
+        return {}
+    changes = recipe_changes(previous, recipe_to_dict(launch_recipe))
+    # A supervised run (phase 1 of a one-launch run included) is not changed by the keys of phases 2-3.
+    supervised = not launch_recipe.ssl.enabled and not previous.get("ssl", {}).get("enabled")
+    trained = {
+        key: change
+        for key, change in changes.items()
+        if changes_what_is_trained(key) and not (supervised and key.startswith("ssl."))
+    }
+    if trained and recipe.resume != "force":
+        raise RecipeError(
+            f"this relaunch changes what the run in {recipe.output_dir} trained (checkpoint {checkpoint.name}): "
+            f"{describe_changes(trained)}. To train with the new values, start a new run (another output_dir); to "
+            "go on from this checkpoint with them, relaunch with resume=force (the change is recorded in "
+            "run_info.json and the model card)."
+        )
+    if trained:
+        launch_logger.warning("resume=force: going on from %s with %s", checkpoint, describe_changes(trained))
+    others = {key: change for key, change in changes.items() if key not in trained and key != "resume"}
+    if others:
+        launch_logger.info("relaunch: %s", describe_changes(others))
+    return changes

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+from typing import TYPE_CHECKING
+
 import torch
+
+from gd_hf.config import Recipe, RecipeError
+from gd_hf.weights import NonFiniteWeightsError, check_finite
+
+if TYPE_CHECKING:
+    from gd_hf.method import ModelFamily
 
 
 class EmaTeacher(torch.nn.Module):
@@ -47,3 +56,36 @@ class EmaTeacher(torch.nn.Module):
         """teacher <- decay * teacher + (1 - decay) * student, in place, with foreach kernels."""
         teacher, source = self._pairs(student)
         torch._foreach_lerp_(teacher, source, 1.0 - decay)
+
+
+def build_teacher(
+    recipe: Recipe, student: torch.nn.Module, id2label: dict[int, str], family: ModelFamily
+) -> EmaTeacher | None:
+    """The phase-1 teacher `ssl.teacher`, checked against the student and the data (or, without one, a
+    placeholder the student overwrites at burn-in's end); None for a supervised run."""
+    if not recipe.ssl.enabled:
+        return None
+    if recipe.ssl.teacher is None:
+        return EmaTeacher(copy.deepcopy(student))
+    try:
+        model = family.load_pretrained(recipe.ssl.teacher)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"ssl.teacher={recipe.ssl.teacher!r} could not be loaded: {e}") from e
+    try:
+        check_finite(model, f"ssl.teacher={recipe.ssl.teacher!r}")
+    except NonFiniteWeightsError as e:  # found now, not at the first checkpoint hours in
+        raise RecipeError(f"{e}: train the teacher again or choose another export") from e
+    teacher_labels = {int(k): v for k, v in model.config.id2label.items()}
+    if teacher_labels != id2label:
+        raise RecipeError(
+            f"ssl.teacher={recipe.ssl.teacher!r} predicts {teacher_labels}, but the data's classes are {id2label}: "
+            "train the teacher on the same categories"
+        )
+    student_shapes = {k: v.shape for k, v in student.state_dict().items()}
+    teacher_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if student_shapes != teacher_shapes:
+        raise RecipeError(
+            f"ssl.teacher={recipe.ssl.teacher!r} is not the recipe's architecture (model.*): the EMA phase needs "
+            "teacher and student of the same shape"
+        )
+    return EmaTeacher(model)

@@ -3,9 +3,10 @@ distilling from it (`ssl.teacher_check`), and the rule that stops a run whose te
 "no object" or wrong labels.
 
 The images go through the weak view exactly as in distillation (`UnlabeledTrainDataset`), their labels serve
-as the truth, and the teacher's predictions are filtered with `filter_pseudo_labels` and matched to the true
-objects with `pseudo_label_counts` (same class, mask IoU >= 0.5). `benchmarks/pseudo_label_quality.py` runs the
-same measurement over several thresholds.
+as the truth, and the teacher's predictions go through the run's pseudo-label rule (`gd_hf.method`: the recipe's
+`PseudoLabelRules`, or a custom `PseudoLabelRule`) and are matched to the true objects with `pseudo_label_counts`
+(same class, mask IoU >= 0.5). `benchmarks/pseudo_label_quality.py` runs the same measurement over several
+score thresholds.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 
-from gd_hf.config import DataConfig, RecipeError, SslConfig
+from gd_hf.config import DataConfig, RecipeError
 from gd_hf.data.loading import UnlabeledTrainDataset, collate_unlabeled
-from gd_hf.pseudo_labels import filter_pseudo_labels, pseudo_label_counts
+from gd_hf.method import ModelFamily, PseudoLabelRule, PseudoLabelRules
+from gd_hf.modeling import Mask2FormerFamily
+from gd_hf.pseudo_labels import pseudo_label_counts
 
 logger = logging.getLogger("gd_hf.train")
 WRONG_KINDS = ("duplicate", "wrong_class", "mislocated", "background")
@@ -72,33 +75,33 @@ def measure_teacher(
     teacher: torch.nn.Module,
     records: datasets.Dataset,
     data: DataConfig,
-    ssl: SslConfig,
+    rule: PseudoLabelRule,
     divisibility: int,
     max_images: int = 200,
     thresholds: tuple[float, ...] = (),
     batch_size: int = 4,
+    family: ModelFamily | None = None,
 ) -> dict[float, TeacherReport]:
-    """Reports at the recipe's score threshold and at each of `thresholds`, over the first `max_images` records
-    (labeled ones: their objects are the truth), from one teacher forward pass per batch."""
+    """Reports under `rule` (keyed by its `score_threshold`, NaN for a rule without one) and, for
+    `PseudoLabelRules`, under the same rules at each of `thresholds`, over the first `max_images` records (labeled
+    ones: their objects are the truth), from one teacher forward pass per batch, made as the model `family`'s
+teacher predicts (None: Mask2Former)."""
+    family = family if family is not None else Mask2FormerFamily()
     rows = min(len(records), max_images)
     dataset = UnlabeledTrainDataset(records.select(range(rows)), data)
-    all_thresholds = sorted({ssl.pseudo_label_score_threshold, *thresholds})
-    reports = {t: TeacherReport(t, 0, 0, 0, 0, dict.fromkeys(WRONG_KINDS, 0)) for t in all_thresholds}
+    rules = {rule_threshold(rule): rule}
+    if isinstance(rule, PseudoLabelRules):
+        rules.update({t: rule.with_score_threshold(t) for t in thresholds if t != rule.score_threshold})
+    rules = dict(sorted(rules.items()))
+    reports = {t: TeacherReport(t, 0, 0, 0, 0, dict.fromkeys(WRONG_KINDS, 0)) for t in rules}
     was_training, device = teacher.training, next(teacher.parameters()).device
     teacher.eval()
     for start in range(0, rows, batch_size):
         # Key (row, seed = row): a fixed weak view per image, the same in every measurement.
         batch = collate_unlabeled([dataset[(r, r)] for r in range(start, min(start + batch_size, rows))], divisibility)
-        outputs = teacher(pixel_values=batch["weak_pixel_values"].to(device))
+        predictions = family.predict(teacher, batch["weak_pixel_values"].to(device))
         for threshold, report in reports.items():
-            pseudo = filter_pseudo_labels(
-                outputs.class_queries_logits,
-                outputs.masks_queries_logits,
-                threshold,
-                ssl.pseudo_label_min_area,
-                ssl.pseudo_label_mask_threshold,
-                ssl.pseudo_label_max_overlap,
-            )
+            pseudo = rules[threshold](predictions.class_logits, predictions.mask_logits)
             counts = pseudo_label_counts(pseudo, batch["hidden_masks"], batch["hidden_classes"])
             report.images += len(batch["image_ids"])
             report.true_objects += counts["objects"]
@@ -108,6 +111,16 @@ def measure_teacher(
                 report.wrong[kind] += counts[f"fp_{kind}"]
     teacher.train(was_training)
     return reports
+
+
+# The key of a custom rule's report (one without a score threshold); one object, so that it finds itself.
+NO_THRESHOLD = float("nan")
+
+
+def rule_threshold(rule: PseudoLabelRule) -> float:
+    """The score threshold of a pseudo-label rule (`NO_THRESHOLD` for a custom rule without one)."""
+    threshold = getattr(rule, "score_threshold", None)
+    return NO_THRESHOLD if threshold is None else float(threshold)
 
 
 def suggested_threshold(reports: dict[float, TeacherReport]) -> TeacherReport:
@@ -152,26 +165,34 @@ def report_table(chosen: TeacherReport, best: TeacherReport) -> str:
 
 
 def check_teacher(
-    teacher: torch.nn.Module, val: datasets.Dataset, recipe, divisibility: int, show: bool = True
-) -> dict[str, float] | None:
-    """`ssl.teacher_check`: measure the teacher on val, print the table, and stop (or warn) by the rule. Returns
-    the figures logged to metrics.jsonl and the student's card (None with `off`)."""
+    teacher: torch.nn.Module, val: datasets.Dataset, recipe, divisibility: int, show: bool = True,
+    rule: PseudoLabelRule | None = None, family: ModelFamily | None = None,
+) -> dict[str, float] | None:  # fmt: skip
+    """`ssl.teacher_check`: measure the teacher on val under the run's pseudo-label `rule` (None: the recipe's
+    `PseudoLabelRules`; the teacher predicts as `family`'s does), print the table, and stop (or warn) by the
+    verdict. Returns the figures logged to metrics.jsonl and the student's card (None with `off`)."""
     ssl = recipe.ssl
     if ssl.teacher_check == "off":
         return None
-    reports = measure_teacher(teacher, val, recipe.data, ssl, divisibility, ssl.teacher_check_images,
-                              SUGGESTION_THRESHOLDS)  # fmt: skip
-    chosen, best = reports[ssl.pseudo_label_score_threshold], suggested_threshold(reports)
+    rule = rule if rule is not None else PseudoLabelRules.from_recipe(ssl)
+    reports = measure_teacher(teacher, val, recipe.data, rule, divisibility, ssl.teacher_check_images,
+                              SUGGESTION_THRESHOLDS, family=family)  # fmt: skip
+    chosen, best = reports[rule_threshold(rule)], suggested_threshold(reports)
     if show:
         print(report_table(chosen, best), flush=True)
     figures = {**chosen.figures(), "suggested_score_threshold": best.threshold, "suggested_f1": best.f1}
     problem = verdict(chosen, ssl.teacher_check_min_precision, ssl.teacher_check_min_label_ratio)
     if problem:
+        suggestion = (
+            f"try ssl.pseudo_label_score_threshold={best.threshold:g} (F1 {best.f1:.2f} there, against "
+            f"{chosen.f1:.2f} at {chosen.threshold:g}; a suggestion)"
+            if isinstance(rule, PseudoLabelRules)
+            else "try another pseudo-label rule"
+        )
         message = (
             f"the teacher {ssl.teacher} should not teach: {problem}. What to do: train it longer "
-            "(ssl.teacher_max_steps), start from a pretrained backbone (model.pretrained), or try "
-            f"ssl.pseudo_label_score_threshold={best.threshold:g} (F1 {best.f1:.2f} there, against {chosen.f1:.2f} at "
-            f"{chosen.threshold:g}; a suggestion). ssl.teacher_check=warn distills anyway; =off skips the check."
+            f"(ssl.teacher_max_steps), start from a pretrained backbone (model.pretrained), or {suggestion}. "
+            "ssl.teacher_check=warn distills anyway; =off skips the check."
         )
         if ssl.teacher_check == "stop":
             raise TeacherCheckError(message)
@@ -181,9 +202,11 @@ def check_teacher(
 
 def teacher_check_note(figures: dict[str, float]) -> str:
     """The check's figures as a line of the student's model card."""
+    custom = figures["score_threshold"] != figures["score_threshold"]  # NaN: a rule without a score threshold
+    rule = "a custom pseudo-label rule" if custom else f"score threshold {figures['score_threshold']:g}"
+    best = "" if custom else f"; the F1-best threshold was {figures['suggested_score_threshold']:g}"
     return (
-        f"Teacher check before distillation ({int(figures['images'])} val images, score threshold "
-        f"{figures['score_threshold']:g}): {figures['pseudo_labels_per_image']:.2f} pseudo labels per image for "
-        f"{figures['objects_per_image']:.2f} objects, precision {figures['precision']:.2f}, recall "
-        f"{figures['recall']:.2f}; the F1-best threshold was {figures['suggested_score_threshold']:g}."
+        f"Teacher check before distillation ({int(figures['images'])} val images, {rule}): "
+        f"{figures['pseudo_labels_per_image']:.2f} pseudo labels per image for {figures['objects_per_image']:.2f} "
+        f"objects, precision {figures['precision']:.2f}, recall {figures['recall']:.2f}{best}."
     )

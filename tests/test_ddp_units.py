@@ -84,11 +84,12 @@ def _deterministic(model):
 
 
 def _gradients(model, batch) -> list[torch.Tensor]:
-    from gd_hf.modeling import loss_terms
+    from gd_hf.modeling import Mask2FormerFamily
 
-    outputs = model(pixel_values=batch["pixel_values"], output_auxiliary_logits=True)
+    family = Mask2FormerFamily()
+    predictions = family.forward(model, batch["pixel_values"])
     inner = model.module if hasattr(model, "module") else model
-    loss = sum(loss_terms(inner, outputs, batch["mask_labels"], batch["class_labels"]).values())
+    loss = sum(family.loss(inner, predictions, batch["mask_labels"], batch["class_labels"]).values())
     loss.backward()
     return [p.grad.clone() for p in inner.parameters() if p.grad is not None]
 
@@ -161,9 +162,9 @@ def test_two_accumulated_micro_batches_give_the_step_of_one_batch(
 
     from gd_hf.config import load_recipe
     from gd_hf.data.loading import collate_train
-    from gd_hf.modeling import build_model
-    from gd_hf.optim import build_lr_scheduler, build_optimizer
-    from gd_hf.train import train_step
+    from gd_hf.method import GuidedDistillation
+    from gd_hf.modeling import Mask2FormerFamily, build_model
+    from gd_hf.optim import build_lr_scheduler, build_optimizer, train_step
     from tests.conftest import ROOT, tiny_overrides
     from tests.test_method_flow import ID2LABEL
 
@@ -184,7 +185,8 @@ def test_two_accumulated_micro_batches_give_the_step_of_one_batch(
             lambda *_: seen.update(grads=[p.grad.clone() for p in model.parameters() if p.grad is not None])
         )
         accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
-        train_step(model, micro_batches, optimizer, build_lr_scheduler(optimizer, recipe.train), accelerator, 0.0)
+        train_step(model, micro_batches, optimizer, build_lr_scheduler(optimizer, recipe.train), accelerator, 0.0,
+                   GuidedDistillation.supervised(Mask2FormerFamily()))  # fmt: skip
         return seen["grads"]
 
     whole = stepped_gradients([collate_train(samples, 32)])

@@ -468,7 +468,8 @@ def test_without_undo_such_a_step_stops_the_run_and_nothing_non_finite_is_writte
 def test_exports_and_checkpoints_refuse_non_finite_weights(synthetic_root, tmp_path):
     from gd_hf.config import load_recipe
     from gd_hf.export import export_model
-    from gd_hf.modeling import NonFiniteWeightsError, build_image_processor, build_model
+    from gd_hf.modeling import build_image_processor, build_model
+    from gd_hf.weights import NonFiniteWeightsError
 
     recipe = load_recipe(RECIPE, tiny_overrides(synthetic_root, tmp_path / "run"))
     model = build_model(recipe.model, {0: "a"})
@@ -847,7 +848,7 @@ def test_a_teacher_with_non_finite_weights_is_refused_at_start(synthetic_root, t
 
 
 def test_finite_weights_of_any_size_are_finite():
-    from gd_hf.modeling import all_finite
+    from gd_hf.weights import all_finite
 
     big = torch.nn.Linear(1000, 1000)
     torch.nn.init.constant_(big.weight, 1e17)  # the sum of squares overflows float32; the weights do not

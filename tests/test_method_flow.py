@@ -12,13 +12,13 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-import gd_hf.train as train_module
+import gd_hf.modeling as modeling
 from gd_hf.config import load_recipe
 from gd_hf.data.loading import collate_train, collate_unlabeled
-from gd_hf.modeling import build_model
-from gd_hf.optim import build_lr_scheduler, build_optimizer
+from gd_hf.method import GuidedDistillation
+from gd_hf.modeling import Mask2FormerFamily, build_model
+from gd_hf.optim import build_lr_scheduler, build_optimizer, train_step
 from gd_hf.teacher import EmaTeacher
-from gd_hf.train import train_step
 
 from .conftest import ROOT, tiny_overrides
 
@@ -68,13 +68,13 @@ def step_runner(synthetic_root, tmp_path, monkeypatch):
     teacher_model = build_model(recipe.model, ID2LABEL)
     record = SimpleNamespace(inputs=[], targets=[], grads=None)
 
-    real_loss_terms = train_module.loss_terms
+    real_loss_terms = modeling.loss_terms
 
     def loss_spy(model, outputs, mask_labels, class_labels):
         record.targets.append(([m.clone() for m in mask_labels], [c.clone() for c in class_labels]))
         return real_loss_terms(model, outputs, mask_labels, class_labels)
 
-    monkeypatch.setattr(train_module, "loss_terms", loss_spy)
+    monkeypatch.setattr(modeling, "loss_terms", loss_spy)
 
     def run(poison_hidden: bool = False, unsup_loss_weight: float = 1.0) -> tuple[dict, torch.nn.Module]:
         student = copy.deepcopy(student0)
@@ -108,9 +108,8 @@ def step_runner(synthetic_root, tmp_path, monkeypatch):
             build_lr_scheduler(optimizer, recipe.train),
             Accelerator(cpu=True),
             0.0,
+            GuidedDistillation(ssl, Mask2FormerFamily(), teacher),
             [unlabeled],
-            teacher,
-            ssl,
         )
         return logged, student
 

@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-import gd_hf.train as train_module
+import gd_hf.modeling as modeling
 from gd_hf.config import load_recipe
 from gd_hf.data.loading import collate_train, collate_unlabeled, pad_batch
-from gd_hf.modeling import build_model
-from gd_hf.optim import build_lr_scheduler, build_optimizer
+from gd_hf.method import GuidedDistillation, one_frame
+from gd_hf.modeling import Mask2FormerFamily, build_model
+from gd_hf.optim import build_lr_scheduler, build_optimizer, train_step
 from gd_hf.teacher import EmaTeacher
-from gd_hf.train import one_frame, train_step
 
 from .conftest import ROOT, tiny_overrides
 
@@ -96,13 +96,13 @@ def setup(synthetic_root, tmp_path, monkeypatch):
     monkeypatch.setattr(teacher_model, "forward", teacher_forward)
     teacher = EmaTeacher(teacher_model)
     targets = []  # (mask_labels, class_labels, frame of the predictions they are scored against)
-    real_loss_terms = train_module.loss_terms
+    real_loss_terms = modeling.loss_terms
 
     def loss_spy(model, outputs, mask_labels, class_labels):
-        targets.append((mask_labels, class_labels, outputs.masks_queries_logits.shape[-2:]))
+        targets.append((mask_labels, class_labels, outputs.mask_logits.shape[-2:]))
         return real_loss_terms(model, outputs, mask_labels, class_labels)
 
-    monkeypatch.setattr(train_module, "loss_terms", loss_spy)
+    monkeypatch.setattr(modeling, "loss_terms", loss_spy)
     accelerator = Accelerator(cpu=True)
     optimizer = build_optimizer(student, recipe.train)
     scheduler = build_lr_scheduler(optimizer, recipe.train)
@@ -119,9 +119,8 @@ def setup(synthetic_root, tmp_path, monkeypatch):
             scheduler,
             accelerator,
             0.0,
+            GuidedDistillation(ssl, Mask2FormerFamily(), teacher),
             None if unlabeled is None else [unlabeled],
-            teacher,
-            ssl,
         )
 
     return SimpleNamespace(step=step, seen=seen, targets=targets)

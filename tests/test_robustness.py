@@ -15,16 +15,19 @@ import torch.multiprocessing as mp
 from accelerate import Accelerator
 from PIL import Image
 
-import gd_hf.train as train_module
+import gd_hf.modeling as modeling
 from gd_hf.config import DataConfig, load_recipe
 from gd_hf.data.coco import FEATURES, DataError
 from gd_hf.data.loading import MAX_CONSECUTIVE_BAD_RECORDS, LabeledTrainDataset, collate_train
-from gd_hf.modeling import build_model
-from gd_hf.optim import build_lr_scheduler, build_optimizer, lr_factor
-from gd_hf.train import train_step
+from gd_hf.distributed import build_accelerator
+from gd_hf.method import GuidedDistillation
+from gd_hf.modeling import Mask2FormerFamily, build_model
+from gd_hf.optim import build_lr_scheduler, build_optimizer, lr_factor, train_step
 
 from .conftest import ROOT, tiny_overrides
 from .test_method_flow import ID2LABEL, rectangles
+
+SUPERVISED = GuidedDistillation.supervised(Mask2FormerFamily())  # the loss of phase 1
 
 
 def labeled_batch() -> dict:
@@ -51,7 +54,7 @@ def test_an_infinite_gradient_with_a_finite_loss_skips_the_update_and_the_schedu
     before = copy.deepcopy(model.state_dict())
     poisoned = next(p for p in model.parameters() if p.requires_grad)
     handle = poisoned.register_hook(lambda grad: torch.full_like(grad, math.inf))
-    logged = train_step(model, [labeled_batch()], optimizer, scheduler, Accelerator(cpu=True), 0.0)
+    logged = train_step(model, [labeled_batch()], optimizer, scheduler, Accelerator(cpu=True), 0.0, SUPERVISED)
     handle.remove()
     assert math.isfinite(logged["loss"]) and not math.isfinite(logged["grad_norm"])
     assert logged["nonfinite"] == 1.0
@@ -61,7 +64,7 @@ def test_an_infinite_gradient_with_a_finite_loss_skips_the_update_and_the_schedu
     # The schedule is a function of the step: a skipped step still advances it.
     assert scheduler.last_epoch == 1
     assert optimizer.param_groups[0]["lr"] == pytest.approx(recipe.train.lr * lr_factor(1, recipe.train))
-    logged = train_step(model, [labeled_batch()], optimizer, scheduler, Accelerator(cpu=True), 0.0)
+    logged = train_step(model, [labeled_batch()], optimizer, scheduler, Accelerator(cpu=True), 0.0, SUPERVISED)
     assert logged["nonfinite"] == 0.0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the next step updates
     assert optimizer.param_groups[0]["lr"] == pytest.approx(recipe.train.lr * lr_factor(2, recipe.train))
@@ -73,7 +76,7 @@ def _step_with_nan_on_rank_1(rank: int, port: int, recipe, out_file: str, poison
         OMP_NUM_THREADS="1",
     )  # fmt: skip
     torch.set_num_threads(1)
-    accelerator = train_module.build_accelerator(recipe)  # as a run builds it (DDP allows unused parameters)
+    accelerator = build_accelerator(recipe)  # as a run builds it (DDP allows unused parameters)
     assert accelerator.num_processes == 2
     torch.manual_seed(0)
     model = build_model(recipe.model, ID2LABEL)
@@ -81,7 +84,7 @@ def _step_with_nan_on_rank_1(rank: int, port: int, recipe, out_file: str, poison
     scheduler = build_lr_scheduler(optimizer, recipe.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     before = {k: v.clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
-    real_loss_terms = train_module.loss_terms
+    real_loss_terms = modeling.loss_terms
 
     def nan_on_rank_1(*args, **kwargs):
         terms = real_loss_terms(*args, **kwargs)
@@ -91,8 +94,8 @@ def _step_with_nan_on_rank_1(rank: int, port: int, recipe, out_file: str, poison
             terms["loss_dice"] = terms["loss_dice"] + torch.tensor(math.inf)
         return terms
 
-    train_module.loss_terms = nan_on_rank_1
-    logged = train_step(model, [labeled_batch()], optimizer, scheduler, accelerator, 0.0)
+    modeling.loss_terms = nan_on_rank_1
+    logged = train_step(model, [labeled_batch()], optimizer, scheduler, accelerator, 0.0, SUPERVISED)
     after = accelerator.unwrap_model(model).state_dict()
     moved = any(not torch.equal(before[k], after[k]) for k in before)
     torch.save({"logged": logged, "moved": moved, "lr_step": scheduler.last_epoch}, f"{out_file}.{rank}")

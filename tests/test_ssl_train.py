@@ -8,10 +8,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import Mask2FormerForUniversalSegmentation
 
+import gd_hf.method as method_module
+import gd_hf.modeling as modeling
 import gd_hf.train as train_module
 from gd_hf.config import RecipeError, load_recipe
 from gd_hf.data.loading import repeat_factors
-from gd_hf.train import train
+from gd_hf.method import GuidedDistillation
+from gd_hf.train import TrainingRecipe, train
 
 from .conftest import ONE_LAUNCH_SSL, PAPER_JITTER, ROOT, tiny_overrides
 
@@ -132,14 +135,14 @@ def test_the_overlap_rule_of_the_recipe_reaches_the_pseudo_label_filter(
     synthetic_root, tmp_path, teacher_dir, monkeypatch
 ):
     seen = []
-    real_filter = train_module.filter_pseudo_labels
+    real_pseudo_labels = GuidedDistillation.pseudo_labels
 
-    def spy(*args, **kwargs):
-        pseudo = real_filter(*args, **kwargs)
-        seen.append((args[-1], sum(pseudo.counts())))
+    def spy(self, weak_pixel_values):
+        pseudo = real_pseudo_labels(self, weak_pixel_values)
+        seen.append((self.rule.max_overlap, sum(pseudo.counts())))
         return pseudo
 
-    monkeypatch.setattr(train_module, "filter_pseudo_labels", spy)
+    monkeypatch.setattr(GuidedDistillation, "pseudo_labels", spy)
     run(synthetic_root, tmp_path / "off", teacher_dir, "train.max_steps=2", "ssl.pseudo_label_max_overlap=null")
     run(synthetic_root, tmp_path / "nms", teacher_dir, "train.max_steps=2", "ssl.pseudo_label_max_overlap=0.0")
     assert [overlap for overlap, _ in seen] == [None, None, 0.0, 0.0]
@@ -270,7 +273,7 @@ def test_one_launch_trains_the_teacher_then_distills_and_prints_both(synthetic_r
 
 def poison_loss(monkeypatch, bad_calls):
     """Make the loss of the given loss_terms calls (1-based, one call per loss) NaN."""
-    real = train_module.loss_terms
+    real = modeling.loss_terms
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -280,7 +283,7 @@ def poison_loss(monkeypatch, bad_calls):
             terms["loss_mask"] = terms["loss_mask"] * float("nan")
         return terms
 
-    monkeypatch.setattr(train_module, "loss_terms", poisoned)
+    monkeypatch.setattr(modeling, "loss_terms", poisoned)
 
 
 def test_nonfinite_step_in_ema_phase_updates_neither_student_nor_teacher(
@@ -382,19 +385,19 @@ def test_the_paper_data_path_trains_every_phase_with_targets_in_the_frame_of_the
     and unlabeled batches of different padded sizes. Every target that reaches the loss covers the frame of the
     predictions it is scored against (Mask2Former samples both in normalised coordinates)."""
     frames, losses = [], []
-    real_one_frame, real_loss_terms = train_module.one_frame, train_module.loss_terms
+    real_one_frame, real_loss_terms = method_module.one_frame, modeling.loss_terms
 
     def frame_spy(labeled, unlabeled):
         frames.append((tuple(labeled["pixel_values"].shape[-2:]), tuple(unlabeled["weak_pixel_values"].shape[-2:])))
         return real_one_frame(labeled, unlabeled)
 
     def loss_spy(model, outputs, mask_labels, class_labels):
-        logits_frame = tuple(outputs.masks_queries_logits.shape[-2:])
+        logits_frame = tuple(outputs.mask_logits.shape[-2:])
         losses.append((logits_frame, [tuple(m.shape[-2:]) for m in mask_labels], [len(c) for c in class_labels]))
         return real_loss_terms(model, outputs, mask_labels, class_labels)
 
-    monkeypatch.setattr(train_module, "one_frame", frame_spy)
-    monkeypatch.setattr(train_module, "loss_terms", loss_spy)
+    monkeypatch.setattr(method_module, "one_frame", frame_spy)
+    monkeypatch.setattr(modeling, "loss_terms", loss_spy)
     out = tmp_path / "run"
     overrides = tiny_overrides(varied_root, out) + ONE_LAUNCH_SSL + PAPER_JITTER
     overrides += ["ssl.teacher_max_steps=3", "train.max_steps=6", "ssl.burn_in_steps=3", "data.labeled_percent=50"]
@@ -420,13 +423,13 @@ def test_ssl_evaluate_scores_and_exports_the_model_it_names(synthetic_root, tmp_
     """`ssl.evaluate`: `student` scores and exports the student; `teacher` the EMA teacher (its weights become
     the export); `both` scores both, logs the teacher as `val_teacher/*`, and exports the student."""
     evaluated = []
-    real_evaluate = train_module.evaluate_on_val
+    real_evaluate = TrainingRecipe.evaluate
 
-    def spy(model, *args, **kwargs):
+    def spy(self, model):
         evaluated.append({k: v.clone() for k, v in model.state_dict().items()})
-        return real_evaluate(model, *args, **kwargs)
+        return real_evaluate(self, model)
 
-    monkeypatch.setattr(train_module, "evaluate_on_val", spy)
+    monkeypatch.setattr(TrainingRecipe, "evaluate", spy)
     out = tmp_path / "run"
     run(synthetic_root, out, teacher_dir, "ssl.burn_in_steps=1", "train.max_steps=2", "ssl.ema_decay=0.5",
         "train.checkpoint_every=2", f"ssl.evaluate={which}")  # fmt: skip

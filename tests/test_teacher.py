@@ -1,8 +1,9 @@
 import torch
 
 from gd_hf.config import SslConfig
+from gd_hf.method import GuidedDistillation
+from gd_hf.modeling import Mask2FormerFamily
 from gd_hf.teacher import EmaTeacher
-from gd_hf.train import training_phase
 
 
 def pair():
@@ -47,6 +48,6 @@ def test_copy_from_makes_teacher_equal_to_student():
 
 
 def test_phase_is_a_pure_function_of_the_step():
-    ssl = SslConfig(enabled=True, burn_in_steps=3)
-    assert [training_phase(s, ssl) for s in range(5)] == ["burn_in"] * 3 + ["ema"] * 2
-    assert training_phase(10, SslConfig(enabled=False)) == "supervised"
+    method = GuidedDistillation(SslConfig(enabled=True, burn_in_steps=3), Mask2FormerFamily(), EmaTeacher(torch.nn.Linear(1, 1)))
+    assert [method.phase(s) for s in range(5)] == ["burn_in"] * 3 + ["ema"] * 2
+    assert GuidedDistillation.supervised(Mask2FormerFamily()).phase(10) == "supervised"

@@ -16,6 +16,7 @@ import gd_hf.teacher_check as check_module
 import gd_hf.train as train_module
 from gd_hf.config import load_recipe
 from gd_hf.data.prepare import prepare_data
+from gd_hf.method import PseudoLabelRules
 from gd_hf.modeling import build_image_processor, build_model, size_divisibility
 from gd_hf.teacher_check import measure_teacher
 from gd_hf.train import build_accelerator, main, train
@@ -191,5 +192,6 @@ def test_the_check_and_the_benchmark_measure_the_same(squares, tmp_path, monkeyp
         round(figures["precision"], 2),
         round(figures["recall"], 2),
     )
-    direct = measure_teacher(model, data.val, recipe.data, recipe.ssl, size_divisibility(model))[threshold]
+    direct = measure_teacher(model, data.val, recipe.data, PseudoLabelRules.from_recipe(recipe.ssl),
+                             size_divisibility(model))[threshold]  # fmt: skip
     assert direct.figures()["precision"] == figures["precision"] == 1.0

@@ -13,7 +13,8 @@ from transformers import pipeline
 import gd_hf.train as train_module
 from gd_hf.config import RecipeError, load_recipe
 from gd_hf.data.coco import DataError
-from gd_hf.train import check_distributed_type, main, train
+from gd_hf.distributed import check_distributed_type
+from gd_hf.train import main, train
 
 from .conftest import ROOT, tiny_overrides
 

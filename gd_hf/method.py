@@ -1,0 +1,219 @@
+"""Guided Distillation (Berrada et al., "Guided Distillation for Semi-Supervised Instance Segmentation",
+arXiv 2308.02668), on one screen or two; the numbers and the reference code's choices are in
+`../shared/docs/method.md`.
+
+The phases are a pure function of the step (`GuidedDistillation.phase`), so a resumed run is in the same one:
+1. `supervised`: the teacher trains on the labeled split alone (a run with `ssl.enabled: false`);
+2. `burn_in` (steps < `ssl.burn_in_steps`): the student trains on labeled images plus the pseudo labels of the
+   *fixed* phase-1 teacher;
+3. `ema`: at its first step the teacher becomes a copy of the student, then follows it by EMA after each update.
+
+One micro-batch (`GuidedDistillation.loss`): the labeled and unlabeled batches are padded to one frame; the
+teacher predicts on the weak view and a `PseudoLabelRule` turns that into targets; the student sees the labeled
+images and the strong view in one forward pass; the loss is `L_sup + ssl.unsup_loss_weight * L_unsup`, both the
+model family's matched (Hungarian) loss. Without pseudo labels (phase 1, or a burn-in without them) it is L_sup.
+
+Two extension points, plain classes passed in from Python (README, "Extending the method"):
+- `PseudoLabelRule`: the teacher's logits -> `PseudoLabels` (`PseudoLabelRules`: the paper's four rules and an
+  optional mask NMS);
+- `ModelFamily`: what the method needs of a model (`gd_hf.modeling.Mask2FormerFamily` is the first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from gd_hf.config import SslConfig
+from gd_hf.data.loading import frame_size, pad_batch
+from gd_hf.pseudo_labels import PseudoLabels, filter_pseudo_labels, pseudo_label_quality
+from gd_hf.teacher import EmaTeacher
+
+# The matched loss's main terms, logged per step (the auxiliary layers' terms are in the loss, not the log).
+LOGGED_LOSS_TERMS = ("loss_cross_entropy", "loss_mask", "loss_dice")
+
+
+@dataclass
+class Predictions:
+    """A model's per-query outputs: class logits (B, Q, C+1; the last class is "no object"), mask logits
+    (B, Q, h, w), and the same pair from each intermediate decoder layer (the loss's auxiliary terms)."""
+
+    class_logits: torch.Tensor
+    mask_logits: torch.Tensor
+    auxiliary: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def rows(self, rows: slice) -> Predictions:
+        """The predictions of a slice of the batch (the labeled images, or the strong views)."""
+        return Predictions(
+            self.class_logits[rows], self.mask_logits[rows], [(c[rows], m[rows]) for c, m in self.auxiliary]
+        )
+
+
+class ModelFamily(Protocol):
+    """What Guided Distillation needs of a model family (Mask2Former: `gd_hf.modeling.Mask2FormerFamily`)."""
+
+    def forward(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Predictions:
+        """The training forward pass, auxiliary predictions included (`model` may be DDP-wrapped)."""
+
+    def loss(
+        self, model: torch.nn.Module, predictions: Predictions, mask_labels: list[torch.Tensor],
+        class_labels: list[torch.Tensor],
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The weighted matched loss terms (`LOGGED_LOSS_TERMS` among them) of `predictions` against the targets;
+        `model` is the unwrapped model (its criterion)."""
+
+    def padding_divisor(self, model: torch.nn.Module) -> int:
+        """Input sides must be multiples of this."""
+
+    def predict(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Predictions:
+        """How the teacher predicts (the model is in eval mode, under `torch.no_grad`): deterministic, as at
+        inference."""
+
+    def load_pretrained(self, path: str) -> torch.nn.Module:
+        """A trained model of this family from an export folder or hub id (`ssl.teacher`)."""
+
+
+class PseudoLabelRule(Protocol):
+    """The teacher's predictions on a batch of weak views -> the student's targets."""
+
+    def __call__(self, class_logits: torch.Tensor, mask_logits: torch.Tensor) -> PseudoLabels:
+        """class_logits (B, Q, C+1), mask_logits (B, Q, h, w) -> per image hard masks, classes and scores."""
+
+
+@dataclass(frozen=True)
+class PseudoLabelRules:
+    """The paper's pseudo-label rules (see `filter_pseudo_labels`): drop "no object", keep a score above
+    `score_threshold` and a soft mask area above `min_soft_area` pixels, binarise at `mask_threshold`; plus the
+    optional mask NMS `max_overlap` (not in the paper; None = off)."""
+
+    score_threshold: float = 0.7
+    min_soft_area: float = 5.0
+    mask_threshold: float = 0.5
+    max_overlap: float | None = None
+
+    @classmethod
+    def from_recipe(cls, ssl: SslConfig) -> PseudoLabelRules:
+        return cls(ssl.pseudo_label_score_threshold, ssl.pseudo_label_min_area, ssl.pseudo_label_mask_threshold,
+                   ssl.pseudo_label_max_overlap)  # fmt: skip
+
+    def with_score_threshold(self, threshold: float) -> PseudoLabelRules:
+        return dataclasses.replace(self, score_threshold=threshold)
+
+    def __call__(self, class_logits: torch.Tensor, mask_logits: torch.Tensor) -> PseudoLabels:
+        return filter_pseudo_labels(class_logits, mask_logits, self.score_threshold, self.min_soft_area,
+                                    self.mask_threshold, self.max_overlap)  # fmt: skip
+
+
+class GuidedDistillation:
+    """The method: its teacher (frozen in burn-in, then the EMA of the student), its pseudo-label rule, its
+    schedule, and the loss of a micro-batch. Needs no Accelerator: the loop calls `start_step`, `loss` (inside
+    its autocast, once per micro-batch) and `after_step`.
+
+    With `ssl.enabled: false` (phase 1) there is no teacher and `loss` is the supervised loss alone."""
+
+    def __init__(
+        self, ssl: SslConfig, family: ModelFamily, teacher: EmaTeacher | None = None,
+        rule: PseudoLabelRule | None = None,
+    ) -> None:  # fmt: skip
+        if ssl.enabled and teacher is None:
+            raise ValueError("Guided Distillation (ssl.enabled) needs a teacher")
+        self.ssl, self.family, self.teacher = ssl, family, teacher
+        self.rule = rule if rule is not None else PseudoLabelRules.from_recipe(ssl)
+
+    @classmethod
+    def supervised(cls, family: ModelFamily) -> GuidedDistillation:
+        """Phase 1 alone: the supervised loss, no teacher."""
+        return cls(SslConfig(enabled=False), family)
+
+    def phase(self, step: int) -> str:
+        """`supervised`, `burn_in` or `ema` for the step about to run (0-based)."""
+        if not self.ssl.enabled:
+            return "supervised"
+        return "burn_in" if step < self.ssl.burn_in_steps else "ema"
+
+    def uses_pseudo_labels(self, step: int) -> bool:
+        """Whether the step's loss has the unsupervised term (a burn-in may run on labeled data only)."""
+        phase = self.phase(step)
+        return phase == "ema" or (phase == "burn_in" and self.ssl.burn_in_pseudo_labels)
+
+    def start_step(self, step: int, student: torch.nn.Module) -> bool:
+        """Before `step`: at the first EMA step the teacher becomes a copy of the student (True is returned then:
+        burn-in has just ended)."""
+        if self.phase(step) == "ema" and step == self.ssl.burn_in_steps:
+            self.teacher.copy_from(student)
+            return True
+        return False
+
+    def loss(
+        self, model: torch.nn.Module, student: torch.nn.Module, labeled: dict[str, Any],
+        unlabeled: dict[str, Any] | None, device: torch.device | str = "cpu",
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:  # fmt: skip
+        """The loss of one micro-batch and the values to log. `model` is what the forward pass calls (DDP-wrapped
+        on several processes), `student` the unwrapped model; `unlabeled` (None: supervised only) carries the
+        weak and strong views of the same images."""
+        pseudo = None
+        if unlabeled is not None:
+            # One frame for both batches before the teacher sees the weak view: its pseudo labels then lie in
+            # the frame of the student's input, as the labeled targets do (see `pad_batch`).
+            labeled, unlabeled = one_frame(labeled, unlabeled)
+            pseudo = self.pseudo_labels(unlabeled["weak_pixel_values"].to(device))
+        pixel_values = labeled["pixel_values"].to(device)
+        labeled_count = pixel_values.shape[0]
+        if pseudo is not None:  # the labeled images and the strong views in one forward pass (one DDP forward)
+            pixel_values = torch.cat([pixel_values, unlabeled["strong_pixel_values"].to(device)])
+        predictions = self.family.forward(model, pixel_values)
+        labeled_rows = slice(0, labeled_count) if pseudo is not None else slice(None)
+        terms = self.family.loss(student, predictions.rows(labeled_rows), [m.to(device) for m in labeled["mask_labels"]],
+                                 [c.to(device) for c in labeled["class_labels"]])  # fmt: skip
+        loss = sum(terms.values())
+        logged: dict[str, torch.Tensor | float] = {}
+        if pseudo is not None:
+            unsup_terms = self.family.loss(student, predictions.rows(slice(labeled_count, None)), pseudo.mask_labels,
+                                           pseudo.class_labels)  # fmt: skip
+            unsup_loss = sum(unsup_terms.values())
+            logged.update(loss_sup=loss, loss_unsup=unsup_loss)
+            loss = loss + self.ssl.unsup_loss_weight * unsup_loss
+        logged["loss"] = loss
+        logged.update({key: terms[key] for key in LOGGED_LOSS_TERMS})
+        if pseudo is not None:
+            logged.update(pseudo_label_figures(pseudo, unlabeled))
+        return loss, logged
+
+    def pseudo_labels(self, weak_pixel_values: torch.Tensor) -> PseudoLabels:
+        """The teacher's predictions on the weak view, through the pseudo-label rule."""
+        with torch.no_grad():
+            predictions = self.family.predict(self.teacher.model, weak_pixel_values)
+        return self.rule(predictions.class_logits, predictions.mask_logits)
+
+    def after_step(self, step: int, student: torch.nn.Module, update_skipped: bool) -> None:
+        """After the optimizer step of `step`: in the EMA phase, teacher <- decay * teacher + (1 - decay) * student
+        (a skipped update moves neither)."""
+        if self.phase(step) == "ema" and not update_skipped:
+            self.teacher.update(student, self.ssl.ema_decay)
+
+
+def one_frame(labeled: dict[str, Any], unlabeled: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A labeled and an unlabeled batch padded to one frame (the larger of the two, side by side), images and
+    targets alike (see `pad_batch`)."""
+    (lh, lw), (uh, uw) = frame_size(labeled), frame_size(unlabeled)
+    height, width = max(lh, uh), max(lw, uw)
+    return pad_batch(labeled, height, width), pad_batch(unlabeled, height, width)
+
+
+def pseudo_label_figures(pseudo: PseudoLabels, unlabeled: dict[str, Any]) -> dict[str, float]:
+    """What is logged of a step's pseudo labels: how many per image, their mean score, and, when the unlabeled
+    images carry hidden labels (synthetic data, ablations), their quality against those (monitoring only: the
+    hidden labels never become targets)."""
+    counts = pseudo.counts()
+    all_scores = torch.cat(pseudo.scores)
+    figures = {
+        "pseudo_labels_per_image": sum(counts) / len(counts),
+        "pseudo_label_score": float(all_scores.mean()) if len(all_scores) else 0.0,
+    }
+    if any(len(c) for c in unlabeled["hidden_classes"]):
+        quality = pseudo_label_quality(pseudo, unlabeled["hidden_masks"], unlabeled["hidden_classes"])
+        figures.update({f"pseudo_{key}": value for key, value in quality.items() if value == value})  # not NaN
+    return figures
