@@ -307,11 +307,14 @@ def hold_output_locks(accelerator: Accelerator, folders: list[str] | tuple[str, 
 
 
 def check_relaunch(
-    recipe: Recipe, launch_recipe: Recipe, saved: dict[str, Any], checkpoint: Path
-) -> dict[str, list[Any]]:
+    recipe: Recipe, launch_recipe: Recipe, saved: dict[str, Any], checkpoint: Path,
+    extension_points: dict[str, str] | None = None,
+) -> dict[str, list[Any]]:  # fmt: skip
     """Compare this launch's recipe with the one that trained `checkpoint`: a change to what is trained (model,
     data, optimiser, schedule, batch, seed, method) stops the run unless `resume: force`; a change of how long,
-    how often or where goes on with a line. Returns the changes, for the launch record."""
+    how often or where goes on with a line. `extension_points`: the classes of the custom pseudo-label rule or
+    model family passed from Python (`python:NAME` in the changes; absent = the recipe's own). Returns the
+    changes, for the launch record."""
     previous = saved.get("recipe")
     if not isinstance(previous, dict):
         launch_logger.warning(
@@ -319,6 +322,12 @@ def check_relaunch(
         )
         return {}
     changes = recipe_changes(previous, recipe_to_dict(launch_recipe))
+    # Extension points are not recipe keys: each checkpoint records their classes, and a relaunch that swaps one
+    # changes what is trained as a changed key would.
+    before, now = saved.get("extension_points") or {}, extension_points or {}
+    for name in sorted(set(before) | set(now)):
+        if before.get(name) != now.get(name):
+            changes[f"python:{name}"] = [before.get(name, "the recipe's"), now.get(name, "the recipe's")]
     # A supervised run (phase 1 of a one-launch run included) is not changed by the keys of phases 2-3.
     supervised = not launch_recipe.ssl.enabled and not previous.get("ssl", {}).get("enabled")
     trained = {

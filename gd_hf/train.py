@@ -130,6 +130,16 @@ class TrainingRecipe:
             recipe, ssl=dataclasses.replace(recipe.ssl, teacher=str(teacher), train_teacher_first=False)
         )
 
+    def extension_points(self, recipe: Recipe) -> dict[str, str]:
+        """The classes of the custom extension points this phase trains with (a supervised phase has no
+        pseudo labels), which its checkpoints record."""
+        points = {}
+        if recipe.ssl.enabled and self.pseudo_label_rule is not None:
+            points["pseudo_label_rule"] = qualified_name(type(self.pseudo_label_rule))
+        if type(self.family) is not Mask2FormerFamily:
+            points["model_family"] = qualified_name(type(self.family))
+        return points
+
     # -- set-up -------------------------------------------------------------------------------------------------
 
     def set_up(self, recipe: Recipe, data: RunData, launch_recipe: Recipe, lock_also: tuple[str, ...]) -> None:
@@ -143,7 +153,9 @@ class TrainingRecipe:
         hold_output_locks(self.accelerator, [folder for folder in folders if Path(folder).is_dir()])
         resume_from = find_resume_checkpoint(recipe)
         saved = read_trainer_state(resume_from) if resume_from is not None else None
-        changes = check_relaunch(recipe, launch_recipe, saved, resume_from) if resume_from is not None else {}
+        changes = {}
+        if resume_from is not None:
+            changes = check_relaunch(recipe, launch_recipe, saved, resume_from, self.extension_points(recipe))
         self.set_up_models(recipe, data)
         self.state = RunState.from_dict(saved) if saved is not None else RunState()
         teacher_figures = None
@@ -345,6 +357,9 @@ class TrainingRecipe:
         # The checkpoint names the recipe that trained it: a relaunch compares its own with it.
         trainer_state = {**state.to_dict(), "num_processes": accelerator.num_processes,
                          "recipe": recipe_to_dict(self.phase_recipe)}  # fmt: skip
+        extension_points = self.extension_points(self.recipe)
+        if extension_points:  # custom ones only: a run of the recipe's own records nothing here
+            trainer_state["extension_points"] = extension_points
         save_checkpoint(accelerator, self.output_dir / "checkpoints", state.step, trainer_state,
                         self.recipe.train.keep_checkpoints, self.batches.data_state(),
                         self.checkpointed_states())  # fmt: skip
@@ -383,6 +398,10 @@ def train(
 ) -> dict[str, float]:  # fmt: skip
     """Run a recipe to its end (resuming where it has checkpoints); the final val metrics. See `TrainingRecipe`."""
     return TrainingRecipe(recipe, pseudo_label_rule, model_family).run(data)
+
+
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def teacher_recipe_of(recipe: Recipe) -> Recipe:

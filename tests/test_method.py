@@ -154,11 +154,11 @@ class TopKPerImage:
                             [s[i] for s, i in zip(pseudo.scores, keep)])  # fmt: skip
 
 
-def distill(synthetic_root, out, teacher_dir, **extension_points) -> list[dict]:
+def distill(synthetic_root, out, teacher_dir, *extra: str, **extension_points) -> list[dict]:
     overrides = tiny_overrides(synthetic_root, out) + [
         "ssl.enabled=true", f"ssl.teacher={teacher_dir}", "ssl.burn_in_steps=1", "ssl.unlabeled_batch_size=4",
         "ssl.pseudo_label_score_threshold=0.0", "ssl.pseudo_label_min_area=1", "ssl.pseudo_label_max_overlap=null",
-        "train.max_steps=2", "train.log_every=1",
+        "train.max_steps=2", "train.log_every=1", *extra,
     ]  # fmt: skip
     AcceleratorState._reset_state(reset_partial_state=True)
     train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides), **extension_points)
@@ -259,3 +259,23 @@ def test_a_one_launch_run_runs_both_phases_on_one_accelerator_and_ends_it_once(s
     assert (out / "teacher" / "final" / "model.safetensors").is_file() and (
         out / "final" / "model.safetensors"
     ).is_file()
+
+
+def test_a_relaunch_with_another_pseudo_label_rule_is_stopped_like_a_changed_recipe_key(
+    synthetic_root, tmp_path, teacher_dir
+):
+    """A custom rule is not a recipe key: the checkpoints record its class, and a relaunch that drops or swaps it
+    changes what is trained."""
+    from gd_hf.config import RecipeError
+
+    out = tmp_path / "run"
+    top_1 = TopKPerImage(1, PseudoLabelRules(score_threshold=0.0, min_soft_area=1))
+    distill(synthetic_root, out, teacher_dir, pseudo_label_rule=top_1)
+    trainer_state = json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert trainer_state["extension_points"] == {"pseudo_label_rule": "tests.test_method.TopKPerImage"}
+    with pytest.raises(
+        RecipeError, match=r"python:pseudo_label_rule: 'tests.test_method.TopKPerImage' -> \"the recipe's\""
+    ):
+        distill(synthetic_root, out, teacher_dir, "train.max_steps=3")
+    logged = distill(synthetic_root, out, teacher_dir, "train.max_steps=3", pseudo_label_rule=top_1)  # the same: on
+    assert [r["pseudo_labels_per_image"] for r in logged if "pseudo_labels_per_image" in r] == [1.0] * 3
