@@ -279,3 +279,29 @@ def test_a_relaunch_with_another_pseudo_label_rule_is_stopped_like_a_changed_rec
         distill(synthetic_root, out, teacher_dir, "train.max_steps=3")
     logged = distill(synthetic_root, out, teacher_dir, "train.max_steps=3", pseudo_label_rule=top_1)  # the same: on
     assert [r["pseudo_labels_per_image"] for r in logged if "pseudo_labels_per_image" in r] == [1.0] * 3
+
+
+def test_the_readme_example_rule_runs_as_written(monkeypatch):
+    """The README's "Extending the method" example, executed: it passes a rule that keeps the top 3 per image."""
+    import re
+
+    import gd_hf.train as train_module
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Extending the method") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = "\n".join(line[2:] if line.startswith("  ") else line for line in code.splitlines())  # list indent
+    passed = {}
+    monkeypatch.setattr(train_module, "train", lambda recipe, **kwargs: passed.update(kwargs))
+    exec(compile(code, "README.md", "exec"), {})
+    rule = passed["pseudo_label_rule"]
+    torch.manual_seed(0)
+    class_logits = torch.zeros(2, 10, 4)
+    class_logits[..., 0] = torch.linspace(1, 10, 10)  # every query confident in class 0, ten different scores
+    mask_logits = torch.full((2, 10, 16, 16), -20.0)
+    for query in range(10):  # ten disjoint strips: the recipe's mask NMS keeps them all
+        mask_logits[:, query, query] = 20.0
+    pseudo = rule(class_logits, mask_logits)
+    assert pseudo.counts() == [3, 3]
+    assert all(torch.equal(s, s.sort(descending=True).values[:3]) for s in pseudo.scores)
+    assert all(float(s.min()) > float(torch.softmax(class_logits[0, 6], -1).max()) for s in pseudo.scores)
