@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
-from gd_hf.data.loading import to_rgb
+from gd_hf.data.images import to_rgb
 from gd_hf.data.sources import IMAGE_SUFFIXES
 from gd_hf.data.transforms import eval_size, normalize, pad_to, padded_size, resize
 from gd_hf.evaluation import post_process_instances, to_coco_results

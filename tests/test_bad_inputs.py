@@ -14,7 +14,8 @@ from PIL import Image
 
 from gd_hf.config import DataConfig, load_recipe
 from gd_hf.data.coco import DataError
-from gd_hf.data.loading import labeled_sample, read_image
+from gd_hf.data.images import read_image
+from gd_hf.data.loading import labeled_sample
 from gd_hf.run_info import check_output_folder, record_launch
 from tests.conftest import ROOT, tiny_overrides
 

@@ -7,7 +7,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from gd_hf.data.coco import DataError, decode_masks, load_coco, to_hf_dataset
-from gd_hf.data.loading import read_image
+from gd_hf.data.images import read_image
 
 
 def make_folder(tmp_path, annotations, images=None, categories=None):

@@ -3,7 +3,8 @@ import torch
 
 from gd_hf.config import DataConfig
 from gd_hf.data.coco import load_coco, to_hf_dataset
-from gd_hf.data.loading import UnlabeledTrainDataset, collate_unlabeled, read_image
+from gd_hf.data.images import read_image
+from gd_hf.data.loading import UnlabeledTrainDataset, collate_unlabeled
 from gd_hf.data.transforms import scale_jitter_crop_flip, strong_photometric
 
 

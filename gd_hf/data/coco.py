@@ -314,11 +314,8 @@ def load_coco(
         return _load_coco(Path(annotation_file), Path(image_dir), check_images, crowd_as_objects)
 
 
-def _load_coco(annotation_file: Path, image_dir: Path, check_images: bool, crowd_as_objects: bool) -> CocoSource:
-    if not annotation_file.is_file():
-        raise DataError(f"annotation file {annotation_file} does not exist: check data.*_annotations in the recipe")
-    if not image_dir.is_dir():
-        raise DataError(f"image folder {image_dir} does not exist: check data.*_images in the recipe")
+def _read_instances_json(annotation_file: Path) -> dict[str, Any]:
+    """The parsed JSON, checked to be a COCO instances file with images and categories."""
     try:
         coco = _parse_json(annotation_file)
     except (ValueError, UnicodeDecodeError) as e:  # json's and orjson's decode errors are ValueErrors
@@ -332,7 +329,15 @@ def _load_coco(annotation_file: Path, image_dir: Path, check_images: bool, crowd
         raise DataError(f"{annotation_file} lists no categories")
     if not coco["images"]:
         raise DataError(f"{annotation_file} lists no images")
+    return coco
 
+
+def _load_coco(annotation_file: Path, image_dir: Path, check_images: bool, crowd_as_objects: bool) -> CocoSource:
+    if not annotation_file.is_file():
+        raise DataError(f"annotation file {annotation_file} does not exist: check data.*_annotations in the recipe")
+    if not image_dir.is_dir():
+        raise DataError(f"image folder {image_dir} does not exist: check data.*_images in the recipe")
+    coco = _read_instances_json(annotation_file)
     categories = _categories(coco["categories"], annotation_file)
     coco_to_contiguous = {c["id"]: i for i, c in enumerate(categories)}
     if len(coco_to_contiguous) < len(categories):  # the annotations of such an id could mean either class

@@ -12,7 +12,6 @@ shuffled order; epochs then differ in length, and position p falls in the epoch 
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from collections.abc import Iterator
@@ -23,10 +22,10 @@ import datasets
 import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gd_hf.config import DataConfig
 from gd_hf.data.coco import DataError, decode_masks
+from gd_hf.data.images import read_image
 from gd_hf.data.transforms import (
     REFERENCE_STRONG,
     StrongAugment,
@@ -40,108 +39,6 @@ from gd_hf.data.transforms import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def _open_image(example: dict[str, Any], draft: bool = False) -> tuple[Image.Image, tuple[int, int]]:
-    """The example's image decoded (at 1/8 scale for a JPEG with `draft`: enough to find a broken file fast), and
-    its stored size; a `DataError` naming the file and image id if it cannot be read."""
-    cell = example["image"]
-    path = cell.get("path") or "<bytes>"
-    try:
-        image = Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") is not None else cell["path"])
-        stored = image.size
-        if draft:
-            image.draft("RGB", (max(1, stored[0] // 8), max(1, stored[1] // 8)))
-        image.load()
-    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(
-            f"cannot read image {path} (image id {example['image_id']}): {e}. Replace the file, or remove the image "
-            "and its annotations from the JSON."
-        ) from e
-    return image, stored
-
-
-def _size_mismatch(example: dict[str, Any], size: tuple[int, int]) -> DataError:
-    path = example["image"].get("path") or "<bytes>"
-    return DataError(
-        f"image {path} (image id {example['image_id']}) is {size[0]}x{size[1]} but the annotation file "
-        f"says {example['width']}x{example['height']}: fix width/height in the JSON"
-    )
-
-
-def read_image(example: dict[str, Any]) -> torch.Tensor:
-    """Decode the example's image (an undecoded `datasets.Image` cell) as uint8 RGB (3, H, W).
-
-    - grayscale, palette, RGBA (alpha dropped), CMYK: converted to RGB; 16-bit and 32-bit integer images are
-      scaled to 8 bits (not clipped);
-    - EXIF orientation: the image is turned as viewers show it when the record's width/height are the turned
-      size (what annotation tools draw on), and left as stored when they are the stored size;
-    - unreadable, truncated or too large (PIL's decompression-bomb limit) files raise a `DataError` naming the
-      file and the image id; so does a size that matches neither way.
-    """
-    image, _ = _open_image(example)
-    stated = (example["width"], example["height"])
-    if image.getexif().get(0x0112, 1) not in (1, None):  # an EXIF orientation other than "as stored"
-        turned = ImageOps.exif_transpose(image)
-        if stated[0] <= 0 or (turned.width, turned.height) == stated:
-            image = turned
-    image = to_rgb(image)
-    # width/height 0: a record without a stated size (plain image folders); any other mismatch is an error.
-    if stated[0] > 0 and (image.width, image.height) != stated:
-        raise _size_mismatch(example, image.size)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-
-
-def check_image(example: dict[str, Any]) -> None:
-    """Raise the `DataError` that `read_image` would raise for this example, at a fraction of its cost (a JPEG is
-    decoded at 1/8 scale): for checking every val image at start."""
-    image, stored = _open_image(example, draft=True)
-    stated = (example["width"], example["height"])
-    turned_sizes = {stored, stored[::-1]} if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else {stored}
-    if stated[0] > 0 and stated not in turned_sizes:
-        raise _size_mismatch(example, stored)
-
-
-def check_images(records: datasets.Dataset, what: str, rank: int = 0, world_size: int = 1) -> list[str]:
-    """The problems of the images of `records` this process checks (every `world_size`-th from `rank`), read in
-    threads (decoding releases the GIL), with a progress bar."""
-    import concurrent.futures
-    import os
-
-    from tqdm.auto import tqdm
-
-    undecoded = records.cast_column("image", datasets.Image(decode=False)).select_columns(
-        ["image", "image_id", "width", "height"]
-    )
-    rows = range(rank, len(undecoded), world_size)
-
-    def problem(row: int) -> str | None:
-        try:
-            check_image(undecoded[row])
-        except DataError as e:
-            return str(e)
-        return None
-
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        found = tqdm(pool.map(problem, rows), total=len(rows), desc=f"checking {what} images", leave=False,
-                     disable=rank != 0 or len(rows) < 200)  # fmt: skip
-        return [p for p in found if p is not None]
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode as 8-bit RGB, as training and evaluation see it (16/32-bit and float scaled, not clipped)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        values = np.asarray(image).astype(np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-        if image.mode == "I" and values.max() > 65535:
-            top = float(2**31 - 1)
-        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(np.stack([gray] * 3, axis=-1))
-    if image.mode == "F":
-        values = np.asarray(image)
-        gray = np.clip(values / max(float(values.max()), 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(np.stack([gray] * 3, axis=-1))
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def read_image_and_targets(

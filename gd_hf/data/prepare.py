@@ -18,7 +18,7 @@ from pycocotools.coco import COCO
 
 from gd_hf.config import Recipe
 from gd_hf.data.coco import DataError, compressed_rle_problem
-from gd_hf.data.loading import check_images
+from gd_hf.data.images import check_images
 from gd_hf.data.sources import (
     Categories,
     Records,
