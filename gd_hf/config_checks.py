@@ -1,0 +1,263 @@
+"""Value checks of a loaded recipe that types alone cannot express (`validate`, called by `load_recipe`).
+
+Each `_..._checks` function returns `(passes, key, message)` triples for one section or concern; `validate`
+evaluates them all and raises `RecipeError(f"{key} {message}")` for the first that fails, in a fixed order.
+"""
+
+from __future__ import annotations
+
+from gd_hf.config import DataConfig, EvalConfig, HubConfig, ModelConfig, Recipe, RecipeError, TrainConfig
+
+Check = tuple[bool, str, str]
+"""`(passes, key, message)`: a failing check is reported as `f"{key} {message}"`."""
+
+
+def validate(recipe: Recipe) -> None:
+    """Value checks that types alone cannot express; raise `RecipeError` naming the first that fails.
+
+    The order below decides which problem a recipe with several is told about first: keep it."""
+    m, d, t, e = recipe.model, recipe.data, recipe.train, recipe.eval
+    checks = [
+        *_run_checks(recipe),
+        *_backbone_checks(m),
+        *_size_limit_checks(m, d),
+        *_decoder_and_loss_checks(m),
+        *_eval_image_and_synthetic_checks(d),
+        *_eval_checks(e),
+        *_optimizer_checks(t),
+        *_teacher_and_repo_id_checks(recipe),
+        *_data_checks(d),
+        *_train_loop_checks(t),
+        *_query_stage_and_top_k_checks(m, e),
+        *_hub_push_checks(recipe.hub),
+        *_ssl_checks(recipe),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise RecipeError(f"{key} {message}")
+
+
+def _run_checks(recipe: Recipe) -> list[Check]:
+    """Where the run writes, and its seeds."""
+    return [
+        (bool(recipe.output_dir.strip()), "output_dir", "must name a folder (it is empty)"),
+        (recipe.seed >= 0, "seed", "must be >= 0"),
+        (recipe.data.split_seed >= 0, "data.split_seed", "must be >= 0"),
+    ]
+
+
+def _backbone_checks(m: ModelConfig) -> list[Check]:
+    """The backbone's sizes and the decoder's width."""
+    return [
+        (m.backbone_hidden_size > 0, "model.backbone_hidden_size", "must be > 0"),
+        (all(v > 0 for v in m.backbone_depths), "model.backbone_depths", "must all be > 0"),
+        (
+            bool(m.backbone_num_heads) and all(v > 0 for v in m.backbone_num_heads),
+            "model.backbone_num_heads",
+            "must all be > 0",
+        ),  # fmt: skip
+        (
+            m.hidden_dim > 0 and m.hidden_dim % 32 == 0,
+            "model.hidden_dim",
+            "must be a positive multiple of 32 (the pixel decoder's GroupNorm has 32 groups)",
+        ),  # fmt: skip
+        (_heads_problem(m) is None, "model.backbone_num_heads", _heads_problem(m) or ""),
+    ]
+
+
+def _size_limit_checks(m: ModelConfig, d: DataConfig) -> list[Check]:
+    """Upper bounds far above the reference's values: beyond them a run only exhausts memory."""
+    return [
+        (m.num_queries <= 10_000, "model.num_queries", "must be <= 10000 (the reference: 100)"),
+        (m.train_num_points <= 1_000_000, "model.train_num_points", "must be <= 1000000 (the reference: 12544)"),
+        (d.crop_size <= 8192, "data.crop_size", "must be <= 8192 (the reference: 1024)"),
+        (d.max_scale <= 10, "data.max_scale", "must be <= 10 (the reference: 2.0)"),
+        (d.eval_longest_edge <= 8192, "data.eval_longest_edge", "must be <= 8192 (the reference: 1333)"),
+    ]
+
+
+def _decoder_and_loss_checks(m: ModelConfig) -> list[Check]:
+    """The pixel and transformer decoders' depths and the loss's points and weights."""
+    return [
+        (m.encoder_layers > 0, "model.encoder_layers", "must be > 0"),
+        (m.decoder_layers > 0, "model.decoder_layers", "must be > 0"),
+        (m.train_num_points > 0, "model.train_num_points", "must be > 0"),
+        (
+            min(m.no_object_weight, m.class_weight, m.mask_weight, m.dice_weight) >= 0,
+            "model.*_weight",
+            "loss weights must be >= 0",
+        ),  # fmt: skip
+    ]
+
+
+def _eval_image_and_synthetic_checks(d: DataConfig) -> list[Check]:
+    """The evaluation resize and the synthetic set's sizes."""
+    return [
+        (d.eval_shortest_edge > 0, "data.eval_shortest_edge", "must be > 0"),
+        (d.eval_longest_edge >= d.eval_shortest_edge, "data.eval_longest_edge", "must be >= data.eval_shortest_edge"),
+        (d.synthetic_train_images > 0, "data.synthetic_train_images", "must be > 0"),
+        (d.synthetic_val_images > 0, "data.synthetic_val_images", "must be > 0"),
+        (d.synthetic_image_size >= 16, "data.synthetic_image_size", "must be >= 16"),
+    ]
+
+
+def _eval_checks(e: EvalConfig) -> list[Check]:
+    """The evaluation's batch and image count."""
+    return [
+        (e.batch_size > 0, "eval.batch_size", "must be > 0"),
+        (e.max_images is None or e.max_images > 0, "eval.max_images", "must be null (all) or > 0"),
+    ]
+
+
+def _optimizer_checks(t: TrainConfig) -> list[Check]:
+    """The optimizer's and the schedule's shape."""
+    return [
+        (t.backbone_lr_multiplier >= 0, "train.backbone_lr_multiplier", "must be >= 0"),
+        (t.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
+        (t.poly_power > 0, "train.poly_power", "must be > 0"),
+    ]
+
+
+def _teacher_and_repo_id_checks(recipe: Recipe) -> list[Check]:
+    """Where the teacher comes from, and the Hub repository the run pushes to."""
+    return [
+        (
+            recipe.ssl.teacher_max_steps is None or recipe.ssl.teacher_max_steps > 0,
+            "ssl.teacher_max_steps",
+            "must be null (train.max_steps) or > 0",
+        ),
+        (
+            not (recipe.ssl.teacher is not None and recipe.ssl.train_teacher_first),
+            "ssl.teacher",
+            f"is {recipe.ssl.teacher!r} but ssl.train_teacher_first is true, which trains its own teacher: set "
+            "ssl.train_teacher_first=false to distill from that teacher, or ssl.teacher=null to train one first",
+        ),
+        (_repo_id_problem(recipe.hub.repo_id) is None, "hub.repo_id", _repo_id_problem(recipe.hub.repo_id) or ""),
+    ]
+
+
+def _data_checks(d: DataConfig) -> list[Check]:
+    """The labeled split, the augmentation and the loaders."""
+    return [
+        (0 < d.labeled_percent <= 100, "data.labeled_percent", "must be in (0, 100]"),
+        (0 < d.min_scale <= d.max_scale, "data.min_scale", "must be > 0 and <= data.max_scale"),
+        (0 <= d.hflip_prob <= 1, "data.hflip_prob", "must be in [0, 1]"),
+        (d.crop_size > 0, "data.crop_size", "must be > 0"),
+        (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1"),
+    ]
+
+
+def _train_loop_checks(t: TrainConfig) -> list[Check]:
+    """Steps, batches, learning rate and the loop's bookkeeping."""
+    return [
+        (t.max_steps > 0, "train.max_steps", "must be > 0"),
+        (t.batch_size > 0, "train.batch_size", "must be > 0"),
+        (t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be > 0"),
+        (
+            t.gradient_accumulation_steps <= 0 or t.batch_size % t.gradient_accumulation_steps == 0,
+            "train.batch_size",
+            "must be divisible by train.gradient_accumulation_steps",
+        ),
+        # AdamW moves each weight by about lr per step (the reference: 1e-4); above 1 is never meant, and above
+        # ~3e37 torch cannot even apply the step (the bias-corrected step overflows float32).
+        (0 < t.lr <= 1, "train.lr", "must be in (0, 1] (AdamW moves each weight by about lr per step)"),
+        (t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
+        (t.grad_clip >= 0, "train.grad_clip", "must be >= 0"),
+        (t.log_every > 0, "train.log_every", "must be > 0"),
+        (t.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "must be > 0"),
+        (t.eval_every >= 0, "train.eval_every", "must be >= 0"),
+        (t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),
+        (t.keep_checkpoints > 0, "train.keep_checkpoints", "must be > 0"),
+    ]
+
+
+def _query_stage_and_top_k_checks(m: ModelConfig, e: EvalConfig) -> list[Check]:
+    """How many queries and backbone stages the model has, and how many instances evaluation keeps."""
+    return [
+        (m.num_queries > 0, "model.num_queries", "must be > 0"),
+        (len(m.backbone_depths) == 4, "model.backbone_depths", "must list 4 stages"),
+        (e.top_k > 0, "eval.top_k", "must be > 0"),
+    ]
+
+
+def _hub_push_checks(h: HubConfig) -> list[Check]:
+    """What a push to the Hub needs."""
+    return [
+        (not h.push or bool(h.repo_id), "hub.repo_id", "is required when hub.push is true"),
+        (h.retries >= 0, "hub.retries", "must be >= 0"),
+    ]
+
+
+def _ssl_checks(recipe: Recipe) -> list[Check]:
+    """Guided Distillation: EMA, teacher check, pseudo labels, strong view, unlabeled batches and the teacher."""
+    s, d, t = recipe.ssl, recipe.data, recipe.train
+    return [
+        (0 <= s.ema_decay < 1, "ssl.ema_decay", "must be in [0, 1)"),
+        (s.teacher_check_images > 0, "ssl.teacher_check_images", "must be > 0"),
+        (0 <= s.teacher_check_min_precision <= 1, "ssl.teacher_check_min_precision", "must be in [0, 1]"),
+        (s.teacher_check_min_label_ratio >= 0, "ssl.teacher_check_min_label_ratio", "must be >= 0"),
+        (s.burn_in_steps >= 0, "ssl.burn_in_steps", "must be >= 0"),
+        (s.unsup_loss_weight >= 0, "ssl.unsup_loss_weight", "must be >= 0"),
+        (
+            s.pseudo_label_max_overlap is None or 0 <= s.pseudo_label_max_overlap < 1,
+            "ssl.pseudo_label_max_overlap",
+            "must be null (off) or in [0, 1)",
+        ),
+        (
+            s.labeled_repeat_threshold is None or s.labeled_repeat_threshold > 0,
+            "ssl.labeled_repeat_threshold",
+            "must be null (uniform sampling) or > 0",
+        ),
+        (
+            not (s.enabled and d.streaming and s.labeled_repeat_threshold is not None),
+            "ssl.labeled_repeat_threshold",
+            "needs an indexed labeled split, and data.streaming is on: a stream cannot be resampled by class "
+            "frequency. Set ssl.labeled_repeat_threshold=null (labeled images drawn uniformly, what the reference "
+            "does with streamed data) or data.streaming=false",
+        ),
+        (0 <= s.strong_hue <= 0.5, "ssl.strong_hue", "must be in [0, 0.5]"),
+        (0 <= s.strong_grayscale_prob <= 1, "ssl.strong_grayscale_prob", "must be in [0, 1]"),
+        (
+            t.gradient_accumulation_steps <= 0
+            or (s.unlabeled_batch_size % t.gradient_accumulation_steps == 0)
+            and s.unlabeled_batch_size > 0,
+            "ssl.unlabeled_batch_size",
+            "must be > 0 and divisible by train.gradient_accumulation_steps",
+        ),
+        (
+            not (s.enabled and s.burn_in_pseudo_labels and s.burn_in_steps > 0)
+            or s.teacher is not None
+            or s.train_teacher_first,
+            "ssl.teacher",
+            "is required for guided burn-in: give a phase-1 export, or set ssl.train_teacher_first: true",
+        ),
+    ]
+
+
+def _heads_problem(m: ModelConfig) -> str | None:
+    """Why the attention heads do not fit the backbone's widths (random init only), or None."""
+    if m.pretrained is not None or not m.backbone_num_heads or min(m.backbone_num_heads) <= 0:
+        return None
+    if m.backbone == "swin":
+        if len(m.backbone_num_heads) != 4:
+            return "must list 4 stages for Swin"
+        widths = [m.backbone_hidden_size * 2**i for i in range(4)]
+        if any(w % h for w, h in zip(widths, m.backbone_num_heads)):
+            return f"must divide each Swin stage's width {widths}"
+    if m.backbone == "dinov2" and m.backbone_hidden_size % m.backbone_num_heads[-1]:
+        return f"(its last entry) must divide model.backbone_hidden_size {m.backbone_hidden_size}"
+    return None
+
+
+def _repo_id_problem(repo_id: str | None) -> str | None:
+    """Why `repo_id` can never name a Hub repository (checked at start, not at the final push), or None."""
+    if repo_id is None:
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        return f"{repo_id!r} is not a valid repository id ({e}); write it as `user-or-org/name`"
+    return None
