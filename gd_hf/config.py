@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-
-class RecipeError(ValueError):
-    """A recipe key is unknown, has the wrong type or an invalid value."""
+from gd_hf.config_types import RecipeError, build_dataclass, field_types, unknown_key
 
 
 @dataclass
@@ -352,94 +346,10 @@ class Recipe:
 # Loading and overrides (the value checks are in gd_hf.config_checks)
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`, converting where YAML is looser than Python (int -> float)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except RecipeError as e:
-                errors.append(str(e))
-        raise RecipeError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a valid {_type_name(tp)}")
-    if origin is Literal:
-        if isinstance(value, bool) and ("off" if not value else "on") in args:
-            value = "off" if not value else "on"  # YAML 1.1 reads a bare `off` / `on` as a boolean
-        if value not in args:
-            raise RecipeError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise RecipeError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(value):  # YAML reads .inf / .nan: an infinite lr turns every weight NaN at step 1
-            raise RecipeError(f"{key}: expected a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported recipe type {tp} for {key}")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _unknown_key(key: str, valid: list[str]) -> RecipeError:
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], [v.rsplit(".", 1)[-1] for v in valid], n=1)
-    close_full = [v for v in valid if close and v.rsplit(".", 1)[-1] == close[0]]
-    hint = f"; did you mean `{close_full[0]}`?" if close_full else ""
-    return RecipeError(f"unknown recipe key `{key}`{hint} (valid keys: {', '.join(valid)})")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise RecipeError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {data!r}")
-    hints = _field_types(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise _unknown_key(prefix + str(key), [prefix + n for n in names])
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):  # (`model:` with nothing after it is null: the defaults)
-            kwargs[key] = _build(tp, {} if value is None else value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(value, tp, prefix + key)
-    return cls(**kwargs)
-
-
 def all_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
     """Every dotted key a recipe accepts."""
     keys = []
-    hints = _field_types(cls)
+    hints = field_types(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             keys += all_keys(hints[f.name], f"{prefix}{f.name}.")
@@ -456,7 +366,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     key = key.strip()
     valid = all_keys()
     if key not in valid:
-        raise _unknown_key(key, valid)
+        raise unknown_key(key, valid)
     value = yaml.safe_load(raw) if raw.strip() else ""
     node = data
     parts = key.split(".")
@@ -483,7 +393,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for override in overrides:
         apply_override(data, override)
     try:
-        recipe = _build(Recipe, data, "")
+        recipe = build_dataclass(Recipe, data, "")
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from e
     from gd_hf.config_checks import validate  # here, not at the top: config_checks imports this module
@@ -495,3 +405,27 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """The resolved recipe as plain data (written next to every run)."""
     return dataclasses.asdict(recipe)
+
+
+def names_a_checkpoint(recipe: Recipe) -> bool:
+    """Whether `recipe.resume` is a checkpoint folder rather than one of the modes `auto`, `none`, `force`."""
+    return recipe.resume not in ("auto", "none", "force")
+
+
+def teacher_recipe_of(recipe: Recipe) -> Recipe:
+    """The recipe of phase 1 of a one-launch run: supervised, into output_dir/teacher, for
+    `ssl.teacher_max_steps`, pushed to the `teacher` branch with `hub.push_intermediate`."""
+    teacher_recipe = dataclasses.replace(
+        recipe,
+        output_dir=str(Path(recipe.output_dir) / "teacher"),
+        ssl=dataclasses.replace(recipe.ssl, enabled=False),
+        hub=dataclasses.replace(recipe.hub, push=recipe.hub.push and recipe.hub.push_intermediate, revision="teacher"),
+        train=dataclasses.replace(recipe.train, max_steps=recipe.ssl.teacher_max_steps or recipe.train.max_steps),
+        # `resume: PATH` names a checkpoint of the student; the teacher resumes from its own folder.
+        resume="auto" if names_a_checkpoint(recipe) else recipe.resume,
+    )
+    if names_a_checkpoint(recipe):  # a checkpoint of phases 2-3 of another folder: its run's teacher
+        teacher_recipe = dataclasses.replace(
+            teacher_recipe, output_dir=str(Path(recipe.resume).parent.parent / "teacher")
+        )
+    return teacher_recipe

@@ -288,11 +288,6 @@ def release_output_locks() -> None:
     _held_locks.clear()
 
 
-def names_a_checkpoint(recipe: Recipe) -> bool:
-    """Whether `recipe.resume` is a checkpoint folder rather than one of the modes `auto`, `none`, `force`."""
-    return recipe.resume not in ("auto", "none", "force")
-
-
 def hold_output_locks(accelerator: Accelerator, folders: list[str] | tuple[str, ...]) -> None:
     """One launch per output folder: the main process takes each folder's lock (held until the launch ends); if
     one cannot be taken (another live launch holds it, or the folder is not writable), every process stops

@@ -32,7 +32,7 @@ from gd_hf.checkpointing import (
     read_trainer_state,
     save_checkpoint,
 )
-from gd_hf.config import Recipe, RecipeError, load_recipe, recipe_to_dict
+from gd_hf.config import Recipe, RecipeError, load_recipe, names_a_checkpoint, recipe_to_dict, teacher_recipe_of
 from gd_hf.data.batches import build_train_batches
 from gd_hf.data.coco import DataError
 from gd_hf.data.prepare import RunData, prepare_data
@@ -49,7 +49,6 @@ from gd_hf.run_info import (
     check_relaunch,
     hold_output_locks,
     launches_note,
-    names_a_checkpoint,
     read_launches,
     record_launch,
     release_output_locks,
@@ -402,25 +401,6 @@ def train(
 
 def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def teacher_recipe_of(recipe: Recipe) -> Recipe:
-    """The recipe of phase 1 of a one-launch run: supervised, into output_dir/teacher, for
-    `ssl.teacher_max_steps`, pushed to the `teacher` branch with `hub.push_intermediate`."""
-    teacher_recipe = dataclasses.replace(
-        recipe,
-        output_dir=str(Path(recipe.output_dir) / "teacher"),
-        ssl=dataclasses.replace(recipe.ssl, enabled=False),
-        hub=dataclasses.replace(recipe.hub, push=recipe.hub.push and recipe.hub.push_intermediate, revision="teacher"),
-        train=dataclasses.replace(recipe.train, max_steps=recipe.ssl.teacher_max_steps or recipe.train.max_steps),
-        # `resume: PATH` names a checkpoint of the student; the teacher resumes from its own folder.
-        resume="auto" if names_a_checkpoint(recipe) else recipe.resume,
-    )
-    if names_a_checkpoint(recipe):  # a checkpoint of phases 2-3 of another folder: its run's teacher
-        teacher_recipe = dataclasses.replace(
-            teacher_recipe, output_dir=str(Path(recipe.resume).parent.parent / "teacher")
-        )
-    return teacher_recipe
 
 
 # Exit codes of `python -m gd_hf.train`, and the words of the last console line for each.
