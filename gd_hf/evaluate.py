@@ -19,10 +19,10 @@ import torch
 from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
 from gd_hf.config import DataConfig
+from gd_hf.data.categories import Categories
 from gd_hf.data.coco import CocoSource, DataError, load_coco, to_hf_dataset
 from gd_hf.data.loading import EvalDataset, collate_eval
-from gd_hf.data.sources import Categories, coco_ground_truth
-from gd_hf.evaluation import coco_mask_ap, predict_coco_results, write_results
+from gd_hf.evaluation import coco_ground_truth, coco_mask_ap, predict_coco_results, write_results
 from gd_hf.modeling import size_divisibility
 
 
