@@ -11,8 +11,9 @@ The package, in the order a run goes through it:
 - loop: `train` (set-up, the loop, the end), `checkpointing` (state, resume, which checkpoint reads whole),
   `config` (recipes), `run_info` (launch records, the relaunch comparison, the output folder's lock), `files`
   (durable writes);
-- outputs: `evaluation` / `evaluate` (mask AP), `publish` (exports, model cards, pushes: `export`, `model_card`,
-  `push`), `predict`.
+- outputs: `evaluation` (post-processing, the val ground truth, mask AP), `evaluate` (the command), `coco_metric`
+  (`CocoMaskAP`, the metric for the `evaluate` library), `publish` (exports, model cards, pushes: `export`,
+  `model_card`, `push`), `predict`.
 """
 
 __version__ = "0.1.0"
