@@ -227,7 +227,7 @@ def read_launch(out: Path, name: str, processes: int, wall: float | None = None)
 def time_cocoeval(data: Path, cache: Path) -> dict:
     """COCOeval (segm) on the 5,000 val images with 100 detections each, from the run's cleaned ground truth."""
     from gd_hf.config import DataConfig
-    from gd_hf.data.sources import open_coco
+    from gd_hf.data.coco_source import open_coco
     from gd_hf.evaluation import coco_mask_ap
 
     d = DataConfig(

@@ -18,9 +18,9 @@ import torch
 from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
 from gd_hf.config import DataConfig
+from gd_hf.data.categories import Categories
 from gd_hf.data.coco import CocoSource, DataError, load_coco, to_hf_dataset
-from gd_hf.data.sources import Categories, coco_ground_truth
-from gd_hf.evaluation import EvalSettings, evaluate_mask_ap, write_results
+from gd_hf.evaluation import EvalSettings, coco_ground_truth, evaluate_mask_ap, write_results
 from gd_hf.modeling import size_divisibility
 
 

@@ -1,5 +1,6 @@
-"""COCO mask AP: batched instance post-processing, COCOeval (hotcoco, checked against pycocotools), and an
-`evaluate` metric wrapper."""
+"""COCO mask AP: batched instance post-processing, the COCO ground truth built from gd_hf records, COCOeval
+(hotcoco, checked against pycocotools), and the one evaluation driver of training and `python -m gd_hf.evaluate`.
+(The `evaluate` metric wrapper is `gd_hf.coco_metric.CocoMaskAP`.)"""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import evaluate
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,8 @@ from pycocotools.cocoeval import COCOeval
 from tqdm.auto import tqdm
 
 from gd_hf.config import DataConfig
+from gd_hf.data.categories import Categories
+from gd_hf.data.coco import DataError, compressed_rle_problem, load_coco, to_hf_dataset
 from gd_hf.data.loading import EvalDataset, collate_eval
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
@@ -209,6 +211,48 @@ def to_coco_results(image_id: int, instances: Instances, category_ids: list[int]
     return results
 
 
+def ground_truth_from_json(annotation_file: str | Path) -> COCO:
+    """The pycocotools ground truth of a COCO instances JSON as gd_hf reads it (`load_coco`: polygons, RLE, missing
+    `iscrowd`, box-only and empty objects, any ids), not as pycocotools would read the raw file."""
+    source = load_coco(annotation_file, Path(annotation_file).parent, check_images=False)
+    return coco_ground_truth(to_hf_dataset(source), Categories(source.category_ids, source.category_names))
+
+
+def coco_ground_truth(records: datasets.Dataset, categories: Categories) -> COCO:
+    """A pycocotools ground truth built from gd_hf records (area and box computed from the masks)."""
+    images, annotations = [], []
+    for row in records.select_columns(["image_id", "width", "height", "objects"]):
+        images.append({"id": row["image_id"], "width": row["width"], "height": row["height"]})
+        objects = row["objects"]
+        for category, counts, crowd in zip(objects["category"], objects["rle_counts"], objects["iscrowd"]):
+            # Val is read whole here, at start: a mask that is not one (shards, hub data sets) stops the run now,
+            # not at the first evaluation hours in.
+            problem = compressed_rle_problem(counts, row["height"], row["width"])
+            if problem:
+                raise DataError(f"val image id {row['image_id']}: an object's mask is not valid: {problem}")
+            rle = {"size": [row["height"], row["width"]], "counts": counts.encode()}
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": row["image_id"],
+                    "category_id": categories.ids[category],
+                    "segmentation": {"size": rle["size"], "counts": counts},
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "iscrowd": int(crowd),
+                }
+            )
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        ground_truth = COCO()
+        ground_truth.dataset = {
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": i, "name": n} for i, n in zip(categories.ids, categories.names)],
+        }
+        ground_truth.createIndex()
+    return ground_truth
+
+
 # The COCOeval that scores mask AP: "hotcoco" (Rust; on every case compared, the same 12 stats as pycocotools to
 # the last bit; at COCO's size, 5,000 images x 100 detections, 1.9-3.8 s against pycocotools' 90-135 s on a shared
 # 2-core VM: benchmarks/cocoeval_engines.py) or "pycocotools", the reference tests/test_cocoeval_engine.py holds it to.
@@ -270,8 +314,6 @@ def coco_mask_ap(
     (`ground_truth_from_json`): what training accepts, the evaluation accepts. `engine`: the COCOeval that
     computes it (default `COCOEVAL_ENGINE`; "pycocotools" is the reference)."""
     if not isinstance(ground_truth, COCO):
-        from gd_hf.data.sources import ground_truth_from_json  # (data -> evaluation, not the other way at import)
-
         ground_truth = ground_truth_from_json(ground_truth)
     if not results:
         return {name: 0.0 for name in METRIC_NAMES}
@@ -397,40 +439,3 @@ def write_results(path: str | Path, results: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(results))
     tmp.replace(path)
-
-
-class CocoMaskAP(evaluate.Metric):
-    """COCO mask AP as an `evaluate` metric.
-
-    Each row is one image: `predictions` its instances (COCO results without `image_id`) and `references` its
-    image id. `compute(annotation_file=...)` names the ground-truth COCO instances JSON (read as training reads
-    it: a missing `iscrowd`, box-only objects or id 0 do not break it).
-
-        metric = CocoMaskAP()
-        metric.add_batch(predictions=[[{"category_id": 1, "score": 0.9, "segmentation": rle}]], references=[42])
-        metric.compute(annotation_file="instances_val.json")  # {"AP": ..., "AP50": ..., ...}
-    """
-
-    def _info(self) -> evaluate.MetricInfo:
-        instance = {
-            "category_id": datasets.Value("int64"),
-            "score": datasets.Value("float32"),
-            "segmentation": {"size": datasets.List(datasets.Value("int64")), "counts": datasets.Value("string")},
-        }
-        return evaluate.MetricInfo(
-            description="COCO mask AP (COCOeval, iouType=segm), x100.",
-            citation="Lin et al., Microsoft COCO: Common Objects in Context, ECCV 2014.",
-            features=datasets.Features({"predictions": datasets.List(instance), "references": datasets.Value("int64")}),
-        )
-
-    def _compute(self, predictions, references, annotation_file: str | None = None) -> dict[str, float]:
-        if annotation_file is None:
-            raise ValueError("CocoMaskAP.compute needs annotation_file= (the ground-truth COCO instances JSON)")
-        results = []
-        for image_id, instances in zip(references, predictions):
-            # datasets turns a list of dicts into a dict of lists; accept both.
-            if isinstance(instances, dict):
-                instances = [dict(zip(instances, values)) for values in zip(*instances.values())]
-            for instance in instances:
-                results.append({**instance, "image_id": int(image_id)})
-        return coco_mask_ap(annotation_file, results, image_ids=[int(i) for i in references])

@@ -25,8 +25,8 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
+from gd_hf.data.convert import IMAGE_SUFFIXES
 from gd_hf.data.images import to_rgb
-from gd_hf.data.sources import IMAGE_SUFFIXES
 from gd_hf.data.transforms import eval_size, normalize, pad_to, padded_size, resize
 from gd_hf.evaluation import post_process_instances, to_coco_results
 from gd_hf.modeling import size_divisibility

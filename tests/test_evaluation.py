@@ -10,7 +10,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from gd_hf.evaluation import CocoMaskAP, Instances, coco_mask_ap, post_process_instances, to_coco_results
+from gd_hf.coco_metric import CocoMaskAP
+from gd_hf.evaluation import Instances, coco_mask_ap, post_process_instances, to_coco_results
 
 
 @pytest.fixture
@@ -84,6 +85,18 @@ def test_evaluate_metric_wrapper_agrees(ground_truth):
     metric.add_batch(predictions=[by_image.get(i, []) for i in image_ids], references=image_ids)
     metrics = metric.compute(annotation_file=str(ground_truth))
     assert metrics["AP"] == pytest.approx(coco_mask_ap(ground_truth, degraded)["AP"], abs=1e-4)
+
+
+def test_a_training_launch_does_not_import_the_evaluate_library():
+    """The `evaluate` library (not `gd_hf.evaluate`) is imported by `gd_hf.coco_metric.CocoMaskAP`'s users only."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    code = "import gd_hf.train, sys; assert 'evaluate' not in sys.modules, 'the evaluate library was imported'"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_post_processing_takes_topk_over_query_class_pairs_and_rescales():

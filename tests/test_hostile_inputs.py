@@ -957,9 +957,9 @@ def _die_like_the_oom_killer(*args, **kwargs) -> None:
 
 
 def test_a_parse_child_that_dies_is_a_data_error_naming_the_file(synthetic_root, tmp_path, monkeypatch):
-    import gd_hf.data.sources as sources
+    import gd_hf.data.coco_source as coco_source
 
-    monkeypatch.setattr(sources, "build_records_cache", _die_like_the_oom_killer)  # pickled by name for the child
+    monkeypatch.setattr(coco_source, "build_records_cache", _die_like_the_oom_killer)  # pickled by name for the child
     annotations = synthetic_root / "annotations" / "instances_val.json"
     with pytest.raises(DataError, match=r"instances_val\.json: the process parsing it died .*killed for memory"):
-        sources.coco_records(annotations, synthetic_root / "val", tmp_path / "cache")
+        coco_source.coco_records(annotations, synthetic_root / "val", tmp_path / "cache")

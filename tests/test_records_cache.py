@@ -9,25 +9,25 @@ from pathlib import Path
 import datasets
 import pytest
 
-import gd_hf.data.sources as sources
+import gd_hf.data.coco_source as coco_source
 from gd_hf.config import load_recipe
 from gd_hf.data.coco import DataError
-from gd_hf.data.sources import RECORDS_INFO_FILE, coco_records
+from gd_hf.data.coco_source import RECORDS_INFO_FILE, coco_records
 from gd_hf.train import train
 
 from .conftest import ONE_LAUNCH_SSL, ROOT, tiny_overrides
 
 
 def spy_on(monkeypatch, name):
-    """The first argument of every call of `gd_hf.data.sources.<name>`, in order."""
+    """The first argument of every call of `gd_hf.data.coco_source.<name>`, in order."""
     seen = []
-    real = getattr(sources, name)
+    real = getattr(coco_source, name)
 
     def spy(first, *args, **kwargs):
         seen.append(str(first))
         return real(first, *args, **kwargs)
 
-    monkeypatch.setattr(sources, name, spy)
+    monkeypatch.setattr(coco_source, name, spy)
     return seen
 
 
@@ -40,13 +40,13 @@ def builds(cache):
 def parses(monkeypatch):
     """How many child processes parsed a JSON (a build runs in one; a cache hit starts none)."""
     count = []
-    real = sources.concurrent.futures.ProcessPoolExecutor
+    real = coco_source.concurrent.futures.ProcessPoolExecutor
 
     def counting(*args, **kwargs):
         count.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sources.concurrent.futures, "ProcessPoolExecutor", counting)
+    monkeypatch.setattr(coco_source.concurrent.futures, "ProcessPoolExecutor", counting)
     return count
 
 
@@ -150,7 +150,7 @@ def test_a_build_left_half_written_by_a_dead_process_is_removed_and_a_running_on
 
     annotations = synthetic_root / "annotations" / "instances_val.json"
     cache = tmp_path / "cache"
-    folder = sources.records_cache_folder(annotations, synthetic_root / "val", cache)
+    folder = coco_source.records_cache_folder(annotations, synthetic_root / "val", cache)
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead, alive = (folder.with_name(f".{folder.name}.tmp{pid}") for pid in (finished.stdout.strip(), os.getpid()))
     for tmp in (dead, alive):

@@ -21,7 +21,8 @@ from gd_hf.config import DataConfig, HubColumns
 from gd_hf.data.coco import FEATURES, DataError, load_coco
 from gd_hf.data.convert import coco_to_shards, convert_cityscapes
 from gd_hf.data.loading import StreamedTrainDataset, labeled_sample
-from gd_hf.data.sources import check_record, image_folder_records, open_source, read_shards
+from gd_hf.data.shards import read_shards
+from gd_hf.data.sources import check_record, image_folder_records, open_source
 from gd_hf.data.splits import CITYSCAPES_COUNTS, draw_labeled_ids, make_split, read_split_file, write_paper_splits
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,6 @@
 """The class list of a data set (`Categories`): source class ids and names, contiguous ids 0..C-1 by position;
-read from an id2label / label2id mapping or a class file (id2label JSON, list of names, config.json, COCO JSON)."""
+read from an id2label / label2id mapping or a class file (id2label JSON, list of names, config.json, COCO JSON),
+or named by `data.category_names`. On records: objects per class, and dropping classes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+
+from gd_hf.config import DataConfig
 from gd_hf.data.coco import DataError
 
 logger = logging.getLogger(__name__)
@@ -101,3 +107,58 @@ def _is_int(value: Any) -> bool:
     if isinstance(value, int):
         return True
     return isinstance(value, str) and value.strip().lstrip("-").isdigit()
+
+
+def named_categories(d: DataConfig, where: str) -> Categories:
+    """The classes of `data.category_names` (ids 0..C-1); without them, an error naming `where` (the file that
+    would name them)."""
+    if not d.category_names:
+        raise DataError(f"no class names: write {where} or set data.category_names")
+    return Categories(list(range(len(d.category_names))), list(d.category_names))
+
+
+def object_statistics(records: datasets.Dataset, num_classes: int) -> tuple[np.ndarray, int]:
+    """Non-crowd objects per class (an array of `num_classes` counts) and the number of crowd objects; in Arrow."""
+    objects = records.select_columns(["objects"]).with_format("arrow")[:].column("objects").combine_chunks()
+    classes = pc.list_flatten(objects.field("category")).to_numpy(zero_copy_only=False)
+    crowd = pc.list_flatten(objects.field("iscrowd")).to_numpy(zero_copy_only=False).astype(bool)
+    return np.bincount(classes[~crowd], minlength=num_classes), int(crowd.sum())
+
+
+def drop_categories(
+    train: datasets.Dataset, val: datasets.Dataset, categories: Categories, dropped: set[int], val_where: str
+) -> tuple[datasets.Dataset, datasets.Dataset, Categories]:
+    """Remove classes from the class list: the remaining ones renumbered 0..C'-1, objects of removed classes
+    removed (in val too: said with a count)."""
+    new_id = {old: new for new, old in enumerate(i for i in range(len(categories.ids)) if i not in dropped)}
+    removed_from_val = [0]
+
+    def renumber(objects_batch: list[dict], count: list[int] | None) -> dict[str, list]:
+        out = []
+        for objects in objects_batch:
+            keep = [k for k, c in enumerate(objects["category"]) if c in new_id]
+            if count is not None:
+                count[0] += len(objects["category"]) - len(keep)
+            out.append(
+                {
+                    "category": [new_id[objects["category"][k]] for k in keep],
+                    "rle_counts": [objects["rle_counts"][k] for k in keep],
+                    "iscrowd": [objects["iscrowd"][k] for k in keep],
+                }
+            )
+        return {"objects": out}
+
+    train = train.map(renumber, input_columns=["objects"], batched=True, fn_kwargs={"count": None}, desc="drop classes")
+    val = val.map(
+        renumber,
+        input_columns=["objects"],
+        batched=True,
+        fn_kwargs={"count": removed_from_val},
+        load_from_cache_file=False,
+    )
+    if removed_from_val[0]:
+        logger.warning(
+            "%s: removed %d objects of the dropped categories from the evaluation", val_where, removed_from_val[0]
+        )
+    kept = sorted(new_id)
+    return train, val, Categories([categories.ids[i] for i in kept], [categories.names[i] for i in kept])

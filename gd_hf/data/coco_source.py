@@ -1,0 +1,195 @@
+"""The `coco` source: a COCO folder (image folder + instances JSON), parsed and validated by `load_coco` once, in
+a child process, into a memory-mapped records cache (`data.records_cache`) that relaunches and the other
+processes of a launch read; `open_coco` opens the train and val folders."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+from pathlib import Path
+
+import datasets
+import psutil
+
+from gd_hf.config import DataConfig
+from gd_hf.data.categories import Categories, drop_categories, object_statistics
+from gd_hf.data.coco import PATH_FEATURES, DataError, load_coco, to_hf_dataset
+from gd_hf.data.sources import TrainVal
+from gd_hf.files import replace_durably
+
+logger = logging.getLogger(__name__)
+
+
+RECORDS_CACHE_VERSION = 2  # bump when the records' schema or the parsing rules change (2: RLE and fields checked)
+RECORDS_INFO_FILE = "gd_hf_records.json"
+
+
+def records_cache_root(setting: str | None) -> Path | None:
+    """The folder of `data.records_cache` (`auto`: under the `datasets` cache), or None for no cache."""
+    if setting is None:
+        return None
+    return Path(datasets.config.HF_DATASETS_CACHE) / "gd_hf_records" if setting == "auto" else Path(setting)
+
+
+def coco_records(
+    annotation_file: str | Path, image_dir: str | Path, cache_root: Path | None, crowd_as_objects: bool = False
+) -> tuple[datasets.Dataset, Categories]:
+    """The gd_hf records of a COCO folder, and its categories: parsed and validated once (`load_coco`), then
+    read from a memory-mapped `datasets` folder under `cache_root` (see `DataConfig.records_cache`).
+
+    The cache key is the JSON's content (SHA-256), the image folder and `crowd_as_objects` (see `load_coco`): an
+    edited JSON is parsed again. The parse runs in a child process, so the parsed JSON (GBs for COCO's train2017, which
+    Python would keep in this process's heap) goes with it; the folder is written under a temporary name and
+    renamed into place, so a reader sees all of it or none. In a multi-process launch the main process of each machine builds
+    it first (`prepare_data`), the others read it.
+    """
+    annotation_file, image_dir = Path(annotation_file), Path(image_dir)
+    if cache_root is None:
+        source = load_coco(annotation_file, image_dir, crowd_as_objects=crowd_as_objects)
+        return to_hf_dataset(source), Categories(source.category_ids, source.category_names)
+    folder = records_cache_folder(annotation_file, image_dir, cache_root, crowd_as_objects)
+    if (folder / RECORDS_INFO_FILE).is_file():
+        logger.info("%s: records read from the cache %s", annotation_file, folder)
+    else:
+        logger.info("%s: parsing (once; the records are cached in %s)", annotation_file, folder)
+        try:
+            cache_root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(
+                f"cannot write the records cache {cache_root} ({e}): set data.records_cache to a writable folder, "
+                "or to null to parse the JSON at every launch"
+            ) from e
+        remove_abandoned_builds(folder)
+        try:
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+                # (.result() re-raises the child's DataError here)
+                child.submit(build_records_cache, annotation_file, image_dir, folder, crowd_as_objects).result()
+        except concurrent.futures.process.BrokenProcessPool as e:
+            raise DataError(
+                f"{annotation_file}: the process parsing it died ({e}), most likely killed for memory. Look for "
+                "absurd records (huge sizes or coordinates), or free memory and launch again"
+            ) from e
+    info = json.loads((folder / RECORDS_INFO_FILE).read_text())
+    if info["skipped_annotations"]:  # said at every launch, also when read from the cache
+        logger.warning(
+            "%s: skipped %d annotations without usable segmentation: %s",
+            annotation_file,
+            info["skipped_annotations"],
+            info["skip_reasons"],
+        )
+    try:
+        categories = Categories(info["category_ids"], info["category_names"])
+    except DataError as e:  # a cache written before the COCO reader checked its categories
+        raise DataError(f"{annotation_file} (records cache {folder}): {e}") from e
+    records = datasets.load_from_disk(str(folder)).cast_column("image", datasets.Image())  # paths -> images
+    return records, categories
+
+
+def records_cache_folder(
+    annotation_file: Path, image_dir: Path, cache_root: Path, crowd_as_objects: bool = False
+) -> Path:
+    """The cache folder of an instances JSON: a new one whenever the file's content changes (its SHA-256, ~0.3 s
+    per 400 MB here: an edit that keeps the file's size and modification time is still seen), or the image
+    folder, or `crowd_as_objects`."""
+    if not annotation_file.is_file():
+        raise DataError(f"annotation file {annotation_file} does not exist: check data.*_annotations in the recipe")
+    digest = hashlib.sha256()
+    with annotation_file.open("rb") as f:
+        while chunk := f.read(1 << 23):
+            digest.update(chunk)
+    key = json.dumps(
+        [RECORDS_CACHE_VERSION, digest.hexdigest(), str(image_dir.resolve())]
+        + (["crowd_as_objects"] if crowd_as_objects else [])
+    )
+    return cache_root / f"{annotation_file.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+
+
+def remove_abandoned_builds(folder: Path) -> None:
+    """Delete the half-written builds of `folder` whose process is gone (a child killed mid-write, e.g. by the
+    OOM killer: its `.NAME.tmpPID` folder holds GBs); a build whose process still runs is left to finish."""
+    for tmp in folder.parent.glob(f".{folder.name}.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            logger.info("removing %s, left by a records build that did not finish", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_records_cache(annotation_file: Path, image_dir: Path, folder: Path, crowd_as_objects: bool = False) -> None:
+    """Parse and validate an instances JSON (`load_coco`) and save its records to `folder` (atomically)."""
+    logging.getLogger("gd_hf").setLevel(logging.ERROR)  # the parent says what was skipped, from the info file
+    # Absolute image paths: the cache is found by resolved paths, so a launch from another working directory
+    # (or naming the folder another way) reads it too.
+    source = load_coco(annotation_file, image_dir.resolve(), crowd_as_objects=crowd_as_objects)
+    # Image paths as strings: save_to_disk would copy the files of an Image column into the folder.
+    records = to_hf_dataset(source, features=PATH_FEATURES)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    records.save_to_disk(str(tmp))
+    info = {
+        "annotation_file": str(annotation_file),
+        "category_ids": source.category_ids,
+        "category_names": source.category_names,
+        "skipped_annotations": source.skipped_annotations,
+        "skip_reasons": source.skip_reasons,
+    }
+    (tmp / RECORDS_INFO_FILE).write_text(json.dumps(info, indent=1))
+    try:
+        replace_durably(tmp, folder)
+    except OSError:  # another launch wrote the same cache meanwhile: theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def open_coco(d: DataConfig) -> TrainVal:
+    # Not at the top: evaluation imports torch, which the child that builds the records cache (it imports this
+    # module) does without.
+    from gd_hf.evaluation import coco_ground_truth
+
+    cache_root = records_cache_root(d.records_cache)
+    crowd = d.crowd_masks_as_objects
+    train, categories = coco_records(d.train_annotations, d.train_images, cache_root, crowd)
+    val, val_categories = coco_records(d.val_annotations, d.val_images, cache_root, crowd)
+    if categories != val_categories:
+        raise DataError(
+            f"{d.train_annotations} and {d.val_annotations} list different categories: "
+            f"{list(zip(categories.ids, categories.names))} vs {list(zip(val_categories.ids, val_categories.names))}"
+        )
+    per_category, crowd_objects = object_statistics(train, len(categories.ids))
+    if crowd_objects > per_category.sum():
+        described = "all" if not per_category.any() else f"{crowd_objects} of {crowd_objects + per_category.sum()}"
+        logger.warning(
+            "%s: %s objects are crowd regions (iscrowd: 1), which are never training targets. Labeling tools such "
+            "as CVAT export every mask instance so: set data.crowd_masks_as_objects: true to train on them.",
+            d.train_annotations,
+            f"all {crowd_objects}" if described == "all" else described,
+        )
+    empty = [i for i in range(len(categories.ids)) if per_category[i] == 0]
+    if empty and per_category.any():
+        described = [f"{categories.names[i]} (id {categories.ids[i]})" for i in empty]
+        if d.drop_empty_categories:
+            logger.warning(
+                "%s: dropping %d categories no training annotation uses: %s", d.train_annotations, len(empty), described
+            )
+            train, val, categories = drop_categories(train, val, categories, set(empty), str(d.val_annotations))
+        else:
+            logger.warning(
+                "%s: %d categories have no training annotation: %s. They stay in the class list (the model can "
+                "never learn them); data.drop_empty_categories: true drops them.",
+                d.train_annotations,
+                len(empty),
+                described,
+            )
+    return TrainVal(
+        train=train,
+        val=val,
+        categories=categories,
+        # From the cleaned records, not the raw JSON: what training accepts (a missing `iscrowd`, a box-only
+        # `segmentation: []`, annotation id 0) evaluation accepts too, and any problem shows now, before step 1,
+        # not at the first evaluation hours into a run.
+        val_ground_truth=coco_ground_truth(val, categories),
+        description=str(d.train_annotations),
+    )
