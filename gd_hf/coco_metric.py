@@ -28,7 +28,7 @@ class CocoMaskAP(evaluate.Metric):
             "segmentation": {"size": datasets.List(datasets.Value("int64")), "counts": datasets.Value("string")},
         }
         return evaluate.MetricInfo(
-            description="COCO mask AP (pycocotools, iouType=segm), x100.",
+            description="COCO mask AP (COCOeval protocol, iouType=segm; hotcoco, checked against pycocotools), x100.",
             citation="Lin et al., Microsoft COCO: Common Objects in Context, ECCV 2014.",
             features=datasets.Features({"predictions": datasets.List(instance), "references": datasets.Value("int64")}),
         )

@@ -83,9 +83,9 @@ def measure_teacher(
     family: ModelFamily | None = None,
 ) -> dict[float, TeacherReport]:
     """Reports under `rule` (keyed by its `score_threshold`, NaN for a rule without one) and, for
-    `PseudoLabelRules`, under the same rules at each of `thresholds`, over the first `max_images` records (labeled
-    ones: their objects are the truth), from one teacher forward pass per batch, made as the model `family`'s
-teacher predicts (None: Mask2Former)."""
+        `PseudoLabelRules`, under the same rules at each of `thresholds`, over the first `max_images` records (labeled
+        ones: their objects are the truth), from one teacher forward pass per batch, made as the model `family`'s
+    teacher predicts (None: Mask2Former)."""
     family = family if family is not None else Mask2FormerFamily()
     rows = min(len(records), max_images)
     dataset = UnlabeledTrainDataset(records.select(range(rows)), data)

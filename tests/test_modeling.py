@@ -11,7 +11,14 @@ from transformers import (
 )
 
 from gd_hf.config import ModelConfig, TrainConfig
-from gd_hf.modeling import ModelLoadError, build_model, dinov2_feature_layers, loss_terms, size_divisibility
+from gd_hf.modeling import (
+    Mask2FormerFamily,
+    ModelLoadError,
+    build_model,
+    dinov2_feature_layers,
+    loss_terms,
+    size_divisibility,
+)
 from gd_hf.optim import build_optimizer, lr_factor, parameter_groups
 
 ID2LABEL = {0: "circle", 1: "square", 2: "triangle"}
@@ -51,8 +58,8 @@ def test_each_backbone_builds_and_takes_a_training_step(backbone):
     optimizer = build_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.0))
     losses = []
     for _ in range(3):
-        outputs = model(pixel_values=pixel_values, output_auxiliary_logits=True)
-        terms = loss_terms(model, outputs, mask_labels, class_labels)
+        predictions = Mask2FormerFamily().forward(model, pixel_values)
+        terms = loss_terms(model, predictions, mask_labels, class_labels)
         # auxiliary decoder layers contribute their own terms
         assert {"loss_cross_entropy", "loss_mask", "loss_dice", "loss_cross_entropy_0"} <= set(terms)
         loss = sum(terms.values())

@@ -48,6 +48,8 @@ def test_copy_from_makes_teacher_equal_to_student():
 
 
 def test_phase_is_a_pure_function_of_the_step():
-    method = GuidedDistillation(SslConfig(enabled=True, burn_in_steps=3), Mask2FormerFamily(), EmaTeacher(torch.nn.Linear(1, 1)))
+    method = GuidedDistillation(
+        SslConfig(enabled=True, burn_in_steps=3), Mask2FormerFamily(), EmaTeacher(torch.nn.Linear(1, 1))
+    )
     assert [method.phase(s) for s in range(5)] == ["burn_in"] * 3 + ["ema"] * 2
     assert GuidedDistillation.supervised(Mask2FormerFamily()).phase(10) == "supervised"
