@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import shutil
 import zipfile
@@ -197,12 +198,29 @@ def load_checkpoint(
     accelerator: Accelerator, checkpoint: str | Path, extra_states: list[torch.nn.Module | Any] = ()
 ) -> dict[str, Any]:
     """Restore model/optimizer/RNG and `extra_states` (as given to `save_checkpoint`) from a checkpoint written
-    by `save_checkpoint`; return its trainer state. Nothing is unpickled beyond tensors and plain containers."""
-    state = read_trainer_state(checkpoint)
-    accelerator.load_state(str(checkpoint))
-    for index, obj in enumerate(extra_states):
-        path = Path(checkpoint) / EXTRA_STATE.format(index=index)
-        obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    by `save_checkpoint`; return its trainer state. Nothing is unpickled beyond tensors and plain containers: what
+    cannot be loaded is a `RecipeError` naming the checkpoint. A checkpoint written by another number of processes
+    resumes with a warning (the new processes' random states start afresh)."""
+    try:
+        state = read_trainer_state(checkpoint)
+        accelerator.load_state(str(checkpoint))
+        for index, obj in enumerate(extra_states):
+            path = Path(checkpoint) / EXTRA_STATE.format(index=index)
+            obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, KeyError) as e:
+        raise RecipeError(
+            f"checkpoint {checkpoint} cannot be loaded ({type(e).__name__}: {str(e)[:300]}). Only weights, "
+            "tensors and plain values are loaded from a checkpoint folder; move this one away to resume from "
+            "an earlier one, or choose another output_dir"
+        ) from e
+    launch_logger.info("resumed from %s at step %d", checkpoint, state.get("step", 0))
+    writers = state.get("num_processes")
+    if isinstance(writers, int) and writers != accelerator.num_processes:
+        launch_logger.warning(
+            "%s was written by %d processes and this launch has %d: the data order is the same (step-indexed), "
+            "but the new processes' random states start afresh, so the run is not bitwise what it would have been",
+            checkpoint, writers, accelerator.num_processes,
+        )  # fmt: skip
     return state
 
 

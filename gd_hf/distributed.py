@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -36,6 +37,9 @@ def build_accelerator(recipe: Recipe) -> Accelerator:
         pass
     accelerator = Accelerator(**kwargs)
     check_distributed_type(accelerator.distributed_type)
+    if accelerator.num_processes > 1:  # COCOeval (hotcoco) runs on every process: they share the machine's cores
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_processes)))
     return accelerator
 
 

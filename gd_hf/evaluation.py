@@ -27,6 +27,8 @@ from gd_hf.config import DataConfig
 from gd_hf.data.categories import Categories
 from gd_hf.data.coco import DataError, compressed_rle_problem, load_coco, to_hf_dataset
 from gd_hf.data.loading import EvalDataset, collate_eval
+from gd_hf.method import ModelFamily
+from gd_hf.modeling import Mask2FormerFamily
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
@@ -331,11 +333,14 @@ def predict_coco_results(
     device: torch.device | str = "cpu",
     show_progress: bool = True,
     timings: dict[str, float] | None = None,
+    family: ModelFamily | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the model over an evaluation loader (`collate_eval` batches) and return COCO results.
+    """Run the model over an evaluation loader (`collate_eval` batches) and return COCO results. The model
+    predicts as its `family` says (None: Mask2Former), as its teacher does in training.
 
     `timings`, if given, receives the seconds spent in `forward`, `postprocess` and `encode` (RLE + results),
     added to what it holds, and the number of `images`."""
+    family = family if family is not None else Mask2FormerFamily()
     was_training = model.training
     model.eval()
     results: list[dict[str, Any]] = []
@@ -353,11 +358,11 @@ def predict_coco_results(
         for batch in tqdm(dataloader, desc="evaluate", disable=not show_progress, leave=False):
             start = time.perf_counter()
             pixel_values = batch["pixel_values"].to(device)
-            outputs = model(pixel_values=pixel_values)
+            predictions = family.predict(model, pixel_values)
             start = lap("forward", start)
             processed = post_process_instances(
-                outputs.class_queries_logits,
-                outputs.masks_queries_logits,
+                predictions.class_logits,
+                predictions.mask_logits,
                 batch["image_sizes"],
                 batch["original_sizes"],
                 tuple(pixel_values.shape[-2:]),
@@ -408,7 +413,7 @@ def evaluate_mask_ap(
     )
     timings: dict[str, float] = {}
     results = predict_coco_results(model, loader, category_ids, settings.top_k, device, settings.show_progress,
-                                   timings)  # fmt: skip
+                                   timings, settings.family)  # fmt: skip
     if gather is not None:
         results = gather(results)
     start = time.perf_counter()
@@ -422,7 +427,8 @@ def evaluate_mask_ap(
 @dataclass
 class EvalSettings:
     """How `evaluate_mask_ap` predicts: test-time sizes (`data.eval_shortest_edge` / `eval_longest_edge`), the
-    padding divisor of the model, instances kept per image, batch size, loader workers, a progress bar."""
+    padding divisor of the model, instances kept per image, batch size, loader workers, a progress bar, and the
+    model family (None: Mask2Former)."""
 
     data: DataConfig
     divisibility: int
@@ -430,6 +436,7 @@ class EvalSettings:
     batch_size: int = 2
     num_workers: int = 2
     show_progress: bool = True
+    family: ModelFamily | None = None
 
 
 def write_results(path: str | Path, results: list[dict[str, Any]]) -> None:

@@ -179,20 +179,40 @@ class GuidedDistillation:
         logged["loss"] = loss
         logged.update({key: terms[key] for key in LOGGED_LOSS_TERMS})
         if pseudo is not None:
-            logged.update(pseudo_label_figures(pseudo, unlabeled))
+            with torch.autocast(pixel_values.device.type, enabled=False):  # monitoring counts, in full precision
+                logged.update(pseudo_label_figures(pseudo, unlabeled))
         return loss, logged
 
     def pseudo_labels(self, weak_pixel_values: torch.Tensor) -> PseudoLabels:
-        """The teacher's predictions on the weak view, through the pseudo-label rule."""
+        """The teacher's predictions on the weak view (in the loop's autocast, as the student's), through the
+        pseudo-label rule in full precision (mask NMS's overlaps are pixel counts: bf16 would round them)."""
         with torch.no_grad():
             predictions = self.family.predict(self.teacher.model, weak_pixel_values)
-        return self.rule(predictions.class_logits, predictions.mask_logits)
+            with torch.autocast(weak_pixel_values.device.type, enabled=False):
+                return self.rule(predictions.class_logits, predictions.mask_logits)
 
     def after_step(self, step: int, student: torch.nn.Module, update_skipped: bool) -> None:
         """After the optimizer step of `step`: in the EMA phase, teacher <- decay * teacher + (1 - decay) * student
         (a skipped update moves neither)."""
         if self.phase(step) == "ema" and not update_skipped:
             self.teacher.update(student, self.ssl.ema_decay)
+
+
+def describe_extension(extension: object) -> str:
+    """What a checkpoint records of a custom extension point, for a relaunch to compare: its class and its plain
+    settings, e.g. `my_rules.TopKPerImage(k=1, rules=PseudoLabelRules(score_threshold=0.5, ...))`."""
+    cls = type(extension)
+    settings = {k: v for k, v in sorted(getattr(extension, "__dict__", {}).items()) if _plain(v)}
+    return f"{cls.__module__}.{cls.__qualname__}({', '.join(f'{k}={v!r}' for k, v in settings.items())})"
+
+
+def _plain(value: object) -> bool:
+    """A value whose repr is the same in every launch (no object addresses, no tensors)."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return all(_plain(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return isinstance(value, (bool, int, float, str, type(None)))
 
 
 def one_frame(labeled: dict[str, Any], unlabeled: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

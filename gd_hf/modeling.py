@@ -251,11 +251,14 @@ def size_divisibility(model: Mask2FormerForUniversalSegmentation) -> int:
     return 32
 
 
-def build_image_processor(model: Mask2FormerForUniversalSegmentation, data: DataConfig) -> Mask2FormerImageProcessorPil:
-    """The image processor saved with every export: the same resize and normalisation as our evaluation."""
+def build_image_processor(
+    model: Mask2FormerForUniversalSegmentation, data: DataConfig, divisor: int | None = None
+) -> Mask2FormerImageProcessorPil:
+    """The image processor saved with every export: the same resize, padding divisor (the model family's; None:
+    `size_divisibility`) and normalisation as our evaluation."""
     return Mask2FormerImageProcessorPil(
         size={"shortest_edge": data.eval_shortest_edge, "longest_edge": data.eval_longest_edge},
-        size_divisor=size_divisibility(model),
+        size_divisor=divisor if divisor is not None else size_divisibility(model),
         ignore_index=255,
         do_reduce_labels=False,
     )

@@ -87,6 +87,14 @@ class Publisher:
             logger.error("%s", e)
             self.failures.append(str(e))
 
+    def push_burn_in_student(self, student: PreTrainedModel, step: int) -> None:
+        """At the end of guided burn-in, the student so far is exported and pushed to the `burn-in` branch when
+        `hub.push_intermediate`."""
+        hub = self.recipe.hub
+        if hub.push and hub.push_intermediate:
+            folder = self.export(student, "burn_in", step, None, hub.repo_id)
+            self.push(folder, "burn-in", f"Student at the end of guided burn-in (step {step})")
+
     def raise_failures(self) -> None:
         if self.failures:
             raise PushError("\n".join(self.failures))

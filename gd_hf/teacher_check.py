@@ -181,6 +181,12 @@ def check_teacher(
     if show:
         print(report_table(chosen, best), flush=True)
     figures = {**chosen.figures(), "suggested_score_threshold": best.threshold, "suggested_f1": best.f1}
+    if not isinstance(rule, PseudoLabelRules):  # a custom rule: no threshold, no suggestion (and no NaN logged)
+        figures = {
+            k: v
+            for k, v in figures.items()
+            if k not in ("score_threshold", "suggested_score_threshold", "suggested_f1")
+        }
     problem = verdict(chosen, ssl.teacher_check_min_precision, ssl.teacher_check_min_label_ratio)
     if problem:
         suggestion = (
@@ -202,7 +208,7 @@ def check_teacher(
 
 def teacher_check_note(figures: dict[str, float]) -> str:
     """The check's figures as a line of the student's model card."""
-    custom = figures["score_threshold"] != figures["score_threshold"]  # NaN: a rule without a score threshold
+    custom = "score_threshold" not in figures  # a custom rule (see `check_teacher`)
     rule = "a custom pseudo-label rule" if custom else f"score threshold {figures['score_threshold']:g}"
     best = "" if custom else f"; the F1-best threshold was {figures['suggested_score_threshold']:g}"
     return (

@@ -10,10 +10,10 @@ The method itself (its teacher, pseudo labels, schedule and loss) is `gd_hf.meth
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
-import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from gd_hf.data.prepare import RunData, prepare_data
 from gd_hf.distributed import build_accelerator, replica_fingerprints
 from gd_hf.evaluation import EvalSettings, Evaluation, evaluate_mask_ap, write_results
 from gd_hf.files import write_text_atomic
-from gd_hf.method import GuidedDistillation, ModelFamily, PseudoLabelRule
+from gd_hf.method import GuidedDistillation, ModelFamily, PseudoLabelRule, PseudoLabelRules, describe_extension
 from gd_hf.modeling import Mask2FormerFamily, build_image_processor, build_model
 from gd_hf.optim import TrainingError, UpdateUndo, build_lr_scheduler, build_optimizer, check_nonfinite_step, train_step
 from gd_hf.publish import Publisher
@@ -71,6 +71,13 @@ class TrainingRecipe:
         model_family: ModelFamily | None = None,
     ) -> None:  # fmt: skip
         self.launch_recipe = recipe  # what the user asked for: what a relaunch is compared with
+        if type(pseudo_label_rule) is PseudoLabelRules and pseudo_label_rule != PseudoLabelRules.from_recipe(
+            recipe.ssl
+        ):
+            raise RecipeError(
+                f"pseudo_label_rule={pseudo_label_rule} differs from the recipe's ssl.pseudo_label_* keys: set those "
+                "keys instead (the recipe, the checkpoints and the model card then say what was used)"
+            )
         self.pseudo_label_rule = pseudo_label_rule
         self.family = model_family if model_family is not None else Mask2FormerFamily()
 
@@ -80,6 +87,9 @@ class TrainingRecipe:
         anything is written)."""
         recipe = self.launch_recipe
         self.accelerator = build_accelerator(recipe)
+        # Each phase starts with a fresh fp16 loss scale, as it would on an Accelerator of its own.
+        scaler = self.accelerator.scaler
+        self.fresh_scaler_state = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
         logging.basicConfig(
             level=logging.INFO if self.accelerator.is_main_process else logging.WARNING,
             format="%(asctime)s %(name)s: %(message)s",
@@ -122,21 +132,31 @@ class TrainingRecipe:
                 self.run_phase(teacher_recipe, data, teacher_recipe, lock_also=(recipe.output_dir,))
             except PushError as e:  # the teacher is trained and saved; only its upload failed: distillation goes on
                 logger.error("%s", e)
-            self.accelerator.free_memory()  # phase 1's model and optimizer: not part of phase 2's checkpoints
+            self.end_phase()
         best = Path(teacher_recipe.output_dir) / "best"
         teacher = best if best.is_dir() else Path(teacher_recipe.output_dir) / "final"
         return dataclasses.replace(
             recipe, ssl=dataclasses.replace(recipe.ssl, teacher=str(teacher), train_teacher_first=False)
         )
 
+    def end_phase(self) -> None:
+        """Phase 1's objects go before phase 2 builds its own (weights, optimizer state, the undo copy: about 6x the
+        parameters), phase 1's model and optimizer leave the Accelerator (not part of phase 2's checkpoints), and
+        the fp16 loss scale starts afresh."""
+        for name in ("model", "student", "evaluated", "optimizer", "scheduler", "undo", "method", "publisher"):
+            vars(self).pop(name, None)
+        self.accelerator.free_memory()  # (and the garbage collector, and the CUDA cache)
+        if self.fresh_scaler_state is not None:
+            self.accelerator.scaler.load_state_dict(self.fresh_scaler_state)
+
     def extension_points(self, recipe: Recipe) -> dict[str, str]:
-        """The classes of the custom extension points this phase trains with (a supervised phase has no
-        pseudo labels), which its checkpoints record."""
+        """The custom extension points this phase trains with (a supervised phase has no pseudo labels), as its
+        checkpoints record them (`describe_extension`)."""
         points = {}
         if recipe.ssl.enabled and self.pseudo_label_rule is not None:
-            points["pseudo_label_rule"] = qualified_name(type(self.pseudo_label_rule))
+            points["pseudo_label_rule"] = describe_extension(self.pseudo_label_rule)
         if type(self.family) is not Mask2FormerFamily:
-            points["model_family"] = qualified_name(type(self.family))
+            points["model_family"] = describe_extension(self.family)
         return points
 
     # -- set-up -------------------------------------------------------------------------------------------------
@@ -166,8 +186,8 @@ class TrainingRecipe:
         self.batches = build_train_batches(recipe, data, self.accelerator.process_index,
                                            self.accelerator.num_processes, self.divisibility, self.state.step,
                                            resume_from)  # fmt: skip
-        if resume_from is not None:
-            self.resume(resume_from, saved)
+        if resume_from is not None:  # model, optimizer, schedule, teacher and RNG as after the checkpoint's step
+            load_checkpoint(self.accelerator, resume_from, self.checkpointed_states())
         hold_output_locks(self.accelerator, folders)
         self.write_run_files(self.state.step, resume_from is not None, changes)
         self.set_up_publisher(teacher_figures)
@@ -179,8 +199,8 @@ class TrainingRecipe:
         cfg = recipe.train
         set_seed(recipe.seed)
         model = build_model(recipe.model, data.categories.id2label)
-        self.image_processor = build_image_processor(model, recipe.data)
         self.divisibility = self.family.padding_divisor(model)
+        self.image_processor = build_image_processor(model, recipe.data, self.divisibility)
         optimizer = build_optimizer(model, cfg)
         self.scheduler = build_lr_scheduler(optimizer, cfg)
         teacher = build_teacher(recipe, model, data.categories.id2label, self.family)
@@ -199,25 +219,6 @@ class TrainingRecipe:
         use_teacher = teacher is not None and recipe.ssl.evaluate == "teacher"
         self.evaluated = teacher.model if use_teacher else self.student
         self.undo = UpdateUndo(self.optimizer) if cfg.undo_nonfinite_updates else None
-
-    def resume(self, checkpoint: Path, saved: dict[str, Any]) -> None:
-        """Model, optimizer, schedule, teacher and RNG as they were after the checkpoint's step."""
-        try:
-            load_checkpoint(self.accelerator, checkpoint, self.checkpointed_states())
-        except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, KeyError) as e:
-            raise RecipeError(
-                f"checkpoint {checkpoint} cannot be loaded ({type(e).__name__}: {str(e)[:300]}). Only weights, "
-                "tensors and plain values are loaded from a checkpoint folder; move this one away to resume from "
-                "an earlier one, or choose another output_dir"
-            ) from e
-        logger.info("resumed from %s at step %d", checkpoint, self.state.step)
-        writers = saved.get("num_processes")
-        if isinstance(writers, int) and writers != self.accelerator.num_processes:
-            logger.warning(
-                "%s was written by %d processes and this launch has %d: the data order is the same (step-indexed), "
-                "but the new processes' random states start afresh, so the run is not bitwise what it would have been",
-                checkpoint, writers, self.accelerator.num_processes,
-            )  # fmt: skip
 
     def write_run_files(self, step: int, resumed: bool, changes: dict[str, list[Any]]) -> None:
         """The resolved recipe as launched (what relaunching it compares with), this launch's record (versions,
@@ -245,6 +246,12 @@ class TrainingRecipe:
         note = launches_note(read_launches(recipe.output_dir)) if self.accelerator.is_main_process else None
         if note:
             self.publisher.notes.append(note)
+        custom = self.extension_points(recipe)
+        if custom:  # not in the recipe: the card says what else trained the model
+            points = "; ".join(f"{name} = {value}" for name, value in custom.items())
+            self.publisher.notes.append(
+                f"Trained with extension points passed from Python (not in the recipe): {points}."
+            )
         if teacher_figures is not None:
             log_record(self.accelerator, self.output_dir / "metrics.jsonl",
                        {"step": self.state.step, **{f"teacher_check/{k}": v for k, v in teacher_figures.items()}})  # fmt: skip
@@ -259,8 +266,9 @@ class TrainingRecipe:
                         disable=not self.accelerator.is_local_main_process)  # fmt: skip
         self.model.train()
         while state.step < cfg.max_steps:
-            if method.start_step(state.step, self.student):  # burn-in has ended: teacher <- student
-                self.push_burn_in_student()
+            burn_in_ended = method.start_step(state.step, self.student)  # then teacher <- student
+            if burn_in_ended and self.accelerator.is_main_process:
+                self.publisher.push_burn_in_student(self.student, state.step)
             labeled, unlabeled = self.batches.next_step(cfg.gradient_accumulation_steps)
             # The student's step: labeled images, plus the strong views with the teacher's pseudo labels of the weak.
             uses_pseudo_labels = method.uses_pseudo_labels(state.step)
@@ -285,15 +293,6 @@ class TrainingRecipe:
         progress.close()
         del self.batches  # ends the loaders' workers
 
-    def push_burn_in_student(self) -> None:
-        """At the end of guided burn-in, the student so far is exported and pushed to the `burn-in` branch when
-        `hub.push_intermediate`."""
-        hub = self.recipe.hub
-        if hub.push and hub.push_intermediate and self.accelerator.is_main_process:
-            step = self.state.step
-            folder = self.publisher.export(self.student, "burn_in", step, None, hub.repo_id)
-            self.publisher.push(folder, "burn-in", f"Student at the end of guided burn-in (step {step})")
-
     def write_log_line(self) -> None:
         """One metrics.jsonl line (rank 0 writes it): the window's means over all processes, the counts so far,
         speed, memory, and, after a launch's first step, its start-up time."""
@@ -313,7 +312,7 @@ class TrainingRecipe:
         val = data.val if recipe.eval.max_images is None else data.val.select(
             range(min(recipe.eval.max_images, len(data.val))))  # fmt: skip
         settings = EvalSettings(recipe.data, self.divisibility, recipe.eval.top_k, recipe.eval.batch_size,
-                                min(recipe.data.num_workers, 2), accelerator.is_local_main_process)  # fmt: skip
+                                min(recipe.data.num_workers, 2), accelerator.is_local_main_process, self.family)  # fmt: skip
         return evaluate_mask_ap(model, val, data.val_ground_truth, data.categories.ids, settings, accelerator.device,
                                 accelerator.process_index, accelerator.num_processes,
                                 gather_object if accelerator.num_processes > 1 else None)  # fmt: skip
@@ -397,10 +396,6 @@ def train(
 ) -> dict[str, float]:  # fmt: skip
     """Run a recipe to its end (resuming where it has checkpoints); the final val metrics. See `TrainingRecipe`."""
     return TrainingRecipe(recipe, pseudo_label_rule, model_family).run(data)
-
-
-def qualified_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 # Exit codes of `python -m gd_hf.train`, and the words of the last console line for each.

@@ -11,10 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from accelerate.state import AcceleratorState
 
+import gd_hf.distributed as distributed
 from gd_hf.config import SslConfig, load_recipe
-from gd_hf.method import GuidedDistillation, Predictions, PseudoLabelRules, one_frame
+from gd_hf.method import GuidedDistillation, Predictions, PseudoLabelRules
 from gd_hf.modeling import Mask2FormerFamily, build_model, loss_terms
 from gd_hf.pseudo_labels import PseudoLabels, filter_pseudo_labels
 from gd_hf.teacher import EmaTeacher
@@ -45,33 +47,41 @@ def tiny(synthetic_root, tmp_path):
 
 
 def test_the_loss_is_the_supervised_loss_plus_the_weighted_unsupervised_loss(tiny):
-    family = RecordingFamily()
-    method = GuidedDistillation(tiny.ssl, family, tiny.teacher)
-    labeled, unlabeled = batches()
+    seen = {}
+    tiny.teacher.model.register_forward_hook(lambda _module, _args, out: seen.update(teacher=out))
+    tiny.student.register_forward_hook(
+        lambda _module, _args, kwargs, out: seen.update(student=out, student_input=kwargs["pixel_values"]),
+        with_kwargs=True,
+    )
+    method = GuidedDistillation(tiny.ssl, Mask2FormerFamily(), tiny.teacher)
+    labeled, unlabeled = batches()  # 48x64 labeled, 64x40 unlabeled: one frame of 64x64
     torch.manual_seed(1)
     loss, logged = method.loss(tiny.student, tiny.student, labeled, unlabeled)
 
-    # By hand, from the same outputs: the teacher's pseudo labels on the weak view (in the common frame), then
-    # the Mask2Former loss of the labeled rows and of the strong rows, with the same random points.
-    labeled_framed, unlabeled_framed = one_frame(labeled, unlabeled)
-    with torch.no_grad():
-        teacher_out = tiny.teacher.model(pixel_values=unlabeled_framed["weak_pixel_values"])
+    # By hand, from the raw outputs of the two forward passes, with transformers' own matched loss and none of
+    # gd_hf's helpers: pseudo labels of the teacher's output, labeled masks padded to the student's input frame,
+    # the labeled rows against their masks, the strong rows against the pseudo labels, the same random points.
+    teacher_out, student_out, student_input = seen["teacher"], seen["student"], seen["student_input"]
     pseudo = filter_pseudo_labels(teacher_out.class_queries_logits, teacher_out.masks_queries_logits, 0.0, 1,
                                   tiny.ssl.pseudo_label_mask_threshold, tiny.ssl.pseudo_label_max_overlap)  # fmt: skip
     assert sum(pseudo.counts()) > 0
-    outputs = family.predictions
     n = labeled["pixel_values"].shape[0]
-    assert outputs.class_logits.shape[0] == n + unlabeled["strong_pixel_values"].shape[0]
+    assert student_input.shape[0] == n + unlabeled["strong_pixel_values"].shape[0]
+    height, width = student_input.shape[-2:]
+    masks = [F.pad(m, (0, width - m.shape[-1], 0, height - m.shape[-2])) for m in labeled["mask_labels"]]
+
+    def matched_loss(rows: slice, mask_labels: list, class_labels: list) -> torch.Tensor:
+        auxiliary = [{key: value[rows] for key, value in aux.items()} for aux in student_out.auxiliary_logits]
+        terms = tiny.student.get_loss_dict(student_out.masks_queries_logits[rows], student_out.class_queries_logits[rows],
+                                           mask_labels, class_labels, auxiliary)  # fmt: skip
+        return sum(terms.values())
+
     torch.manual_seed(1)
-    l_sup = sum(loss_terms(tiny.student, outputs.rows(slice(0, n)), labeled_framed["mask_labels"],
-                           labeled_framed["class_labels"]).values())  # fmt: skip
-    l_unsup = sum(loss_terms(tiny.student, outputs.rows(slice(n, None)), pseudo.mask_labels,
-                             pseudo.class_labels).values())  # fmt: skip
+    l_sup = matched_loss(slice(0, n), masks, labeled["class_labels"])
+    l_unsup = matched_loss(slice(n, None), pseudo.mask_labels, pseudo.class_labels)
     assert torch.allclose(loss, l_sup + 2.5 * l_unsup, rtol=1e-6, atol=0)
     assert torch.allclose(logged["loss_sup"], l_sup) and torch.allclose(logged["loss_unsup"], l_unsup)
-    assert float(l_unsup.detach()) > 0 and float(loss.detach()) > float(
-        l_sup.detach()
-    )  # the weight acts on a real term
+    assert float(l_unsup.detach()) > 0  # the weight acts on a real term
     assert logged["pseudo_labels_per_image"] == sum(pseudo.counts()) / len(pseudo.counts())
     loss.backward()  # the loss backpropagates into the student and not into the teacher
     assert any(p.grad is not None for p in tiny.student.parameters())
@@ -189,17 +199,21 @@ def test_a_custom_pseudo_label_rule_plugged_in_from_python_takes_effect(syntheti
     # The teacher check measured the run's rule too: one label per image.
     check = next(r for r in top_1 if "teacher_check/pseudo_labels_per_image" in r)
     assert check["teacher_check/pseudo_labels_per_image"] <= 1
-    assert "a custom pseudo-label rule" in (tmp_path / "top1" / "final" / "README.md").read_text()
+    assert "teacher_check/score_threshold" not in check  # a custom rule has none (and no NaN is logged)
+    json.loads((tmp_path / "top1" / "metrics.jsonl").read_text().splitlines()[0], parse_constant=pytest.fail)
+    card = (tmp_path / "top1" / "final" / "README.md").read_text()
+    assert "a custom pseudo-label rule" in card and "pseudo_label_rule = tests.test_method.TopKPerImage(k=1" in card
 
 
-class PaddedTo64(Mask2FormerFamily):
-    """A custom family: Mask2Former whose inputs are padded to multiples of 64, counting what the method asks."""
+class PaddedTo96(Mask2FormerFamily):
+    """A custom family: Mask2Former whose inputs are padded to multiples of 96 (the data's crops and eval images
+    are 64 px: only this family makes them 96), counting what the method asks."""
 
     def __init__(self) -> None:
         self.calls = {"forward": [], "loss": 0, "predict": [], "load_pretrained": 0}
 
     def padding_divisor(self, model: torch.nn.Module) -> int:
-        return 64
+        return 96
 
     def forward(self, model, pixel_values: torch.Tensor) -> Predictions:
         self.calls["forward"].append(tuple(pixel_values.shape[-2:]))
@@ -219,14 +233,18 @@ class PaddedTo64(Mask2FormerFamily):
 
 
 def test_a_custom_model_family_plugged_in_from_python_is_what_the_method_uses(synthetic_root, tmp_path, teacher_dir):
-    family = PaddedTo64()
+    family = PaddedTo96()
     distill(synthetic_root, tmp_path / "run", teacher_dir, model_family=family)
     assert family.calls["load_pretrained"] == 1  # ssl.teacher, loaded by the family
     assert len(family.calls["forward"]) == 2 and family.calls["loss"] == 4  # two steps, L_sup and L_unsup each
-    # The teacher check's and the method's teacher predictions, and every student input: multiples of 64.
-    assert family.calls["predict"]
+    # The teacher check's, the method's and the evaluation's predictions, and every student input: 96 px frames.
+    assert len(family.calls["predict"]) > 2  # the teacher check, two steps' pseudo labels, the evaluation
     for height, width in family.calls["forward"] + family.calls["predict"]:
-        assert height % 64 == 0 and width % 64 == 0
+        assert height % 96 == 0 and width % 96 == 0
+    processor = json.loads((tmp_path / "run" / "final" / "preprocessor_config.json").read_text())
+    assert processor["size_divisor"] == 96  # the export pads as training evaluated
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "model_family = tests.test_method.PaddedTo96()" in card
 
 
 def test_a_one_launch_run_runs_both_phases_on_one_accelerator_and_ends_it_once(synthetic_root, tmp_path, monkeypatch):
@@ -244,6 +262,22 @@ def test_a_one_launch_run_runs_both_phases_on_one_accelerator_and_ends_it_once(s
             super().end_training()
 
     monkeypatch.setattr(distributed, "Accelerator", CountingAccelerator)
+    import gc
+    import weakref
+
+    import gd_hf.train as train_module
+
+    built, alive_at_build = [], []
+    real_build_model = train_module.build_model
+
+    def build_model_spy(*args, **kwargs):
+        gc.collect()
+        alive_at_build.append([ref() is not None for ref in built])  # the models of earlier phases
+        model = real_build_model(*args, **kwargs)
+        built.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build_model_spy)
     out = tmp_path / "run"
     overrides = tiny_overrides(synthetic_root, out) + ONE_LAUNCH_SSL + [
         "ssl.teacher_max_steps=2", "train.max_steps=2", "ssl.burn_in_steps=1", "train.checkpoint_every=2",
@@ -251,6 +285,7 @@ def test_a_one_launch_run_runs_both_phases_on_one_accelerator_and_ends_it_once(s
     AcceleratorState._reset_state(reset_partial_state=True)
     train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
     assert made == [1] and ended == [1]
+    assert alive_at_build == [[], [False]]  # phase 1's student is gone before phase 2 builds its own
     # Phase 1's model and optimizer are not part of phase 2's checkpoints (one model, one optimizer each).
     for folder in (out / "teacher" / "checkpoints" / "step_00000002", out / "checkpoints" / "step_00000002"):
         names = sorted(p.name for p in folder.iterdir())
@@ -264,21 +299,78 @@ def test_a_one_launch_run_runs_both_phases_on_one_accelerator_and_ends_it_once(s
 def test_a_relaunch_with_another_pseudo_label_rule_is_stopped_like_a_changed_recipe_key(
     synthetic_root, tmp_path, teacher_dir
 ):
-    """A custom rule is not a recipe key: the checkpoints record its class, and a relaunch that drops or swaps it
-    changes what is trained."""
+    """A custom rule is not a recipe key: the checkpoints record its class and settings, and a relaunch that drops
+    it or changes it changes what is trained."""
     from gd_hf.config import RecipeError
 
     out = tmp_path / "run"
-    top_1 = TopKPerImage(1, PseudoLabelRules(score_threshold=0.0, min_soft_area=1))
-    distill(synthetic_root, out, teacher_dir, pseudo_label_rule=top_1)
+    rules = PseudoLabelRules(score_threshold=0.0, min_soft_area=1)
+    distill(synthetic_root, out, teacher_dir, pseudo_label_rule=TopKPerImage(1, rules))
     trainer_state = json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
-    assert trainer_state["extension_points"] == {"pseudo_label_rule": "tests.test_method.TopKPerImage"}
-    with pytest.raises(
-        RecipeError, match=r"python:pseudo_label_rule: 'tests.test_method.TopKPerImage' -> \"the recipe's\""
-    ):
+    top_1 = f"tests.test_method.TopKPerImage(k=1, rules={rules!r})"
+    assert trainer_state["extension_points"] == {"pseudo_label_rule": top_1}
+    with pytest.raises(RecipeError, match=r"python:pseudo_label_rule: 'tests.test_method.TopKPerImage\(k=1, .*"
+                       r"-> \"the recipe's\""):  # fmt: skip
         distill(synthetic_root, out, teacher_dir, "train.max_steps=3")
-    logged = distill(synthetic_root, out, teacher_dir, "train.max_steps=3", pseudo_label_rule=top_1)  # the same: on
+    with pytest.raises(RecipeError, match=r"TopKPerImage\(k=1, .* -> 'tests.test_method.TopKPerImage\(k=3, "):
+        distill(synthetic_root, out, teacher_dir, "train.max_steps=3", pseudo_label_rule=TopKPerImage(3, rules))
+    logged = distill(synthetic_root, out, teacher_dir, "train.max_steps=3", pseudo_label_rule=TopKPerImage(1, rules))
     assert [r["pseudo_labels_per_image"] for r in logged if "pseudo_labels_per_image" in r] == [1.0] * 3
+
+
+def test_an_explicit_pseudo_label_rules_that_differs_from_the_recipe_is_refused(synthetic_root, tmp_path):
+    """The recipe, the checkpoints and the card name the ssl.pseudo_label_* keys: a `PseudoLabelRules` passed
+    from Python must not silently disagree with them."""
+    from gd_hf.config import RecipeError
+    from gd_hf.train import TrainingRecipe
+
+    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path))
+    with pytest.raises(RecipeError, match="set those keys instead"):
+        TrainingRecipe(recipe, pseudo_label_rule=PseudoLabelRules(score_threshold=0.9))
+    TrainingRecipe(recipe, pseudo_label_rule=PseudoLabelRules.from_recipe(recipe.ssl))  # the same rules: fine
+
+
+def test_the_rule_runs_in_full_precision_inside_the_loops_autocast(tiny):
+    """The loop calls the loss inside its autocast (bf16 on GPUs): the teacher predicts there, but the rule's
+    arithmetic (mask NMS counts pixels) must not be rounded to bf16."""
+    autocast_seen = []
+
+    def spy_rule(class_logits, mask_logits):
+        autocast_seen.append(torch.is_autocast_enabled("cpu"))
+        return PseudoLabelRules(score_threshold=0.0, min_soft_area=1)(class_logits, mask_logits)
+
+    method = GuidedDistillation(tiny.ssl, Mask2FormerFamily(), tiny.teacher, spy_rule)
+    labeled, unlabeled = batches()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        method.loss(tiny.student, tiny.student, labeled, unlabeled)
+        assert torch.is_autocast_enabled("cpu")  # the loop's autocast is back on after the rule
+    assert autocast_seen == [False]
+
+
+def test_the_end_of_phase_1_starts_phase_2_with_a_fresh_loss_scale_and_without_phase_1s_objects(
+    synthetic_root, tmp_path
+):
+    """fp16 (GPU) keeps a GradScaler on the Accelerator, which both phases share: phase 2 starts from a fresh
+    one, as it did on an Accelerator of its own. (There is no GradScaler on a CPU Accelerator: one is put there.)"""
+    import weakref
+
+    from gd_hf.train import TrainingRecipe
+
+    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path))
+    training = TrainingRecipe(recipe)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    training.accelerator = distributed.build_accelerator(recipe)
+    training.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    training.fresh_scaler_state = copy.deepcopy(training.accelerator.scaler.state_dict())
+    training.accelerator.scaler.scale(torch.ones(()))  # as phase 1's steps would leave it: scale 8
+    training.accelerator.scaler.update(new_scale=8.0)
+    assert training.accelerator.scaler.get_scale() == 8.0
+    training.model = torch.nn.Linear(2, 2)
+    model = weakref.ref(training.model)
+    training.end_phase()
+    assert training.accelerator.scaler.state_dict() == training.fresh_scaler_state
+    assert training.accelerator.scaler.get_scale() == 2.0**16
+    assert model() is None and not hasattr(training, "model")
 
 
 def test_the_readme_example_rule_runs_as_written(monkeypatch):

@@ -13,7 +13,6 @@ import gd_hf.modeling as modeling
 import gd_hf.train as train_module
 from gd_hf.config import RecipeError, load_recipe
 from gd_hf.data.loading import repeat_factors
-from gd_hf.method import GuidedDistillation
 from gd_hf.train import TrainingRecipe, train
 
 from .conftest import ONE_LAUNCH_SSL, PAPER_JITTER, ROOT, tiny_overrides
@@ -135,16 +134,19 @@ def test_the_overlap_rule_of_the_recipe_reaches_the_pseudo_label_filter(
     synthetic_root, tmp_path, teacher_dir, monkeypatch
 ):
     seen = []
-    real_pseudo_labels = GuidedDistillation.pseudo_labels
+    real_filter = method_module.filter_pseudo_labels
 
-    def spy(self, weak_pixel_values):
-        pseudo = real_pseudo_labels(self, weak_pixel_values)
-        seen.append((self.rule.max_overlap, sum(pseudo.counts())))
+    def spy(*args, **kwargs):
+        pseudo = real_filter(*args, **kwargs)
+        seen.append((args[-1], sum(pseudo.counts())))
         return pseudo
 
-    monkeypatch.setattr(GuidedDistillation, "pseudo_labels", spy)
-    run(synthetic_root, tmp_path / "off", teacher_dir, "train.max_steps=2", "ssl.pseudo_label_max_overlap=null")
-    run(synthetic_root, tmp_path / "nms", teacher_dir, "train.max_steps=2", "ssl.pseudo_label_max_overlap=0.0")
+    monkeypatch.setattr(method_module, "filter_pseudo_labels", spy)
+    # (The teacher check, which filters too, is off: only the steps' pseudo labels are counted.)
+    run(synthetic_root, tmp_path / "off", teacher_dir, "train.max_steps=2", "ssl.pseudo_label_max_overlap=null",
+        "ssl.teacher_check=off")  # fmt: skip
+    run(synthetic_root, tmp_path / "nms", teacher_dir, "train.max_steps=2", "ssl.pseudo_label_max_overlap=0.0",
+        "ssl.teacher_check=off")  # fmt: skip
     assert [overlap for overlap, _ in seen] == [None, None, 0.0, 0.0]
     # Same teacher, same images: the rule only removes labels (IoU > 0 with a kept one), and this unsure
     # teacher's masks overlap, so some go.
