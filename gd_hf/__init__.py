@@ -3,7 +3,7 @@
 The package, in the order a run goes through it (README, "Layout", has the map):
 
 - data: `data/` — the sources (`sources`: what they share, `open_source`; one module per source: `coco_source`
-  with its records cache, `shards`, `hub_source`), the readers and converters (`coco`, `mask_images`, `convert`),
+  with its records cache, `shards`, `hub_source`), the readers and converters (`coco`, `masks`, `mask_images`, `convert`),
   the class list (`categories`), the launch's data (`prepare`), images (`images`), splits, transforms and datasets
   (`loading`), the training batches (`batches`), the synthetic set;
 - model: `modeling` (`build_model`, `Mask2FormerFamily`), `optim` (AdamW groups, schedule, `train_step`,

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from gd_hf.config import DataConfig
 from gd_hf.data.categories import Categories
-from gd_hf.data.coco import DataError, compressed_rle_problem, load_coco, to_hf_dataset
+from gd_hf.data.coco import DataError, load_coco, to_hf_dataset
 from gd_hf.data.loading import EvalDataset, collate_eval
+from gd_hf.data.masks import compressed_rle_problem
 from gd_hf.method import ModelFamily
 from gd_hf.modeling import Mask2FormerFamily
 

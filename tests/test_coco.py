@@ -6,8 +6,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from gd_hf.data.coco import DataError, decode_masks, load_coco, to_hf_dataset
+from gd_hf.data.coco import DataError, load_coco, to_hf_dataset
 from gd_hf.data.images import read_image
+from gd_hf.data.masks import decode_masks
 
 
 def make_folder(tmp_path, annotations, images=None, categories=None):
@@ -164,7 +165,7 @@ def test_image_size_disagreeing_with_json_is_named(tmp_path):
 
 def test_conversion_in_worker_processes_equals_the_serial_one(tmp_path, monkeypatch):
     """Many annotations are converted by forked workers (COCO's ~860k): same RLEs, same skips, same order."""
-    import gd_hf.data.coco as coco_module
+    import gd_hf.data.masks as coco_module
 
     mask = np.zeros((20, 30), bool)
     mask[2:8, 5:15] = True

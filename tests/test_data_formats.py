@@ -16,8 +16,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from gd_hf.config import DataConfig, load_recipe
-from gd_hf.data.coco import DataError, decode_masks
+from gd_hf.data.coco import DataError
 from gd_hf.data.convert import main as convert_main
+from gd_hf.data.masks import decode_masks
 from gd_hf.data.sources import open_source
 from gd_hf.train import train
 

@@ -152,7 +152,7 @@ def test_unusable_segmentation_is_skipped_at_start_and_counted(synthetic_root, c
 def test_compressed_rle_check_accepts_what_pycocotools_writes():
     import numpy as np
 
-    from gd_hf.data.coco import compressed_rle_problem
+    from gd_hf.data.masks import compressed_rle_problem
 
     rng = np.random.default_rng(0)
     for height, width in [(1, 1), (5, 7), (64, 48), (300, 2)]:

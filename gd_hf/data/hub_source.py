@@ -19,7 +19,7 @@ from pycocotools import mask as mask_utils
 
 from gd_hf.config import DataConfig
 from gd_hf.data.categories import Categories, named_categories
-from gd_hf.data.coco import FEATURES, DataError, _rle_from_segmentation
+from gd_hf.data.coco import FEATURES, DataError
 from gd_hf.data.mask_images import (
     CITYSCAPES_INSTANCE_CLASSES,
     DROPS_OTHER_CLASSES,
@@ -27,6 +27,7 @@ from gd_hf.data.mask_images import (
     objects_from_mask,
     read_mask_array,
 )
+from gd_hf.data.masks import rle_from_segmentation
 from gd_hf.data.sources import Records, TrainVal
 from gd_hf.evaluation import coco_ground_truth
 
@@ -108,7 +109,7 @@ class HubRecordReader:
                         raise ValueError("empty mask (zero area)")
                     rle = {"counts": rle["counts"].decode()}
                 else:
-                    rle = _rle_from_segmentation(segmentation, height, width)
+                    rle = rle_from_segmentation(segmentation, height, width)
             except ValueError as e:
                 skipped.append(str(e))  # unusable geometry: skipped and counted, as for COCO files
                 continue

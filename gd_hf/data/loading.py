@@ -24,8 +24,9 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from gd_hf.config import DataConfig
-from gd_hf.data.coco import DataError, decode_masks
+from gd_hf.data.coco import DataError
 from gd_hf.data.images import read_image
+from gd_hf.data.masks import decode_masks
 from gd_hf.data.transforms import (
     REFERENCE_STRONG,
     StrongAugment,
