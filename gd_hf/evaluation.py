@@ -257,8 +257,8 @@ def coco_ground_truth(records: datasets.Dataset, categories: Categories) -> COCO
 
 
 # The COCOeval that scores mask AP: "hotcoco" (Rust; on every case compared, the same 12 stats as pycocotools to
-# the last bit; at COCO's size, 5,000 images x 100 detections, 1.9-3.8 s against pycocotools' 90-135 s on a shared
-# 2-core VM: benchmarks/cocoeval_engines.py) or "pycocotools", the reference tests/test_cocoeval_engine.py holds it to.
+# the last bit; at COCO's size, 5,000 images x 100 detections, 1.5 s against pycocotools' 75 s on a 2-core VM:
+# benchmarks/cocoeval_engines.py) or "pycocotools", the reference tests/test_cocoeval_engine.py holds it to.
 COCOEVAL_ENGINE = "hotcoco"
 COCOEVAL_ENGINES = ("hotcoco", "pycocotools")
 
