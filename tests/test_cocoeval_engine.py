@@ -232,20 +232,24 @@ def test_raw_coco_file_polygons_uncompressed_crowd_rle_and_areas_not_the_masks(t
     with contextlib.redirect_stdout(io.StringIO()):
         ground_truth = COCO(str(path))
     for annotation in annotations:
-        mask = ground_truth.annToMask(annotation)
-        for _ in range(3):
-            moved = np.roll(mask, tuple(int(v) for v in rng.integers(-6, 7, 2)), axis=(0, 1))
-            category = annotation["category_id"] if rng.uniform() < 0.85 else int(rng.integers(1, 4))
-            results.append(
-                {
-                    "image_id": annotation["image_id"],
-                    "category_id": category,
-                    "segmentation": rle(moved),
-                    "score": float(rng.uniform()),
-                }
-            )
+        results += moved_copies(annotation, ground_truth.annToMask(annotation), rng, (6, 6, 6), 0.85, [1, 2, 3])
     reference = assert_engine_matches_reference(ground_truth, results)
     assert 0 < reference[0] < 100 and all(v > -1 for v in reference[3:6])
+
+
+def moved_copies(
+    annotation: dict, mask: np.ndarray, rng: np.random.Generator, reaches: tuple[int, ...], same_class: float,
+    categories: list[int],
+) -> list[dict]:  # fmt: skip
+    """Results that are `annotation`'s mask moved by up to each of `reaches` pixels, of its class with probability
+    `same_class` (else a random one of `categories`), with random scores."""
+    copies = []
+    for reach in reaches:
+        moved = np.roll(mask, tuple(int(v) for v in rng.integers(-reach, reach + 1, 2)), axis=(0, 1))
+        category = annotation["category_id"] if rng.uniform() < same_class else int(rng.choice(categories))
+        copies.append({"image_id": annotation["image_id"], "category_id": category, "segmentation": rle(moved),
+                       "score": float(rng.uniform())})  # fmt: skip
+    return copies
 
 
 def test_gd_hf_ground_truth_and_perturbed_predictions(synthetic_root):
@@ -259,20 +263,9 @@ def test_gd_hf_ground_truth_and_perturbed_predictions(synthetic_root):
     annotations = ground_truth.dataset["annotations"]
     results = []
     for annotation in annotations:
-        mask = mask_utils.decode(
-            {"size": annotation["segmentation"]["size"], "counts": annotation["segmentation"]["counts"].encode()}
-        )
-        for reach in (2, 6):
-            moved = np.roll(mask, tuple(int(v) for v in rng.integers(-reach, reach + 1, 2)), axis=(0, 1))
-            category = annotation["category_id"] if rng.uniform() < 0.8 else int(rng.choice(list(ground_truth.cats)))
-            results.append(
-                {
-                    "image_id": annotation["image_id"],
-                    "category_id": category,
-                    "segmentation": rle(moved),
-                    "score": float(rng.uniform()),
-                }
-            )
+        segmentation = annotation["segmentation"]
+        mask = mask_utils.decode({"size": segmentation["size"], "counts": segmentation["counts"].encode()})
+        results += moved_copies(annotation, mask, rng, (2, 6), 0.8, list(ground_truth.cats))
     reference = assert_engine_matches_reference(ground_truth, results)
     assert 0 < reference[0] < 100
     from_path = coco_mask_ap(path, results, engine=ENGINE)
