@@ -20,11 +20,11 @@ from .test_ddp_units import _fixed_points, _same_draw_for_the_same_shape
 from .test_method_flow import batches, rectangles
 
 
-def tiny_eomt(seed: int = 0) -> EomtForUniversalSegmentation:
+def tiny_eomt(seed: int = 0, registers: int = 1) -> EomtForUniversalSegmentation:
     """A 4-layer ViT whose last 2 blocks take the queries, 64 px inputs (4 x 4 patches of 16 px)."""
     torch.manual_seed(seed)
     config = EomtConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=64, patch_size=16,
-                        num_queries=8, num_blocks=2, num_register_tokens=1, train_num_points=256,
+                        num_queries=8, num_blocks=2, num_register_tokens=registers, train_num_points=256,
                         id2label={i: name for i, name in enumerate("abcd")})  # fmt: skip
     return EomtForUniversalSegmentation(config)
 
@@ -122,3 +122,55 @@ def test_a_guided_distillation_step_on_eomt_scores_targets_in_one_square_frame()
     assert torch.isfinite(loss) and logged["loss_unsup"] > 0 and logged["loss_sup"] > 0
     loss.backward()
     assert student.query.weight.grad is not None  # the queries learn from both terms
+
+
+def test_a_dinov2_checkpoint_saved_with_save_pretrained_loads_into_the_eomt_vit(tmp_path):
+    """Every ViT weight arrives (o_proj -> out_proj), and the ViT computes what DINOv2 computes: the hidden states
+    before the queries join are DINOv2's, token for token ([CLS] with its position embedding folded in)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from gd_hf.eomt import load_dinov2_weights
+
+    torch.manual_seed(3)
+    dinov2 = Dinov2Model(Dinov2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=64,
+                                      patch_size=16))  # fmt: skip
+    with torch.no_grad():  # transformers starts some of these at 0 or 1: make every weight tell
+        for tensor in dinov2.state_dict().values():
+            tensor.copy_(torch.randn_like(tensor) * 0.1)
+    dinov2.save_pretrained(tmp_path / "dinov2")
+    loaded = Dinov2Model.from_pretrained(tmp_path / "dinov2").eval()
+    model = tiny_eomt(seed=4, registers=0).eval()  # plain DINOv2 has no register tokens
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    load_dinov2_weights(model, loaded)
+    state, source = model.state_dict(), loaded.state_dict()
+    for name, tensor in source.items():
+        if name.startswith("encoder.layer."):
+            eomt_name = "layers." + name.removeprefix("encoder.layer.").replace("o_proj", "out_proj")
+            assert torch.equal(state[eomt_name], tensor), name
+    assert torch.equal(state["layernorm.weight"], source["layernorm.weight"])
+    assert torch.equal(state["embeddings.patch_embeddings.projection.weight"],
+                       source["embeddings.patch_embeddings.projection.weight"])  # fmt: skip
+    for name in ("query.weight", "class_predictor.weight", "mask_head.fc1.weight"):  # the heads start fresh
+        assert torch.equal(state[name], fresh[name])
+    pixel_values = torch.randn(2, 3, 64, 64)
+    hidden = {}
+    first_query_layer = model.config.num_hidden_layers - model.config.num_blocks
+    model.layers[first_query_layer - 1].register_forward_hook(lambda _m, _a, out: hidden.update(eomt=out))
+    model(pixel_values=pixel_values)
+    expected = loaded(pixel_values=pixel_values, output_hidden_states=True).hidden_states[first_query_layer]
+    assert torch.allclose(hidden["eomt"], expected, atol=1e-5)
+
+
+def test_dinov2_weights_of_another_size_are_refused_naming_the_mismatch():
+    from transformers import Dinov2Config, Dinov2Model
+
+    from gd_hf.eomt import load_dinov2_weights
+
+    wider = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=64,
+                                     patch_size=16))  # fmt: skip
+    with pytest.raises(ValueError, match="do not fit this EoMT: .*other shapes"):
+        load_dinov2_weights(tiny_eomt(registers=0), wider)
+    same_size = Dinov2Model(Dinov2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=64,
+                                         patch_size=16))  # fmt: skip
+    with pytest.raises(ValueError, match="no weights for EoMT's \\['embeddings.register_tokens'\\]"):
+        load_dinov2_weights(tiny_eomt(registers=1), same_size)  # EoMT with a register token, DINOv2 without
