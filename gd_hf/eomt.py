@@ -25,7 +25,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from transformers import EomtForUniversalSegmentation
+from transformers import EomtForUniversalSegmentation, EomtImageProcessor
 
 from gd_hf.method import Predictions
 from gd_hf.modeling import loss_terms
@@ -152,3 +152,16 @@ def _resampled_grid(positions: torch.Tensor, count: int) -> torch.Tensor:
     grid = positions.reshape(1, n, n, -1).permute(0, 3, 1, 2).float()
     resampled = F.interpolate(grid, size=(m, m), mode="bicubic", align_corners=False)
     return resampled.permute(0, 2, 3, 1).reshape(m * m, -1).to(positions.dtype)
+
+
+def eomt_image_processor(image_size: int) -> EomtImageProcessor:
+    """The image processor an EoMT export ships: the longer side resized to `image_size` and the image padded to
+    `image_size` square (`do_pad`), the only input EoMT's fixed position table takes (a 128x160 image through a
+    128-px processor without padding fails in the embeddings)."""
+    return EomtImageProcessor(size={"shortest_edge": image_size, "longest_edge": image_size}, do_pad=True)
+
+
+def prepare_for_export(model: EomtForUniversalSegmentation) -> None:
+    """An exported EoMT predicts as at inference: no masked attention, so no random un-masking (`attn_mask_probs`
+    is saved in `model.safetensors`, and the training loop's value would ship otherwise)."""
+    set_mask_probabilities(model, [0.0] * model.attn_mask_probs.numel())

@@ -174,3 +174,37 @@ def test_dinov2_weights_of_another_size_are_refused_naming_the_mismatch():
                                          patch_size=16))  # fmt: skip
     with pytest.raises(ValueError, match="no weights for EoMT's \\['embeddings.register_tokens'\\]"):
         load_dinov2_weights(tiny_eomt(registers=1), same_size)  # EoMT with a register token, DINOv2 without
+
+
+def test_an_export_loads_and_predicts_with_plain_transformers(tmp_path):
+    """A mid-annealing model, prepared for export and saved with its processor: the Auto classes load it, a
+    non-square image is padded to the model's square, two predictions agree, and instance post-processing works.
+    `pipeline("image-segmentation")` works with its default subtask; with `subtask="instance"` transformers 5.24
+    passes `mask_threshold`, which EoMT's post-processing does not take (when this test fails, transformers has
+    fixed it: say so in the README)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, pipeline
+
+    from gd_hf.eomt import eomt_image_processor, prepare_for_export
+
+    model = tiny_eomt()
+    set_mask_probabilities(model, [0.3, 1.0])
+    prepare_for_export(model)
+    model.save_pretrained(tmp_path / "export")
+    eomt_image_processor(64).save_pretrained(tmp_path / "export")
+    loaded = AutoModelForUniversalSegmentation.from_pretrained(tmp_path / "export").eval()
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "export")
+    assert type(loaded).__name__ == "EomtForUniversalSegmentation" and loaded.attn_mask_probs.tolist() == [0.0, 0.0]
+    image = Image.fromarray((np.random.default_rng(0).random((48, 80, 3)) * 255).astype("uint8"))
+    pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (1, 3, 64, 64)
+    with torch.no_grad():
+        first, second = loaded(pixel_values=pixel_values), loaded(pixel_values=pixel_values)
+    assert torch.equal(first.masks_queries_logits, second.masks_queries_logits)
+    instances = processor.post_process_instance_segmentation(first, target_sizes=[(48, 80)], threshold=0.0)[0]
+    assert instances["segmentation"].shape == (48, 80) and instances["segments_info"]
+    segmenter = pipeline("image-segmentation", model=str(tmp_path / "export"))
+    assert isinstance(segmenter(image), list)
+    with pytest.raises(TypeError, match="mask_threshold"):
+        segmenter(image, subtask="instance")
