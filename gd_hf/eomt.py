@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from transformers import EomtForUniversalSegmentation, EomtImageProcessor
 
 from gd_hf.method import Predictions
-from gd_hf.modeling import loss_terms
+from gd_hf.modeling import Mask2FormerFamily
 
 # The reference's annealing exponent (tue-mps/eomt, `poly_power`).
 MASK_ANNEALING_POWER = 0.9
@@ -83,12 +83,8 @@ class EomtFamily:
         (masks, classes), auxiliary = per_layer[-1], per_layer[:-1]
         return Predictions(classes, masks, [(c, m) for m, c in auxiliary])
 
-    def loss(
-        self, model: torch.nn.Module, predictions: Predictions, mask_labels: list[torch.Tensor],
-        class_labels: list[torch.Tensor],
-    ) -> dict[str, torch.Tensor]:  # fmt: skip
-        # EoMT's criterion takes the auxiliary predictions as Mask2Former's does (one matching per layer).
-        return loss_terms(model, predictions, mask_labels, class_labels)
+    # EoMT's criterion takes the auxiliary predictions as Mask2Former's does (one matching per layer).
+    loss = Mask2FormerFamily.loss
 
     def padding_divisor(self, model: torch.nn.Module) -> int:
         return model.config.image_size
