@@ -189,13 +189,38 @@ class GuidedDistillation:
         with torch.no_grad():
             predictions = self.family.predict(self.teacher.model, weak_pixel_values)
             with torch.autocast(weak_pixel_values.device.type, enabled=False):
-                return self.rule(predictions.class_logits, predictions.mask_logits)
+                pseudo = self.rule(predictions.class_logits, predictions.mask_logits)
+        problem = pseudo_labels_problem(pseudo, predictions)
+        if problem:  # a custom rule's mistake, named at its first step rather than deep in the matcher
+            raise TypeError(f"the pseudo-label rule {describe_extension(self.rule)} {problem}")
+        return pseudo
 
     def after_step(self, step: int, student: torch.nn.Module, update_skipped: bool) -> None:
         """After the optimizer step of `step`: in the EMA phase, teacher <- decay * teacher + (1 - decay) * student
         (a skipped update moves neither)."""
         if self.phase(step) == "ema" and not update_skipped:
             self.teacher.update(student, self.ssl.ema_decay)
+
+
+def pseudo_labels_problem(pseudo: object, predictions: Predictions) -> str | None:
+    """What is wrong with a rule's answer for these predictions (None: nothing): `PseudoLabels` with, per image of
+    the batch, masks (N, h, w) at the teacher's mask resolution, N integer classes below "no object", N scores."""
+    if not isinstance(pseudo, PseudoLabels):
+        return f"returned a {type(pseudo).__name__}, not PseudoLabels"
+    batch, no_object = predictions.class_logits.shape[0], predictions.class_logits.shape[-1] - 1
+    size = tuple(predictions.mask_logits.shape[-2:])
+    if not len(pseudo.mask_labels) == len(pseudo.class_labels) == len(pseudo.scores) == batch:
+        return f"returned lists of {len(pseudo.mask_labels)}/{len(pseudo.class_labels)}/{len(pseudo.scores)} for {batch} images"
+    for i, (masks, classes, scores) in enumerate(zip(pseudo.mask_labels, pseudo.class_labels, pseudo.scores)):
+        if masks.dim() != 3 or tuple(masks.shape[-2:]) != size or not len(masks) == len(classes) == len(scores):
+            return (
+                f"gave image {i} masks {tuple(masks.shape)} for {len(classes)} classes and {len(scores)} scores "
+                f"(masks (N, {size[0]}, {size[1]}) expected)"
+            )
+    classes = torch.cat([c.flatten() for c in pseudo.class_labels])
+    if classes.is_floating_point() or (len(classes) and not 0 <= int(classes.min()) <= int(classes.max()) < no_object):
+        return f"gave classes {classes.tolist()[:10]}: integers in [0, {no_object}) expected"
+    return None
 
 
 def describe_extension(extension: object) -> str:

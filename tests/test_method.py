@@ -397,3 +397,37 @@ def test_the_readme_example_rule_runs_as_written(monkeypatch):
     assert pseudo.counts() == [3, 3]
     assert all(torch.equal(s, s.sort(descending=True).values[:3]) for s in pseudo.scores)
     assert all(float(s.min()) > float(torch.softmax(class_logits[0, 6], -1).max()) for s in pseudo.scores)
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (lambda p: [p.mask_labels, p.class_labels], "returned a list, not PseudoLabels"),
+        (lambda p: PseudoLabels(p.mask_labels[:1], p.class_labels[:1], p.scores[:1]), "lists of 1/1/1 for 2 images"),
+        (
+            lambda p: PseudoLabels([m[:, ::2] for m in p.mask_labels], p.class_labels, p.scores),
+            "masks \\(N, 16, 16\\) expected",
+        ),
+        (
+            lambda p: PseudoLabels(p.mask_labels, [c.float() for c in p.class_labels], p.scores),
+            "integers in \\[0, 4\\)",
+        ),
+        (
+            lambda p: PseudoLabels(p.mask_labels, [c * 0 + 4 for c in p.class_labels], p.scores),
+            "integers in \\[0, 4\\)",
+        ),
+    ],
+)
+def test_a_rule_whose_answer_does_not_fit_is_named_at_its_first_step(tiny, answer, message):
+    """A custom rule's wrong answer stops at the first step naming the rule and what is wrong, instead of an
+    error deep in the Hungarian matcher (or a silently wrong target)."""
+    rules = PseudoLabelRules(score_threshold=0.0, min_soft_area=1)
+
+    class Broken:
+        def __call__(self, class_logits, mask_logits):
+            return answer(rules(class_logits, mask_logits))
+
+    method = GuidedDistillation(tiny.ssl, Mask2FormerFamily(), tiny.teacher, Broken())
+    labeled, unlabeled = batches()
+    with pytest.raises(TypeError, match=f"the pseudo-label rule tests\\.test_method\\..*Broken\\(\\) .*{message}"):
+        method.loss(tiny.student, tiny.student, labeled, unlabeled)
