@@ -247,8 +247,8 @@ class TrainingRecipe:
         if note:
             self.publisher.notes.append(note)
         custom = self.extension_points(recipe)
-        if custom:  # not in the recipe: the card says what else trained the model
-            points = "; ".join(f"{name} = {value}" for name, value in custom.items())
+        if custom:  # not in the recipe: the card names their classes (settings may hold this machine's paths)
+            points = "; ".join(f"{name} = {value.partition('(')[0]}" for name, value in custom.items())
             self.publisher.notes.append(
                 f"Trained with extension points passed from Python (not in the recipe): {points}."
             )
