@@ -204,6 +204,19 @@ class GuidedDistillation:
             self.teacher.update(student, self.ssl.ema_decay)
 
 
+FAMILY_METHODS = ("forward", "loss", "padding_divisor", "predict", "load_pretrained")
+
+
+def check_extension_points(rule: object | None, family: object | None) -> None:
+    """Refuse, before any work, a pseudo-label rule that cannot be called or a model family without the
+    `ModelFamily` methods (a `TypeError` naming what is missing)."""
+    if rule is not None and not callable(rule):
+        raise TypeError(f"pseudo_label_rule must be callable (class_logits, mask_logits) -> PseudoLabels, got {rule!r}")
+    missing = [name for name in FAMILY_METHODS if family is not None and not callable(getattr(family, name, None))]
+    if missing:
+        raise TypeError(f"model_family {type(family).__name__} lacks the ModelFamily method(s) {', '.join(missing)}")
+
+
 def pseudo_labels_problem(pseudo: object, predictions: Predictions) -> str | None:
     """What is wrong with a rule's answer for these predictions (None: nothing): `PseudoLabels` with, per image of
     the batch, masks (N, h, w) at the teacher's mask resolution, N integer classes below "no object", N scores."""

@@ -39,7 +39,14 @@ from gd_hf.data.prepare import RunData, prepare_data
 from gd_hf.distributed import build_accelerator, replica_fingerprints
 from gd_hf.evaluation import EvalSettings, Evaluation, evaluate_mask_ap, write_results
 from gd_hf.files import write_text_atomic
-from gd_hf.method import GuidedDistillation, ModelFamily, PseudoLabelRule, PseudoLabelRules, describe_extension
+from gd_hf.method import (
+    GuidedDistillation,
+    ModelFamily,
+    PseudoLabelRule,
+    PseudoLabelRules,
+    check_extension_points,
+    describe_extension,
+)
 from gd_hf.modeling import Mask2FormerFamily, build_image_processor, build_model
 from gd_hf.optim import TrainingError, UpdateUndo, build_lr_scheduler, build_optimizer, check_nonfinite_step, train_step
 from gd_hf.publish import Publisher
@@ -71,6 +78,7 @@ class TrainingRecipe:
         model_family: ModelFamily | None = None,
     ) -> None:  # fmt: skip
         self.launch_recipe = recipe  # what the user asked for: what a relaunch is compared with
+        check_extension_points(pseudo_label_rule, model_family)  # before any work
         if type(pseudo_label_rule) is PseudoLabelRules and pseudo_label_rule != PseudoLabelRules.from_recipe(
             recipe.ssl
         ):

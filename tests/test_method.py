@@ -432,3 +432,20 @@ def test_a_rule_whose_answer_does_not_fit_is_named_at_its_first_step(tiny, answe
     labeled, unlabeled = batches()
     with pytest.raises(TypeError, match=f"the pseudo-label rule tests\\.test_method\\..*Broken\\(\\) .*{message}"):
         method.loss(tiny.student, tiny.student, labeled, unlabeled)
+
+
+def test_extension_points_that_cannot_serve_are_refused_before_any_work(synthetic_root, tmp_path):
+    from gd_hf.train import TrainingRecipe
+
+    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path))
+    with pytest.raises(TypeError, match="pseudo_label_rule must be callable .* got 'top3'"):
+        TrainingRecipe(recipe, pseudo_label_rule="top3")
+
+    class HalfAFamily(Mask2FormerFamily):
+        predict = None  # a family that forgot how its teacher predicts
+
+    with pytest.raises(TypeError, match="model_family HalfAFamily lacks the ModelFamily method\\(s\\) predict"):
+        TrainingRecipe(recipe, model_family=HalfAFamily())
+    with pytest.raises(TypeError, match="lacks the ModelFamily method\\(s\\) forward, loss, padding_divisor"):
+        TrainingRecipe(recipe, model_family=object())
+    assert not tmp_path.joinpath("checkpoints").exists()
