@@ -16,12 +16,19 @@ from gd_hf.config_types import RecipeError, build_dataclass, field_types, unknow
 class ModelConfig:
     """What network to build (see `gd_hf.modeling.build_model`)."""
 
+    family: Literal["mask2former", "eomt"] = "mask2former"
+    """`mask2former`: Mask2Former on the `backbone` below. `eomt`: EoMT ("Your ViT is Secretly an Image
+    Segmentation Model"), a plain ViT whose last `eomt_query_blocks` blocks take the queries (`gd_hf.eomt`), sized
+    by the `eomt_*` keys; the `backbone*`, `hidden_dim`, `encoder_layers`, `decoder_layers` and
+    `dinov2_feature_layers` keys are Mask2Former's (and the `eomt_*` keys do not apply to it)."""
     backbone: Literal["swin", "dinov2", "resnet"] = "swin"
     """Backbone family of the Mask2Former."""
     pretrained: str | None = None
     """Hub id or local folder to start from: backbone weights (e.g. `facebook/dinov2-base`,
     `microsoft/swin-tiny-patch4-window7-224`, `microsoft/resnet-50`) or a whole Mask2Former checkpoint
     (e.g. `facebook/mask2former-swin-tiny-coco-instance`, re-headed for the recipe's classes).
+    EoMT: a DINOv2 checkpoint (`facebook/dinov2-*`, `facebook/dinov2-with-registers-*`: the ViT gets its weights,
+    the query blocks' queries and the heads start fresh) or a whole EoMT checkpoint (re-headed).
     `null` builds the backbone from the sizes below with random weights."""
     backbone_hidden_size: int = 96
     """Random init only: Swin `embed_dim`, DINOv2 `hidden_size`, ResNet first-stage width."""
@@ -29,6 +36,34 @@ class ModelConfig:
     """Random init only: blocks per stage (Swin/ResNet, 4 stages); DINOv2 uses their sum as its layer count."""
     backbone_num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
     """Random init only: attention heads per Swin stage; DINOv2 uses the last entry."""
+    eomt_hidden_size: int = 1024
+    """EoMT only, random init: the ViT's width (ViT-S 384, ViT-B 768, ViT-L 1024; a DINOv2 checkpoint brings
+    its own)."""
+    eomt_layers: int = 24
+    """EoMT only, random init: the ViT's blocks (ViT-S/B 12, ViT-L 24)."""
+    eomt_heads: int = 16
+    """EoMT only, random init: attention heads (ViT-S 6, ViT-B 12, ViT-L 16)."""
+    eomt_image_size: int = 640
+    """EoMT only: the square input side. Its position embeddings do not interpolate, so every input is padded to
+    exactly this (`data.crop_size` and the evaluation size may not exceed it)."""
+    eomt_patch_size: int = 16
+    """EoMT only: the ViT's patch size. DINOv2 checkpoints have 14; their patch embedding is resampled to this
+    (FlexiViT's pseudo-inverse resize, as the EoMT reference's timm backbone does)."""
+    eomt_query_blocks: int = 4
+    """EoMT only: how many of the last ViT blocks take the queries (and train with masked attention)."""
+    eomt_register_tokens: int = 4
+    """EoMT only, random init: register tokens (a DINOv2 checkpoint brings its own count: 0, or 4 for
+    `facebook/dinov2-with-registers-*`)."""
+    eomt_mask_annealing: list[float] = field(default_factory=lambda: [0.16666667, 0.83333333])
+    """EoMT only: [from, to] as fractions of the phase's `train.max_steps` (teacher: `ssl.teacher_max_steps`). The
+    query blocks' masked attention is annealed away one block after another over this span (each block's
+    probability from 1 to 0 over an equal share, poly 0.9), as the EoMT reference's 2-epoch-per-block schedule
+    from epoch 2 to 10 of 12. Evaluation and exports always run without masks, as EoMT at inference."""
+    eomt_teacher_masks: Literal["follow", "none"] = "follow"
+    """EoMT only: how the EMA teacher predicts while the student still trains with masked attention. `follow`:
+    with masks in the blocks where the student's probability is >= 0.5 (the model it averages was trained so);
+    `none`: never (as at inference). The fixed burn-in teacher, trained to the end of its own annealing,
+    always predicts without (benchmarks/RESULTS.md measures the two)."""
     dinov2_feature_layers: list[int] | None = None
     """DINOv2 only: which transformer layers feed the pixel decoder (1-based). `null` = 4 evenly spaced
     layers ending with the last one, e.g. [3, 6, 9, 12] for ViT-B."""
@@ -191,6 +226,11 @@ class TrainConfig:
     """Peak AdamW learning rate."""
     backbone_lr_multiplier: float = 0.1
     """The backbone's learning rate is `lr` times this."""
+    layer_lr_decay: float = 1.0
+    """EoMT only: layer-wise learning-rate decay of the ViT, as the EoMT reference's: block i of L (0-based)
+    learns at `lr * backbone_lr_multiplier * layer_lr_decay ** (L - 1 - i)` (the last block at the full rate), the
+    patch embedding, tokens and position table as block 0, the final norm at the full rate; 1.0 = off (the
+    reference: 0.8)."""
     weight_decay: float = 0.05
     """AdamW weight decay (never applied to norms, biases, embeddings and position tables)."""
     warmup_steps: int = 0

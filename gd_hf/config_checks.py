@@ -31,6 +31,7 @@ def validate(recipe: Recipe) -> None:
         *_query_stage_and_top_k_checks(m, e),
         *_hub_push_checks(recipe.hub),
         *_ssl_checks(recipe),
+        *_eomt_checks(recipe),
     ]
     for ok, key, message in checks:
         if not ok:
@@ -232,6 +233,56 @@ def _ssl_checks(recipe: Recipe) -> list[Check]:
             "ssl.teacher",
             "is required for guided burn-in: give a phase-1 export, or set ssl.train_teacher_first: true",
         ),
+    ]
+
+
+def _eomt_checks(recipe: Recipe) -> list[Check]:
+    """EoMT's fixed square input, its query blocks and its mask-annealing span; the ViT's layer-wise lr decay."""
+    m, d = recipe.model, recipe.data
+    checks: list[Check] = [
+        (0 < recipe.train.layer_lr_decay <= 1, "train.layer_lr_decay", "must lie in (0, 1] (1 = off; EoMT: 0.8)"),
+    ]
+    if m.family != "eomt":
+        return checks
+    side, annealing = m.eomt_image_size, m.eomt_mask_annealing
+    return checks + [
+        (m.eomt_patch_size > 0, "model.eomt_patch_size", "must be > 0 (the EoMT reference: 16)"),
+        (m.eomt_layers > 0, "model.eomt_layers", "must be > 0 (ViT-L: 24)"),
+        (
+            m.eomt_heads > 0 and m.eomt_hidden_size > 0 and m.eomt_hidden_size % m.eomt_heads == 0,
+            "model.eomt_heads",
+            f"must be > 0 and divide model.eomt_hidden_size {m.eomt_hidden_size} (ViT-L: 16 of 1024)",
+        ),  # fmt: skip
+        (
+            side > 0 and side % max(1, m.eomt_patch_size) == 0,
+            "model.eomt_image_size",
+            f"must be a positive multiple of model.eomt_patch_size {m.eomt_patch_size} (the reference: 640)",
+        ),  # fmt: skip
+        (side <= 4096, "model.eomt_image_size", "must be <= 4096 (the reference: 640)"),
+        (
+            m.pretrained is not None or m.eomt_query_blocks <= m.eomt_layers,
+            "model.eomt_query_blocks",
+            f"must be at most model.eomt_layers {m.eomt_layers}",
+        ),  # fmt: skip
+        (m.eomt_query_blocks > 0, "model.eomt_query_blocks", "must be > 0 (the reference: 4)"),
+        (m.eomt_register_tokens >= 0, "model.eomt_register_tokens", "must be >= 0"),
+        (
+            len(annealing) == 2 and 0 <= annealing[0] < annealing[1] <= 1,
+            "model.eomt_mask_annealing",
+            f"must be [from, to] with 0 <= from < to <= 1 (fractions of train.max_steps), got {annealing}",
+        ),  # fmt: skip
+        (
+            d.crop_size <= side,
+            "data.crop_size",
+            f"must be <= model.eomt_image_size {side}: EoMT takes exactly that square (smaller crops are padded)",
+        ),  # fmt: skip
+        (
+            d.eval_shortest_edge == d.eval_longest_edge == side,
+            "data.eval_shortest_edge",
+            f"and data.eval_longest_edge must both be model.eomt_image_size {side}: EoMT evaluates as its export "
+            "predicts (the longer side resized to it, padded square), "
+            f"got {d.eval_shortest_edge} and {d.eval_longest_edge}",
+        ),  # fmt: skip
     ]
 
 

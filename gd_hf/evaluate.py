@@ -15,16 +15,16 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
+from transformers import AutoImageProcessor, PreTrainedModel
 
 from gd_hf.config import DataConfig
 from gd_hf.data.categories import Categories
 from gd_hf.data.coco import CocoSource, DataError, load_coco, to_hf_dataset
 from gd_hf.evaluation import EvalSettings, coco_ground_truth, evaluate_mask_ap, write_results
-from gd_hf.modeling import size_divisibility
+from gd_hf.families import family_of, load_export
 
 
-def category_ids_for_model(model: Mask2FormerForUniversalSegmentation, source: CocoSource) -> list[int]:
+def category_ids_for_model(model: PreTrainedModel, source: CocoSource) -> list[int]:
     """COCO category id of each model class, matched by name; an error lists the names that differ."""
     by_name = dict(zip(source.category_names, source.category_ids))
     names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
@@ -38,7 +38,7 @@ def category_ids_for_model(model: Mask2FormerForUniversalSegmentation, source: C
 
 
 def evaluate_model(
-    model: Mask2FormerForUniversalSegmentation,
+    model: PreTrainedModel,
     source: CocoSource,
     data: DataConfig,
     top_k: int = 100,
@@ -50,11 +50,21 @@ def evaluate_model(
     ground_truth = coco_ground_truth(to_hf_dataset(source), Categories(source.category_ids, source.category_names))
     category_ids = category_ids_for_model(model, source)
     model.to(device)
-    settings = EvalSettings(data, size_divisibility(model), top_k, batch_size, data.num_workers)
+    family = family_of(model)  # Mask2Former or EoMT, predicting as at inference
+    settings = EvalSettings(data, family.padding_divisor(model), top_k, batch_size, data.num_workers, family=family)
     # The driver training evaluates with: the same AP for the same model, data and settings.
     evaluation = evaluate_mask_ap(model, to_hf_dataset(source, with_labels=False), ground_truth, category_ids,
                                   settings, device)  # fmt: skip
     return evaluation.metrics, evaluation.results
+
+
+def input_size_problem(model: PreTrainedModel, shortest_edge: int, longest_edge: int) -> str | None:
+    """Why an evaluation size cannot feed the model (EoMT takes exactly its `image_size` square), or None."""
+    side = getattr(model.config, "image_size", None) if model.config.model_type == "eomt" else None
+    if side is not None and max(shortest_edge, longest_edge) > side:
+        return (f"this EoMT takes {side} x {side} inputs (its position embeddings do not interpolate): a test-time "
+                f"size of {shortest_edge}/{longest_edge} exceeds it; leave --shortest-edge/--longest-edge unset")  # fmt: skip
+    return None
 
 
 def evaluate_export(
@@ -70,7 +80,7 @@ def evaluate_export(
     """Mask AP of an exported model (folder or hub id) on a COCO-format set, resized as its saved image
     processor says unless `shortest_edge`/`longest_edge` are given."""
     try:
-        model = Mask2FormerForUniversalSegmentation.from_pretrained(model_path)
+        model = load_export(str(model_path))
         size = AutoImageProcessor.from_pretrained(model_path).size
     except (OSError, ValueError) as e:
         raise DataError(f"cannot load the model {model_path}: {e}") from e
@@ -79,6 +89,9 @@ def evaluate_export(
         eval_longest_edge=longest_edge or size.get("longest_edge") or 1333,
         num_workers=num_workers,
     )
+    problem = input_size_problem(model, data.eval_shortest_edge, data.eval_longest_edge)
+    if problem:
+        raise DataError(problem)
     source = load_coco(annotations, images)
     if not source.images:
         raise DataError(f"{annotations} lists no images: there is nothing to evaluate")

@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
+from gd_hf.families import as_exported
 from gd_hf.files import fsync_tree, replace_durably
 from gd_hf.model_card import RunSummary, write_model_card
 from gd_hf.weights import check_finite
@@ -35,7 +36,8 @@ def export_model(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        with as_exported(model):  # (EoMT: without masked attention, as at inference)
+            model.save_pretrained(tmp, safe_serialization=True)
         image_processor.save_pretrained(tmp)
         if metrics is not None:
             (tmp / "eval_results.json").write_text(json.dumps(metrics, indent=2))

@@ -16,7 +16,7 @@ model family's matched (Hungarian) loss. Without pseudo labels (phase 1, or a bu
 Two extension points, plain classes passed in from Python (README, "Extending the method"):
 - `PseudoLabelRule`: the teacher's logits -> `PseudoLabels` (`PseudoLabelRules`: the paper's four rules and an
   optional mask NMS);
-- `ModelFamily`: what the method needs of a model (`gd_hf.modeling.Mask2FormerFamily` is the first).
+- `ModelFamily`: what the method needs of a model (`gd_hf.modeling.Mask2FormerFamily`, `gd_hf.eomt.EomtFamily`).
 """
 
 from __future__ import annotations
@@ -69,8 +69,19 @@ class ModelFamily(Protocol):
         """Input sides must be multiples of this."""
 
     def predict(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Predictions:
-        """How the teacher predicts (the model is in eval mode, under `torch.no_grad`): deterministic, as at
-        inference."""
+        """The model's predictions as at inference (in eval mode, under `torch.no_grad`; evaluation, the teacher
+        check and the fixed teacher): deterministic, as the export predicts."""
+
+    def teacher_predict(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Predictions:
+        """How the teacher predicts during training, as `start_step` set it up (deterministic)."""
+
+    def start_step(
+        self, step: int, phase: str, student: torch.nn.Module, teacher: torch.nn.Module | None
+    ) -> dict[str, float]:
+        """Before optimizer step `step` of `phase` (`supervised`, `burn_in`, `ema`), also the first after a
+        resume: whatever the family schedules by the step, as a pure function of it (EoMT: the student's
+        masked-attention probabilities and the teacher's masking; Mask2Former: nothing). Returns what to log of
+        it (`{}`: nothing)."""
 
     def load_pretrained(self, path: str) -> torch.nn.Module:
         """A trained model of this family from an export folder or hub id (`ssl.teacher`)."""
@@ -122,6 +133,7 @@ class GuidedDistillation:
             raise ValueError("Guided Distillation (ssl.enabled) needs a teacher")
         self.ssl, self.family, self.teacher = ssl, family, teacher
         self.rule = rule if rule is not None else PseudoLabelRules.from_recipe(ssl)
+        self.schedule_figures: dict[str, float] = {}  # the family's, of the step under way (logged with the loss)
 
     @classmethod
     def supervised(cls, family: ModelFamily) -> GuidedDistillation:
@@ -141,11 +153,14 @@ class GuidedDistillation:
 
     def start_step(self, step: int, student: torch.nn.Module) -> bool:
         """Before `step`: at the first EMA step the teacher becomes a copy of the student (True is returned then:
-        burn-in has just ended)."""
-        if self.phase(step) == "ema" and step == self.ssl.burn_in_steps:
+        burn-in has just ended); then the model family's schedule for the step (`ModelFamily.start_step`)."""
+        phase = self.phase(step)
+        burn_in_ended = phase == "ema" and step == self.ssl.burn_in_steps
+        if burn_in_ended:
             self.teacher.copy_from(student)
-            return True
-        return False
+        teacher = self.teacher.model if self.teacher is not None else None
+        self.schedule_figures = self.family.start_step(step, phase, student, teacher)
+        return burn_in_ended
 
     def loss(
         self, model: torch.nn.Module, student: torch.nn.Module, labeled: dict[str, Any],
@@ -178,6 +193,7 @@ class GuidedDistillation:
             loss = loss + self.ssl.unsup_loss_weight * unsup_loss
         logged["loss"] = loss
         logged.update({key: terms[key] for key in LOGGED_LOSS_TERMS})
+        logged.update(self.schedule_figures)
         if pseudo is not None:
             with torch.autocast(pixel_values.device.type, enabled=False):  # monitoring counts, in full precision
                 logged.update(pseudo_label_figures(pseudo, unlabeled))
@@ -187,7 +203,7 @@ class GuidedDistillation:
         """The teacher's predictions on the weak view (in the loop's autocast, as the student's), through the
         pseudo-label rule in full precision (mask NMS's overlaps are pixel counts: bf16 would round them)."""
         with torch.no_grad():
-            predictions = self.family.predict(self.teacher.model, weak_pixel_values)
+            predictions = self.family.teacher_predict(self.teacher.model, weak_pixel_values)
             with torch.autocast(weak_pixel_values.device.type, enabled=False):
                 pseudo = self.rule(predictions.class_logits, predictions.mask_logits)
         # A custom rule's mistake is named at its first step rather than deep in the matcher. (The recipe's own
@@ -204,7 +220,7 @@ class GuidedDistillation:
             self.teacher.update(student, self.ssl.ema_decay)
 
 
-FAMILY_METHODS = ("forward", "loss", "padding_divisor", "predict", "load_pretrained")
+FAMILY_METHODS = ("forward", "loss", "padding_divisor", "predict", "teacher_predict", "start_step", "load_pretrained")
 
 
 def check_extension_points(rule: object | None, family: object | None) -> None:

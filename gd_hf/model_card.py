@@ -63,8 +63,10 @@ def _dataset_names(recipe: Recipe) -> tuple[list[str], str]:
     return [], Path(d.val_annotations).name
 
 
-def usage_snippet(model_id: str) -> str:
+def usage_snippet(model_id: str, family: str = "mask2former") -> str:
     """Python that loads the model two ways and segments `image.jpg` (runs as written next to such a file)."""
+    if family == "eomt":
+        return _eomt_usage_snippet(model_id)
     return f'''```python
 from PIL import Image
 from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation, pipeline
@@ -81,6 +83,29 @@ image = Image.open("image.jpg").convert("RGB")
 outputs = model(**processor(images=image, return_tensors="pt"))
 result = processor.post_process_instance_segmentation(outputs, threshold=0.5, target_sizes=[image.size[::-1]])[0]
 print(result["segmentation"].shape, [model.config.id2label[s["label_id"]] for s in result["segments_info"]])
+```'''
+
+
+def _eomt_usage_snippet(model_id: str) -> str:
+    # transformers <= 5.24 (the newest checked): pipeline(subtask="instance") passes `mask_threshold`, which the PIL
+    # backend's EomtImageProcessorPil.post_process_instance_segmentation does not take (a TypeError; the
+    # torchvision backend drops it); the pipeline's default subtask runs the panoptic post-processing.
+    return f'''```python
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, pipeline
+
+# 1. model + image processor: instances (overlapping masks allowed), as the model was evaluated
+processor = AutoImageProcessor.from_pretrained("{model_id}")
+model = AutoModelForUniversalSegmentation.from_pretrained("{model_id}")  # an EomtForUniversalSegmentation
+image = Image.open("image.jpg").convert("RGB")
+outputs = model(**processor(images=image, return_tensors="pt"))
+result = processor.post_process_instance_segmentation(outputs, threshold=0.5, target_sizes=[image.size[::-1]])[0]
+print(result["segmentation"].shape, [model.config.id2label[s["label_id"]] for s in result["segments_info"]])
+
+# 2. pipeline, default subtask: one dict per segment (label, score, PIL mask), from EoMT's panoptic post-processing
+# (segments do not overlap). subtask="instance" needs torchvision installed with transformers <= 5.24.
+segmenter = pipeline("image-segmentation", model="{model_id}")
+print([(s["label"], round(s["score"], 3)) for s in segmenter("image.jpg", threshold=0.5)])
 ```'''
 
 
@@ -132,7 +157,7 @@ def build_model_card(summary: RunSummary, model_id: str) -> ModelCard:
         model_name=name,
         library_name="transformers",
         pipeline_tag="image-segmentation",
-        tags=TAGS,
+        tags=[recipe.model.family, *TAGS[1:]],
         license=recipe.hub.license,
         base_model=recipe.model.pretrained if _is_hub_id(recipe.model.pretrained) else None,
         datasets=datasets or None,
@@ -142,6 +167,16 @@ def build_model_card(summary: RunSummary, model_id: str) -> ModelCard:
     backbone = model.pretrained or (
         f"{model.backbone} from scratch (hidden {model.backbone_hidden_size}, depths {model.backbone_depths})"
     )
+    if model.family == "eomt":
+        family_name, family_class = "EoMT", "EomtForUniversalSegmentation"
+        architecture = (f"EoMT ({model.num_queries} queries in the last {model.eomt_query_blocks} ViT blocks, "
+                        f"{model.eomt_image_size} px square inputs, patch {model.eomt_patch_size}), ViT: "
+                        + (model.pretrained or f"from scratch (hidden {model.eomt_hidden_size}, "
+                           f"{model.eomt_layers} layers)"))  # fmt: skip
+    else:
+        family_name, family_class = "Mask2Former", "Mask2FormerForUniversalSegmentation"
+        architecture = (f"Mask2Former ({model.num_queries} queries, {model.decoder_layers} decoder layers, hidden "
+                        f"size {model.hidden_dim}), backbone: {backbone}")  # fmt: skip
     total = summary.num_labeled + summary.num_unlabeled
     labeled = f"{summary.num_labeled} labeled images"
     if summary.stage != "supervised":
@@ -150,14 +185,13 @@ def build_model_card(summary: RunSummary, model_id: str) -> ModelCard:
     body = f"""
 # {name}
 
-Mask2Former instance-segmentation model trained with gd_hf —
+{family_name} instance-segmentation model trained with gd_hf —
 semi-supervised instance segmentation with Guided Distillation (Berrada et al., WACV 2024) on Hugging Face
-transformers. A plain `Mask2FormerForUniversalSegmentation` checkpoint: no custom code is needed to use it.
+transformers. A plain `{family_class}` checkpoint: no custom code is needed to use it.
 
 ## What was trained
 
-- **Model**: Mask2Former ({model.num_queries} queries, {model.decoder_layers} decoder layers, hidden size
-  {model.hidden_dim}), backbone: {backbone}
+- **Model**: {architecture}
 - **Classes** ({len(summary.class_names)}): {", ".join(summary.class_names)}
 - **Data**: {labeled}, {summary.num_labeled / max(total, 1) * 100:.1f} % of the {total} training images labeled
   ({recipe.data.labeled_percent:g} % requested); evaluated on {summary.num_val} images of {eval_name}
@@ -172,7 +206,7 @@ COCO-protocol mask AP (pycocotools) on {eval_name}, at step {summary.step}:
 
 ## How to use
 
-{usage_snippet(model_id)}
+{usage_snippet(model_id, model.family)}
 
 ## Recipe
 

@@ -1,4 +1,5 @@
-"""`build_model`: the one place a Mask2Former with a Swin / DINOv2 / ResNet backbone is made."""
+"""`build_model`: the one place a recipe's model is made (a Mask2Former with a Swin / DINOv2 / ResNet backbone, or
+an EoMT through `gd_hf.eomt`), and `Mask2FormerFamily`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from transformers import (
     Dinov2Config,
     Mask2FormerConfig,
     Mask2FormerForUniversalSegmentation,
+    PreTrainedModel,
     ResNetConfig,
     SwinConfig,
 )
@@ -139,11 +141,16 @@ def _load_pretrained_config(source: str):
         return AutoConfig.from_pretrained(source)
 
 
-def build_model(cfg: ModelConfig, id2label: dict[int, str]) -> Mask2FormerForUniversalSegmentation:
-    """Build the Mask2Former of a recipe for the classes `id2label` (contiguous ids 0..C-1)."""
+def build_model(cfg: ModelConfig, id2label: dict[int, str]) -> PreTrainedModel:
+    """Build the model of a recipe for the classes `id2label` (contiguous ids 0..C-1): a Mask2Former, or an EoMT
+    (`model.family: eomt`, `gd_hf.eomt.build_eomt`)."""
     if not id2label or sorted(id2label) != list(range(len(id2label))):
         raise ValueError(f"id2label must map 0..C-1 to class names, got {id2label}")
-    if cfg.pretrained is None:
+    if cfg.family == "eomt":
+        from gd_hf.eomt import build_eomt  # (gd_hf.eomt builds on this module)
+
+        model = build_eomt(cfg, id2label)
+    elif cfg.pretrained is None:
         model = Mask2FormerForUniversalSegmentation(
             _mask2former_config(cfg, _backbone_config_from_sizes(cfg), id2label)
         )
@@ -312,6 +319,14 @@ class Mask2FormerFamily:
         # Mask2Former predicts the same in eval mode whatever the step: nothing to switch off.
         outputs = model(pixel_values=pixel_values)
         return Predictions(outputs.class_queries_logits, outputs.masks_queries_logits)
+
+    def teacher_predict(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Predictions:
+        return self.predict(model, pixel_values)
+
+    def start_step(
+        self, step: int, phase: str, student: torch.nn.Module, teacher: torch.nn.Module | None
+    ) -> dict[str, float]:
+        return {}  # nothing scheduled by the step beyond the method's own
 
     def load_pretrained(self, path: str) -> torch.nn.Module:
         return Mask2FormerForUniversalSegmentation.from_pretrained(path)

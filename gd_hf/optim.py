@@ -56,23 +56,44 @@ def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
 
 
 def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
-    """Four groups: {backbone, rest} x {decay, no decay}, the backbone at `lr * backbone_lr_multiplier`."""
+    """{backbone, rest} x {decay, no decay}, the backbone at `lr * backbone_lr_multiplier`; an EoMT's ViT blocks
+    further by `train.layer_lr_decay` (`backbone_lr_scale`), one group per scale."""
     no_decay_names = no_weight_decay_names(model)
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    groups: dict[tuple[bool, bool, float], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        is_backbone = ".pixel_level_module.encoder." in f".{name}"
-        groups.setdefault((is_backbone, name in no_decay_names), []).append(parameter)
+        scale = backbone_lr_scale(model, name, cfg.layer_lr_decay)
+        groups.setdefault((scale is not None, name in no_decay_names, scale or 1.0), []).append(parameter)
     return [
         {
             "params": params,
-            "lr": cfg.lr * (cfg.backbone_lr_multiplier if is_backbone else 1.0),
+            "lr": cfg.lr * (cfg.backbone_lr_multiplier * scale if is_backbone else 1.0),
             "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-            "name": f"{'backbone' if is_backbone else 'heads'}{'_no_decay' if no_decay else ''}",
+            "name": f"{'backbone' if is_backbone else 'heads'}{'_no_decay' if no_decay else ''}"
+            + (f"_x{scale:.4g}" if scale != 1.0 else ""),
         }
-        for (is_backbone, no_decay), params in sorted(groups.items())
+        for (is_backbone, no_decay, scale), params in sorted(groups.items(), key=lambda item: item[0])
     ]
+
+
+def backbone_lr_scale(model: torch.nn.Module, name: str, layer_lr_decay: float) -> float | None:
+    """None for a parameter outside the backbone; else its learning-rate factor beside `backbone_lr_multiplier`.
+
+    Mask2Former: its AutoBackbone, factor 1. EoMT: the ViT (embeddings, every block, the final norm) is the
+    backbone, as in the EoMT reference, whose layer-wise decay gives block i of L (0-based) `decay ** (L - 1 - i)`,
+    the embeddings (patch embedding, [CLS] and register tokens, position table) the first block's factor, the
+    final norm 1; the queries, upscaling blocks and heads are the rest."""
+    if getattr(getattr(model, "config", None), "model_type", None) != "eomt":
+        return 1.0 if ".pixel_level_module.encoder." in f".{name}" else None
+    layers = model.config.num_hidden_layers
+    if name.startswith("layers."):
+        return layer_lr_decay ** (layers - 1 - int(name.split(".")[1]))
+    if name.startswith("embeddings."):
+        return layer_lr_decay ** (layers - 1)
+    if name.startswith("layernorm."):
+        return 1.0
+    return None
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
+from transformers import AutoImageProcessor, PreTrainedModel
 
 from gd_hf.data.convert import IMAGE_SUFFIXES
 from gd_hf.data.images import to_rgb
 from gd_hf.data.transforms import eval_size, normalize, pad_to, padded_size, resize
 from gd_hf.evaluation import post_process_instances, to_coco_results
-from gd_hf.modeling import size_divisibility
+from gd_hf.families import family_of, load_export
 
 
 def find_images(inputs: list[str]) -> list[Path]:
@@ -86,7 +86,7 @@ def load_image(path: Path) -> Image.Image:
 
 @torch.no_grad()
 def predict(
-    model: Mask2FormerForUniversalSegmentation,
+    model: PreTrainedModel,
     images: list[Path],
     out: Path,
     shortest_edge: int,
@@ -100,7 +100,8 @@ def predict(
     out.mkdir(parents=True, exist_ok=True)
     model.to(device).eval()
     id2label = model.config.id2label
-    divisibility = size_divisibility(model)
+    family = family_of(model)  # Mask2Former or EoMT, predicting as at inference
+    divisibility = family.padding_divisor(model)
     results, failures, used_names = [], [], set()
     progress = tqdm(total=len(images), desc="predict", unit="img")
     for start in range(0, len(images), batch_size):
@@ -121,10 +122,10 @@ def predict(
         sizes = [tuple(p.shape[-2:]) for *_, p in batch]
         height, width = padded_size(sizes, divisibility)
         pixel_values = torch.stack([pad_to(normalize(p), height, width) for *_, p in batch]).to(device)
-        outputs = model(pixel_values=pixel_values)
+        outputs = family.predict(model, pixel_values)
         processed = post_process_instances(
-            outputs.class_queries_logits,
-            outputs.masks_queries_logits,
+            outputs.class_logits,
+            outputs.mask_logits,
             sizes,
             [(image.height, image.width) for _, _, image, _ in batch],
             (height, width),
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no images found in {args.images}", file=sys.stderr)
         return 1
     try:
-        model = Mask2FormerForUniversalSegmentation.from_pretrained(args.model)
+        model = load_export(args.model)
         size = AutoImageProcessor.from_pretrained(args.model).size
     except (OSError, ValueError) as e:
         print(f"error: cannot load the model {args.model}: {e}", file=sys.stderr)

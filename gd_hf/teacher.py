@@ -14,6 +14,10 @@ if TYPE_CHECKING:
     from gd_hf.method import ModelFamily
 
 
+# Buffers a model family writes from the step (`ModelFamily.start_step`), never averaged or copied.
+SCHEDULED_BUFFERS = ("attn_mask_probs",)
+
+
 class EmaTeacher(torch.nn.Module):
     """Wraps the teacher model: always eval mode, no gradients, updated only by `copy_from` / `update`.
 
@@ -41,8 +45,11 @@ class EmaTeacher(torch.nn.Module):
         student_state = student.state_dict(keep_vars=True)
         if teacher_state.keys() != student_state.keys():
             raise ValueError("teacher and student have different parameters: they must be the same architecture")
-        # Parameters and floating-point buffers take part; integer buffers (counters) are copied as they are.
-        names = [n for n, t in teacher_state.items() if t.is_floating_point()]
+        # Parameters and floating-point buffers take part; integer buffers (counters) are left as they are, and so
+        # are the buffers the model family sets from the step (an average of EoMT's masked-attention
+        # probabilities would be a meaningless in-between value, and in eval mode one strictly between 0 and 1
+        # un-masks random queries).
+        names = [n for n, t in teacher_state.items() if t.is_floating_point() and not n.endswith(SCHEDULED_BUFFERS)]
         return [teacher_state[n].data for n in names], [student_state[n].data for n in names]
 
     @torch.no_grad()

@@ -38,6 +38,7 @@ from gd_hf.data.coco import DataError
 from gd_hf.data.prepare import RunData, prepare_data
 from gd_hf.distributed import build_accelerator, replica_fingerprints
 from gd_hf.evaluation import EvalSettings, Evaluation, evaluate_mask_ap, write_results
+from gd_hf.families import build_family, export_image_processor
 from gd_hf.files import write_text_atomic
 from gd_hf.method import (
     GuidedDistillation,
@@ -47,7 +48,7 @@ from gd_hf.method import (
     check_extension_points,
     describe_extension,
 )
-from gd_hf.modeling import Mask2FormerFamily, build_image_processor, build_model
+from gd_hf.modeling import build_model
 from gd_hf.optim import TrainingError, UpdateUndo, build_lr_scheduler, build_optimizer, check_nonfinite_step, train_step
 from gd_hf.publish import Publisher
 from gd_hf.push import PushError
@@ -71,7 +72,7 @@ logger = logging.getLogger("gd_hf.train")
 
 class TrainingRecipe:
     """One launch of a recipe. `pseudo_label_rule` and `model_family` are the method's extension points (None:
-    the recipe's `PseudoLabelRules`, and Mask2Former)."""
+    the recipe's `PseudoLabelRules`, and its `model.family`)."""
 
     def __init__(
         self, recipe: Recipe, pseudo_label_rule: PseudoLabelRule | None = None,
@@ -87,7 +88,7 @@ class TrainingRecipe:
                 "keys instead (the recipe, the checkpoints and the model card then say what was used)"
             )
         self.pseudo_label_rule = pseudo_label_rule
-        self.family = model_family if model_family is not None else Mask2FormerFamily()
+        self.custom_family = model_family  # None: the recipe's `model.family`, built for each phase
 
     def run(self, data: RunData | None = None) -> dict[str, float]:
         """Every phase of the recipe in order (resuming where checkpoints are); the final val metrics. `data`:
@@ -151,7 +152,8 @@ class TrainingRecipe:
         """Phase 1's objects go before phase 2 builds its own (weights, optimizer state, the undo copy: about 6x the
         parameters), phase 1's model and optimizer leave the Accelerator (not part of phase 2's checkpoints), and
         the fp16 loss scale starts afresh."""
-        for name in ("model", "student", "evaluated", "optimizer", "scheduler", "undo", "method", "publisher"):
+        for name in ("model", "student", "evaluated", "optimizer", "scheduler", "undo", "method", "publisher",
+                     "family"):  # fmt: skip
             vars(self).pop(name, None)
         self.accelerator.free_memory()  # (and the garbage collector, and the CUDA cache)
         if self.fresh_scaler_state is not None:
@@ -163,8 +165,8 @@ class TrainingRecipe:
         points = {}
         if recipe.ssl.enabled and self.pseudo_label_rule is not None:
             points["pseudo_label_rule"] = describe_extension(self.pseudo_label_rule)
-        if type(self.family) is not Mask2FormerFamily:
-            points["model_family"] = describe_extension(self.family)
+        if self.custom_family is not None:
+            points["model_family"] = describe_extension(self.custom_family)
         return points
 
     # -- set-up -------------------------------------------------------------------------------------------------
@@ -207,8 +209,9 @@ class TrainingRecipe:
         cfg = recipe.train
         set_seed(recipe.seed)
         model = build_model(recipe.model, data.categories.id2label)
+        self.family = self.custom_family if self.custom_family is not None else build_family(recipe)
         self.divisibility = self.family.padding_divisor(model)
-        self.image_processor = build_image_processor(model, recipe.data, self.divisibility)
+        self.image_processor = export_image_processor(model, recipe.data, self.divisibility)
         optimizer = build_optimizer(model, cfg)
         self.scheduler = build_lr_scheduler(optimizer, cfg)
         teacher = build_teacher(recipe, model, data.categories.id2label, self.family)

@@ -79,6 +79,19 @@ def tiny_overrides(root: Path, output_dir: Path) -> list[str]:
     ]
 
 
+# With `tiny_overrides`: an EoMT instead (a 3-layer ViT of width 32 whose last 2 blocks take the queries, 64 px
+# squares of 4 x 4 patches), about the tiny Mask2Former's cost.
+EOMT_TINY = [
+    "model.family=eomt",
+    "model.eomt_image_size=64",
+    "model.eomt_hidden_size=32",
+    "model.eomt_layers=3",
+    "model.eomt_heads=2",
+    "model.eomt_query_blocks=2",
+    "model.eomt_register_tokens=1",
+]
+
+
 @pytest.fixture
 def tiny_recipe(synthetic_root, tmp_path) -> Recipe:
     return load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path / "run"))

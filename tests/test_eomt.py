@@ -1,6 +1,8 @@
-"""`gd_hf.eomt` (groundwork of the EoMT family, issue 27): the family's forward gives every masked block's
-predictions, its loss is EoMT's own, the teacher's predictions are deterministic, and mask annealing is a pure
-function of the step."""
+"""`gd_hf.eomt`, the EoMT model family (`model.family: eomt`): the family's forward gives every masked block's
+predictions, its loss is EoMT's own, the teacher's predictions are deterministic, mask annealing is a pure
+function of the step that the EMA never averages, mixed-size batches become one square frame with every target on
+its object, DINOv2 and EoMT checkpoints load, and exports are plain transformers folders that predict as at
+inference. (Real runs: tests/test_processes.py and tests/test_evaluation_driver.py run EoMT too.)"""
 
 from __future__ import annotations
 
@@ -8,12 +10,13 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import EomtConfig, EomtForUniversalSegmentation
 from transformers.models.eomt import modeling_eomt
 
-from gd_hf.config import SslConfig
-from gd_hf.eomt import EomtFamily, mask_probabilities, set_mask_probabilities
-from gd_hf.method import GuidedDistillation, one_frame
+from gd_hf.config import SslConfig, load_recipe
+from gd_hf.eomt import EomtFamily, MaskAnnealing, mask_probabilities, set_mask_probabilities
+from gd_hf.method import GuidedDistillation, Predictions, one_frame
 from gd_hf.teacher import EmaTeacher
 
 from .test_ddp_units import _fixed_points, _same_draw_for_the_same_shape
@@ -177,22 +180,23 @@ def test_dinov2_weights_of_another_size_are_refused_naming_the_mismatch():
 
 
 def test_an_export_loads_and_predicts_with_plain_transformers(tmp_path):
-    """A mid-annealing model, prepared for export and saved with its processor: the Auto classes load it, a
-    non-square image is padded to the model's square, two predictions agree, and instance post-processing works.
-    `pipeline("image-segmentation")` works with its default subtask; with `subtask="instance"` transformers 5.24
-    passes `mask_threshold`, which EoMT's post-processing does not take (when this test fails, transformers has
-    fixed it: say so in the README)."""
+    """A mid-annealing model exported as runs export: the live model keeps its annealing, the export has none; the
+    Auto classes load it, a non-square image is padded to the model's square, two predictions agree, instance
+    post-processing works. `pipeline("image-segmentation")` works with its default subtask (EoMT's panoptic
+    post-processing); with `subtask="instance"` transformers 5.24's PIL backend (no torchvision, as here) gets
+    `mask_threshold`, which `EomtImageProcessorPil.post_process_instance_segmentation` does not take (when this
+    test fails, transformers has fixed it: say so in the README and the card's snippet)."""
     import numpy as np
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, pipeline
 
-    from gd_hf.eomt import eomt_image_processor, prepare_for_export
+    from gd_hf.eomt import eomt_image_processor
+    from gd_hf.export import export_model
 
     model = tiny_eomt()
     set_mask_probabilities(model, [0.3, 1.0])
-    prepare_for_export(model)
-    model.save_pretrained(tmp_path / "export")
-    eomt_image_processor(64).save_pretrained(tmp_path / "export")
+    export_model(model, eomt_image_processor(64), tmp_path / "export")
+    assert model.attn_mask_probs.tolist() == pytest.approx([0.3, 1.0])  # training goes on as it was
     loaded = AutoModelForUniversalSegmentation.from_pretrained(tmp_path / "export").eval()
     processor = AutoImageProcessor.from_pretrained(tmp_path / "export")
     assert type(loaded).__name__ == "EomtForUniversalSegmentation" and loaded.attn_mask_probs.tolist() == [0.0, 0.0]
@@ -208,3 +212,280 @@ def test_an_export_loads_and_predicts_with_plain_transformers(tmp_path):
     assert isinstance(segmenter(image), list)
     with pytest.raises(TypeError, match="mask_threshold"):
         segmenter(image, subtask="instance")
+
+
+def test_the_cards_eomt_snippet_runs_as_written(tmp_path, monkeypatch):
+    """The usage snippet of an EoMT card, run as written next to an image (plain transformers, no gd_hf)."""
+    import numpy as np
+    from PIL import Image
+
+    from gd_hf.eomt import eomt_image_processor
+    from gd_hf.export import export_model
+    from gd_hf.model_card import usage_snippet
+
+    export_model(tiny_eomt(), eomt_image_processor(64), tmp_path / "export")
+    Image.fromarray((np.random.default_rng(0).random((40, 72, 3)) * 255).astype("uint8")).save(tmp_path / "image.jpg")
+    snippet = usage_snippet(str(tmp_path / "export"), "eomt")
+    code = snippet.split("```python\n", 1)[1].rsplit("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "snippet", "exec"), namespace)  # noqa: S102 - the card's own code
+    assert namespace["result"]["segmentation"].shape == (40, 72)
+    assert type(namespace["model"]).__name__ == "EomtForUniversalSegmentation"
+
+
+def test_the_demo_recipe_trains_eomt_with_one_override():
+    """`recipes/demo_synthetic.yaml model.family=eomt`: a ViT of about the demo Mask2Former's parameter count, and a
+    family whose annealing spans the phase's steps (the student's max_steps; the teacher's in phase 1)."""
+    from gd_hf.config import teacher_recipe_of
+    from gd_hf.families import build_family
+    from gd_hf.modeling import build_model
+
+    from .conftest import ROOT
+
+    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", ["model.family=eomt"])
+    id2label = {i: name for i, name in enumerate("abcd")}
+    eomt, mask2former = build_model(recipe.model, id2label), build_model(dataclasses.replace(recipe.model,
+                                                                                              family="mask2former"), id2label)  # fmt: skip
+    assert type(eomt).__name__ == "EomtForUniversalSegmentation" and eomt.config.image_size == 256
+    count = sum(p.numel() for p in eomt.parameters()) / sum(p.numel() for p in mask2former.parameters())
+    assert 0.9 < count < 1.2
+    student, teacher = build_family(recipe), build_family(teacher_recipe_of(recipe))
+    assert (student.annealing.starts, student.annealing.ends) == ([167, 500], [500, 833])  # of 1000 steps
+    assert (teacher.annealing.starts, teacher.annealing.ends) == ([100, 300], [300, 500])  # of 600 steps
+
+
+def test_the_default_span_is_the_references_schedule_at_its_step_count():
+    """[1/6, 5/6] of the reference's 12 epochs x 7,391 steps, over 4 blocks: its start and end steps exactly."""
+    annealing = MaskAnnealing.from_recipe(load_recipe_model(), 12 * 7391, 4)
+    assert (annealing.starts, annealing.ends) == (STARTS, ENDS)
+    assert annealing.probabilities(22173) == pytest.approx([0.5**0.9, 1.0, 1.0, 1.0])
+
+
+def load_recipe_model():
+    from gd_hf.config import ModelConfig
+
+    return ModelConfig(family="eomt")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.crop_size=128", "data.crop_size must be <= model.eomt_image_size 64"),
+        ("data.eval_longest_edge=80", "data.eval_shortest_edge and data.eval_longest_edge must both be"),
+        ("model.eomt_mask_annealing=[0.5, 0.5]", "model.eomt_mask_annealing must be \\[from, to\\]"),
+        ("model.eomt_mask_annealing=[0.5]", "model.eomt_mask_annealing must be \\[from, to\\]"),
+        ("model.eomt_query_blocks=4", "model.eomt_query_blocks must be at most model.eomt_layers 3"),
+        ("model.eomt_heads=3", "model.eomt_heads must be > 0 and divide model.eomt_hidden_size 32"),
+        ("model.eomt_image_size=72", "model.eomt_image_size must be a positive multiple of model.eomt_patch_size"),
+        ("train.layer_lr_decay=0", "train.layer_lr_decay must lie in \\(0, 1\\]"),
+    ],
+)
+def test_recipe_values_eomt_cannot_take_are_refused_naming_the_key(tmp_path, override, message):
+    from gd_hf.config import RecipeError
+
+    from .conftest import EOMT_TINY, ROOT, tiny_overrides
+
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(tmp_path, tmp_path / "o") + EOMT_TINY
+                    + [override])  # fmt: skip
+
+
+def test_the_teacher_masks_as_the_phase_and_the_student_say_and_the_ema_never_averages_them():
+    """Burn-in: the fixed teacher (annealed to its end in phase 1) predicts without masks; EMA with `follow`: in the
+    blocks where the student's probability is >= 0.5; with `none`: never. The EMA copy and update leave the
+    teacher's buffer alone (an average would be a value strictly between 0 and 1: random un-masking)."""
+    student, teacher = tiny_eomt(0), EmaTeacher(tiny_eomt(1))
+    annealing = MaskAnnealing([10, 20], [20, 30])
+    follow, none = EomtFamily(annealing, "follow"), EomtFamily(annealing, "none")
+    for family, step, phase, student_expected, teacher_expected in [
+        (follow, 5, "burn_in", [1.0, 1.0], [0.0, 0.0]),
+        (follow, 5, "ema", [1.0, 1.0], [1.0, 1.0]),
+        (follow, 15, "ema", [0.5**0.9, 1.0], [1.0, 1.0]),  # 0.536: still mostly masked
+        (follow, 18, "ema", [0.2**0.9, 1.0], [0.0, 1.0]),
+        (follow, 25, "ema", [0.0, 0.5**0.9], [0.0, 1.0]),
+        (follow, 30, "ema", [0.0, 0.0], [0.0, 0.0]),
+        (none, 15, "ema", [0.5**0.9, 1.0], [0.0, 0.0]),
+    ]:
+        figures = family.start_step(step, phase, student, teacher.model)
+        assert student.attn_mask_probs.tolist() == pytest.approx(student_expected), (step, phase)
+        assert teacher.model.attn_mask_probs.tolist() == teacher_expected, (family.teacher_masks, step, phase)
+        assert figures["mask_prob/block_0"] == pytest.approx(student_expected[0])
+        assert figures["teacher_masked_blocks"] == sum(teacher_expected)
+    follow.start_step(15, "ema", student, teacher.model)
+    teacher.copy_from(student)
+    teacher.update(student, 0.5)
+    assert teacher.model.attn_mask_probs.tolist() == [1.0, 1.0]  # as start_step set it, not the student's 0.536
+    assert torch.equal(teacher.model.query.weight, student.query.weight)  # (the weights themselves were copied)
+
+
+def test_the_teacher_in_training_predicts_the_same_twice_and_refuses_a_random_masking():
+    model = tiny_eomt().eval()
+    family = EomtFamily(MaskAnnealing([0, 10], [10, 20]))
+    set_mask_probabilities(model, [0.0, 1.0])  # what start_step writes: 0 or 1
+    pixel_values = torch.randn(2, 3, 64, 64)
+    a, b = family.teacher_predict(model, pixel_values), family.teacher_predict(model, pixel_values)
+    assert torch.equal(a.mask_logits, b.mask_logits) and torch.equal(a.class_logits, b.class_logits)
+    assert not torch.equal(a.mask_logits, family.predict(model, pixel_values).mask_logits)  # the masks tell
+    set_mask_probabilities(model, [0.5, 1.0])
+    with pytest.raises(ValueError, match="would un-mask random queries"):
+        family.teacher_predict(model, pixel_values)
+
+
+def test_layer_wise_lr_decay_gives_each_vit_block_the_references_factor():
+    """Block i of L at lr x multiplier x decay^(L-1-i), the embeddings as block 0, the final norm and the heads
+    at their full rates (the EoMT reference's llrd); Mask2Former's groups are the four they were."""
+    from gd_hf.config import TrainConfig
+    from gd_hf.optim import parameter_groups
+
+    model = tiny_eomt()  # 4 layers
+    cfg = TrainConfig(lr=1e-3, backbone_lr_multiplier=0.5, layer_lr_decay=0.8)
+    lr_of = {id(p): group["lr"] for group in parameter_groups(model, cfg) for p in group["params"]}
+    named = dict(model.named_parameters())
+    for i in range(4):
+        assert lr_of[id(named[f"layers.{i}.mlp.fc1.weight"])] == pytest.approx(1e-3 * 0.5 * 0.8 ** (3 - i))
+    assert lr_of[id(named["embeddings.patch_embeddings.projection.weight"])] == pytest.approx(1e-3 * 0.5 * 0.8**3)
+    assert lr_of[id(named["embeddings.cls_token"])] == pytest.approx(1e-3 * 0.5 * 0.8**3)
+    assert lr_of[id(named["layernorm.weight"])] == pytest.approx(1e-3 * 0.5)
+    for name in (
+        "query.weight",
+        "class_predictor.weight",
+        "mask_head.fc1.weight",
+        "upscale_block.block.0.conv1.weight",
+    ):
+        assert lr_of[id(named[name])] == pytest.approx(1e-3), name
+    assert len(lr_of) == sum(p.requires_grad for p in model.parameters())
+
+
+def square_sample(height: int, width: int, box: tuple[int, int, int, int], unlabeled: bool) -> dict:
+    top, left, bottom, right = box
+    image = torch.zeros(3, height, width, dtype=torch.uint8)
+    image[0, top:bottom, left:right] = 255
+    mask = torch.zeros(1, height, width, dtype=torch.bool)
+    mask[0, top:bottom, left:right] = True
+    if unlabeled:
+        return {
+            "weak": image,
+            "strong": image,
+            "hidden_masks": mask,
+            "hidden_classes": torch.tensor([0]),
+            "image_id": 2,
+        }
+    return {"image": image, "masks": mask, "classes": torch.tensor([0]), "image_id": 1}
+
+
+class PerfectTeacherFamily(EomtFamily):
+    """EoMT, but the teacher segments the bright square of its input exactly, at EoMT's mask resolution (1/4):
+    its pseudo labels are right only if the teacher's frame and the student's are one."""
+
+    def teacher_predict(self, model, pixel_values):
+        square = (pixel_values[:, 0] > 1.0).float()[:, None]
+        coarse = F.avg_pool2d(square, 4)[:, 0] > 0.5
+        masks = torch.full((len(pixel_values), 8, *coarse.shape[-2:]), -12.0)
+        masks[:, 0] = torch.where(coarse, 12.0, -12.0)
+        classes = torch.full((len(pixel_values), 8, 5), -12.0)
+        classes[:, 0, 0], classes[:, 1:, -1] = 12.0, 12.0
+        return Predictions(classes, masks)
+
+
+@pytest.mark.parametrize(
+    ("labeled_size", "unlabeled_size", "labeled_box", "unlabeled_box"),
+    [((32, 48), (64, 40), (4, 8, 20, 24), (36, 12, 60, 36)), ((64, 24), (40, 64), (40, 4, 60, 20), (8, 36, 24, 60))],
+)
+def test_a_gd_step_on_eomt_with_mixed_sizes_keeps_every_target_on_its_object(
+    monkeypatch, labeled_size, unlabeled_size, labeled_box, unlabeled_box
+):
+    """Non-square crops smaller than the square, labeled and unlabeled of other sizes: the real EoMT student and
+    the teacher see one `image_size` square frame, and every target (labels and pseudo labels alike) scored
+    against the student's masks covers its object's pixels in that frame."""
+    from gd_hf.data.loading import collate_train, collate_unlabeled
+
+    labeled = collate_train([square_sample(*labeled_size, labeled_box, False)] * 2, 64)
+    unlabeled = collate_unlabeled([square_sample(*unlabeled_size, unlabeled_box, True)] * 2, 64)
+    student, teacher = tiny_eomt(0).train(), EmaTeacher(tiny_eomt(1))
+    seen, targets = [], []
+    student.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(kwargs["pixel_values"]), with_kwargs=True)
+    family = PerfectTeacherFamily(MaskAnnealing([0, 1], [1, 2]))
+    real_loss = EomtFamily.loss
+
+    def loss_spy(self, model, predictions, mask_labels, class_labels):
+        targets.append((mask_labels, class_labels, predictions.mask_logits.shape[-2:]))
+        return real_loss(self, model, predictions, mask_labels, class_labels)
+
+    monkeypatch.setattr(EomtFamily, "loss", loss_spy)
+    ssl = dataclasses.replace(SslConfig(), enabled=True, pseudo_label_min_area=1)
+    method = GuidedDistillation(ssl, family, teacher)
+    method.start_step(0, student)
+    loss, logged = method.loss(student, student, labeled, unlabeled)
+    assert torch.isfinite(loss) and logged["pseudo_labels_per_image"] == 1 and logged["pseudo_precision"] == 1.0
+    (student_input,) = seen
+    assert student_input.shape == (4, 3, 64, 64)  # 2 labeled + 2 strong views, one square frame
+    (labeled_masks, labeled_classes, frame), (pseudo_masks, pseudo_classes, _) = targets
+    assert tuple(frame) == (16, 16)  # EoMT's masks: 1/4 of the input
+    for masks, classes, rows, box in ((labeled_masks, labeled_classes, slice(0, 2), labeled_box),
+                                      (pseudo_masks, pseudo_classes, slice(2, 4), unlabeled_box)):  # fmt: skip
+        for mask, image in zip(masks, student_input[rows]):
+            on_input = F.interpolate(mask[None].float(), size=(64, 64), mode="nearest")[0, 0] > 0.5
+            rows_, cols = on_input.any(1).nonzero()[:, 0], on_input.any(0).nonzero()[:, 0]
+            assert (int(rows_[0]), int(cols[0]), int(rows_[-1]) + 1, int(cols[-1]) + 1) == box
+            bright = image[0] > 1.0
+            assert bool(bright[on_input].all()) and int(bright.sum()) == int(on_input.sum())  # the object, all of it
+        assert [c.tolist() for c in classes] == [[0], [0]]
+
+
+def test_a_dinov2_checkpoint_of_patch_14_becomes_the_recipes_patch_16_eomt(tmp_path):
+    """`model.pretrained` = a DINOv2 (with registers) folder written by save_pretrained, patch 14 -> EoMT patch 16
+    (the reference's resampling): every layer's weights arrive as they are, the patch embedding computes on a
+    16-px resize of a patch what DINOv2's computed on the 14-px patch, the heads start fresh."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from gd_hf.config import ModelConfig
+    from gd_hf.modeling import build_model
+
+    torch.manual_seed(5)
+    dinov2 = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(hidden_size=64, num_hidden_layers=4,
+                                      num_attention_heads=2, image_size=56, patch_size=14, num_register_tokens=4))  # fmt: skip
+    with torch.no_grad():
+        for tensor in dinov2.state_dict().values():
+            tensor.copy_(torch.randn_like(tensor) * 0.1)
+    dinov2.save_pretrained(tmp_path / "dinov2")
+    cfg = ModelConfig(family="eomt", pretrained=str(tmp_path / "dinov2"), eomt_image_size=64, eomt_query_blocks=2,
+                      num_queries=8, train_num_points=256)  # fmt: skip
+    model = build_model(cfg, {0: "a", 1: "b"})
+    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.num_register_tokens) == (4, 64, 4)
+    state, source = model.state_dict(), dinov2.state_dict()
+    for name, tensor in source.items():
+        if name.startswith("encoder.layer."):
+            assert torch.equal(state["layers." + name.removeprefix("encoder.layer.").replace("o_proj", "out_proj")],
+                               tensor), name  # fmt: skip
+    assert torch.equal(state["embeddings.register_tokens"], source["embeddings.register_tokens"])
+    patch = torch.randn(1, 3, 14, 14)
+    old = F.conv2d(patch, source["embeddings.patch_embeddings.projection.weight"])
+    resized = F.interpolate(patch, size=(16, 16), mode="bicubic", antialias=True, align_corners=False)
+    new = F.conv2d(resized, state["embeddings.patch_embeddings.projection.weight"])
+    assert torch.allclose(new, old, atol=1e-4)
+    assert model.config.id2label == {0: "a", 1: "b"} and model.class_predictor.out_features == 3
+
+
+def test_a_whole_eomt_checkpoint_is_re_headed_for_the_recipes_classes(tmp_path):
+    from gd_hf.config import ModelConfig
+    from gd_hf.modeling import ModelLoadError, build_model
+
+    source = tiny_eomt(seed=6)
+    set_mask_probabilities(source, [0.0, 0.0])  # an export
+    source.save_pretrained(tmp_path / "eomt")
+    cfg = ModelConfig(family="eomt", pretrained=str(tmp_path / "eomt"), eomt_image_size=64, eomt_query_blocks=2,
+                      num_queries=8, train_num_points=512, class_weight=3.0)  # fmt: skip
+    model = build_model(cfg, {0: "x", 1: "y", 2: "z"})
+    assert model.config.id2label == {0: "x", 1: "y", 2: "z"} and model.class_predictor.out_features == 4
+    state, before = model.state_dict(), source.state_dict()
+    assert all(
+        torch.equal(state[k], before[k])
+        for k in before
+        if not k.startswith(("class_predictor", "attn_mask", "criterion."))
+    )
+    assert model.attn_mask_probs.tolist() == [1.0, 1.0]  # a new training starts masked
+    assert model.config.train_num_points == 512 and model.weight_dict["loss_cross_entropy"] == 3.0
+    assert model.criterion.num_points == 512
+    with pytest.raises(ModelLoadError, match="model.eomt_image_size=128 \\(the checkpoint: 64\\)"):
+        build_model(dataclasses.replace(cfg, eomt_image_size=128), {0: "x"})

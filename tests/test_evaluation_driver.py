@@ -11,13 +11,17 @@ from gd_hf.config import load_recipe
 from gd_hf.evaluate import main as evaluate_main
 from gd_hf.train import train
 
-from .conftest import ROOT, tiny_overrides
+import pytest
+
+from .conftest import EOMT_TINY, ROOT, tiny_overrides
 
 
-def test_training_and_the_evaluate_command_give_the_same_ap_and_predictions(varied_root, tmp_path, capsys):
-    """Mixed-size val images (padding differs per batch), the run's final export scored by both paths."""
+@pytest.mark.parametrize("family", [[], EOMT_TINY], ids=["mask2former", "eomt"])
+def test_training_and_the_evaluate_command_give_the_same_ap_and_predictions(varied_root, tmp_path, capsys, family):
+    """Mixed-size val images (padding differs per batch; EoMT: each padded to its square), the run's final export
+    scored by both paths (the export as users load it: EoMT without masked attention)."""
     out = tmp_path / "run"
-    overrides = tiny_overrides(varied_root, out) + ["train.max_steps=4", "train.eval_every=4", "eval.top_k=20"]
+    overrides = tiny_overrides(varied_root, out) + family + ["train.max_steps=4", "train.eval_every=4", "eval.top_k=20"]
     AcceleratorState._reset_state(reset_partial_state=True)
     final = train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
     recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides)

@@ -1,0 +1,62 @@
+"""Which model family a recipe trains or an export holds (`model.family`): its `gd_hf.method.ModelFamily`, the
+image processor its exports ship, and the state an export is saved in."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import AutoModelForUniversalSegmentation, PreTrainedModel
+
+from gd_hf.config import DataConfig, Recipe
+from gd_hf.eomt import EomtFamily, MaskAnnealing, eomt_image_processor
+from gd_hf.method import ModelFamily
+from gd_hf.modeling import Mask2FormerFamily, build_image_processor
+
+
+def build_family(recipe: Recipe) -> ModelFamily:
+    """The model family of a phase of `recipe` (EoMT's annealing spans that phase's `train.max_steps`)."""
+    model = recipe.model
+    if model.family == "eomt":
+        annealing = MaskAnnealing.from_recipe(model, recipe.train.max_steps, model.eomt_query_blocks)
+        return EomtFamily(annealing, model.eomt_teacher_masks)
+    return Mask2FormerFamily()
+
+
+def family_of(model: PreTrainedModel) -> ModelFamily:
+    """The family of a trained model (an export, a teacher), to predict with as at inference."""
+    return EomtFamily() if model.config.model_type == "eomt" else Mask2FormerFamily()
+
+
+def load_export(path: str) -> PreTrainedModel:
+    """A trained model of either family from an export folder or hub id (plain transformers, as users load it)."""
+    return AutoModelForUniversalSegmentation.from_pretrained(path)
+
+
+def export_image_processor(model: PreTrainedModel, data: DataConfig, divisor: int | None = None) -> Any:
+    """The image processor an export ships: Mask2Former's with the run's evaluation resize and padding; EoMT's
+    resizes the longer side to its `image_size` and pads square (the only input it takes)."""
+    if model.config.model_type == "eomt":
+        return eomt_image_processor(model.config.image_size)
+    return build_image_processor(model, data, divisor)
+
+
+@contextlib.contextmanager
+def as_exported(model: PreTrainedModel) -> Iterator[None]:
+    """The model in the state an export saves, for the duration (then as it was): an EoMT without masked attention
+    (`attn_mask_probs` is saved in `model.safetensors`, and the training loop's value would ship otherwise: in eval
+    mode a value strictly between 0 and 1 un-masks random queries)."""
+    buffer = getattr(model, "attn_mask_probs", None) if model.config.model_type == "eomt" else None
+    if buffer is None:
+        yield
+        return
+    kept = buffer.clone()
+    with torch.no_grad():
+        buffer.zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            buffer.copy_(kept)
