@@ -15,7 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, tiny_overrides
+from gd_hf.config import ModelConfig
+from gd_hf.eomt import MaskAnnealing
+from tests.conftest import EOMT_TINY, ROOT, tiny_overrides
 
 pytestmark = pytest.mark.slow
 RECIPE = str(ROOT / "recipes" / "demo_synthetic.yaml")
@@ -109,6 +111,58 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(synthetic_root, tmp_pat
     )
     # The phase that was killed records both launches: the killed one and the resume.
     assert len(json.loads((killed / phase_folder / "run_info.json").read_text())) == 2
+
+
+def logged(out: Path, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in r}
+
+
+def test_eomt_killed_in_the_ema_phase_then_resumed_anneals_and_trains_as_an_uninterrupted_run(synthetic_root, tmp_path):
+    """EoMT, one launch of phases 1-3 whose student anneals its masked attention over steps 1-5 of 6 (in train mode
+    a probability strictly between 0 and 1 un-masks random queries: the RNG is part of the state), SIGKILLed after
+    step 4's checkpoint and launched again: the probabilities of every step are the schedule's, and the
+    teacher, student, losses and metrics are bitwise those of an uninterrupted run."""
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run_to_end(ssl_args(synthetic_root, reference, *EOMT_TINY))
+    kill_after_checkpoint(ssl_args(synthetic_root, killed, *EOMT_TINY), killed / "checkpoints" / "step_00000004")
+    assert not (killed / "final").exists()
+    run_to_end(ssl_args(synthetic_root, killed, *EOMT_TINY))
+
+    schedule = MaskAnnealing.from_recipe(ModelConfig(), 6, 2)  # the default span [1/6, 5/6] of 6 steps
+    assert (schedule.starts, schedule.ends) == ([1, 3], [3, 5])
+    for block in (0, 1):
+        expected = {step + 1: schedule.probabilities(step)[block] for step in range(6)}  # logged after the step
+        assert logged(killed, f"mask_prob/block_{block}") == pytest.approx(expected, abs=1e-6)
+    # The EMA teacher (steps 3-5) masks the blocks the student still mostly trains masked.
+    assert logged(killed, "teacher_masked_blocks") == {1: 0, 2: 0, 3: 0, 4: 1, 5: 1, 6: 0}
+    a, b = weights(reference / "final"), weights(killed / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["attn_mask_probs"].tolist() == [0.0, 0.0]  # the export predicts as at inference
+    t_ref, t_killed = weights(reference / "teacher" / "final"), weights(killed / "teacher" / "final")
+    assert all(torch.equal(t_ref[k], t_killed[k]) for k in t_ref)
+    assert losses(killed) == losses(reference) and losses(killed / "teacher") == losses(reference / "teacher")
+    assert json.loads((killed / "final_metrics.json").read_text()) == json.loads(
+        (reference / "final_metrics.json").read_text()
+    )
+
+
+def test_eomt_on_two_processes_keeps_its_replicas_and_teachers_identical(synthetic_root, tmp_path):
+    """2 DDP processes (gloo) through phases 1-3 of EoMT: the student and the EMA teacher are identical on both
+    processes at the checkpoints (the annealing buffer included: each process writes the schedule's value),
+    both processes anneal alike, and rank 0 exports a plain EoMT."""
+    two = tmp_path / "two"
+    run_to_end(ssl_args(synthetic_root, two, *EOMT_TINY, "train.batch_size=2", "ssl.unlabeled_batch_size=2"),
+               processes=2)  # fmt: skip
+    kept = sorted((two / "checkpoints").glob("step_*"))
+    assert [c.name for c in kept] == ["step_00000005", "step_00000006"]  # (train.keep_checkpoints: 2)
+    for checkpoint in kept:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        fingerprints = state["replica_fingerprints"]
+        assert set(fingerprints) == {"student", "teacher"}
+        assert all(len(values) == 2 and values[0] == values[1] for values in fingerprints.values()), checkpoint
+    assert logged(two, "mask_prob/block_1")[5] == pytest.approx(0.5**0.9, abs=1e-6)  # step 4 of [3, 5]
+    assert weights(two / "final")["attn_mask_probs"].tolist() == [0.0, 0.0]
+    assert json.loads((two / "final" / "config.json").read_text())["model_type"] == "eomt"
 
 
 def test_two_processes_match_one_with_the_double_batch(synthetic_root, tmp_path):
