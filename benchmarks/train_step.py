@@ -2,6 +2,9 @@
 
     python benchmarks/train_step.py [--steps 20] [--recipe recipes/demo_synthetic.yaml] [key=value ...]
 
+Either model family: `model.family=eomt` times EoMT (its step starts with the loop's `start_step`, which writes
+the annealing schedule's masked-attention probabilities, at a step of the EMA phase mid-annealing).
+
 With `--distill`, the step is a Guided Distillation step: "ours" = `train_step` with a teacher and an
 unlabeled batch (teacher forward on the weak view, pseudo-label filtering, one student forward on labeled +
 strong images, both losses) + the EMA update; "bare" = its parts run plainly: teacher forward on the weak view,
@@ -37,8 +40,9 @@ from gd_hf.data.loading import (
     collate_unlabeled,
 )
 from gd_hf.data.synthetic import generate
+from gd_hf.families import build_family
 from gd_hf.method import GuidedDistillation
-from gd_hf.modeling import Mask2FormerFamily, build_model, size_divisibility
+from gd_hf.modeling import build_model
 from gd_hf.optim import UpdateUndo, build_lr_scheduler, build_optimizer, train_step
 from gd_hf.teacher import EmaTeacher
 
@@ -48,6 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def gd_hf_step(model, batch, unlabeled, optimizer, scheduler, accelerator, grad_clip, method, undo) -> None:
     """One step as the loop runs it (with the recipe's `UpdateUndo` copy of the weights and optimizer state):
     supervised without a teacher, else distillation + the EMA update (an EMA-phase step)."""
+    step = method.ssl.burn_in_steps + 1  # in the EMA phase (after the copy), EoMT mid-annealing in the demo
+    method.start_step(step, accelerator.unwrap_model(model))
     if method.teacher is None:
         train_step(model, [batch], optimizer, scheduler, accelerator, grad_clip, method, undo=undo)
     else:
@@ -69,15 +75,17 @@ def main() -> None:
         source = load_coco(root / "annotations" / "instances_train.json", root / "train")
         torch.manual_seed(0)
         model = build_model(recipe.model, source.id2label)
+        family = build_family(recipe)
+        divisor = family.padding_divisor(model)
         dataset = LabeledTrainDataset(to_hf_dataset(source), recipe.data)
         indices = next(iter(StepBatchSampler(len(dataset), recipe.train.batch_size, seed=0)))
-        batch = collate_train([dataset[i] for i in indices], size_divisibility(model))
+        batch = collate_train([dataset[i] for i in indices], divisor)
         unlabeled_set = UnlabeledTrainDataset(to_hf_dataset(source, with_labels=False), recipe.data)
-        unlabeled = collate_unlabeled([unlabeled_set[i] for i in indices], size_divisibility(model))
+        unlabeled = collate_unlabeled([unlabeled_set[i] for i in indices], divisor)
     ssl = dataclasses.replace(recipe.ssl, enabled=True, pseudo_label_score_threshold=0.0)
     teacher = EmaTeacher(copy.deepcopy(model)) if args.distill else None
-    method = (GuidedDistillation(ssl, Mask2FormerFamily(), teacher) if teacher is not None
-              else GuidedDistillation.supervised(Mask2FormerFamily()))  # fmt: skip
+    method = (GuidedDistillation(ssl, family, teacher) if teacher is not None
+              else GuidedDistillation.supervised(family))  # fmt: skip
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     optimizer = build_optimizer(model, recipe.train)
@@ -132,7 +140,7 @@ def main() -> None:
     bare_median, ours_median = statistics.median(times["bare"]), statistics.median(times["ours"])
     print(
         f"step: {'guided distillation' if teacher is not None else 'supervised'}, device: {device}, torch threads: {torch.get_num_threads()}, batch: {recipe.train.batch_size}, "
-        f"crop: {recipe.data.crop_size}, params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"
+        f"model: {recipe.model.family}, crop: {recipe.data.crop_size}, params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"
     )
     print(f"bare forward+backward+step: {bare_median * 1000:8.1f} ms (median of {args.steps})")
     print(f"gd_hf train_step:           {ours_median * 1000:8.1f} ms")
