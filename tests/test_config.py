@@ -112,3 +112,32 @@ def test_paper_recipes_carry_the_reference_settings():
         assert recipe.ssl.pseudo_label_score_threshold == 0.7 and recipe.ssl.pseudo_label_min_area == 5.0
     assert load_recipe(ROOT / "recipes" / "coco_0.4pct.yaml").model.backbone == "dinov2"
     assert load_recipe(ROOT / "recipes" / "cityscapes_10pct.yaml").train.max_steps == 90000
+
+
+def test_the_eomt_recipe_carries_the_eomt_references_settings_and_gds_ssl_ones():
+    """tue-mps/eomt's COCO instance ViT-L 640 (its annealing steps exactly, from the recipe's span of its 12 x 7,391
+    steps) with Guided Distillation's SSL settings."""
+    from gd_hf.families import build_family
+
+    recipe = load_recipe(ROOT / "recipes" / "coco_1pct_eomt.yaml")
+    m, t, s = recipe.model, recipe.train, recipe.ssl
+    assert (m.family, m.eomt_image_size, m.eomt_patch_size, m.eomt_query_blocks, m.num_queries) == (
+        "eomt",
+        640,
+        16,
+        4,
+        200,
+    )
+    assert m.pretrained == "facebook/dinov2-with-registers-large" and m.train_num_points == 12544
+    assert (t.max_steps, t.lr, t.layer_lr_decay, t.backbone_lr_multiplier, t.weight_decay) == (
+        88692,
+        1e-4,
+        0.8,
+        1.0,
+        0.05,
+    )
+    assert (t.poly_power, t.grad_clip, recipe.eval.top_k) == (0.9, 0.01, 100)
+    assert (recipe.data.crop_size, recipe.data.min_scale, recipe.data.max_scale) == (640, 0.1, 2.0)
+    annealing = build_family(recipe).annealing
+    assert annealing.starts == [14782, 29564, 44346, 59128] and annealing.ends == [29564, 44346, 59128, 73910]
+    assert s.enabled and s.unsup_loss_weight == 2.0 and s.ema_decay == 0.9996 and s.pseudo_label_score_threshold == 0.7
