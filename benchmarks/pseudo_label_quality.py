@@ -20,12 +20,11 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import Mask2FormerForUniversalSegmentation
 
 from gd_hf.config import load_recipe
 from gd_hf.data.coco import load_coco, to_hf_dataset
 from gd_hf.method import PseudoLabelRules
-from gd_hf.modeling import size_divisibility
+from gd_hf.families import family_of, load_export
 from gd_hf.teacher_check import WRONG_KINDS, measure_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +34,9 @@ def quality_table(teacher, records: datasets.Dataset, recipe, images: int, thres
     """The table this benchmark prints; the measurement is `gd_hf.teacher_check.measure_teacher`, the one the
     training run's teacher check makes."""
     rules = PseudoLabelRules.from_recipe(recipe.ssl)  # the run's rules, at each threshold
-    reports = measure_teacher(teacher, records, recipe.data, rules, size_divisibility(teacher), images,
-                              tuple(thresholds))  # fmt: skip
+    family = family_of(teacher)  # the teacher predicts as a fixed teacher does (EoMT: without masks)
+    reports = measure_teacher(teacher, records, recipe.data, rules, family.padding_divisor(teacher), images,
+                              tuple(thresholds), family=family)  # fmt: skip
     lines = [
         "| score threshold | pseudo labels / image | precision | recall | wrong: duplicate / wrong class / "
         "mislocated / background |",
@@ -64,7 +64,7 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     recipe = load_recipe(args.recipe, args.overrides)
     d = recipe.data
-    teacher = Mask2FormerForUniversalSegmentation.from_pretrained(args.teacher).eval()
+    teacher = load_export(args.teacher).eval()
     source = load_coco(d.train_annotations, d.train_images)
     records = to_hf_dataset(source, sorted(source.images)[: args.images]).cast_column(
         "image", datasets.Image(decode=False)

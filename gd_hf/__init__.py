@@ -6,7 +6,8 @@ The package, in the order a run goes through it (README, "Layout", has the map):
   with its records cache, `shards`, `hub_source`), the readers and converters (`coco`, `masks`, `mask_images`, `convert`),
   the class list (`categories`), the launch's data (`prepare`), images (`images`), splits, transforms and datasets
   (`loading`), the training batches (`batches`), the synthetic set;
-- model: `modeling` (`build_model`, `Mask2FormerFamily`), `optim` (AdamW groups, schedule, `train_step`,
+- model: `modeling` (`build_model`, `Mask2FormerFamily`), `eomt` (EoMT: `build_eomt`, `EomtFamily`, mask
+  annealing), `families` (which family a recipe or an export is), `optim` (AdamW groups, schedule, `train_step`,
   `UpdateUndo`), `weights` (finiteness);
 - method: `method` (`GuidedDistillation`: teacher, schedule, loss; `PseudoLabelRules`; the extension points),
   `teacher` (frozen, then EMA), `pseudo_labels` (the rules' filter, quality), `teacher_check`;

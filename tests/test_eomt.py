@@ -7,6 +7,8 @@ inference. (Real runs: tests/test_processes.py and tests/test_evaluation_driver.
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -489,3 +491,47 @@ def test_a_whole_eomt_checkpoint_is_re_headed_for_the_recipes_classes(tmp_path):
     assert model.criterion.num_points == 512
     with pytest.raises(ModelLoadError, match="model.eomt_image_size=128 \\(the checkpoint: 64\\)"):
         build_model(dataclasses.replace(cfg, eomt_image_size=128), {0: "x"})
+
+
+def test_gd_hf_predict_takes_an_eomt_export_and_predicts_the_same_twice(tmp_path, capsys):
+    """`python -m gd_hf.predict` on an EoMT export (saved mid-annealing): images of other sizes and aspect ratios
+    are padded to its square, every result has its image's size, and a second run predicts the same."""
+    import numpy as np
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from gd_hf.eomt import eomt_image_processor
+    from gd_hf.export import export_model
+    from gd_hf.predict import main as predict_main
+
+    model = tiny_eomt()
+    set_mask_probabilities(model, [0.4, 1.0])
+    export_model(model, eomt_image_processor(64), tmp_path / "export")
+    images = tmp_path / "images"
+    images.mkdir()
+    sizes = {"wide.png": (40, 72), "tall.png": (80, 48)}
+    for name, (h, w) in sizes.items():
+        Image.fromarray((np.random.default_rng(h).random((h, w, 3)) * 255).astype("uint8")).save(images / name)
+    outputs = []
+    for run in ("a", "b"):
+        args = [str(tmp_path / "export"), str(images), "--out", str(tmp_path / run), "--threshold", "0"]
+        assert predict_main(args) == 0
+        outputs.append(json.loads((tmp_path / run / "predictions.json").read_text()))
+    assert outputs[0] == outputs[1] and outputs[0]
+    for record in outputs[0]:
+        mask = mask_utils.decode({**record["segmentation"], "counts": record["segmentation"]["counts"].encode()})
+        assert mask.shape == sizes[Path(record["file_name"]).name]
+
+
+def test_the_evaluate_command_refuses_a_test_size_an_eomt_export_cannot_take(tmp_path, capsys):
+    from gd_hf.data.synthetic import generate
+    from gd_hf.eomt import eomt_image_processor
+    from gd_hf.evaluate import main as evaluate_main
+    from gd_hf.export import export_model
+
+    export_model(tiny_eomt(), eomt_image_processor(64), tmp_path / "export")
+    root = generate(tmp_path / "data", train=0, val=2, size=64, seed=1)
+    args = [str(tmp_path / "export"), str(root / "annotations" / "instances_val.json"), str(root / "val"),
+            "--shortest-edge", "96", "--num-workers", "0"]  # fmt: skip
+    assert evaluate_main(args) == 2
+    assert "takes 64 x 64 inputs" in capsys.readouterr().err
