@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from accelerate.state import AcceleratorState
 
 from gd_hf.config import load_recipe
 from gd_hf.evaluate import main as evaluate_main
 from gd_hf.train import train
-
-import pytest
 
 from .conftest import EOMT_TINY, ROOT, tiny_overrides
 
