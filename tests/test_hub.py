@@ -19,7 +19,7 @@ from gd_hf.config import load_recipe
 from gd_hf.model_card import card_metadata
 from gd_hf.push import PushError, push_export
 from gd_hf.train import main
-from tests.conftest import ONE_LAUNCH_SSL, tiny_overrides
+from tests.conftest import EOMT_TINY, ONE_LAUNCH_SSL, tiny_overrides
 from tests.hub_standin import DROP, HubStandIn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,11 +241,13 @@ def test_failed_push_keeps_the_outputs_and_says_how_to_push_again(trained_run, h
     assert "push it again with: python -m gd_hf.push" in capsys.readouterr().err
 
 
-def test_training_run_pushes_teacher_burn_in_and_final(synthetic_root, tmp_path, hub, capsys):
+@pytest.mark.parametrize("family", [[], EOMT_TINY], ids=["mask2former", "eomt"])
+def test_training_run_pushes_teacher_burn_in_and_final(synthetic_root, tmp_path, hub, capsys, family):
     out = tmp_path / "run"
     args = [
         str(ROOT / "recipes" / "demo_synthetic.yaml"),
         *tiny_overrides(synthetic_root, out),
+        *family,
         *ONE_LAUNCH_SSL,
         "hub.push=true",
         "hub.repo_id=me/gd-run",
@@ -259,6 +261,14 @@ def test_training_run_pushes_teacher_burn_in_and_final(synthetic_root, tmp_path,
     ]
     final_card = hub.commits[-1]["files"]["README.md"].decode()
     assert 'model="me/gd-run"' in final_card  # the pushed card's snippet loads the repo
+    if family:  # plain EoMT folders that predict as at inference, whatever step of the annealing they left
+        from safetensors.torch import load as load_safetensors
+
+        assert "A plain `EomtForUniversalSegmentation` checkpoint" in final_card and "\n- eomt\n" in final_card
+        for commit in hub.commits:
+            assert json.loads(commit["files"]["config.json"])["model_type"] == "eomt"
+            assert load_safetensors(commit["files"]["model.safetensors"])["attn_mask_probs"].tolist() == [0.0, 0.0]
+            assert json.loads(commit["files"]["preprocessor_config.json"])["do_pad"] is True
     assert "Guided Distillation for 2 steps" in final_card and "supervised teacher" in final_card
     for commit in hub.commits:
         assert all(TOKEN.encode() not in content for content in commit["files"].values())

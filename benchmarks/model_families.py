@@ -1,0 +1,114 @@
+"""Mask2Former (Swin) vs EoMT of about the same parameter count, both from random init, side by side: supervised
+and Guided Distillation runs of each on one synthetic set (`benchmarks/ssl_gain.py` runs them), then one table of
+their cost (seconds per step supervised and distilling, evaluation images/s, peak memory) and their mask AP
+(supervised vs distilled, on the held-out set), plus EoMT's EMA teacher masking `follow` vs `none`.
+
+    python benchmarks/model_families.py [--out outputs/gd_family] [--steps 800] [--burn-in 500] [--seeds 0]
+                                        [--labeled-percent 2] [--heldout-val 300] [--no-teacher-masks]
+
+Defaults: the demo recipe's two models (`recipes/demo_synthetic.yaml`, `model.family=eomt` for EoMT: 1.907 M vs
+1.910 M parameters), images of mixed sizes and aspect ratios with the paper's jitter (0.3-2.0), 2 % labeled.
+Runs go to OUT_m2f, OUT_eomt and OUT_eomt_none (the last reuses OUT_eomt's supervised teacher, linked); finished
+runs are reused, so the table can be printed again, or seeds added, by running the command again. Each run's
+figures come from its own `metrics.jsonl`: seconds per step is the median of its log windows (the first window,
+with start-up, left out), evaluation images/s from its evaluations' forward + post-processing + encoding seconds
+per image. Run families one after another on a quiet machine when their times are compared: runs started in
+parallel share the cores (the table says how each was run only if you note it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = {
+    "m2f": [],
+    "eomt": ["model.family=eomt"],
+    "eomt_none": ["model.family=eomt", "model.eomt_teacher_masks=none"],
+}
+
+
+def ssl_gain(out: Path, runs: list[str], overrides: list[str], args: argparse.Namespace) -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "ssl_gain.py"), "--varied-sizes", "--runs", *runs,
+               "--seeds", *map(str, args.seeds), "--steps", str(args.steps), "--burn-in", str(args.burn_in),
+               "--labeled-percent", str(args.labeled_percent), "--heldout-val", str(args.heldout_val),
+               "--out", str(out), "data.min_scale=0.3", "data.max_scale=2.0", f"train.eval_every={args.steps // 2}",
+               *overrides]  # fmt: skip
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def run_figures(folder: Path, heldout: str) -> dict[str, float]:
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    windows = [r["seconds_per_step"] for r in records if "seconds_per_step" in r][1:]
+    evaluations = [r for r in records if "eval/forward_s_per_image" in r]
+    per_image = statistics.median(
+        r["eval/forward_s_per_image"] + r["eval/postprocess_s_per_image"] + r["eval/encode_s_per_image"]
+        for r in evaluations
+    )
+    last_pseudo = [r for r in records if "pseudo_precision" in r]
+    scores = json.loads((folder / f"{heldout}.json").read_text())
+    return {
+        "s_per_step": statistics.median(windows),
+        "eval_images_per_s": 1 / per_image,
+        "peak_rss_gb": max(r.get("peak_rss_gb", 0.0) for r in records),
+        "heldout_final": scores["final"],
+        "heldout_best": scores["best"],
+        "precision": last_pseudo[-1]["pseudo_precision"] if last_pseudo else float("nan"),
+        "recall": last_pseudo[-1]["pseudo_recall"] if last_pseudo else float("nan"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/gd_family")
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--burn-in", type=int, default=500)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--labeled-percent", type=float, default=2.0)
+    parser.add_argument("--heldout-val", type=int, default=300)
+    parser.add_argument("--no-teacher-masks", action="store_true", help="skip EoMT's teacher masking `none` run")
+    args = parser.parse_args()
+    families = [f for f in FAMILIES if not (args.no_teacher_masks and f == "eomt_none")]
+    for family in families:
+        out = Path(f"{args.out}_{family}")
+        runs = ["supervised", "guided"]
+        if family == "eomt_none":  # the same phase-1 teacher as `eomt`: only the distillation differs
+            out.mkdir(parents=True, exist_ok=True)
+            for seed in args.seeds:
+                link = out / f"supervised_seed{seed}"
+                if not link.exists():
+                    link.symlink_to(Path(f"{args.out}_eomt").resolve() / f"supervised_seed{seed}")
+            if not (out / "data").exists():
+                (out / "data").symlink_to(Path(f"{args.out}_eomt").resolve() / "data")
+            runs = ["guided"]
+        ssl_gain(out, runs, FAMILIES[family], args)
+    heldout = f"heldout_val{args.heldout_val}_seed7"
+    rows = ["| model | run | s/step | eval img/s | peak RSS GB | held-out AP final / best | pseudo precision / recall |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for family in families:
+        for run in ("supervised", "guided"):
+            if family == "eomt_none" and run == "supervised":
+                continue
+            figures = [run_figures(Path(f"{args.out}_{family}") / f"{run}_seed{s}", heldout) for s in args.seeds]
+
+            def mean(key: str, figures: list[dict[str, float]] = figures) -> float:
+                return statistics.mean(f[key] for f in figures)
+
+            rows.append(
+                f"| {family} | {run} | {mean('s_per_step'):.3f} | {mean('eval_images_per_s'):.1f} "
+                f"| {mean('peak_rss_gb'):.2f} | {mean('heldout_final'):.2f} / {mean('heldout_best'):.2f} "
+                f"| {mean('precision'):.3f} / {mean('recall'):.3f} |"
+            )
+    table = "\n".join(rows)
+    print(table)
+    (Path(f"{args.out}_eomt") / "families.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
