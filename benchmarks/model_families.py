@@ -4,7 +4,7 @@ their cost (seconds per step supervised and distilling, evaluation images/s, pea
 (supervised vs distilled, on the held-out set), plus EoMT's EMA teacher masking `follow` vs `none`.
 
     python benchmarks/model_families.py [--out outputs/gd_family] [--steps 800] [--burn-in 500] [--seeds 0]
-                                        [--labeled-percent 2] [--heldout-val 300] [--no-teacher-masks]
+                                        [--labeled-percent 2] [--heldout-val 300] [--no-teacher-masks] [--timing]
 
 Defaults: the demo recipe's two models (`recipes/demo_synthetic.yaml`, `model.family=eomt` for EoMT: 1.907 M vs
 1.910 M parameters), images of mixed sizes and aspect ratios with the paper's jitter (0.3-2.0), 2 % labeled.
@@ -12,17 +12,21 @@ Runs go to OUT_m2f, OUT_eomt and OUT_eomt_none (the last reuses OUT_eomt's super
 runs are reused, so the table can be printed again, or seeds added, by running the command again. Each run's
 figures come from its own `metrics.jsonl`: seconds per step is the median of its log windows (the first window,
 with start-up, left out), evaluation images/s from its evaluations' forward + post-processing + encoding seconds
-per image. Run families one after another on a quiet machine when their times are compared: runs started in
-parallel share the cores (the table says how each was run only if you note it).
+per image. Runs started in parallel share the cores, so their times are only comparable when they ran alike;
+`--timing` measures the costs again after the runs, one family after the other on whatever the machine has
+free: the training step (supervised and distilling, with `benchmarks/train_step.py`, beside the bare model step)
+and evaluation images/s of each family's distilled export on the held-out images.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +68,30 @@ def run_figures(folder: Path, heldout: str) -> dict[str, float]:
     }
 
 
+def timing_rows(args: argparse.Namespace, heldout: str) -> list[str]:
+    """Each family's training step (supervised, distilling) and evaluation images/s, measured one after the other."""
+    from gd_hf.evaluate import evaluate_export
+
+    rows = ["| model | step | gd_hf train_step ms | bare step ms | ratio | eval img/s (held-out, distilled export) |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
+    for family in ("m2f", "eomt"):
+        export = Path(f"{args.out}_{family}") / f"guided_seed{args.seeds[0]}" / "final"
+        root = Path(f"{args.out}_{family}") / heldout
+        start = time.perf_counter()
+        evaluate_export(export, root / "annotations" / "instances_val.json", root / "val", top_k=50, batch_size=4,
+                        num_workers=1)  # fmt: skip
+        images_per_s = args.heldout_val / (time.perf_counter() - start)
+        for distill in (False, True):
+            command = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--steps", "20",
+                       *(["--distill"] if distill else []), *FAMILIES[family]]  # fmt: skip
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            bare = float(re.search(r"bare forward\+backward\+step:\s+([\d.]+)", output).group(1))
+            ours = float(re.search(r"gd_hf train_step:\s+([\d.]+)", output).group(1))
+            rows.append(f"| {family} | {'distilling' if distill else 'supervised'} | {ours:.1f} | {bare:.1f} "
+                        f"| {ours / bare:.3f} | {images_per_s:.1f} |")  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/gd_family")
@@ -73,6 +101,7 @@ def main() -> None:
     parser.add_argument("--labeled-percent", type=float, default=2.0)
     parser.add_argument("--heldout-val", type=int, default=300)
     parser.add_argument("--no-teacher-masks", action="store_true", help="skip EoMT's teacher masking `none` run")
+    parser.add_argument("--timing", action="store_true", help="measure step and evaluation costs after the runs")
     args = parser.parse_args()
     families = [f for f in FAMILIES if not (args.no_teacher_masks and f == "eomt_none")]
     for family in families:
@@ -105,6 +134,8 @@ def main() -> None:
                 f"| {mean('peak_rss_gb'):.2f} | {mean('heldout_final'):.2f} / {mean('heldout_best'):.2f} "
                 f"| {mean('precision'):.3f} / {mean('recall'):.3f} |"
             )
+    if args.timing:
+        rows += ["", *timing_rows(args, heldout)]
     table = "\n".join(rows)
     print(table)
     (Path(f"{args.out}_eomt") / "families.md").write_text(table + "\n")

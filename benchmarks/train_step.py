@@ -79,9 +79,9 @@ def main() -> None:
         divisor = family.padding_divisor(model)
         dataset = LabeledTrainDataset(to_hf_dataset(source), recipe.data)
         indices = next(iter(StepBatchSampler(len(dataset), recipe.train.batch_size, seed=0)))
-        batch = collate_train([dataset[i] for i in indices], divisor)
+        batch = collate_train([dataset[i] for i in indices], divisor, family.black_padding)
         unlabeled_set = UnlabeledTrainDataset(to_hf_dataset(source, with_labels=False), recipe.data)
-        unlabeled = collate_unlabeled([unlabeled_set[i] for i in indices], divisor)
+        unlabeled = collate_unlabeled([unlabeled_set[i] for i in indices], divisor, family.black_padding)
     ssl = dataclasses.replace(recipe.ssl, enabled=True, pseudo_label_score_threshold=0.0)
     teacher = EmaTeacher(copy.deepcopy(model)) if args.distill else None
     method = (GuidedDistillation(ssl, family, teacher) if teacher is not None

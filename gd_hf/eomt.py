@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,8 @@ class EomtFamily:
 
     annealing: MaskAnnealing | None = None
     teacher_masks: Literal["follow", "none"] = "follow"
+    # EomtImageProcessor pads the image before normalising it, as the EoMT reference: black, everywhere.
+    black_padding: ClassVar[bool] = True
 
     def forward(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Predictions:
         inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

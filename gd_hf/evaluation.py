@@ -410,7 +410,11 @@ def evaluate_mask_ap(
         share,
         batch_size=settings.batch_size,
         num_workers=settings.num_workers,
-        collate_fn=partial(collate_eval, divisibility=settings.divisibility),
+        collate_fn=partial(
+            collate_eval,
+            divisibility=settings.divisibility,
+            black_padding=settings.family is not None and settings.family.black_padding,
+        ),  # fmt: skip
     )
     timings: dict[str, float] = {}
     results = predict_coco_results(model, loader, category_ids, settings.top_k, device, settings.show_progress,

@@ -55,6 +55,10 @@ class Predictions:
 class ModelFamily(Protocol):
     """What Guided Distillation needs of a model family (Mask2Former: `gd_hf.modeling.Mask2FormerFamily`)."""
 
+    black_padding: bool
+    """How its inputs are padded, as its exported image processor pads: black (EoMT's pads before normalising)
+    or, False, the mean colour (Mask2Former's pads after)."""
+
     def forward(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Predictions:
         """The training forward pass, auxiliary predictions included (`model` may be DDP-wrapped)."""
 
@@ -229,6 +233,8 @@ def check_extension_points(rule: object | None, family: object | None) -> None:
     if rule is not None and not callable(rule):
         raise TypeError(f"pseudo_label_rule must be callable (class_logits, mask_logits) -> PseudoLabels, got {rule!r}")
     missing = [name for name in FAMILY_METHODS if family is not None and not callable(getattr(family, name, None))]
+    if family is not None and not isinstance(getattr(family, "black_padding", None), bool):
+        missing.append("black_padding (a bool attribute)")
     if missing:
         raise TypeError(f"model_family {type(family).__name__} lacks the ModelFamily method(s) {', '.join(missing)}")
 

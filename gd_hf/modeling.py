@@ -301,6 +301,8 @@ def loss_terms(
 class Mask2FormerFamily:
     """Mask2Former (any AutoBackbone) as Guided Distillation uses it (the `gd_hf.method.ModelFamily` protocol)."""
 
+    black_padding = False  # its image processor pads after normalising: the mean colour
+
     def forward(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Predictions:
         outputs = model(pixel_values=pixel_values, output_auxiliary_logits=True)
         auxiliary = [(aux["class_queries_logits"], aux["masks_queries_logits"]) for aux in outputs.auxiliary_logits]

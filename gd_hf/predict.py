@@ -27,7 +27,7 @@ from transformers import AutoImageProcessor, PreTrainedModel
 
 from gd_hf.data.convert import IMAGE_SUFFIXES
 from gd_hf.data.images import to_rgb
-from gd_hf.data.transforms import eval_size, normalize, pad_to, padded_size, resize
+from gd_hf.data.transforms import BLACK, eval_size, normalize, pad_to, padded_size, resize
 from gd_hf.evaluation import post_process_instances, to_coco_results
 from gd_hf.families import family_of, load_export
 
@@ -121,7 +121,8 @@ def predict(
             continue
         sizes = [tuple(p.shape[-2:]) for *_, p in batch]
         height, width = padded_size(sizes, divisibility)
-        pixel_values = torch.stack([pad_to(normalize(p), height, width) for *_, p in batch]).to(device)
+        fill = BLACK if family.black_padding else None  # as the exported processor pads
+        pixel_values = torch.stack([pad_to(normalize(p), height, width, fill) for *_, p in batch]).to(device)
         outputs = family.predict(model, pixel_values)
         processed = post_process_instances(
             outputs.class_logits,

@@ -98,7 +98,8 @@ def measure_teacher(
     teacher.eval()
     for start in range(0, rows, batch_size):
         # Key (row, seed = row): a fixed weak view per image, the same in every measurement.
-        batch = collate_unlabeled([dataset[(r, r)] for r in range(start, min(start + batch_size, rows))], divisibility)
+        batch = collate_unlabeled([dataset[(r, r)] for r in range(start, min(start + batch_size, rows))], divisibility,
+                                  family.black_padding)  # fmt: skip
         predictions = family.predict(teacher, batch["weak_pixel_values"].to(device))
         for threshold, report in reports.items():
             pseudo = rules[threshold](predictions.class_logits, predictions.mask_logits)

@@ -195,7 +195,7 @@ class TrainingRecipe:
                                             self.accelerator.is_main_process, self.method.rule, self.family)  # fmt: skip
         self.batches = build_train_batches(recipe, data, self.accelerator.process_index,
                                            self.accelerator.num_processes, self.divisibility, self.state.step,
-                                           resume_from)  # fmt: skip
+                                           resume_from, self.family.black_padding)  # fmt: skip
         if resume_from is not None:  # model, optimizer, schedule, teacher and RNG as after the checkpoint's step
             load_checkpoint(self.accelerator, resume_from, self.checkpointed_states())
         hold_output_locks(self.accelerator, folders)

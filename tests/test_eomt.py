@@ -398,12 +398,12 @@ def test_a_gd_step_on_eomt_with_mixed_sizes_keeps_every_target_on_its_object(
     monkeypatch, labeled_size, unlabeled_size, labeled_box, unlabeled_box
 ):
     """Non-square crops smaller than the square, labeled and unlabeled of other sizes: the real EoMT student and
-    the teacher see one `image_size` square frame, and every target (labels and pseudo labels alike) scored
+    the teacher see one `image_size` square frame, padded black (as EoMT's processor pads), and every target (labels and pseudo labels alike) scored
     against the student's masks covers its object's pixels in that frame."""
     from gd_hf.data.loading import collate_train, collate_unlabeled
 
-    labeled = collate_train([square_sample(*labeled_size, labeled_box, False)] * 2, 64)
-    unlabeled = collate_unlabeled([square_sample(*unlabeled_size, unlabeled_box, True)] * 2, 64)
+    labeled = collate_train([square_sample(*labeled_size, labeled_box, False)] * 2, 64, EomtFamily.black_padding)
+    unlabeled = collate_unlabeled([square_sample(*unlabeled_size, unlabeled_box, True)] * 2, 64, True)
     student, teacher = tiny_eomt(0).train(), EmaTeacher(tiny_eomt(1))
     seen, targets = [], []
     student.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(kwargs["pixel_values"]), with_kwargs=True)
@@ -422,6 +422,12 @@ def test_a_gd_step_on_eomt_with_mixed_sizes_keeps_every_target_on_its_object(
     assert torch.isfinite(loss) and logged["pseudo_labels_per_image"] == 1 and logged["pseudo_precision"] == 1.0
     (student_input,) = seen
     assert student_input.shape == (4, 3, 64, 64)  # 2 labeled + 2 strong views, one square frame
+    from gd_hf.data.transforms import BLACK
+
+    for image, (h, w) in zip(student_input, [labeled_size] * 2 + [unlabeled_size] * 2):
+        outside = torch.ones(64, 64, dtype=torch.bool)
+        outside[:h, :w] = False
+        assert torch.equal(image[:, outside], BLACK[:, None].expand(3, int(outside.sum())))  # as EoMT's processor
     (labeled_masks, labeled_classes, frame), (pseudo_masks, pseudo_classes, _) = targets
     assert tuple(frame) == (16, 16)  # EoMT's masks: 1/4 of the input
     for masks, classes, rows, box in ((labeled_masks, labeled_classes, slice(0, 2), labeled_box),
@@ -535,3 +541,43 @@ def test_the_evaluate_command_refuses_a_test_size_an_eomt_export_cannot_take(tmp
             "--shortest-edge", "96", "--num-workers", "0"]  # fmt: skip
     assert evaluate_main(args) == 2
     assert "takes 64 x 64 inputs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", [(48, 80), (37, 101), (64, 64)])
+def test_evaluation_feeds_eomt_the_pixels_its_exported_processor_feeds_it(size):
+    """The export's processor (longer side resized to the square, padded black before normalising) and gd_hf's
+    evaluation batch of the same image: the same frame, the same padded region, exactly, and the same image
+    inside it up to the two resizers' rounding."""
+    import numpy as np
+    from PIL import Image
+
+    from gd_hf.config import DataConfig
+    from gd_hf.data.loading import collate_eval
+    from gd_hf.data.transforms import eval_size, resize
+    from gd_hf.eomt import eomt_image_processor
+
+    image = Image.fromarray((np.random.default_rng(size[0]).random((*size, 3)) * 255).astype("uint8"))
+    expected = eomt_image_processor(64)(images=image, return_tensors="pt")["pixel_values"][0]
+    data = DataConfig(eval_shortest_edge=64, eval_longest_edge=64)
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    h, w = eval_size(*size, data.eval_shortest_edge, data.eval_longest_edge)
+    resized, _ = resize(pixels, torch.zeros(0, *size, dtype=torch.bool), h, w)
+    sample = {"image": resized, "image_id": 1, "original_size": size}
+    ours = collate_eval([sample], divisibility=64, black_padding=EomtFamily.black_padding)["pixel_values"][0]
+    assert ours.shape == expected.shape == (3, 64, 64)
+    inside = torch.zeros(64, 64, dtype=torch.bool)
+    inside[:h, :w] = True
+    assert torch.equal(ours[:, ~inside], expected[:, ~inside])  # the padding: black, as the processor's
+    assert (ours[:, inside] - expected[:, inside]).abs().mean() < 0.02  # (bilinear resizes, rounded apart)
+
+
+def test_a_black_padded_batch_padded_further_stays_black():
+    from gd_hf.data.loading import collate_train, pad_batch
+    from gd_hf.data.transforms import BLACK
+
+    batch = collate_train([square_sample(32, 48, (4, 8, 20, 24), False)], 16, black_padding=True)
+    padded = pad_batch(batch, 64, 64)
+    assert padded["pixel_values"].shape[-2:] == (64, 64)
+    assert torch.equal(padded["pixel_values"][0, :, 40:, :], BLACK.view(3, 1, 1).expand(3, 24, 64))
+    assert torch.equal(padded["pixel_values"][0, :, :32, :48], batch["pixel_values"][0])
+    assert padded["mask_labels"][0].shape[-2:] == (64, 64) and padded["mask_labels"][0][:, 32:].sum() == 0

@@ -71,6 +71,7 @@ def build_train_batches(
     divisibility: int,
     start_step: int,
     resume_from: Path | None,
+    black_padding: bool = False,
 ) -> TrainBatches:
     """The run's batch iterators, positioned after `start_step` optimizer steps (see the module doc). Built before
     the checkpoint's RNG states are restored: creating a loader's iterator draws a seed from torch's RNG."""
@@ -93,7 +94,7 @@ def build_train_batches(
             dataset,
             batch_sampler=sampler,
             num_workers=d.num_workers,
-            collate_fn=partial(collate, divisibility=divisibility),
+            collate_fn=partial(collate, divisibility=divisibility, black_padding=black_padding),
             persistent_workers=d.num_workers > 0,
         )
         return iter(loader)
@@ -104,7 +105,7 @@ def build_train_batches(
             dataset,
             batch_size=batch_size // micro_steps,
             num_workers=d.num_workers,
-            collate_fn=partial(collate, divisibility=divisibility),
+            collate_fn=partial(collate, divisibility=divisibility, black_padding=black_padding),
             persistent_workers=d.num_workers > 0,
         )
         if name in stream_states:

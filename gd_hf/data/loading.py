@@ -28,6 +28,7 @@ from gd_hf.data.coco import DataError
 from gd_hf.data.images import read_image
 from gd_hf.data.masks import decode_masks
 from gd_hf.data.transforms import (
+    BLACK,
     REFERENCE_STRONG,
     StrongAugment,
     eval_size,
@@ -251,16 +252,19 @@ def _stream_seed(seed: int, rank: int, worker: int, epoch: int, count: int) -> i
     return int(np.random.SeedSequence([seed, rank, worker, epoch, count]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def collate_unlabeled(samples: list[dict[str, Any]], divisibility: int) -> dict[str, Any]:
-    """Pad both views of a batch alike; keep the hidden labels (possibly empty) for monitoring."""
+def collate_unlabeled(samples: list[dict[str, Any]], divisibility: int, black_padding: bool = False) -> dict[str, Any]:
+    """Pad both views of a batch alike; keep the hidden labels (possibly empty) for monitoring. `black_padding`:
+    the model family's padding (`ModelFamily.black_padding`; False: the mean colour)."""
     height, width = padded_size([tuple(s["weak"].shape[-2:]) for s in samples], divisibility)
+    fill = BLACK if black_padding else None
     return {
         "skipped": sum(s.get("skipped", 0) for s in samples),
-        "weak_pixel_values": torch.stack([pad_to(normalize(s["weak"]), height, width) for s in samples]),
-        "strong_pixel_values": torch.stack([pad_to(normalize(s["strong"]), height, width) for s in samples]),
+        "weak_pixel_values": torch.stack([pad_to(normalize(s["weak"]), height, width, fill) for s in samples]),
+        "strong_pixel_values": torch.stack([pad_to(normalize(s["strong"]), height, width, fill) for s in samples]),
         "hidden_masks": [pad_to(s["hidden_masks"].float(), height, width) for s in samples],
         "hidden_classes": [s["hidden_classes"] for s in samples],
         "image_ids": [s["image_id"] for s in samples],
+        **({"pad_fill": fill} if black_padding else {}),  # how `pad_batch` pads the images further
     }
 
 
@@ -350,15 +354,18 @@ class StepBatchSampler:
             step += 1
 
 
-def collate_train(samples: list[dict[str, Any]], divisibility: int) -> dict[str, Any]:
-    """Pad to a common size (multiple of `divisibility`) and build Mask2Former's inputs and targets."""
+def collate_train(samples: list[dict[str, Any]], divisibility: int, black_padding: bool = False) -> dict[str, Any]:
+    """Pad to a common size (multiple of `divisibility`; images with the mean colour, or black with
+    `black_padding`) and build the model's inputs and targets."""
     height, width = padded_size([tuple(s["image"].shape[-2:]) for s in samples], divisibility)
+    fill = BLACK if black_padding else None
     return {
         "skipped": sum(s.get("skipped", 0) for s in samples),
-        "pixel_values": torch.stack([pad_to(normalize(s["image"]), height, width) for s in samples]),
+        "pixel_values": torch.stack([pad_to(normalize(s["image"]), height, width, fill) for s in samples]),
         "mask_labels": [pad_to(s["masks"].float(), height, width) for s in samples],
         "class_labels": [s["classes"] for s in samples],
         "image_ids": [s["image_id"] for s in samples],
+        **({"pad_fill": fill} if black_padding else {}),
     }
 
 
@@ -386,19 +393,21 @@ def pad_batch(batch: dict[str, Any], height: int, width: int) -> dict[str, Any]:
     padded = dict(batch)
     for key in _FRAME_TENSORS:
         if key in batch:
-            padded[key] = pad_to(batch[key], height, width)
+            padded[key] = pad_to(batch[key], height, width, batch.get("pad_fill"))
     for key in _FRAME_MASK_LISTS:
         if key in batch:
             padded[key] = [pad_to(m, height, width) for m in batch[key]]
     return padded
 
 
-def collate_eval(samples: list[dict[str, Any]], divisibility: int) -> dict[str, Any]:
-    """Pad a batch of evaluation images; keep each one's resized and original size for post-processing."""
+def collate_eval(samples: list[dict[str, Any]], divisibility: int, black_padding: bool = False) -> dict[str, Any]:
+    """Pad a batch of evaluation images (as the family's exported processor pads); keep each one's resized and
+    original size for post-processing."""
     sizes = [tuple(s["image"].shape[-2:]) for s in samples]
     height, width = padded_size(sizes, divisibility)
+    fill = BLACK if black_padding else None
     return {
-        "pixel_values": torch.stack([pad_to(normalize(s["image"]), height, width) for s in samples]),
+        "pixel_values": torch.stack([pad_to(normalize(s["image"]), height, width, fill) for s in samples]),
         "image_sizes": sizes,
         "original_sizes": [s["original_size"] for s in samples],
         "image_ids": [s["image_id"] for s in samples],

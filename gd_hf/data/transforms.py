@@ -69,6 +69,10 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
     return (image.float() / 255.0 - mean) / std
 
 
+# Black (uint8 0) after normalisation, per channel: the padding of a processor that pads before normalising.
+BLACK = normalize(torch.zeros(3, 1, 1, dtype=torch.uint8)).flatten()
+
+
 def padded_size(sizes: list[tuple[int, int]], divisibility: int) -> tuple[int, int]:
     """The smallest (H, W) holding every size, rounded up to a multiple of `divisibility`."""
     height = max(s[0] for s in sizes)
@@ -76,9 +80,15 @@ def padded_size(sizes: list[tuple[int, int]], divisibility: int) -> tuple[int, i
     return math.ceil(height / divisibility) * divisibility, math.ceil(width / divisibility) * divisibility
 
 
-def pad_to(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Zero-pad the last two dims at the bottom/right (after normalisation 0 is the mean colour)."""
-    return F.pad(tensor, (0, width - tensor.shape[-1], 0, height - tensor.shape[-2]))
+def pad_to(tensor: torch.Tensor, height: int, width: int, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Pad the last two dims at the bottom/right: with zeros (after normalisation 0 is the mean colour), or, for
+    images (..., 3, H, W), with the per-channel `fill` (`BLACK`: what an image processor that pads before
+    normalising gives, as EoMT's)."""
+    if fill is None:
+        return F.pad(tensor, (0, width - tensor.shape[-1], 0, height - tensor.shape[-2]))
+    padded = fill.to(tensor.dtype).view(3, 1, 1).expand(*tensor.shape[:-2], height, width).clone()
+    padded[..., : tensor.shape[-2], : tensor.shape[-1]] = tensor
+    return padded
 
 
 # ---------------------------------------------------------------------------------------------------
