@@ -21,7 +21,7 @@ from gd_hf.config import DataConfig
 from gd_hf.data.categories import Categories
 from gd_hf.data.coco import CocoSource, DataError, load_coco, to_hf_dataset
 from gd_hf.evaluation import EvalSettings, coco_ground_truth, evaluate_mask_ap, write_results
-from gd_hf.families import family_of, load_export
+from gd_hf.families import family_of, input_size_problem, load_export
 
 
 def category_ids_for_model(model: PreTrainedModel, source: CocoSource) -> list[int]:
@@ -58,15 +58,6 @@ def evaluate_model(
     return evaluation.metrics, evaluation.results
 
 
-def input_size_problem(model: PreTrainedModel, shortest_edge: int, longest_edge: int) -> str | None:
-    """Why an evaluation size cannot feed the model (EoMT takes exactly its `image_size` square), or None."""
-    side = getattr(model.config, "image_size", None) if model.config.model_type == "eomt" else None
-    if side is not None and max(shortest_edge, longest_edge) > side:
-        return (f"this EoMT takes {side} x {side} inputs (its position embeddings do not interpolate): a test-time "
-                f"size of {shortest_edge}/{longest_edge} exceeds it; leave --shortest-edge/--longest-edge unset")  # fmt: skip
-    return None
-
-
 def evaluate_export(
     model_path: str | Path,
     annotations: str | Path,
@@ -91,7 +82,7 @@ def evaluate_export(
     )
     problem = input_size_problem(model, data.eval_shortest_edge, data.eval_longest_edge)
     if problem:
-        raise DataError(problem)
+        raise DataError(f"{problem}; leave --shortest-edge/--longest-edge unset")
     source = load_coco(annotations, images)
     if not source.images:
         raise DataError(f"{annotations} lists no images: there is nothing to evaluate")

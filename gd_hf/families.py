@@ -35,6 +35,15 @@ def load_export(path: str) -> PreTrainedModel:
     return AutoModelForUniversalSegmentation.from_pretrained(path)
 
 
+def input_size_problem(model: PreTrainedModel, shortest_edge: int, longest_edge: int) -> str | None:
+    """Why a test-time size cannot feed the model (EoMT takes exactly its `image_size` square), or None."""
+    side = getattr(model.config, "image_size", None) if model.config.model_type == "eomt" else None
+    if side is not None and max(shortest_edge, longest_edge) > side:
+        return (f"this EoMT takes {side} x {side} inputs (its position embeddings do not interpolate): a test-time "
+                f"size of {shortest_edge}/{longest_edge} exceeds it")  # fmt: skip
+    return None
+
+
 def export_image_processor(model: PreTrainedModel, data: DataConfig, divisor: int | None = None) -> Any:
     """The image processor an export ships: Mask2Former's with the run's evaluation resize and padding; EoMT's
     resizes the longer side to its `image_size` and pads square (the only input it takes)."""

@@ -182,6 +182,8 @@ def give_padding_a_nonzero_embedding(model: Mask2FormerForUniversalSegmentation)
 
 
 def _build_with_pretrained_backbone(cfg: ModelConfig, backbone_config, id2label) -> Mask2FormerForUniversalSegmentation:
+    if backbone_config.model_type == "eomt":
+        raise ModelLoadError(f"model.pretrained={cfg.pretrained!r} is an EoMT checkpoint: set model.family=eomt")
     if backbone_config.model_type not in BACKBONE_MODEL_TYPES[cfg.backbone]:
         raise ModelLoadError(
             f"model.pretrained={cfg.pretrained!r} is a {backbone_config.model_type!r} model but model.backbone is "

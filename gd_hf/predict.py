@@ -29,7 +29,7 @@ from gd_hf.data.convert import IMAGE_SUFFIXES
 from gd_hf.data.images import to_rgb
 from gd_hf.data.transforms import BLACK, eval_size, normalize, pad_to, padded_size, resize
 from gd_hf.evaluation import post_process_instances, to_coco_results
-from gd_hf.families import family_of, load_export
+from gd_hf.families import family_of, input_size_problem, load_export
 
 
 def find_images(inputs: list[str]) -> list[Path]:
@@ -169,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         size = AutoImageProcessor.from_pretrained(args.model).size
     except (OSError, ValueError) as e:
         print(f"error: cannot load the model {args.model}: {e}", file=sys.stderr)
+        return 2
+    problem = input_size_problem(model, size.get("shortest_edge") or 800, size.get("longest_edge") or 1333)
+    if problem:
+        print(f"error: {problem} (the size in its preprocessor_config.json)", file=sys.stderr)
         return 2
     if args.batch_size < 1 or args.top_k < 1:
         print("error: --batch-size and --top-k must be >= 1", file=sys.stderr)

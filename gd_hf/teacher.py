@@ -6,6 +6,7 @@ import copy
 from typing import TYPE_CHECKING
 
 import torch
+from transformers import AutoConfig
 
 from gd_hf.config import Recipe, RecipeError
 from gd_hf.weights import NonFiniteWeightsError, check_finite
@@ -65,6 +66,14 @@ class EmaTeacher(torch.nn.Module):
         torch._foreach_lerp_(teacher, source, 1.0 - decay)
 
 
+def _export_model_type(path: str) -> str | None:
+    """The `model_type` of an export's config.json (None when it cannot be read: loading then says why)."""
+    try:
+        return AutoConfig.from_pretrained(path).model_type
+    except (OSError, ValueError):
+        return None
+
+
 def build_teacher(
     recipe: Recipe, student: torch.nn.Module, id2label: dict[int, str], family: ModelFamily
 ) -> EmaTeacher | None:
@@ -74,6 +83,13 @@ def build_teacher(
         return None
     if recipe.ssl.teacher is None:
         return EmaTeacher(copy.deepcopy(student))
+    exported = _export_model_type(recipe.ssl.teacher)
+    if exported is not None and exported != student.config.model_type:
+        raise RecipeError(
+            f"ssl.teacher={recipe.ssl.teacher!r} is a {exported!r} model, but the recipe trains a "
+            f"{student.config.model_type!r} one (model.family): the EMA phase needs teacher and student of one "
+            "architecture"
+        )
     try:
         model = family.load_pretrained(recipe.ssl.teacher)
     except (OSError, ValueError) as e:

@@ -314,6 +314,7 @@ def test_the_teacher_masks_as_the_phase_and_the_student_say_and_the_ema_never_av
         assert teacher.model.attn_mask_probs.tolist() == teacher_expected, (family.teacher_masks, step, phase)
         assert figures["mask_prob/block_0"] == pytest.approx(student_expected[0])
         assert figures["teacher_masked_blocks"] == sum(teacher_expected)
+    assert follow.teacher_probabilities("ema", [0.5, 0.49]) == [1.0, 0.0]  # the boundary: masked at exactly 0.5
     follow.start_step(15, "ema", student, teacher.model)
     teacher.copy_from(student)
     teacher.update(student, 0.5)
@@ -344,8 +345,10 @@ def test_layer_wise_lr_decay_gives_each_vit_block_the_references_factor():
     cfg = TrainConfig(lr=1e-3, backbone_lr_multiplier=0.5, layer_lr_decay=0.8)
     lr_of = {id(p): group["lr"] for group in parameter_groups(model, cfg) for p in group["params"]}
     named = dict(model.named_parameters())
-    for i in range(4):
-        assert lr_of[id(named[f"layers.{i}.mlp.fc1.weight"])] == pytest.approx(1e-3 * 0.5 * 0.8 ** (3 - i))
+    for name, parameter in named.items():
+        if name.startswith("layers."):  # every parameter of every block, attention, norms and layer scales included
+            i = int(name.split(".")[1])
+            assert lr_of[id(parameter)] == pytest.approx(1e-3 * 0.5 * 0.8 ** (3 - i)), name
     assert lr_of[id(named["embeddings.patch_embeddings.projection.weight"])] == pytest.approx(1e-3 * 0.5 * 0.8**3)
     assert lr_of[id(named["embeddings.cls_token"])] == pytest.approx(1e-3 * 0.5 * 0.8**3)
     assert lr_of[id(named["layernorm.weight"])] == pytest.approx(1e-3 * 0.5)
@@ -581,3 +584,109 @@ def test_a_black_padded_batch_padded_further_stays_black():
     assert torch.equal(padded["pixel_values"][0, :, 40:, :], BLACK.view(3, 1, 1).expand(3, 24, 64))
     assert torch.equal(padded["pixel_values"][0, :, :32, :48], batch["pixel_values"][0])
     assert padded["mask_labels"][0].shape[-2:] == (64, 64) and padded["mask_labels"][0][:, 32:].sum() == 0
+
+
+def test_a_checkpoint_with_as_many_classes_still_gets_a_new_classifier(tmp_path):
+    from gd_hf.config import ModelConfig
+    from gd_hf.modeling import build_model
+
+    source = tiny_eomt(seed=7)  # 4 classes
+    source.save_pretrained(tmp_path / "eomt")
+    cfg = ModelConfig(family="eomt", pretrained=str(tmp_path / "eomt"), eomt_image_size=64, eomt_query_blocks=2,
+                      num_queries=8, train_num_points=256)  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg, {0: "w", 1: "x", 2: "y", 3: "z"})  # other classes, as many
+    assert not torch.equal(model.class_predictor.weight, source.class_predictor.weight)
+    assert torch.equal(model.query.weight, source.query.weight)
+
+
+def test_a_dinov2_position_table_of_another_grid_is_resampled_as_dinov2_itself_interpolates(tmp_path):
+    """DINOv2 trained at 64 px (4 x 4 patches) into an EoMT of 96 px (6 x 6): the ViT's hidden states before the
+    queries join are DINOv2's own on a 96-px input (which interpolates its table on the fly)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from gd_hf.eomt import load_dinov2_weights
+
+    torch.manual_seed(8)
+    dinov2 = Dinov2Model(Dinov2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=64,
+                                      patch_size=16)).eval()  # fmt: skip
+    with torch.no_grad():
+        for tensor in dinov2.state_dict().values():
+            tensor.copy_(torch.randn_like(tensor) * 0.1)
+    torch.manual_seed(9)
+    config = EomtConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=96, patch_size=16,
+                        num_queries=8, num_blocks=2, num_register_tokens=0)  # fmt: skip
+    model = EomtForUniversalSegmentation(config).eval()
+    load_dinov2_weights(model, dinov2)
+    pixel_values = torch.randn(1, 3, 96, 96)
+    hidden = {}
+    model.layers[1].register_forward_hook(lambda _m, _a, out: hidden.update(eomt=out))
+    with torch.no_grad():
+        model(pixel_values=pixel_values)
+        expected = dinov2(pixel_values=pixel_values, output_hidden_states=True).hidden_states[2]
+    assert torch.allclose(hidden["eomt"], expected, atol=1e-4)
+
+
+def test_evaluation_mid_annealing_predicts_as_the_export_does(tmp_path):
+    """A model evaluated while its blocks are half-way through annealing (probabilities 0.5): the same
+    predictions twice, and those of its export (no masked attention) evaluated by the command's driver."""
+    from gd_hf.config import DataConfig
+    from gd_hf.data.coco import load_coco
+    from gd_hf.data.synthetic import generate
+    from gd_hf.eomt import eomt_image_processor
+    from gd_hf.evaluate import evaluate_model
+    from gd_hf.export import export_model
+    from gd_hf.families import load_export
+
+    root = generate(tmp_path / "data", train=0, val=4, size=64, seed=3, varied_sizes=True)
+    source = load_coco(root / "annotations" / "instances_val.json", root / "val")
+    model = tiny_eomt(seed=2)
+    model.config.id2label = dict(enumerate(source.category_names))
+    set_mask_probabilities(model, [0.5, 0.5])
+    data = DataConfig(eval_shortest_edge=64, eval_longest_edge=64, num_workers=0)
+    torch.manual_seed(0)
+    first = evaluate_model(model.eval(), source, data, top_k=20)[1]
+    second = evaluate_model(model, source, data, top_k=20)[1]
+    assert first and first == second and model.attn_mask_probs.tolist() == [0.5, 0.5]
+    export_model(model, eomt_image_processor(64), tmp_path / "export")
+    assert evaluate_model(load_export(str(tmp_path / "export")).eval(), source, data, top_k=20)[1] == first
+
+
+def test_a_teacher_or_checkpoint_of_the_other_family_is_refused_naming_the_key(tmp_path, synthetic_root):
+    """`ssl.teacher` a Mask2Former export for an EoMT student (and the reverse), `model.pretrained` an EoMT
+    checkpoint for a Mask2Former: a recipe error that says what to set, before any training."""
+    from gd_hf.config import RecipeError
+    from gd_hf.modeling import ModelLoadError, build_model
+    from gd_hf.teacher import build_teacher
+
+    from .conftest import EOMT_TINY, ROOT, tiny_overrides
+
+    base = tiny_overrides(synthetic_root, tmp_path / "run") + ["ssl.enabled=true", "ssl.burn_in_pseudo_labels=false"]
+    m2f_recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", base)
+    eomt_recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", base + EOMT_TINY)
+    id2label = {i: name for i, name in enumerate(["circle", "rectangle", "triangle", "cross"])}
+    m2f, eomt = build_model(m2f_recipe.model, id2label), build_model(eomt_recipe.model, id2label)
+    m2f.save_pretrained(tmp_path / "m2f")
+    eomt.save_pretrained(tmp_path / "eomt")
+    for recipe, student, teacher, kinds in [(eomt_recipe, eomt, "m2f", "a 'mask2former' model, but the recipe trains a 'eomt' one"),
+                                            (m2f_recipe, m2f, "eomt", "a 'eomt' model, but the recipe trains a 'mask2former' one")]:  # fmt: skip
+        recipe = dataclasses.replace(recipe, ssl=dataclasses.replace(recipe.ssl, teacher=str(tmp_path / teacher)))
+        with pytest.raises(RecipeError, match=kinds):
+            build_teacher(recipe, student, id2label, EomtFamily())
+    cfg = dataclasses.replace(m2f_recipe.model, pretrained=str(tmp_path / "eomt"))
+    with pytest.raises(ModelLoadError, match="is an EoMT checkpoint: set model.family=eomt"):
+        build_model(cfg, id2label)
+
+
+def test_gd_hf_predict_refuses_an_eomt_export_whose_processor_asks_for_a_larger_size(tmp_path, capsys):
+    from gd_hf.eomt import eomt_image_processor
+    from gd_hf.export import export_model
+    from gd_hf.predict import main as predict_main
+
+    export_model(tiny_eomt(), eomt_image_processor(96), tmp_path / "export")  # a 64-px model, a 96-px processor
+    (tmp_path / "images").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "images" / "a.png")
+    assert predict_main([str(tmp_path / "export"), str(tmp_path / "images"), "--out", str(tmp_path / "out")]) == 2
+    assert "takes 64 x 64 inputs" in capsys.readouterr().err
