@@ -241,6 +241,12 @@ def _eomt_checks(recipe: Recipe) -> list[Check]:
     m, d = recipe.model, recipe.data
     checks: list[Check] = [
         (0 < recipe.train.layer_lr_decay <= 1, "train.layer_lr_decay", "must lie in (0, 1] (1 = off; EoMT: 0.8)"),
+        (
+            m.family == "eomt" or recipe.train.layer_lr_decay == 1,
+            "train.layer_lr_decay",
+            "applies to EoMT's ViT only (model.family: eomt); Mask2Former's backbone learns at "
+            "train.backbone_lr_multiplier",
+        ),  # fmt: skip
     ]
     if m.family != "eomt":
         return checks

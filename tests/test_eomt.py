@@ -270,6 +270,16 @@ def load_recipe_model():
     return ModelConfig(family="eomt")
 
 
+def test_a_layer_lr_decay_for_mask2former_is_refused(tmp_path):
+    from gd_hf.config import RecipeError
+
+    from .conftest import ROOT, tiny_overrides
+
+    with pytest.raises(RecipeError, match="train.layer_lr_decay applies to EoMT's ViT only"):
+        load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(tmp_path, tmp_path / "o")
+                    + ["train.layer_lr_decay=0.8"])  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
