@@ -36,7 +36,7 @@ from transformers.models.eomt.image_processing_pil_eomt import EomtImageProcesso
 
 from gd_hf.config import ModelConfig
 from gd_hf.method import Predictions
-from gd_hf.modeling import ModelLoadError, _loading, loss_terms
+from gd_hf.modeling import ModelLoadError, loading_named, loss_terms
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def build_eomt(cfg: ModelConfig, id2label: dict[int, str]) -> EomtForUniversalSe
                             patch_size=cfg.eomt_patch_size, num_blocks=cfg.eomt_query_blocks,
                             num_register_tokens=cfg.eomt_register_tokens, **settings, **labels)  # fmt: skip
         return EomtForUniversalSegmentation(config)
-    with _loading(cfg.pretrained):
+    with loading_named(cfg.pretrained):
         pretrained_config = AutoConfig.from_pretrained(cfg.pretrained)
     if pretrained_config.model_type == "eomt":
         return _load_eomt_checkpoint(cfg, labels, settings)
@@ -212,7 +212,7 @@ def build_eomt(cfg: ModelConfig, id2label: dict[int, str]) -> EomtForUniversalSe
                         image_size=cfg.eomt_image_size, patch_size=cfg.eomt_patch_size,
                         num_blocks=cfg.eomt_query_blocks, **settings, **labels)  # fmt: skip
     model = EomtForUniversalSegmentation(config)
-    with _loading(cfg.pretrained):
+    with loading_named(cfg.pretrained):
         # The concrete class (AutoModel maps the config's model_type), loaded from the folder or the HF cache.
         dinov2 = AutoModel.from_pretrained(cfg.pretrained)
         load_dinov2_weights(model, dinov2)
@@ -221,7 +221,7 @@ def build_eomt(cfg: ModelConfig, id2label: dict[int, str]) -> EomtForUniversalSe
 
 
 def _load_eomt_checkpoint(cfg: ModelConfig, labels: dict, settings: dict) -> EomtForUniversalSegmentation:
-    with _loading(cfg.pretrained):
+    with loading_named(cfg.pretrained):
         model = EomtForUniversalSegmentation.from_pretrained(cfg.pretrained, **labels, ignore_mismatched_sizes=True)
     config = model.config
     recipe_sizes = {"image_size": cfg.eomt_image_size, "patch_size": cfg.eomt_patch_size,

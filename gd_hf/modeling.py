@@ -37,7 +37,7 @@ class ModelLoadError(RecipeError):
 
 
 @contextlib.contextmanager
-def _loading(source: str) -> Iterator[None]:
+def loading_named(source: str) -> Iterator[None]:
     """Whatever stops the weights of `source` from loading (a missing or truncated file, shapes that do not fit)
     as one `ModelLoadError` naming it, instead of a library traceback."""
     try:
@@ -137,7 +137,7 @@ def _mask2former_config(cfg: ModelConfig, backbone_config, id2label: dict[int, s
 
 
 def _load_pretrained_config(source: str):
-    with _loading(source):
+    with loading_named(source):
         return AutoConfig.from_pretrained(source)
 
 
@@ -196,7 +196,7 @@ def _build_with_pretrained_backbone(cfg: ModelConfig, backbone_config, id2label)
     encoder = model.model.pixel_level_module.encoder
     # The concrete class (SwinBackbone, ...), not AutoBackbone: AutoBackbone.from_pretrained asks the hub whether
     # the repo exists (a network call even for a local folder) before loading.
-    with _loading(cfg.pretrained):
+    with loading_named(cfg.pretrained):
         pretrained = type(encoder).from_pretrained(cfg.pretrained, config=encoder.config)
     missing, unexpected = encoder.load_state_dict(pretrained.state_dict(), strict=False)
     if missing or unexpected:
@@ -208,7 +208,7 @@ def _build_with_pretrained_backbone(cfg: ModelConfig, backbone_config, id2label)
 
 
 def _load_mask2former_checkpoint(cfg: ModelConfig, id2label) -> Mask2FormerForUniversalSegmentation:
-    with _loading(cfg.pretrained):
+    with loading_named(cfg.pretrained):
         model = Mask2FormerForUniversalSegmentation.from_pretrained(
             cfg.pretrained,
             id2label={int(k): v for k, v in id2label.items()},
