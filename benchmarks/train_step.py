@@ -8,7 +8,11 @@ the annealing schedule's masked-attention probabilities, at a step of the EMA ph
 With `--distill`, the step is a Guided Distillation step: "ours" = `train_step` with a teacher and an
 unlabeled batch (teacher forward on the weak view, pseudo-label filtering, one student forward on labeled +
 strong images, both losses) + the EMA update; "bare" = its parts run plainly: teacher forward on the weak view,
-student forward+backward on the labeled batch and on the strong view (against fixed targets), optimizer step.
+student forward+backward on the labeled batch and on the strong view (against the teacher's pseudo labels, made
+once beforehand), optimizer step.
+`--bare-one-forward` gives the bare step gd_hf's one batched student forward instead of two, which separates
+gd_hf's own cost from the cost of batching (on a 2-core CPU, EoMT's step is slower as one forward of 8 images than
+as two of 4; benchmarks/RESULTS.md).
 
 "ours" is `gd_hf.optim.train_step` exactly as the loop runs it (autocast context, loss terms, backward,
 gradient clipping, AdamW step, schedule step, one host sync for logging). "bare" is
@@ -66,6 +70,8 @@ def main() -> None:
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "demo_synthetic.yaml"))
     parser.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
     parser.add_argument("--distill", action="store_true", help="time a Guided Distillation step instead")
+    parser.add_argument("--bare-one-forward", action="store_true", help="with --distill: the bare step's student "
+                        "sees the labeled and strong images in one forward, as gd_hf's does (one DDP forward)")  # fmt: skip
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.overrides)
@@ -104,17 +110,24 @@ def main() -> None:
         teacher.to(device)
         weak = unlabeled["weak_pixel_values"].to(device)
         strong = unlabeled["strong_pixel_values"].to(device)
-        # Fixed targets for the bare student pass on the strong view: the labeled batch's own masks.
-        strong_targets = {"mask_labels": bare_inputs["mask_labels"], "class_labels": bare_inputs["class_labels"]}
+        # Fixed targets for the bare student pass on the strong view: the teacher's pseudo labels of the weak view,
+        # made once, so both sides match and score the same targets (their count drives the matcher's cost).
+        method.start_step(method.ssl.burn_in_steps + 1, accelerator.unwrap_model(model))
+        pseudo = method.pseudo_labels(weak)
+        strong_targets = {"mask_labels": pseudo.mask_labels, "class_labels": pseudo.class_labels}
 
     def bare() -> None:
         if teacher is not None:
             with torch.no_grad():
                 teacher.model(pixel_values=weak)
-        loss = model(**bare_inputs).loss
-        loss.backward()
-        if teacher is not None:
-            model(pixel_values=strong, **strong_targets).loss.backward()
+        if teacher is not None and args.bare_one_forward:  # labeled + strong in one forward, as gd_hf's step
+            model(pixel_values=torch.cat([bare_inputs["pixel_values"], strong]),
+                  mask_labels=bare_inputs["mask_labels"] + strong_targets["mask_labels"],
+                  class_labels=bare_inputs["class_labels"] + strong_targets["class_labels"]).loss.backward()  # fmt: skip
+        else:
+            model(**bare_inputs).loss.backward()
+            if teacher is not None:
+                model(pixel_values=strong, **strong_targets).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
