@@ -15,7 +15,8 @@ function of the step (`MaskAnnealing`). What it settles, each tested (`tests/tes
   (`gd_hf.teacher.SCHEDULED_BUFFERS`).
 - The position embeddings do not interpolate: every input must be exactly `image_size` square. Padding each
   side up to a multiple of `image_size` (`padding_divisor`) makes every frame `image_size` square, as the recipe
-  checks keep crops and the evaluation size at most `image_size`.
+  checks keep crops and the evaluation size at most `image_size`; the padding is black (`black_padding`), as
+  `EomtImageProcessor` pads before normalising, so evaluation feeds the model what the export's processor does.
 - A DINOv2 backbone's ViT loads into EoMT's (`load_dinov2_weights`): the same layer names but `o_proj` ->
   `out_proj`; DINOv2 adds a position embedding to its [CLS] token and EoMT does not, so that embedding is folded
   into EoMT's [CLS] token; the patch position embeddings are resampled (bicubic) when the grids differ, and a
