@@ -25,8 +25,10 @@ function of the step (`MaskAnnealing`). What it settles, each tested (`tests/tes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -85,6 +87,21 @@ class MaskAnnealing:
         return mask_probabilities(step, self.starts, self.ends, self.power)
 
 
+@contextlib.contextmanager
+def without_masked_attention(model: EomtForUniversalSegmentation) -> Iterator[None]:
+    """Every masked-attention probability at 0 for the duration (EoMT as at inference: no masks, no random
+    un-masking), then the buffer as it was."""
+    buffer = model.attn_mask_probs
+    kept = buffer.clone()
+    with torch.no_grad():
+        buffer.zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            buffer.copy_(kept)
+
+
 def set_mask_probabilities(model: EomtForUniversalSegmentation, probabilities: list[float]) -> None:
     """Write the schedule's probabilities into the model's `attn_mask_probs` buffer (in place)."""
     buffer = model.attn_mask_probs
@@ -134,13 +151,8 @@ class EomtFamily:
         return model.config.image_size
 
     def predict(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Predictions:
-        probabilities = model.attn_mask_probs
-        kept = probabilities.clone()
-        probabilities.zero_()  # as at inference: no masked attention, and so no random un-masking
-        try:
+        with without_masked_attention(model):  # as at inference, and so no random un-masking
             outputs = model(pixel_values=pixel_values)
-        finally:
-            probabilities.copy_(kept)
         return Predictions(outputs.class_queries_logits, outputs.masks_queries_logits)
 
     def teacher_predict(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Predictions:

@@ -7,11 +7,10 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from transformers import AutoModelForUniversalSegmentation, PreTrainedModel
 
 from gd_hf.config import DataConfig, Recipe
-from gd_hf.eomt import EomtFamily, MaskAnnealing, eomt_image_processor
+from gd_hf.eomt import EomtFamily, MaskAnnealing, eomt_image_processor, without_masked_attention
 from gd_hf.method import ModelFamily
 from gd_hf.modeling import Mask2FormerFamily, build_image_processor
 
@@ -57,15 +56,8 @@ def as_exported(model: PreTrainedModel) -> Iterator[None]:
     """The model in the state an export saves, for the duration (then as it was): an EoMT without masked attention
     (`attn_mask_probs` is saved in `model.safetensors`, and the training loop's value would ship otherwise: in eval
     mode a value strictly between 0 and 1 un-masks random queries)."""
-    buffer = getattr(model, "attn_mask_probs", None) if model.config.model_type == "eomt" else None
-    if buffer is None:
+    if model.config.model_type != "eomt":
         yield
         return
-    kept = buffer.clone()
-    with torch.no_grad():
-        buffer.zero_()
-    try:
+    with without_masked_attention(model):
         yield
-    finally:
-        with torch.no_grad():
-            buffer.copy_(kept)
