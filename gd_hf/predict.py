@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, PreTrainedModel
 
@@ -30,6 +30,7 @@ from gd_hf.data.images import to_rgb
 from gd_hf.data.transforms import BLACK, eval_size, normalize, pad_to, padded_size, resize
 from gd_hf.evaluation import post_process_instances, to_coco_results
 from gd_hf.families import family_of, input_size_problem, load_export
+from gd_hf.pictures import draw_overlay, instance_colors  # noqa: F401 (re-exported)
 
 
 def find_images(inputs: list[str]) -> list[Path]:
@@ -44,37 +45,6 @@ def find_images(inputs: list[str]) -> list[Path]:
         else:
             found |= {Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file()}
     return sorted(found)
-
-
-def instance_colors(count: int) -> list[tuple[int, int, int]]:
-    """Well-separated colours (golden-angle hues)."""
-    import colorsys
-
-    return [
-        tuple(int(c * 255) for c in colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.85, 1.0)) for i in range(count)
-    ]
-
-
-def draw_overlay(
-    image: Image.Image, masks: torch.Tensor, labels: list[str], scores: list[float], alpha: float = 0.5
-) -> Image.Image:
-    """The image with each mask blended in its own colour, its outline, and `label score` at its top-left."""
-    canvas = np.asarray(image.convert("RGB")).astype(np.float32)
-    colors = instance_colors(len(labels))
-    for mask, color in zip(masks.numpy(), colors):
-        canvas[mask] = canvas[mask] * (1 - alpha) + np.array(color, dtype=np.float32) * alpha
-    overlay = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(overlay)
-    for mask, color, label, score in zip(masks.numpy(), colors, labels, scores):
-        ys, xs = np.nonzero(mask)
-        if len(xs) == 0:
-            continue
-        text = f"{label} {score:.2f}"
-        x, y = int(xs.min()), int(ys.min())
-        box = draw.textbbox((x, y), text)
-        draw.rectangle(box, fill=color)
-        draw.text((x, y), text, fill=(0, 0, 0))
-    return overlay
 
 
 def load_image(path: Path) -> Image.Image:
