@@ -99,13 +99,17 @@ def mask_bounds(mask: np.ndarray) -> tuple[int, int, int, int] | None:
 
 
 def label_anchor(mask: np.ndarray) -> tuple[int, int]:
-    """(x, y) of the pixel of a non-empty (H, W) bool mask farthest from its boundary: inside the object even
-    when its centre of mass is not (a ring, a C shape)."""
+    """(x, y) of a pixel deep inside a non-empty (H, W) bool mask: of the pixels at least 80% as far from the
+    boundary as the farthest one, the closest to the mask's centre. Inside the object even when its centre is
+    not (a ring, a C shape), and central along a long one (a rectangle's ridge is a whole line)."""
     top, bottom, left, right = mask_bounds(mask)
     # a False border, so the bounding box's edge counts as the boundary; the crop keeps this cheap
     crop = np.pad(mask[top:bottom, left:right], 1)
-    y, x = np.unravel_index(np.argmax(ndimage.distance_transform_edt(crop)), crop.shape)
-    return left + int(x) - 1, top + int(y) - 1
+    depth = ndimage.distance_transform_edt(crop)
+    ys, xs = np.nonzero(depth >= 0.8 * depth.max())
+    centre_y, centre_x = (coords.mean() for coords in np.nonzero(crop))
+    nearest = np.argmin((ys - centre_y) ** 2 + (xs - centre_x) ** 2)
+    return left + int(xs[nearest]) - 1, top + int(ys[nearest]) - 1
 
 
 def mask_outline(mask: np.ndarray, width: int) -> np.ndarray:
@@ -336,11 +340,15 @@ def plot_pseudo_label_counts(ax: Axes, series: Series) -> list[Axes]:
     if "teacher_check/pseudo_labels_per_image" in series:
         ax.plot(*series["teacher_check/pseudo_labels_per_image"], "D", ms=8, color="C0", label="teacher check")
     ax.set_title("pseudo labels per image")
+    ax.set_ylim(bottom=0)  # a count: from zero, so a change reads at its true size
     if "pseudo_label_score" in series:
         twin = ax.twinx()
         twin.plot(*series["pseudo_label_score"], ":", lw=1.4, color="C1", label="mean score (right)")
         twin.set_ylim(0, 1.02)
         twin.set_ylabel("score")
+        # the counts' axes above the twin, so its legend (placed away from the counts) is not drawn over
+        ax.set_zorder(twin.get_zorder() + 1)
+        ax.patch.set_visible(False)
         return [ax, twin]
     return [ax]
 
@@ -367,6 +375,16 @@ PANELS = (
         ["pseudo_precision", "pseudo_recall", "teacher_check/precision", "teacher_check/recall"],
     ),
 )
+
+
+def leave_headroom(ax: Axes, fraction: float = 0.1) -> None:
+    """Raise the top of `ax`'s y axis by `fraction` of its height (of its decades on a log axis): room for the
+    phase names, so they are not written over the curves."""
+    bottom, top = ax.get_ylim()
+    if ax.get_yscale() == "log":
+        ax.set_ylim(bottom, top * (top / bottom) ** fraction)
+    else:
+        ax.set_ylim(bottom, top + (top - bottom) * fraction)
 
 
 def figure_size_px(panels: int) -> tuple[int, int]:
@@ -398,6 +416,9 @@ def curves_figure(series: Series, phases: Sequence[tuple[int, str]] = (), title:
         ax.grid(alpha=0.3)
         for step in boundaries:
             ax.axvline(step, ls="--", color="0.4", lw=1)
+        if names:
+            for axes in drawn:
+                leave_headroom(axes)
         on_top = blended_transform_factory(ax.transData, ax.transAxes)  # x in steps, y along the panel's top
         for step, name in names:
             ax.text(step, 0.98, f" {name}", transform=on_top, va="top", ha="left", fontsize="small", color="0.3")
@@ -405,7 +426,7 @@ def curves_figure(series: Series, phases: Sequence[tuple[int, str]] = (), title:
         for axes in drawn:
             axes_handles, axes_labels = axes.get_legend_handles_labels()
             handles, labels = handles + axes_handles, labels + axes_labels
-        drawn[-1].legend(handles, labels, loc="best", fontsize="small")  # on the topmost axes: above every line
+        ax.legend(handles, labels, loc="best", fontsize="small")
     if title:
         figure.suptitle(title)
     return figure
