@@ -210,6 +210,9 @@ class DataConfig:
     """...and their longer side at most this long."""
     num_workers: int = 2
     """DataLoader worker processes per training process."""
+    dataset_name: str | None = None
+    """What model cards call the data set (e.g. `COCO 2017`); `null`: the hub data set's id, `gd_hf synthetic
+    shapes` for the generated set, else `custom`."""
 
 
 @dataclass
@@ -260,6 +263,12 @@ class TrainConfig:
     """Steps between resumable checkpoints (`accelerator.save_state`); 0 = only at the end."""
     keep_checkpoints: int = 2
     """How many resumable checkpoints to keep (oldest are deleted)."""
+    report_to: str | list[str] = "tensorboard"
+    """Where the metrics go besides `metrics.jsonl`, through Accelerate's trackers: `tensorboard` (the default;
+    skipped with a warning when it is not installed), `wandb`, `mlflow`, `trackio`, a list of them, `all` (every
+    one installed) or `none`. Tags are grouped (`train/`, `pseudo/`, `val/`, `teacher_check/`, `system/`), the
+    resolved recipe (paths made public) is logged as hyperparameters, and the evaluation pictures go to trackers
+    that take images. wandb and trackio log offline when `WANDB_MODE` / `HF_HUB_OFFLINE` say so."""
 
 
 @dataclass
@@ -272,6 +281,11 @@ class EvalConfig:
     """Images per evaluation forward pass."""
     max_images: int | None = None
     """Evaluate on the first N val images only (quick checks); `null` = all."""
+    pictures: int = 6
+    """Images in the pictures each evaluation writes to `OUTPUT/pictures/` (and the trackers): the model's
+    predictions on the first N val images beside their truth, and, in phases 2-3, the teacher's pseudo labels on
+    the weak views of the unlabeled images the student trained on just before (their hidden truth beside them
+    when the data carry one). 0: none."""
 
 
 @dataclass
@@ -357,6 +371,9 @@ class HubConfig:
     """License written into the model card."""
     retries: int = 4
     """Retries of a push after a transient failure (network, HTTP 429/5xx), with exponential back-off."""
+    space_repo: str | None = None
+    """After the final push, also write a Gradio Space for the pushed model (`python -m gd_hf.space`) and push it
+    to this Space repository (e.g. `your-name/mask2former-coco-1pct-gd-demo`)."""
 
 
 @dataclass

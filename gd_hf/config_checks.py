@@ -7,6 +7,7 @@ evaluates them all and raises `RecipeError(f"{key} {message}")` for the first th
 from __future__ import annotations
 
 from gd_hf.config import DataConfig, EvalConfig, HubConfig, ModelConfig, Recipe, RecipeError, TrainConfig
+from gd_hf.trackers import report_to_problem
 
 Check = tuple[bool, str, str]
 """`(passes, key, message)`: a failing check is reported as `f"{key} {message}"`."""
@@ -107,6 +108,7 @@ def _eval_checks(e: EvalConfig) -> list[Check]:
     return [
         (e.batch_size > 0, "eval.batch_size", "must be > 0"),
         (e.max_images is None or e.max_images > 0, "eval.max_images", "must be null (all) or > 0"),
+        (e.pictures >= 0, "eval.pictures", "must be >= 0 (0: no pictures)"),
     ]
 
 
@@ -153,6 +155,7 @@ def _train_loop_checks(t: TrainConfig) -> list[Check]:
     """Steps, batches, learning rate and the loop's bookkeeping."""
     return [
         (t.max_steps > 0, "train.max_steps", "must be > 0"),
+        (report_to_problem(t.report_to) is None, "train.report_to", report_to_problem(t.report_to) or ""),
         (t.batch_size > 0, "train.batch_size", "must be > 0"),
         (t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be > 0"),
         (
@@ -186,6 +189,8 @@ def _hub_push_checks(h: HubConfig) -> list[Check]:
     """What a push to the Hub needs."""
     return [
         (not h.push or bool(h.repo_id), "hub.repo_id", "is required when hub.push is true"),
+        (h.space_repo is None or h.push, "hub.space_repo", "needs hub.push: true (the Space serves the pushed model)"),
+        (_repo_id_problem(h.space_repo) is None, "hub.space_repo", _repo_id_problem(h.space_repo) or ""),
         (h.retries >= 0, "hub.retries", "must be >= 0"),
     ]
 

@@ -19,7 +19,8 @@ class ReplicasDivergedError(TrainingError):
 
 
 def build_accelerator(recipe: Recipe) -> Accelerator:
-    """Accelerator with mixed precision from the recipe (or the accelerate config) and TensorBoard if installed."""
+    """Accelerator with mixed precision from the recipe (or the accelerate config). Its trackers are each phase's
+    own (`gd_hf.trackers`): none here."""
     kwargs: dict[str, Any] = {
         # Some backbone parameters get no gradient (Swin's last norm, DINOv2's mask token): DDP must allow that.
         "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -29,12 +30,6 @@ def build_accelerator(recipe: Recipe) -> Accelerator:
     }
     if recipe.train.mixed_precision is not None:
         kwargs["mixed_precision"] = recipe.train.mixed_precision
-    try:
-        import tensorboard  # noqa: F401
-
-        kwargs["log_with"] = "tensorboard"
-    except ImportError:
-        pass
     accelerator = Accelerator(**kwargs)
     check_distributed_type(accelerator.distributed_type)
     if accelerator.num_processes > 1:  # COCOeval (hotcoco) runs on every process: they share the machine's cores

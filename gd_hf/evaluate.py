@@ -1,10 +1,13 @@
 """Mask AP of a trained model on a COCO-format set.
 
-Usage: `python -m gd_hf.evaluate MODEL ANNOTATIONS IMAGES [--out results.json] [--top-k 100] [--batch-size 2]`
+Usage: `python -m gd_hf.evaluate MODEL ANNOTATIONS IMAGES [--out results.json] [--top-k K] [--batch-size 2]`
 
-MODEL is an exported folder (or hub id) as written by `gd_hf.train`; ANNOTATIONS a COCO instances JSON and
-IMAGES its image folder. Test-time resizing follows the model's saved image processor unless overridden.
-Prints AP, AP50, AP75, APs, APm, APl and writes the predictions as COCO-JSON results with `--out`.
+MODEL is an exported folder (or hub id) as written by `gd_hf.train`, or a run's output folder (its `final/`
+export; `--folder best` for the best one); ANNOTATIONS a COCO instances JSON and IMAGES its image folder. By
+default the evaluation is the one the export's metrics were measured with (its `eval_results.json` records
+`evaluated_with`: instances per image; its image processor the test-time size), so the AP in its model card
+reproduces with no flags on the same images. Prints AP, AP50, AP75, APs, APm, APl and writes the predictions as
+COCO-JSON results with `--out`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from gd_hf.data.categories import Categories
 from gd_hf.data.coco import CocoSource, DataError, load_coco, to_hf_dataset
 from gd_hf.evaluation import EvalSettings, coco_ground_truth, evaluate_mask_ap, write_results
 from gd_hf.families import family_of, input_size_problem, load_export
+from gd_hf.push import PushError, chosen_export
 
 
 def category_ids_for_model(model: PreTrainedModel, source: CocoSource) -> list[int]:
@@ -58,18 +62,41 @@ def evaluate_model(
     return evaluation.metrics, evaluation.results
 
 
+DEFAULT_TOP_K = 100  # for exports that do not record theirs (hub models not written by gd_hf)
+
+
+def recorded_top_k(model_path: str | Path) -> int | None:
+    """The instances per image the export's metrics were measured with (`eval_results.json`), or None."""
+    path = Path(model_path) / "eval_results.json"
+    if not path.is_file():  # a hub id: the file is fetched (from the cache offline) when the repo has one
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(str(model_path), "eval_results.json"))
+        except Exception:  # noqa: BLE001 - no record (not a hub repo, not cached, no such file): the default
+            return None
+    try:
+        top_k = json.loads(path.read_text()).get("evaluated_with", {}).get("top_k")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return top_k if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1 else None
+
+
 def evaluate_export(
     model_path: str | Path,
     annotations: str | Path,
     images: str | Path,
-    top_k: int = 100,
+    top_k: int | None = None,
     batch_size: int = 2,
     shortest_edge: int | None = None,
     longest_edge: int | None = None,
     num_workers: int = 2,
 ) -> tuple[dict[str, float], list[dict]]:
     """Mask AP of an exported model (folder or hub id) on a COCO-format set, resized as its saved image
-    processor says unless `shortest_edge`/`longest_edge` are given."""
+    processor says unless `shortest_edge`/`longest_edge` are given, with the export's recorded instances per
+    image unless `top_k` is given."""
+    if top_k is None:
+        top_k = recorded_top_k(model_path) or DEFAULT_TOP_K
     try:
         model = load_export(str(model_path))
         size = AutoImageProcessor.from_pretrained(model_path).size
@@ -99,11 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gd_hf.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("model", help="exported model folder or hub id")
+    parser.add_argument("model", help="exported model folder, a run's output folder, or a hub id")
     parser.add_argument("annotations", help="COCO instances JSON")
     parser.add_argument("images", help="image folder")
     parser.add_argument("--out", help="write COCO-JSON results here")
-    parser.add_argument("--top-k", type=int, default=100, help="instances per image (default 100)")
+    parser.add_argument("--top-k", type=int, help="instances per image (default: the export's recorded evaluation's, "
+                        f"else {DEFAULT_TOP_K})")  # fmt: skip
+    parser.add_argument("--folder", default="final", help="which export of a run folder (default: final, as push)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument(
         "--shortest-edge", type=int, help="test-time shorter side (default: the model's image processor)"
@@ -111,12 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--longest-edge", type=int, help="test-time cap on the longer side")
     parser.add_argument("--num-workers", type=int, default=2)
     args = parser.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1 or args.num_workers < 0:
+    if (args.top_k is not None and args.top_k < 1) or args.batch_size < 1 or args.num_workers < 0:
         print("error: --top-k and --batch-size must be >= 1, --num-workers >= 0", file=sys.stderr)
         return 2
     try:
+        model = chosen_export(args.model, args.folder)
         metrics, results = evaluate_export(
-            args.model,
+            model,
             args.annotations,
             args.images,
             top_k=args.top_k,
@@ -125,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             longest_edge=args.longest_edge,
             num_workers=args.num_workers,
         )
-    except (DataError, OSError) as e:
+    except (DataError, OSError, PushError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.out:

@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from gd_hf.families import as_exported
 from gd_hf.files import fsync_tree, replace_durably
 from gd_hf.model_card import RunSummary, write_model_card
 from gd_hf.weights import check_finite
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' "Writing model shards" bar, which would break the training's bar at every export."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def export_model(
@@ -24,21 +39,26 @@ def export_model(
     metrics: dict[str, Any] | None = None,
     summary: RunSummary | None = None,
     model_id: str | None = None,
+    files: dict[str, bytes] | None = None,
 ) -> Path:
     """`save_pretrained` the model and its image processor into `out_dir`, replacing it atomically.
 
     The folder is written under a temporary name and renamed into place, so a crash leaves the previous export
     (or nothing), never a half-written one. `metrics` (if given) go to `eval_results.json`; `summary` (if
-    given) becomes the model card `README.md`, whose usage snippet loads `model_id` (default: `out_dir`).
+    given) becomes the model card `README.md`, whose usage snippet loads `model_id` (default: `out_dir`). `files`
+    (relative path -> content) are written beside: the published recipe and launch record, examples, pictures.
     """
     out_dir = Path(out_dir)
     check_finite(model, f"the model for {out_dir.name}/")  # an export is never NaN
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
     try:
-        with as_exported(model):  # (EoMT: without masked attention, as at inference)
+        with as_exported(model), no_progress_bars():  # (EoMT: without masked attention, as at inference)
             model.save_pretrained(tmp, safe_serialization=True)
         image_processor.save_pretrained(tmp)
+        for relative, content in (files or {}).items():
+            (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / relative).write_bytes(content)
         if metrics is not None:
             (tmp / "eval_results.json").write_text(json.dumps(metrics, indent=2))
         if summary is not None:

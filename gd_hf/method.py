@@ -30,6 +30,7 @@ import torch
 from gd_hf.config import SslConfig
 from gd_hf.data.loading import frame_size, pad_batch
 from gd_hf.pseudo_labels import PseudoLabels, filter_pseudo_labels, pseudo_label_quality
+from gd_hf.run_pictures import KeptPseudoLabels, keep_pseudo_labels
 from gd_hf.teacher import EmaTeacher
 
 # The matched loss's main terms, logged per step (the auxiliary layers' terms are in the loss, not the log).
@@ -138,6 +139,9 @@ class GuidedDistillation:
         self.ssl, self.family, self.teacher = ssl, family, teacher
         self.rule = rule if rule is not None else PseudoLabelRules.from_recipe(ssl)
         self.schedule_figures: dict[str, float] = {}  # the family's, of the step under way (logged with the loss)
+        # The pictures: (step, images) asks the next `loss` to keep what its pseudo labels were made of.
+        self.keep_pseudo_labels: tuple[int, int] | None = None
+        self.kept_pseudo_labels: KeptPseudoLabels | None = None
 
     @classmethod
     def supervised(cls, family: ModelFamily) -> GuidedDistillation:
@@ -179,6 +183,12 @@ class GuidedDistillation:
             # the frame of the student's input, as the labeled targets do (see `pad_batch`).
             labeled, unlabeled = one_frame(labeled, unlabeled)
             pseudo = self.pseudo_labels(unlabeled["weak_pixel_values"].to(device))
+            if self.keep_pseudo_labels is not None:  # for the evaluation's picture: what the student is taught
+                step, count = self.keep_pseudo_labels
+                self.kept_pseudo_labels, self.keep_pseudo_labels = (
+                    keep_pseudo_labels(step, unlabeled, pseudo, count),
+                    None,
+                )
         pixel_values = labeled["pixel_values"].to(device)
         labeled_count = pixel_values.shape[0]
         if pseudo is not None:  # the labeled images and the strong views in one forward pass (one DDP forward)

@@ -8,6 +8,7 @@ written, the recipe, the citation of the method. Built with huggingface_hub's `M
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ CITATION = """@inproceedings{berrada2024guided,
 class RunSummary:
     """What a card says about the run that produced a model."""
 
-    recipe: Recipe
+    recipe: Recipe  # the phase's recipe (what was trained)
     stage: str  # "supervised" (phase 1) or "guided distillation" (phases 2-3)
     step: int
     metrics: dict[str, float]  # val mask AP etc. (x100)
@@ -44,60 +45,95 @@ class RunSummary:
     class_names: list[str]
     teacher_metrics: dict[str, float] | None = None
     notes: list[str] = field(default_factory=list)
+    name: str | None = None  # the card's title and model-index name (default: the run's name)
+    published_recipe: dict[str, Any] | None = None  # the launch's recipe without machine paths (`recipe.yaml`)
+    evaluated_with: dict[str, Any] = field(default_factory=dict)  # top_k, images, shortest_edge, longest_edge
+    examples: list[str] = field(default_factory=list)  # example images shipped in the export (`examples/...`)
+    pictures: list[str] = field(default_factory=list)  # pictures shipped in the export (predictions.png, ...)
+    versions: dict[str, str | None] = field(default_factory=dict)  # framework versions
 
 
 def _is_hub_id(name: str | None) -> bool:
-    return bool(name) and not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/"))
+    return bool(name) and not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "{"))
+
+
+def dataset_name(recipe: Recipe) -> str:
+    """What the card calls the data set: `data.dataset_name`, else the hub data set's id, else the synthetic
+    set's name, else `custom`."""
+    d = recipe.data
+    if d.dataset_name:
+        return d.dataset_name
+    if d.source == "hub" and d.hub_dataset and _is_hub_id(d.hub_dataset):
+        return d.hub_dataset
+    if d.generate_synthetic:
+        return "gd_hf synthetic shapes"
+    return "custom"
 
 
 def _dataset_names(recipe: Recipe) -> tuple[list[str], str]:
     """Hub data set ids for the metadata, and a name for the evaluation data."""
     d = recipe.data
-    if d.source == "hub" and d.hub_dataset:
-        ids = [d.hub_dataset] if _is_hub_id(d.hub_dataset) else []
-        return ids, f"{d.hub_dataset} ({d.hub_val_split})"
-    if d.source == "shards":
-        return [], f"{d.val_shards}"
-    if d.generate_synthetic:
-        return [], "gd_hf synthetic shapes (val)"
-    return [], Path(d.val_annotations).name
+    name = dataset_name(recipe)
+    ids = [d.hub_dataset] if d.source == "hub" and d.hub_dataset and _is_hub_id(d.hub_dataset) else []
+    return ids, f"{name} ({d.hub_val_split})" if ids and name == d.hub_dataset else f"{name} (validation)"
 
 
-def usage_snippet(model_id: str, family: str = "mask2former") -> str:
-    """Python that loads the model two ways and segments `image.jpg` (runs as written next to such a file)."""
+def counted(count: int, noun: str) -> str:
+    """`1 labeled image`, `2,400 labeled images`."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def example_path_code(model_id: str, example: str | None) -> tuple[str, str]:
+    """(import line, expression) of the example image's path in a snippet: downloaded from the repo for a hub id,
+    inside the folder for a local export."""
+    if example is None:
+        return "", '"image.jpg"'
+    if _is_hub_id(model_id):
+        return "from huggingface_hub import hf_hub_download\n", f'hf_hub_download("{model_id}", "{example}")'
+    return "import os\n", f'os.path.join("{model_id}", "{example}")'
+
+
+def usage_snippet(model_id: str, family: str = "mask2former", example: str | None = None) -> str:
+    """Python that loads the model two ways and segments the export's example image `example` (a path inside
+    the export; None: `image.jpg` beside the snippet). It runs as written."""
+    imports, path = example_path_code(model_id, example)
     if family == "eomt":
-        return _eomt_usage_snippet(model_id)
+        return _eomt_usage_snippet(model_id, imports, path)
     return f'''```python
-from PIL import Image
+{imports}from PIL import Image
 from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation, pipeline
+
+image_path = {path}
 
 # 1. pipeline: one dict per instance (label, score, PIL mask of the image's size)
 segmenter = pipeline("image-segmentation", model="{model_id}")
-instances = segmenter("image.jpg", subtask="instance", threshold=0.5)
+instances = segmenter(image_path, subtask="instance", threshold=0.5)
 print([(i["label"], round(i["score"], 3)) for i in instances])
 
 # 2. model + image processor
 processor = AutoImageProcessor.from_pretrained("{model_id}")
 model = Mask2FormerForUniversalSegmentation.from_pretrained("{model_id}")
-image = Image.open("image.jpg").convert("RGB")
+image = Image.open(image_path).convert("RGB")
 outputs = model(**processor(images=image, return_tensors="pt"))
 result = processor.post_process_instance_segmentation(outputs, threshold=0.5, target_sizes=[image.size[::-1]])[0]
 print(result["segmentation"].shape, [model.config.id2label[s["label_id"]] for s in result["segments_info"]])
 ```'''
 
 
-def _eomt_usage_snippet(model_id: str) -> str:
+def _eomt_usage_snippet(model_id: str, imports: str, path: str) -> str:
     # transformers <= 5.24 (the newest checked): pipeline(subtask="instance") passes `mask_threshold`, which the PIL
     # backend's EomtImageProcessorPil.post_process_instance_segmentation does not take (a TypeError; the
     # torchvision backend drops it); the pipeline's default subtask runs the panoptic post-processing.
     return f'''```python
-from PIL import Image
+{imports}from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, pipeline
+
+image_path = {path}
 
 # 1. model + image processor: instances (overlapping masks allowed), as the model was evaluated
 processor = AutoImageProcessor.from_pretrained("{model_id}")
 model = AutoModelForUniversalSegmentation.from_pretrained("{model_id}")  # an EomtForUniversalSegmentation
-image = Image.open("image.jpg").convert("RGB")
+image = Image.open(image_path).convert("RGB")
 outputs = model(**processor(images=image, return_tensors="pt"))
 result = processor.post_process_instance_segmentation(outputs, threshold=0.5, target_sizes=[image.size[::-1]])[0]
 print(result["segmentation"].shape, [model.config.id2label[s["label_id"]] for s in result["segments_info"]])
@@ -105,7 +141,7 @@ print(result["segmentation"].shape, [model.config.id2label[s["label_id"]] for s 
 # 2. pipeline, default subtask: one dict per segment (label, score, PIL mask), from EoMT's panoptic post-processing
 # (segments do not overlap). subtask="instance" needs torchvision installed with transformers <= 5.24.
 segmenter = pipeline("image-segmentation", model="{model_id}")
-print([(s["label"], round(s["score"], 3)) for s in segmenter("image.jpg", threshold=0.5)])
+print([(s["label"], round(s["score"], 3)) for s in segmenter(image_path, threshold=0.5)])
 ```'''
 
 
@@ -121,25 +157,88 @@ def _training_phases(summary: RunSummary) -> str:
     )
 
 
+def _ap(value: float | None) -> str:
+    """An AP cell: COCOeval's -1 (no object of that size in the evaluation images) shows as a dash."""
+    if value is None or value != value:
+        return "n/a"
+    return "—" if value < 0 else f"{value:.2f}"
+
+
 def _metric_rows(summary: RunSummary) -> list[str]:
     """The results table (beside the supervised teacher's figures after distillation)."""
+    shown = [k for k in METRIC_NAMES if k in summary.metrics]
     if summary.teacher_metrics:
         return ["| metric | supervised teacher | this model |", "|---|---|---|"] + [
-            f"| {METRIC_NAMES[k]} | {summary.teacher_metrics.get(k, float('nan')):.2f} | {v:.2f} |"
-            for k, v in summary.metrics.items()
-            if k in METRIC_NAMES
+            f"| {METRIC_NAMES[k]} | {_ap(summary.teacher_metrics.get(k))} | {_ap(summary.metrics[k])} |" for k in shown
         ]
-    return ["| metric | value |", "|---|---|"] + [
-        f"| {METRIC_NAMES[k]} | {v:.2f} |" for k, v in summary.metrics.items() if k in METRIC_NAMES
-    ]
+    return ["| metric | value |", "|---|---|"] + [f"| {METRIC_NAMES[k]} | {_ap(summary.metrics[k])} |" for k in shown]
+
+
+def _metrics_explained(summary: RunSummary) -> str:
+    how = summary.evaluated_with
+    size = ""
+    if how.get("shortest_edge"):
+        size = f", images resized to a shorter side of {how['shortest_edge']} px (longer side at most "
+        size += f"{how.get('longest_edge')} px)"
+    top_k = f"up to {how['top_k']} instances per image" if how.get("top_k") else "the model's instances"
+    return (
+        "Mask AP is COCO's instance-segmentation metric (pycocotools' protocol), in percent: the mean average "
+        "precision over mask IoU thresholds 0.50, 0.55, ..., 0.95; AP50 and AP75 at IoU 0.50 and 0.75 alone; APs, "
+        "APm and APl for small (< 32² px), medium and large (> 96² px) objects. A dash means the evaluation "
+        f"images hold no object of that size. Scored with {top_k}{size}; `python -m gd_hf.evaluate` uses the same "
+        "settings (recorded in `eval_results.json`) by default."
+    )
+
+
+def _data_line(summary: RunSummary, eval_name: str) -> str:
+    total = summary.num_labeled + summary.num_unlabeled
+    labeled_percent = summary.recipe.data.labeled_percent
+    line = (f"{counted(summary.num_labeled, 'labeled image')} ({summary.num_labeled / max(total, 1) * 100:.1f} % of "
+            f"{counted(total, 'training image')}; {labeled_percent:g} % requested)")  # fmt: skip
+    if summary.stage != "supervised":
+        if summary.recipe.ssl.unlabeled_includes_labeled:  # as the paper: every training image is also unlabeled
+            line += f" and an unlabeled stream of {counted(total, 'image')} (every training image, as the paper)"
+        else:
+            line += f" and {counted(summary.num_unlabeled, 'unlabeled image')}"
+        line += ", pseudo-labelled by the teacher"
+    return f"{line}; evaluated on {counted(summary.num_val, 'image')} of {eval_name}"
+
+
+def _train_again(summary: RunSummary, model_id: str) -> str:
+    """How a reader trains the model again from the published recipe."""
+    recipe = summary.published_recipe or {}
+    lines = []
+    if _is_hub_id(model_id):
+        lines.append(f"hf download {model_id} recipe.yaml --local-dir .")
+    lines.append("accelerate launch -m gd_hf.train recipe.yaml")
+    text = "The recipe below is this repository's `recipe.yaml`:\n\n```bash\n" + "\n".join(lines) + "\n```\n"
+    flat = yaml.safe_dump(recipe)
+    if "{data_root}" in flat or "{local}" in flat:
+        text += ("\nPaths of the author's machine are written as `{data_root}/...` (the data set's folder) or "
+                 "`{local}/...`: set them to your copies, e.g. `data.train_images=/data/coco/train2017`.\n")  # fmt: skip
+    teacher = (recipe.get("ssl") or {}).get("teacher")
+    if isinstance(teacher, str) and "@" in teacher and _is_hub_id(teacher.split("@")[0]):
+        repo, branch = teacher.split("@", 1)
+        text += (f"\nThe supervised teacher is on the Hub at branch `{branch}` of `{repo}`: `hf download {repo} "
+                 f"--revision {branch} --local-dir teacher`, then `ssl.teacher=teacher`.\n")  # fmt: skip
+    elif isinstance(teacher, str) and not _is_hub_id(teacher):
+        text += ("\nThe supervised teacher was a local export that is not on the Hub: train one with "
+                 "`ssl.train_teacher_first=true ssl.teacher=null` (the recipe's phase 1) or point `ssl.teacher` at "
+                 "yours.\n")  # fmt: skip
+    return text
+
+
+def _versions(summary: RunSummary) -> str:
+    return "\n".join(f"- {name} {version}" for name, version in summary.versions.items() if version)
 
 
 def build_model_card(summary: RunSummary, model_id: str) -> ModelCard:
-    """The card of a model exported by a run; `model_id` is what users pass to `from_pretrained` (repo id or
-    folder)."""
-    recipe, m = summary.recipe, recipe_to_dict(summary.recipe)
+    """The card of a model exported by a run; `model_id` is what users pass to `from_pretrained` (repo id, or the
+    export's public path)."""
+    recipe = summary.recipe
+    published = summary.published_recipe if summary.published_recipe is not None else recipe_to_dict(recipe)
     datasets, eval_name = _dataset_names(recipe)
-    name = model_id.rstrip("/").split("/")[-1]
+    name = summary.name or model_id.rstrip("/").split("/")[-1]
     eval_results = [
         EvalResult(
             task_type="image-segmentation",
@@ -164,58 +263,66 @@ def build_model_card(summary: RunSummary, model_id: str) -> ModelCard:
         eval_results=eval_results or None,
     )
     model = recipe.model
-    backbone = model.pretrained or (
+    pretrained = (published.get("model") or {}).get("pretrained", model.pretrained)  # (public: no local path)
+    backbone = pretrained or (
         f"{model.backbone} from scratch (hidden {model.backbone_hidden_size}, depths {model.backbone_depths})"
     )
     if model.family == "eomt":
         family_name, family_class = "EoMT", "EomtForUniversalSegmentation"
         architecture = (f"EoMT ({model.num_queries} queries in the last {model.eomt_query_blocks} ViT blocks, "
                         f"{model.eomt_image_size} px square inputs, patch {model.eomt_patch_size}), ViT: "
-                        + (model.pretrained or f"from scratch (hidden {model.eomt_hidden_size}, "
+                        + (pretrained or f"from scratch (hidden {model.eomt_hidden_size}, "
                            f"{model.eomt_layers} layers)"))  # fmt: skip
     else:
         family_name, family_class = "Mask2Former", "Mask2FormerForUniversalSegmentation"
         architecture = (f"Mask2Former ({model.num_queries} queries, {model.decoder_layers} decoder layers, hidden "
                         f"size {model.hidden_dim}), backbone: {backbone}")  # fmt: skip
-    total = summary.num_labeled + summary.num_unlabeled
-    labeled = f"{summary.num_labeled} labeled images"
-    if summary.stage != "supervised":
-        labeled += f" + {summary.num_unlabeled} unlabeled images (pseudo-labelled by the teacher)"
     phases, rows = _training_phases(summary), _metric_rows(summary)
+    example = summary.examples[0] if summary.examples else None
+    predictions = ""
+    if "predictions.png" in summary.pictures:
+        predictions = ("\n![Predictions on validation images](predictions.png)\n\n*This model's instances on "
+                       "validation images (score > 0.5), each beside its ground truth.*\n")  # fmt: skip
+    curves = ""
+    if "curves.png" in summary.pictures:
+        curves = ("\n![Training curves](curves.png)\n\n*Validation mask AP, the losses and the pseudo labels "
+                  "(per image; precision and recall where the data carry hidden labels) over the training steps; "
+                  "dashed lines mark the phases.*\n")  # fmt: skip
+    versions = _versions(summary)
     body = f"""
 # {name}
 
 {family_name} instance-segmentation model trained with gd_hf —
 semi-supervised instance segmentation with Guided Distillation (Berrada et al., WACV 2024) on Hugging Face
 transformers. A plain `{family_class}` checkpoint: no custom code is needed to use it.
-
+{predictions}
 ## What was trained
 
 - **Model**: {architecture}
 - **Classes** ({len(summary.class_names)}): {", ".join(summary.class_names)}
-- **Data**: {labeled}, {summary.num_labeled / max(total, 1) * 100:.1f} % of the {total} training images labeled
-  ({recipe.data.labeled_percent:g} % requested); evaluated on {summary.num_val} images of {eval_name}
+- **Data**: {_data_line(summary, eval_name)}
 - **Training**: {phases}; batch {recipe.train.batch_size} labeled images per process, AdamW lr {recipe.train.lr:g}
 
 ## Results
 
-COCO-protocol mask AP (pycocotools) on {eval_name}, at step {summary.step}:
+Mask AP on {eval_name}, at step {summary.step}:
 
 {chr(10).join(rows)}
-{"".join(chr(10) + "- " + n for n in summary.notes)}
 
+{_metrics_explained(summary)}
+{"".join(chr(10) + "- " + n for n in summary.notes)}
+{curves}
 ## How to use
 
-{usage_snippet(model_id, model.family)}
+{usage_snippet(model_id, model.family, example)}
 
-## Recipe
+## Train it again
 
+{_train_again(summary, model_id)}
 ```yaml
-{yaml.safe_dump(m, sort_keys=False).strip()}
+{yaml.safe_dump(published, sort_keys=False).strip()}
 ```
-
-Train it again: `accelerate launch -m gd_hf.train recipe.yaml` with the recipe above.
-
+{(chr(10) + "## Framework versions" + chr(10) + chr(10) + versions + chr(10)) if versions else ""}
 ## Citation
 
 ```bibtex
@@ -226,7 +333,7 @@ Train it again: `accelerate launch -m gd_hf.train recipe.yaml` with the recipe a
 
 
 def write_model_card(folder: str | Path, summary: RunSummary, model_id: str | None = None) -> Path:
-    """Write `folder/README.md`; `model_id` defaults to the folder's path."""
+    """Write `folder/README.md`; `model_id` defaults to the folder's path (give a public one: see `export`)."""
     folder = Path(folder)
     path = folder / "README.md"
     build_model_card(summary, model_id or str(folder)).save(path)
@@ -236,3 +343,36 @@ def write_model_card(folder: str | Path, summary: RunSummary, model_id: str | No
 def card_metadata(folder: str | Path) -> dict[str, Any]:
     """The parsed metadata of a folder's card (what the Hub reads)."""
     return ModelCard.load(Path(folder) / "README.md").data.to_dict()
+
+
+# What an export's `run_info.json` keeps of its card's facts, so that a later push can write the card anew for
+# the repository it goes to (`card_for_repo`).
+CARD_FACTS = ("stage", "step", "metrics", "num_labeled", "num_unlabeled", "num_val", "class_names", "teacher_metrics",
+              "notes", "evaluated_with", "examples", "pictures", "versions")  # fmt: skip
+
+
+def card_facts(summary: RunSummary) -> dict[str, Any]:
+    """The card's facts beside the recipe, as plain data."""
+    return {name: getattr(summary, name) for name in CARD_FACTS}
+
+
+def card_for_repo(folder: str | Path, repo_id: str) -> bool:
+    """Write `folder/README.md` anew for the Hub repository `repo_id` (its title, model-index name and snippet
+    name the repository), from the facts the export keeps (`run_info.json`, `recipe.yaml`). False, leaving the
+    card as it is, for an export without them (written before gd_hf kept them, or not by gd_hf)."""
+    from gd_hf.config_types import build_dataclass
+
+    folder = Path(folder)
+    try:
+        facts = json.loads((folder / "run_info.json").read_text())["card"]
+        published = yaml.safe_load((folder / "recipe.yaml").read_text())
+        recipe = build_dataclass(Recipe, published, "")
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return False
+    name = repo_id.rstrip("/").split("/")[-1]
+    summary = RunSummary(recipe=recipe, name=name, published_recipe=published,
+                         **{k: facts[k] for k in CARD_FACTS if k in facts})  # fmt: skip
+    tmp = folder / ".README.md.tmp"
+    build_model_card(summary, repo_id).save(tmp)
+    tmp.replace(folder / "README.md")
+    return True

@@ -3,7 +3,8 @@
     python -m gd_hf.push OUTPUT_DIR REPO_ID [--revision BRANCH] [--private] [--folder final]
 
 OUTPUT_DIR is a run's output folder (its `final/` export is pushed; `--folder best` for the best one) or an
-export folder itself. The token comes from huggingface_hub's usual places (`hf auth login`, `HF_TOKEN`); it is
+export folder itself. The export's card is written anew for REPO_ID first (title, model-index name, snippet), as
+a push at the end of training writes it. The token comes from huggingface_hub's usual places (`hf auth login`, `HF_TOKEN`); it is
 never printed. A failed push changes nothing locally: run the same command again.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 import time
@@ -18,6 +20,9 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
+
+from gd_hf.files import write_text_atomic
+from gd_hf.model_card import card_for_repo
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +40,30 @@ def export_folder(path: str | Path, folder: str = "final") -> Path:
     if not (chosen / "config.json").is_file():
         raise PushError(f"{chosen} is not an exported model (no config.json): give a run's output folder or an export")
     return chosen
+
+
+def chosen_export(model: str, folder: str = "final") -> str:
+    """What `gd_hf.evaluate` / `gd_hf.predict` load for MODEL: a run's output folder -> its export `folder` (said
+    on stderr), an export folder or a hub id as given."""
+    path = Path(model)
+    if path.is_dir() and not (path / "config.json").is_file():
+        chosen = export_folder(path, folder)
+        print(f"{model} is a run's output folder: using its {folder}/ export ({chosen})", file=sys.stderr)
+        return str(chosen)
+    return model
+
+
+def record_push(folder: str | Path, repo_id: str, revision: str | None) -> None:
+    """Note in the export's `run_info.json` where it was pushed (a later run distilling from this export names
+    its teacher by that id in the recipe it publishes). Exports without that file are left alone."""
+    path = Path(folder) / "run_info.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(record, dict):
+        record["pushed_to"] = {"repo_id": repo_id, "revision": revision}
+        write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def push_command(output: Path, repo_id: str, revision: str | None, private: bool) -> str:
@@ -125,12 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         folder = export_folder(args.output, args.folder)
+        # The card names the repository it goes to, as a push at the end of training writes it.
+        if not card_for_repo(folder, args.repo_id):
+            print(f"note: {folder}/README.md is left as it is (the export does not keep the facts gd_hf writes a card "
+                  "from: exported by an older gd_hf, or not by gd_hf)", file=sys.stderr)  # fmt: skip
         url = push_export(
             folder, args.repo_id, args.revision, args.private, retries=args.retries, backoff_s=args.backoff_s
         )
     except PushError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    record_push(folder, args.repo_id, args.revision)
     print(f"pushed {folder} -> {url}")
     return 0
 

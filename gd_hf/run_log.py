@@ -18,6 +18,7 @@ from accelerate.utils import gather_object
 
 from gd_hf.config import Recipe
 from gd_hf.files import write_text_atomic
+from gd_hf.trackers import tracker_tag
 
 if TYPE_CHECKING:
     from gd_hf.data.prepare import RunData
@@ -100,8 +101,33 @@ def log_record(accelerator: Accelerator, path: Path, record: dict[str, Any]) -> 
             )
             + "\n"
         )
-    if accelerator.log_with:
-        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+    if accelerator.trackers:  # grouped tags: train/, pseudo/, val/, teacher_check/, system/
+        accelerator.log({tracker_tag(k): v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+def read_metrics_log(path: Path) -> list[dict[str, Any]]:
+    """The lines of a metrics log (a torn or foreign line is passed over: this is for pictures)."""
+    records = []
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def bar_figures(logged: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's figures of a step: the loss, and in phases 2-3 its supervised and unsupervised parts and
+    the pseudo labels per image (the health signals of distillation)."""
+    figures = {"loss": f"{float(logged['loss']):.3f}"}
+    if "loss_unsup" in logged:
+        figures.update(sup=f"{float(logged['loss_sup']):.3f}", unsup=f"{float(logged['loss_unsup']):.3f}")
+    if "pseudo_labels_per_image" in logged:
+        figures["pl/img"] = f"{float(logged['pseudo_labels_per_image']):.1f}"
+    return figures
 
 
 def drop_log_lines_after(path: Path, step: int) -> None:

@@ -21,8 +21,10 @@ from typing import Any
 import torch
 import yaml
 from accelerate import PartialState
+from accelerate.tracking import GeneralTracker
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gd_hf.checkpointing import (
     RunState,
@@ -50,6 +52,8 @@ from gd_hf.method import (
 )
 from gd_hf.modeling import build_model
 from gd_hf.optim import TrainingError, UpdateUndo, build_lr_scheduler, build_optimizer, check_nonfinite_step, train_step
+from gd_hf.pictures import plot_curves
+from gd_hf.public import public_recipe, run_name
 from gd_hf.publish import Publisher
 from gd_hf.push import PushError
 from gd_hf.run_info import (
@@ -62,9 +66,28 @@ from gd_hf.run_info import (
     release_output_locks,
     run_storage_bytes,
 )
-from gd_hf.run_log import LogWindow, drop_log_lines_after, format_metrics, log_record, log_split_sizes, side_by_side
+from gd_hf.run_log import (
+    LogWindow,
+    bar_figures,
+    drop_log_lines_after,
+    format_metrics,
+    log_record,
+    log_split_sizes,
+    read_metrics_log,
+    side_by_side,
+)
+from gd_hf.run_pictures import (
+    EXPORT_EXAMPLES,
+    jpeg_bytes,
+    png_bytes,
+    prediction_picture,
+    pseudo_label_picture,
+    save_picture,
+    val_examples,
+)
 from gd_hf.teacher import build_teacher
 from gd_hf.teacher_check import check_teacher, teacher_check_note
+from gd_hf.trackers import build_trackers, chosen_trackers, hyperparameters, log_pictures
 from gd_hf.weights import NonFiniteWeightsError, check_finite
 
 logger = logging.getLogger("gd_hf.train")
@@ -76,7 +99,7 @@ class TrainingRecipe:
 
     def __init__(
         self, recipe: Recipe, pseudo_label_rule: PseudoLabelRule | None = None,
-        model_family: ModelFamily | None = None,
+        model_family: ModelFamily | None = None, trackers: list[GeneralTracker] | None = None,
     ) -> None:  # fmt: skip
         self.launch_recipe = recipe  # what the user asked for: what a relaunch is compared with
         check_extension_points(pseudo_label_rule, model_family)  # before any work
@@ -89,6 +112,8 @@ class TrainingRecipe:
             )
         self.pseudo_label_rule = pseudo_label_rule
         self.custom_family = model_family  # None: the recipe's `model.family`, built for each phase
+        self.tracker_names = chosen_trackers(recipe.train.report_to)  # a missing package stops before any work
+        self.custom_trackers = list(trackers or [])  # Accelerate `GeneralTracker`s beside the recipe's
 
     def run(self, data: RunData | None = None) -> dict[str, float]:
         """Every phase of the recipe in order (resuming where checkpoints are); the final val metrics. `data`:
@@ -103,6 +128,9 @@ class TrainingRecipe:
             level=logging.INFO if self.accelerator.is_main_process else logging.WARNING,
             format="%(asctime)s %(name)s: %(message)s",
         )
+        # Accelerate's INFO lines (a few per checkpoint: "Saving current state to ...") would break the progress
+        # bar every checkpoint_every steps; its warnings still show.
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
         try:
             data = data if data is not None else prepare_data(recipe, self.accelerator)
             lock_also: tuple[str, ...] = ()
@@ -243,17 +271,25 @@ class TrainingRecipe:
             record_launch(self.output_dir, accelerator.num_processes, accelerator.mixed_precision, resolved,
                           step if resumed else None, changes)  # fmt: skip
             drop_log_lines_after(self.output_dir / "metrics.jsonl", step)
-        # One Accelerator runs every phase: each phase's trackers write into its own output folder.
+        # One Accelerator runs every phase: each phase has trackers of its own, writing into its own output folder,
+        # with the recipe (paths made public) as hyperparameters.
         accelerator.project_configuration.project_dir = str(self.output_dir)
         accelerator.project_configuration.logging_dir = str(self.output_dir)
-        accelerator.init_trackers("tensorboard" if accelerator.log_with else "gd_hf")
+        if accelerator.is_main_process:
+            name = run_name(self.recipe)
+            accelerator.log_with = build_trackers(self.tracker_names, name, self.output_dir) + self.custom_trackers
+            accelerator.init_trackers(name, config=hyperparameters(public_recipe(self.phase_recipe)))
 
     def set_up_publisher(self, teacher_figures: dict[str, float] | None) -> None:
         """Exports and pushes, with the card's notes: the launches of the run, the teacher check's figures."""
         recipe, data = self.recipe, self.data
         self.publisher = Publisher.for_run(recipe, self.image_processor, len(data.split.labeled),
-                                           len(data.split.unlabeled), len(data.val),
-                                           data.categories.names)  # fmt: skip
+                                           len(data.split.unlabeled), len(data.val), data.categories.names,
+                                           self.phase_recipe)  # fmt: skip
+        if self.accelerator.is_main_process:  # the val images of the pictures, and the export's examples
+            self.picture_examples = val_examples(data.val, max(self.recipe.eval.pictures, EXPORT_EXAMPLES))
+            self.publisher.examples = {f"val_{image_id}.jpg": jpeg_bytes(image)
+                                       for image_id, image in self.picture_examples[:EXPORT_EXAMPLES]}  # fmt: skip
         note = launches_note(read_launches(recipe.output_dir)) if self.accelerator.is_main_process else None
         if note:
             self.publisher.notes.append(note)
@@ -272,17 +308,39 @@ class TrainingRecipe:
 
     def train(self) -> None:
         """The loop: the method's step, then logging, evaluation and checkpoints, to `train.max_steps`."""
-        cfg, method, state = self.recipe.train, self.method, self.state
-        progress = tqdm(total=cfg.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
+        cfg, state = self.recipe.train, self.state
+        progress = tqdm(total=cfg.max_steps, initial=state.step, desc=self.phase_label(state.step), dynamic_ncols=True,
                         disable=not self.accelerator.is_local_main_process)  # fmt: skip
+        with logging_redirect_tqdm():  # the run's log lines print above the bar, not through it
+            self.run_steps(progress)
+        progress.close()
+        del self.batches  # ends the loaders' workers
+
+    def phase_label(self, step: int) -> str:
+        """What the bar calls the phase of `step`: `teacher` (phase 1 of a Guided Distillation run),
+        `supervised` (a plain run), `burn-in`, `EMA`."""
+        phase = self.method.phase(step)
+        if phase == "supervised":
+            return "teacher" if self.launch_recipe.ssl.enabled else "supervised"
+        return {"burn_in": "burn-in", "ema": "EMA"}[phase]
+
+    def evaluates_after(self, step: int) -> bool:
+        cfg = self.recipe.train
+        return bool(cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
+
+    def run_steps(self, progress: tqdm) -> None:
+        cfg, method, state = self.recipe.train, self.method, self.state
         self.model.train()
         while state.step < cfg.max_steps:
+            progress.set_description(self.phase_label(state.step), refresh=False)
             burn_in_ended = method.start_step(state.step, self.student)  # then teacher <- student
             if burn_in_ended and self.accelerator.is_main_process:
                 self.publisher.push_burn_in_student(self.student, state.step)
             labeled, unlabeled = self.batches.next_step(cfg.gradient_accumulation_steps)
             # The student's step: labeled images, plus the strong views with the teacher's pseudo labels of the weak.
             uses_pseudo_labels = method.uses_pseudo_labels(state.step)
+            if uses_pseudo_labels and self.recipe.eval.pictures and self.evaluates_after(state.step + 1):
+                method.keep_pseudo_labels = (state.step, self.recipe.eval.pictures)  # for the evaluation's picture
             logged = train_step(self.model, labeled, self.optimizer, self.scheduler, self.accelerator, cfg.grad_clip,
                                 method, unlabeled if uses_pseudo_labels else None, self.undo)  # fmt: skip
             # A non-finite step never reaches the teacher or disk; too many in a row stop the run.
@@ -292,7 +350,7 @@ class TrainingRecipe:
             self.skipped_since_checkpoint += sum(b["skipped"] for b in labeled + (unlabeled or []))
             self.log.add(logged)
             progress.update(1)
-            progress.set_postfix(loss=f"{logged['loss']:.3f}")
+            progress.set_postfix(bar_figures(logged), refresh=False)
             # Periodic actions.
             step, is_last = state.step, state.step == cfg.max_steps
             if step % cfg.log_every == 0 or is_last:
@@ -301,8 +359,6 @@ class TrainingRecipe:
                 self.evaluate_and_export_best()
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or is_last:
                 self.save_checkpoint()
-        progress.close()
-        del self.batches  # ends the loaders' workers
 
     def write_log_line(self) -> None:
         """One metrics.jsonl line (rank 0 writes it): the window's means over all processes, the counts so far,
@@ -343,13 +399,50 @@ class TrainingRecipe:
         if accelerator.is_main_process:
             write_results(self.output_dir / "predictions" / f"val_step_{step:08d}.json", evaluation.results)
             log_record(accelerator, self.output_dir / "metrics.jsonl", {"step": step, **logged})
+            self.draw_pictures(evaluation, step)
             logger.info("step %d val mask AP %.2f (AP50 %.2f, AP75 %.2f)", step, metrics["AP"], metrics["AP50"],
                         metrics["AP75"])  # fmt: skip
             if metrics["AP"] > state.best_ap:
                 state.best_ap, state.best_step = metrics["AP"], step
+                self.draw_curves()
                 self.publisher.export(self.evaluated, "best", step, metrics)
         if accelerator.num_processes > 1:  # rank 0 decided; the rest of the state is alike on every rank
             state.best_ap, state.best_step = broadcast_object_list([(state.best_ap, state.best_step)])[0]
+
+    def draw_pictures(self, evaluation: Evaluation, step: int) -> None:
+        """Rank 0, after an evaluation: the val predictions beside their truth and the pseudo labels the student
+        was just taught, into `OUTPUT/pictures/` and the trackers that take images; the predictions also go
+        into the next export."""
+        count, data = self.recipe.eval.pictures, self.data
+        if not count:
+            return
+        pictures = {}
+        evaluated = self.picture_examples[: min(count, len(data.val), self.recipe.eval.max_images or len(data.val))]
+        pictures["val/predictions"] = prediction_picture(evaluated, evaluation.results, data.val_ground_truth,
+                                                         data.categories.ids, data.categories.names, step)  # fmt: skip
+        save_picture(pictures["val/predictions"], self.output_dir / "pictures" / f"val_step_{step:08d}.png")
+        self.publisher.pictures["predictions.png"] = png_bytes(pictures["val/predictions"])
+        kept, self.method.kept_pseudo_labels = self.method.kept_pseudo_labels, None
+        if kept is not None:
+            pictures["pseudo/labels"] = pseudo_label_picture(kept, data.categories.names)
+            save_picture(
+                pictures["pseudo/labels"], self.output_dir / "pictures" / f"pseudo_labels_step_{kept.step:08d}.png"
+            )
+        log_pictures(self.accelerator.trackers, pictures, step)
+
+    def draw_curves(self) -> None:
+        """Rank 0: `OUTPUT/curves.png` from the metrics log so far (phases marked); the next export shows it."""
+        records = read_metrics_log(self.output_dir / "metrics.jsonl")
+        ssl = self.recipe.ssl
+        if ssl.enabled:
+            phases = [(0, "guided burn-in")]
+            if ssl.burn_in_steps < self.recipe.train.max_steps:
+                phases.append((ssl.burn_in_steps, "EMA distillation"))
+        else:
+            phases = [(0, self.phase_label(0))]
+        path = plot_curves(records, self.output_dir / "curves.png", phases, title=run_name(self.recipe))
+        if path is not None:
+            self.publisher.pictures["curves.png"] = path.read_bytes()
 
     def save_checkpoint(self) -> None:
         """A checkpoint of the run: weights, optimizer, schedule, RNG, the EMA teacher, `state` (with the bad
@@ -384,6 +477,7 @@ class TrainingRecipe:
         accelerator, recipe, state = self.accelerator, self.recipe, self.state
         metrics = self.metrics or self.evaluate(self.evaluated).metrics
         if accelerator.is_main_process:
+            self.draw_curves()
             model_id = recipe.hub.repo_id if recipe.hub.push else None
             final = self.publisher.export(self.evaluated, "final", state.step, metrics, model_id)
             final_summary = {"final": metrics, "best_ap": state.best_ap, "best_step": state.best_step}
@@ -403,10 +497,11 @@ class TrainingRecipe:
 
 def train(
     recipe: Recipe, data: RunData | None = None, pseudo_label_rule: PseudoLabelRule | None = None,
-    model_family: ModelFamily | None = None,
+    model_family: ModelFamily | None = None, trackers: list[GeneralTracker] | None = None,
 ) -> dict[str, float]:  # fmt: skip
-    """Run a recipe to its end (resuming where it has checkpoints); the final val metrics. See `TrainingRecipe`."""
-    return TrainingRecipe(recipe, pseudo_label_rule, model_family).run(data)
+    """Run a recipe to its end (resuming where it has checkpoints); the final val metrics. See `TrainingRecipe`;
+    `trackers`: Accelerate trackers of your own, beside `train.report_to`'s."""
+    return TrainingRecipe(recipe, pseudo_label_rule, model_family, trackers).run(data)
 
 
 # Exit codes of `python -m gd_hf.train`, and the words of the last console line for each.

@@ -27,11 +27,15 @@ def test_training_and_the_evaluate_command_give_the_same_ap_and_predictions(vari
     during_training = json.loads((out / "predictions" / "val_step_00000004.json").read_text())
     assert during_training  # the model predicts something: the comparison is not of two empty lists
     capsys.readouterr()
-    code = evaluate_main([str(out / "final"), recipe.data.val_annotations, recipe.data.val_images,
-                          "--top-k", "20", "--batch-size", str(recipe.eval.batch_size), "--num-workers", "0",
+    # The run's folder, with no --top-k: the command takes the final export and the instances per image its
+    # metrics were measured with (20 of 8 queries x 4 classes: the default 100 would keep all 32 and differ).
+    code = evaluate_main([str(out), recipe.data.val_annotations, recipe.data.val_images,
+                          "--batch-size", str(recipe.eval.batch_size), "--num-workers", "0",
                           "--out", str(tmp_path / "cli.json")])  # fmt: skip
     assert code == 0
-    printed = json.loads(capsys.readouterr().out)
+    said = capsys.readouterr()
+    assert f"using its final/ export ({out / 'final'})" in said.err
+    printed = json.loads(said.out)
     by_command = json.loads((tmp_path / "cli.json").read_text())
 
     def key(result):
@@ -39,3 +43,4 @@ def test_training_and_the_evaluate_command_give_the_same_ap_and_predictions(vari
 
     assert sorted(by_command, key=key) == sorted(during_training, key=key)
     assert printed == final == json.loads((out / "final_metrics.json").read_text())["final"]
+    assert max(sum(r["image_id"] == i for r in by_command) for i in {r["image_id"] for r in by_command}) == 20

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+import transformers
 import yaml
 from PIL import Image
 from transformers import Mask2FormerForUniversalSegmentation, pipeline
@@ -76,26 +77,43 @@ def test_model_card_metadata_and_contents(trained_run):
     assert values["mask AP"] == round(metrics["AP"], 2)
     assert {r["task"]["type"] for r in results} == {"image-segmentation"}
 
+    assert metadata["model-index"][0]["name"] == "run"  # the run's name (no hub.repo_id), not the folder's
+    assert {r["dataset"]["name"] for r in results} == {"custom (validation)"}  # not the annotation file's name
     text = (final / "README.md").read_text()
     body = text.split("---", 2)[2]
+    assert body.lstrip().startswith("# run\n")
     assert f"{metrics['AP']:.2f}" in body  # the metrics table
+    # COCOeval's -1 (no large objects in 64 px images) is a dash, and the table says what it means
+    assert metrics["APl"] == -1 and "| mask AP (large) | — |" in body and "A dash means" in body
+    assert "up to 10 instances per image" in body and metrics["evaluated_with"]["top_k"] == 10
     assert "supervised training (phase 1 of Guided Distillation) for 4 steps" in body
     assert "circle, rectangle, triangle, cross" in body
+    assert "24 labeled images (100.0 % of 24 training images" in body and "1 labeled images" not in body
     recipe_yaml = re.search(r"```yaml\n(.*?)```", body, re.S).group(1)
-    assert yaml.safe_load(recipe_yaml) == yaml.safe_load((trained_run / "recipe.yaml").read_text())
+    published = yaml.safe_load((final / "recipe.yaml").read_text())
+    assert yaml.safe_load(recipe_yaml) == published  # the card's recipe is the one shipped beside it
+    assert published["output_dir"] == "run" and published["data"]["val_images"] == "{data_root}/val"
+    run_recipe = yaml.safe_load((trained_run / "recipe.yaml").read_text())  # the run's own record keeps its paths
+    assert {k: v for k, v in published["train"].items()} == run_recipe["train"]
+    assert "## Framework versions" in body and f"- transformers {transformers.__version__}" in body
+    assert "![Predictions on validation images](predictions.png)" in body and (final / "predictions.png").is_file()
+    assert "![Training curves](curves.png)" in body and (final / "curves.png").is_file()
     assert "Guided Distillation for Semi-Supervised Instance Segmentation" in body and "2308.02668" in body
     assert (trained_run / "best" / "README.md").is_file()
 
 
 def test_card_usage_snippet_runs_as_written(trained_run, synthetic_root, tmp_path):
+    """On the example image shipped in the export; a local card loads the export by its path from the run's
+    parent folder (no path of this machine), a pushed one by the repo id."""
     final = trained_run / "final"
     snippet = re.search(r"```python\n(.*?)```", (final / "README.md").read_text(), re.S).group(1)
-    assert f'"{final}"' in snippet  # a local export's card loads the folder; a pushed one the repo id
-    Image.open(synthetic_root / "val" / "1000000.png").convert("RGB").save(tmp_path / "image.jpg")
+    assert 'model="./run/final"' in snippet and str(trained_run) not in snippet
+    assert 'os.path.join("./run/final", "examples/val_1000000.jpg")' in snippet
+    assert (final / "examples" / "val_1000000.jpg").is_file()
     (tmp_path / "snippet.py").write_text(snippet)
     result = subprocess.run(
-        [sys.executable, "snippet.py"],
-        cwd=tmp_path,
+        [sys.executable, str(tmp_path / "snippet.py")],
+        cwd=trained_run.parent,
         capture_output=True,
         text=True,
         timeout=300,
@@ -128,9 +146,11 @@ def test_push_uploads_the_export_to_the_repo_and_revision(trained_run, hub):
     assert hub.branches == [("me/gd-model", "v1")]
     (commit,) = hub.commits
     assert commit["repo"] == "me/gd-model" and commit["revision"] == "v1"
-    local = {p.name: p.read_bytes() for p in (trained_run / "final").iterdir()}
+    final = trained_run / "final"
+    local = {p.relative_to(final).as_posix(): p.read_bytes() for p in final.rglob("*") if p.is_file()}
     assert commit["files"] == local  # every file, byte for byte
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(commit["files"])
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "recipe.yaml",
+            "run_info.json", "examples/val_1000000.jpg", "predictions.png", "curves.png"} <= set(commit["files"])
     assert hub.lfs_paths == ["model.safetensors"]  # the weights went through LFS storage, checked by sha256
 
 

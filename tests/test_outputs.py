@@ -1,0 +1,218 @@
+"""What people see of a run: trackers (grouped tags, hyperparameters, pictures), the console's bar, the pictures and
+curves on disk and in the exports, and exports with no path of this machine in them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.state import AcceleratorState
+from accelerate.tracking import GeneralTracker
+from PIL import Image
+
+import gd_hf.train as train_module
+from gd_hf.config import RecipeError, load_recipe
+from gd_hf.method import GuidedDistillation
+from gd_hf.push import record_push
+from gd_hf.train import main, train
+
+from .conftest import ONE_LAUNCH_SSL, ROOT, tiny_overrides
+
+GROUPS = ("train/", "pseudo/", "val/", "teacher_check/", "system/")
+
+
+class RecordingTracker(GeneralTracker):
+    """A stand-in tracker (Accelerate's protocol): what it is given, phase by phase."""
+
+    name = "recording"
+    requires_logging_directory = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phases: list[dict] = []
+
+    @property
+    def tracker(self):
+        return self
+
+    def start(self) -> None:
+        self.phases.append({"config": None, "logged": [], "images": []})
+
+    def store_init_configuration(self, values: dict) -> None:
+        self.phases[-1]["config"] = values
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        self.phases[-1]["logged"].append((step, values))
+
+    def log_images(self, values: dict, step: int | None = None, **kwargs) -> None:
+        self.phases[-1]["images"].append((step, values))
+
+    def finish(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def distilled(synthetic_root, tmp_path_factory):
+    """A one-launch Guided Distillation run (teacher 2 steps, burn-in 1, EMA 1, evaluated after every step) with
+    the stand-in tracker beside TensorBoard, and a spy on the pseudo labels the loss is taught with."""
+    out = tmp_path_factory.mktemp("outputs") / "run"
+    tracker = RecordingTracker()
+    taught, drawn = [], []
+    original_pseudo_labels, original_picture = GuidedDistillation.pseudo_labels, train_module.pseudo_label_picture
+
+    def spy_pseudo_labels(self, weak_pixel_values):
+        pseudo = original_pseudo_labels(self, weak_pixel_values)
+        taught.append((weak_pixel_values.clone(), pseudo))
+        return pseudo
+
+    def spy_picture(kept, names):
+        drawn.append(kept)
+        return original_picture(kept, names)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(GuidedDistillation, "pseudo_labels", spy_pseudo_labels)
+    mp.setattr(train_module, "pseudo_label_picture", spy_picture)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml",
+                         [*tiny_overrides(synthetic_root, out), *ONE_LAUNCH_SSL, "train.eval_every=1", "eval.pictures=2"])  # fmt: skip
+    try:
+        train(recipe, trackers=[tracker])
+    finally:
+        mp.undo()
+    return out, tracker, taught, drawn
+
+
+def test_the_stand_in_tracker_gets_grouped_tags_public_hyperparameters_and_pictures(distilled, synthetic_root):
+    out, tracker, _, _ = distilled
+    teacher, student = tracker.phases  # each phase starts its trackers
+    for phase in (teacher, student):
+        config = phase["config"]
+        assert config["train.lr"] == 3e-4 and config["model.backbone_depths"] == "[1, 1, 1, 1]"
+        assert not any(str(synthetic_root) in str(v) or str(out.parent) in str(v) for v in config.values())
+        assert config["data.val_images"] == "{data_root}/val"
+        tags = {tag for _, values in phase["logged"] for tag in values}
+        assert tags and all(tag.startswith(GROUPS) for tag in tags), tags
+        assert {"train/loss", "val/AP", "system/seconds_per_step"} <= tags
+    student_tags = {tag for _, values in student["logged"] for tag in values}
+    assert {"train/loss_sup", "train/loss_unsup", "pseudo/labels_per_image", "pseudo/recall", "pseudo/score",
+            "teacher_check/precision"} <= student_tags  # fmt: skip
+    assert config["ssl.train_teacher_first"] is True  # the launch's recipe: it trains its teacher again
+    images = {(step, tag) for step, values in student["images"] for tag in values}
+    assert images == {(1, "val/predictions"), (1, "pseudo/labels"), (2, "val/predictions"), (2, "pseudo/labels")}
+    assert all(isinstance(v[0], Image.Image) for _, values in student["images"] for v in values.values())
+    assert {tag for _, values in teacher["images"] for tag in values} == {"val/predictions"}  # no pseudo labels
+
+
+def test_tensorboard_has_grouped_scalars_images_and_the_recipe_as_hyperparameters(distilled):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = distilled[0]
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/loss_unsup", "val/AP", "pseudo/labels_per_image"} <= set(tags["scalars"])
+    assert not [t for t in tags["scalars"] if not t.startswith(GROUPS)]
+    assert {"val/predictions", "pseudo/labels"} <= set(tags["images"])
+    assert [e.step for e in events.Scalars("val/AP")] == [1, 2]
+    hparams = list((out / "tensorboard").rglob("hparams.yml"))
+    assert len(hparams) == 1 and yaml.safe_load(hparams[0].read_text())["ssl.burn_in_steps"] == 1
+
+
+def test_the_pseudo_label_picture_shows_what_the_student_was_taught(distilled):
+    """The picture is drawn from the weak views and pseudo labels of the step before each evaluation, exactly
+    as the loss had them (one teacher call per step here: step k is call k)."""
+    out, _, taught, drawn = distilled
+    assert [kept.step for kept in drawn] == [0, 1]
+    for kept in drawn:
+        weak, pseudo = taught[kept.step]
+        assert len(kept.masks) == 2  # eval.pictures
+        assert torch.equal(kept.weak_pixel_values, weak[:2].cpu())
+        for i in range(2):
+            assert torch.equal(kept.masks[i], pseudo.mask_labels[i].cpu())
+            assert torch.equal(kept.classes[i], pseudo.class_labels[i].cpu())
+        assert sum(len(c) for c in kept.hidden_classes)  # the synthetic data carry hidden truth: drawn beside
+    assert sorted(p.name for p in (out / "pictures").iterdir()) == [
+        "pseudo_labels_step_00000000.png", "pseudo_labels_step_00000001.png",
+        "val_step_00000001.png", "val_step_00000002.png",
+    ]  # fmt: skip
+    two_columns = Image.open(out / "pictures" / "pseudo_labels_step_00000001.png")
+    assert two_columns.width > two_columns.height / 2  # pseudo labels | hidden truth, 2 rows
+
+
+def test_exports_carry_examples_pictures_and_no_path_of_this_machine(distilled, synthetic_root):
+    out = distilled[0]
+    exports = [out / "final", out / "best", out / "teacher" / "final", out / "teacher" / "best"]
+    machine = [str(Path.home()), str(out), str(out.parent), str(synthetic_root), "/tmp/"]
+    for export in exports:
+        names = {p.relative_to(export).as_posix() for p in export.rglob("*") if p.is_file()}
+        assert {"README.md", "recipe.yaml", "run_info.json", "predictions.png", "curves.png",
+                "examples/val_1000000.jpg", "examples/val_1000001.jpg"} <= names, export  # fmt: skip
+        for path in export.rglob("*"):
+            if path.is_file():
+                content = path.read_bytes()
+                found = [m for m in machine if m.encode() in content]
+                assert not found, f"{path} holds {found}"
+    published = yaml.safe_load((out / "final" / "recipe.yaml").read_text())
+    assert published["output_dir"] == "run" and published["ssl"]["teacher"] is None
+    assert published["ssl"]["train_teacher_first"] is True  # trains its own teacher again: reproducible
+    launches = json.loads((out / "final" / "run_info.json").read_text())["launches"]
+    assert launches and not {"command", "platform", "recipe"} & set(launches[0])
+    assert (out / "curves.png").is_file() and (out / "teacher" / "curves.png").is_file()
+    card = (out / "final" / "README.md").read_text()
+    assert "# run\n" in card and "Guided Distillation for 2 steps" in card
+    assert "and an unlabeled stream of 24 images (every training image, as the paper)" in card
+    teacher_card = (out / "teacher" / "final" / "README.md").read_text()
+    assert "# run-teacher\n" in teacher_card
+
+
+def test_a_local_teacher_is_published_by_its_hub_id_once_pushed(distilled, synthetic_root, tmp_path):
+    """`ssl.teacher` given as a local export: the published recipe names it without this machine's folders; once
+    that export was pushed, by its hub id, so that the card's recipe trains again from the Hub."""
+    out = distilled[0]
+    teacher = out / "teacher" / "final"
+    overrides = [*tiny_overrides(synthetic_root, tmp_path / "student"), "ssl.enabled=true", f"ssl.teacher={teacher}",
+                 "ssl.burn_in_steps=1", "ssl.unlabeled_batch_size=2", "train.max_steps=1"]  # fmt: skip
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    published = yaml.safe_load((tmp_path / "student" / "final" / "recipe.yaml").read_text())
+    assert published["ssl"]["teacher"] == "{local}/final"
+    assert "a local export that is not on the Hub" in (tmp_path / "student" / "final" / "README.md").read_text()
+
+    record_push(teacher, "me/gd-teacher", "teacher")  # what a push of it leaves in its run_info.json
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", [*overrides, "train.max_steps=2"]))
+    published = yaml.safe_load((tmp_path / "student" / "final" / "recipe.yaml").read_text())
+    assert published["ssl"]["teacher"] == "me/gd-teacher@teacher"
+    card = (tmp_path / "student" / "final" / "README.md").read_text()
+    assert "hf download me/gd-teacher --revision teacher --local-dir teacher" in card
+
+
+def test_the_bar_names_each_phase_and_shows_the_distillation_figures_without_accelerates_lines(
+    synthetic_root, tmp_path, capsys, caplog
+):
+    caplog.set_level(logging.INFO)  # whatever the root logger's level: Accelerate's INFO lines would be caught
+    overrides = [*tiny_overrides(synthetic_root, tmp_path / "run"), *ONE_LAUNCH_SSL, "train.report_to=none"]
+    assert main([str(ROOT / "recipes" / "demo_synthetic.yaml"), *overrides]) == 0
+    err = capsys.readouterr().err
+    assert "teacher: 100%" in err and "burn-in:" in err and "EMA: 100%" in err and "\rtrain:" not in err
+    assert "unsup=" in err and "pl/img=" in err
+    assert not [r for r in caplog.records if r.name.startswith("accelerate") and r.levelno < logging.WARNING]
+    assert any("val mask AP" in r.getMessage() for r in caplog.records)  # the run's own lines still show
+    assert not (tmp_path / "run" / "tensorboard").exists()  # report_to=none
+
+
+def test_a_tracker_that_is_not_installed_stops_the_run_before_anything_is_written(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main([str(ROOT / "recipes" / "demo_synthetic.yaml"), *tiny_overrides(synthetic_root, out),
+                 "train.report_to=[tensorboard, wandb]"])  # fmt: skip
+    assert code == 2
+    assert "train.report_to=['tensorboard', 'wandb'] needs wandb, which is not installed: pip install wandb" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()
+    with pytest.raises(RecipeError, match="train.report_to 'comet' names no tracker"):
+        load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", ["train.report_to=comet"])
