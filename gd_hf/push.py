@@ -115,9 +115,10 @@ def push_export(
                 )
                 time.sleep(wait)
                 continue
+            why = " ".join(str(e).splitlines())  # one line: HTTP errors add a line of advice
             raise PushError(
-                f"pushing {folder} to {repo_id}{'@' + revision if revision else ''} failed: {type(e).__name__}: {e}. "
-                f"The local export is intact; push it again with: "
+                f"pushing {folder} to {repo_id}{'@' + revision if revision else ''} failed: {type(e).__name__}: {why}. "
+                f"The local {'export' if repo_type == 'model' else 'folder'} is intact; push it again with: "
                 f"{again or push_command(folder, repo_id, revision, private)}"
             ) from e
 
