@@ -73,12 +73,14 @@ def resolve_model(model: str, model_id: str | None = None) -> ModelSource:
         return ModelSource(folder, model_id, is_full_export=True)
     if not is_hub_id(model):
         raise SpaceError(f"MODEL {model} is neither an export folder, a run folder nor a hub id (owner/name)")
+    # (An owner/name that is no local folder is read as a hub id; the error says both.)
     from huggingface_hub import snapshot_download
 
     try:  # the small files only: the weights are the Space's to download
         folder = Path(snapshot_download(model, allow_patterns=HUB_FILES))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access: all one-line errors
-        raise SpaceError(f"cannot read the hub model {model}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        why = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        raise SpaceError(f"MODEL {model} is no local folder, and reading it as a hub id failed: {why}") from e
     if not (folder / "config.json").is_file():
         raise SpaceError(f"the hub repo {model} has no config.json: not a transformers model")
     return ModelSource(folder, model_id or model, is_full_export=False)
@@ -95,9 +97,11 @@ def runtime_requirements() -> list[str]:
     """gd_hf's runtime dependencies (no extras): from the pyproject beside the code being copied when it is a
     checkout (installed metadata can be older than the code on PYTHONPATH), else from the installed metadata."""
     pyproject = Path(gd_hf.__file__).resolve().parent.parent / "pyproject.toml"
-    if pyproject.is_file():
-        import tomllib
-
+    try:
+        import tomllib  # Python >= 3.11
+    except ImportError:
+        tomllib = None
+    if pyproject.is_file() and tomllib is not None:
         project = tomllib.loads(pyproject.read_text()).get("project", {})
         if project.get("name") == "gd_hf":
             return list(project["dependencies"])
@@ -196,6 +200,9 @@ def write_space(
     if out.is_dir() and any(out.iterdir()) and not is_our_space(out) and not overwrite:
         raise SpaceError(f"OUT {out} is not empty and not a Space written by gd_hf.space: give --overwrite")
     source = resolve_model(model, model_id)
+    inside = {out.resolve(), *out.resolve().parents} & {source.folder.resolve(), *source.folder.resolve().parents}
+    if out.resolve() in inside or source.folder.resolve() in inside:  # one holds the other: copies would recurse
+        raise SpaceError(f"OUT {out} and the export {source.folder} must be separate folders, neither inside the other")
     config = read_json(source.folder / "config.json")
     metadata = card_metadata(source.folder)
     metrics = read_json(source.folder / "eval_results.json")

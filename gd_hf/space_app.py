@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel
 
-from gd_hf.families import load_export
+from gd_hf.families import input_size_problem, load_export
 from gd_hf.predict import draw_overlay, export_sizes, export_top_k, load_image, segment_images
 
 HERE = Path(__file__).resolve().parent
@@ -53,9 +53,13 @@ class Segmenter:
 def segmenter() -> Segmenter:
     """The model and the settings `python -m gd_hf.predict` would use with it (loaded once)."""
     name = model_reference()
+    model = load_export(name)
     shortest_edge, longest_edge = export_sizes(name)
+    problem = input_size_problem(model, shortest_edge, longest_edge)
+    if problem:  # as gd_hf.predict refuses it
+        raise ValueError(f"{name}: {problem} (the size in its preprocessor_config.json)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Segmenter(load_export(name), shortest_edge, longest_edge, export_top_k(name), device)
+    return Segmenter(model, shortest_edge, longest_edge, export_top_k(name), device)
 
 
 def segment(image_path: str | None, threshold: float = 0.5) -> tuple[Image.Image, list[list]]:

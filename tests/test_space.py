@@ -234,6 +234,14 @@ def test_a_non_empty_folder_that_is_not_our_space_needs_overwrite(mask2former_ex
     assert (out / "notes.txt").read_text() == "keep me" and (out / "app.py").is_file()
 
 
+def test_out_inside_the_export_or_around_it_is_refused(mask2former_export, tmp_path, capsys):
+    before = sorted(p.name for p in mask2former_export.iterdir())
+    for out in (mask2former_export / "space", mask2former_export, mask2former_export.parent):
+        assert main([str(mask2former_export), str(out), "--overwrite"]) == 2
+        assert "neither inside the other" in capsys.readouterr().err
+    assert sorted(p.name for p in mask2former_export.iterdir()) == before
+
+
 def test_a_hub_model_is_read_from_its_small_files_and_loaded_by_id(mask2former_export, tmp_path, monkeypatch):
     """MODEL a hub id: only the config, card, results and examples are downloaded (here from a stand-in for the
     hub's snapshot); the Space loads the id, copies no weights and names the model in its card."""
