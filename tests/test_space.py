@@ -184,7 +184,6 @@ def test_the_space_card_requirements_and_gd_hf_copy_are_what_a_space_needs(space
         str(mask2former_export),
         str(mask2former_export.parent.parent),
         "/work/",
-        "/tmp/",
     }
     for path in space.rglob("*"):
         if path.is_file() and path.suffix not in (".png", ".safetensors"):
