@@ -28,7 +28,7 @@ from transformers import AutoImageProcessor, PreTrainedModel
 from gd_hf.data.convert import IMAGE_SUFFIXES
 from gd_hf.data.images import to_rgb
 from gd_hf.data.transforms import BLACK, eval_size, normalize, pad_to, padded_size, resize
-from gd_hf.evaluation import post_process_instances, to_coco_results
+from gd_hf.evaluation import Instances, post_process_instances, to_coco_results
 from gd_hf.families import family_of, input_size_problem, load_export
 from gd_hf.pictures import draw_overlay, instance_colors  # noqa: F401 (re-exported)
 
@@ -54,7 +54,67 @@ def load_image(path: Path) -> Image.Image:
         return to_rgb(image)
 
 
+def export_sizes(model: str) -> tuple[int, int]:
+    """The test-time (shortest edge, longest edge) of an export folder or hub id: its image processor's resize
+    (800 / 1333, transformers' defaults, where it records none)."""
+    size = AutoImageProcessor.from_pretrained(model).size
+    return size.get("shortest_edge") or 800, size.get("longest_edge") or 1333
+
+
+def export_top_k(model: str, default: int = 100) -> int:
+    """The top-k an export was evaluated with (`evaluated_with.top_k` in its eval_results.json), else `default`."""
+    path = Path(model) / "eval_results.json"
+    if not path.is_file() and not path.parent.is_dir():  # a hub id: the file if the repo has one
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            path = Path(hf_hub_download(model, "eval_results.json"))
+        except EntryNotFoundError:  # absent from the repo (or, offline, from the cache)
+            return default
+    if not path.is_file():
+        return default
+    top_k = (json.loads(path.read_text()).get("evaluated_with") or {}).get("top_k")
+    return int(top_k) if top_k else default
+
+
 @torch.no_grad()
+def segment_images(
+    model: PreTrainedModel,
+    images: list[Image.Image],
+    shortest_edge: int,
+    longest_edge: int,
+    threshold: float = 0.5,
+    top_k: int = 100,
+    device: str | torch.device = "cpu",
+) -> list[Instances]:
+    """Each RGB image's instances scoring above `threshold`, masks at the image's size: resized as evaluation,
+    padded together into one frame (so a batch predicts as `predict` with the same batch), post-processed as the
+    reference. What `predict` and the Space (`gd_hf.space`) both run."""
+    model.to(device).eval()
+    family = family_of(model)  # Mask2Former or EoMT, predicting as at inference
+    resized = []
+    for image in images:
+        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        new_h, new_w = eval_size(image.height, image.width, shortest_edge, longest_edge)
+        pixels, _ = resize(pixels, torch.zeros(0, image.height, image.width, dtype=torch.bool), new_h, new_w)
+        resized.append(pixels)
+    sizes = [tuple(p.shape[-2:]) for p in resized]
+    height, width = padded_size(sizes, family.padding_divisor(model))
+    fill = BLACK if family.black_padding else None  # as the exported processor pads
+    pixel_values = torch.stack([pad_to(normalize(p), height, width, fill) for p in resized]).to(device)
+    outputs = family.predict(model, pixel_values)
+    processed = post_process_instances(
+        outputs.class_logits,
+        outputs.mask_logits,
+        sizes,
+        [(image.height, image.width) for image in images],
+        (height, width),
+        top_k,
+    )
+    return [instances.select(instances.scores > threshold) for instances in processed]
+
+
 def predict(
     model: PreTrainedModel,
     images: list[Path],
@@ -68,42 +128,23 @@ def predict(
 ) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
     """Overlays into `out` and COCO results for `images`; returns (results, [(unreadable image, why)])."""
     out.mkdir(parents=True, exist_ok=True)
-    model.to(device).eval()
     id2label = model.config.id2label
-    family = family_of(model)  # Mask2Former or EoMT, predicting as at inference
-    divisibility = family.padding_divisor(model)
     results, failures, used_names = [], [], set()
     progress = tqdm(total=len(images), desc="predict", unit="img")
     for start in range(0, len(images), batch_size):
-        batch: list[tuple[int, Path, Image.Image, torch.Tensor]] = []
+        batch: list[tuple[int, Path, Image.Image]] = []
         for image_id, path in enumerate(images[start : start + batch_size], start + 1):
             try:
-                image = load_image(path)
+                batch.append((image_id, path, load_image(path)))
             except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 failures.append((path, str(e)))
-                continue
-            pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-            new_h, new_w = eval_size(image.height, image.width, shortest_edge, longest_edge)
-            pixels, _ = resize(pixels, torch.zeros(0, image.height, image.width, dtype=torch.bool), new_h, new_w)
-            batch.append((image_id, path, image, pixels))
         progress.update(min(batch_size, len(images) - start))
         if not batch:
             continue
-        sizes = [tuple(p.shape[-2:]) for *_, p in batch]
-        height, width = padded_size(sizes, divisibility)
-        fill = BLACK if family.black_padding else None  # as the exported processor pads
-        pixel_values = torch.stack([pad_to(normalize(p), height, width, fill) for *_, p in batch]).to(device)
-        outputs = family.predict(model, pixel_values)
-        processed = post_process_instances(
-            outputs.class_logits,
-            outputs.mask_logits,
-            sizes,
-            [(image.height, image.width) for _, _, image, _ in batch],
-            (height, width),
-            top_k,
+        segmented = segment_images(
+            model, [image for *_, image in batch], shortest_edge, longest_edge, threshold, top_k, device
         )
-        for (image_id, path, image, _), instances in zip(batch, processed):
-            instances = instances.select(instances.scores > threshold)
+        for (image_id, path, image), instances in zip(batch, segmented):
             scores, masks = instances.scores, instances.instance_masks()
             names = [id2label[int(label)] for label in instances.labels]
             for record in to_coco_results(image_id, instances, list(range(len(id2label)))):
@@ -136,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         model = load_export(args.model)
-        size = AutoImageProcessor.from_pretrained(args.model).size
+        shortest_edge, longest_edge = export_sizes(args.model)
     except (OSError, ValueError) as e:
         print(f"error: cannot load the model {args.model}: {e}", file=sys.stderr)
         return 2
-    problem = input_size_problem(model, size.get("shortest_edge") or 800, size.get("longest_edge") or 1333)
+    problem = input_size_problem(model, shortest_edge, longest_edge)
     if problem:
         print(f"error: {problem} (the size in its preprocessor_config.json)", file=sys.stderr)
         return 2
@@ -152,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         model,
         images,
         Path(args.out),
-        size.get("shortest_edge") or 800,
-        size.get("longest_edge") or 1333,
+        shortest_edge,
+        longest_edge,
         args.threshold,
         args.batch_size,
         args.top_k,

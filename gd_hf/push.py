@@ -33,10 +33,17 @@ class PushError(RuntimeError):
     """A push failed for good; the message says how to push again."""
 
 
-def export_folder(path: str | Path, folder: str = "final") -> Path:
-    """The export to push: `path` itself if it is one (has config.json), else `path/folder`."""
+def export_folder(path: str | Path, folder: str | None = "final") -> Path:
+    """The export in `path`: `path` itself if it is one (has config.json), else the run's `path/folder`
+    (`folder=None`: its `best/` export if it has one, else `final/`)."""
     path = Path(path)
-    chosen = path if (path / "config.json").is_file() else path / folder
+    if (path / "config.json").is_file():
+        chosen = path
+    elif folder is None:
+        chosen = next((path / name for name in ("best", "final") if (path / name / "config.json").is_file()),
+                      path / "final")  # fmt: skip
+    else:
+        chosen = path / folder
     if not (chosen / "config.json").is_file():
         raise PushError(f"{chosen} is not an exported model (no config.json): give a run's output folder or an export")
     return chosen
@@ -102,26 +109,30 @@ def push_export(
     commit_message: str = "Upload model trained with gd_hf",
     retries: int = 4,
     backoff_s: float = 2.0,
+    repo_type: str = "model",
+    space_sdk: str | None = None,
+    again: str | None = None,
 ) -> str:
     """Create the repo (and branch) if needed and upload `folder` as one commit; returns the commit URL.
 
     Transient failures (refused, dropped or timed-out connections; HTTP 408/425/429/5xx) are retried `retries`
     times, waiting `backoff_s`, then twice as long before each next retry; anything else (bad token, no access) fails at once. Raises `PushError` with the command that
-    pushes again."""
+    pushes again (`again`; default: this module's). `repo_type="space"` pushes a Space (`space_sdk` is the SDK
+    it is created with)."""
     folder = Path(folder)
     api = HfApi()
     attempt = 0
     while True:
         try:
-            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, space_sdk=space_sdk)
             if revision:
-                api.create_branch(repo_id, branch=revision, exist_ok=True)
+                api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type=repo_type)
             info = api.upload_folder(
                 repo_id=repo_id,
                 folder_path=str(folder),
                 revision=revision,
                 commit_message=commit_message,
-                repo_type="model",
+                repo_type=repo_type,
             )
             return str(getattr(info, "commit_url", info))
         except Exception as e:  # noqa: BLE001 - classified below; the original is chained
@@ -133,10 +144,11 @@ def push_export(
                 )
                 time.sleep(wait)
                 continue
+            why = " ".join(str(e).splitlines())  # one line: HTTP errors add a line of advice
             raise PushError(
-                f"pushing {folder} to {repo_id}{'@' + revision if revision else ''} failed: {type(e).__name__}: {e}. "
-                f"The local export is intact; push it again with: "
-                f"{push_command(folder, repo_id, revision, private)}"
+                f"pushing {folder} to {repo_id}{'@' + revision if revision else ''} failed: {type(e).__name__}: {why}. "
+                f"The local {'export' if repo_type == 'model' else 'folder'} is intact; push it again with: "
+                f"{again or push_command(folder, repo_id, revision, private)}"
             ) from e
 
 

@@ -16,6 +16,7 @@ from urllib.parse import unquote
 
 DROP = 0  # `fail(..., DROP)`: close the connection without a response
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pkl")
+REPO_KINDS = "(models|spaces|datasets)"  # the API path of each repo type (commit records its type, singular)
 
 
 def model_index_problem(readme: bytes | None) -> str | None:
@@ -123,11 +124,11 @@ class HubStandIn:
                     return self._reply(200, {"url": f"{stand_in.url}/{name}", "name": name})
                 if path == "/api/validate-yaml":
                     return self._reply(200, {})
-                match = re.match(r"^/api/models/(.+?/.+?)/branch/(.+)$", path)
+                match = re.match(rf"^/api/{REPO_KINDS}/(.+?/.+?)/branch/(.+)$", path)
                 if match:
-                    stand_in.branches.append((match.group(1), match.group(2)))
+                    stand_in.branches.append((match.group(2), match.group(3)))
                     return self._reply(200, {})
-                match = re.match(r"^/api/models/(.+?/.+?)/preupload/(.+)$", path)
+                match = re.match(rf"^/api/{REPO_KINDS}/(.+?/.+?)/preupload/(.+)$", path)
                 if match:  # as the Hub's .gitattributes: weights go through LFS storage, small files inline
                     files = json.loads(body)["files"]
                     modes = [("lfs" if f["path"].endswith(LFS_SUFFIXES) else "regular") for f in files]
@@ -150,7 +151,7 @@ class HubStandIn:
                 if path == "/lfs-verify":
                     oid = json.loads(body)["oid"]
                     return self._reply(200 if oid in stand_in.lfs else 404, {})
-                match = re.match(r"^/api/models/(.+?/.+?)/commit/(.+)$", path)
+                match = re.match(rf"^/api/{REPO_KINDS}/(.+?/.+?)/commit/(.+)$", path)
                 if match:
                     files, summary = {}, None
                     for line in body.decode().splitlines():
@@ -168,13 +169,12 @@ class HubStandIn:
                     problem = model_index_problem(files.get("README.md"))
                     if problem:  # the Hub refuses a commit whose card metadata is invalid
                         return self._reply(400, {"error": f"Invalid metadata in README.md: {problem}"})
+                    kind, repo, revision = match.groups()
                     stand_in.commits.append(
-                        {"repo": match.group(1), "revision": match.group(2), "files": files, "summary": summary}
+                        {"repo": repo, "revision": revision, "files": files, "summary": summary, "repo_type": kind[:-1]}
                     )
                     oid = f"{len(stand_in.commits):040x}"
-                    return self._reply(
-                        200, {"commitUrl": f"{stand_in.url}/{match.group(1)}/commit/{oid}", "commitOid": oid}
-                    )
+                    return self._reply(200, {"commitUrl": f"{stand_in.url}/{repo}/commit/{oid}", "commitOid": oid})
                 return self._reply(404, {"error": f"stand-in does not know {method} {path}"})
 
             def do_POST(self) -> None:  # noqa: N802
