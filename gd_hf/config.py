@@ -476,7 +476,10 @@ def teacher_recipe_of(recipe: Recipe) -> Recipe:
         recipe,
         output_dir=str(Path(recipe.output_dir) / "teacher"),
         ssl=dataclasses.replace(recipe.ssl, enabled=False),
-        hub=dataclasses.replace(recipe.hub, push=recipe.hub.push and recipe.hub.push_intermediate, revision="teacher"),
+        # (the Space serves the distilled student only)
+        hub=dataclasses.replace(
+            recipe.hub, push=recipe.hub.push and recipe.hub.push_intermediate, revision="teacher", space_repo=None
+        ),
         train=dataclasses.replace(recipe.train, max_steps=recipe.ssl.teacher_max_steps or recipe.train.max_steps),
         # `resume: PATH` names a checkpoint of the student; the teacher resumes from its own folder.
         resume="auto" if names_a_checkpoint(recipe) else recipe.resume,

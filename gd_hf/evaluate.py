@@ -25,6 +25,7 @@ from gd_hf.data.categories import Categories
 from gd_hf.data.coco import CocoSource, DataError, load_coco, to_hf_dataset
 from gd_hf.evaluation import EvalSettings, coco_ground_truth, evaluate_mask_ap, write_results
 from gd_hf.families import family_of, input_size_problem, load_export
+from gd_hf.predict import export_top_k
 from gd_hf.push import PushError, chosen_export
 
 
@@ -65,23 +66,6 @@ def evaluate_model(
 DEFAULT_TOP_K = 100  # for exports that do not record theirs (hub models not written by gd_hf)
 
 
-def recorded_top_k(model_path: str | Path) -> int | None:
-    """The instances per image the export's metrics were measured with (`eval_results.json`), or None."""
-    path = Path(model_path) / "eval_results.json"
-    if not path.is_file():  # a hub id: the file is fetched (from the cache offline) when the repo has one
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(str(model_path), "eval_results.json"))
-        except Exception:  # noqa: BLE001 - no record (not a hub repo, not cached, no such file): the default
-            return None
-    try:
-        top_k = json.loads(path.read_text()).get("evaluated_with", {}).get("top_k")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return top_k if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1 else None
-
-
 def evaluate_export(
     model_path: str | Path,
     annotations: str | Path,
@@ -96,7 +80,7 @@ def evaluate_export(
     processor says unless `shortest_edge`/`longest_edge` are given, with the export's recorded instances per
     image unless `top_k` is given."""
     if top_k is None:
-        top_k = recorded_top_k(model_path) or DEFAULT_TOP_K
+        top_k = export_top_k(model_path, DEFAULT_TOP_K)
     try:
         model = load_export(str(model_path))
         size = AutoImageProcessor.from_pretrained(model_path).size

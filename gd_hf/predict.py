@@ -31,6 +31,7 @@ from gd_hf.data.transforms import BLACK, eval_size, normalize, pad_to, padded_si
 from gd_hf.evaluation import Instances, post_process_instances, to_coco_results
 from gd_hf.families import family_of, input_size_problem, load_export
 from gd_hf.pictures import draw_overlay, instance_colors  # noqa: F401 (re-exported)
+from gd_hf.push import PushError, chosen_export
 
 
 def find_images(inputs: list[str]) -> list[Path]:
@@ -61,21 +62,22 @@ def export_sizes(model: str) -> tuple[int, int]:
     return size.get("shortest_edge") or 800, size.get("longest_edge") or 1333
 
 
-def export_top_k(model: str, default: int = 100) -> int:
-    """The top-k an export was evaluated with (`evaluated_with.top_k` in its eval_results.json), else `default`."""
+def export_top_k(model: str | Path, default: int = 100) -> int:
+    """The instances per image an export's metrics were measured with (`evaluated_with.top_k` in its
+    eval_results.json), else `default` (no such record: a hub model not written by gd_hf, an older export)."""
     path = Path(model) / "eval_results.json"
-    if not path.is_file() and not path.parent.is_dir():  # a hub id: the file if the repo has one
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-
+    if not path.is_file() and not Path(model).is_dir():  # a hub id: the file if the repo has one
         try:
-            path = Path(hf_hub_download(model, "eval_results.json"))
-        except EntryNotFoundError:  # absent from the repo (or, offline, from the cache)
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(str(model), "eval_results.json"))
+        except Exception:  # noqa: BLE001 - absent from the repo, not cached offline, not a repo id: the default
             return default
-    if not path.is_file():
+    try:
+        top_k = json.loads(path.read_text()).get("evaluated_with", {}).get("top_k")
+    except (OSError, ValueError, AttributeError):
         return default
-    top_k = (json.loads(path.read_text()).get("evaluated_with") or {}).get("top_k")
-    return int(top_k) if top_k else default
+    return top_k if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1 else default
 
 
 @torch.no_grad()
@@ -164,20 +166,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gd_hf.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("model", help="exported model folder or hub id")
+    parser.add_argument("model", help="exported model folder, a run's output folder (its final/ export) or hub id")
     parser.add_argument("images", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument("--out", required=True, help="output folder for overlays and predictions.json")
     parser.add_argument("--threshold", type=float, default=0.5, help="minimum instance score (default 0.5)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--top-k", type=int, default=100, help="instances considered per image (default 100)")
+    parser.add_argument("--top-k", type=int, help="instances considered per image (default: what the export was "
+                        "evaluated with, else 100)")  # fmt: skip
+    parser.add_argument("--folder", default="final", help="which export of a run folder (default: final, as push)")
     args = parser.parse_args(argv)
     images = find_images(args.images)
     if not images:
         print(f"error: no images found in {args.images}", file=sys.stderr)
         return 1
     try:
+        args.model = chosen_export(args.model, args.folder)
         model = load_export(args.model)
         shortest_edge, longest_edge = export_sizes(args.model)
+    except PushError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as e:
         print(f"error: cannot load the model {args.model}: {e}", file=sys.stderr)
         return 2
@@ -185,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem} (the size in its preprocessor_config.json)", file=sys.stderr)
         return 2
+    if args.top_k is None:
+        args.top_k = export_top_k(args.model)
     if args.batch_size < 1 or args.top_k < 1:
         print("error: --batch-size and --top-k must be >= 1", file=sys.stderr)
         return 2

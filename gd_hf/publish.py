@@ -23,6 +23,7 @@ from gd_hf.model_card import RunSummary, card_facts
 from gd_hf.public import public_launches, public_recipe, public_value, run_name
 from gd_hf.push import PushError, push_export, record_push
 from gd_hf.run_info import read_launches
+from gd_hf.space import SpaceError, push_space, write_space
 
 logger = logging.getLogger("gd_hf.train")
 
@@ -160,6 +161,20 @@ class Publisher:
             return False
         record_push(folder, hub.repo_id, revision)
         return True
+
+    def push_space(self, final: Path) -> None:
+        """After the final push: a Gradio Space serving the pushed model (`gd_hf.space`), written into
+        `output_dir/space` and pushed to `hub.space_repo`; a failure is kept for the end of the run."""
+        hub = self.recipe.hub
+        out = Path(self.recipe.output_dir) / "space"
+        again = f"python -m gd_hf.space {final} {out} --model-id {hub.repo_id} --push {hub.space_repo}"
+        try:
+            write_space(str(final), out, model_id=hub.repo_id, title=run_name(self.recipe))
+            url = push_space(out, hub.space_repo, hub.private, again=again)
+            logger.info("pushed the Space -> %s", url)
+        except (SpaceError, PushError) as e:
+            logger.error("the Space for %s: %s", hub.repo_id, e)
+            self.failures.append(f"the Space {hub.space_repo} failed: {e}. Again: {again}")
 
     def push_burn_in_student(self, student: PreTrainedModel, step: int) -> None:
         """At the end of guided burn-in, the student so far is exported and pushed to the `burn-in` branch when

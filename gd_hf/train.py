@@ -487,7 +487,8 @@ class TrainingRecipe:
                 print(side_by_side(self.publisher.teacher_metrics, metrics), flush=True)
             if recipe.hub.push:
                 message = f"Model after {state.step} steps (mask AP {metrics['AP']:.2f})"
-                self.publisher.push(final, recipe.hub.revision, message)
+                if self.publisher.push(final, recipe.hub.revision, message) and recipe.hub.space_repo:
+                    self.publisher.push_space(final)
         for tracker in accelerator.trackers:
             tracker.finish()
         accelerator.trackers.clear()  # the next phase starts its own

@@ -149,8 +149,17 @@ def test_push_uploads_the_export_to_the_repo_and_revision(trained_run, hub):
     final = trained_run / "final"
     local = {p.relative_to(final).as_posix(): p.read_bytes() for p in final.rglob("*") if p.is_file()}
     assert commit["files"] == local  # every file, byte for byte
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "recipe.yaml",
-            "run_info.json", "examples/val_1000000.jpg", "predictions.png", "curves.png"} <= set(commit["files"])
+    assert {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+        "recipe.yaml",
+        "run_info.json",
+        "examples/val_1000000.jpg",
+        "predictions.png",
+        "curves.png",
+    } <= set(commit["files"])
     assert hub.lfs_paths == ["model.safetensors"]  # the weights went through LFS storage, checked by sha256
 
 
@@ -272,15 +281,23 @@ def test_training_run_pushes_teacher_burn_in_and_final(synthetic_root, tmp_path,
         "hub.push=true",
         "hub.repo_id=me/gd-run",
         "hub.push_intermediate=true",
+        "hub.space_repo=me/gd-run-demo",
     ]
     assert main(args) == 0
-    assert [(c["repo"], c["revision"]) for c in hub.commits] == [
-        ("me/gd-run", "teacher"),
-        ("me/gd-run", "burn-in"),
-        ("me/gd-run", "main"),
+    assert [(c["repo"], c["revision"], c["repo_type"]) for c in hub.commits] == [
+        ("me/gd-run", "teacher", "model"),
+        ("me/gd-run", "burn-in", "model"),
+        ("me/gd-run", "main", "model"),
+        ("me/gd-run-demo", "main", "space"),  # hub.space_repo: a Space serving the pushed model
     ]
+    space = hub.commits.pop()["files"]
+    assert json.loads(space["space_config.json"])["model"] == "me/gd-run" and "app.py" in space
+    assert "sdk: gradio" in space["README.md"].decode() and "examples/val_1000000.jpg" in space
     final_card = hub.commits[-1]["files"]["README.md"].decode()
     assert 'model="me/gd-run"' in final_card  # the pushed card's snippet loads the repo
+    assert final_card.split("---", 2)[2].lstrip().startswith("# gd-run\n")  # titled by the repo
+    assert 'hf_hub_download("me/gd-run", "examples/val_1000000.jpg")' in final_card
+    assert "hf download me/gd-run recipe.yaml --local-dir ." in final_card
     if family:  # plain EoMT folders that predict as at inference, whatever step of the annealing they left
         from safetensors.torch import load as load_safetensors
 
@@ -502,3 +519,28 @@ def test_pipeline_and_gd_hf_predict_give_the_same_masks_for_a_model_that_is_sure
     (broken / "preprocessor_config.json").write_text(json.dumps(config))
     segments, _ = top_instances(broken)
     assert segments == [] or iou(torch.from_numpy(np.asarray(segments[0]["mask"]) > 0), drawn) < 0.9
+
+
+def test_the_push_command_writes_the_repo_id_into_the_card_as_training_does(trained_run, hub, tmp_path, capsys):
+    """`python -m gd_hf.push RUN REPO`: the card that reaches the Hub is titled by the repository, its snippet
+    loads the repository (and its example from it), and the local export records where it went."""
+    import shutil
+
+    from gd_hf.push import main as push_main
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints", ".gd_hf.lock"))
+    before = (run / "final" / "README.md").read_text()
+    assert push_main([str(run), "me/shapes-seg", "--retries", "0"]) == 0
+    card = hub.commits[-1]["files"]["README.md"].decode()
+    assert card.split("---", 2)[2].lstrip().startswith("# shapes-seg\n") and "name: shapes-seg" in card
+    assert 'model="me/shapes-seg"' in card and 'hf_hub_download("me/shapes-seg", "examples/val_1000000.jpg")' in card
+    assert "./run/final" not in card and "./run/final" in before
+    # the rest of the card is the run's: its metrics, its recipe
+    assert before.split("## Results", 1)[1].split("## How to use")[0] == card.split("## Results", 1)[1].split(
+        "## How to use"
+    )[0]
+    assert (run / "final" / "README.md").read_text() == card  # the local export is the pushed one
+    pushed = json.loads((run / "final" / "run_info.json").read_text())["pushed_to"]
+    assert pushed == {"repo_id": "me/shapes-seg", "revision": None}
+    assert "me/shapes-seg" not in hub.commits[-1]["files"]["run_info.json"].decode()  # recorded after the push
