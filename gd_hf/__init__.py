@@ -17,7 +17,10 @@ The package, in the order a run goes through it (README, "Layout", has the map):
   `distributed` (the Accelerator), `files` (durable writes);
 - outputs: `evaluation` (post-processing, the val ground truth, COCOeval, the one evaluation driver), `evaluate`
   (the command), `coco_metric` (`CocoMaskAP`, the metric for the `evaluate` library), `publish` (exports, model
-  cards, pushes: `export`, `model_card`, `push`), `predict`.
+  cards, pushes: `export`, `model_card`, `push`; `public`: what they may say of this machine), `predict`,
+  `space` (a Gradio Space: `space_app`);
+- what people see: `trackers` (`train.report_to`), `pictures` (overlays, grids, curves) and `run_pictures`
+  (what each evaluation draws).
 """
 
 __version__ = "0.1.0"

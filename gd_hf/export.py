@@ -17,6 +17,7 @@ from transformers.utils import logging as hf_logging
 from gd_hf.families import as_exported
 from gd_hf.files import fsync_tree, replace_durably
 from gd_hf.model_card import RunSummary, write_model_card
+from gd_hf.public import names_this_machine
 from gd_hf.weights import check_finite
 
 
@@ -30,6 +31,25 @@ def no_progress_bars() -> Iterator[None]:
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+def drop_machine_paths(config_file: Path) -> None:
+    """transformers records where a config was loaded from (`_name_or_path`, also inside `backbone_config`): a
+    backbone from a local folder would publish this machine's path. Such a record is emptied (transformers'
+    "unknown"); hub ids stay."""
+
+    def clean(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: ("" if k == "_name_or_path" and isinstance(v, str) and names_this_machine(v) else clean(v))
+                    for k, v in node.items()}  # fmt: skip
+        if isinstance(node, list):
+            return [clean(v) for v in node]
+        return node
+
+    config = json.loads(config_file.read_text())
+    cleaned = clean(config)
+    if cleaned != config:
+        config_file.write_text(json.dumps(cleaned, indent=2, sort_keys=True) + "\n")
 
 
 def export_model(
@@ -55,6 +75,7 @@ def export_model(
     try:
         with as_exported(model), no_progress_bars():  # (EoMT: without masked attention, as at inference)
             model.save_pretrained(tmp, safe_serialization=True)
+        drop_machine_paths(tmp / "config.json")
         image_processor.save_pretrained(tmp)
         for relative, content in (files or {}).items():
             (tmp / relative).parent.mkdir(parents=True, exist_ok=True)

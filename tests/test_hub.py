@@ -537,9 +537,10 @@ def test_the_push_command_writes_the_repo_id_into_the_card_as_training_does(trai
     assert 'model="me/shapes-seg"' in card and 'hf_hub_download("me/shapes-seg", "examples/val_1000000.jpg")' in card
     assert "./run/final" not in card and "./run/final" in before
     # the rest of the card is the run's: its metrics, its recipe
-    assert before.split("## Results", 1)[1].split("## How to use")[0] == card.split("## Results", 1)[1].split(
-        "## How to use"
-    )[0]
+    assert (
+        before.split("## Results", 1)[1].split("## How to use")[0]
+        == card.split("## Results", 1)[1].split("## How to use")[0]
+    )
     assert (run / "final" / "README.md").read_text() == card  # the local export is the pushed one
     pushed = json.loads((run / "final" / "run_info.json").read_text())["pushed_to"]
     assert pushed == {"repo_id": "me/shapes-seg", "revision": None}

@@ -216,3 +216,46 @@ def test_a_tracker_that_is_not_installed_stops_the_run_before_anything_is_writte
     assert not out.exists()
     with pytest.raises(RecipeError, match="train.report_to 'comet' names no tracker"):
         load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", ["train.report_to=comet"])
+
+
+def test_an_export_of_a_model_with_a_local_backbone_names_no_path_of_this_machine(synthetic_root, tmp_path):
+    """transformers records a local backbone's folder in config.json (`backbone_config._name_or_path`), and the
+    recipe's `model.pretrained` is that folder: neither reaches the export, and the model still loads."""
+    from transformers import Dinov2Config, Dinov2Model, Mask2FormerForUniversalSegmentation
+
+    from gd_hf.families import export_image_processor
+    from gd_hf.modeling import build_model
+    from gd_hf.publish import Publisher
+
+    backbone = tmp_path / "my_models" / "dino"
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                             image_size=56, patch_size=14)).save_pretrained(backbone)  # fmt: skip
+    overrides = [*tiny_overrides(synthetic_root, tmp_path / "run"), "model.backbone=dinov2",
+                 f"model.pretrained={backbone}", "data.crop_size=56", "data.eval_shortest_edge=56",
+                 "data.eval_longest_edge=56"]  # fmt: skip
+    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides)
+    model = build_model(recipe.model, {0: "circle", 1: "square"})
+    assert str(backbone) in json.dumps(model.config.to_dict())  # what transformers would write
+    publisher = Publisher(recipe, export_image_processor(model, recipe.data, 14), 3, 5, 2, ["circle", "square"])
+    folder = publisher.export(model, "final", 1, {"AP": 1.0, "AP50": 2.0, "AP75": 0.5, "APs": -1.0, "APm": 1.0,
+                                                  "APl": -1.0})  # fmt: skip
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert str(tmp_path).encode() not in path.read_bytes(), path
+    assert yaml.safe_load((folder / "recipe.yaml").read_text())["model"]["pretrained"] == "my_models/dino"
+    assert "backbone: my_models/dino" in (folder / "README.md").read_text()
+    loaded = Mask2FormerForUniversalSegmentation.from_pretrained(folder)
+    assert loaded.config.backbone_config.model_type == "dinov2"
+
+
+def test_predict_takes_a_run_folder_and_the_exports_recorded_top_k(distilled, synthetic_root, tmp_path, capsys):
+    from gd_hf.predict import main as predict_main
+
+    out = distilled[0]
+    image = synthetic_root / "val" / "1000000.png"
+    assert predict_main([str(out), str(image), "--out", str(tmp_path / "p"), "--threshold", "-1"]) == 0
+    assert f"using its final/ export ({out / 'final'})" in capsys.readouterr().err
+    results = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert len(results) == 10  # the recipe's eval.top_k (8 queries x 4 classes: the old default 100 kept 32)
+    assert predict_main([str(out), str(image), "--out", str(tmp_path / "q"), "--threshold", "-1", "--top-k", "3"]) == 0
+    assert len(json.loads((tmp_path / "q" / "predictions.json").read_text())) == 3
