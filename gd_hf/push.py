@@ -164,9 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backoff-s", type=float, default=2.0, help="wait before the first retry, doubled after each")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    card = None
     try:
         folder = export_folder(args.output, args.folder)
-        # The card names the repository it goes to, as a push at the end of training writes it.
+        # The card names the repository it goes to, as a push at the end of training writes it (and is put back
+        # if the push fails: a failed push changes nothing locally).
+        card = (folder / "README.md").read_text() if (folder / "README.md").is_file() else None
         if not card_for_repo(folder, args.repo_id):
             print(f"note: {folder}/README.md is left as it is (the export does not keep the facts gd_hf writes a card "
                   "from: exported by an older gd_hf, or not by gd_hf)", file=sys.stderr)  # fmt: skip
@@ -174,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             folder, args.repo_id, args.revision, args.private, retries=args.retries, backoff_s=args.backoff_s
         )
     except PushError as e:
+        if card is not None:
+            write_text_atomic(folder / "README.md", card)
         print(f"error: {e}", file=sys.stderr)
         return 3
     record_push(folder, args.repo_id, args.revision)

@@ -126,10 +126,13 @@ def prediction_picture(
     """One row per val image: the model's instances above `threshold` (COCO results, as evaluated), and its
     ground truth beside."""
     name_of = dict(zip(category_ids, names))
+    shown: dict[int, list[dict[str, Any]]] = {image_id: [] for image_id, _ in examples}
+    for result in results:  # one pass (COCO val: 5,000 images x 100 results)
+        if result["image_id"] in shown and result["score"] > threshold:
+            shown[result["image_id"]].append(result)
     rows, titles = [], []
     for image_id, image in examples:
-        mine = sorted((r for r in results if r["image_id"] == image_id and r["score"] > threshold),
-                      key=lambda r: -r["score"])  # fmt: skip
+        mine = sorted(shown[image_id], key=lambda r: -r["score"])
         masks = (
             np.stack([_decoded(r["segmentation"]) for r in mine])
             if mine

@@ -268,6 +268,7 @@ def test_failed_push_keeps_the_outputs_and_says_how_to_push_again(trained_run, h
 
     assert push_main([str(trained_run), "me/gd-model", "--retries", "0"]) == 3
     assert "push it again with: python -m gd_hf.push" in capsys.readouterr().err
+    assert folder_digest(trained_run) == before  # the card written for the repo was put back
 
 
 @pytest.mark.parametrize("family", [[], EOMT_TINY], ids=["mask2former", "eomt"])
