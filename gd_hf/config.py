@@ -268,7 +268,8 @@ class TrainConfig:
     skipped with a warning when it is not installed), `wandb`, `mlflow`, `trackio`, a list of them, `all` (every
     one installed) or `none`. Tags are grouped (`train/`, `pseudo/`, `val/`, `teacher_check/`, `system/`), the
     resolved recipe (paths made public) is logged as hyperparameters, and the evaluation pictures go to trackers
-    that take images. wandb and trackio log offline when `WANDB_MODE` / `HF_HUB_OFFLINE` say so."""
+    that take images (TensorBoard, wandb). wandb needs a login or `WANDB_MODE=offline`; mlflow logs to
+    `MLFLOW_TRACKING_URI` (default `./mlruns`)."""
 
 
 @dataclass
@@ -282,7 +283,7 @@ class EvalConfig:
     max_images: int | None = None
     """Evaluate on the first N val images only (quick checks); `null` = all."""
     pictures: int = 6
-    """Images in the pictures each evaluation writes to `OUTPUT/pictures/` (and the trackers): the model's
+    """Images (0-32) in the pictures each evaluation writes to `OUTPUT/pictures/` (and the trackers): the model's
     predictions on the first N val images beside their truth, and, in phases 2-3, the teacher's pseudo labels on
     the weak views of the unlabeled images the student trained on just before (their hidden truth beside them
     when the data carry one). 0: none."""

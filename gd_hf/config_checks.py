@@ -108,7 +108,7 @@ def _eval_checks(e: EvalConfig) -> list[Check]:
     return [
         (e.batch_size > 0, "eval.batch_size", "must be > 0"),
         (e.max_images is None or e.max_images > 0, "eval.max_images", "must be null (all) or > 0"),
-        (e.pictures >= 0, "eval.pictures", "must be >= 0 (0: no pictures)"),
+        (0 <= e.pictures <= 32, "eval.pictures", "must be in [0, 32] (0: no pictures; each is a row of a picture)"),
     ]
 
 
@@ -147,6 +147,11 @@ def _data_checks(d: DataConfig) -> list[Check]:
         (0 <= d.hflip_prob <= 1, "data.hflip_prob", "must be in [0, 1]"),
         (d.crop_size > 0, "data.crop_size", "must be > 0"),
         (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (
+            d.dataset_name is None or (0 < len(d.dataset_name) <= 100 and d.dataset_name.isprintable()),
+            "data.dataset_name",
+            "must be one line of 1 to 100 printable characters (it is the model card's name for the data set)",
+        ),
         (d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1"),
     ]
 

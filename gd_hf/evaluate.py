@@ -25,7 +25,7 @@ from gd_hf.data.categories import Categories
 from gd_hf.data.coco import CocoSource, DataError, load_coco, to_hf_dataset
 from gd_hf.evaluation import EvalSettings, coco_ground_truth, evaluate_mask_ap, write_results
 from gd_hf.families import family_of, input_size_problem, load_export
-from gd_hf.predict import export_top_k
+from gd_hf.predict import export_max_images, export_top_k
 from gd_hf.push import PushError, chosen_export
 
 
@@ -49,17 +49,21 @@ def evaluate_model(
     top_k: int = 100,
     batch_size: int = 2,
     device: str | torch.device = "cpu",
+    max_images: int | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Mask AP and COCO results of `model` on every image of `source`."""
+    """Mask AP and COCO results of `model` on every image of `source` (the first `max_images` by id: as training's
+    `eval.max_images`)."""
+    image_ids = sorted(source.images)[:max_images] if max_images else None
     # The ground truth is built from the cleaned records first, as in training: a problem shows before inference.
-    ground_truth = coco_ground_truth(to_hf_dataset(source), Categories(source.category_ids, source.category_names))
+    ground_truth = coco_ground_truth(to_hf_dataset(source, image_ids),
+                                     Categories(source.category_ids, source.category_names))  # fmt: skip
     category_ids = category_ids_for_model(model, source)
     model.to(device)
     family = family_of(model)  # Mask2Former or EoMT, predicting as at inference
     settings = EvalSettings(data, family.padding_divisor(model), top_k, batch_size, data.num_workers, family=family)
     # The driver training evaluates with: the same AP for the same model, data and settings.
-    evaluation = evaluate_mask_ap(model, to_hf_dataset(source, with_labels=False), ground_truth, category_ids,
-                                  settings, device)  # fmt: skip
+    evaluation = evaluate_mask_ap(model, to_hf_dataset(source, image_ids, with_labels=False), ground_truth,
+                                  category_ids, settings, device)  # fmt: skip
     return evaluation.metrics, evaluation.results
 
 
@@ -75,10 +79,11 @@ def evaluate_export(
     shortest_edge: int | None = None,
     longest_edge: int | None = None,
     num_workers: int = 2,
+    max_images: int | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Mask AP of an exported model (folder or hub id) on a COCO-format set, resized as its saved image
-    processor says unless `shortest_edge`/`longest_edge` are given, with the export's recorded instances per
-    image unless `top_k` is given."""
+    """Mask AP of an exported model (folder or hub id) on a COCO-format set (its first `max_images` images by id;
+    None: all), resized as its saved image processor says unless `shortest_edge`/`longest_edge` are given, with
+    the export's recorded instances per image unless `top_k` is given."""
     if top_k is None:
         top_k = export_top_k(model_path, DEFAULT_TOP_K)
     try:
@@ -103,7 +108,15 @@ def evaluate_export(
             f"{source.skip_reasons}): mask AP would be undefined"
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return evaluate_model(model, source, data, top_k, batch_size, device)
+    return evaluate_model(model, source, data, top_k, batch_size, device, max_images)
+
+
+def _max_images(value: str) -> int | None:
+    if value == "all":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise DataError(f"--max-images {value!r}: give a number >= 1 or `all`")
+    return int(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, help="instances per image (default: the export's recorded evaluation's, "
                         f"else {DEFAULT_TOP_K})")  # fmt: skip
     parser.add_argument("--folder", default="final", help="which export of a run folder (default: final, as push)")
+    parser.add_argument("--max-images", help="evaluate the first N images by id, or `all` (default: as the export's "
+                        "metrics were measured, the recipe's eval.max_images; else all)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument(
         "--shortest-edge", type=int, help="test-time shorter side (default: the model's image processor)"
@@ -129,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         model = chosen_export(args.model, args.folder)
+        max_images = export_max_images(model) if args.max_images is None else _max_images(args.max_images)
+        if args.max_images is None and max_images:
+            print(f"evaluating the first {max_images} images by id, as the export's metrics were measured "
+                  "(eval.max_images; --max-images all for every image)", file=sys.stderr)  # fmt: skip
         metrics, results = evaluate_export(
             model,
             args.annotations,
@@ -138,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             shortest_edge=args.shortest_edge,
             longest_edge=args.longest_edge,
             num_workers=args.num_workers,
+            max_images=max_images,
         )
     except (DataError, OSError, PushError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from gd_hf.config import Recipe, recipe_to_dict
+from gd_hf.public import is_hub_id
 
 TAGS = ["mask2former", "instance-segmentation", "semi-supervised", "guided-distillation", "gd_hf"]
 METRIC_NAMES = {"AP": "mask AP", "AP50": "mask AP50", "AP75": "mask AP75", "APs": "mask AP (small)",
@@ -51,10 +52,7 @@ class RunSummary:
     examples: list[str] = field(default_factory=list)  # example images shipped in the export (`examples/...`)
     pictures: list[str] = field(default_factory=list)  # pictures shipped in the export (predictions.png, ...)
     versions: dict[str, str | None] = field(default_factory=dict)  # framework versions
-
-
-def _is_hub_id(name: str | None) -> bool:
-    return bool(name) and not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "{"))
+    base_model: str | None = None  # the hub id the model started from (decided where its folder can be seen)
 
 
 def dataset_name(recipe: Recipe) -> str:
@@ -63,7 +61,7 @@ def dataset_name(recipe: Recipe) -> str:
     d = recipe.data
     if d.dataset_name:
         return d.dataset_name
-    if d.source == "hub" and d.hub_dataset and _is_hub_id(d.hub_dataset):
+    if d.source == "hub" and d.hub_dataset and is_hub_id(d.hub_dataset):
         return d.hub_dataset
     if d.generate_synthetic:
         return "gd_hf synthetic shapes"
@@ -74,7 +72,7 @@ def _dataset_names(recipe: Recipe) -> tuple[list[str], str]:
     """Hub data set ids for the metadata, and a name for the evaluation data."""
     d = recipe.data
     name = dataset_name(recipe)
-    ids = [d.hub_dataset] if d.source == "hub" and d.hub_dataset and _is_hub_id(d.hub_dataset) else []
+    ids = [d.hub_dataset] if d.source == "hub" and d.hub_dataset and is_hub_id(d.hub_dataset) else []
     return ids, f"{name} ({d.hub_val_split})" if ids and name == d.hub_dataset else f"{name} (validation)"
 
 
@@ -83,13 +81,27 @@ def counted(count: int, noun: str) -> str:
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
+def hub_revision(model_id: str) -> tuple[str, str | None]:
+    """`owner/name@branch` -> (`owner/name`, `branch`); anything else -> (it, None)."""
+    repo, at, revision = model_id.partition("@")
+    return (repo, revision) if at and is_hub_id(repo) and revision else (model_id, None)
+
+
+def _load_args(model_id: str) -> str:
+    """The arguments that load `model_id` (`"owner/name", revision="teacher"` for a branch)."""
+    repo, revision = hub_revision(model_id)
+    return f'"{repo}"' + (f', revision="{revision}"' if revision else "")
+
+
 def example_path_code(model_id: str, example: str | None) -> tuple[str, str]:
-    """(import line, expression) of the example image's path in a snippet: downloaded from the repo for a hub id,
-    inside the folder for a local export."""
+    """(import line, expression) of the example image's path in a snippet: downloaded from the repo (and branch)
+    for a hub id, inside the folder for a local export."""
     if example is None:
         return "", '"image.jpg"'
-    if _is_hub_id(model_id):
-        return "from huggingface_hub import hf_hub_download\n", f'hf_hub_download("{model_id}", "{example}")'
+    repo, revision = hub_revision(model_id)
+    if is_hub_id(repo):
+        branch = f', revision="{revision}"' if revision else ""
+        return "from huggingface_hub import hf_hub_download\n", f'hf_hub_download("{repo}", "{example}"{branch})'
     return "import os\n", f'os.path.join("{model_id}", "{example}")'
 
 
@@ -97,42 +109,43 @@ def usage_snippet(model_id: str, family: str = "mask2former", example: str | Non
     """Python that loads the model two ways and segments the export's example image `example` (a path inside
     the export; None: `image.jpg` beside the snippet). It runs as written."""
     imports, path = example_path_code(model_id, example)
+    load = _load_args(model_id)
     if family == "eomt":
-        return _eomt_usage_snippet(model_id, imports, path)
-    return f'''```python
+        return _eomt_usage_snippet(load, imports, path)
+    return f"""```python
 {imports}from PIL import Image
 from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation, pipeline
 
 image_path = {path}
 
 # 1. pipeline: one dict per instance (label, score, PIL mask of the image's size)
-segmenter = pipeline("image-segmentation", model="{model_id}")
+segmenter = pipeline("image-segmentation", model={load})
 instances = segmenter(image_path, subtask="instance", threshold=0.5)
 print([(i["label"], round(i["score"], 3)) for i in instances])
 
 # 2. model + image processor
-processor = AutoImageProcessor.from_pretrained("{model_id}")
-model = Mask2FormerForUniversalSegmentation.from_pretrained("{model_id}")
+processor = AutoImageProcessor.from_pretrained({load})
+model = Mask2FormerForUniversalSegmentation.from_pretrained({load})
 image = Image.open(image_path).convert("RGB")
 outputs = model(**processor(images=image, return_tensors="pt"))
 result = processor.post_process_instance_segmentation(outputs, threshold=0.5, target_sizes=[image.size[::-1]])[0]
 print(result["segmentation"].shape, [model.config.id2label[s["label_id"]] for s in result["segments_info"]])
-```'''
+```"""
 
 
-def _eomt_usage_snippet(model_id: str, imports: str, path: str) -> str:
+def _eomt_usage_snippet(load: str, imports: str, path: str) -> str:
     # transformers <= 5.24 (the newest checked): pipeline(subtask="instance") passes `mask_threshold`, which the PIL
     # backend's EomtImageProcessorPil.post_process_instance_segmentation does not take (a TypeError; the
     # torchvision backend drops it); the pipeline's default subtask runs the panoptic post-processing.
-    return f'''```python
+    return f"""```python
 {imports}from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, pipeline
 
 image_path = {path}
 
 # 1. model + image processor: instances (overlapping masks allowed), as the model was evaluated
-processor = AutoImageProcessor.from_pretrained("{model_id}")
-model = AutoModelForUniversalSegmentation.from_pretrained("{model_id}")  # an EomtForUniversalSegmentation
+processor = AutoImageProcessor.from_pretrained({load})
+model = AutoModelForUniversalSegmentation.from_pretrained({load})  # an EomtForUniversalSegmentation
 image = Image.open(image_path).convert("RGB")
 outputs = model(**processor(images=image, return_tensors="pt"))
 result = processor.post_process_instance_segmentation(outputs, threshold=0.5, target_sizes=[image.size[::-1]])[0]
@@ -140,9 +153,9 @@ print(result["segmentation"].shape, [model.config.id2label[s["label_id"]] for s 
 
 # 2. pipeline, default subtask: one dict per segment (label, score, PIL mask), from EoMT's panoptic post-processing
 # (segments do not overlap). subtask="instance" needs torchvision installed with transformers <= 5.24.
-segmenter = pipeline("image-segmentation", model="{model_id}")
+segmenter = pipeline("image-segmentation", model={load})
 print([(s["label"], round(s["score"], 3)) for s in segmenter(image_path, threshold=0.5)])
-```'''
+```"""
 
 
 def _training_phases(summary: RunSummary) -> str:
@@ -201,6 +214,9 @@ def _data_line(summary: RunSummary, eval_name: str) -> str:
         else:
             line += f" and {counted(summary.num_unlabeled, 'unlabeled image')}"
         line += ", pseudo-labelled by the teacher"
+    evaluated = summary.evaluated_with.get("images", summary.num_val)
+    if evaluated < summary.num_val:  # eval.max_images
+        return f"{line}; evaluated on the first {counted(evaluated, 'image')} (by id) of the {summary.num_val:,} of {eval_name}"
     return f"{line}; evaluated on {counted(summary.num_val, 'image')} of {eval_name}"
 
 
@@ -208,8 +224,9 @@ def _train_again(summary: RunSummary, model_id: str) -> str:
     """How a reader trains the model again from the published recipe."""
     recipe = summary.published_recipe or {}
     lines = []
-    if _is_hub_id(model_id):
-        lines.append(f"hf download {model_id} recipe.yaml --local-dir .")
+    repo, revision = hub_revision(model_id)
+    if is_hub_id(repo):
+        lines.append(f"hf download {repo} recipe.yaml{f' --revision {revision}' if revision else ''} --local-dir .")
     lines.append("accelerate launch -m gd_hf.train recipe.yaml")
     text = "The recipe below is this repository's `recipe.yaml`:\n\n```bash\n" + "\n".join(lines) + "\n```\n"
     flat = yaml.safe_dump(recipe)
@@ -217,11 +234,11 @@ def _train_again(summary: RunSummary, model_id: str) -> str:
         text += ("\nPaths of the author's machine are written as `{data_root}/...` (the data set's folder) or "
                  "`{local}/...`: set them to your copies, e.g. `data.train_images=/data/coco/train2017`.\n")  # fmt: skip
     teacher = (recipe.get("ssl") or {}).get("teacher")
-    if isinstance(teacher, str) and "@" in teacher and _is_hub_id(teacher.split("@")[0]):
+    if isinstance(teacher, str) and "@" in teacher and is_hub_id(teacher.split("@")[0]):
         repo, branch = teacher.split("@", 1)
         text += (f"\nThe supervised teacher is on the Hub at branch `{branch}` of `{repo}`: `hf download {repo} "
                  f"--revision {branch} --local-dir teacher`, then `ssl.teacher=teacher`.\n")  # fmt: skip
-    elif isinstance(teacher, str) and not _is_hub_id(teacher):
+    elif isinstance(teacher, str) and not is_hub_id(teacher):
         text += ("\nThe supervised teacher was a local export that is not on the Hub: train one with "
                  "`ssl.train_teacher_first=true ssl.teacher=null` (the recipe's phase 1) or point `ssl.teacher` at "
                  "yours.\n")  # fmt: skip
@@ -238,7 +255,7 @@ def build_model_card(summary: RunSummary, model_id: str) -> ModelCard:
     recipe = summary.recipe
     published = summary.published_recipe if summary.published_recipe is not None else recipe_to_dict(recipe)
     datasets, eval_name = _dataset_names(recipe)
-    name = summary.name or model_id.rstrip("/").split("/")[-1]
+    name = summary.name or hub_revision(model_id)[0].rstrip("/").split("/")[-1]
     eval_results = [
         EvalResult(
             task_type="image-segmentation",
@@ -258,7 +275,7 @@ def build_model_card(summary: RunSummary, model_id: str) -> ModelCard:
         pipeline_tag="image-segmentation",
         tags=[recipe.model.family, *TAGS[1:]],
         license=recipe.hub.license,
-        base_model=recipe.model.pretrained if _is_hub_id(recipe.model.pretrained) else None,
+        base_model=summary.base_model,
         datasets=datasets or None,
         eval_results=eval_results or None,
     )
@@ -348,7 +365,7 @@ def card_metadata(folder: str | Path) -> dict[str, Any]:
 # What an export's `run_info.json` keeps of its card's facts, so that a later push can write the card anew for
 # the repository it goes to (`card_for_repo`).
 CARD_FACTS = ("stage", "step", "metrics", "num_labeled", "num_unlabeled", "num_val", "class_names", "teacher_metrics",
-              "notes", "evaluated_with", "examples", "pictures", "versions")  # fmt: skip
+              "notes", "evaluated_with", "examples", "pictures", "versions", "base_model")  # fmt: skip
 
 
 def card_facts(summary: RunSummary) -> dict[str, Any]:
@@ -356,10 +373,11 @@ def card_facts(summary: RunSummary) -> dict[str, Any]:
     return {name: getattr(summary, name) for name in CARD_FACTS}
 
 
-def card_for_repo(folder: str | Path, repo_id: str) -> bool:
+def card_for_repo(folder: str | Path, repo_id: str, revision: str | None = None) -> bool:
     """Write `folder/README.md` anew for the Hub repository `repo_id` (its title, model-index name and snippet
-    name the repository), from the facts the export keeps (`run_info.json`, `recipe.yaml`). False, leaving the
-    card as it is, for an export without them (written before gd_hf kept them, or not by gd_hf)."""
+    name the repository, and `revision`, a branch, when given), from the facts the export keeps (`run_info.json`,
+    `recipe.yaml`). False, leaving the card as it is, for an export without them (written before gd_hf kept them,
+    or not by gd_hf)."""
     from gd_hf.config_types import build_dataclass
 
     folder = Path(folder)
@@ -373,6 +391,6 @@ def card_for_repo(folder: str | Path, repo_id: str) -> bool:
     summary = RunSummary(recipe=recipe, name=name, published_recipe=published,
                          **{k: facts[k] for k in CARD_FACTS if k in facts})  # fmt: skip
     tmp = folder / ".README.md.tmp"
-    build_model_card(summary, repo_id).save(tmp)
+    build_model_card(summary, f"{repo_id}@{revision}" if revision else repo_id).save(tmp)
     tmp.replace(folder / "README.md")
     return True

@@ -62,22 +62,36 @@ def export_sizes(model: str) -> tuple[int, int]:
     return size.get("shortest_edge") or 800, size.get("longest_edge") or 1333
 
 
-def export_top_k(model: str | Path, default: int = 100) -> int:
-    """The instances per image an export's metrics were measured with (`evaluated_with.top_k` in its
-    eval_results.json), else `default` (no such record: a hub model not written by gd_hf, an older export)."""
+def recorded_evaluation(model: str | Path) -> dict[str, Any]:
+    """How an export's metrics were measured (`evaluated_with` in its eval_results.json: top_k, max_images, ...),
+    or {} (no such record: a hub model not written by gd_hf, an older export)."""
     path = Path(model) / "eval_results.json"
     if not path.is_file() and not Path(model).is_dir():  # a hub id: the file if the repo has one
         try:
             from huggingface_hub import hf_hub_download
 
             path = Path(hf_hub_download(str(model), "eval_results.json"))
-        except Exception:  # noqa: BLE001 - absent from the repo, not cached offline, not a repo id: the default
-            return default
+        except Exception:  # noqa: BLE001 - absent from the repo, not cached offline, not a repo id: no record
+            return {}
     try:
-        top_k = json.loads(path.read_text()).get("evaluated_with", {}).get("top_k")
+        recorded = json.loads(path.read_text()).get("evaluated_with")
     except (OSError, ValueError, AttributeError):
-        return default
-    return top_k if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1 else default
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+
+
+def export_top_k(model: str | Path, default: int = 100) -> int:
+    """The instances per image an export's metrics were measured with, else `default`."""
+    return _positive_int(recorded_evaluation(model).get("top_k")) or default
+
+
+def export_max_images(model: str | Path) -> int | None:
+    """How many val images (the first, by id) an export's metrics were measured on, or None: all of them."""
+    return _positive_int(recorded_evaluation(model).get("max_images"))
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from gd_hf.config import Recipe
 from gd_hf.export import export_model
 from gd_hf.model_card import RunSummary, card_facts
-from gd_hf.public import public_launches, public_recipe, public_value, run_name
+from gd_hf.public import is_hub_id, public_launches, public_recipe, public_value, run_name
 from gd_hf.push import PushError, push_export, record_push
 from gd_hf.run_info import read_launches
 from gd_hf.space import SpaceError, push_space, write_space
@@ -84,8 +84,9 @@ class Publisher:
 
     def evaluated_with(self) -> dict[str, Any]:
         """How the exported metrics were measured (what `gd_hf.evaluate` uses by default)."""
-        return {"top_k": self.recipe.eval.top_k, "images": self.num_val if self.recipe.eval.max_images is None
-                else min(self.num_val, self.recipe.eval.max_images), "shortest_edge": self.recipe.data.eval_shortest_edge,
+        max_images = self.recipe.eval.max_images
+        return {"top_k": self.recipe.eval.top_k, "images": min(self.num_val, max_images or self.num_val),
+                "max_images": max_images, "shortest_edge": self.recipe.data.eval_shortest_edge,
                 "longest_edge": self.recipe.data.eval_longest_edge}  # fmt: skip
 
     def summary(self, step: int, metrics: dict[str, float]) -> RunSummary:
@@ -106,13 +107,14 @@ class Publisher:
             examples=[f"examples/{example}" for example in sorted(self.examples)],
             pictures=sorted(self.pictures),
             versions=framework_versions(),
+            base_model=self.recipe.model.pretrained if is_hub_id(self.recipe.model.pretrained) else None,
         )
 
     def public_model_path(self, name: str) -> str:
         """How a card refers to the export `name` when it has no hub id: its path without this machine's folders
         (`outputs/demo/final` as given; `run/final` for an absolute output_dir)."""
         path = public_value(str(Path(self.recipe.output_dir) / name), self.recipe)
-        return path if path.startswith((".", "/", "{")) else f"./{path}"  # `run/final` would read as a hub id
+        return path if path.startswith((".", "/", "{")) else f"./{path}"  # `outputs/x` could read as a hub id
 
     def export(
         self,
@@ -181,7 +183,7 @@ class Publisher:
         `hub.push_intermediate`."""
         hub = self.recipe.hub
         if hub.push and hub.push_intermediate:
-            folder = self.export(student, "burn_in", step, None, hub.repo_id)
+            folder = self.export(student, "burn_in", step, None, f"{hub.repo_id}@burn-in")
             self.push(folder, "burn-in", f"Student at the end of guided burn-in (step {step})")
 
     def raise_failures(self) -> None:

@@ -33,17 +33,11 @@ class PushError(RuntimeError):
     """A push failed for good; the message says how to push again."""
 
 
-def export_folder(path: str | Path, folder: str | None = "final") -> Path:
-    """The export in `path`: `path` itself if it is one (has config.json), else the run's `path/folder`
-    (`folder=None`: its `best/` export if it has one, else `final/`)."""
+def export_folder(path: str | Path, folder: str = "final") -> Path:
+    """The export in `path`: `path` itself if it is one (has config.json), else the run's `path/folder` (the one
+    place that says which export of a run push, predict, evaluate and space take)."""
     path = Path(path)
-    if (path / "config.json").is_file():
-        chosen = path
-    elif folder is None:
-        chosen = next((path / name for name in ("best", "final") if (path / name / "config.json").is_file()),
-                      path / "final")  # fmt: skip
-    else:
-        chosen = path / folder
+    chosen = path if (path / "config.json").is_file() else path / folder
     if not (chosen / "config.json").is_file():
         raise PushError(f"{chosen} is not an exported model (no config.json): give a run's output folder or an export")
     return chosen
@@ -170,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         # The card names the repository it goes to, as a push at the end of training writes it (and is put back
         # if the push fails: a failed push changes nothing locally).
         card = (folder / "README.md").read_text() if (folder / "README.md").is_file() else None
-        if not card_for_repo(folder, args.repo_id):
+        if not card_for_repo(folder, args.repo_id, args.revision):
             print(f"note: {folder}/README.md is left as it is (the export does not keep the facts gd_hf writes a card "
                   "from: exported by an older gd_hf, or not by gd_hf)", file=sys.stderr)  # fmt: skip
         url = push_export(

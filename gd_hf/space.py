@@ -2,7 +2,8 @@
 
     python -m gd_hf.space MODEL OUT [--push SPACE_ID] [--private] [--model-id HUB_ID] [--title T] [--overwrite]
 
-MODEL: an export folder (has config.json), a run's output folder (its best/ export if it has one, else final/)
+MODEL: an export folder (has config.json), a run's output folder (its final/ export, as gd_hf.push, predict and
+evaluate take; --folder best for the best one)
 or a hub model id (only its small files are read: config, card, examples). OUT receives:
 
   app.py              the Gradio app (`python app.py`; GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are respected)
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import re
 import shlex
 import shutil
 import sys
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gd_hf
+from gd_hf.public import is_hub_id
 from gd_hf.push import PushError, export_folder, push_export
 
 MADE_BY = "gd_hf.space"
@@ -54,20 +55,15 @@ class ModelSource:
     is_full_export: bool  # a local export with its weights (copied to model/ when there is no hub id)
 
 
-def is_hub_id(name: str) -> bool:
-    """`owner/name` that is not a local path."""
-    return not Path(name).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
-
-
-def resolve_model(model: str, model_id: str | None = None) -> ModelSource:
-    """The export MODEL names (a run folder gives its best/ export, else final/; it says which on stdout)."""
+def resolve_model(model: str, model_id: str | None = None, folder: str = "final") -> ModelSource:
+    """The export MODEL names (a run folder gives its export `folder`; it says which on stdout)."""
     path = Path(model)
     if path.is_dir():
         try:
-            folder = export_folder(path, None)
+            folder = export_folder(path, folder)
         except PushError as e:
             raise SpaceError(f"MODEL {model} is neither an export folder (config.json) nor a run folder with a "
-                             "best/ or final/ export") from e  # fmt: skip
+                             f"{folder}/ export") from e  # fmt: skip
         if folder != path:
             print(f"using the run's {folder.name}/ export: {folder}")
         return ModelSource(folder, model_id, is_full_export=True)
@@ -191,15 +187,16 @@ def space_readme(title: str, description: str, family: str, hub_id: str | None, 
 
 
 def write_space(
-    model: str, out: Path, model_id: str | None = None, title: str | None = None, overwrite: bool = False
-) -> Path:
+    model: str, out: Path, model_id: str | None = None, title: str | None = None, overwrite: bool = False,
+    folder: str = "final",
+) -> Path:  # fmt: skip
     """Write a Gradio Space for `model` (an export or run folder, or a hub id) into `out`; returns `out`."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SpaceError(f"OUT {out} is a file")
     if out.is_dir() and any(out.iterdir()) and not is_our_space(out) and not overwrite:
         raise SpaceError(f"OUT {out} is not empty and not a Space written by gd_hf.space: give --overwrite")
-    source = resolve_model(model, model_id)
+    source = resolve_model(model, model_id, folder)
     inside = {out.resolve(), *out.resolve().parents} & {source.folder.resolve(), *source.folder.resolve().parents}
     if out.resolve() in inside or source.folder.resolve() in inside:  # one holds the other: copies would recurse
         raise SpaceError(f"OUT {out} and the export {source.folder} must be separate folders, neither inside the other")
@@ -268,12 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-id", help="the hub id the Space loads the model from (default: MODEL if a hub id)")
     parser.add_argument("--title", help="the Space's title (default: the model's name)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT that is not our Space")
+    parser.add_argument("--folder", default="final", help="which export of a run folder (default: final, as push)")
     args = parser.parse_args(argv)
     if args.push and not is_hub_id(args.push):
         print(f"error: --push {args.push} is not a Space id (owner/name)", file=sys.stderr)
         return 2
     try:
-        out = write_space(args.model, Path(args.out), args.model_id, args.title, args.overwrite)
+        out = write_space(args.model, Path(args.out), args.model_id, args.title, args.overwrite, args.folder)
     except SpaceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -71,9 +71,9 @@ def build_trackers(names: list[str], run_name: str, output_dir: Path) -> list[Ge
     for name in names:
         if name == "tensorboard":
             trackers.append(TensorBoardTracker("tensorboard", output_dir))
-        elif name == "wandb":  # offline with WANDB_MODE=offline (wandb's own switch)
+        elif name == "wandb":  # needs a login, or WANDB_MODE=offline (wandb's own switch)
             trackers.append(WandBTracker(run_name, name=run_name, dir=str(output_dir)))
-        elif name == "mlflow":  # a local file store in the run's folder unless MLFLOW_TRACKING_URI says otherwise
+        elif name == "mlflow":  # to MLflow's tracking URI (MLFLOW_TRACKING_URI; default ./mlruns); artifacts here
             trackers.append(MLflowTracker(run_name, str(output_dir / "mlruns"), run_name=run_name))
         elif name == "trackio":  # local unless a Space is configured (trackio's own switch)
             trackers.append(TrackioTracker(run_name, name=run_name))

@@ -412,7 +412,13 @@ class TrainingRecipe:
     def draw_pictures(self, evaluation: Evaluation, step: int) -> None:
         """Rank 0, after an evaluation: the val predictions beside their truth and the pseudo labels the student
         was just taught, into `OUTPUT/pictures/` and the trackers that take images; the predictions also go
-        into the next export."""
+        into the next export. A picture that cannot be drawn or written is a warning, never the run's end."""
+        try:
+            self._draw_pictures(evaluation, step)
+        except Exception as e:  # noqa: BLE001 - pictures are for people: a failure must not cost the run
+            logger.warning("step %d: the evaluation's pictures were not drawn (%s: %s)", step, type(e).__name__, e)
+
+    def _draw_pictures(self, evaluation: Evaluation, step: int) -> None:
         count, data = self.recipe.eval.pictures, self.data
         if not count:
             return
@@ -431,7 +437,14 @@ class TrainingRecipe:
         log_pictures(self.accelerator.trackers, pictures, step)
 
     def draw_curves(self) -> None:
-        """Rank 0: `OUTPUT/curves.png` from the metrics log so far (phases marked); the next export shows it."""
+        """Rank 0: `OUTPUT/curves.png` from the metrics log so far (phases marked); the next export shows it. A
+        failure is a warning (the export goes without the curves)."""
+        try:
+            self._draw_curves()
+        except Exception as e:  # noqa: BLE001 - as draw_pictures
+            logger.warning("curves.png was not drawn (%s: %s)", type(e).__name__, e)
+
+    def _draw_curves(self) -> None:
         records = read_metrics_log(self.output_dir / "metrics.jsonl")
         ssl = self.recipe.ssl
         if ssl.enabled:
@@ -440,7 +453,8 @@ class TrainingRecipe:
                 phases.append((ssl.burn_in_steps, "EMA distillation"))
         else:
             phases = [(0, self.phase_label(0))]
-        path = plot_curves(records, self.output_dir / "curves.png", phases, title=run_name(self.recipe))
+        title = run_name(self.recipe).replace("$", r"\$")  # matplotlib reads $...$ as mathematics
+        path = plot_curves(records, self.output_dir / "curves.png", phases, title=title)
         if path is not None:
             self.publisher.pictures["curves.png"] = path.read_bytes()
 
@@ -475,10 +489,16 @@ class TrainingRecipe:
         """The final export (also when the run was already complete and only resumed to this point), its
         metrics, and the final push; the phase's trackers end."""
         accelerator, recipe, state = self.accelerator, self.recipe, self.state
-        metrics = self.metrics or self.evaluate(self.evaluated).metrics
+        metrics = self.metrics
+        if not metrics:  # a relaunch of a run whose last step was checkpointed but not exported
+            evaluation = self.evaluate(self.evaluated)
+            metrics = evaluation.metrics
+            if accelerator.is_main_process:
+                self.draw_pictures(evaluation, state.step)
         if accelerator.is_main_process:
             self.draw_curves()
-            model_id = recipe.hub.repo_id if recipe.hub.push else None
+            hub = recipe.hub  # a card pushed to a branch loads that branch
+            model_id = (hub.repo_id + (f"@{hub.revision}" if hub.revision else "")) if hub.push else None
             final = self.publisher.export(self.evaluated, "final", state.step, metrics, model_id)
             final_summary = {"final": metrics, "best_ap": state.best_ap, "best_step": state.best_step}
             write_text_atomic(self.output_dir / "final_metrics.json", json.dumps(final_summary, indent=2))

@@ -92,7 +92,7 @@ def test_model_card_metadata_and_contents(trained_run):
     recipe_yaml = re.search(r"```yaml\n(.*?)```", body, re.S).group(1)
     published = yaml.safe_load((final / "recipe.yaml").read_text())
     assert yaml.safe_load(recipe_yaml) == published  # the card's recipe is the one shipped beside it
-    assert published["output_dir"] == "run" and published["data"]["val_images"] == "{data_root}/val"
+    assert published["output_dir"] == "./run" and published["data"]["val_images"] == "{data_root}/val"
     run_recipe = yaml.safe_load((trained_run / "recipe.yaml").read_text())  # the run's own record keeps its paths
     assert {k: v for k, v in published["train"].items()} == run_recipe["train"]
     assert "## Framework versions" in body and f"- transformers {transformers.__version__}" in body
@@ -292,6 +292,9 @@ def test_training_run_pushes_teacher_burn_in_and_final(synthetic_root, tmp_path,
         ("me/gd-run-demo", "main", "space"),  # hub.space_repo: a Space serving the pushed model
     ]
     space = hub.commits.pop()["files"]
+    for commit in hub.commits[:2]:  # a card pushed to a branch loads that branch
+        assert f'from_pretrained("me/gd-run", revision="{commit["revision"]}")' in commit["files"]["README.md"].decode()
+    assert "# gd-run-teacher\n" in hub.commits[0]["files"]["README.md"].decode()
     assert json.loads(space["space_config.json"])["model"] == "me/gd-run" and "app.py" in space
     assert "sdk: gradio" in space["README.md"].decode() and "examples/val_1000000.jpg" in space
     final_card = hub.commits[-1]["files"]["README.md"].decode()

@@ -157,7 +157,7 @@ def test_exports_carry_examples_pictures_and_no_path_of_this_machine(distilled, 
                 found = [m for m in machine if m.encode() in content]
                 assert not found, f"{path} holds {found}"
     published = yaml.safe_load((out / "final" / "recipe.yaml").read_text())
-    assert published["output_dir"] == "run" and published["ssl"]["teacher"] is None
+    assert published["output_dir"] == "./run" and published["ssl"]["teacher"] is None
     assert published["ssl"]["train_teacher_first"] is True  # trains its own teacher again: reproducible
     launches = json.loads((out / "final" / "run_info.json").read_text())["launches"]
     assert launches and not {"command", "platform", "recipe"} & set(launches[0])
@@ -242,8 +242,8 @@ def test_an_export_of_a_model_with_a_local_backbone_names_no_path_of_this_machin
     for path in folder.rglob("*"):
         if path.is_file():
             assert str(tmp_path).encode() not in path.read_bytes(), path
-    assert yaml.safe_load((folder / "recipe.yaml").read_text())["model"]["pretrained"] == "my_models/dino"
-    assert "backbone: my_models/dino" in (folder / "README.md").read_text()
+    assert yaml.safe_load((folder / "recipe.yaml").read_text())["model"]["pretrained"] == "./my_models/dino"
+    assert "backbone: ./my_models/dino" in (folder / "README.md").read_text()
     loaded = Mask2FormerForUniversalSegmentation.from_pretrained(folder)
     assert loaded.config.backbone_config.model_type == "dinov2"
 
@@ -259,3 +259,125 @@ def test_predict_takes_a_run_folder_and_the_exports_recorded_top_k(distilled, sy
     assert len(results) == 10  # the recipe's eval.top_k (8 queries x 4 classes: the old default 100 kept 32)
     assert predict_main([str(out), str(image), "--out", str(tmp_path / "q"), "--threshold", "-1", "--top-k", "3"]) == 0
     assert len(json.loads((tmp_path / "q" / "predictions.json").read_text())) == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (  # data on two disks: no data root (it would be /), nothing of /home/me published
+            [
+                "output_dir=/home/me/runs/r1",
+                "data.train_images=/data/coco/train2017",
+                "data.unlabeled_images=/home/me/unl/x",
+                "model.pretrained=/home/me/runs/dino",
+            ],  # fmt: skip
+            {
+                "output_dir": "./r1",
+                "data.train_images": "{local}/train2017",
+                "data.unlabeled_images": "{local}/x",
+                "model.pretrained": "./dino",
+            },  # fmt: skip
+        ),
+        (  # an output folder just below / is no root: the data keep their own
+            [
+                "output_dir=/run1",
+                "data.train_images=/home/me/coco/train2017",
+                "data.val_images=/home/me/coco/val2017",
+                "data.train_annotations=/home/me/coco/a/t.json",
+                "data.val_annotations=/home/me/coco/a/v.json",
+            ],  # fmt: skip
+            {
+                "output_dir": "{local}/run1",
+                "data.train_images": "{data_root}/train2017",
+                "data.val_annotations": "{data_root}/a/v.json",
+            },  # fmt: skip
+        ),
+        (  # Windows paths are cut at backslashes
+            ["output_dir=C:\\runs\\r1", "data.train_images=C:\\Users\\me\\coco\\train2017"],
+            {"output_dir": "{local}/r1", "data.train_images": "{local}/train2017"},
+        ),
+        (  # a path climbing out with .. beside an absolute one (commonpath cannot mix them)
+            ["data.train_images=../synthetic/train", "data.val_images=/tmp/abs/val"],
+            {
+                "output_dir": "outputs/demo_synthetic",
+                "data.train_images": "{local}/train",
+                "data.val_images": "{local}/val",
+            },
+        ),
+    ],
+    ids=["two-disks", "output-below-root", "windows", "dotdot"],
+)
+def test_published_recipes_name_no_folder_of_this_machine(overrides, expected):
+    from gd_hf.public import public_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides)
+    published = public_recipe(recipe)
+    for key, value in expected.items():
+        node = published
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
+    text = yaml.safe_dump(published)
+    assert "/home/me" not in text and "me\\" not in text and "/data/coco" not in text
+
+
+def test_a_card_pushed_to_a_branch_loads_that_branch_and_the_base_model_is_kept(distilled, tmp_path):
+    """`python -m gd_hf.push RUN REPO --revision B`: the snippet, its example and "train it again" read branch B;
+    the card's base_model is what the run decided (a published relative path is never taken for a hub id)."""
+    import shutil
+
+    from gd_hf.model_card import card_for_repo, card_metadata
+
+    export = tmp_path / "final"
+    shutil.copytree(distilled[0] / "final", export)
+    assert card_for_repo(export, "me/gd", "teacher")
+    card = (export / "README.md").read_text()
+    assert 'from_pretrained("me/gd", revision="teacher")' in card
+    assert 'hf_hub_download("me/gd", "examples/val_1000000.jpg", revision="teacher")' in card
+    assert "hf download me/gd recipe.yaml --revision teacher --local-dir ." in card
+    assert "# gd\n" in card and "base_model" not in card_metadata(export)
+    facts = json.loads((export / "run_info.json").read_text())
+    facts["card"]["base_model"], published = None, yaml.safe_load((export / "recipe.yaml").read_text())
+    published["model"]["pretrained"] = "./my_models/dino"  # as published for a backbone beside the run
+    (export / "recipe.yaml").write_text(yaml.safe_dump(published))
+    (export / "run_info.json").write_text(json.dumps(facts))
+    assert card_for_repo(export, "me/gd")
+    assert "base_model" not in card_metadata(export)
+
+
+def test_eval_max_images_is_said_in_the_card_and_evaluate_reproduces_it(synthetic_root, tmp_path, capsys):
+    from gd_hf.evaluate import main as evaluate_main
+
+    out = tmp_path / "run"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml",
+                         [*tiny_overrides(synthetic_root, out), "eval.max_images=3", "train.max_steps=2"])  # fmt: skip
+    final = train(recipe)
+    assert (
+        "evaluated on the first 3 images (by id) of the 8 of custom (validation)"
+        in (out / "final" / "README.md").read_text()
+    )
+    capsys.readouterr()
+    common = [recipe.data.val_annotations, recipe.data.val_images, "--num-workers", "0", "--batch-size", "4"]
+    assert evaluate_main([str(out), *common, "--out", str(tmp_path / "three.json")]) == 0
+    said = capsys.readouterr()
+    assert "evaluating the first 3 images by id, as the export's metrics were measured" in said.err
+    assert json.loads(said.out) == final
+    assert {r["image_id"] for r in json.loads((tmp_path / "three.json").read_text())} == {1000000, 1000001, 1000002}
+    assert evaluate_main([str(out), *common, "--max-images", "all", "--out", str(tmp_path / "all.json")]) == 0
+    assert len({r["image_id"] for r in json.loads((tmp_path / "all.json").read_text())}) == 8
+
+
+def test_a_picture_that_cannot_be_drawn_is_a_warning_not_the_runs_end(synthetic_root, tmp_path, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise ValueError("a font that cannot be read")
+
+    monkeypatch.setattr(train_module, "prediction_picture", broken)
+    monkeypatch.setattr(train_module, "plot_curves", broken)
+    out = tmp_path / "run"
+    assert main([str(ROOT / "recipes" / "demo_synthetic.yaml"), *tiny_overrides(synthetic_root, out),
+                 "train.report_to=none"]) == 0  # fmt: skip
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("pictures were not drawn (ValueError: a font that cannot be read)" in m for m in warned)
+    assert any("curves.png was not drawn" in m for m in warned)
+    assert (out / "final" / "model.safetensors").is_file() and not (out / "final" / "curves.png").exists()

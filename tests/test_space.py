@@ -202,15 +202,17 @@ def test_writing_a_space_does_not_need_gradio(mask2former_export, tmp_path):
     assert (tmp_path / "space" / "app.py").is_file()
 
 
-def test_a_run_folder_gives_its_best_export_else_its_final_one(mask2former_export, tmp_path, capsys):
+def test_a_run_folder_gives_its_final_export_as_push_predict_and_evaluate_do(mask2former_export, tmp_path, capsys):
     run = tmp_path / "run"
     for name in ("final", "best"):
         shutil.copytree(mask2former_export, run / name)
     assert main([str(run), str(tmp_path / "space")]) == 0
-    assert "best/" in capsys.readouterr().out
-    shutil.rmtree(run / "best")
-    assert main([str(run), str(tmp_path / "space")]) == 0  # a Space of ours: rewritten without --overwrite
     assert "final/" in capsys.readouterr().out
+    assert main([str(run), str(tmp_path / "space"), "--folder", "best"]) == 0  # ours: rewritten, no --overwrite
+    assert "best/" in capsys.readouterr().out
+    shutil.rmtree(run / "final")
+    assert main([str(run), str(tmp_path / "space")]) == 2  # no final/: named, not another export taken
+    assert "final/ export" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model", ["missing/folder/x", "empty", "not a hub id", "me/unreachable-model"])
