@@ -72,6 +72,14 @@ def kill_after_checkpoint(args: list[str], checkpoint: Path, processes: int = 1)
         time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    # The launcher is gone; its workers may take a moment longer to die (a SIGKILL waits for a write in flight),
+    # and a worker holds the output folder's lock until it has: the relaunch must not race it.
+    while time.time() < deadline + 60:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -350,7 +350,7 @@ def test_an_image_folder_joins_the_unlabeled_split(synthetic_root, tmp_path, tea
     )
     assert (out / "final" / "config.json").is_file()
     card = (out / "final" / "README.md").read_text()
-    assert "12 labeled images + 15 unlabeled images" in card  # 12 of the 24 + the 3 photos
+    assert "12 labeled images (" in card and "and 15 unlabeled images, pseudo-labelled" in card  # 12 of 24 + 3 photos
 
 
 def test_the_demo_recipe_runs_the_whole_method():
