@@ -152,8 +152,9 @@ def prediction_picture(
 
 
 def png_bytes(image: Image.Image) -> bytes:
+    """A picture as a PNG file (zlib level 3: `optimize` took ~1 s per picture, at every evaluation)."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
+    image.save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()
 
 
@@ -164,10 +165,10 @@ def jpeg_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def save_picture(image: Image.Image, path: Path) -> Path:
-    """Write a PNG atomically (a crash leaves the previous picture or none)."""
+def save_picture(png: bytes, path: Path) -> Path:
+    """Write a PNG (`png_bytes`) atomically (a crash leaves the previous picture or none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", optimize=True)
+    tmp.write_bytes(png)
     tmp.replace(path)
     return path

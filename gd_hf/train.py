@@ -426,14 +426,14 @@ class TrainingRecipe:
         evaluated = self.picture_examples[: min(count, len(data.val), self.recipe.eval.max_images or len(data.val))]
         pictures["val/predictions"] = prediction_picture(evaluated, evaluation.results, data.val_ground_truth,
                                                          data.categories.ids, data.categories.names, step)  # fmt: skip
-        save_picture(pictures["val/predictions"], self.output_dir / "pictures" / f"val_step_{step:08d}.png")
-        self.publisher.pictures["predictions.png"] = png_bytes(pictures["val/predictions"])
+        png = png_bytes(pictures["val/predictions"])  # encoded once: the folder's picture and the export's
+        save_picture(png, self.output_dir / "pictures" / f"val_step_{step:08d}.png")
+        self.publisher.pictures["predictions.png"] = png
         kept, self.method.kept_pseudo_labels = self.method.kept_pseudo_labels, None
         if kept is not None:
             pictures["pseudo/labels"] = pseudo_label_picture(kept, data.categories.names)
-            save_picture(
-                pictures["pseudo/labels"], self.output_dir / "pictures" / f"pseudo_labels_step_{kept.step:08d}.png"
-            )
+            save_picture(png_bytes(pictures["pseudo/labels"]),
+                         self.output_dir / "pictures" / f"pseudo_labels_step_{kept.step:08d}.png")  # fmt: skip
         log_pictures(self.accelerator.trackers, pictures, step)
 
     def draw_curves(self) -> None:
