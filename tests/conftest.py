@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 
 # Tests never touch the network: everything they load they wrote themselves.
@@ -21,6 +22,7 @@ if "HF_DATASETS_CACHE" not in os.environ:
 
 from gd_hf.config import Recipe, load_recipe  # noqa: E402
 from gd_hf.data.synthetic import generate  # noqa: E402
+from tests.hub_standin import TOKEN, HubStandIn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,3 +118,20 @@ ONE_LAUNCH_SSL = [
     "ssl.unlabeled_batch_size=2",
     "train.max_steps=2",
 ]
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """The stand-in Hub as huggingface_hub's endpoint, with a token in the environment."""
+    with HubStandIn() as stand_in:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", stand_in.url)
+        # The suite runs offline; the stand-in on 127.0.0.1 is the only "Hub" these tests can reach.
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", stand_in.url)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        stand_in.token = TOKEN  # requests without this bearer token are refused, as on the Hub
+        # Large files take the LFS path (preupload answers `lfs`, batch, PUT, verify, commit pointer). The Xet path
+        # that hf_xet would take first talks to a content-addressed store the stand-in does not emulate.
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+        yield stand_in

@@ -18,6 +18,8 @@ DROP = 0  # `fail(..., DROP)`: close the connection without a response
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pkl")
 REPO_KINDS = "(models|spaces|datasets)"  # the API path of each repo type (commit records its type, singular)
 
+TOKEN = "hf_standinsecrettoken0123456789"  # the stand-in's token (tests set it as HF_TOKEN)
+
 
 def model_index_problem(readme: bytes | None) -> str | None:
     """What the Hub's metadata check would object to in a card's `model-index` (None if fine or absent): a list

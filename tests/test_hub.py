@@ -21,27 +21,9 @@ from gd_hf.model_card import card_metadata
 from gd_hf.push import PushError, push_export
 from gd_hf.train import main
 from tests.conftest import EOMT_TINY, ONE_LAUNCH_SSL, tiny_overrides
-from tests.hub_standin import DROP, HubStandIn
+from tests.hub_standin import DROP, TOKEN
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "hf_standinsecrettoken0123456789"
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    """The stand-in Hub as huggingface_hub's endpoint, with a token in the environment."""
-    with HubStandIn() as stand_in:
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", stand_in.url)
-        # The suite runs offline; the stand-in on 127.0.0.1 is the only "Hub" these tests can reach.
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setenv("HF_ENDPOINT", stand_in.url)
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        stand_in.token = TOKEN  # requests without this bearer token are refused, as on the Hub
-        # Large files take the LFS path (preupload answers `lfs`, batch, PUT, verify, commit pointer). The Xet path
-        # that hf_xet would take first talks to a content-addressed store the stand-in does not emulate.
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-        yield stand_in
 
 
 @pytest.fixture(scope="module")

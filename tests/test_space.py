@@ -33,10 +33,8 @@ from gd_hf.predict import export_sizes, predict
 from gd_hf.push import PushError
 from gd_hf.space import main, push_space, write_space
 from tests.conftest import EOMT_TINY, tiny_overrides
-from tests.hub_standin import HubStandIn
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "hf_standinsecrettoken0123456789"
 CLASSES = {0: "circle", 1: "rectangle", 2: "triangle", 3: "cross"}
 THRESHOLD = 0.05  # a random-init model's scores are low: low enough that several instances are compared
 TOP_K = 10  # recorded as `evaluated_with.top_k`: the Space must use it (the default is 100)
@@ -266,20 +264,6 @@ def test_a_hub_model_is_read_from_its_small_files_and_loaded_by_id(mask2former_e
     local = write_space(str(mask2former_export), tmp_path / "space2", model_id="me/tiny-gd")
     assert json.loads((local / "space_config.json").read_text())["model"] == "me/tiny-gd"
     assert not (local / "model").exists()
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    """The stand-in Hub as huggingface_hub's endpoint, with a token (as tests/test_hub.py's fixture)."""
-    with HubStandIn() as stand_in:
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", stand_in.url)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setenv("HF_ENDPOINT", stand_in.url)
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        stand_in.token = TOKEN
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-        yield stand_in
 
 
 @pytest.fixture
