@@ -309,13 +309,13 @@ def phase_marks(
 
 
 def plot_ap(ax: Axes, series: Series) -> list[Axes]:
-    """Panel: validation mask AP, the teacher's dashed."""
-    for who, style in (("val", "-"), ("val_teacher", "--")):
-        name = "student" if who == "val" else "teacher"
+    """Panel: validation mask AP of the evaluated model (`val/`: the student, or a supervised run's model), the
+    teacher's (`val_teacher/`, with `ssl.evaluate: both`) dashed."""
+    for who, style, prefix in (("val", "-", ""), ("val_teacher", "--", "teacher ")):
         for key, width in (("AP", 2.2), ("AP50", 1.4), ("APs", 0.8), ("APm", 0.8), ("APl", 0.8)):
             if f"{who}/{key}" in series:
                 steps, values = series[f"{who}/{key}"]
-                ax.plot(steps, values, style, lw=width, marker=".", label=f"{name} {key}")
+                ax.plot(steps, values, style, lw=width, marker=".", label=f"{prefix}{key}")
     ax.set_title("val mask AP")
     ax.set_ylabel("AP")
     return [ax]
