@@ -1,208 +1,385 @@
-"""Does Guided Distillation beat supervised training? Three runs per seed on the synthetic set, same model,
-same labeled images, same number of steps:
+"""Does Guided Distillation beat supervised training? The seed-averaged evidence, sized to re-run in one working
+session on 2 CPU cores (rerun it after any change to the method).
 
-  (a) supervised   — labeled images only (this run is also the teacher of (c))
-  (b) ema_baseline — burn-in on labeled images only, then EMA teacher + pseudo labels (the earlier-work recipe)
-  (c) guided       — guided burn-in: pseudo labels of the frozen (a) from the first step, then EMA
+For each model family (`--families`), synthetic set (`--sets`: `square`, equal squares with whole crops as the
+demo; `mixed`, mixed sizes and aspect ratios with scale jitter 0.3-2.0, the paper's data path) and seed, the
+same model, the same labeled images:
 
-    python benchmarks/ssl_gain.py [--labeled-percent 5] [--train-images 2400] [--steps 1000] [--burn-in 500]
-                                  [--seeds 0 1] [--heldout-val 500] [--varied-sizes] [--out outputs/ssl_gain]
-                                  [key=value ...]
+  (a) supervised   — the labeled images only, `--teacher-steps` steps; its `best/` export is also the teacher of (c)
+  (b) ema_baseline — burn-in on labeled images only, then EMA teacher + pseudo labels (the earlier-work recipe;
+                     its pseudo-label threshold is `--baseline-threshold`: it has no fixed teacher to choose one from)
+  (c) guided       — guided burn-in with the pseudo labels of the frozen (a), then EMA distillation
+  plus any `--variant NAME key=value ...`: (c) with those overrides (e.g. the paper's threshold against `auto`).
 
-The synthetic set (`--train-images` training images, 100 val) is generated once under OUT/data from
-`--data-seed`, whatever the run seeds: every seed trains on the same images and differs only in its labeled
-split, initialisation and data order, so seeds run by separate invocations stay comparable. Its 100 val
-images pick each run's `best/` export, and 100 images leave about ±1 AP between evaluations of one run; so
-every `final/` and `best/` export is also scored on a held-out set of `--heldout-val` images generated from
-another seed (`--heldout-seed`), used for neither training nor model selection. That is the comparison that
-counts; 0 turns it off. `--varied-sizes` generates both sets with mixed image sizes and aspect ratios (the
-paper's data path, with e.g. `data.min_scale=0.3 data.max_scale=2.0`); each run is told so
-(`data.synthetic_varied_sizes`), and refuses an OUT/data generated the other way.
+    python benchmarks/ssl_gain.py [--families mask2former eomt] [--sets square mixed] [--seeds 0 1 2]
+        [--jobs 2] [--steps 800] [--teacher-steps 500] [--burn-in 560] [--size 160] [--docs] [--out DIR]
+        [--variant NAME key=value ...] [key=value ...]
 
-Each run is a separate `python -m gd_hf.train` process (extra key=value overrides go to every run); finished
-runs (and held-out scores) are reused when the script is started again, so seeds can be added later or run
-in parallel by separate invocations. A run started with other settings is not: the script stops and says so
-(each run folder keeps its settings in `ssl_gain_overrides.json`), so give each comparison its own `--out`.
-Prints markdown tables of mask AP (mean and per seed) and the last logged pseudo-label precision/recall, and
-writes them to OUT/results.md.
+Every run is its own `python -m gd_hf.train` process on `recipes/demo_synthetic.yaml` (extra key=value
+overrides go to every run), `--jobs` at a time with OMP_NUM_THREADS=1 each (two on the 2-core machine: more
+threads than cores slow a step many times over). Its log is `OUT/<family>_<set>/<arm>_seed<S>/train.log`.
+
+What counts is the mask AP on a held-out set (`--heldout-val`, 500 images, generated from another seed): those
+images train nothing and pick nothing. The run's own 100 val images pick `best/` (and, with
+`ssl.pseudo_label_score_threshold=auto`, the threshold). Both `best/` and `final/` exports are scored there.
+
+Finished runs and their held-out scores are reused when the script is started again (so an interrupted
+benchmark goes on where it stopped); a run folder started with other settings stops the script
+(`ssl_gain_overrides.json` keeps each run's settings): give each comparison its own `--out`.
+
+Prints and writes OUT/results.md: per family, mean ± sd and per seed of each arm, the gains against the goals,
+the pseudo-label figures. `--docs` also writes that table into README.md and benchmarks/RESULTS.md between
+their `<!-- ssl_gain:begin -->` / `<!-- ssl_gain:end -->` markers (generated, not typed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from gd_hf.data.synthetic import generate
-from gd_hf.evaluate import evaluate_export
-
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = ("supervised", "ema_baseline", "guided")
+BEGIN, END = "<!-- ssl_gain:begin -->", "<!-- ssl_gain:end -->"
+SET_OVERRIDES = {
+    "square": ["data.synthetic_varied_sizes=false"],  # the recipe's min_scale 1: whole crops, no padding
+    "mixed": ["data.synthetic_varied_sizes=true", "data.min_scale=0.3", "data.max_scale=2.0"],
+}
 
 
-def run(name: str, seed: int, args: argparse.Namespace) -> dict:
-    out = Path(args.out) / f"{name}_seed{seed}"
-    data = Path(args.out) / "data"
+@dataclass
+class Job:
+    family: str
+    set_name: str
+    arm: str
+    seed: int
+    overrides: list[str]
+    out: Path
+    needs: list[Job] = field(default_factory=list)
+    state: str = "pending"  # pending, running, done, failed, skipped
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}/{self.set_name}/{self.arm}/seed{self.seed}"
+
+
+def data_folder(args: argparse.Namespace, set_name: str) -> Path:
+    return Path(args.out) / f"data_{set_name}"
+
+
+def heldout_folder(args: argparse.Namespace, set_name: str) -> Path:
+    return Path(args.out) / f"heldout_{set_name}_{args.heldout_val}_seed{args.heldout_seed}"
+
+
+def run_overrides(family: str, set_name: str, arm: str, seed: int, args: argparse.Namespace) -> list[str]:
+    """The key=value overrides of one run."""
+    data = data_folder(args, set_name)
+    out = Path(args.out) / f"{family}_{set_name}" / f"{arm}_seed{seed}"
+    supervised = arm == "supervised"
+    steps = args.teacher_steps if supervised else args.steps
     overrides = [
         f"output_dir={out}",
-        # main() has generated OUT/data from --data-seed; this only makes the run check its image count.
+        # main() generated the data; this makes each run check the folder's image count and kind.
         "data.generate_synthetic=true",
         f"data.synthetic_train_images={args.train_images}",
-        f"data.synthetic_varied_sizes={args.varied_sizes}",
         f"data.train_images={data / 'train'}",
         f"data.train_annotations={data / 'annotations' / 'instances_train.json'}",
         f"data.val_images={data / 'val'}",
         f"data.val_annotations={data / 'annotations' / 'instances_val.json'}",
+        *SET_OVERRIDES[set_name],
+        f"data.crop_size={args.size}",
+        f"data.eval_shortest_edge={args.size}",
+        f"data.eval_longest_edge={args.size}",
+        f"model.family={family}",
         f"seed={seed}",
-        f"data.labeled_percent={args.labeled_percent}",
         f"data.split_seed={seed}",
-        f"train.max_steps={args.steps}",
-        f"train.eval_every={args.steps}",
+        f"data.labeled_percent={args.labeled_percent}",
+        f"train.max_steps={steps}",
+        f"train.eval_every={max(steps // args.evals, 1)}",
+        f"train.checkpoint_every={steps}",
+        "train.log_every=25",
+        "train.report_to=none",
+        "eval.pictures=0",
         "ssl.evaluate=student",
-        # The demo recipe runs the whole method in one launch; here each run is one phase.
-        f"ssl.enabled={name != 'supervised'}",
-        "ssl.train_teacher_first=false",
-        *args.overrides,
+        f"ssl.enabled={not supervised}",
+        "ssl.train_teacher_first=false",  # each arm is one phase; (a) is the teacher of (c)
     ]
-    if name == "ema_baseline":
-        overrides += ["ssl.enabled=true", "ssl.burn_in_pseudo_labels=false", f"ssl.burn_in_steps={args.burn_in}"]
-    if name == "guided":
-        teacher = Path(args.out) / f"supervised_seed{seed}" / "best"
-        overrides += ["ssl.enabled=true", f"ssl.teacher={teacher}", f"ssl.burn_in_steps={args.burn_in}"]
-    if name != "supervised":
-        overrides += [f"ssl.ema_decay={args.ema_decay}", f"ssl.unlabeled_batch_size={args.unlabeled_batch_size}"]
-    # A run found in OUT is reused (finished) or resumed (`resume: auto`): only if it was started with the same
-    # settings, or a table would mix runs of different recipes without saying so.
+    if family == "eomt":
+        overrides.append(f"model.eomt_image_size={args.size}")
+    if not supervised:
+        overrides += [f"ssl.burn_in_steps={args.burn_in}", f"ssl.ema_decay={args.ema_decay}"]
+    if arm == "ema_baseline":
+        overrides += ["ssl.burn_in_pseudo_labels=false", f"ssl.pseudo_label_score_threshold={args.baseline_threshold}"]
+    elif not supervised:
+        teacher = Path(args.out) / f"{family}_{set_name}" / f"supervised_seed{seed}" / "best"
+        overrides.append(f"ssl.teacher={teacher}")
+    overrides += args.overrides
+    if arm in args.variant_overrides:
+        overrides += args.variant_overrides[arm]
+    return overrides
+
+
+def train_and_score(job: Job, args: argparse.Namespace) -> None:
+    """Train the run (unless finished), then score its exports on the held-out set (unless cached)."""
+    out = job.out
     settings = out / "ssl_gain_overrides.json"
-    if settings.is_file() and json.loads(settings.read_text()) != overrides:
-        sys.exit(
-            f"{out} was started with other settings (see {settings}): give this comparison its own --out, "
-            "or delete that run folder to train it again"
-        )
+    if settings.is_file() and json.loads(settings.read_text()) != job.overrides:
+        raise SystemExit(f"{out} was started with other settings (see {settings}): give this comparison its own "
+                         "--out, or delete that run folder to train it again")  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     if not (out / "final_metrics.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
-        settings.write_text(json.dumps(overrides, indent=1) + "\n")
-        command = [sys.executable, "-m", "gd_hf.train", str(ROOT / "recipes" / "demo_synthetic.yaml"), *overrides]
-        print("+", " ".join(command), flush=True)
-        subprocess.run(command, check=True)
-    summary = json.loads((out / "final_metrics.json").read_text())
-    pseudo = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        pseudo.update({k: v for k, v in record.items() if k.startswith("pseudo_")})
-    # "best": the highest of the periodic evaluations (what the exported `best/` scores); with few labeled
-    # images a long supervised run overfits, so comparing final APs alone would flatter distillation.
-    return {"AP": summary["final"]["AP"], "best_AP": summary["best_ap"], **pseudo}
+        settings.write_text(json.dumps(job.overrides, indent=1) + "\n")
+        command = [sys.executable, "-m", "gd_hf.train", str(ROOT / "recipes" / "demo_synthetic.yaml"), *job.overrides]
+        with open(out / "train.log", "a") as log:
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    cache = out / "heldout.json"
+    if args.heldout_val and not cache.is_file():
+        command = [sys.executable, __file__, "--score", str(out), str(heldout_folder(args, job.set_name))]
+        with open(out / "score.log", "a") as log:
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
-def heldout_scores(name: str, seed: int, args: argparse.Namespace, heldout: Path) -> dict[str, float]:
-    """Mask AP of the run's `final/` and `best/` exports on the held-out set, cached beside the run."""
-    out = Path(args.out) / f"{name}_seed{seed}"
-    cache = out / f"{heldout.name}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
+def score(run: Path, heldout: Path) -> None:
+    """`--score RUN HELDOUT`: the held-out mask AP of RUN's `final/` and `best/` exports, into RUN/heldout.json."""
+    from gd_hf.evaluate import evaluate_export
+
     scores = {}
     for export in ("final", "best"):
-        print(f"scoring {out / export} on {heldout}", flush=True)
-        metrics, _ = evaluate_export(
-            out / export,
-            heldout / "annotations" / "instances_val.json",
-            heldout / "val",
-            top_k=args.top_k,
-            batch_size=4,
-            num_workers=1,
-        )
+        metrics, _ = evaluate_export(run / export, heldout / "annotations" / "instances_val.json", heldout / "val",
+                                     top_k=50, batch_size=4, num_workers=0)  # fmt: skip
         scores[export] = metrics["AP"]
-    cache.write_text(json.dumps(scores) + "\n")
-    return scores
+    (run / "heldout.json").write_text(json.dumps(scores) + "\n")
 
 
-def ap_table(title: str, results: dict, keys: tuple[str, str], args: argparse.Namespace) -> list[str]:
-    """Markdown rows: mean and per-seed AP of each run under two keys (final, best), then the gains."""
+def run_jobs(jobs: list[Job], args: argparse.Namespace) -> None:
+    """Run the jobs `args.jobs` at a time, each once the jobs it needs are done; a failed job skips those that
+    need it and the others go on."""
+    lock, running = threading.Lock(), {}
+
+    def work(job: Job) -> None:
+        started = time.monotonic()
+        try:
+            train_and_score(job, args)
+            state = "done"
+        except (subprocess.CalledProcessError, SystemExit) as e:
+            print(f"FAILED {job.name}: {e} (see {job.out / 'train.log'})", flush=True)
+            state = "failed"
+        with lock:
+            job.state = state
+            running.pop(job.name)
+        print(f"{state} {job.name} in {time.monotonic() - started:.0f} s", flush=True)
+
+    while True:
+        with lock:
+            for job in jobs:
+                if job.state == "pending" and any(n.state in ("failed", "skipped") for n in job.needs):
+                    job.state = "skipped"
+            pending = [j for j in jobs if j.state == "pending"]
+            if not pending and not running:
+                return
+            for job in pending:
+                if len(running) >= args.jobs:
+                    break
+                if all(n.state == "done" for n in job.needs):
+                    job.state = "running"
+                    print(f"start {job.name}", flush=True)
+                    running[job.name] = threading.Thread(target=work, args=(job,), daemon=True)
+                    running[job.name].start()
+        time.sleep(1)
+
+
+def generate_sets(args: argparse.Namespace) -> None:
+    """The training/val sets and the held-out sets, generated in parallel processes (once)."""
+    commands = []
+    for set_name in args.sets:
+        varied = ["--varied-sizes"] if set_name == "mixed" else []
+        if not data_folder(args, set_name).exists():
+            commands.append([str(data_folder(args, set_name)), "--train", str(args.train_images), "--val", "100",
+                             "--seed", str(args.data_seed), *varied])  # fmt: skip
+        if args.heldout_val and not heldout_folder(args, set_name).exists():
+            commands.append([str(heldout_folder(args, set_name)), "--train", "0", "--val", str(args.heldout_val),
+                             "--seed", str(args.heldout_seed), *varied])  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for start in range(0, len(commands), args.jobs):
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "gd_hf.data.synthetic", *c, "--size", str(args.size)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+            for c in commands[start : start + args.jobs]
+        ]
+        if any(p.wait() for p in processes):
+            raise SystemExit("generating the synthetic sets failed")
+
+
+def read_run(out: Path) -> dict[str, float]:
+    """What the table shows of one run: held-out and val AP, the last logged pseudo-label figures, the teacher
+    check's threshold."""
+    summary = json.loads((out / "final_metrics.json").read_text())
+    row = {"val_final": summary["final"]["AP"], "val_best": summary["best_ap"]}
+    if (out / "heldout.json").is_file():
+        heldout = json.loads((out / "heldout.json").read_text())
+        row.update(heldout_final=heldout["final"], heldout_best=heldout["best"])
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        row.update({k: v for k, v in record.items() if k.startswith(("pseudo_", "teacher_check/"))})
+    return row
+
+
+def mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+
+
+def table(results: dict, args: argparse.Namespace) -> str:
+    """The markdown the script prints and writes (and `--docs` puts into README.md and RESULTS.md)."""
+    key = "heldout" if args.heldout_val else "val"
     lines = [
-        title,
+        f"`python benchmarks/ssl_gain.py {' '.join(args.argv)}`: {args.train_images} synthetic training images of "
+        f"{args.size} px, {args.labeled_percent} % labeled, (a) {args.teacher_steps} steps, (b)/(c) {args.steps} "
+        f"steps with burn-in {args.burn_in}, EMA decay {args.ema_decay}, seeds {' / '.join(map(str, args.seeds))}; "
+        + (
+            f"mask AP on {args.heldout_val} held-out images (generator seed {args.heldout_seed}) that train and pick "
+            "nothing"
+            if args.heldout_val
+            else "mask AP on the 100 val images that also pick `best/`"
+        ),  # fmt: skip
         "",
-        "| run | final mask AP (mean) | per seed | best export AP (mean) | per seed "
-        "| pseudo labels per image / precision / recall / duplicates (last log, mean of seeds) |",
-        "|---|---|---|---|---|---|",
     ]
-    for name in args.runs:
-        final = [results[name][s][keys[0]] for s in args.seeds]
-        best = [results[name][s][keys[1]] for s in args.seeds]
-        quality = " / ".join(
-            f"{statistics.mean(results[name][s][key] for s in args.seeds):.2f}"
-            if all(key in results[name][s] for s in args.seeds)
-            else "—"
-            for key in ("pseudo_labels_per_image", "pseudo_precision", "pseudo_recall", "pseudo_fp_duplicate")
-        )
-        lines.append(
-            f"| {name} | {statistics.mean(final):.2f} | {' / '.join(f'{a:.2f}' for a in final)} "
-            f"| {statistics.mean(best):.2f} | {' / '.join(f'{a:.2f}' for a in best)} | {quality} |"
-        )
-    lines.append("")
-    for baseline in ("supervised", "ema_baseline"):
-        if "guided" in results and baseline in results:
-            for key, label in zip(keys, ("final", "best export")):
-                gains = [results["guided"][s][key] - results[baseline][s][key] for s in args.seeds]
-                goal = " (goal >= +3)" if baseline == "supervised" else " (goal > 0)"
-                lines.append(
-                    f"guided - {baseline}, {label}: {statistics.mean(gains):+.2f} AP{goal}; "
-                    f"per seed {' / '.join(f'{g:+.2f}' for g in gains)}"
+    for family in args.families:
+        lines += [
+            f"**{family}**",
+            "",
+            "| set | arm | `best/` AP mean ± sd | per seed | `final/` AP mean ± sd | per seed "
+            "| pseudo labels / image, precision, recall (last log) | threshold |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for set_name in args.sets:
+            for arm in args.arms:
+                rows = [results.get((family, set_name, arm, s)) for s in args.seeds]
+                if any(r is None or f"{key}_best" not in r for r in rows):
+                    lines.append(f"| {set_name} | {arm} | — | missing | — | | | |")
+                    continue
+                best, final = [r[f"{key}_best"] for r in rows], [r[f"{key}_final"] for r in rows]
+                quality = " / ".join(
+                    f"{statistics.mean(r[k] for r in rows):.2f}" if all(k in r for r in rows) else "—"
+                    for k in ("pseudo_labels_per_image", "pseudo_precision", "pseudo_recall")
                 )
-    return [*lines, ""]
+                thresholds = sorted({r.get("teacher_check/score_threshold") for r in rows} - {None})
+                chosen = " / ".join(f"{t:g}" for t in thresholds) if thresholds else "—"
+                lines.append(
+                    f"| {set_name} | {arm} | {mean_sd(best)} | {' / '.join(f'{a:.2f}' for a in best)} | {mean_sd(final)} "
+                    f"| {' / '.join(f'{a:.2f}' for a in final)} | {quality} | {chosen} |"
+                )
+        lines.append("")
+        for set_name in args.sets:
+            for arm in [a for a in args.arms if a not in ("supervised", "ema_baseline")]:
+                for baseline, goal in (("supervised", 3.0), ("ema_baseline", 0.0)):
+                    pairs = [(results.get((family, set_name, arm, s)), results.get((family, set_name, baseline, s)))
+                             for s in args.seeds]  # fmt: skip
+                    if baseline not in args.arms or any(a is None or b is None or f"{key}_best" not in a
+                                                        or f"{key}_best" not in b for a, b in pairs):  # fmt: skip
+                        continue
+                    gains = [a[f"{key}_best"] - b[f"{key}_best"] for a, b in pairs]
+                    wins = sum(g > 0 for g in gains)
+                    target = goal if family == "mask2former" else 0.0
+                    met = statistics.mean(gains) >= target and (baseline != "supervised" or wins == len(gains))
+                    lines.append(
+                        f"- {set_name}: {arm} − {baseline} (`best/`): **{statistics.mean(gains):+.2f}** AP, per seed "
+                        f"{' / '.join(f'{g:+.2f}' for g in gains)}, ahead in {wins} of {len(gains)} "
+                        f"(goal {'≥ +' if target else '> '}{target:g}{', every seed' if baseline == 'supervised' else ''}: "
+                        f"{'met' if met else 'not met'})"
+                    )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_block(path: Path, text: str) -> None:
+    """Replace what lies between the ssl_gain markers of `path` with `text`."""
+    content = path.read_text()
+    if BEGIN not in content or END not in content:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} block to write the table into")
+    head, _, rest = content.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--score"]:
+        score(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--labeled-percent", type=float, default=5.0)
+    parser.add_argument("--families", nargs="+", choices=("mask2former", "eomt"), default=["mask2former", "eomt"])
+    parser.add_argument("--sets", nargs="+", choices=tuple(SET_OVERRIDES), default=list(SET_OVERRIDES))
+    parser.add_argument("--arms", nargs="+", default=["supervised", "ema_baseline", "guided"],
+                        help="supervised, ema_baseline, guided and any --variant names")  # fmt: skip
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                        help="an arm: guided with these overrides (repeatable)")  # fmt: skip
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each on --threads threads)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--labeled-percent", type=float, default=2.0)
     parser.add_argument("--train-images", type=int, default=2400)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--burn-in", type=int, default=500)
+    parser.add_argument("--size", type=int, default=160, help="image side (the mean longer side of mixed images)")
+    parser.add_argument("--steps", type=int, default=800, help="steps of (b) and (c)")
+    parser.add_argument("--teacher-steps", type=int, default=500, help="steps of (a), the teacher of (c)")
+    parser.add_argument("--burn-in", type=int, default=560)
     parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--unlabeled-batch-size", type=int, default=4)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--evals", type=int, default=4, help="val evaluations per run (they pick `best/`)")
+    parser.add_argument("--baseline-threshold", default="0.7", help="(b)'s pseudo-label score threshold")
     parser.add_argument("--data-seed", type=int, default=0, help="generator seed of the training/val images")
-    parser.add_argument("--heldout-val", type=int, default=500, help="held-out val images (0: none)")
-    parser.add_argument("--heldout-seed", type=int, default=7, help="generator seed of the held-out set")
-    parser.add_argument("--top-k", type=int, default=50, help="instances per image when scoring held-out")
-    parser.add_argument("--varied-sizes", action="store_true", help="images of mixed sizes and aspect ratios")
+    parser.add_argument("--heldout-val", type=int, default=500, help="held-out images (0: none)")
+    parser.add_argument("--heldout-seed", type=int, default=7)
+    parser.add_argument("--docs", action="store_true", help="write the table into README.md and RESULTS.md")
     parser.add_argument("--out", default="outputs/ssl_gain")
-    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which runs (default: all)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_intermixed_args()
+    args.argv = sys.argv[1:]
+    args.variant_overrides = {v[0]: v[1:] for v in args.variant}
+    unknown = set(args.arms) - {"supervised", "ema_baseline", "guided", *args.variant_overrides}
+    if unknown:
+        parser.error(f"--arms {sorted(unknown)}: not an arm (supervised, ema_baseline, guided, or a --variant name)")
     if args.heldout_val and args.heldout_seed == args.data_seed:
-        # The same generator seed would make the held-out images copies of the training images.
-        parser.error(f"--heldout-seed and --data-seed are both {args.data_seed}; choose another held-out seed")
-
-    data = Path(args.out) / "data"
-    if not data.exists():
-        generate(data, train=args.train_images, val=100, seed=args.data_seed, varied_sizes=args.varied_sizes)
-    results = {name: {seed: run(name, seed, args) for seed in args.seeds} for name in args.runs}
-    lines = [
-        f"{args.train_images} training images, labeled {args.labeled_percent} %, {args.steps} steps, "
-        f"burn-in {args.burn_in}, seeds {args.seeds}, data seed {args.data_seed}"
-        + (", images of mixed sizes and aspect ratios" if args.varied_sizes else "")
-        + (f", overrides {' '.join(args.overrides)}" if args.overrides else ""),
-        "",
-        *ap_table("On the 100 val images (these also pick `best/`):", results, ("AP", "best_AP"), args),
-    ]
-    if args.heldout_val:
-        heldout = Path(args.out) / f"heldout_val{args.heldout_val}_seed{args.heldout_seed}"
-        if not heldout.exists():
-            generate(heldout, train=0, val=args.heldout_val, seed=args.heldout_seed, varied_sizes=args.varied_sizes)
-        for name in args.runs:
+        parser.error(f"--heldout-seed and --data-seed are both {args.data_seed}: the held-out images would be "
+                     "copies of the training images")  # fmt: skip
+    started = time.monotonic()
+    generate_sets(args)
+    jobs: dict[tuple, Job] = {}
+    for family in args.families:
+        for set_name in args.sets:
             for seed in args.seeds:
-                scores = heldout_scores(name, seed, args, heldout)
-                results[name][seed].update(heldout_final=scores["final"], heldout_best=scores["best"])
-        title = f"On {args.heldout_val} held-out val images (generator seed {args.heldout_seed}):"
-        lines += ap_table(title, results, ("heldout_final", "heldout_best"), args)
-    text = "\n".join(lines)
+                for arm in sorted(args.arms, key=lambda a: a != "supervised"):  # the teachers first
+                    overrides = run_overrides(family, set_name, arm, seed, args)
+                    out = Path(args.out) / f"{family}_{set_name}" / f"{arm}_seed{seed}"
+                    job = Job(family, set_name, arm, seed, overrides, out)
+                    if arm not in ("supervised", "ema_baseline"):
+                        job.needs = [jobs[(family, set_name, "supervised", seed)]]
+                    jobs[(family, set_name, arm, seed)] = job
+    missing_teacher = [k for k in jobs if k[2] not in ("supervised", "ema_baseline")
+                       and (k[0], k[1], "supervised", k[3]) not in jobs]  # fmt: skip
+    if missing_teacher:
+        parser.error("guided arms need the supervised arm (their teacher) in --arms")
+    # The teachers first, then the rest: the slowest arms start while the cheap ones fill the other slot.
+    order = sorted(jobs.values(), key=lambda j: (j.arm != "supervised", j.family, j.set_name, j.seed))
+    run_jobs(order, args)
+    results = {key: read_run(job.out) for key, job in jobs.items() if job.state == "done"}
+    text = table(results, args) + f"\nWall time of this invocation: {(time.monotonic() - started) / 60:.1f} min.\n"
     print(text)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "results.md").write_text(text + "\n")
+    Path(args.out, "results.md").write_text(text)
+    if args.docs:
+        for path in (ROOT / "README.md", ROOT / "benchmarks" / "RESULTS.md"):
+            write_block(path, text)
+    failed = [job.name for job in jobs.values() if job.state != "done"]
+    if failed:
+        sys.exit(f"{len(failed)} run(s) did not finish: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ class RunState:
     nonfinite_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
     nonfinite_in_a_row: int = 0  # ... of them in a row (train.max_nonfinite_steps stops the run)
     replica_fingerprints: dict[str, list[float]] | None = None  # multi-process: weight checksums per rank
+    # `ssl.pseudo_label_score_threshold: auto`: the threshold the teacher check chose at the run's start
+    pseudo_label_score_threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None or k in ("best_step",)}
@@ -117,7 +119,7 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"{path} does not hold a step count")
     for key, kind in (("best_ap", (int, float)), ("data_skipped", int), ("nonfinite_steps", int),
-                      ("nonfinite_in_a_row", int)):  # fmt: skip
+                      ("nonfinite_in_a_row", int), ("pseudo_label_score_threshold", (int, float))):  # fmt: skip
         if key in state and (not isinstance(state[key], kind) or isinstance(state[key], bool)):
             raise CheckpointError(f"{path}: {key} is {state[key]!r}")
     return state

@@ -322,12 +322,23 @@ class SslConfig:
     unlabeled_includes_labeled: bool = True
     """As the paper: the unlabeled stream is every training image (labels ignored); `false` = only the
     images outside the labeled split."""
-    pseudo_label_score_threshold: float = 0.7
-    """Keep teacher queries whose max class probability exceeds this."""
+    pseudo_label_score_threshold: float | Literal["auto"] = 0.7
+    """Keep teacher queries whose max class probability exceeds this (the paper: 0.7, which assumes a calibrated,
+    pretrained teacher). `auto`: the teacher check chooses it before distillation, on its val images: the lowest
+    threshold of its sweep (0.05 to 0.95) whose pseudo labels reach `pseudo_label_target_precision`; a teacher
+    that reaches it nowhere stops the run with the figures (`gd_hf.teacher_check`). Needs the check on and a
+    fixed teacher (guided burn-in)."""
+    pseudo_label_target_precision: float = 0.6
+    """With `pseudo_label_score_threshold: auto`: the share of right pseudo labels (class and mask IoU >= 0.5)
+    the chosen threshold must reach on the check's images."""
     pseudo_label_min_area: float = 5.0
     """Keep teacher queries whose soft mask area (sum of sigmoids) exceeds this many mask pixels."""
     pseudo_label_mask_threshold: float = 0.5
     """Pseudo-label mask = sigmoid(mask logit) > this."""
+    pseudo_label_min_mask_pixels: int = 0
+    """Not in the paper (0 = off): drop a pseudo label whose hard mask has fewer pixels than this (at the teacher's
+    mask resolution). The soft-area rule passes a query whose mask sits just under the mask threshold, whose hard
+    mask is then empty: a target "this class, no pixels". Logged either way (`pseudo_labels_small_mask_per_image`)."""
     pseudo_label_max_overlap: float | None = None
     """Not in the paper (`null` = off, as the paper): drop a pseudo label whose mask IoU with a higher-scoring
     one of the same image exceeds this (mask NMS, e.g. 0.5). Against teachers that fire twice on one object."""

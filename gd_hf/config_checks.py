@@ -209,6 +209,35 @@ def _ssl_checks(recipe: Recipe) -> list[Check]:
         (0 <= s.teacher_check_min_precision <= 1, "ssl.teacher_check_min_precision", "must be in [0, 1]"),
         (s.teacher_check_min_label_ratio >= 0, "ssl.teacher_check_min_label_ratio", "must be >= 0"),
         (s.burn_in_steps >= 0, "ssl.burn_in_steps", "must be >= 0"),
+        (
+            s.pseudo_label_score_threshold == "auto" or 0 <= s.pseudo_label_score_threshold < 1,
+            "ssl.pseudo_label_score_threshold",
+            "must be in [0, 1) or `auto`",
+        ),
+        (
+            0 < s.pseudo_label_target_precision <= 1,
+            "ssl.pseudo_label_target_precision",
+            "must be in (0, 1]",
+        ),
+        (s.pseudo_label_min_mask_pixels >= 0, "ssl.pseudo_label_min_mask_pixels", "must be >= 0 (0: off)"),
+        (
+            not (s.enabled and s.pseudo_label_score_threshold == "auto" and s.teacher_check == "off"),
+            "ssl.pseudo_label_score_threshold",
+            "is `auto`, which the teacher check chooses, and ssl.teacher_check is off: set ssl.teacher_check to "
+            "stop or warn, or give a number (the paper: 0.7)",
+        ),
+        (
+            not (
+                s.enabled
+                and s.pseudo_label_score_threshold == "auto"
+                and s.teacher is None
+                and not s.train_teacher_first
+            ),  # fmt: skip
+            "ssl.pseudo_label_score_threshold",
+            "is `auto`, which the teacher check chooses on a fixed teacher, and this run has none (a burn-in on "
+            "labeled data only starts its EMA teacher from the student): give a number (the paper: 0.7), or a "
+            "teacher (ssl.teacher, or ssl.train_teacher_first: true)",
+        ),
         (s.unsup_loss_weight >= 0, "ssl.unsup_loss_weight", "must be >= 0"),
         (
             s.pseudo_label_max_overlap is None or 0 <= s.pseudo_label_max_overlap < 1,

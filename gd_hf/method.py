@@ -102,25 +102,37 @@ class PseudoLabelRule(Protocol):
 @dataclass(frozen=True)
 class PseudoLabelRules:
     """The paper's pseudo-label rules (see `filter_pseudo_labels`): drop "no object", keep a score above
-    `score_threshold` and a soft mask area above `min_soft_area` pixels, binarise at `mask_threshold`; plus the
-    optional mask NMS `max_overlap` (not in the paper; None = off)."""
+    `score_threshold` and a soft mask area above `min_soft_area` pixels, binarise at `mask_threshold`; plus two
+    of ours, off by default: a hard mask of at least `min_mask_pixels` pixels (0 = off) and the mask NMS
+    `max_overlap` (None = off).
 
-    score_threshold: float = 0.7
+    `score_threshold` None is `ssl.pseudo_label_score_threshold: auto` before the teacher check has chosen it
+    (`gd_hf.teacher_check.choose_threshold`): such rules refuse to make pseudo labels."""
+
+    score_threshold: float | None = 0.7
     min_soft_area: float = 5.0
     mask_threshold: float = 0.5
     max_overlap: float | None = None
+    min_mask_pixels: int = 0
 
     @classmethod
     def from_recipe(cls, ssl: SslConfig) -> PseudoLabelRules:
-        return cls(ssl.pseudo_label_score_threshold, ssl.pseudo_label_min_area, ssl.pseudo_label_mask_threshold,
-                   ssl.pseudo_label_max_overlap)  # fmt: skip
+        threshold = ssl.pseudo_label_score_threshold
+        return cls(None if threshold == "auto" else threshold, ssl.pseudo_label_min_area,
+                   ssl.pseudo_label_mask_threshold, ssl.pseudo_label_max_overlap,
+                   ssl.pseudo_label_min_mask_pixels)  # fmt: skip
 
     def with_score_threshold(self, threshold: float) -> PseudoLabelRules:
         return dataclasses.replace(self, score_threshold=threshold)
 
     def __call__(self, class_logits: torch.Tensor, mask_logits: torch.Tensor) -> PseudoLabels:
+        if self.score_threshold is None:
+            raise RuntimeError(
+                "ssl.pseudo_label_score_threshold is `auto` and no threshold has been chosen yet: the teacher check "
+                "chooses it (gd_hf.teacher_check.check_teacher) before the first pseudo label"
+            )
         return filter_pseudo_labels(class_logits, mask_logits, self.score_threshold, self.min_soft_area,
-                                    self.mask_threshold, self.max_overlap)  # fmt: skip
+                                    self.mask_threshold, self.max_overlap, self.min_mask_pixels)  # fmt: skip
 
 
 class GuidedDistillation:
@@ -305,6 +317,8 @@ def pseudo_label_figures(pseudo: PseudoLabels, unlabeled: dict[str, Any]) -> dic
         "pseudo_labels_per_image": sum(counts) / len(counts),
         "pseudo_label_score": float(all_scores.mean()) if len(all_scores) else 0.0,
     }
+    if pseudo.small_masks is not None:  # empty or tiny hard masks: kept (rule off) or dropped (see PseudoLabels)
+        figures["pseudo_labels_small_mask_per_image"] = sum(pseudo.small_masks) / len(counts)
     if any(len(c) for c in unlabeled["hidden_classes"]):
         quality = pseudo_label_quality(pseudo, unlabeled["hidden_masks"], unlabeled["hidden_classes"])
         figures.update({f"pseudo_{key}": value for key, value in quality.items() if value == value})  # not NaN

@@ -261,6 +261,8 @@ SERIES_KEYS = (
     "teacher_check/precision",
     "teacher_check/recall",
     "teacher_check/pseudo_labels_per_image",
+    "teacher_check/score_threshold",
+    "teacher_check/score_threshold_auto",
 )
 FIGURE_WIDTH_PX = 1200
 DPI = 100
@@ -353,6 +355,15 @@ def plot_pseudo_label_counts(ax: Axes, series: Series) -> list[Axes]:
     return [ax]
 
 
+def threshold_label(series: Series) -> str:
+    """`, score threshold 0.45 (auto)`: the pseudo-label threshold the teacher check measured (chose, with
+    `auto`), for the panel's title; '' when the log has none."""
+    if "teacher_check/score_threshold" not in series:
+        return ""
+    auto = " (auto)" if "teacher_check/score_threshold_auto" in series else ""
+    return f", score threshold {series['teacher_check/score_threshold'][1][-1]:g}{auto}"
+
+
 def plot_pseudo_label_quality(ax: Axes, series: Series) -> list[Axes]:
     """Panel: pseudo-label precision and recall against the hidden labels, the teacher check's as markers."""
     for key, color in (("precision", "C0"), ("recall", "C1")):
@@ -361,7 +372,7 @@ def plot_pseudo_label_quality(ax: Axes, series: Series) -> list[Axes]:
         if f"teacher_check/{key}" in series:
             ax.plot(*series[f"teacher_check/{key}"], "D", ms=8, color=color, label=f"teacher check {key}")
     ax.set_ylim(0, 1.02)
-    ax.set_title("pseudo-label precision / recall")
+    ax.set_title("pseudo-label precision / recall" + threshold_label(series))
     return [ax]
 
 

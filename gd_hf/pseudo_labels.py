@@ -10,11 +10,15 @@ import torch
 
 @dataclass
 class PseudoLabels:
-    """Per image: hard masks (N_i, h, w) as float and class ids (N_i,), plus each kept query's score."""
+    """Per image: hard masks (N_i, h, w) as float and class ids (N_i,), plus each kept query's score.
+    `small_masks` (monitoring; None for a rule that does not count them): per image, how many queries passed the
+    class, score and soft-area rules with a hard mask below `filter_pseudo_labels`' `min_mask_pixels` (at least 1:
+    an empty one), dropped when that rule is on, kept as "this class, no pixels" targets when it is off."""
 
     mask_labels: list[torch.Tensor]
     class_labels: list[torch.Tensor]
     scores: list[torch.Tensor]
+    small_masks: list[int] | None = None
 
     def counts(self) -> list[int]:
         return [len(c) for c in self.class_labels]
@@ -28,6 +32,7 @@ def filter_pseudo_labels(
     min_soft_area: float = 5.0,
     mask_threshold: float = 0.5,
     max_overlap: float | None = None,
+    min_mask_pixels: int = 0,
 ) -> PseudoLabels:
     """Keep the teacher's confident, non-empty, non-"no object" queries as hard targets.
 
@@ -36,6 +41,10 @@ def filter_pseudo_labels(
     2. keep those whose softmax max probability > `score_threshold`;
     3. keep those whose soft mask area (sum of sigmoid over the mask logits) > `min_soft_area` pixels;
     4. target class = arg-max, target mask = sigmoid(mask logit) > `mask_threshold`.
+    Optionally (not in the paper, 0 = off): 4b. drop those whose hard mask has fewer than `min_mask_pixels`
+    pixels. The soft-area rule (3) passes a query whose many pixels sit just under `mask_threshold`: its hard mask
+    is then empty or a few pixels, and it teaches "this class, no pixels". They are counted either way
+    (`PseudoLabels.small_masks`).
     Optionally (not in the paper, `None` = off): 5. going down by score, drop a pseudo label whose mask IoU with
     one already kept exceeds `max_overlap` (mask NMS). Mask2Former has no NMS, so a teacher that fires two
     queries on one object hands the student two targets for it, the student learns to fire twice, and an EMA
@@ -49,17 +58,21 @@ def filter_pseudo_labels(
     mask_probabilities = mask_logits.float().sigmoid()
     soft_area = mask_probabilities.flatten(2).sum(-1)  # (B, Q)
     keep = (labels != no_object) & (scores > score_threshold) & (soft_area > min_soft_area)
-    masks, classes, kept_scores = [], [], []
+    masks, classes, kept_scores, small = [], [], [], []
     for i in range(class_logits.shape[0]):
         hard = mask_probabilities[i, keep[i]] > mask_threshold
         image_classes, image_scores = labels[i, keep[i]], scores[i, keep[i]]
+        too_small = hard.flatten(1).sum(-1) < max(min_mask_pixels, 1)
+        small.append(int(too_small.sum()))
+        if min_mask_pixels > 0:
+            hard, image_classes, image_scores = hard[~too_small], image_classes[~too_small], image_scores[~too_small]
         if max_overlap is not None and len(image_scores) > 1:
             kept = _non_overlapping(hard, image_scores, max_overlap)
             hard, image_classes, image_scores = hard[kept], image_classes[kept], image_scores[kept]
         masks.append(hard.float())
         classes.append(image_classes)
         kept_scores.append(image_scores)
-    return PseudoLabels(masks, classes, kept_scores)
+    return PseudoLabels(masks, classes, kept_scores, small)
 
 
 def _non_overlapping(masks: torch.Tensor, scores: torch.Tensor, max_overlap: float) -> torch.Tensor:

@@ -27,6 +27,8 @@ logger = logging.getLogger("gd_hf.train")
 WRONG_KINDS = ("duplicate", "wrong_class", "mislocated", "background")
 # Score thresholds tried for the suggestion (the recipe's own is always measured too).
 SUGGESTION_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# The sweep `ssl.pseudo_label_score_threshold: auto` chooses from.
+AUTO_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 ... 0.95
 
 
 class TeacherCheckError(RecipeError):
@@ -89,7 +91,9 @@ def measure_teacher(
     family = family if family is not None else Mask2FormerFamily()
     rows = min(len(records), max_images)
     dataset = UnlabeledTrainDataset(records.select(range(rows)), data)
-    rules = {rule_threshold(rule): rule}
+    # Rules whose threshold `auto` has not chosen yet are measured at `thresholds` only.
+    unresolved = isinstance(rule, PseudoLabelRules) and rule.score_threshold is None
+    rules = {} if unresolved else {rule_threshold(rule): rule}
     if isinstance(rule, PseudoLabelRules):
         rules.update({t: rule.with_score_threshold(t) for t in thresholds if t != rule.score_threshold})
     rules = dict(sorted(rules.items()))
@@ -128,6 +132,33 @@ def suggested_threshold(reports: dict[float, TeacherReport]) -> TeacherReport:
     """The report whose threshold maximises F1 (a suggestion only: distillation wants precise pseudo labels
     more than complete ones)."""
     return max(reports.values(), key=lambda r: (r.f1, r.threshold))
+
+
+def choose_threshold(reports: dict[float, TeacherReport], target_precision: float) -> TeacherReport | None:
+    """`ssl.pseudo_label_score_threshold: auto`: the report of the lowest threshold whose pseudo labels reach
+    `target_precision` (the most pseudo labels at that precision: a lower threshold only adds labels); None when
+    no threshold of the sweep reaches it (or hands out any pseudo label)."""
+    reaching = [r for r in reports.values() if r.pseudo_labels and r.precision >= target_precision]
+    return min(reaching, key=lambda r: r.threshold) if reaching else None
+
+
+def sweep_table(reports: dict[float, TeacherReport], chosen: float | None = None) -> str:
+    """Every threshold of the sweep, one line each, the chosen one marked (the figures `auto` chose on)."""
+    lines = ["  threshold | labels / image | precision | recall |   F1"]
+    for t, r in sorted(reports.items()):
+        mark = "  <- chosen" if chosen is not None and t == chosen else ""
+        lines.append(f"  {t:9.2f} | {r.pseudo_labels / max(r.images, 1):14.2f} | {r.precision:9.2f} | "
+                     f"{r.recall:6.2f} | {r.f1:5.2f}{mark}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def sweep_figures(reports: dict[float, TeacherReport]) -> dict[str, float]:
+    """The sweep as flat metrics.jsonl figures: `precision@0.45`, `recall@0.45`, `labels_per_image@0.45`."""
+    figures = {}
+    for t, r in sorted(reports.items()):
+        figures.update({f"precision@{t:g}": r.precision, f"recall@{t:g}": r.recall,
+                        f"labels_per_image@{t:g}": r.pseudo_labels / max(r.images, 1)})  # fmt: skip
+    return figures
 
 
 def verdict(report: TeacherReport, min_precision: float, min_label_ratio: float) -> str | None:
@@ -171,17 +202,56 @@ def check_teacher(
 ) -> dict[str, float] | None:  # fmt: skip
     """`ssl.teacher_check`: measure the teacher on val under the run's pseudo-label `rule` (None: the recipe's
     `PseudoLabelRules`; the teacher predicts as `family`'s does), print the table, and stop (or warn) by the
-    verdict. Returns the figures logged to metrics.jsonl and the student's card (None with `off`)."""
+    verdict. Returns the figures logged to metrics.jsonl and the student's card (None with `off`).
+
+    With `ssl.pseudo_label_score_threshold: auto` the threshold is chosen here (`choose_threshold` over
+    `AUTO_THRESHOLDS`): `score_threshold` in the figures is the chosen one (`score_threshold_auto` 1), the sweep
+    it was chosen on is in them too (`precision@0.45`, ...), and the verdict judges it. A teacher whose pseudo
+    labels reach `ssl.pseudo_label_target_precision` at no threshold stops the run (with `warn`: its most precise
+    threshold is taken, with a warning)."""
     ssl = recipe.ssl
     if ssl.teacher_check == "off":
         return None
     rule = rule if rule is not None else PseudoLabelRules.from_recipe(ssl)
+    auto = ssl.pseudo_label_score_threshold == "auto"
+    if auto and not (isinstance(rule, PseudoLabelRules) and rule.score_threshold is None):
+        raise RecipeError(
+            "ssl.pseudo_label_score_threshold is `auto`, which needs the recipe's pseudo-label rules: a custom "
+            "pseudo_label_rule has no score threshold to choose; give the recipe a number"
+        )
     reports = measure_teacher(teacher, val, recipe.data, rule, divisibility, ssl.teacher_check_images,
-                              SUGGESTION_THRESHOLDS, family=family)  # fmt: skip
-    chosen, best = reports[rule_threshold(rule)], suggested_threshold(reports)
-    if show:
-        print(report_table(chosen, best), flush=True)
+                              AUTO_THRESHOLDS if auto else SUGGESTION_THRESHOLDS, family=family)  # fmt: skip
+    best = suggested_threshold(reports)
+    if auto:
+        chosen = choose_threshold(reports, ssl.pseudo_label_target_precision)
+        if chosen is None:
+            images = next(iter(reports.values())).images
+            message = (
+                f"the teacher {ssl.teacher} should not teach: its pseudo labels reach the target precision "
+                f"{ssl.pseudo_label_target_precision:g} (ssl.pseudo_label_target_precision) at no score threshold "
+                f"from {AUTO_THRESHOLDS[0]:g} to {AUTO_THRESHOLDS[-1]:g} on {images} val images:\n"
+                f"{sweep_table(reports)}\nWhat to do: train it longer (ssl.teacher_max_steps), start from a "
+                "pretrained backbone (model.pretrained), or lower ssl.pseudo_label_target_precision to what the "
+                "sweep shows it can reach (the F1-best threshold is "
+                f"{best.threshold:g}: precision {best.precision:.2f}, recall {best.recall:.2f}). "
+                "ssl.teacher_check=warn distills anyway at its most precise threshold."
+            )
+            if ssl.teacher_check == "stop":
+                raise TeacherCheckError(message)
+            logger.warning("%s", message)
+            chosen = max(reports.values(), key=lambda r: (r.precision, -r.threshold))
+        if show:
+            print(f"teacher check on {chosen.images} val images: ssl.pseudo_label_score_threshold=auto chose "
+                  f"{chosen.threshold:g}, the lowest threshold whose pseudo labels reach precision "
+                  f"{ssl.pseudo_label_target_precision:g}\n{sweep_table(reports, chosen.threshold)}", flush=True)  # fmt: skip
+    else:
+        chosen = reports[rule_threshold(rule)]
+        if show:
+            print(report_table(chosen, best), flush=True)
     figures = {**chosen.figures(), "suggested_score_threshold": best.threshold, "suggested_f1": best.f1}
+    if auto:
+        figures.update(score_threshold_auto=1.0, target_precision=ssl.pseudo_label_target_precision,
+                       **sweep_figures(reports))  # fmt: skip
     if not isinstance(rule, PseudoLabelRules):  # a custom rule: no threshold, no suggestion (and no NaN logged)
         figures = {
             k: v
@@ -190,12 +260,15 @@ def check_teacher(
         }
     problem = verdict(chosen, ssl.teacher_check_min_precision, ssl.teacher_check_min_label_ratio)
     if problem:
-        suggestion = (
-            f"try ssl.pseudo_label_score_threshold={best.threshold:g} (F1 {best.f1:.2f} there, against "
-            f"{chosen.f1:.2f} at {chosen.threshold:g}; a suggestion)"
-            if isinstance(rule, PseudoLabelRules)
-            else "try another pseudo-label rule"
-        )
+        if auto:
+            suggestion = f"lower ssl.pseudo_label_target_precision (auto chose {chosen.threshold:g})"
+        elif isinstance(rule, PseudoLabelRules):
+            suggestion = (
+                f"try ssl.pseudo_label_score_threshold={best.threshold:g} (F1 {best.f1:.2f} there, against "
+                f"{chosen.f1:.2f} at {chosen.threshold:g}; a suggestion), or =auto"
+            )
+        else:
+            suggestion = "try another pseudo-label rule"
         message = (
             f"the teacher {ssl.teacher} should not teach: {problem}. What to do: train it longer "
             f"(ssl.teacher_max_steps), start from a pretrained backbone (model.pretrained), or {suggestion}. "
@@ -212,8 +285,20 @@ def teacher_check_note(figures: dict[str, float]) -> str:
     custom = "score_threshold" not in figures  # a custom rule (see `check_teacher`)
     rule = "a custom pseudo-label rule" if custom else f"score threshold {figures['score_threshold']:g}"
     best = "" if custom else f"; the F1-best threshold was {figures['suggested_score_threshold']:g}"
-    return (
+    note = (
         f"Teacher check before distillation ({int(figures['images'])} val images, {rule}): "
         f"{figures['pseudo_labels_per_image']:.2f} pseudo labels per image for {figures['objects_per_image']:.2f} "
         f"objects, precision {figures['precision']:.2f}, recall {figures['recall']:.2f}{best}."
     )
+    if figures.get("score_threshold_auto"):
+        sweep = ", ".join(
+            f"{t:g}: {figures[f'precision@{t:g}']:.2f} / {figures[f'recall@{t:g}']:.2f}"
+            for t in AUTO_THRESHOLDS
+            if f"precision@{t:g}" in figures
+        )
+        note += (
+            f" The threshold was chosen by `ssl.pseudo_label_score_threshold: auto`: the lowest of "
+            f"{AUTO_THRESHOLDS[0]:g}-{AUTO_THRESHOLDS[-1]:g} whose pseudo labels reached precision "
+            f"{figures['target_precision']:g} on these images (precision / recall per threshold: {sweep})."
+        )
+    return note

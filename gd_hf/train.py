@@ -110,6 +110,13 @@ class TrainingRecipe:
                 f"pseudo_label_rule={pseudo_label_rule} differs from the recipe's ssl.pseudo_label_* keys: set those "
                 "keys instead (the recipe, the checkpoints and the model card then say what was used)"
             )
+        if (pseudo_label_rule is not None and not isinstance(pseudo_label_rule, PseudoLabelRules)
+                and recipe.ssl.enabled and recipe.ssl.pseudo_label_score_threshold == "auto"):  # fmt: skip
+            raise RecipeError(
+                "ssl.pseudo_label_score_threshold is `auto`, which the teacher check chooses for the recipe's "
+                f"pseudo-label rules; the custom pseudo_label_rule {describe_extension(pseudo_label_rule)} has no "
+                "score threshold to choose: give the recipe a number"
+            )
         self.pseudo_label_rule = pseudo_label_rule
         self.custom_family = model_family  # None: the recipe's `model.family`, built for each phase
         self.tracker_names = chosen_trackers(recipe.train.report_to)  # a missing package stops before any work
@@ -215,12 +222,14 @@ class TrainingRecipe:
             changes = check_relaunch(recipe, launch_recipe, saved, resume_from, self.extension_points(recipe))
         self.set_up_models(recipe, data)
         self.state = RunState.from_dict(saved) if saved is not None else RunState()
-        teacher_figures = None
-        if self.method.teacher is not None and recipe.ssl.teacher is not None and resume_from is None:
+        teacher_figures, auto = None, recipe.ssl.pseudo_label_score_threshold == "auto"
+        if self.method.teacher is not None and recipe.ssl.teacher is not None and (resume_from is None or auto):
             # Can this teacher teach? Measured before anything is written (a stop leaves only the teacher); a
-            # resumed run checked it at its start and does not again.
+            # resumed run checked it at its start and does not again, unless the check chooses its threshold.
             teacher_figures = check_teacher(self.method.teacher.model, data.val, recipe, self.divisibility,
                                             self.accelerator.is_main_process, self.method.rule, self.family)  # fmt: skip
+        if auto and teacher_figures is not None:
+            changes.update(self.use_chosen_threshold(teacher_figures["score_threshold"], resume_from))
         self.batches = build_train_batches(recipe, data, self.accelerator.process_index,
                                            self.accelerator.num_processes, self.divisibility, self.state.step,
                                            resume_from, self.family.black_padding)  # fmt: skip
@@ -228,8 +237,36 @@ class TrainingRecipe:
             load_checkpoint(self.accelerator, resume_from, self.checkpointed_states())
         hold_output_locks(self.accelerator, folders)
         self.write_run_files(self.state.step, resume_from is not None, changes)
-        self.set_up_publisher(teacher_figures)
+        self.set_up_publisher(teacher_figures, log_teacher_check=resume_from is None)
         self.log, self.skipped_since_checkpoint, self.metrics = LogWindow(), 0, {}
+
+    def use_chosen_threshold(self, threshold: float, resume_from: Path | None) -> dict[str, list[Any]]:
+        """`ssl.pseudo_label_score_threshold: auto`: the method's rule, the run state (every checkpoint records
+        it) and the card take the teacher check's choice. A resumed run that would now choose another (its teacher
+        or val images changed) is a change to what is trained: it stops unless `resume: force`. Returns the
+        change for the launch record ({} when none)."""
+        recorded, changes = self.state.pseudo_label_score_threshold, {}
+        if resume_from is not None and recorded != threshold:
+            key = "ssl.pseudo_label_score_threshold (auto)"
+            was = "not recorded" if recorded is None else f"{recorded:g}"
+            if self.recipe.resume != "force":
+                raise RecipeError(
+                    f"this relaunch changes what the run in {self.recipe.output_dir} trained (checkpoint "
+                    f"{resume_from.name}): ssl.pseudo_label_score_threshold=auto chose {was} at the run's start "
+                    f"and the teacher check now chooses {threshold:g} (the teacher or the val images changed). "
+                    "Start a new run (another output_dir), or relaunch with resume=force to go on with "
+                    f"{threshold:g} (the change is recorded in run_info.json and the model card)."
+                )
+            logger.warning("resume=force: going on from %s with the score threshold %g (was %s)", resume_from,
+                           threshold, was)  # fmt: skip
+            changes[key] = [recorded, threshold]
+        elif resume_from is not None:
+            logger.info("ssl.pseudo_label_score_threshold=auto: %g, as chosen at the run's start", threshold)
+        self.state.pseudo_label_score_threshold = threshold
+        self.method.rule = self.method.rule.with_score_threshold(threshold)
+        ssl = dataclasses.replace(self.recipe.ssl, pseudo_label_score_threshold=threshold)
+        self.recipe = dataclasses.replace(self.recipe, ssl=ssl)  # what the card says was used
+        return changes
 
     def set_up_models(self, recipe: Recipe, data: RunData) -> None:
         """The student, the method (with its teacher), the optimizer and the schedule, on this process's device,
@@ -280,8 +317,9 @@ class TrainingRecipe:
             accelerator.log_with = build_trackers(self.tracker_names, name, self.output_dir) + self.custom_trackers
             accelerator.init_trackers(name, config=hyperparameters(public_recipe(self.phase_recipe)))
 
-    def set_up_publisher(self, teacher_figures: dict[str, float] | None) -> None:
-        """Exports and pushes, with the card's notes: the launches of the run, the teacher check's figures."""
+    def set_up_publisher(self, teacher_figures: dict[str, float] | None, log_teacher_check: bool = True) -> None:
+        """Exports and pushes, with the card's notes: the launches of the run, the teacher check's figures (logged
+        to metrics.jsonl at a run's start; a resume's repeated check only reaches the card)."""
         recipe, data = self.recipe, self.data
         self.publisher = Publisher.for_run(recipe, self.image_processor, len(data.split.labeled),
                                            len(data.split.unlabeled), len(data.val), data.categories.names,
@@ -299,9 +337,10 @@ class TrainingRecipe:
             self.publisher.notes.append(
                 f"Trained with extension points passed from Python (not in the recipe): {points}."
             )
-        if teacher_figures is not None:
+        if teacher_figures is not None and log_teacher_check:
             log_record(self.accelerator, self.output_dir / "metrics.jsonl",
                        {"step": self.state.step, **{f"teacher_check/{k}": v for k, v in teacher_figures.items()}})  # fmt: skip
+        if teacher_figures is not None:
             self.publisher.notes.append(teacher_check_note(teacher_figures))
 
     # -- the loop -----------------------------------------------------------------------------------------------

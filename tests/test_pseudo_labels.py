@@ -141,3 +141,44 @@ def test_overlap_rule_is_a_recipe_setting():
     assert load_recipe(recipe, ["ssl.pseudo_label_max_overlap=null"]).ssl.pseudo_label_max_overlap is None
     with pytest.raises(RecipeError, match="ssl.pseudo_label_max_overlap"):
         load_recipe(recipe, ["ssl.pseudo_label_max_overlap=1.5"])
+
+
+def soft_but_empty(size: int = 8) -> torch.Tensor:
+    """(size, size) mask logits at sigmoid 0.4 everywhere: soft area 0.4 * 64 = 25.6 pixels (the soft-area rule
+    passes it), hard mask (> 0.5) empty."""
+    return torch.full((size, size), torch.logit(torch.tensor(0.4)).item())
+
+
+def test_an_empty_hard_mask_passes_the_papers_rules_is_counted_and_dropped_on_request():
+    classes = logits_for([[0.9, 0.05, 0.03, 0.02]] * 3)
+    masks = mask_logits([20, 0, 0])
+    masks[0, 1] = soft_but_empty()
+    masks[0, 1].view(-1)[:2] = 20.0  # query 1: a hard mask of 2 pixels
+    masks[0, 2] = soft_but_empty()  # query 2: what an EoMT run's picture counted but drew no pixel of
+    paper = filter_pseudo_labels(classes, masks)
+    assert paper.counts() == [3] and paper.mask_labels[0][2].sum() == 0  # "this class, no pixels" as a target
+    assert paper.small_masks == [1]  # counted: the empty one (off: below 1 pixel)
+    dropped = filter_pseudo_labels(classes, masks, min_mask_pixels=1)
+    assert dropped.counts() == [2] and dropped.small_masks == [1]
+    assert [int(m.sum()) for m in dropped.mask_labels[0]] == [20, 2]
+    tiny = filter_pseudo_labels(classes, masks, min_mask_pixels=4)  # query 1's 2 pixels go too
+    assert tiny.counts() == [1] and tiny.small_masks == [2] and tiny.mask_labels[0][0].sum() == 20
+
+
+def test_small_masks_reach_the_log_and_the_rule_is_a_recipe_setting():
+    from gd_hf.config import RecipeError, load_recipe
+    from gd_hf.method import PseudoLabelRules, pseudo_label_figures
+
+    classes = logits_for([[0.9, 0.05, 0.03, 0.02]] * 2)
+    masks = mask_logits([20, 0])
+    masks[0, 1] = soft_but_empty()
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "demo_synthetic.yaml"
+    rules = PseudoLabelRules.from_recipe(load_recipe(recipe, ["ssl.pseudo_label_min_mask_pixels=1"]).ssl)
+    assert rules.min_mask_pixels == 1 and rules(classes, masks).counts() == [1]
+    pseudo = PseudoLabelRules.from_recipe(load_recipe(recipe).ssl)(classes, masks)
+    figures = pseudo_label_figures(pseudo, {"hidden_classes": [torch.zeros(0, dtype=torch.long)]})
+    assert figures["pseudo_labels_small_mask_per_image"] == 1.0 and figures["pseudo_labels_per_image"] == 2.0
+    custom = PseudoLabels(pseudo.mask_labels, pseudo.class_labels, pseudo.scores)  # a rule that does not count
+    assert "pseudo_labels_small_mask_per_image" not in pseudo_label_figures(custom, {"hidden_classes": [[]]})
+    with pytest.raises(RecipeError, match="ssl.pseudo_label_min_mask_pixels"):
+        load_recipe(recipe, ["ssl.pseudo_label_min_mask_pixels=-1"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +196,190 @@ def test_the_check_and_the_benchmark_measure_the_same(squares, tmp_path, monkeyp
     direct = measure_teacher(model, data.val, recipe.data, PseudoLabelRules.from_recipe(recipe.ssl),
                              size_divisibility(model))[threshold]  # fmt: skip
     assert direct.figures()["precision"] == figures["precision"] == 1.0
+
+
+# -- ssl.pseudo_label_score_threshold: auto --------------------------------------------------------------------
+
+
+def report(threshold: float, labels: int, correct: int, objects: int = 10) -> check_module.TeacherReport:
+    return check_module.TeacherReport(threshold, 10, objects, labels, correct)
+
+
+def test_auto_chooses_the_lowest_threshold_whose_precision_reaches_the_target():
+    # A hand-built sweep, precision not monotone in the threshold: 0.50, 0.62, 0.80, 0.58, and no labels at 0.9.
+    sweep = {0.3: report(0.3, 20, 10), 0.45: report(0.45, 13, 8), 0.5: report(0.5, 10, 8), 0.6: report(0.6, 12, 7),
+             0.9: report(0.9, 0, 0)}  # fmt: skip
+    assert check_module.choose_threshold(sweep, 0.6).threshold == 0.45
+    assert check_module.choose_threshold(sweep, 0.5).threshold == 0.3  # reached exactly
+    assert check_module.choose_threshold(sweep, 0.7).threshold == 0.5
+    assert check_module.choose_threshold(sweep, 0.81) is None  # a threshold without pseudo labels is no answer
+    assert check_module.AUTO_THRESHOLDS[0] == 0.05 and check_module.AUTO_THRESHOLDS[-1] == 0.95
+
+
+def make_teacher_scored(monkeypatch, right: float, wrong: float):
+    """The teacher segments the red square exactly with two queries: query 0 calls it a square with probability
+    `right`, query 1 calls it "other" with probability `wrong` (precision 1 between the two scores, 0.5 below,
+    without the mask NMS, which would drop the second)."""
+    from transformers import Mask2FormerForUniversalSegmentation
+
+    real_forward = Mask2FormerForUniversalSegmentation.forward
+
+    def forward(self, pixel_values, **kwargs):
+        if self.training:
+            return real_forward(self, pixel_values=pixel_values, **kwargs)
+        outputs = perfect_outputs(pixel_values, self.config.num_queries, 2, torch.zeros(()))
+        masks, logits = outputs.masks_queries_logits.clone(), outputs.class_queries_logits.clone()
+        masks[:, 1] = masks[:, 0]
+        rest = (1 - right) / 2
+        logits[:, 0] = torch.tensor([right, rest, rest]).log()
+        logits[:, 1] = torch.tensor([(1 - wrong) / 2, wrong, (1 - wrong) / 2]).log()
+        outputs.masks_queries_logits, outputs.class_queries_logits = masks, logits
+        return outputs
+
+    monkeypatch.setattr(Mask2FormerForUniversalSegmentation, "forward", forward)
+
+
+SWEEP = 2 * 19  # the check's filterings of the 8 squares: 2 batches x 19 thresholds
+
+
+def spy_thresholds(monkeypatch) -> list[float]:
+    """The score thresholds of every pseudo-label filtering: the teacher check's sweep (19 thresholds, once per
+    batch of its 8 images, 4 a batch), then the student's steps (what flows into the loss)."""
+    import gd_hf.method as method_module
+
+    used, real = [], method_module.filter_pseudo_labels
+    monkeypatch.setattr(method_module, "filter_pseudo_labels",
+                        lambda c, m, threshold, *a: used.append(threshold) or real(c, m, threshold, *a))  # fmt: skip
+    return used
+
+
+def test_auto_threshold_reaches_the_rule_the_log_the_checkpoint_the_card_and_the_curves(
+    squares, tmp_path, monkeypatch, capsys
+):
+    from gd_hf.pictures import curve_series, threshold_label
+
+    recipe = load_recipe(RECIPE, tiny_overrides(squares, tmp_path / "x"))
+    teacher = export_teacher(tmp_path / "teacher", recipe)
+    make_teacher_scored(monkeypatch, right=0.62, wrong=0.42)
+    used = spy_thresholds(monkeypatch)
+    out = tmp_path / "run"
+    auto = ("ssl.pseudo_label_score_threshold=auto", "ssl.pseudo_label_target_precision=0.6",
+            "train.checkpoint_every=1", "ssl.pseudo_label_max_overlap=null")  # fmt: skip
+    train(load_recipe(RECIPE, squares_overrides(squares, out, teacher, *auto)))
+    assert sorted(set(used[:SWEEP])) == list(check_module.AUTO_THRESHOLDS)
+    assert used[SWEEP:] == [0.45, 0.45]  # both steps' pseudo labels: the lowest threshold at precision >= 0.6
+    printed = capsys.readouterr().out
+    assert "auto chose 0.45" in printed and "0.45 |" in printed and "<- chosen" in printed
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    (line,) = [r for r in records if "teacher_check/precision" in r]
+    assert line["teacher_check/score_threshold"] == 0.45 and line["teacher_check/score_threshold_auto"] == 1.0
+    assert line["teacher_check/precision"] == 1.0 and line["teacher_check/target_precision"] == 0.6
+    assert line["teacher_check/precision@0.4"] == 0.5 and line["teacher_check/labels_per_image@0.4"] == 2.0
+    assert line["teacher_check/labels_per_image@0.65"] == 0.0
+    state = json.loads(next((out / "checkpoints").glob("step_*/trainer_state.json")).read_text())
+    assert state["pseudo_label_score_threshold"] == 0.45
+    card = (out / "final" / "README.md").read_text()
+    assert "pseudo-label score threshold 0.45" in card
+    assert "chosen by `ssl.pseudo_label_score_threshold: auto`" in card and "precision 0.6 on these images" in card
+    assert "0.4: 0.50 / 1.00" in card  # the sweep it was chosen on
+    assert threshold_label(curve_series(records)) == ", score threshold 0.45 (auto)"
+    assert "auto" in (out / "final" / "recipe.yaml").read_text()  # training it again chooses again
+
+
+def test_a_resume_keeps_the_chosen_threshold_and_one_that_would_choose_another_is_not_silent(
+    squares, tmp_path, monkeypatch
+):
+    recipe = load_recipe(RECIPE, tiny_overrides(squares, tmp_path / "x"))
+    teacher = export_teacher(tmp_path / "teacher", recipe)
+    out = tmp_path / "run"
+    auto = ("ssl.pseudo_label_score_threshold=auto", "ssl.pseudo_label_target_precision=0.6",
+            "train.checkpoint_every=1", "train.max_steps=3", "ssl.pseudo_label_max_overlap=null")  # fmt: skip
+    real_save = train_module.save_checkpoint
+
+    def save_then_crash(accelerator, directory, step, *rest):
+        path = real_save(accelerator, directory, step, *rest)
+        if step == 1:
+            raise KeyboardInterrupt("simulated crash")
+        return path
+
+    make_teacher_scored(monkeypatch, right=0.62, wrong=0.42)
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_recipe(RECIPE, squares_overrides(squares, out, teacher, *auto)))
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    # The same teacher: the run goes on with its threshold, the check's line is logged once.
+    make_teacher_scored(monkeypatch, right=0.62, wrong=0.42)
+    used = spy_thresholds(monkeypatch)
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash_at(real_save, 2))
+    with pytest.raises(KeyboardInterrupt):
+        train(load_recipe(RECIPE, squares_overrides(squares, out, teacher, *auto)))
+    assert used[SWEEP:] == [0.45]  # the check ran again (to compare), the step used the recorded choice
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    # A teacher that now scores higher: auto would choose 0.55. Not silently: the relaunch stops, nothing written.
+    make_teacher_scored(monkeypatch, right=0.72, wrong=0.52)
+    before = (out / "run_info.json").read_text()
+    with pytest.raises(train_module.RecipeError, match=r"chose 0.45 at the run's start .* now chooses 0.55"):
+        train(load_recipe(RECIPE, squares_overrides(squares, out, teacher, *auto)))
+    assert (out / "run_info.json").read_text() == before
+    used.clear()
+    train(load_recipe(RECIPE, squares_overrides(squares, out, teacher, *auto, "resume=force")))
+    assert used[SWEEP:] == [0.55]  # step 3, the last
+    launches = json.loads((out / "run_info.json").read_text())
+    assert launches[-1]["recipe_changes"]["ssl.pseudo_label_score_threshold (auto)"] == [0.45, 0.55]
+    lines = [x for x in (out / "metrics.jsonl").read_text().splitlines() if "teacher_check/precision" in x]
+    assert len(lines) == 1
+
+
+def save_then_crash_at(real_save, crash_step: int):
+    def save(accelerator, directory, step, *rest):
+        path = real_save(accelerator, directory, step, *rest)
+        if step == crash_step:
+            raise KeyboardInterrupt("simulated crash")
+        return path
+
+    return save
+
+
+def test_auto_stops_a_teacher_that_reaches_the_target_nowhere_with_exit_2_and_the_figures(
+    squares, tmp_path, monkeypatch, capsys
+):
+    recipe = load_recipe(RECIPE, tiny_overrides(squares, tmp_path / "x"))
+    teacher = export_teacher(tmp_path / "teacher", recipe)
+    make_teacher_perfect(monkeypatch, right_class=False)  # every pseudo label has the wrong class
+    out = tmp_path / "run"
+    auto = ("ssl.pseudo_label_score_threshold=auto", "ssl.pseudo_label_target_precision=0.6")
+    assert main([RECIPE, *squares_overrides(squares, out, teacher, *auto)]) == 2
+    err = capsys.readouterr().err
+    assert "reach the target precision 0.6" in err and "at no score threshold from 0.05 to 0.95" in err
+    assert "0.50 |           1.00 |      0.00 |   0.00" in err  # the sweep's figures, one line per threshold
+    assert "ssl.pseudo_label_target_precision" in err and "ssl.teacher_check=warn" in err
+    assert not out.exists() or not any(out.iterdir())
+    # warn distills anyway, at the sweep's most precise threshold (all tie at 0: the lowest)
+    used = spy_thresholds(monkeypatch)
+    train(load_recipe(RECIPE, squares_overrides(squares, tmp_path / "warned", teacher, *auto,
+                                                "ssl.teacher_check=warn")))  # fmt: skip
+    assert used[SWEEP:] == [0.05, 0.05]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("ssl.teacher_check=off",), "which the teacher check chooses, and ssl.teacher_check is off"),
+        (("ssl.teacher=null", "ssl.burn_in_pseudo_labels=false"), "this run has none"),
+        (("ssl.pseudo_label_target_precision=0",), "ssl.pseudo_label_target_precision"),
+        (("ssl.pseudo_label_score_threshold=1.5",), "must be in [0, 1) or `auto`"),
+        (("ssl.pseudo_label_score_threshold=high",), "ssl.pseudo_label_score_threshold"),
+    ],
+)
+def test_auto_needs_the_check_and_a_fixed_teacher(squares, tmp_path, extra, message):
+    overrides = squares_overrides(squares, tmp_path / "run", tmp_path / "teacher",
+                                  "ssl.pseudo_label_score_threshold=auto", *extra)  # fmt: skip
+    with pytest.raises(train_module.RecipeError, match=re.escape(message)):
+        load_recipe(RECIPE, overrides)
+
+
+def test_auto_refuses_a_custom_rule_without_a_threshold(squares, tmp_path):
+    recipe = load_recipe(RECIPE, squares_overrides(squares, tmp_path / "run", tmp_path / "teacher",
+                                                   "ssl.pseudo_label_score_threshold=auto"))  # fmt: skip
+    with pytest.raises(train_module.RecipeError, match="has no score threshold to choose"):
+        train_module.TrainingRecipe(recipe, pseudo_label_rule=lambda c, m: None)
