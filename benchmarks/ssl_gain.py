@@ -6,6 +6,8 @@ demo; `mixed`, mixed sizes and aspect ratios with scale jitter 0.3-2.0, the pape
 same model, the same labeled images:
 
   (a) supervised   — the labeled images only, `--teacher-steps` steps; its `best/` export is also the teacher of (c)
+  (a') supervised_long — the same for `--steps` steps, as many as the students take (is (c) ahead only by
+                     training longer?)
   (b) ema_baseline — burn-in on labeled images only, then EMA teacher + pseudo labels (the earlier-work recipe;
                      its pseudo-label threshold is `--baseline-threshold`: it has no fixed teacher to choose one from)
   (c) guided       — guided burn-in with the pseudo labels of the frozen (a), then EMA distillation
@@ -46,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+BASELINES = ("supervised", "supervised_long", "ema_baseline")  # the arms without a teacher to wait for
 BEGIN, END = "<!-- ssl_gain:begin -->", "<!-- ssl_gain:end -->"
 SET_OVERRIDES = {
     "square": ["data.synthetic_varied_sizes=false"],  # the recipe's min_scale 1: whole crops, no padding
@@ -81,8 +84,8 @@ def run_overrides(family: str, set_name: str, arm: str, seed: int, args: argpars
     """The key=value overrides of one run."""
     data = data_folder(args, set_name)
     out = Path(args.out) / f"{family}_{set_name}" / f"{arm}_seed{seed}"
-    supervised = arm == "supervised"
-    steps = args.teacher_steps if supervised else args.steps
+    supervised = arm in ("supervised", "supervised_long")
+    steps = args.teacher_steps if arm == "supervised" else args.steps
     overrides = [
         f"output_dir={out}",
         # main() generated the data; this makes each run check the folder's image count and kind.
@@ -113,7 +116,9 @@ def run_overrides(family: str, set_name: str, arm: str, seed: int, args: argpars
     if family == "eomt":
         overrides.append(f"model.eomt_image_size={args.size}")
     if not supervised:
-        overrides += [f"ssl.burn_in_steps={args.burn_in}", f"ssl.ema_decay={args.ema_decay}"]
+        # `warn`: a teacher the check would stop still distills, so every arm has a figure (the check's own
+        # figures, and its warning, are in the run's metrics.jsonl and train.log).
+        overrides += [f"ssl.burn_in_steps={args.burn_in}", f"ssl.ema_decay={args.ema_decay}", "ssl.teacher_check=warn"]
     if arm == "ema_baseline":
         overrides += ["ssl.burn_in_pseudo_labels=false", f"ssl.pseudo_label_score_threshold={args.baseline_threshold}"]
     elif not supervised:
@@ -234,6 +239,50 @@ def read_run(out: Path) -> dict[str, float]:
     return row
 
 
+def read_course(out: Path, burn_in: int) -> dict[str, list[float] | float]:
+    """How one run went: val AP at each evaluation, and the pseudo labels (per image, precision, recall, small
+    hard masks) as means over the log lines of the burn-in and of the EMA phase."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    course: dict[str, list[float] | float] = {"val_AP": [r["val/AP"] for r in records if "val/AP" in r]}
+    for phase, lines in (("burn_in", [r for r in records if r["step"] <= burn_in]),
+                         ("ema", [r for r in records if r["step"] > burn_in])):  # fmt: skip
+        for key in ("pseudo_labels_per_image", "pseudo_precision", "pseudo_recall",
+                    "pseudo_labels_small_mask_per_image"):  # fmt: skip
+            values = [r[key] for r in lines if key in r]
+            if values:
+                course[f"{phase}/{key}"] = statistics.mean(values)
+    return course
+
+
+def course_table(courses: dict, args: argparse.Namespace) -> str:
+    """Per family, set and arm (means over the seeds): val AP at each evaluation, and the pseudo labels of the
+    burn-in and of the EMA phase — what the diagnosis of a losing student reads."""
+    lines = [
+        "How the runs went (means over the seeds; val AP on the 100 val images at each evaluation; pseudo labels "
+        "as the mean of the log lines of each phase, against the unlabeled images' hidden labels):",
+        "",
+        "| family / set / arm | val AP at each evaluation | burn-in: labels / image, precision, recall, small "
+        "masks / image | EMA: the same |",
+        "|---|---|---|---|",
+    ]
+    for (family, set_name, arm), runs in courses.items():
+        aps = list(zip(*[r["val_AP"] for r in runs]))
+        cells = []
+        for phase in ("burn_in", "ema"):
+            keys = (
+                "pseudo_labels_per_image",
+                "pseudo_precision",
+                "pseudo_recall",
+                "pseudo_labels_small_mask_per_image",
+            )
+            cells.append(" / ".join(
+                f"{statistics.mean(r[f'{phase}/{k}'] for r in runs):.2f}" if all(f"{phase}/{k}" in r for r in runs)
+                else "—" for k in keys))  # fmt: skip
+        lines.append(f"| {family} / {set_name} / {arm} | {' → '.join(f'{statistics.mean(a):.1f}' for a in aps)} "
+                     f"| {cells[0]} | {cells[1]} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def mean_sd(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.2f} ± {sd:.2f}"
@@ -264,6 +313,8 @@ def table(results: dict, args: argparse.Namespace) -> str:
         ]
         for set_name in args.sets:
             for arm in args.arms:
+                if f"{family}:{arm}" in args.skip:
+                    continue
                 rows = [results.get((family, set_name, arm, s)) for s in args.seeds]
                 if any(r is None or f"{key}_best" not in r for r in rows):
                     lines.append(f"| {set_name} | {arm} | — | missing | — | | | |")
@@ -281,8 +332,8 @@ def table(results: dict, args: argparse.Namespace) -> str:
                 )
         lines.append("")
         for set_name in args.sets:
-            for arm in [a for a in args.arms if a not in ("supervised", "ema_baseline")]:
-                for baseline, goal in (("supervised", 3.0), ("ema_baseline", 0.0)):
+            for arm in [a for a in args.arms if a not in BASELINES]:
+                for baseline, goal in (("supervised", 3.0), ("supervised_long", 3.0), ("ema_baseline", 0.0)):
                     pairs = [(results.get((family, set_name, arm, s)), results.get((family, set_name, baseline, s)))
                              for s in args.seeds]  # fmt: skip
                     if baseline not in args.arms or any(a is None or b is None or f"{key}_best" not in a
@@ -291,11 +342,12 @@ def table(results: dict, args: argparse.Namespace) -> str:
                     gains = [a[f"{key}_best"] - b[f"{key}_best"] for a, b in pairs]
                     wins = sum(g > 0 for g in gains)
                     target = goal if family == "mask2former" else 0.0
-                    met = statistics.mean(gains) >= target and (baseline != "supervised" or wins == len(gains))
+                    every_seed = baseline != "ema_baseline"
+                    met = statistics.mean(gains) >= target and (not every_seed or wins == len(gains))
                     lines.append(
                         f"- {set_name}: {arm} − {baseline} (`best/`): **{statistics.mean(gains):+.2f}** AP, per seed "
                         f"{' / '.join(f'{g:+.2f}' for g in gains)}, ahead in {wins} of {len(gains)} "
-                        f"(goal {'≥ +' if target else '> '}{target:g}{', every seed' if baseline == 'supervised' else ''}: "
+                        f"(goal {'≥ +' if target else '> '}{target:g}{', every seed' if every_seed else ''}: "
                         f"{'met' if met else 'not met'})"
                     )
         lines.append("")
@@ -320,9 +372,11 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", choices=("mask2former", "eomt"), default=["mask2former", "eomt"])
     parser.add_argument("--sets", nargs="+", choices=tuple(SET_OVERRIDES), default=list(SET_OVERRIDES))
     parser.add_argument("--arms", nargs="+", default=["supervised", "ema_baseline", "guided"],
-                        help="supervised, ema_baseline, guided and any --variant names")  # fmt: skip
+                        help="supervised, supervised_long, ema_baseline, guided and any --variant names")  # fmt: skip
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                         help="an arm: guided with these overrides (repeatable)")  # fmt: skip
+    parser.add_argument("--skip", nargs="+", default=[], metavar="FAMILY:ARM",
+                        help="arms not run for a family, e.g. eomt:ema_baseline")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each on --threads threads)")
     parser.add_argument("--threads", type=int, default=1)
@@ -339,12 +393,13 @@ def main() -> None:
     parser.add_argument("--heldout-val", type=int, default=500, help="held-out images (0: none)")
     parser.add_argument("--heldout-seed", type=int, default=7)
     parser.add_argument("--docs", action="store_true", help="write the table into README.md and RESULTS.md")
+    parser.add_argument("--table-only", action="store_true", help="tabulate the finished runs, train nothing")
     parser.add_argument("--out", default="outputs/ssl_gain")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_intermixed_args()
     args.argv = sys.argv[1:]
     args.variant_overrides = {v[0]: v[1:] for v in args.variant}
-    unknown = set(args.arms) - {"supervised", "ema_baseline", "guided", *args.variant_overrides}
+    unknown = set(args.arms) - {*BASELINES, "guided", *args.variant_overrides}
     if unknown:
         parser.error(f"--arms {sorted(unknown)}: not an arm (supervised, ema_baseline, guided, or a --variant name)")
     if args.heldout_val and args.heldout_seed == args.data_seed:
@@ -357,21 +412,36 @@ def main() -> None:
         for set_name in args.sets:
             for seed in args.seeds:
                 for arm in sorted(args.arms, key=lambda a: a != "supervised"):  # the teachers first
+                    if f"{family}:{arm}" in args.skip:
+                        continue
                     overrides = run_overrides(family, set_name, arm, seed, args)
                     out = Path(args.out) / f"{family}_{set_name}" / f"{arm}_seed{seed}"
                     job = Job(family, set_name, arm, seed, overrides, out)
-                    if arm not in ("supervised", "ema_baseline"):
+                    if arm not in BASELINES:
                         job.needs = [jobs[(family, set_name, "supervised", seed)]]
                     jobs[(family, set_name, arm, seed)] = job
-    missing_teacher = [k for k in jobs if k[2] not in ("supervised", "ema_baseline")
+    missing_teacher = [k for k in jobs if k[2] not in BASELINES
                        and (k[0], k[1], "supervised", k[3]) not in jobs]  # fmt: skip
     if missing_teacher:
         parser.error("guided arms need the supervised arm (their teacher) in --arms")
-    # The teachers first, then the rest: the slowest arms start while the cheap ones fill the other slot.
-    order = sorted(jobs.values(), key=lambda j: (j.arm != "supervised", j.family, j.set_name, j.seed))
-    run_jobs(order, args)
+    # Family by family in --families order (the first one's table is whole first), each family's teachers first,
+    # then arm by arm in --arms order.
+    rank = {arm: k for k, arm in enumerate(sorted(args.arms, key=lambda a: a != "supervised"))}
+    order = sorted(jobs.values(), key=lambda j: (args.families.index(j.family), rank[j.arm], j.set_name, j.seed))
+    if args.table_only:  # what has finished, without training anything
+        for job in order:
+            finished = (job.out / "final_metrics.json").is_file() and (
+                not args.heldout_val or (job.out / "heldout.json").is_file())  # fmt: skip
+            job.state = "done" if finished else "skipped"
+    else:
+        run_jobs(order, args)
     results = {key: read_run(job.out) for key, job in jobs.items() if job.state == "done"}
-    text = table(results, args) + f"\nWall time of this invocation: {(time.monotonic() - started) / 60:.1f} min.\n"
+    courses: dict[tuple, list] = {}
+    for (family, set_name, arm, _), job in jobs.items():
+        if job.state == "done":
+            courses.setdefault((family, set_name, arm), []).append(read_course(job.out, args.burn_in))
+    text = table(results, args) + "\n" + course_table(courses, args)
+    text += f"\nWall time of this invocation: {(time.monotonic() - started) / 60:.1f} min.\n"
     print(text)
     Path(args.out, "results.md").write_text(text)
     if args.docs:

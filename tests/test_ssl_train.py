@@ -138,7 +138,7 @@ def test_the_overlap_rule_of_the_recipe_reaches_the_pseudo_label_filter(
 
     def spy(*args, **kwargs):
         pseudo = real_filter(*args, **kwargs)
-        seen.append((args[-1], sum(pseudo.counts())))
+        seen.append((args[5], sum(pseudo.counts())))  # (class_logits, mask_logits, score, area, mask, overlap, ...)
         return pseudo
 
     monkeypatch.setattr(method_module, "filter_pseudo_labels", spy)

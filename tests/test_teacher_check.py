@@ -155,13 +155,7 @@ def test_off_skips_the_check_and_a_resumed_run_does_not_repeat_it(squares, tmp_p
     out = tmp_path / "resumed"
     warn = ("ssl.teacher_check=warn", "train.checkpoint_every=1")
     real_save = train_module.save_checkpoint
-
-    def save_then_crash(accelerator, directory, step, *rest):
-        path = real_save(accelerator, directory, step, *rest)
-        if step == 1:
-            raise KeyboardInterrupt("simulated crash")
-        return path
-
+    save_then_crash = save_then_crash_at(real_save, 1)
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train(load_recipe(RECIPE, squares_overrides(squares, out, teacher, *warn)))
@@ -295,13 +289,7 @@ def test_a_resume_keeps_the_chosen_threshold_and_one_that_would_choose_another_i
     auto = ("ssl.pseudo_label_score_threshold=auto", "ssl.pseudo_label_target_precision=0.6",
             "train.checkpoint_every=1", "train.max_steps=3", "ssl.pseudo_label_max_overlap=null")  # fmt: skip
     real_save = train_module.save_checkpoint
-
-    def save_then_crash(accelerator, directory, step, *rest):
-        path = real_save(accelerator, directory, step, *rest)
-        if step == 1:
-            raise KeyboardInterrupt("simulated crash")
-        return path
-
+    save_then_crash = save_then_crash_at(real_save, 1)
     make_teacher_scored(monkeypatch, right=0.62, wrong=0.42)
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):

@@ -1,0 +1,74 @@
+"""benchmarks/ssl_gain.py: the table it prints is computed from the runs' files (mean ± sd, per seed, the gains
+against the goals), and `--docs` writes it between the markers of a document, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def ssl_gain():
+    spec = importlib.util.spec_from_file_location("ssl_gain", ROOT / "benchmarks" / "ssl_gain.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ssl_gain"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(folder: Path, heldout_best: float, threshold: float | None = None) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "final_metrics.json").write_text(json.dumps({"final": {"AP": 1.0}, "best_ap": 2.0}))
+    (folder / "heldout.json").write_text(json.dumps({"final": heldout_best - 1, "best": heldout_best}))
+    lines = [{"step": 0, "pseudo_labels_per_image": 2.0, "pseudo_precision": 0.5, "pseudo_recall": 0.25},
+             {"step": 5, "pseudo_labels_per_image": 3.0, "pseudo_precision": 0.7, "pseudo_recall": 0.5}]  # fmt: skip
+    if threshold is not None:
+        lines.insert(0, {"step": 0, "teacher_check/score_threshold": threshold})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return folder
+
+
+def test_the_table_is_computed_from_the_runs(ssl_gain, tmp_path):
+    args = argparse.Namespace(
+        argv=["--seeds", "0", "1", "2"], train_images=2400, size=160, labeled_percent=2.0, teacher_steps=500,
+        steps=800, burn_in=560, ema_decay=0.999, seeds=[0, 1, 2], heldout_val=500, heldout_seed=7,
+        families=["mask2former"], sets=["square"], arms=["supervised", "guided"], skip=[],
+    )  # fmt: skip
+    supervised, guided = [20.0, 22.0, 24.0], [24.0, 26.5, 23.0]
+    results = {}
+    for seed in range(3):
+        results[("mask2former", "square", "supervised", seed)] = ssl_gain.read_run(
+            fake_run(tmp_path / f"s{seed}", supervised[seed])
+        )
+        results[("mask2former", "square", "guided", seed)] = ssl_gain.read_run(
+            fake_run(tmp_path / f"g{seed}", guided[seed], threshold=0.45))  # fmt: skip
+    text = ssl_gain.table(results, args)
+    assert "| square | supervised | 22.00 ± 2.00 | 20.00 / 22.00 / 24.00 | 21.00 ± 2.00 |" in text
+    # the last logged pseudo-label figures, and the teacher check's threshold
+    assert (
+        "| square | guided | 24.50 ± 1.80 | 24.00 / 26.50 / 23.00 |" in text and "| 3.00 / 0.70 / 0.50 | 0.45 |" in text
+    )
+    # +2.5 on average (goal +3) and behind in seed 2: not met
+    assert "guided − supervised (`best/`): **+2.50** AP, per seed +4.00 / +4.50 / -1.00, ahead in 2 of 3" in text
+    assert "not met" in text
+    del results[("mask2former", "square", "guided", 2)]
+    assert "| square | guided | — | missing |" in ssl_gain.table(results, args)
+
+
+def test_docs_get_the_table_between_their_markers_only(ssl_gain, tmp_path):
+    doc = tmp_path / "README.md"
+    doc.write_text(f"before\n{ssl_gain.BEGIN}\nold table\n{ssl_gain.END}\nafter\n")
+    ssl_gain.write_block(doc, "new table")
+    assert doc.read_text() == f"before\n{ssl_gain.BEGIN}\nnew table\n{ssl_gain.END}\nafter\n"
+    (tmp_path / "plain.md").write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no <!-- ssl_gain:begin -->"):
+        ssl_gain.write_block(tmp_path / "plain.md", "x")
+    assert (ROOT / "README.md").read_text().count(ssl_gain.BEGIN) == 1
+    assert (ROOT / "benchmarks" / "RESULTS.md").read_text().count(ssl_gain.BEGIN) == 1
