@@ -236,6 +236,7 @@ def read_run(out: Path) -> dict[str, float]:
     for line in (out / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         row.update({k: v for k, v in record.items() if k.startswith(("pseudo_", "teacher_check/"))})
+        row["run_seconds"] = max(row.get("run_seconds", 0.0), record.get("seconds_since_launch", 0.0))
     return row
 
 
@@ -417,13 +418,13 @@ def main() -> None:
                     overrides = run_overrides(family, set_name, arm, seed, args)
                     out = Path(args.out) / f"{family}_{set_name}" / f"{arm}_seed{seed}"
                     job = Job(family, set_name, arm, seed, overrides, out)
-                    if arm not in BASELINES:
-                        job.needs = [jobs[(family, set_name, "supervised", seed)]]
                     jobs[(family, set_name, arm, seed)] = job
-    missing_teacher = [k for k in jobs if k[2] not in BASELINES
-                       and (k[0], k[1], "supervised", k[3]) not in jobs]  # fmt: skip
-    if missing_teacher:
-        parser.error("guided arms need the supervised arm (their teacher) in --arms")
+    for (family, set_name, arm, seed), job in jobs.items():
+        if arm not in BASELINES:
+            teacher = jobs.get((family, set_name, "supervised", seed))
+            if teacher is None:
+                parser.error(f"{family}:{arm} needs the supervised arm (its teacher) in --arms, not skipped")
+            job.needs = [teacher]
     # Family by family in --families order (the first one's table is whole first), each family's teachers first,
     # then arm by arm in --arms order.
     rank = {arm: k for k, arm in enumerate(sorted(args.arms, key=lambda a: a != "supervised"))}
@@ -441,7 +442,18 @@ def main() -> None:
         if job.state == "done":
             courses.setdefault((family, set_name, arm), []).append(read_course(job.out, args.burn_in))
     text = table(results, args) + "\n" + course_table(courses, args)
-    text += f"\nWall time of this invocation: {(time.monotonic() - started) / 60:.1f} min.\n"
+    log = Path(args.out) / "invocations.jsonl"
+    if not args.table_only:  # each training invocation's wall time, so that the table can say what it all cost
+        with open(log, "a") as f:
+            f.write(json.dumps({"argv": args.argv, "wall_min": round((time.monotonic() - started) / 60, 1)}) + "\n")
+    walls = [json.loads(line)["wall_min"] for line in log.read_text().splitlines()] if log.is_file() else []
+    seconds = sum(r.get("run_seconds", 0.0) for r in results.values())
+    text += (
+        f"\nCost: the {len(results)} runs took {seconds / 60:.0f} process-minutes of training (launch to last log line; "
+        f"about {seconds / 60 / args.jobs:.0f} min of wall time at {args.jobs} at a time, plus generating the sets "
+        "and scoring); the script's training invocations into this folder took "
+        f"{sum(walls):.0f} min of wall time in all ({len(walls)} logged).\n"
+    )
     print(text)
     Path(args.out, "results.md").write_text(text)
     if args.docs:

@@ -230,13 +230,26 @@ def _ssl_checks(recipe: Recipe) -> list[Check]:
             not (
                 s.enabled
                 and s.pseudo_label_score_threshold == "auto"
-                and s.teacher is None
-                and not s.train_teacher_first
-            ),  # fmt: skip
+                and not (
+                    (s.teacher is not None or s.train_teacher_first) and s.burn_in_pseudo_labels and s.burn_in_steps > 0
+                )
+            ),
             "ssl.pseudo_label_score_threshold",
-            "is `auto`, which the teacher check chooses on a fixed teacher, and this run has none (a burn-in on "
-            "labeled data only starts its EMA teacher from the student): give a number (the paper: 0.7), or a "
-            "teacher (ssl.teacher, or ssl.train_teacher_first: true)",
+            "is `auto`, which the teacher check chooses for the fixed teacher of a guided burn-in, and this run "
+            "has none that teaches (no ssl.teacher, a burn-in on labeled data only, or ssl.burn_in_steps 0: its "
+            "first pseudo labels come from the student's copy): give a number (the paper: 0.7), or a guided "
+            "burn-in",
+        ),
+        (
+            not (
+                s.enabled
+                and s.pseudo_label_score_threshold == "auto"
+                and s.teacher_check != "off"
+                and s.pseudo_label_target_precision < s.teacher_check_min_precision
+            ),
+            "ssl.pseudo_label_target_precision",
+            f"({s.pseudo_label_target_precision}) is below ssl.teacher_check_min_precision "
+            f"({s.teacher_check_min_precision}): a threshold chosen at that precision would be stopped by the check",
         ),
         (s.unsup_loss_weight >= 0, "ssl.unsup_loss_weight", "must be >= 0"),
         (

@@ -166,7 +166,11 @@ def _training_phases(summary: RunSummary) -> str:
         f"Guided Distillation for {summary.step} steps: guided burn-in with a frozen supervised teacher for "
         f"{ssl.burn_in_steps} steps, then distillation from an EMA teacher (decay {ssl.ema_decay}); "
         f"unsupervised loss weight {ssl.unsup_loss_weight}, pseudo-label score threshold "
-        f"{ssl.pseudo_label_score_threshold}"
+        + (
+            "chosen by the teacher check (`auto`, see below)"
+            if ssl.pseudo_label_score_threshold == "auto"
+            else f"{ssl.pseudo_label_score_threshold}"
+        )
     )
 
 

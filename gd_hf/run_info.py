@@ -317,6 +317,14 @@ def check_relaunch(
         )
         return {}
     changes = recipe_changes(previous, recipe_to_dict(launch_recipe))
+    # A key added to gd_hf after the checkpoint was written (absent from its recipe) and left at its default
+    # changes nothing: the run trained as that default does.
+    saved_keys, defaults = flat_keys(previous), flat_keys(recipe_to_dict(Recipe()))
+    changes = {
+        key: change
+        for key, change in changes.items()
+        if key in saved_keys or key not in defaults or change[1] != defaults[key]
+    }
     # Extension points are not recipe keys: each checkpoint records their classes, and a relaunch that swaps one
     # changes what is trained as a changed key would.
     before, now = saved.get("extension_points") or {}, extension_points or {}

@@ -153,11 +153,12 @@ def sweep_table(reports: dict[float, TeacherReport], chosen: float | None = None
 
 
 def sweep_figures(reports: dict[float, TeacherReport]) -> dict[str, float]:
-    """The sweep as flat metrics.jsonl figures: `precision@0.45`, `recall@0.45`, `labels_per_image@0.45`."""
+    """The sweep as flat metrics.jsonl figures: `precision_at_0.45`, `recall_at_0.45`, `labels_per_image_at_0.45`
+    (no `@`: MLflow refuses it in a metric name)."""
     figures = {}
     for t, r in sorted(reports.items()):
-        figures.update({f"precision@{t:g}": r.precision, f"recall@{t:g}": r.recall,
-                        f"labels_per_image@{t:g}": r.pseudo_labels / max(r.images, 1)})  # fmt: skip
+        figures.update({f"precision_at_{t:g}": r.precision, f"recall_at_{t:g}": r.recall,
+                        f"labels_per_image_at_{t:g}": r.pseudo_labels / max(r.images, 1)})  # fmt: skip
     return figures
 
 
@@ -238,7 +239,8 @@ def check_teacher(
             )
             if ssl.teacher_check == "stop":
                 raise TeacherCheckError(message)
-            logger.warning("%s", message)
+            if show:
+                logger.warning("%s", message)
             chosen = max(reports.values(), key=lambda r: (r.precision, -r.threshold))
         if show:
             print(f"teacher check on {chosen.images} val images: ssl.pseudo_label_score_threshold=auto chose "
@@ -250,8 +252,9 @@ def check_teacher(
             print(report_table(chosen, best), flush=True)
     figures = {**chosen.figures(), "suggested_score_threshold": best.threshold, "suggested_f1": best.f1}
     if auto:
+        reached = chosen.pseudo_labels > 0 and chosen.precision >= ssl.pseudo_label_target_precision
         figures.update(score_threshold_auto=1.0, target_precision=ssl.pseudo_label_target_precision,
-                       **sweep_figures(reports))  # fmt: skip
+                       target_reached=float(reached), **sweep_figures(reports))  # fmt: skip
     if not isinstance(rule, PseudoLabelRules):  # a custom rule: no threshold, no suggestion (and no NaN logged)
         figures = {
             k: v
@@ -276,7 +279,8 @@ def check_teacher(
         )
         if ssl.teacher_check == "stop":
             raise TeacherCheckError(message)
-        logger.warning("%s", message)
+        if show:  # (every process measures; one says so)
+            logger.warning("%s", message)
     return figures
 
 
@@ -292,13 +296,19 @@ def teacher_check_note(figures: dict[str, float]) -> str:
     )
     if figures.get("score_threshold_auto"):
         sweep = ", ".join(
-            f"{t:g}: {figures[f'precision@{t:g}']:.2f} / {figures[f'recall@{t:g}']:.2f}"
+            f"{t:g}: {figures[f'precision_at_{t:g}']:.2f} / {figures[f'recall_at_{t:g}']:.2f}"
             for t in AUTO_THRESHOLDS
-            if f"precision@{t:g}" in figures
+            if f"precision_at_{t:g}" in figures
         )
+        if figures.get("target_reached", 1.0):
+            how = (f"the lowest of {AUTO_THRESHOLDS[0]:g}-{AUTO_THRESHOLDS[-1]:g} whose pseudo labels reached "
+                   f"precision {figures['target_precision']:g} on these images")  # fmt: skip
+        else:
+            how = (f"no threshold of {AUTO_THRESHOLDS[0]:g}-{AUTO_THRESHOLDS[-1]:g} reached the target precision "
+                   f"{figures['target_precision']:g} on these images, and with `ssl.teacher_check: warn` the run "
+                   "distilled at the most precise one")  # fmt: skip
         note += (
-            f" The threshold was chosen by `ssl.pseudo_label_score_threshold: auto`: the lowest of "
-            f"{AUTO_THRESHOLDS[0]:g}-{AUTO_THRESHOLDS[-1]:g} whose pseudo labels reached precision "
-            f"{figures['target_precision']:g} on these images (precision / recall per threshold: {sweep})."
+            f" The threshold was chosen by `ssl.pseudo_label_score_threshold: auto`: {how} (precision / recall "
+            f"per threshold: {sweep})."
         )
     return note

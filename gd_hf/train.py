@@ -110,12 +110,13 @@ class TrainingRecipe:
                 f"pseudo_label_rule={pseudo_label_rule} differs from the recipe's ssl.pseudo_label_* keys: set those "
                 "keys instead (the recipe, the checkpoints and the model card then say what was used)"
             )
-        if (pseudo_label_rule is not None and not isinstance(pseudo_label_rule, PseudoLabelRules)
-                and recipe.ssl.enabled and recipe.ssl.pseudo_label_score_threshold == "auto"):  # fmt: skip
+        unresolved = isinstance(pseudo_label_rule, PseudoLabelRules) and pseudo_label_rule.score_threshold is None
+        if (pseudo_label_rule is not None and not unresolved and recipe.ssl.enabled
+                and recipe.ssl.pseudo_label_score_threshold == "auto"):  # fmt: skip
             raise RecipeError(
                 "ssl.pseudo_label_score_threshold is `auto`, which the teacher check chooses for the recipe's "
-                f"pseudo-label rules; the custom pseudo_label_rule {describe_extension(pseudo_label_rule)} has no "
-                "score threshold to choose: give the recipe a number"
+                f"pseudo-label rules; the pseudo_label_rule {describe_extension(pseudo_label_rule)} has no score "
+                "threshold for it to choose (or a fixed one): give the recipe a number"
             )
         self.pseudo_label_rule = pseudo_label_rule
         self.custom_family = model_family  # None: the recipe's `model.family`, built for each phase
@@ -228,8 +229,12 @@ class TrainingRecipe:
             # resumed run checked it at its start and does not again, unless the check chooses its threshold.
             teacher_figures = check_teacher(self.method.teacher.model, data.val, recipe, self.divisibility,
                                             self.accelerator.is_main_process, self.method.rule, self.family)  # fmt: skip
+        threshold_changed = False
         if auto and teacher_figures is not None:
-            changes.update(self.use_chosen_threshold(teacher_figures["score_threshold"], resume_from))
+            teacher_figures = self.same_on_every_process(teacher_figures)
+            threshold_change = self.use_chosen_threshold(teacher_figures["score_threshold"], resume_from)
+            changes.update(threshold_change)
+            threshold_changed = bool(threshold_change)
         self.batches = build_train_batches(recipe, data, self.accelerator.process_index,
                                            self.accelerator.num_processes, self.divisibility, self.state.step,
                                            resume_from, self.family.black_padding)  # fmt: skip
@@ -237,8 +242,18 @@ class TrainingRecipe:
             load_checkpoint(self.accelerator, resume_from, self.checkpointed_states())
         hold_output_locks(self.accelerator, folders)
         self.write_run_files(self.state.step, resume_from is not None, changes)
-        self.set_up_publisher(teacher_figures, log_teacher_check=resume_from is None)
+        # A resume re-measures for `auto` only to compare: logged again only when it changed the threshold.
+        self.set_up_publisher(teacher_figures, log_teacher_check=resume_from is None or threshold_changed)
         self.log, self.skipped_since_checkpoint, self.metrics = LogWindow(), 0, {}
+
+    def same_on_every_process(self, figures: dict[str, float]) -> dict[str, float]:
+        """The main process's teacher-check figures on every process: each measures, and float sums on different
+        devices could put one on the other side of a threshold; the threshold must be one."""
+        if self.accelerator.num_processes == 1:
+            return figures
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([figures])[0]
 
     def use_chosen_threshold(self, threshold: float, resume_from: Path | None) -> dict[str, list[Any]]:
         """`ssl.pseudo_label_score_threshold: auto`: the method's rule, the run state (every checkpoint records

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import gd_hf.teacher_check as check_module
@@ -268,8 +269,8 @@ def test_auto_threshold_reaches_the_rule_the_log_the_checkpoint_the_card_and_the
     (line,) = [r for r in records if "teacher_check/precision" in r]
     assert line["teacher_check/score_threshold"] == 0.45 and line["teacher_check/score_threshold_auto"] == 1.0
     assert line["teacher_check/precision"] == 1.0 and line["teacher_check/target_precision"] == 0.6
-    assert line["teacher_check/precision@0.4"] == 0.5 and line["teacher_check/labels_per_image@0.4"] == 2.0
-    assert line["teacher_check/labels_per_image@0.65"] == 0.0
+    assert line["teacher_check/precision_at_0.4"] == 0.5 and line["teacher_check/labels_per_image_at_0.4"] == 2.0
+    assert line["teacher_check/labels_per_image_at_0.65"] == 0.0 and line["teacher_check/target_reached"] == 1.0
     state = json.loads(next((out / "checkpoints").glob("step_*/trainer_state.json")).read_text())
     assert state["pseudo_label_score_threshold"] == 0.45
     card = (out / "final" / "README.md").read_text()
@@ -277,7 +278,8 @@ def test_auto_threshold_reaches_the_rule_the_log_the_checkpoint_the_card_and_the
     assert "chosen by `ssl.pseudo_label_score_threshold: auto`" in card and "precision 0.6 on these images" in card
     assert "0.4: 0.50 / 1.00" in card  # the sweep it was chosen on
     assert threshold_label(curve_series(records)) == ", score threshold 0.45 (auto)"
-    assert "auto" in (out / "final" / "recipe.yaml").read_text()  # training it again chooses again
+    # training it again chooses again
+    assert yaml.safe_load((out / "final" / "recipe.yaml").read_text())["ssl"]["pseudo_label_score_threshold"] == "auto"
 
 
 def test_a_resume_keeps_the_chosen_threshold_and_one_that_would_choose_another_is_not_silent(
@@ -314,8 +316,9 @@ def test_a_resume_keeps_the_chosen_threshold_and_one_that_would_choose_another_i
     assert used[SWEEP:] == [0.55]  # step 3, the last
     launches = json.loads((out / "run_info.json").read_text())
     assert launches[-1]["recipe_changes"]["ssl.pseudo_label_score_threshold (auto)"] == [0.45, 0.55]
-    lines = [x for x in (out / "metrics.jsonl").read_text().splitlines() if "teacher_check/precision" in x]
-    assert len(lines) == 1
+    # logged at the start and again when the threshold changed (the curves show the new one); not at the plain resume
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "teacher_check/precision" in x]
+    assert [(x["step"], x["teacher_check/score_threshold"]) for x in lines] == [(0, 0.45), (2, 0.55)]
 
 
 def save_then_crash_at(real_save, crash_step: int):
@@ -347,13 +350,18 @@ def test_auto_stops_a_teacher_that_reaches_the_target_nowhere_with_exit_2_and_th
     train(load_recipe(RECIPE, squares_overrides(squares, tmp_path / "warned", teacher, *auto,
                                                 "ssl.teacher_check=warn")))  # fmt: skip
     assert used[SWEEP:] == [0.05, 0.05]
+    card = (tmp_path / "warned" / "final" / "README.md").read_text()
+    assert "no threshold of 0.05-0.95 reached the target precision 0.6" in card and "reached precision" not in card
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
         (("ssl.teacher_check=off",), "which the teacher check chooses, and ssl.teacher_check is off"),
-        (("ssl.teacher=null", "ssl.burn_in_pseudo_labels=false"), "this run has none"),
+        (("ssl.teacher=null", "ssl.burn_in_pseudo_labels=false"), "this run has none that teaches"),
+        (("ssl.burn_in_pseudo_labels=false",), "this run has none that teaches"),  # a teacher that never teaches
+        (("ssl.burn_in_steps=0",), "this run has none that teaches"),
+        (("ssl.pseudo_label_target_precision=0.2",), "is below ssl.teacher_check_min_precision (0.3)"),
         (("ssl.pseudo_label_target_precision=0",), "ssl.pseudo_label_target_precision"),
         (("ssl.pseudo_label_score_threshold=1.5",), "must be in [0, 1) or `auto`"),
         (("ssl.pseudo_label_score_threshold=high",), "ssl.pseudo_label_score_threshold"),
@@ -369,5 +377,31 @@ def test_auto_needs_the_check_and_a_fixed_teacher(squares, tmp_path, extra, mess
 def test_auto_refuses_a_custom_rule_without_a_threshold(squares, tmp_path):
     recipe = load_recipe(RECIPE, squares_overrides(squares, tmp_path / "run", tmp_path / "teacher",
                                                    "ssl.pseudo_label_score_threshold=auto"))  # fmt: skip
-    with pytest.raises(train_module.RecipeError, match="has no score threshold to choose"):
+    with pytest.raises(train_module.RecipeError, match="has no score threshold for it to choose"):
         train_module.TrainingRecipe(recipe, pseudo_label_rule=lambda c, m: None)
+
+    class Fixed(PseudoLabelRules):  # a subclass with a threshold of its own
+        pass
+
+    with pytest.raises(train_module.RecipeError, match="or a fixed one"):
+        train_module.TrainingRecipe(recipe, pseudo_label_rule=Fixed(score_threshold=0.5))
+    unresolved = PseudoLabelRules.from_recipe(recipe.ssl)  # the recipe's own rules, passed in: accepted
+    assert unresolved.score_threshold is None
+    train_module.TrainingRecipe(recipe, pseudo_label_rule=unresolved)
+    with pytest.raises(RuntimeError, match="no threshold has been chosen yet"):
+        unresolved(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4, 4))
+
+
+def test_a_checkpoint_written_before_the_new_keys_resumes_unchanged_unless_they_are_set(squares, tmp_path):
+    from gd_hf.config import recipe_to_dict
+    from gd_hf.run_info import check_relaunch
+
+    recipe = load_recipe(RECIPE, squares_overrides(squares, tmp_path / "run", tmp_path / "teacher"))
+    before = recipe_to_dict(recipe)
+    for key in ("pseudo_label_target_precision", "pseudo_label_min_mask_pixels"):
+        del before["ssl"][key]  # what a checkpoint of the code before these keys records
+    assert check_relaunch(recipe, recipe, {"recipe": before}, tmp_path / "step_1") == {}
+    changed = load_recipe(RECIPE, squares_overrides(squares, tmp_path / "run", tmp_path / "teacher",
+                                                    "ssl.pseudo_label_min_mask_pixels=3"))  # fmt: skip
+    with pytest.raises(train_module.RecipeError, match="ssl.pseudo_label_min_mask_pixels"):
+        check_relaunch(changed, changed, {"recipe": before}, tmp_path / "step_1")
