@@ -398,7 +398,7 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/ssl_gain")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_intermixed_args()
-    args.argv = sys.argv[1:]
+    args.argv = [a for a in sys.argv[1:] if a not in ("--table-only", "--docs")]  # the command that trains it all
     args.variant_overrides = {v[0]: v[1:] for v in args.variant}
     unknown = set(args.arms) - {*BASELINES, "guided", *args.variant_overrides}
     if unknown:
