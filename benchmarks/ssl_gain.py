@@ -318,7 +318,11 @@ def table(results: dict, args: argparse.Namespace) -> str:
                     continue
                 rows = [results.get((family, set_name, arm, s)) for s in args.seeds]
                 if any(r is None or f"{key}_best" not in r for r in rows):
-                    lines.append(f"| {set_name} | {arm} | — | missing | — | | | |")
+                    done = [r for r in rows if r is not None and f"{key}_best" in r]
+                    seeds = " / ".join(f"{r[f'{key}_best']:.2f}" if r in done else "—" for r in rows)
+                    lines.append(
+                        f"| {set_name} | {arm} | missing ({len(done)} of {len(rows)} seeds) | {seeds} | — | | | |"
+                    )
                     continue
                 best, final = [r[f"{key}_best"] for r in rows], [r[f"{key}_final"] for r in rows]
                 quality = " / ".join(
