@@ -36,7 +36,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return coerce(value, arg, key)
             except RecipeError as e:
                 errors.append(str(e))
-        raise RecipeError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a valid {_type_name(tp)}")
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a {_type_name(tp)}")
     if origin is Literal:
         if isinstance(value, bool) and ("off" if not value else "on") in args:
             value = "off" if not value else "on"  # YAML 1.1 reads a bare `off` / `on` as a boolean
@@ -74,7 +74,15 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+    """What a value of `tp` may be, in words: `number or 'auto'` for `float | Literal["auto"]`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    if origin is Literal:
+        return " or ".join(map(repr, args))
+    return {float: "number", int: "integer", bool: "true/false", str: "string"}.get(tp) or getattr(
+        tp, "__name__", str(tp).replace("typing.", "")
+    )
 
 
 def unknown_key(key: str, valid: list[str]) -> RecipeError:

@@ -364,7 +364,10 @@ def test_auto_stops_a_teacher_that_reaches_the_target_nowhere_with_exit_2_and_th
         (("ssl.pseudo_label_target_precision=0.2",), "is below ssl.teacher_check_min_precision (0.3)"),
         (("ssl.pseudo_label_target_precision=0",), "ssl.pseudo_label_target_precision"),
         (("ssl.pseudo_label_score_threshold=1.5",), "must be in [0, 1) or `auto`"),
-        (("ssl.pseudo_label_score_threshold=high",), "ssl.pseudo_label_score_threshold"),
+        (
+            ("ssl.pseudo_label_score_threshold=high",),
+            "ssl.pseudo_label_score_threshold: 'high' is not a number or 'auto'",
+        ),
     ],
 )
 def test_auto_needs_the_check_and_a_fixed_teacher(squares, tmp_path, extra, message):
