@@ -12,6 +12,10 @@ same model, the same labeled images:
                      its pseudo-label threshold is `--baseline-threshold`: it has no fixed teacher to choose one from)
   (c) guided       — guided burn-in with the pseudo labels of the frozen (a), then EMA distillation
   plus any `--variant NAME key=value ...`: (c) with those overrides (e.g. the paper's threshold against `auto`).
+  In a variant's values `{run:ARM}` is the same family / set / seed's run folder of arm ARM (the variant then
+  waits for it), e.g. `ssl.teacher={run:supervised_long}/best` (a teacher as long as the student) or
+  `model.pretrained={run:supervised}/best` (a student that starts from its teacher's weights); a variant with
+  `ssl.enabled=false` is a supervised arm.
 
     python benchmarks/ssl_gain.py [--families mask2former eomt] [--sets square mixed] [--seeds 0 1 2]
         [--jobs 2] [--steps 800] [--teacher-steps 500] [--burn-in 560] [--size 160] [--docs] [--out DIR]
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -50,6 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("supervised", "supervised_long", "ema_baseline")  # the arms without a teacher to wait for
 BEGIN, END = "<!-- ssl_gain:begin -->", "<!-- ssl_gain:end -->"
+RUN_PLACEHOLDER = re.compile(r"\{run:(\w+)\}")  # `{run:ARM}` in a variant's value: that arm's run folder
 SET_OVERRIDES = {
     "square": ["data.synthetic_varied_sizes=false"],  # the recipe's min_scale 1: whole crops, no padding
     "mixed": ["data.synthetic_varied_sizes=true", "data.min_scale=0.3", "data.max_scale=2.0"],
@@ -83,7 +89,7 @@ def heldout_folder(args: argparse.Namespace, set_name: str) -> Path:
 def run_overrides(family: str, set_name: str, arm: str, seed: int, args: argparse.Namespace) -> list[str]:
     """The key=value overrides of one run."""
     data = data_folder(args, set_name)
-    out = Path(args.out) / f"{family}_{set_name}" / f"{arm}_seed{seed}"
+    out = run_folder(args, family, set_name, arm, seed)
     supervised = arm in ("supervised", "supervised_long")
     steps = args.teacher_steps if arm == "supervised" else args.steps
     overrides = [
@@ -125,9 +131,27 @@ def run_overrides(family: str, set_name: str, arm: str, seed: int, args: argpars
         teacher = Path(args.out) / f"{family}_{set_name}" / f"supervised_seed{seed}" / "best"
         overrides.append(f"ssl.teacher={teacher}")
     overrides += args.overrides
-    if arm in args.variant_overrides:
-        overrides += args.variant_overrides[arm]
+    for override in args.variant_overrides.get(arm, []):
+        overrides.append(RUN_PLACEHOLDER.sub(lambda m: str(run_folder(args, family, set_name, m[1], seed)), override))
     return overrides
+
+
+def run_folder(args: argparse.Namespace, family: str, set_name: str, arm: str, seed: int) -> Path:
+    return Path(args.out) / f"{family}_{set_name}" / f"{arm}_seed{seed}"
+
+
+def arms_needed(arm: str, args: argparse.Namespace) -> list[str]:
+    """The arms whose runs `arm` starts from: (a) for the guided arms (their teacher, unless a variant names
+    another), and those a variant names with `{run:ARM}`."""
+    named = [m[1] for o in args.variant_overrides.get(arm, []) for m in RUN_PLACEHOLDER.finditer(o)]
+    default = [] if arm in BASELINES or supervised_variant(arm, args) else ["supervised"]
+    return list(dict.fromkeys(default + named))
+
+
+def supervised_variant(arm: str, args: argparse.Namespace) -> bool:
+    """A `--variant` with `ssl.enabled=false`: a supervised arm (e.g. (a) trained on for as long as a student that
+    starts from it), compared with the guided arms rather than against the baselines."""
+    return "ssl.enabled=false" in args.variant_overrides.get(arm, [])
 
 
 def train_and_score(job: Job, args: argparse.Namespace) -> None:
@@ -336,9 +360,11 @@ def table(results: dict, args: argparse.Namespace) -> str:
                     f"| {' / '.join(f'{a:.2f}' for a in final)} | {quality} | {chosen} |"
                 )
         lines.append("")
+        supervised_variants = [(a, 3.0) for a in args.arms if supervised_variant(a, args)]
         for set_name in args.sets:
-            for arm in [a for a in args.arms if a not in BASELINES]:
-                for baseline, goal in (("supervised", 3.0), ("supervised_long", 3.0), ("ema_baseline", 0.0)):
+            for arm in [a for a in args.arms if a not in BASELINES and not supervised_variant(a, args)]:
+                for baseline, goal in (("supervised", 3.0), ("supervised_long", 3.0), ("ema_baseline", 0.0),
+                                       *supervised_variants):  # fmt: skip
                     pairs = [(results.get((family, set_name, arm, s)), results.get((family, set_name, baseline, s)))
                              for s in args.seeds]  # fmt: skip
                     if baseline not in args.arms or any(a is None or b is None or f"{key}_best" not in a
@@ -407,6 +433,10 @@ def main() -> None:
     unknown = set(args.arms) - {*BASELINES, "guided", *args.variant_overrides}
     if unknown:
         parser.error(f"--arms {sorted(unknown)}: not an arm (supervised, ema_baseline, guided, or a --variant name)")
+    for name, overrides in args.variant_overrides.items():
+        for arm in (m[1] for o in overrides for m in RUN_PLACEHOLDER.finditer(o)):
+            if arm not in {*BASELINES, "guided", *args.variant_overrides} or arm == name:
+                parser.error(f"--variant {name}: {{run:{arm}}} is not another arm")
     if args.heldout_val and args.heldout_seed == args.data_seed:
         parser.error(f"--heldout-seed and --data-seed are both {args.data_seed}: the held-out images would be "
                      "copies of the training images")  # fmt: skip
@@ -424,11 +454,10 @@ def main() -> None:
                     job = Job(family, set_name, arm, seed, overrides, out)
                     jobs[(family, set_name, arm, seed)] = job
     for (family, set_name, arm, seed), job in jobs.items():
-        if arm not in BASELINES:
-            teacher = jobs.get((family, set_name, "supervised", seed))
-            if teacher is None:
-                parser.error(f"{family}:{arm} needs the supervised arm (its teacher) in --arms, not skipped")
-            job.needs = [teacher]
+        for needed in arms_needed(arm, args):
+            if (family, set_name, needed, seed) not in jobs:
+                parser.error(f"{family}:{arm} starts from the {needed} arm's runs: put {needed} in --arms, not skipped")
+            job.needs.append(jobs[(family, set_name, needed, seed)])
     # Family by family in --families order (the first one's table is whole first), each family's teachers first,
     # then arm by arm in --arms order.
     rank = {arm: k for k, arm in enumerate(sorted(args.arms, key=lambda a: a != "supervised"))}

@@ -39,7 +39,7 @@ def test_the_table_is_computed_from_the_runs(ssl_gain, tmp_path):
     args = argparse.Namespace(
         argv=["--seeds", "0", "1", "2"], train_images=2400, size=160, labeled_percent=2.0, teacher_steps=500,
         steps=800, burn_in=560, ema_decay=0.999, seeds=[0, 1, 2], heldout_val=500, heldout_seed=7,
-        families=["mask2former"], sets=["square"], arms=["supervised", "guided"], skip=[],
+        families=["mask2former"], sets=["square"], arms=["supervised", "guided"], skip=[], variant_overrides={},
     )  # fmt: skip
     supervised, guided = [20.0, 22.0, 24.0], [24.0, 26.5, 23.0]
     results = {}
@@ -72,3 +72,38 @@ def test_docs_get_the_table_between_their_markers_only(ssl_gain, tmp_path):
         ssl_gain.write_block(tmp_path / "plain.md", "x")
     assert (ROOT / "README.md").read_text().count(ssl_gain.BEGIN) == 1
     assert (ROOT / "benchmarks" / "RESULTS.md").read_text().count(ssl_gain.BEGIN) == 1
+
+
+def test_a_variant_starts_from_another_arms_run_and_a_supervised_variant_is_a_baseline(ssl_gain, tmp_path):
+    """`{run:ARM}` in a variant's value is that arm's run folder of the same family / set / seed, the variant waits
+    for it, and a variant with `ssl.enabled=false` is compared with the guided arms, not against the goals."""
+    args = argparse.Namespace(
+        out=str(tmp_path), train_images=2400, size=160, labeled_percent=2.0, teacher_steps=500, steps=800,
+        burn_in=560, ema_decay=0.999, baseline_threshold="0.7", overrides=[], evals=4,
+        variant_overrides={"guided_init": ["model.pretrained={run:supervised}/best"],
+                           "supervised_more": ["ssl.enabled=false", "model.pretrained={run:supervised}/best"],
+                           "guided_t800": ["ssl.teacher={run:supervised_long}/best"]},
+    )  # fmt: skip
+    overrides = ssl_gain.run_overrides("mask2former", "mixed", "guided_init", 2, args)
+    teacher = tmp_path / "mask2former_mixed" / "supervised_seed2"
+    assert overrides[-1] == f"model.pretrained={teacher}/best"
+    assert f"ssl.teacher={teacher}/best" in overrides  # still distilled from (a)
+    # the variant's own teacher comes after the default one: the later override wins
+    long_teacher = tmp_path / "mask2former_mixed" / "supervised_long_seed2"
+    overrides = ssl_gain.run_overrides("mask2former", "mixed", "guided_t800", 2, args)
+    assert overrides[-1] == f"ssl.teacher={long_teacher}/best"
+    assert ssl_gain.arms_needed("guided_t800", args) == ["supervised", "supervised_long"]
+    assert ssl_gain.arms_needed("supervised_more", args) == ["supervised"]
+    assert ssl_gain.arms_needed("supervised_long", args) == []
+    assert ssl_gain.supervised_variant("supervised_more", args) and not ssl_gain.supervised_variant("guided_init", args)
+
+    args.argv, args.seeds, args.heldout_val, args.heldout_seed = ["x"], [0, 1], 500, 7
+    args.families, args.sets, args.skip = ["mask2former"], ["square"], []
+    args.arms = ["supervised", "supervised_more", "guided_init"]
+    results = {}
+    for seed, (more, init) in enumerate([(25.0, 27.0), (24.0, 23.0)]):
+        for arm, ap in (("supervised", 20.0), ("supervised_more", more), ("guided_init", init)):
+            results[("mask2former", "square", arm, seed)] = ssl_gain.read_run(fake_run(tmp_path / f"{arm}{seed}", ap))
+    text = ssl_gain.table(results, args)
+    assert "guided_init − supervised_more (`best/`): **+0.50** AP, per seed +2.00 / -1.00, ahead in 1 of 2" in text
+    assert "supervised_more − supervised" not in text  # a baseline, not an arm judged against the goals
