@@ -312,6 +312,10 @@ class SslConfig:
     """teacher <- d * teacher + (1 - d) * student after every step of the EMA phase."""
     unsup_loss_weight: float = 2.0
     """loss = L_sup + weight * L_unsup."""
+    unsup_no_object_weight: float | None = None
+    """Not in the paper (`null` = off: the model's `model.no_object_weight`, 0.1, as the paper): the class-loss
+    weight of "no object" in L_unsup alone. The teacher's misses become "no object" targets there; below 0.1 an
+    object the teacher missed teaches the student less to see nothing (benchmarks/RESULTS.md measures it)."""
     unlabeled_batch_size: int = 16
     """Unlabeled images per optimizer step per process (split over gradient_accumulation_steps)."""
     labeled_repeat_threshold: float | None = 10.0

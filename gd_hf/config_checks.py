@@ -253,6 +253,12 @@ def _ssl_checks(recipe: Recipe) -> list[Check]:
         ),
         (s.unsup_loss_weight >= 0, "ssl.unsup_loss_weight", "must be >= 0"),
         (
+            s.unsup_no_object_weight is None or 0 < s.unsup_no_object_weight <= 1,
+            "ssl.unsup_no_object_weight",
+            # 0 would divide the class loss of a batch without pseudo labels by a zero weight sum: NaN
+            "must be null (the model's no_object_weight) or in (0, 1]",
+        ),
+        (
             s.pseudo_label_max_overlap is None or 0 <= s.pseudo_label_max_overlap < 1,
             "ssl.pseudo_label_max_overlap",
             "must be null (off) or in [0, 1)",

@@ -142,10 +142,10 @@ class EomtFamily:
 
     def loss(
         self, model: torch.nn.Module, predictions: Predictions, mask_labels: list[torch.Tensor],
-        class_labels: list[torch.Tensor],
+        class_labels: list[torch.Tensor], *, no_object_weight: float | None = None,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         # EoMT's criterion takes the auxiliary predictions as Mask2Former's does (one matching per layer).
-        return loss_terms(model, predictions, mask_labels, class_labels)
+        return loss_terms(model, predictions, mask_labels, class_labels, no_object_weight)
 
     def padding_divisor(self, model: torch.nn.Module) -> int:
         return model.config.image_size

@@ -22,6 +22,7 @@ Two extension points, plain classes passed in from Python (README, "Extending th
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -65,10 +66,11 @@ class ModelFamily(Protocol):
 
     def loss(
         self, model: torch.nn.Module, predictions: Predictions, mask_labels: list[torch.Tensor],
-        class_labels: list[torch.Tensor],
+        class_labels: list[torch.Tensor], *, no_object_weight: float | None = None,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         """The weighted matched loss terms (`LOGGED_LOSS_TERMS` among them) of `predictions` against the targets;
-        `model` is the unwrapped model (its criterion)."""
+        `model` is the unwrapped model (its criterion). `no_object_weight` (`ssl.unsup_no_object_weight`, passed
+        only when the recipe sets it): the class-loss weight of "no object" instead of the model's own."""
 
     def padding_divisor(self, model: torch.nn.Module) -> int:
         """Input sides must be multiples of this."""
@@ -212,8 +214,10 @@ class GuidedDistillation:
         loss = sum(terms.values())
         logged: dict[str, torch.Tensor | float] = {}
         if pseudo is not None:
+            weight = self.ssl.unsup_no_object_weight  # passed only when set: a custom family may not know it
             unsup_terms = self.family.loss(student, predictions.rows(slice(labeled_count, None)), pseudo.mask_labels,
-                                           pseudo.class_labels)  # fmt: skip
+                                           pseudo.class_labels,
+                                           **({} if weight is None else {"no_object_weight": weight}))  # fmt: skip
             unsup_loss = sum(unsup_terms.values())
             logged.update(loss_sup=loss, loss_unsup=unsup_loss)
             loss = loss + self.ssl.unsup_loss_weight * unsup_loss
@@ -249,9 +253,10 @@ class GuidedDistillation:
 FAMILY_METHODS = ("forward", "loss", "padding_divisor", "predict", "teacher_predict", "start_step", "load_pretrained")
 
 
-def check_extension_points(rule: object | None, family: object | None) -> None:
+def check_extension_points(rule: object | None, family: object | None, ssl: SslConfig | None = None) -> None:
     """Refuse, before any work, a pseudo-label rule that cannot be called or a model family without the
-    `ModelFamily` methods (a `TypeError` naming what is missing)."""
+    `ModelFamily` methods (a `TypeError` naming what is missing), or whose `loss` cannot take the
+    `no_object_weight` that `ssl.unsup_no_object_weight` asks for."""
     if rule is not None and not callable(rule):
         raise TypeError(f"pseudo_label_rule must be callable (class_logits, mask_logits) -> PseudoLabels, got {rule!r}")
     missing = [name for name in FAMILY_METHODS if family is not None and not callable(getattr(family, name, None))]
@@ -259,6 +264,12 @@ def check_extension_points(rule: object | None, family: object | None) -> None:
         missing.append("black_padding (a bool attribute)")
     if missing:
         raise TypeError(f"model_family {type(family).__name__} lacks the ModelFamily method(s) {', '.join(missing)}")
+    if family is not None and ssl is not None and ssl.enabled and ssl.unsup_no_object_weight is not None:
+        if "no_object_weight" not in inspect.signature(family.loss).parameters:
+            raise TypeError(
+                f"ssl.unsup_no_object_weight is set but model_family {type(family).__name__}.loss takes no "
+                "`no_object_weight` keyword (see ModelFamily.loss): add it, or leave the key at null"
+            )
 
 
 def pseudo_labels_problem(pseudo: object, predictions: Predictions) -> str | None:

@@ -171,6 +171,11 @@ def _training_phases(summary: RunSummary) -> str:
             if ssl.pseudo_label_score_threshold == "auto"
             else f"{ssl.pseudo_label_score_threshold}"
         )
+        + (
+            ""
+            if ssl.unsup_no_object_weight is None
+            else f', "no object" weight {ssl.unsup_no_object_weight} in the unsupervised loss'
+        )
     )
 
 

@@ -283,12 +283,27 @@ def loss_terms(
     predictions: Predictions,
     mask_labels: list[torch.Tensor],
     class_labels: list[torch.Tensor],
+    no_object_weight: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """The weighted Mask2Former loss terms (Hungarian matching, auxiliary layers included) of `predictions`.
 
     `model` is the unwrapped model. Computing the loss outside `forward` lets the loop log each term and reuse the
-    criterion for pseudo labels.
+    criterion for pseudo labels. `no_object_weight`: the class-loss weight of "no object" for this call instead of
+    the model's `config.no_object_weight` (EoMT's criterion weighs its classes the same way).
     """
+    if no_object_weight is None:
+        return _loss_dict(model, predictions, mask_labels, class_labels)
+    criterion = model.criterion
+    weights = criterion.empty_weight
+    # A new tensor, not an in-place edit: the class loss keeps its weights for the backward pass.
+    criterion.empty_weight = torch.cat([weights[:-1], weights.new_tensor([no_object_weight])])
+    try:
+        return _loss_dict(model, predictions, mask_labels, class_labels)
+    finally:
+        criterion.empty_weight = weights
+
+
+def _loss_dict(model, predictions: Predictions, mask_labels, class_labels) -> dict[str, torch.Tensor]:
     return model.get_loss_dict(
         masks_queries_logits=predictions.mask_logits,
         class_queries_logits=predictions.class_logits,
@@ -312,9 +327,9 @@ class Mask2FormerFamily:
 
     def loss(
         self, model: torch.nn.Module, predictions: Predictions, mask_labels: list[torch.Tensor],
-        class_labels: list[torch.Tensor],
+        class_labels: list[torch.Tensor], *, no_object_weight: float | None = None,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
-        return loss_terms(model, predictions, mask_labels, class_labels)
+        return loss_terms(model, predictions, mask_labels, class_labels, no_object_weight)
 
     def padding_divisor(self, model: torch.nn.Module) -> int:
         return size_divisibility(model)

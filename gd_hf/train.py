@@ -102,7 +102,7 @@ class TrainingRecipe:
         model_family: ModelFamily | None = None, trackers: list[GeneralTracker] | None = None,
     ) -> None:  # fmt: skip
         self.launch_recipe = recipe  # what the user asked for: what a relaunch is compared with
-        check_extension_points(pseudo_label_rule, model_family)  # before any work
+        check_extension_points(pseudo_label_rule, model_family, recipe.ssl)  # before any work
         if type(pseudo_label_rule) is PseudoLabelRules and pseudo_label_rule != PseudoLabelRules.from_recipe(
             recipe.ssl
         ):

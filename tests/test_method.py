@@ -16,7 +16,7 @@ from accelerate.state import AcceleratorState
 
 import gd_hf.distributed as distributed
 from gd_hf.config import SslConfig, load_recipe
-from gd_hf.method import GuidedDistillation, Predictions, PseudoLabelRules
+from gd_hf.method import GuidedDistillation, Predictions, PseudoLabelRules, check_extension_points
 from gd_hf.modeling import Mask2FormerFamily, build_model, loss_terms
 from gd_hf.pseudo_labels import PseudoLabels, filter_pseudo_labels
 from gd_hf.teacher import EmaTeacher
@@ -86,6 +86,47 @@ def test_the_loss_is_the_supervised_loss_plus_the_weighted_unsupervised_loss(tin
     loss.backward()  # the loss backpropagates into the student and not into the teacher
     assert any(p.grad is not None for p in tiny.student.parameters())
     assert all(p.grad is None for p in tiny.teacher.model.parameters())
+
+
+def test_the_unsupervised_no_object_weight_reaches_only_the_pseudo_label_class_loss(tiny, monkeypatch):
+    """`ssl.unsup_no_object_weight`: spy on the class weights that reach cross-entropy. The labeled rows keep the
+    model's "no object" weight (0.1), the pseudo-label rows get the recipe's, on every decoder layer; the model's
+    criterion is left as it was and the loss still backpropagates."""
+    seen = []
+    cross_entropy = F.cross_entropy
+
+    def spy(input, target, weight=None, *args, **kwargs):
+        seen.append(None if weight is None else round(float(weight[-1]), 6))
+        return cross_entropy(input, target, weight, *args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", spy)
+    ssl = dataclasses.replace(tiny.ssl, unsup_no_object_weight=0.02)
+    criterion_weights = tiny.student.criterion.empty_weight
+    labeled, unlabeled = batches()
+    loss, _ = GuidedDistillation(ssl, Mask2FormerFamily(), tiny.teacher).loss(tiny.student, tiny.student, labeled,
+                                                                            unlabeled)  # fmt: skip
+    layers = tiny.student.config.decoder_layers  # the final layer and the auxiliary ones (decoder_layers - 1)
+    assert seen == [0.1] * layers + [0.02] * layers
+    assert tiny.student.criterion.empty_weight is criterion_weights and float(criterion_weights[-1]) == pytest.approx(
+        0.1
+    )
+    loss.backward()
+    assert any(p.grad is not None for p in tiny.student.parameters())
+    seen.clear()  # left at null, the paper's loss: the model's weight everywhere
+    GuidedDistillation(tiny.ssl, Mask2FormerFamily(), tiny.teacher).loss(tiny.student, tiny.student, labeled, unlabeled)
+    assert seen == [0.1] * (2 * layers)
+
+
+def test_a_family_whose_loss_takes_no_no_object_weight_is_refused_when_the_recipe_sets_it(tiny):
+    class OldFamily(Mask2FormerFamily):
+        def loss(self, model, predictions, mask_labels, class_labels):
+            return super().loss(model, predictions, mask_labels, class_labels)
+
+    check_extension_points(None, OldFamily(), tiny.ssl)  # not asked for: fine
+    with pytest.raises(TypeError, match="takes no `no_object_weight` keyword"):
+        check_extension_points(None, OldFamily(), dataclasses.replace(tiny.ssl, unsup_no_object_weight=0.02))
+    with pytest.raises(Exception, match=r"ssl.unsup_no_object_weight.*\(0, 1\]"):
+        load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", ["ssl.unsup_no_object_weight=0"])
 
 
 def test_without_unlabeled_images_the_loss_is_the_supervised_loss(tiny):
