@@ -385,14 +385,22 @@ def table(results: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def write_block(path: Path, text: str) -> None:
-    """Replace what lies between the ssl_gain markers of `path` with `text`."""
+def markers(block: str | None) -> tuple[str, str]:
+    """The markers of the default block (`<!-- ssl_gain:begin -->`) or of a named one (`<!-- ssl_gain:NAME:begin -->`)."""
+    if block is None:
+        return BEGIN, END
+    return f"<!-- ssl_gain:{block}:begin -->", f"<!-- ssl_gain:{block}:end -->"
+
+
+def write_block(path: Path, text: str, block: str | None = None) -> None:
+    """Replace what lies between the ssl_gain markers (of `block`, see `markers`) of `path` with `text`."""
+    begin, end = markers(block)
     content = path.read_text()
-    if BEGIN not in content or END not in content:
-        raise SystemExit(f"{path} has no {BEGIN} ... {END} block to write the table into")
-    head, _, rest = content.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    if begin not in content or end not in content:
+        raise SystemExit(f"{path} has no {begin} ... {end} block to write the table into")
+    head, _, rest = content.partition(begin)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def main() -> None:
@@ -424,11 +432,17 @@ def main() -> None:
     parser.add_argument("--heldout-val", type=int, default=500, help="held-out images (0: none)")
     parser.add_argument("--heldout-seed", type=int, default=7)
     parser.add_argument("--docs", action="store_true", help="write the table into README.md and RESULTS.md")
+    parser.add_argument("--docs-block", metavar="NAME",
+                        help="with --docs: write between <!-- ssl_gain:NAME:begin/end --> instead, in the documents "
+                        "that have them (an ablation's own table)")  # fmt: skip
     parser.add_argument("--table-only", action="store_true", help="tabulate the finished runs, train nothing")
     parser.add_argument("--out", default="outputs/ssl_gain")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_intermixed_args()
     args.argv = [a for a in sys.argv[1:] if a not in ("--table-only", "--docs")]  # the command that trains it all
+    if args.docs_block:
+        k = args.argv.index("--docs-block")
+        del args.argv[k : k + 2]
     args.variant_overrides = {v[0]: v[1:] for v in args.variant}
     unknown = set(args.arms) - {*BASELINES, "guided", *args.variant_overrides}
     if unknown:
@@ -490,8 +504,14 @@ def main() -> None:
     print(text)
     Path(args.out, "results.md").write_text(text)
     if args.docs:
-        for path in (ROOT / "README.md", ROOT / "benchmarks" / "RESULTS.md"):
-            write_block(path, text)
+        documents = [ROOT / "README.md", ROOT / "benchmarks" / "RESULTS.md"]
+        if args.docs_block:
+            documents = [d for d in documents if markers(args.docs_block)[0] in d.read_text()]
+            if not documents:
+                sys.exit(f"--docs-block {args.docs_block}: neither README.md nor benchmarks/RESULTS.md has "
+                         f"{markers(args.docs_block)[0]}")  # fmt: skip
+        for path in documents:
+            write_block(path, text, args.docs_block)
     failed = [job.name for job in jobs.values() if job.state != "done"]
     if failed:
         sys.exit(f"{len(failed)} run(s) did not finish: {', '.join(failed)}")

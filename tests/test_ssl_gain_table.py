@@ -70,6 +70,16 @@ def test_docs_get_the_table_between_their_markers_only(ssl_gain, tmp_path):
     (tmp_path / "plain.md").write_text("no markers\n")
     with pytest.raises(SystemExit, match="no <!-- ssl_gain:begin -->"):
         ssl_gain.write_block(tmp_path / "plain.md", "x")
+    named = tmp_path / "RESULTS.md"  # a named block (an ablation's table) leaves the default block alone
+    named.write_text(
+        f"{ssl_gain.BEGIN}\nmain\n{ssl_gain.END}\n<!-- ssl_gain:abl:begin -->\nold\n<!-- ssl_gain:abl:end -->\n"
+    )
+    ssl_gain.write_block(named, "ablations", "abl")
+    assert named.read_text() == (
+        f"{ssl_gain.BEGIN}\nmain\n{ssl_gain.END}\n<!-- ssl_gain:abl:begin -->\nablations\n<!-- ssl_gain:abl:end -->\n"
+    )
+    with pytest.raises(SystemExit, match="ssl_gain:other:begin"):
+        ssl_gain.write_block(named, "x", "other")
     assert (ROOT / "README.md").read_text().count(ssl_gain.BEGIN) == 1
     assert (ROOT / "benchmarks" / "RESULTS.md").read_text().count(ssl_gain.BEGIN) == 1
 
