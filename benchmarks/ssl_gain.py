@@ -363,8 +363,10 @@ def table(results: dict, args: argparse.Namespace) -> str:
         supervised_variants = [(a, 3.0) for a in args.arms if supervised_variant(a, args)]
         for set_name in args.sets:
             for arm in [a for a in args.arms if a not in BASELINES and not supervised_variant(a, args)]:
+                # a variant is also compared with (c), its lever's own effect
+                lever = [("guided", 0.0)] if arm != "guided" else []
                 for baseline, goal in (("supervised", 3.0), ("supervised_long", 3.0), ("ema_baseline", 0.0),
-                                       *supervised_variants):  # fmt: skip
+                                       *supervised_variants, *lever):  # fmt: skip
                     pairs = [(results.get((family, set_name, arm, s)), results.get((family, set_name, baseline, s)))
                              for s in args.seeds]  # fmt: skip
                     if baseline not in args.arms or any(a is None or b is None or f"{key}_best" not in a
@@ -373,7 +375,7 @@ def table(results: dict, args: argparse.Namespace) -> str:
                     gains = [a[f"{key}_best"] - b[f"{key}_best"] for a, b in pairs]
                     wins = sum(g > 0 for g in gains)
                     target = goal if family == "mask2former" else 0.0
-                    every_seed = baseline != "ema_baseline"
+                    every_seed = baseline not in ("ema_baseline", "guided")
                     met = statistics.mean(gains) >= target and (not every_seed or wins == len(gains))
                     lines.append(
                         f"- {set_name}: {arm} − {baseline} (`best/`): **{statistics.mean(gains):+.2f}** AP, per seed "

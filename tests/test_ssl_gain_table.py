@@ -109,11 +109,16 @@ def test_a_variant_starts_from_another_arms_run_and_a_supervised_variant_is_a_ba
 
     args.argv, args.seeds, args.heldout_val, args.heldout_seed = ["x"], [0, 1], 500, 7
     args.families, args.sets, args.skip = ["mask2former"], ["square"], []
-    args.arms = ["supervised", "supervised_more", "guided_init"]
+    args.arms = ["supervised", "supervised_more", "guided", "guided_init"]
     results = {}
     for seed, (more, init) in enumerate([(25.0, 27.0), (24.0, 23.0)]):
-        for arm, ap in (("supervised", 20.0), ("supervised_more", more), ("guided_init", init)):
+        for arm, ap in (("supervised", 20.0), ("supervised_more", more), ("guided", 22.0), ("guided_init", init)):
             results[("mask2former", "square", arm, seed)] = ssl_gain.read_run(fake_run(tmp_path / f"{arm}{seed}", ap))
     text = ssl_gain.table(results, args)
     assert "guided_init − supervised_more (`best/`): **+0.50** AP, per seed +2.00 / -1.00, ahead in 1 of 2" in text
     assert "supervised_more − supervised" not in text  # a baseline, not an arm judged against the goals
+    # a variant against (c): its lever's own effect
+    assert (
+        "guided_init − guided (`best/`): **+3.00** AP, per seed +5.00 / +1.00, ahead in 2 of 2 (goal > 0: met)" in text
+    )
+    assert "guided − guided" not in text
