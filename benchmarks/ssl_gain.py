@@ -18,8 +18,8 @@ same model, the same labeled images:
   `ssl.enabled=false` is a supervised arm.
 
     python benchmarks/ssl_gain.py [--families mask2former eomt] [--sets square mixed] [--seeds 0 1 2]
-        [--jobs 2] [--steps 800] [--teacher-steps 500] [--burn-in 560] [--size 160] [--docs] [--out DIR]
-        [--variant NAME key=value ...] [key=value ...]
+        [--jobs 2] [--steps 800] [--teacher-steps 500] [--burn-in 560] [--size 160] [--docs [--docs-block NAME]]
+        [--out DIR] [--variant NAME key=value ...] [key=value ...]
 
 Every run is its own `python -m gd_hf.train` process on `recipes/demo_synthetic.yaml` (extra key=value
 overrides go to every run), `--jobs` at a time with OMP_NUM_THREADS=1 each (two on the 2-core machine: more
@@ -55,7 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("supervised", "supervised_long", "ema_baseline")  # the arms without a teacher to wait for
 BEGIN, END = "<!-- ssl_gain:begin -->", "<!-- ssl_gain:end -->"
-RUN_PLACEHOLDER = re.compile(r"\{run:(\w+)\}")  # `{run:ARM}` in a variant's value: that arm's run folder
+RUN_PLACEHOLDER = re.compile(r"\{run:([^}]*)\}")  # `{run:ARM}` in a variant's value: that arm's run folder
 SET_OVERRIDES = {
     "square": ["data.synthetic_varied_sizes=false"],  # the recipe's min_scale 1: whole crops, no padding
     "mixed": ["data.synthetic_varied_sizes=true", "data.min_scale=0.3", "data.max_scale=2.0"],
@@ -133,7 +133,7 @@ def run_overrides(family: str, set_name: str, arm: str, seed: int, args: argpars
     overrides += args.overrides
     for override in args.variant_overrides.get(arm, []):
         overrides.append(RUN_PLACEHOLDER.sub(lambda m: str(run_folder(args, family, set_name, m[1], seed)), override))
-    return overrides
+    return overrides  # (placeholders in the overrides of every run are not replaced: a run has no arm to name)
 
 
 def run_folder(args: argparse.Namespace, family: str, set_name: str, arm: str, seed: int) -> Path:
@@ -150,8 +150,33 @@ def arms_needed(arm: str, args: argparse.Namespace) -> list[str]:
 
 def supervised_variant(arm: str, args: argparse.Namespace) -> bool:
     """A `--variant` with `ssl.enabled=false`: a supervised arm (e.g. (a) trained on for as long as a student that
-    starts from it), compared with the guided arms rather than against the baselines."""
-    return "ssl.enabled=false" in args.variant_overrides.get(arm, [])
+    starts from it). It is not judged itself; each guided arm is compared with it, against the same goal as with
+    (a') (it is a baseline of the same kind: supervised training with the student's steps)."""
+    values = [o.partition("=")[2] for o in args.variant_overrides.get(arm, []) if o.partition("=")[0] == "ssl.enabled"]
+    return bool(values) and values[-1].strip().lower() in ("false", "no", "off", "0")
+
+
+def check_variants(args: argparse.Namespace) -> str | None:
+    """What is wrong with the variants' `{run:ARM}` placeholders (None: nothing): an arm that is not run for every
+    family that needs it, or variants that wait for each other."""
+    for name, overrides in args.variant_overrides.items():
+        for arm in (m[1] for o in overrides for m in RUN_PLACEHOLDER.finditer(o)):
+            if arm not in args.arms or arm == name:
+                return f"--variant {name}: {{run:{arm}}} is not another arm in --arms"
+    for family in args.families:
+        for arm in args.arms:
+            if f"{family}:{arm}" in args.skip:
+                continue
+            for needed in arms_needed(arm, args):
+                if needed not in args.arms or f"{family}:{needed}" in args.skip:
+                    return f"{family}:{arm} starts from the {needed} arm's runs: put {needed} in --arms, not skipped"
+    done: set[str] = set()  # the arms in an order where each comes after those it needs; a cycle leaves some out
+    while len(done) < len(args.arms):
+        ready = {a for a in args.arms if a not in done and set(arms_needed(a, args)) <= done}
+        if not ready:
+            return f"the variants {sorted(set(args.arms) - done)} wait for each other ({{run:ARM}} in a circle)"
+        done |= ready
+    return None
 
 
 def train_and_score(job: Job, args: argparse.Namespace) -> None:
@@ -376,7 +401,8 @@ def table(results: dict, args: argparse.Namespace) -> str:
                     wins = sum(g > 0 for g in gains)
                     target = goal if family == "mask2former" else 0.0
                     every_seed = baseline not in ("ema_baseline", "guided")
-                    met = statistics.mean(gains) >= target and (not every_seed or wins == len(gains))
+                    ahead = statistics.mean(gains) >= target if target else statistics.mean(gains) > 0
+                    met = ahead and (not every_seed or wins == len(gains))
                     lines.append(
                         f"- {set_name}: {arm} − {baseline} (`best/`): **{statistics.mean(gains):+.2f}** AP, per seed "
                         f"{' / '.join(f'{g:+.2f}' for g in gains)}, ahead in {wins} of {len(gains)} "
@@ -409,7 +435,8 @@ def main() -> None:
     if sys.argv[1:2] == ["--score"]:
         score(Path(sys.argv[2]), Path(sys.argv[3]))
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # fmt: skip
     parser.add_argument("--families", nargs="+", choices=("mask2former", "eomt"), default=["mask2former", "eomt"])
     parser.add_argument("--sets", nargs="+", choices=tuple(SET_OVERRIDES), default=list(SET_OVERRIDES))
     parser.add_argument("--arms", nargs="+", default=["supervised", "ema_baseline", "guided"],
@@ -443,16 +470,17 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     args.argv = [a for a in sys.argv[1:] if a not in ("--table-only", "--docs")]  # the command that trains it all
     if args.docs_block:
-        k = args.argv.index("--docs-block")
-        del args.argv[k : k + 2]
+        if not args.docs:
+            parser.error("--docs-block NAME says where --docs writes: give --docs too")
+        k = next(k for k, a in enumerate(args.argv) if a.startswith("--docs-block"))
+        del args.argv[k : k + (1 if "=" in args.argv[k] else 2)]
     args.variant_overrides = {v[0]: v[1:] for v in args.variant}
     unknown = set(args.arms) - {*BASELINES, "guided", *args.variant_overrides}
     if unknown:
         parser.error(f"--arms {sorted(unknown)}: not an arm (supervised, ema_baseline, guided, or a --variant name)")
-    for name, overrides in args.variant_overrides.items():
-        for arm in (m[1] for o in overrides for m in RUN_PLACEHOLDER.finditer(o)):
-            if arm not in {*BASELINES, "guided", *args.variant_overrides} or arm == name:
-                parser.error(f"--variant {name}: {{run:{arm}}} is not another arm")
+    problem = check_variants(args)  # before minutes of generating data
+    if problem:
+        parser.error(problem)
     if args.heldout_val and args.heldout_seed == args.data_seed:
         parser.error(f"--heldout-seed and --data-seed are both {args.data_seed}: the held-out images would be "
                      "copies of the training images")  # fmt: skip
@@ -470,10 +498,7 @@ def main() -> None:
                     job = Job(family, set_name, arm, seed, overrides, out)
                     jobs[(family, set_name, arm, seed)] = job
     for (family, set_name, arm, seed), job in jobs.items():
-        for needed in arms_needed(arm, args):
-            if (family, set_name, needed, seed) not in jobs:
-                parser.error(f"{family}:{arm} starts from the {needed} arm's runs: put {needed} in --arms, not skipped")
-            job.needs.append(jobs[(family, set_name, needed, seed)])
+        job.needs = [jobs[(family, set_name, needed, seed)] for needed in arms_needed(arm, args)]  # (checked above)
     # Family by family in --families order (the first one's table is whole first), each family's teachers first,
     # then arm by arm in --arms order.
     rank = {arm: k for k, arm in enumerate(sorted(args.arms, key=lambda a: a != "supervised"))}

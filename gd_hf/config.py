@@ -314,8 +314,10 @@ class SslConfig:
     """loss = L_sup + weight * L_unsup."""
     unsup_no_object_weight: float | None = None
     """Not in the paper (`null` = off: the model's `model.no_object_weight`, 0.1, as the paper): the class-loss
-    weight of "no object" in L_unsup alone. The teacher's misses become "no object" targets there; below 0.1 an
-    object the teacher missed teaches the student less to see nothing (benchmarks/RESULTS.md measures it)."""
+    weight of "no object" in L_unsup alone. The teacher's misses become "no object" targets there. The class loss
+    is a weighted mean over the unlabeled micro-batch, so a lower weight shifts it from the unmatched queries to
+    the pseudo-labelled ones (in a micro-batch without pseudo labels it changes nothing). Measured in
+    benchmarks/RESULTS.md (issue 34, second pass): 0.02 did not help there."""
     unlabeled_batch_size: int = 16
     """Unlabeled images per optimizer step per process (split over gradient_accumulation_steps)."""
     labeled_repeat_threshold: float | None = 10.0

@@ -89,6 +89,8 @@ def _decoder_and_loss_checks(m: ModelConfig) -> list[Check]:
             "model.*_weight",
             "loss weights must be >= 0",
         ),  # fmt: skip
+        # The class loss is a weighted mean: an image batch without targets would divide by a zero weight sum.
+        (m.no_object_weight > 0, "model.no_object_weight", "must be > 0 (0 makes a batch without objects NaN)"),
     ]
 
 

@@ -265,7 +265,8 @@ def check_extension_points(rule: object | None, family: object | None, ssl: SslC
     if missing:
         raise TypeError(f"model_family {type(family).__name__} lacks the ModelFamily method(s) {', '.join(missing)}")
     if family is not None and ssl is not None and ssl.enabled and ssl.unsup_no_object_weight is not None:
-        if "no_object_weight" not in inspect.signature(family.loss).parameters:
+        parameters = inspect.signature(family.loss).parameters.values()
+        if not any(p.name == "no_object_weight" or p.kind is p.VAR_KEYWORD for p in parameters):
             raise TypeError(
                 f"ssl.unsup_no_object_weight is set but model_family {type(family).__name__}.loss takes no "
                 "`no_object_weight` keyword (see ModelFamily.loss): add it, or leave the key at null"

@@ -208,6 +208,7 @@ RECIPE_CASES = [
     ("decoder layers 0", ["model.decoder_layers=0"], "model.decoder_layers"),
     ("depth 0", ["model.backbone_depths=[1, 0, 1, 1]"], "model.backbone_depths"),
     ("negative loss weight", ["model.mask_weight=-1"], "loss weights"),
+    ("zero no-object weight", ["model.no_object_weight=0"], "model.no_object_weight"),
     ("weight decay negative", ["train.weight_decay=-0.1"], "train.weight_decay"),
     ("teacher steps 0", ["ssl.enabled=true", "ssl.teacher_max_steps=0"], "ssl.teacher_max_steps"),
     ("repo id invalid", ["hub.repo_id=not a/valid id"], "hub.repo_id"),

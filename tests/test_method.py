@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from accelerate.state import AcceleratorState
 
 import gd_hf.distributed as distributed
-from gd_hf.config import SslConfig, load_recipe
+from gd_hf.config import RecipeError, SslConfig, load_recipe
 from gd_hf.method import GuidedDistillation, Predictions, PseudoLabelRules, check_extension_points
 from gd_hf.modeling import Mask2FormerFamily, build_model, loss_terms
 from gd_hf.pseudo_labels import PseudoLabels, filter_pseudo_labels
@@ -122,10 +122,15 @@ def test_a_family_whose_loss_takes_no_no_object_weight_is_refused_when_the_recip
         def loss(self, model, predictions, mask_labels, class_labels):
             return super().loss(model, predictions, mask_labels, class_labels)
 
+    class KeywordFamily(Mask2FormerFamily):
+        def loss(self, model, predictions, mask_labels, class_labels, **options):
+            return super().loss(model, predictions, mask_labels, class_labels, **options)
+
     check_extension_points(None, OldFamily(), tiny.ssl)  # not asked for: fine
+    check_extension_points(None, KeywordFamily(), dataclasses.replace(tiny.ssl, unsup_no_object_weight=0.02))
     with pytest.raises(TypeError, match="takes no `no_object_weight` keyword"):
         check_extension_points(None, OldFamily(), dataclasses.replace(tiny.ssl, unsup_no_object_weight=0.02))
-    with pytest.raises(Exception, match=r"ssl.unsup_no_object_weight.*\(0, 1\]"):
+    with pytest.raises(RecipeError, match=r"ssl.unsup_no_object_weight.*\(0, 1\]"):
         load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", ["ssl.unsup_no_object_weight=0"])
 
 

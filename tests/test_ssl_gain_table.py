@@ -122,3 +122,36 @@ def test_a_variant_starts_from_another_arms_run_and_a_supervised_variant_is_a_ba
         "guided_init − guided (`best/`): **+3.00** AP, per seed +5.00 / +1.00, ahead in 2 of 2 (goal > 0: met)" in text
     )
     assert "guided − guided" not in text
+
+
+def test_variant_placeholders_are_checked_before_any_work(ssl_gain):
+    """A `{run:ARM}` that is not run, variants that wait for each other, a supervised variant spelt another way."""
+
+    def problem(arms, variants, skip=()):
+        args = argparse.Namespace(arms=arms, variant_overrides=variants, families=["mask2former", "eomt"], skip=skip)
+        return ssl_gain.check_variants(args)
+
+    init = {"init": ["model.pretrained={run:supervised}/best"]}
+    assert problem(["supervised", "init"], init) is None
+    assert "not another arm in --arms" in problem(["init"], init)
+    assert "eomt:init starts from the supervised arm" in problem(["supervised", "init"], init, ["eomt:supervised"])
+    assert problem(["supervised", "init"], init, ["eomt:supervised", "eomt:init"]) is None
+    circle = {"a": ["ssl.teacher={run:b}/best"], "b": ["ssl.teacher={run:a}/best"]}
+    assert "wait for each other" in problem(["supervised", "a", "b"], circle)
+    assert "not another arm" in problem(["supervised", "a-b"], {"a-b": ["x={run:a-b}"]})  # any name, itself refused
+    for value in ("false", "False", "no", "OFF"):
+        args = argparse.Namespace(variant_overrides={"more": [f"ssl.enabled={value}"]})
+        assert ssl_gain.supervised_variant("more", args)
+    assert not ssl_gain.supervised_variant("more", argparse.Namespace(variant_overrides={"more": ["ssl.enabled=true"]}))
+
+
+def test_docs_block_needs_docs(tmp_path):
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ssl_gain.py"), "--table-only", "--docs-block", "abl",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2 and "give --docs too" in result.stderr
+    assert not any(tmp_path.iterdir())  # refused before generating anything
