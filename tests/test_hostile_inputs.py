@@ -757,7 +757,7 @@ def test_a_one_launch_relaunch_leaves_the_teacher_and_compares_the_launched_reci
     # A key of phases 2-3 is named as a change of the student's run, not of the teacher's.
     assert run_tiny(synthetic_root, moved, *ONE_LAUNCH, "train.max_steps=4", "ssl.unsup_loss_weight=3") == 2
     err = capsys.readouterr().err
-    assert f"changes what the run in {moved} trained" in err and "ssl.unsup_loss_weight: 1.0 -> 3.0" in err
+    assert f"changes what the run in {moved} trained" in err and "ssl.unsup_loss_weight: 0.5 -> 3.0" in err
 
 
 def test_a_one_launch_run_resumed_from_a_named_checkpoint(synthetic_root, tmp_path):
