@@ -187,6 +187,10 @@ def train_and_score(job: Job, args: argparse.Namespace) -> None:
         raise SystemExit(f"{out} was started with other settings (see {settings}): give this comparison its own "
                          "--out, or delete that run folder to train it again")  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    drift = recipe_drift(out, job.overrides) if (out / "final_metrics.json").is_file() else {}
+    if drift:  # the recipe changed since: that run is not what this arm is now
+        raise SystemExit(f"{out} was trained with {describe_drift(drift)}: give this comparison its own --out "
+                         "(--table-only still tabulates the old runs, naming what they ran with)")  # fmt: skip
     if not (out / "final_metrics.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
         settings.write_text(json.dumps(job.overrides, indent=1) + "\n")
@@ -289,6 +293,33 @@ def read_run(out: Path) -> dict[str, float]:
     return row
 
 
+def recipe_drift(out: Path, overrides: list[str]) -> dict[str, tuple]:
+    """What the finished run in `out` was trained with that the recipe and overrides no longer say: {key: (then,
+    now)}, from the run's own `recipe.yaml` (the resolved recipe). A key the run's recipe lacks (added to gd_hf
+    later) is at its default then and is not compared; nor is `output_dir` (the folder itself), nor the `ssl.*`
+    keys of a supervised run."""
+    import yaml
+
+    from gd_hf.config import load_recipe, recipe_to_dict
+
+    def flat(tree: dict, prefix: str = "") -> dict[str, object]:
+        items: dict[str, object] = {}
+        for key, value in tree.items():
+            items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return items
+
+    if not (out / "recipe.yaml").is_file():
+        return {}
+    then = flat(yaml.safe_load((out / "recipe.yaml").read_text()))
+    now = flat(recipe_to_dict(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides)))
+    supervised = not then.get("ssl.enabled") and not now["ssl.enabled"]  # (the ssl.* keys do not act then)
+    return {
+        k: (then[k], v)
+        for k, v in now.items()
+        if k in then and k != "output_dir" and then[k] != v and not (supervised and k.startswith("ssl."))
+    }
+
+
 def read_course(out: Path, burn_in: int) -> dict[str, list[float] | float]:
     """How one run went: val AP at each evaluation, and the pseudo labels (per image, precision, recall, small
     hard masks) as means over the log lines of the burn-in and of the EMA phase."""
@@ -384,6 +415,14 @@ def table(results: dict, args: argparse.Namespace) -> str:
                     f"| {set_name} | {arm} | {mean_sd(best)} | {' / '.join(f'{a:.2f}' for a in best)} | {mean_sd(final)} "
                     f"| {' / '.join(f'{a:.2f}' for a in final)} | {quality} | {chosen} |"
                 )
+        drifted = {}  # what runs were trained with that the recipe no longer says, per arm
+        for (fam, _, arm, _), row in results.items():
+            if fam == family and row.get("drift"):
+                drifted.setdefault(arm, {}).update(row["drift"])
+        if drifted:
+            lines.append("")
+        for arm, drift in drifted.items():
+            lines.append(f"- `{arm}` ran with {describe_drift(drift)}")
         lines.append("")
         supervised_variants = [(a, 3.0) for a in args.arms if supervised_variant(a, args)]
         for set_name in args.sets:
@@ -418,6 +457,10 @@ def markers(block: str | None) -> tuple[str, str]:
     if block is None:
         return BEGIN, END
     return f"<!-- ssl_gain:{block}:begin -->", f"<!-- ssl_gain:{block}:end -->"
+
+
+def describe_drift(drift: dict[str, tuple]) -> str:
+    return ", ".join(f"{key} {then} (the recipe now: {now})" for key, (then, now) in sorted(drift.items()))
 
 
 def write_block(path: Path, text: str, block: str | None = None) -> None:
@@ -511,6 +554,8 @@ def main() -> None:
     else:
         run_jobs(order, args)
     results = {key: read_run(job.out) for key, job in jobs.items() if job.state == "done"}
+    for key, row in results.items():  # only --table-only can get here with old runs: the table names them
+        row["drift"] = recipe_drift(jobs[key].out, jobs[key].overrides)
     courses: dict[tuple, list] = {}
     for (family, set_name, arm, _), job in jobs.items():
         if job.state == "done":

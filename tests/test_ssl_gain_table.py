@@ -155,3 +155,30 @@ def test_docs_block_needs_docs(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2 and "give --docs too" in result.stderr
     assert not any(tmp_path.iterdir())  # refused before generating anything
+
+
+def test_a_finished_run_trained_with_another_recipe_is_not_reused_and_the_table_names_it(ssl_gain, tmp_path):
+    """The demo recipe changed since a run finished: a rerun refuses to count it as the arm it is now, and
+    `--table-only` names what it ran with. Keys the run's recipe lacks (added later) and the ssl keys of a
+    supervised run do not count."""
+    import yaml
+
+    from gd_hf.config import load_recipe, recipe_to_dict
+
+    overrides = [f"output_dir={tmp_path / 'run'}", "ssl.train_teacher_first=false", "ssl.teacher=somewhere/best"]
+    then = recipe_to_dict(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    then["ssl"]["unsup_loss_weight"] = 7.0
+    del then["ssl"]["unsup_no_object_weight"]  # a key added to gd_hf after the run
+    then["output_dir"] = "elsewhere"
+    run = fake_run(tmp_path / "run", 20.0)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(then))
+    now = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides).ssl.unsup_loss_weight
+    assert ssl_gain.recipe_drift(run, overrides) == {"ssl.unsup_loss_weight": (7.0, now)}
+    job = ssl_gain.Job("mask2former", "square", "guided", 0, overrides, run)
+    args = argparse.Namespace(threads=1, heldout_val=500)
+    (run / "ssl_gain_overrides.json").write_text(json.dumps(overrides))
+    with pytest.raises(SystemExit, match=f"ssl.unsup_loss_weight 7.0 \\(the recipe now: {now}\\)"):
+        ssl_gain.train_and_score(job, args)
+    then["ssl"]["enabled"] = False  # a supervised run: its ssl keys do not act
+    (run / "recipe.yaml").write_text(yaml.safe_dump(then))
+    assert ssl_gain.recipe_drift(run, [*overrides, "ssl.enabled=false"]) == {}
