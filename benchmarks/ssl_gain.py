@@ -127,6 +127,8 @@ def run_overrides(family: str, set_name: str, arm: str, seed: int, args: argpars
         overrides += [f"ssl.burn_in_steps={args.burn_in}", f"ssl.ema_decay={args.ema_decay}", "ssl.teacher_check=warn"]
     if arm == "ema_baseline":
         overrides += ["ssl.burn_in_pseudo_labels=false", f"ssl.pseudo_label_score_threshold={args.baseline_threshold}"]
+        if getattr(args, "baseline_unsup_weight", None) is not None:
+            overrides.append(f"ssl.unsup_loss_weight={args.baseline_unsup_weight}")
     elif not supervised:
         teacher = Path(args.out) / f"{family}_{set_name}" / f"supervised_seed{seed}" / "best"
         overrides.append(f"ssl.teacher={teacher}")
@@ -427,8 +429,9 @@ def table(results: dict, args: argparse.Namespace) -> str:
         supervised_variants = [(a, 3.0) for a in args.arms if supervised_variant(a, args)]
         for set_name in args.sets:
             for arm in [a for a in args.arms if a not in BASELINES and not supervised_variant(a, args)]:
-                # a variant is also compared with (c), its lever's own effect
-                lever = [("guided", 0.0)] if arm != "guided" else []
+                # a variant is also compared with (c) (or --lever-base), its lever's own effect
+                base = getattr(args, "lever_base", "guided")
+                lever = [(base, 0.0)] if arm != base else []
                 for baseline, goal in (("supervised", 3.0), ("supervised_long", 3.0), ("ema_baseline", 0.0),
                                        *supervised_variants, *lever):  # fmt: skip
                     pairs = [(results.get((family, set_name, arm, s)), results.get((family, set_name, baseline, s)))
@@ -439,7 +442,7 @@ def table(results: dict, args: argparse.Namespace) -> str:
                     gains = [a[f"{key}_best"] - b[f"{key}_best"] for a, b in pairs]
                     wins = sum(g > 0 for g in gains)
                     target = goal if family == "mask2former" else 0.0
-                    every_seed = baseline not in ("ema_baseline", "guided")
+                    every_seed = baseline not in ("ema_baseline", base)
                     ahead = statistics.mean(gains) >= target if target else statistics.mean(gains) > 0
                     met = ahead and (not every_seed or wins == len(gains))
                     lines.append(
@@ -500,9 +503,14 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--evals", type=int, default=4, help="val evaluations per run (they pick `best/`)")
     parser.add_argument("--baseline-threshold", default="0.7", help="(b)'s pseudo-label score threshold")
+    parser.add_argument(
+        "--baseline-unsup-weight", type=float, help="(b)'s unsupervised loss weight (default: the recipe's)"
+    )
     parser.add_argument("--data-seed", type=int, default=0, help="generator seed of the training/val images")
     parser.add_argument("--heldout-val", type=int, default=500, help="held-out images (0: none)")
     parser.add_argument("--heldout-seed", type=int, default=7)
+    parser.add_argument("--lever-base", default="guided", metavar="ARM",
+                        help="the arm each variant is also compared with (its lever's own effect)")  # fmt: skip
     parser.add_argument("--docs", action="store_true", help="write the table into README.md and RESULTS.md")
     parser.add_argument("--docs-block", metavar="NAME",
                         help="with --docs: write between <!-- ssl_gain:NAME:begin/end --> instead, in the documents "
