@@ -327,6 +327,10 @@ def read_course(out: Path, burn_in: int) -> dict[str, list[float] | float]:
     hard masks) as means over the log lines of the burn-in and of the EMA phase."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     course: dict[str, list[float] | float] = {"val_AP": [r["val/AP"] for r in records if "val/AP" in r]}
+    if (out / "recipe.yaml").is_file():  # the run's own burn-in (a variant may change it)
+        import yaml
+
+        burn_in = (yaml.safe_load((out / "recipe.yaml").read_text()).get("ssl") or {}).get("burn_in_steps", burn_in)
     for phase, lines in (("burn_in", [r for r in records if r["step"] <= burn_in]),
                          ("ema", [r for r in records if r["step"] > burn_in])):  # fmt: skip
         for key in ("pseudo_labels_per_image", "pseudo_precision", "pseudo_recall",
