@@ -19,7 +19,8 @@ same model, the same labeled images:
 
     python benchmarks/ssl_gain.py [--families mask2former eomt] [--sets square mixed] [--seeds 0 1 2]
         [--jobs 2] [--steps 800] [--teacher-steps 500] [--burn-in 560] [--size 160] [--docs [--docs-block NAME]]
-        [--out DIR] [--variant NAME key=value ...] [key=value ...]
+        [--out DIR] [--variant NAME key=value ...] [--lever-base ARM] [--baseline-threshold T]
+        [--baseline-unsup-weight W] [key=value ...]
 
 Every run is its own `python -m gd_hf.train` process on `recipes/demo_synthetic.yaml` (extra key=value
 overrides go to every run), `--jobs` at a time with OMP_NUM_THREADS=1 each (two on the 2-core machine: more
