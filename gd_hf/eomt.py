@@ -145,8 +145,7 @@ class EomtFamily:
         class_labels: list[torch.Tensor], *, no_object_weight: float | None = None,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         # EoMT's criterion takes the auxiliary predictions as Mask2Former's does (one matching per layer).
-        weight = {} if no_object_weight is None else {"no_object_weight": no_object_weight}
-        return loss_terms(model, predictions, mask_labels, class_labels, **weight)
+        return loss_terms(model, predictions, mask_labels, class_labels, no_object_weight)
 
     def padding_divisor(self, model: torch.nn.Module) -> int:
         return model.config.image_size

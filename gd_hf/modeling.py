@@ -329,8 +329,7 @@ class Mask2FormerFamily:
         self, model: torch.nn.Module, predictions: Predictions, mask_labels: list[torch.Tensor],
         class_labels: list[torch.Tensor], *, no_object_weight: float | None = None,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
-        weight = {} if no_object_weight is None else {"no_object_weight": no_object_weight}
-        return loss_terms(model, predictions, mask_labels, class_labels, **weight)
+        return loss_terms(model, predictions, mask_labels, class_labels, no_object_weight)
 
     def padding_divisor(self, model: torch.nn.Module) -> int:
         return size_divisibility(model)

@@ -70,9 +70,9 @@ def step_runner(synthetic_root, tmp_path, monkeypatch):
 
     real_loss_terms = modeling.loss_terms
 
-    def loss_spy(model, outputs, mask_labels, class_labels):
+    def loss_spy(model, outputs, mask_labels, class_labels, no_object_weight=None):
         record.targets.append(([m.clone() for m in mask_labels], [c.clone() for c in class_labels]))
-        return real_loss_terms(model, outputs, mask_labels, class_labels)
+        return real_loss_terms(model, outputs, mask_labels, class_labels, no_object_weight)
 
     monkeypatch.setattr(modeling, "loss_terms", loss_spy)
 

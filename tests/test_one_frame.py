@@ -98,9 +98,9 @@ def setup(synthetic_root, tmp_path, monkeypatch):
     targets = []  # (mask_labels, class_labels, frame of the predictions they are scored against)
     real_loss_terms = modeling.loss_terms
 
-    def loss_spy(model, outputs, mask_labels, class_labels):
+    def loss_spy(model, outputs, mask_labels, class_labels, no_object_weight=None):
         targets.append((mask_labels, class_labels, outputs.mask_logits.shape[-2:]))
-        return real_loss_terms(model, outputs, mask_labels, class_labels)
+        return real_loss_terms(model, outputs, mask_labels, class_labels, no_object_weight)
 
     monkeypatch.setattr(modeling, "loss_terms", loss_spy)
     accelerator = Accelerator(cpu=True)

@@ -393,10 +393,10 @@ def test_the_paper_data_path_trains_every_phase_with_targets_in_the_frame_of_the
         frames.append((tuple(labeled["pixel_values"].shape[-2:]), tuple(unlabeled["weak_pixel_values"].shape[-2:])))
         return real_one_frame(labeled, unlabeled)
 
-    def loss_spy(model, outputs, mask_labels, class_labels):
+    def loss_spy(model, outputs, mask_labels, class_labels, no_object_weight=None):
         logits_frame = tuple(outputs.mask_logits.shape[-2:])
         losses.append((logits_frame, [tuple(m.shape[-2:]) for m in mask_labels], [len(c) for c in class_labels]))
-        return real_loss_terms(model, outputs, mask_labels, class_labels)
+        return real_loss_terms(model, outputs, mask_labels, class_labels, no_object_weight)
 
     monkeypatch.setattr(method_module, "one_frame", frame_spy)
     monkeypatch.setattr(modeling, "loss_terms", loss_spy)
