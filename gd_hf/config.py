@@ -303,6 +303,12 @@ class SslConfig:
     its best export as the teacher."""
     teacher_max_steps: int | None = None
     """Phase-1 steps when `train_teacher_first`; `null` = `train.max_steps`."""
+    student_init: Literal["pretrained", "teacher"] = "pretrained"
+    """Where the student's weights start. `pretrained` (the paper): where the teacher's did, `model.pretrained`
+    (random weights when null). `teacher` (not in the paper): from the phase-1 teacher's export with a fresh class
+    head, as `model.pretrained` set to `ssl.teacher` would (the student then starts from what the labels taught
+    and spends its steps on the unlabeled images; measured in benchmarks/RESULTS.md, issue 34, third pass).
+    Needs a guided burn-in's teacher (`ssl.teacher` or `train_teacher_first`)."""
     burn_in_steps: int = 50000
     """Steps with the frozen teacher; at this step teacher <- student, then EMA."""
     burn_in_pseudo_labels: bool = True

@@ -163,9 +163,15 @@ def _training_phases(summary: RunSummary) -> str:
     if summary.stage == "supervised":
         return f"supervised training (phase 1 of Guided Distillation) for {summary.step} steps"
     return (
-        f"Guided Distillation for {summary.step} steps: guided burn-in with a frozen supervised teacher for "
-        f"{ssl.burn_in_steps} steps, then distillation from an EMA teacher (decay {ssl.ema_decay}); "
-        f"unsupervised loss weight {ssl.unsup_loss_weight}, pseudo-label score threshold "
+        f"Guided Distillation for {summary.step} steps"
+        + (
+            " from the supervised teacher's weights (a fresh class head; not in the paper)"
+            if ssl.student_init == "teacher" and ssl.burn_in_pseudo_labels
+            else ""
+        )
+        + f": guided burn-in with a frozen supervised teacher for {ssl.burn_in_steps} steps, then distillation "
+        f"from an EMA teacher (decay {ssl.ema_decay}); unsupervised loss weight {ssl.unsup_loss_weight}, "
+        "pseudo-label score threshold "
         + (
             "chosen by the teacher check (`auto`, see below)"
             if ssl.pseudo_label_score_threshold == "auto"

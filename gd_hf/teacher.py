@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig
 
-from gd_hf.config import Recipe, RecipeError
+from gd_hf.config import ModelConfig, Recipe, RecipeError
 from gd_hf.weights import NonFiniteWeightsError, check_finite
 
 if TYPE_CHECKING:
@@ -72,6 +73,16 @@ def _export_model_type(path: str) -> str | None:
         return AutoConfig.from_pretrained(path).model_type
     except (OSError, ValueError):
         return None
+
+
+def student_model_config(recipe: Recipe) -> ModelConfig:
+    """The `model` settings the student is built from: the recipe's, or with `ssl.student_init: teacher` the same
+    with the teacher's export as `model.pretrained` (`build_model` re-heads a whole checkpoint: fresh class head,
+    the recipe's loss settings), so the student starts from what the labels taught its teacher."""
+    ssl = recipe.ssl
+    if ssl.enabled and ssl.student_init == "teacher" and ssl.teacher is not None:
+        return dataclasses.replace(recipe.model, pretrained=ssl.teacher)
+    return recipe.model
 
 
 def build_teacher(

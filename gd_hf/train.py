@@ -85,7 +85,7 @@ from gd_hf.run_pictures import (
     save_picture,
     val_examples,
 )
-from gd_hf.teacher import build_teacher
+from gd_hf.teacher import build_teacher, student_model_config
 from gd_hf.teacher_check import check_teacher, teacher_check_note
 from gd_hf.trackers import build_trackers, chosen_trackers, hyperparameters, log_pictures
 from gd_hf.weights import NonFiniteWeightsError, check_finite
@@ -288,7 +288,7 @@ class TrainingRecipe:
         once the output folder is known to have room for the run."""
         cfg = recipe.train
         set_seed(recipe.seed)
-        model = build_model(recipe.model, data.categories.id2label)
+        model = build_model(student_model_config(recipe), data.categories.id2label)
         self.family = self.custom_family if self.custom_family is not None else build_family(recipe)
         self.divisibility = self.family.padding_divisor(model)
         self.image_processor = export_image_processor(model, recipe.data, self.divisibility)

@@ -15,7 +15,7 @@ from gd_hf.config import RecipeError, load_recipe
 from gd_hf.data.loading import repeat_factors
 from gd_hf.train import TrainingRecipe, train
 
-from .conftest import ONE_LAUNCH_SSL, PAPER_JITTER, ROOT, tiny_overrides
+from .conftest import EOMT_TINY, ONE_LAUNCH_SSL, PAPER_JITTER, ROOT, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -452,3 +452,64 @@ def test_ssl_evaluate_scores_and_exports_the_model_it_names(synthetic_root, tmp_
         assert len(evaluated) == 1 and "val_teacher/AP" not in eval_lines[0]
         assert same(evaluated[0], teacher if which == "teacher" else student)
     assert same(exported_state(out / "final"), teacher if which == "teacher" else student)
+
+
+@pytest.mark.parametrize(
+    "family, student_init", [("mask2former", "teacher"), ("eomt", "teacher"), ("mask2former", "pretrained")]
+)
+def test_student_init_teacher_starts_the_student_from_the_teacher_with_a_fresh_class_head(
+    synthetic_root, tmp_path, monkeypatch, family, student_init
+):
+    """`ssl.student_init: teacher`: spy on the student phase 2 builds and the teacher it loads. Every weight but
+    the class head is the teacher's; the class head is drawn afresh; the card says so. The paper's `pretrained`
+    starts the student where the teacher started, not where it ended."""
+    built, teachers = [], []
+    real_build, real_teacher = train_module.build_model, train_module.build_teacher
+
+    def build_spy(cfg, id2label):
+        model = real_build(cfg, id2label)
+        built.append((cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        return model
+
+    def teacher_spy(recipe, student, id2label, family_):
+        teacher = real_teacher(recipe, student, id2label, family_)
+        if teacher is not None and recipe.ssl.teacher is not None:
+            teachers.append({k: v.detach().clone() for k, v in teacher.model.state_dict().items()})
+        return teacher
+
+    monkeypatch.setattr(train_module, "build_model", build_spy)
+    monkeypatch.setattr(train_module, "build_teacher", teacher_spy)
+    out = tmp_path / "run"
+    overrides = tiny_overrides(synthetic_root, out) + ONE_LAUNCH_SSL + [f"ssl.student_init={student_init}"]
+    if family == "eomt":
+        overrides += EOMT_TINY
+    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+
+    assert len(built) == 2 and len(teachers) == 1  # phase 1's model, then phase 2's student
+    (phase1_cfg, _), (student_cfg, student) = built
+    teacher = teachers[0]
+    head = {k for k in student if k.startswith("class_predictor.")}
+    scheduled = {k for k in student if k.endswith("attn_mask_probs")}  # set from the step, not learned
+    assert head and student.keys() == teacher.keys()
+    card = (out / "final" / "README.md").read_text()
+    if student_init == "teacher":
+        assert student_cfg.pretrained == str(out / "teacher" / "best")
+        assert all(torch.equal(student[k], teacher[k]) for k in student.keys() - head - scheduled)
+        assert not any(torch.equal(student[k], teacher[k]) for k in head)
+        assert "from the supervised teacher's weights (a fresh class head" in card
+    else:
+        assert student_cfg.pretrained is None
+        learned = [k for k in student.keys() - head - scheduled if student[k].is_floating_point()]
+        differ = [k for k in learned if not torch.equal(student[k], teacher[k])]
+        assert len(differ) > len(learned) // 2  # the teacher trained; the student starts untrained
+        assert "teacher's weights" not in card
+
+
+def test_student_init_teacher_without_a_teacher_is_a_recipe_error(synthetic_root, tmp_path):
+    overrides = tiny_overrides(synthetic_root, tmp_path / "run") + [
+        "ssl.enabled=true", "ssl.burn_in_pseudo_labels=false", "ssl.student_init=teacher"
+    ]  # fmt: skip
+    with pytest.raises(RecipeError, match=r"ssl.student_init.*no phase-1 teacher"):
+        load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides)
+    with pytest.raises(RecipeError, match=r"ssl.student_init"):
+        load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", ["ssl.student_init=teachr"])
