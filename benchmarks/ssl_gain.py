@@ -299,11 +299,12 @@ def read_run(out: Path) -> dict[str, float]:
 def recipe_drift(out: Path, overrides: list[str]) -> dict[str, tuple]:
     """What the finished run in `out` was trained with that the recipe and overrides no longer say: {key: (then,
     now)}, from the run's own `recipe.yaml` (the resolved recipe). A key the run's recipe lacks (added to gd_hf
-    later) is at its default then and is not compared; nor is `output_dir` (the folder itself), nor the `ssl.*`
-    keys of a supervised run."""
+    later, whose default keeps what ran before) was at its library default then: a recipe that now sets it to
+    something else has drifted. Not compared: `output_dir` (the folder itself) and the `ssl.*` keys of a
+    supervised run."""
     import yaml
 
-    from gd_hf.config import load_recipe, recipe_to_dict
+    from gd_hf.config import Recipe, load_recipe, recipe_to_dict
 
     def flat(tree: dict, prefix: str = "") -> dict[str, object]:
         items: dict[str, object] = {}
@@ -313,7 +314,7 @@ def recipe_drift(out: Path, overrides: list[str]) -> dict[str, tuple]:
 
     if not (out / "recipe.yaml").is_file():
         return {}
-    then = flat(yaml.safe_load((out / "recipe.yaml").read_text()))
+    then = {**flat(recipe_to_dict(Recipe())), **flat(yaml.safe_load((out / "recipe.yaml").read_text()))}
     now = flat(recipe_to_dict(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides)))
     supervised = not then.get("ssl.enabled") and not now["ssl.enabled"]  # (the ssl.* keys do not act then)
     return {

@@ -159,8 +159,8 @@ def test_docs_block_needs_docs(tmp_path):
 
 def test_a_finished_run_trained_with_another_recipe_is_not_reused_and_the_table_names_it(ssl_gain, tmp_path):
     """The demo recipe changed since a run finished: a rerun refuses to count it as the arm it is now, and
-    `--table-only` names what it ran with. Keys the run's recipe lacks (added later) and the ssl keys of a
-    supervised run do not count."""
+    `--table-only` names what it ran with. A key the run's recipe lacks (added later) counts only where the recipe
+    now leaves its default; the ssl keys of a supervised run do not count."""
     import yaml
 
     from gd_hf.config import load_recipe, recipe_to_dict
@@ -179,6 +179,12 @@ def test_a_finished_run_trained_with_another_recipe_is_not_reused_and_the_table_
     (run / "ssl_gain_overrides.json").write_text(json.dumps(overrides))
     with pytest.raises(SystemExit, match=f"ssl.unsup_loss_weight 7.0 \\(the recipe now: {now}\\)"):
         ssl_gain.train_and_score(job, args)
+    # A key added later that the recipe now sets away from its default: the run had the default, so it drifted.
+    del then["ssl"]["student_init"]
+    (run / "recipe.yaml").write_text(yaml.safe_dump(then))
+    assert ssl_gain.recipe_drift(run, [*overrides, "ssl.unsup_loss_weight=7.0", "ssl.student_init=teacher"]) == {
+        "ssl.student_init": ("pretrained", "teacher")
+    }
     then["ssl"]["enabled"] = False  # a supervised run: its ssl keys do not act
     (run / "recipe.yaml").write_text(yaml.safe_dump(then))
     assert ssl_gain.recipe_drift(run, [*overrides, "ssl.enabled=false"]) == {}
