@@ -9,8 +9,10 @@ same model, the same labeled images:
   (a') supervised_long — the same for `--steps` steps, as many as the students take (is (c) ahead only by
                      training longer?)
   (b) ema_baseline — burn-in on labeled images only, then EMA teacher + pseudo labels (the earlier-work recipe;
-                     its pseudo-label threshold is `--baseline-threshold`: it has no fixed teacher to choose one from)
-  (c) guided       — guided burn-in with the pseudo labels of the frozen (a), then EMA distillation
+                     its pseudo-label threshold is `--baseline-threshold`: it has no fixed teacher to choose one from;
+                     its student starts as (a) did)
+  (c) guided       — guided burn-in with the pseudo labels of the frozen (a), then EMA distillation (the demo
+                     recipe's rules: its student starts from (a)'s weights, `ssl.student_init: teacher`)
   plus any `--variant NAME key=value ...`: (c) with those overrides (e.g. the paper's threshold against `auto`).
   In a variant's values `{run:ARM}` is the same family / set / seed's run folder of arm ARM (the variant then
   waits for it), e.g. `ssl.teacher={run:supervised_long}/best` (a teacher as long as the student) or
@@ -127,7 +129,9 @@ def run_overrides(family: str, set_name: str, arm: str, seed: int, args: argpars
         # figures, and its warning, are in the run's metrics.jsonl and train.log).
         overrides += [f"ssl.burn_in_steps={args.burn_in}", f"ssl.ema_decay={args.ema_decay}", "ssl.teacher_check=warn"]
     if arm == "ema_baseline":
-        overrides += ["ssl.burn_in_pseudo_labels=false", f"ssl.pseudo_label_score_threshold={args.baseline_threshold}"]
+        # No fixed teacher: its student starts as the teacher did, whatever the demo recipe's student_init says.
+        overrides += ["ssl.burn_in_pseudo_labels=false", f"ssl.pseudo_label_score_threshold={args.baseline_threshold}",
+                      "ssl.student_init=pretrained"]  # fmt: skip
         if getattr(args, "baseline_unsup_weight", None) is not None:
             overrides.append(f"ssl.unsup_loss_weight={args.baseline_unsup_weight}")
     elif not supervised:

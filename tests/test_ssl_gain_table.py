@@ -188,3 +188,25 @@ def test_a_finished_run_trained_with_another_recipe_is_not_reused_and_the_table_
     then["ssl"]["enabled"] = False  # a supervised run: its ssl keys do not act
     (run / "recipe.yaml").write_text(yaml.safe_dump(then))
     assert ssl_gain.recipe_drift(run, [*overrides, "ssl.enabled=false"]) == {}
+
+
+def test_every_arm_loads_on_the_demo_recipe_and_only_the_guided_student_starts_from_its_teacher(ssl_gain, tmp_path):
+    """The demo recipe's `ssl.student_init: teacher` needs a fixed teacher: (b) has none and says
+    `pretrained`, (c) inherits the recipe's choice. Each arm's overrides load as the run would load them."""
+    from gd_hf.config import load_recipe
+
+    args = argparse.Namespace(
+        out=str(tmp_path), train_images=2400, size=160, labeled_percent=2.0, teacher_steps=500, steps=800,
+        burn_in=560, ema_decay=0.999, baseline_threshold="0.7", overrides=[], evals=4, variant_overrides={},
+    )  # fmt: skip
+    loaded = {
+        arm: load_recipe(
+            ROOT / "recipes" / "demo_synthetic.yaml", ssl_gain.run_overrides("eomt", "mixed", arm, 1, args)
+        )
+        for arm in ("supervised", "supervised_long", "ema_baseline", "guided")
+    }
+    assert not loaded["supervised"].ssl.enabled and not loaded["supervised_long"].ssl.enabled
+    assert loaded["ema_baseline"].ssl.student_init == "pretrained"
+    assert not loaded["ema_baseline"].ssl.burn_in_pseudo_labels
+    assert loaded["guided"].ssl.student_init == "teacher"
+    assert loaded["guided"].ssl.teacher == str(tmp_path / "eomt_mixed" / "supervised_seed1" / "best")
