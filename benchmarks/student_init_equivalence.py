@@ -51,7 +51,8 @@ def main() -> int:
     student = ["ssl.enabled=true", f"ssl.teacher={teacher}", "ssl.burn_in_steps=3", "ssl.unlabeled_batch_size=2",
                "ssl.pseudo_label_score_threshold=0.2", "ssl.pseudo_label_min_area=1", "train.max_steps=6",
                "train.eval_every=3", "data.labeled_percent=50"]  # fmt: skip
-    run(out / "model_pretrained", student + [f"model.pretrained={teacher}"])
+    # (the demo recipe says `student_init: teacher`: this run must be the paper's student from model.pretrained)
+    run(out / "model_pretrained", student + ["ssl.student_init=pretrained", f"model.pretrained={teacher}"])
     run(out / "student_init", student + ["ssl.student_init=teacher"])
     compare = [sys.executable, str(ROOT / "benchmarks" / "compare_runs.py"), str(out / "model_pretrained"),
                str(out / "student_init")]  # fmt: skip

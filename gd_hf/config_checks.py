@@ -253,16 +253,6 @@ def _ssl_checks(recipe: Recipe) -> list[Check]:
             f"({s.pseudo_label_target_precision}) is below ssl.teacher_check_min_precision "
             f"({s.teacher_check_min_precision}): a threshold chosen at that precision would be stopped by the check",
         ),
-        (
-            not (
-                s.enabled
-                and s.student_init == "teacher"
-                and not ((s.teacher is not None or s.train_teacher_first) and s.burn_in_pseudo_labels)
-            ),
-            "ssl.student_init",
-            "is `teacher`, and this run has no phase-1 teacher (no ssl.teacher and no ssl.train_teacher_first, or a "
-            "burn-in on labeled data only): give one, or ssl.student_init=pretrained",
-        ),
         (s.unsup_loss_weight >= 0, "ssl.unsup_loss_weight", "must be >= 0"),
         (
             s.unsup_no_object_weight is None or 0 < s.unsup_no_object_weight <= 1,
@@ -302,6 +292,17 @@ def _ssl_checks(recipe: Recipe) -> list[Check]:
             or s.train_teacher_first,
             "ssl.teacher",
             "is required for guided burn-in: give a phase-1 export, or set ssl.train_teacher_first: true",
+        ),
+        (
+            not (
+                s.enabled
+                and s.student_init == "teacher"
+                and not ((s.teacher is not None or s.train_teacher_first) and s.burn_in_pseudo_labels)
+            ),
+            "ssl.student_init",
+            "is `teacher` (the student starts from the fixed teacher's weights), and this run has no fixed teacher "
+            "(a burn-in on labeled data only, ssl.burn_in_pseudo_labels: false, is the earlier-work baseline). Set "
+            "ssl.student_init=pretrained for that baseline, or give a guided burn-in its teacher",
         ),
     ]
 

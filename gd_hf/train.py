@@ -50,7 +50,7 @@ from gd_hf.method import (
     check_extension_points,
     describe_extension,
 )
-from gd_hf.modeling import build_model
+from gd_hf.modeling import ModelLoadError, build_model
 from gd_hf.optim import TrainingError, UpdateUndo, build_lr_scheduler, build_optimizer, check_nonfinite_step, train_step
 from gd_hf.pictures import plot_curves
 from gd_hf.public import public_recipe, run_name
@@ -287,8 +287,7 @@ class TrainingRecipe:
         """The student, the method (with its teacher), the optimizer and the schedule, on this process's device,
         once the output folder is known to have room for the run."""
         cfg = recipe.train
-        set_seed(recipe.seed)
-        model = build_model(student_model_config(recipe), data.categories.id2label)
+        model = build_student(recipe, data.categories.id2label)
         self.family = self.custom_family if self.custom_family is not None else build_family(recipe)
         self.divisibility = self.family.padding_divisor(model)
         self.image_processor = export_image_processor(model, recipe.data, self.divisibility)
@@ -568,6 +567,39 @@ class TrainingRecipe:
         accelerator.trackers.clear()  # the next phase starts its own
         self.publisher.raise_failures()
         return metrics
+
+
+def build_student(recipe: Recipe, id2label: dict[int, str]) -> torch.nn.Module:
+    """The model a phase trains, seeded by `recipe.seed`: built from the recipe's `model` settings, or with
+    `ssl.student_init: teacher` from the teacher's export (`student_model_config`). The latter must be the
+    architecture the recipe describes (what recipe.yaml, a relaunch and the card say was trained): the recipe's
+    model is built too and their shapes compared, then the seed is drawn again, so the student from the teacher
+    is the one `model.pretrained=<the teacher's export>` builds (benchmarks/student_init_equivalence.py)."""
+    set_seed(recipe.seed)
+    model = build_model(recipe.model, id2label)
+    start = student_model_config(recipe)
+    if start is recipe.model:
+        return model
+    described = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    del model
+    set_seed(recipe.seed)
+    try:
+        model = build_model(start, id2label)
+    except ModelLoadError as e:  # the recipe never named model.pretrained: say where that path came from
+        raise ModelLoadError(f"ssl.student_init=teacher builds the student from ssl.teacher: {e}") from e
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    differ = sorted(n for n in described.keys() | shapes.keys() if described.get(n) != shapes.get(n))
+    if differ:
+        raise RecipeError(
+            f"ssl.student_init=teacher: ssl.teacher={recipe.ssl.teacher!r} is not the architecture of the recipe's "
+            f"model.* settings ({len(differ)} tensors differ, e.g. "
+            + ", ".join(
+                f"{n}: {shapes.get(n, 'absent')} in the teacher, {described.get(n, 'absent')} in the recipe"
+                for n in differ[:3]
+            )
+            + "): set model.* to the teacher's sizes, or ssl.student_init=pretrained"
+        )
+    return model
 
 
 def train(

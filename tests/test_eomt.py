@@ -671,7 +671,8 @@ def test_a_teacher_or_checkpoint_of_the_other_family_is_refused_naming_the_key(t
 
     from .conftest import EOMT_TINY, ROOT, tiny_overrides
 
-    base = tiny_overrides(synthetic_root, tmp_path / "run") + ["ssl.enabled=true", "ssl.burn_in_pseudo_labels=false"]
+    base = tiny_overrides(synthetic_root, tmp_path / "run") + ["ssl.enabled=true", "ssl.burn_in_pseudo_labels=false",
+                                                                "ssl.student_init=pretrained"]  # fmt: skip
     m2f_recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", base)
     eomt_recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", base + EOMT_TINY)
     id2label = {i: name for i, name in enumerate(["circle", "rectangle", "triangle", "cross"])}

@@ -192,6 +192,7 @@ def test_labeled_only_burn_in_needs_no_teacher(synthetic_root, tmp_path):
     overrides = tiny_overrides(synthetic_root, out) + [
         "ssl.enabled=true",
         "ssl.burn_in_pseudo_labels=false",
+        "ssl.student_init=pretrained",  # (the demo recipe's `teacher` needs a fixed teacher)
         "ssl.burn_in_steps=2",
         "ssl.unlabeled_batch_size=2",
         "train.max_steps=3",
@@ -485,8 +486,9 @@ def test_student_init_teacher_starts_the_student_from_the_teacher_with_a_fresh_c
         overrides += EOMT_TINY
     train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
 
-    assert len(built) == 2 and len(teachers) == 1  # phase 1's model, then phase 2's student
-    (phase1_cfg, _), (student_cfg, student) = built
+    # phase 1's model, then phase 2's student (from the teacher: after the recipe's own, whose shapes it must have)
+    assert len(built) == (3 if student_init == "teacher" else 2) and len(teachers) == 1
+    student_cfg, student = built[-1]
     teacher = teachers[0]
     head = {k for k in student if k.startswith("class_predictor.")}
     scheduled = {k for k in student if k.endswith("attn_mask_probs")}  # set from the step, not learned
@@ -509,7 +511,34 @@ def test_student_init_teacher_without_a_teacher_is_a_recipe_error(synthetic_root
     overrides = tiny_overrides(synthetic_root, tmp_path / "run") + [
         "ssl.enabled=true", "ssl.burn_in_pseudo_labels=false", "ssl.student_init=teacher"
     ]  # fmt: skip
-    with pytest.raises(RecipeError, match=r"ssl.student_init.*no phase-1 teacher"):
+    with pytest.raises(
+        RecipeError, match=r"ssl.student_init is `teacher`.*no fixed teacher.*ssl.student_init=pretrained"
+    ):
         load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides)
     with pytest.raises(RecipeError, match=r"ssl.student_init"):
         load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", ["ssl.student_init=teachr"])
+
+
+def test_student_init_teacher_with_a_damaged_teacher_says_where_the_path_came_from(
+    synthetic_root, tmp_path, teacher_dir
+):
+    """The recipe never set model.pretrained: the error says the student was built from ssl.teacher."""
+    import shutil
+
+    copy = tmp_path / "teacher_copy"
+    shutil.copytree(teacher_dir, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(
+        RecipeError, match=r"ssl.student_init=teacher builds the student from ssl.teacher: .*weights file is"
+    ):
+        run(synthetic_root, tmp_path / "run", copy, "ssl.student_init=teacher")
+    assert not (tmp_path / "run").exists()  # stopped before anything was written
+
+
+def test_student_init_teacher_of_another_architecture_is_refused(synthetic_root, tmp_path, teacher_dir):
+    """The student would take the teacher's sizes, and recipe.yaml, a relaunch and the card would describe
+    another model: refused before anything is written, naming a tensor that differs."""
+    with pytest.raises(RecipeError, match=r"not the architecture of the recipe's model.\* settings .*queries"):
+        run(synthetic_root, tmp_path / "run", teacher_dir, "ssl.student_init=teacher", "model.num_queries=6")
+    assert not (tmp_path / "run").exists()
