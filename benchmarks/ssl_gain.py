@@ -20,7 +20,7 @@ same model, the same labeled images:
   `ssl.enabled=false` is a supervised arm.
 
     python benchmarks/ssl_gain.py [--families mask2former eomt] [--sets square mixed] [--seeds 0 1 2]
-        [--jobs 2] [--steps 800] [--teacher-steps 500] [--burn-in 560] [--size 160] [--docs [--docs-block NAME]]
+        [--jobs 2] [--steps 800] [--teacher-steps 500] [--burn-in 560] [--size 128] [--docs [--docs-block NAME]]
         [--out DIR] [--variant NAME key=value ...] [--lever-base ARM] [--baseline-threshold T]
         [--baseline-unsup-weight W] [key=value ...]
 
@@ -217,10 +217,19 @@ def score(run: Path, heldout: Path) -> None:
 
     scores = {}
     for export in ("final", "best"):
+        if export == "best" and same_weights(run / "final", run / "best"):
+            scores[export] = scores["final"]  # `best/` was picked at the last step: the same model, the same AP
+            continue
         metrics, _ = evaluate_export(run / export, heldout / "annotations" / "instances_val.json", heldout / "val",
                                      top_k=50, batch_size=4, num_workers=0)  # fmt: skip
         scores[export] = metrics["AP"]
     (run / "heldout.json").write_text(json.dumps(scores) + "\n")
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two exports hold byte-identical weights (and configs): then they score the same, once is enough."""
+    names = ("model.safetensors", "config.json", "preprocessor_config.json")
+    return all((a / n).is_file() and (b / n).is_file() and (a / n).read_bytes() == (b / n).read_bytes() for n in names)
 
 
 def run_jobs(jobs: list[Job], args: argparse.Namespace) -> None:
@@ -495,7 +504,7 @@ def main() -> None:
                                      allow_abbrev=False)  # fmt: skip
     parser.add_argument("--families", nargs="+", choices=("mask2former", "eomt"), default=["mask2former", "eomt"])
     parser.add_argument("--sets", nargs="+", choices=tuple(SET_OVERRIDES), default=list(SET_OVERRIDES))
-    parser.add_argument("--arms", nargs="+", default=["supervised", "ema_baseline", "guided"],
+    parser.add_argument("--arms", nargs="+", default=["supervised", "supervised_long", "ema_baseline", "guided"],
                         help="supervised, supervised_long, ema_baseline, guided and any --variant names")  # fmt: skip
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                         help="an arm: guided with these overrides (repeatable)")  # fmt: skip
@@ -506,7 +515,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--labeled-percent", type=float, default=2.0)
     parser.add_argument("--train-images", type=int, default=2400)
-    parser.add_argument("--size", type=int, default=160, help="image side (the mean longer side of mixed images)")
+    parser.add_argument("--size", type=int, default=128, help="image side (the mean longer side of mixed images)")
     parser.add_argument("--steps", type=int, default=800, help="steps of (b) and (c)")
     parser.add_argument("--teacher-steps", type=int, default=500, help="steps of (a), the teacher of (c)")
     parser.add_argument("--burn-in", type=int, default=560)
@@ -526,7 +535,7 @@ def main() -> None:
                         help="with --docs: write between <!-- ssl_gain:NAME:begin/end --> instead, in the documents "
                         "that have them (an ablation's own table)")  # fmt: skip
     parser.add_argument("--table-only", action="store_true", help="tabulate the finished runs, train nothing")
-    parser.add_argument("--out", default="outputs/ssl_gain")
+    parser.add_argument("--out", help="where the runs go (default: outputs/ssl_gain_<size>px)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_intermixed_args()
     args.argv = [a for a in sys.argv[1:] if a not in ("--table-only", "--docs")]  # the command that trains it all
@@ -535,6 +544,7 @@ def main() -> None:
             parser.error("--docs-block NAME says where --docs writes: give --docs too")
         k = next(k for k, a in enumerate(args.argv) if a.startswith("--docs-block"))
         del args.argv[k : k + (1 if "=" in args.argv[k] else 2)]
+    args.out = args.out or f"outputs/ssl_gain_{args.size}px"  # runs of another image size never share a folder
     args.variant_overrides = {v[0]: v[1:] for v in args.variant}
     unknown = set(args.arms) - {*BASELINES, "guided", *args.variant_overrides}
     if unknown:

@@ -210,3 +210,30 @@ def test_every_arm_loads_on_the_demo_recipe_and_only_the_guided_student_starts_f
     assert not loaded["ema_baseline"].ssl.burn_in_pseudo_labels
     assert loaded["guided"].ssl.student_init == "teacher"
     assert loaded["guided"].ssl.teacher == str(tmp_path / "eomt_mixed" / "supervised_seed1" / "best")
+
+
+def test_an_export_identical_to_final_is_scored_once_and_a_different_one_is_scored(ssl_gain, tmp_path, monkeypatch):
+    """`best/` picked at the last step holds `final/`'s bytes: scoring it again would cost a pass over the held-out
+    set for the same figure. A `best/` from an earlier step is scored on its own."""
+    import gd_hf.evaluate
+
+    scored = []
+
+    def fake_evaluate(export, annotations, images, **kwargs):
+        scored.append(export.name)
+        return {"AP": 30.0 if export.name == "final" else 25.0}, None
+
+    monkeypatch.setattr(gd_hf.evaluate, "evaluate_export", fake_evaluate)
+    run = tmp_path / "run"
+    for export in ("final", "best"):
+        (run / export).mkdir(parents=True)
+        for name in ("model.safetensors", "config.json", "preprocessor_config.json"):
+            (run / export / name).write_bytes(b"same bytes")
+    ssl_gain.score(run, tmp_path / "heldout")
+    assert scored == ["final"]
+    assert json.loads((run / "heldout.json").read_text()) == {"final": 30.0, "best": 30.0}
+    (run / "best" / "model.safetensors").write_bytes(b"weights of an earlier step")
+    scored.clear()
+    ssl_gain.score(run, tmp_path / "heldout")
+    assert scored == ["final", "best"]
+    assert json.loads((run / "heldout.json").read_text()) == {"final": 30.0, "best": 25.0}
