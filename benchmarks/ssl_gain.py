@@ -385,6 +385,40 @@ def course_table(courses: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ranking_table(results: dict, other_out: Path, args: argparse.Namespace) -> str:
+    """`--rank-against OTHER_OUT`: for each family, set and seed, the arms ordered by held-out `best/` AP in these
+    runs and in the same arms' runs under OTHER_OUT (the check's short setting), and every pair of arms that the two
+    put in another order, with its gap in each. This is how a short setting shows that it ranks the arms as the
+    long one does."""
+    lines = [f"Ranking against `{other_out}` (held-out `best/` AP; ↔ marks a pair in another order):", "",
+             "| family / set / seed | these runs | the runs of " + f"`{other_out}`" + " | pairs in another order |",
+             "|---|---|---|---|"]  # fmt: skip
+    for family in args.families:
+        for set_name in args.sets:
+            for seed in args.seeds:
+                arms = [a for a in args.arms if f"{family}:{a}" not in args.skip]
+                here = {a: results.get((family, set_name, a, seed), {}).get("heldout_best") for a in arms}
+                there = {}
+                for arm in arms:
+                    heldout = other_out / f"{family}_{set_name}" / f"{arm}_seed{seed}" / "heldout.json"
+                    there[arm] = json.loads(heldout.read_text())["best"] if heldout.is_file() else None
+                if None in here.values() or None in there.values():
+                    lines.append(f"| {family} / {set_name} / {seed} | missing runs | | |")
+                    continue
+                order = [sorted(arms, key=lambda a, d=d: -d[a]) for d in (here, there)]
+                swapped = [
+                    f"{a} − {b}: {here[a] - here[b]:+.2f} here, {there[a] - there[b]:+.2f} there ↔"
+                    for k, a in enumerate(arms) for b in arms[k + 1 :]
+                    if (here[a] - here[b]) * (there[a] - there[b]) < 0
+                ]  # fmt: skip
+                lines.append(
+                    f"| {family} / {set_name} / {seed} | "
+                    + " | ".join(" > ".join(f"{a} {d[a]:.2f}" for a in o) for o, d in zip(order, (here, there)))
+                    + f" | {'; '.join(swapped) or 'none: the same order'} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
 def mean_sd(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.2f} ± {sd:.2f}"
@@ -535,6 +569,9 @@ def main() -> None:
                         help="with --docs: write between <!-- ssl_gain:NAME:begin/end --> instead, in the documents "
                         "that have them (an ablation's own table)")  # fmt: skip
     parser.add_argument("--table-only", action="store_true", help="tabulate the finished runs, train nothing")
+    parser.add_argument("--rank-against", metavar="OTHER_OUT",
+                        help="also order the arms of each seed as these runs and OTHER_OUT's runs rank them (e.g. the "
+                        "2,000-step check against the short setting)")  # fmt: skip
     parser.add_argument("--out", help="where the runs go (default: outputs/ssl_gain_<size>px)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_intermixed_args()
@@ -589,6 +626,8 @@ def main() -> None:
         if job.state == "done":
             courses.setdefault((family, set_name, arm), []).append(read_course(job.out, args.burn_in))
     text = table(results, args) + "\n" + course_table(courses, args)
+    if args.rank_against:
+        text += "\n" + ranking_table(results, Path(args.rank_against), args)
     log = Path(args.out) / "invocations.jsonl"
     if not args.table_only:  # each training invocation's wall time, so that the table can say what it all cost
         with open(log, "a") as f:

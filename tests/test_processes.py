@@ -157,10 +157,13 @@ def test_eomt_killed_in_the_ema_phase_then_resumed_anneals_and_trains_as_an_unin
 def test_eomt_on_two_processes_keeps_its_replicas_and_teachers_identical(synthetic_root, tmp_path):
     """2 DDP processes (gloo) through phases 1-3 of EoMT: the student and the EMA teacher are identical on both
     processes at the checkpoints (the annealing buffer included: each process writes the schedule's value),
-    both processes anneal alike, and rank 0 exports a plain EoMT."""
+    both processes anneal alike, and rank 0 exports a plain EoMT. The student starts from phase 1's export
+    (`ssl.student_init: teacher`, as the demo recipe runs): every process builds it from the export that rank 0
+    has just written."""
     two = tmp_path / "two"
-    run_to_end(ssl_args(synthetic_root, two, *EOMT_TINY, "train.batch_size=2", "ssl.unlabeled_batch_size=2"),
-               processes=2)  # fmt: skip
+    run_to_end(ssl_args(synthetic_root, two, *EOMT_TINY, "train.batch_size=2", "ssl.unlabeled_batch_size=2",
+                        "ssl.student_init=teacher"), processes=2)  # fmt: skip
+    assert "from the supervised teacher's weights" in (two / "final" / "README.md").read_text()
     kept = sorted((two / "checkpoints").glob("step_*"))
     assert [c.name for c in kept] == ["step_00000005", "step_00000006"]  # (train.keep_checkpoints: 2)
     for checkpoint in kept:

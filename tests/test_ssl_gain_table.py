@@ -237,3 +237,26 @@ def test_an_export_identical_to_final_is_scored_once_and_a_different_one_is_scor
     ssl_gain.score(run, tmp_path / "heldout")
     assert scored == ["final", "best"]
     assert json.loads((run / "heldout.json").read_text()) == {"final": 30.0, "best": 25.0}
+
+
+def test_the_ranking_against_another_setting_names_each_pair_in_another_order(ssl_gain, tmp_path):
+    """The 2,000-step check against the short setting: the arms of each seed in order in both, and every pair the
+    two order differently with both gaps (a level pair that flips is named, not hidden)."""
+    args = argparse.Namespace(families=["mask2former"], sets=["mixed"], seeds=[0], skip=[],
+                              arms=["supervised", "supervised_long", "guided"])  # fmt: skip
+    here = {"supervised": 15.0, "supervised_long": 22.05, "guided": 22.01}
+    there = {"supervised": 12.0, "supervised_long": 17.0, "guided": 20.5}
+    results = {("mask2former", "mixed", arm, 0): {"heldout_best": ap} for arm, ap in here.items()}
+    for arm, ap in there.items():
+        folder = tmp_path / "short" / "mask2former_mixed" / f"{arm}_seed0"
+        folder.mkdir(parents=True)
+        (folder / "heldout.json").write_text(json.dumps({"final": 0.0, "best": ap}))
+    text = ssl_gain.ranking_table(results, tmp_path / "short", args)
+    row = next(line for line in text.splitlines() if line.startswith("| mask2former / mixed / 0"))
+    assert "supervised_long 22.05 > guided 22.01 > supervised 15.00" in row
+    assert "guided 20.50 > supervised_long 17.00 > supervised 12.00" in row
+    assert "supervised_long − guided: +0.04 here, -3.50 there ↔" in row
+    assert row.count("↔") == 1  # supervised is last in both
+    there_missing = tmp_path / "short" / "mask2former_mixed" / "guided_seed0" / "heldout.json"
+    there_missing.unlink()
+    assert "| mask2former / mixed / 0 | missing runs |" in ssl_gain.ranking_table(results, tmp_path / "short", args)
