@@ -20,9 +20,14 @@ same model, the same labeled images:
   `ssl.enabled=false` is a supervised arm.
 
     python benchmarks/ssl_gain.py [--families mask2former eomt] [--sets square mixed] [--seeds 0 1 2]
+        [--arms supervised supervised_long ema_baseline guided] [--skip FAMILY:ARM ...]
         [--jobs 2] [--steps 800] [--teacher-steps 500] [--burn-in 560] [--size 128] [--docs [--docs-block NAME]]
-        [--out DIR] [--variant NAME key=value ...] [--lever-base ARM] [--baseline-threshold T]
-        [--baseline-unsup-weight W] [key=value ...]
+        [--out DIR (default outputs/ssl_gain_<size>px)] [--variant NAME key=value ...] [--lever-base ARM]
+        [--baseline-threshold T] [--baseline-unsup-weight W] [--table-only] [--rank-against OTHER_OUT]
+        [key=value ...]
+
+The check after a change to the method is `python benchmarks/ssl_gain.py --skip eomt:supervised_long --docs`:
+both families, both sets, 3 seeds, 42 runs; 81 min of wall time on the 2-core machine (2026-12-05).
 
 Every run is its own `python -m gd_hf.train` process on `recipes/demo_synthetic.yaml` (extra key=value
 overrides go to every run), `--jobs` at a time with OMP_NUM_THREADS=1 each (two on the 2-core machine: more
@@ -385,32 +390,57 @@ def course_table(courses: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What may differ between two settings whose rankings are compared: where the runs go and how long they train.
+LENGTH_KEYS = ("output_dir", "train.max_steps", "train.eval_every", "train.checkpoint_every", "ssl.burn_in_steps")
+
+
+def comparable_settings(run: Path, out: Path) -> dict[str, str] | None:
+    """A run's overrides (its `ssl_gain_overrides.json`) without the length keys, with its out folder written
+    `OUT` (the data and teacher paths name it); None without the file."""
+    settings = run / "ssl_gain_overrides.json"
+    if not settings.is_file():
+        return None
+    pairs = (o.partition("=") for o in json.loads(settings.read_text()))
+    return {k: v.replace(str(out), "OUT") for k, _, v in pairs if k not in LENGTH_KEYS}
+
+
 def ranking_table(results: dict, other_out: Path, args: argparse.Namespace) -> str:
     """`--rank-against OTHER_OUT`: for each family, set and seed, the arms ordered by held-out `best/` AP in these
     runs and in the same arms' runs under OTHER_OUT (the check's short setting), and every pair of arms that the two
-    put in another order, with its gap in each. This is how a short setting shows that it ranks the arms as the
-    long one does."""
+    put in another order (a tie on one side and an order on the other included), with its gap in each. This is how
+    a short setting shows that it ranks the arms as the long one does. A pair of runs that differ in more than
+    their length (other data, weights, thresholds: see LENGTH_KEYS) is not compared."""
     lines = [f"Ranking against `{other_out}` (held-out `best/` AP; ↔ marks a pair in another order):", "",
-             "| family / set / seed | these runs | the runs of " + f"`{other_out}`" + " | pairs in another order |",
+             f"| family / set / seed | these runs | the runs of `{other_out}` | pairs in another order |",
              "|---|---|---|---|"]  # fmt: skip
     for family in args.families:
         for set_name in args.sets:
             for seed in args.seeds:
                 arms = [a for a in args.arms if f"{family}:{a}" not in args.skip]
-                here = {a: results.get((family, set_name, a, seed), {}).get("heldout_best") for a in arms}
-                there = {}
+                here, there, problems = {}, {}, []
                 for arm in arms:
-                    heldout = other_out / f"{family}_{set_name}" / f"{arm}_seed{seed}" / "heldout.json"
-                    there[arm] = json.loads(heldout.read_text())["best"] if heldout.is_file() else None
-                if None in here.values() or None in there.values():
-                    lines.append(f"| {family} / {set_name} / {seed} | missing runs | | |")
+                    run = Path(args.out) / f"{family}_{set_name}" / f"{arm}_seed{seed}"
+                    other = other_out / f"{family}_{set_name}" / f"{arm}_seed{seed}"
+                    here[arm] = results.get((family, set_name, arm, seed), {}).get("heldout_best")
+                    heldout = other / "heldout.json"
+                    there[arm] = json.loads(heldout.read_text()).get("best") if heldout.is_file() else None
+                    if here[arm] is None or there[arm] is None:
+                        problems.append(f"{arm}: no held-out score {'here' if here[arm] is None else 'there'}")
+                        continue
+                    mine, theirs = comparable_settings(run, Path(args.out)), comparable_settings(other, other_out)
+                    if mine is not None and theirs is not None and mine != theirs:
+                        keys = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+                        problems.append(f"{arm}: other settings there ({', '.join(keys)})")
+                if problems:
+                    lines.append(f"| {family} / {set_name} / {seed} | not compared: {'; '.join(problems)} | | |")
                     continue
                 order = [sorted(arms, key=lambda a, d=d: -d[a]) for d in (here, there)]
-                swapped = [
-                    f"{a} − {b}: {here[a] - here[b]:+.2f} here, {there[a] - there[b]:+.2f} there ↔"
-                    for k, a in enumerate(arms) for b in arms[k + 1 :]
-                    if (here[a] - here[b]) * (there[a] - there[b]) < 0
-                ]  # fmt: skip
+                swapped = []
+                for k, a in enumerate(arms):
+                    for b in arms[k + 1 :]:
+                        gap_here, gap_there = here[a] - here[b], there[a] - there[b]
+                        if gap_here * gap_there < 0 or (gap_here == 0) != (gap_there == 0):
+                            swapped.append(f"{a} − {b}: {gap_here:+.2f} here, {gap_there:+.2f} there ↔")
                 lines.append(
                     f"| {family} / {set_name} / {seed} | "
                     + " | ".join(" > ".join(f"{a} {d[a]:.2f}" for a in o) for o, d in zip(order, (here, there)))
@@ -585,7 +615,8 @@ def main() -> None:
     args.variant_overrides = {v[0]: v[1:] for v in args.variant}
     unknown = set(args.arms) - {*BASELINES, "guided", *args.variant_overrides}
     if unknown:
-        parser.error(f"--arms {sorted(unknown)}: not an arm (supervised, ema_baseline, guided, or a --variant name)")
+        parser.error(f"--arms {sorted(unknown)}: not an arm (supervised, supervised_long, ema_baseline, guided, "
+                     "or a --variant name)")  # fmt: skip
     problem = check_variants(args)  # before minutes of generating data
     if problem:
         parser.error(problem)

@@ -232,6 +232,17 @@ def test_an_export_identical_to_final_is_scored_once_and_a_different_one_is_scor
     ssl_gain.score(run, tmp_path / "heldout")
     assert scored == ["final"]
     assert json.loads((run / "heldout.json").read_text()) == {"final": 30.0, "best": 30.0}
+    for damage in ("config.json", "preprocessor_config.json"):  # the same weights, another config: scored
+        (run / "best" / damage).write_bytes(b"other bytes")
+        scored.clear()
+        ssl_gain.score(run, tmp_path / "heldout")
+        assert scored == ["final", "best"], damage
+        (run / "best" / damage).write_bytes(b"same bytes")
+    (run / "best" / "preprocessor_config.json").unlink()  # an export without a file: scored, not assumed equal
+    scored.clear()
+    ssl_gain.score(run, tmp_path / "heldout")
+    assert scored == ["final", "best"]
+    (run / "best" / "preprocessor_config.json").write_bytes(b"same bytes")
     (run / "best" / "model.safetensors").write_bytes(b"weights of an earlier step")
     scored.clear()
     ssl_gain.score(run, tmp_path / "heldout")
@@ -241,22 +252,46 @@ def test_an_export_identical_to_final_is_scored_once_and_a_different_one_is_scor
 
 def test_the_ranking_against_another_setting_names_each_pair_in_another_order(ssl_gain, tmp_path):
     """The 2,000-step check against the short setting: the arms of each seed in order in both, and every pair the
-    two order differently with both gaps (a level pair that flips is named, not hidden)."""
-    args = argparse.Namespace(families=["mask2former"], sets=["mixed"], seeds=[0], skip=[],
-                              arms=["supervised", "supervised_long", "guided"])  # fmt: skip
+    two order differently with both gaps (a level pair that flips is named, not hidden; a tie against an order
+    too). Runs that differ in more than their length are not compared; a missing score says which."""
+    long_out, short_out = tmp_path / "long", tmp_path / "short"
+    args = argparse.Namespace(families=["mask2former", "eomt"], sets=["mixed"], seeds=[0], out=str(long_out),
+                              skip=["eomt:supervised_long"], arms=["supervised", "supervised_long", "guided"])  # fmt: skip
     here = {"supervised": 15.0, "supervised_long": 22.05, "guided": 22.01}
     there = {"supervised": 12.0, "supervised_long": 17.0, "guided": 20.5}
-    results = {("mask2former", "mixed", arm, 0): {"heldout_best": ap} for arm, ap in here.items()}
-    for arm, ap in there.items():
-        folder = tmp_path / "short" / "mask2former_mixed" / f"{arm}_seed0"
-        folder.mkdir(parents=True)
-        (folder / "heldout.json").write_text(json.dumps({"final": 0.0, "best": ap}))
-    text = ssl_gain.ranking_table(results, tmp_path / "short", args)
+
+    def settings(out: Path, steps: int, threshold: str = "0.7") -> list[str]:
+        return [f"output_dir={out}/x", f"data.train_images={out}/data_mixed/train", f"train.max_steps={steps}",
+                f"ssl.burn_in_steps={steps * 7 // 10}", f"ssl.pseudo_label_score_threshold={threshold}"]  # fmt: skip
+
+    results = {}
+    for family in ("mask2former", "eomt"):
+        for arm in here:
+            for out, scores, steps in ((long_out, here, 2000), (short_out, there, 800)):
+                folder = out / f"{family}_mixed" / f"{arm}_seed0"
+                folder.mkdir(parents=True)
+                (folder / "heldout.json").write_text(json.dumps({"final": 0.0, "best": scores[arm]}))
+                (folder / "ssl_gain_overrides.json").write_text(json.dumps(settings(out, steps)))
+            results[(family, "mixed", arm, 0)] = {"heldout_best": here[arm]}
+    text = ssl_gain.ranking_table(results, short_out, args)
     row = next(line for line in text.splitlines() if line.startswith("| mask2former / mixed / 0"))
     assert "supervised_long 22.05 > guided 22.01 > supervised 15.00" in row
     assert "guided 20.50 > supervised_long 17.00 > supervised 12.00" in row
     assert "supervised_long − guided: +0.04 here, -3.50 there ↔" in row
     assert row.count("↔") == 1  # supervised is last in both
-    there_missing = tmp_path / "short" / "mask2former_mixed" / "guided_seed0" / "heldout.json"
-    there_missing.unlink()
-    assert "| mask2former / mixed / 0 | missing runs |" in ssl_gain.ranking_table(results, tmp_path / "short", args)
+    eomt = next(line for line in text.splitlines() if line.startswith("| eomt / mixed / 0"))
+    assert "supervised_long" not in eomt and "none: the same order" in eomt  # the skipped arm is left out
+    # A tie on one side against an order on the other is another order.
+    results[("mask2former", "mixed", "guided", 0)] = {"heldout_best": 22.05}
+    assert "supervised_long − guided: +0.00 here, -3.50 there ↔" in ssl_gain.ranking_table(results, short_out, args)
+    # The other folder's run ran with another threshold: not compared, and the row says why.
+    other = short_out / "mask2former_mixed" / "guided_seed0" / "ssl_gain_overrides.json"
+    other.write_text(json.dumps(settings(short_out, 800, threshold="auto")))
+    text = ssl_gain.ranking_table(results, short_out, args)
+    assert "not compared: guided: other settings there (ssl.pseudo_label_score_threshold)" in text
+    # A run without a held-out score, on either side: not compared, named.
+    (short_out / "eomt_mixed" / "guided_seed0" / "heldout.json").unlink()
+    del results[("mask2former", "mixed", "supervised", 0)]
+    text = ssl_gain.ranking_table(results, short_out, args)
+    assert "not compared: supervised: no held-out score here" in text
+    assert "| eomt / mixed / 0 | not compared: guided: no held-out score there |" in text
