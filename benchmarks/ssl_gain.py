@@ -404,13 +404,14 @@ def comparable_settings(run: Path, out: Path) -> dict[str, str] | None:
     return {k: v.replace(str(out), "OUT") for k, _, v in pairs if k not in LENGTH_KEYS}
 
 
-def ranking_table(results: dict, other_out: Path, args: argparse.Namespace) -> str:
+def ranking_table(results: dict, other_out: Path, args: argparse.Namespace, export: str = "best") -> str:
     """`--rank-against OTHER_OUT`: for each family, set and seed, the arms ordered by held-out `best/` AP in these
     runs and in the same arms' runs under OTHER_OUT (the check's short setting), and every pair of arms that the two
     put in another order (a tie on one side and an order on the other included), with its gap in each. This is how
     a short setting shows that it ranks the arms as the long one does. A pair of runs that differ in more than
-    their length (other data, weights, thresholds: see LENGTH_KEYS) is not compared."""
-    lines = [f"Ranking against `{other_out}` (held-out `best/` AP; ↔ marks a pair in another order):", "",
+    their length (other data, weights, thresholds: see LENGTH_KEYS) is not compared. `export`: rank the `best/`
+    exports (picked on the 100 val images) or the `final/` ones."""
+    lines = [f"Ranking against `{other_out}` (held-out `{export}/` AP; ↔ marks a pair in another order):", "",
              f"| family / set / seed | these runs | the runs of `{other_out}` | pairs in another order |",
              "|---|---|---|---|"]  # fmt: skip
     for family in args.families:
@@ -421,9 +422,9 @@ def ranking_table(results: dict, other_out: Path, args: argparse.Namespace) -> s
                 for arm in arms:
                     run = Path(args.out) / f"{family}_{set_name}" / f"{arm}_seed{seed}"
                     other = other_out / f"{family}_{set_name}" / f"{arm}_seed{seed}"
-                    here[arm] = results.get((family, set_name, arm, seed), {}).get("heldout_best")
+                    here[arm] = results.get((family, set_name, arm, seed), {}).get(f"heldout_{export}")
                     heldout = other / "heldout.json"
-                    there[arm] = json.loads(heldout.read_text()).get("best") if heldout.is_file() else None
+                    there[arm] = json.loads(heldout.read_text()).get(export) if heldout.is_file() else None
                     if here[arm] is None or there[arm] is None:
                         problems.append(f"{arm}: no held-out score {'here' if here[arm] is None else 'there'}")
                         continue
@@ -658,7 +659,8 @@ def main() -> None:
             courses.setdefault((family, set_name, arm), []).append(read_course(job.out, args.burn_in))
     text = table(results, args) + "\n" + course_table(courses, args)
     if args.rank_against:
-        text += "\n" + ranking_table(results, Path(args.rank_against), args)
+        for export in ("best", "final"):  # `best/` is picked on 100 val images: the ranking of both is shown
+            text += "\n" + ranking_table(results, Path(args.rank_against), args, export)
     log = Path(args.out) / "invocations.jsonl"
     if not args.table_only:  # each training invocation's wall time, so that the table can say what it all cost
         with open(log, "a") as f:

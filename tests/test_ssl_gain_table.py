@@ -270,10 +270,13 @@ def test_the_ranking_against_another_setting_names_each_pair_in_another_order(ss
             for out, scores, steps in ((long_out, here, 2000), (short_out, there, 800)):
                 folder = out / f"{family}_mixed" / f"{arm}_seed0"
                 folder.mkdir(parents=True)
-                (folder / "heldout.json").write_text(json.dumps({"final": 0.0, "best": scores[arm]}))
+                (folder / "heldout.json").write_text(json.dumps({"final": -scores[arm], "best": scores[arm]}))
                 (folder / "ssl_gain_overrides.json").write_text(json.dumps(settings(out, steps)))
-            results[(family, "mixed", arm, 0)] = {"heldout_best": here[arm]}
+            results[(family, "mixed", arm, 0)] = {"heldout_best": here[arm], "heldout_final": -here[arm]}
+    final = ssl_gain.ranking_table(results, short_out, args, "final")  # the `final/` exports' scores, reversed
+    assert "held-out `final/` AP" in final and "supervised -15.00 > guided -22.01 > supervised_long -22.05" in final
     text = ssl_gain.ranking_table(results, short_out, args)
+    assert "held-out `best/` AP" in text
     row = next(line for line in text.splitlines() if line.startswith("| mask2former / mixed / 0"))
     assert "supervised_long 22.05 > guided 22.01 > supervised 15.00" in row
     assert "guided 20.50 > supervised_long 17.00 > supervised 12.00" in row
