@@ -234,7 +234,11 @@ def score(run: Path, heldout: Path) -> None:
 def same_weights(a: Path, b: Path) -> bool:
     """Whether two exports hold byte-identical weights (and configs): then they score the same, once is enough."""
     names = ("model.safetensors", "config.json", "preprocessor_config.json")
-    return all((a / n).is_file() and (b / n).is_file() and (a / n).read_bytes() == (b / n).read_bytes() for n in names)
+    return all(
+        (a / n).is_file() and (b / n).is_file() and (a / n).stat().st_size == (b / n).stat().st_size
+        and (a / n).read_bytes() == (b / n).read_bytes()
+        for n in names
+    )  # fmt: skip
 
 
 def run_jobs(jobs: list[Job], args: argparse.Namespace) -> None:
@@ -405,7 +409,7 @@ def comparable_settings(run: Path, out: Path) -> dict[str, str] | None:
 
 
 def ranking_table(results: dict, other_out: Path, args: argparse.Namespace, export: str = "best") -> str:
-    """`--rank-against OTHER_OUT`: for each family, set and seed, the arms ordered by held-out `best/` AP in these
+    """`--rank-against OTHER_OUT`: for each family, set and seed, the arms ordered by held-out AP (`export`) in these
     runs and in the same arms' runs under OTHER_OUT (the check's short setting), and every pair of arms that the two
     put in another order (a tie on one side and an order on the other included), with its gap in each. This is how
     a short setting shows that it ranks the arms as the long one does. A pair of runs that differ in more than
@@ -420,7 +424,7 @@ def ranking_table(results: dict, other_out: Path, args: argparse.Namespace, expo
                 arms = [a for a in args.arms if f"{family}:{a}" not in args.skip]
                 here, there, problems = {}, {}, []
                 for arm in arms:
-                    run = Path(args.out) / f"{family}_{set_name}" / f"{arm}_seed{seed}"
+                    run = run_folder(args, family, set_name, arm, seed)
                     other = other_out / f"{family}_{set_name}" / f"{arm}_seed{seed}"
                     here[arm] = results.get((family, set_name, arm, seed), {}).get(f"heldout_{export}")
                     heldout = other / "heldout.json"
