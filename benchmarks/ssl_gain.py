@@ -617,6 +617,8 @@ def main() -> None:
         k = next(k for k, a in enumerate(args.argv) if a.startswith("--docs-block"))
         del args.argv[k : k + (1 if "=" in args.argv[k] else 2)]
     args.out = args.out or f"outputs/ssl_gain_{args.size}px"  # runs of another image size never share a folder
+    if args.rank_against and not Path(args.rank_against).is_dir():
+        parser.error(f"--rank-against {args.rank_against}: no such folder (give the --out of the runs to rank against)")
     args.variant_overrides = {v[0]: v[1:] for v in args.variant}
     unknown = set(args.arms) - {*BASELINES, "guided", *args.variant_overrides}
     if unknown:

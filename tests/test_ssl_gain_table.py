@@ -298,3 +298,15 @@ def test_the_ranking_against_another_setting_names_each_pair_in_another_order(ss
     text = ssl_gain.ranking_table(results, short_out, args)
     assert "not compared: supervised: no held-out score here" in text
     assert "| eomt / mixed / 0 | not compared: guided: no held-out score there |" in text
+
+
+def test_rank_against_a_folder_that_does_not_exist_is_refused_before_anything_runs(tmp_path):
+    import subprocess
+
+    missing = tmp_path / "nowhere"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ssl_gain.py"), "--table-only",
+                             "--out", str(tmp_path / "out"), "--rank-against", str(missing)],
+                            capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2
+    assert f"--rank-against {missing}: no such folder" in result.stderr
+    assert not (tmp_path / "out").exists()
