@@ -35,7 +35,8 @@ from gd_hf.data.coco import load_coco, to_hf_dataset
 from gd_hf.data.prepare import RunData
 from gd_hf.data.splits import Split
 from gd_hf.data.synthetic import generate
-from gd_hf.modeling import build_model, size_divisibility
+from gd_hf.models import build_model
+from gd_hf.models.mask2former import padding_divisor
 from gd_hf.optim import build_lr_scheduler, build_optimizer
 from gd_hf.teacher import EmaTeacher
 
@@ -78,7 +79,7 @@ def main() -> None:
         source = load_coco(root / "annotations" / "instances_train.json", root / "train")
         torch.manual_seed(0)
         model = build_model(recipe.model, source.id2label)
-        divisibility = size_divisibility(model)
+        divisibility = padding_divisor(model)
         labeled_iter, unlabeled_iter = loaders(source, recipe, divisibility, args.streaming, num_workers)
 
         # --- Loader side (the workers start and fill their queues during the warm-up batches).

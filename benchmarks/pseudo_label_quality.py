@@ -23,8 +23,8 @@ import torch
 
 from gd_hf.config import load_recipe
 from gd_hf.data.coco import load_coco, to_hf_dataset
-from gd_hf.families import family_of, load_export
 from gd_hf.method import PseudoLabelRules
+from gd_hf.models import family_of, load_export
 from gd_hf.teacher_check import WRONG_KINDS, measure_teacher
 
 ROOT = Path(__file__).resolve().parents[1]

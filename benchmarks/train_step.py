@@ -44,9 +44,8 @@ from gd_hf.data.loading import (
     collate_unlabeled,
 )
 from gd_hf.data.synthetic import generate
-from gd_hf.families import build_family
 from gd_hf.method import GuidedDistillation
-from gd_hf.modeling import build_model
+from gd_hf.models import build_model, family_for
 from gd_hf.optim import UpdateUndo, build_lr_scheduler, build_optimizer, train_step
 from gd_hf.teacher import EmaTeacher
 
@@ -81,7 +80,7 @@ def main() -> None:
         source = load_coco(root / "annotations" / "instances_train.json", root / "train")
         torch.manual_seed(0)
         model = build_model(recipe.model, source.id2label)
-        family = build_family(recipe)
+        family = family_for(recipe)
         divisor = family.padding_divisor(model)
         dataset = LabeledTrainDataset(to_hf_dataset(source), recipe.data)
         indices = next(iter(StepBatchSampler(len(dataset), recipe.train.batch_size, seed=0)))

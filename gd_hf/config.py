@@ -14,13 +14,14 @@ from gd_hf.config_types import RecipeError, build_dataclass, field_types, unknow
 
 @dataclass
 class ModelConfig:
-    """What network to build (see `gd_hf.modeling.build_model`)."""
+    """What network to build (see `gd_hf.models.build_model`)."""
 
-    family: Literal["mask2former", "eomt"] = "mask2former"
-    """`mask2former`: Mask2Former on the `backbone` below. `eomt`: EoMT ("Your ViT is Secretly an Image
-    Segmentation Model"), a plain ViT whose last `eomt_query_blocks` blocks take the queries (`gd_hf.eomt`), sized
-    by the `eomt_*` keys; the `backbone*`, `hidden_dim`, `encoder_layers`, `decoder_layers` and
-    `dinov2_feature_layers` keys are Mask2Former's (and the `eomt_*` keys do not apply to it)."""
+    family: str = "mask2former"
+    """The model family (`gd_hf.models`): `mask2former`: Mask2Former on the `backbone` below. `eomt`: EoMT ("Your
+    ViT is Secretly an Image Segmentation Model"), a plain ViT whose last `eomt_query_blocks` blocks take the
+    queries (`gd_hf.models.eomt`), sized by the `eomt_*` keys; the `backbone*`, `hidden_dim`, `encoder_layers`,
+    `decoder_layers` and `dinov2_feature_layers` keys are Mask2Former's (and the `eomt_*` keys do not apply to
+    it). A family of your own (`gd_hf.train(recipe, model_family=...)`): its `name`; it reads the keys it needs."""
     backbone: Literal["swin", "dinov2", "resnet"] = "swin"
     """Backbone family of the Mask2Former."""
     pretrained: str | None = None

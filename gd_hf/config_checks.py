@@ -1,7 +1,9 @@
 """Value checks of a loaded recipe that types alone cannot express (`validate`, called by `load_recipe`).
 
 Each `_..._checks` function returns `(passes, key, message)` triples for one section or concern; `validate`
-evaluates them all and raises `RecipeError(f"{key} {message}")` for the first that fails, in a fixed order.
+evaluates them all and raises `RecipeError(f"{key} {message}")` for the first that fails, in a fixed order. The
+checks of the keys one model family reads are that family's (`ModelFamily.recipe_problems`, run by
+`gd_hf.models.check_recipe` when training starts).
 """
 
 from __future__ import annotations
@@ -20,19 +22,18 @@ def validate(recipe: Recipe) -> None:
     m, d, t, e = recipe.model, recipe.data, recipe.train, recipe.eval
     checks = [
         *_run_checks(recipe),
-        *_backbone_checks(m),
         *_size_limit_checks(m, d),
-        *_decoder_and_loss_checks(m),
+        *_loss_checks(m),
         *_eval_image_and_synthetic_checks(d),
         *_eval_checks(e),
         *_optimizer_checks(t),
         *_teacher_and_repo_id_checks(recipe),
         *_data_checks(d),
         *_train_loop_checks(t),
-        *_query_stage_and_top_k_checks(m, e),
+        *_query_and_top_k_checks(m, e),
         *_hub_push_checks(recipe.hub),
         *_ssl_checks(recipe),
-        *_eomt_checks(recipe),
+        *_layer_lr_decay_checks(recipe),
     ]
     for ok, key, message in checks:
         if not ok:
@@ -48,25 +49,6 @@ def _run_checks(recipe: Recipe) -> list[Check]:
     ]
 
 
-def _backbone_checks(m: ModelConfig) -> list[Check]:
-    """The backbone's sizes and the decoder's width."""
-    return [
-        (m.backbone_hidden_size > 0, "model.backbone_hidden_size", "must be > 0"),
-        (all(v > 0 for v in m.backbone_depths), "model.backbone_depths", "must all be > 0"),
-        (
-            bool(m.backbone_num_heads) and all(v > 0 for v in m.backbone_num_heads),
-            "model.backbone_num_heads",
-            "must all be > 0",
-        ),  # fmt: skip
-        (
-            m.hidden_dim > 0 and m.hidden_dim % 32 == 0,
-            "model.hidden_dim",
-            "must be a positive multiple of 32 (the pixel decoder's GroupNorm has 32 groups)",
-        ),  # fmt: skip
-        (_heads_problem(m) is None, "model.backbone_num_heads", _heads_problem(m) or ""),
-    ]
-
-
 def _size_limit_checks(m: ModelConfig, d: DataConfig) -> list[Check]:
     """Upper bounds far above the reference's values: beyond them a run only exhausts memory."""
     return [
@@ -78,11 +60,9 @@ def _size_limit_checks(m: ModelConfig, d: DataConfig) -> list[Check]:
     ]
 
 
-def _decoder_and_loss_checks(m: ModelConfig) -> list[Check]:
-    """The pixel and transformer decoders' depths and the loss's points and weights."""
+def _loss_checks(m: ModelConfig) -> list[Check]:
+    """The matched loss's points and weights."""
     return [
-        (m.encoder_layers > 0, "model.encoder_layers", "must be > 0"),
-        (m.decoder_layers > 0, "model.decoder_layers", "must be > 0"),
         (m.train_num_points > 0, "model.train_num_points", "must be > 0"),
         (
             min(m.no_object_weight, m.class_weight, m.mask_weight, m.dice_weight) >= 0,
@@ -183,11 +163,10 @@ def _train_loop_checks(t: TrainConfig) -> list[Check]:
     ]
 
 
-def _query_stage_and_top_k_checks(m: ModelConfig, e: EvalConfig) -> list[Check]:
-    """How many queries and backbone stages the model has, and how many instances evaluation keeps."""
+def _query_and_top_k_checks(m: ModelConfig, e: EvalConfig) -> list[Check]:
+    """How many queries the model has, and how many instances evaluation keeps."""
     return [
         (m.num_queries > 0, "model.num_queries", "must be > 0"),
-        (len(m.backbone_depths) == 4, "model.backbone_depths", "must list 4 stages"),
         (e.top_k > 0, "eval.top_k", "must be > 0"),
     ]
 
@@ -307,75 +286,9 @@ def _ssl_checks(recipe: Recipe) -> list[Check]:
     ]
 
 
-def _eomt_checks(recipe: Recipe) -> list[Check]:
-    """EoMT's fixed square input, its query blocks and its mask-annealing span; the ViT's layer-wise lr decay."""
-    m, d = recipe.model, recipe.data
-    checks: list[Check] = [
-        (0 < recipe.train.layer_lr_decay <= 1, "train.layer_lr_decay", "must lie in (0, 1] (1 = off; EoMT: 0.8)"),
-        (
-            m.family == "eomt" or recipe.train.layer_lr_decay == 1,
-            "train.layer_lr_decay",
-            "applies to EoMT's ViT only (model.family: eomt); Mask2Former's backbone learns at "
-            "train.backbone_lr_multiplier",
-        ),  # fmt: skip
-    ]
-    if m.family != "eomt":
-        return checks
-    side, annealing = m.eomt_image_size, m.eomt_mask_annealing
-    return checks + [
-        (m.eomt_patch_size > 0, "model.eomt_patch_size", "must be > 0 (the EoMT reference: 16)"),
-        (m.eomt_layers > 0, "model.eomt_layers", "must be > 0 (ViT-L: 24)"),
-        (
-            m.eomt_heads > 0 and m.eomt_hidden_size > 0 and m.eomt_hidden_size % m.eomt_heads == 0,
-            "model.eomt_heads",
-            f"must be > 0 and divide model.eomt_hidden_size {m.eomt_hidden_size} (ViT-L: 16 of 1024)",
-        ),  # fmt: skip
-        (
-            side > 0 and side % max(1, m.eomt_patch_size) == 0,
-            "model.eomt_image_size",
-            f"must be a positive multiple of model.eomt_patch_size {m.eomt_patch_size} (the reference: 640)",
-        ),  # fmt: skip
-        (side <= 4096, "model.eomt_image_size", "must be <= 4096 (the reference: 640)"),
-        (
-            m.pretrained is not None or m.eomt_query_blocks <= m.eomt_layers,
-            "model.eomt_query_blocks",
-            f"must be at most model.eomt_layers {m.eomt_layers}",
-        ),  # fmt: skip
-        (m.eomt_query_blocks > 0, "model.eomt_query_blocks", "must be > 0 (the reference: 4)"),
-        (m.eomt_register_tokens >= 0, "model.eomt_register_tokens", "must be >= 0"),
-        (
-            len(annealing) == 2 and 0 <= annealing[0] < annealing[1] <= 1,
-            "model.eomt_mask_annealing",
-            f"must be [from, to] with 0 <= from < to <= 1 (fractions of train.max_steps), got {annealing}",
-        ),  # fmt: skip
-        (
-            d.crop_size <= side,
-            "data.crop_size",
-            f"must be <= model.eomt_image_size {side}: EoMT takes exactly that square (smaller crops are padded)",
-        ),  # fmt: skip
-        (
-            d.eval_shortest_edge == d.eval_longest_edge == side,
-            "data.eval_shortest_edge",
-            f"and data.eval_longest_edge must both be model.eomt_image_size {side}: EoMT evaluates as its export "
-            "predicts (the longer side resized to it, padded square), "
-            f"got {d.eval_shortest_edge} and {d.eval_longest_edge}",
-        ),  # fmt: skip
-    ]
-
-
-def _heads_problem(m: ModelConfig) -> str | None:
-    """Why the attention heads do not fit the backbone's widths (random init only), or None."""
-    if m.pretrained is not None or not m.backbone_num_heads or min(m.backbone_num_heads) <= 0:
-        return None
-    if m.backbone == "swin":
-        if len(m.backbone_num_heads) != 4:
-            return "must list 4 stages for Swin"
-        widths = [m.backbone_hidden_size * 2**i for i in range(4)]
-        if any(w % h for w, h in zip(widths, m.backbone_num_heads)):
-            return f"must divide each Swin stage's width {widths}"
-    if m.backbone == "dinov2" and m.backbone_hidden_size % m.backbone_num_heads[-1]:
-        return f"(its last entry) must divide model.backbone_hidden_size {m.backbone_hidden_size}"
-    return None
+def _layer_lr_decay_checks(recipe: Recipe) -> list[Check]:
+    """The range of the ViT's layer-wise lr decay (which families apply it is each family's check)."""
+    return [(0 < recipe.train.layer_lr_decay <= 1, "train.layer_lr_decay", "must lie in (0, 1] (1 = off; EoMT: 0.8)")]
 
 
 def _repo_id_problem(repo_id: str | None) -> str | None:

@@ -24,7 +24,7 @@ from gd_hf.config import DataConfig
 from gd_hf.data.categories import Categories
 from gd_hf.data.coco import CocoSource, DataError, load_coco, to_hf_dataset
 from gd_hf.evaluation import EvalSettings, coco_ground_truth, evaluate_mask_ap, write_results
-from gd_hf.families import family_of, input_size_problem, load_export
+from gd_hf.models import ModelFamily, family_of, input_size_problem, load_export
 from gd_hf.predict import export_max_images, export_top_k
 from gd_hf.push import PushError, chosen_export
 
@@ -50,16 +50,17 @@ def evaluate_model(
     batch_size: int = 2,
     device: str | torch.device = "cpu",
     max_images: int | None = None,
+    family: ModelFamily | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Mask AP and COCO results of `model` on every image of `source` (the first `max_images` by id: as training's
-    `eval.max_images`)."""
+    `eval.max_images`), predicting as its `family` does (None: the built-in family of its `model_type`)."""
     image_ids = sorted(source.images)[:max_images] if max_images else None
     # The ground truth is built from the cleaned records first, as in training: a problem shows before inference.
     ground_truth = coco_ground_truth(to_hf_dataset(source, image_ids),
                                      Categories(source.category_ids, source.category_names))  # fmt: skip
     category_ids = category_ids_for_model(model, source)
     model.to(device)
-    family = family_of(model)  # Mask2Former or EoMT, predicting as at inference
+    family = family if family is not None else family_of(model)  # predicting as at inference
     settings = EvalSettings(data, family.padding_divisor(model), top_k, batch_size, data.num_workers, family=family)
     # The driver training evaluates with: the same AP for the same model, data and settings.
     evaluation = evaluate_mask_ap(model, to_hf_dataset(source, image_ids, with_labels=False), ground_truth,

@@ -28,8 +28,7 @@ from gd_hf.data.categories import Categories
 from gd_hf.data.coco import DataError, load_coco, to_hf_dataset
 from gd_hf.data.loading import EvalDataset, collate_eval
 from gd_hf.data.masks import compressed_rle_problem
-from gd_hf.method import ModelFamily
-from gd_hf.modeling import Mask2FormerFamily
+from gd_hf.models import ModelFamily, family_of
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
@@ -337,11 +336,11 @@ def predict_coco_results(
     family: ModelFamily | None = None,
 ) -> list[dict[str, Any]]:
     """Run the model over an evaluation loader (`collate_eval` batches) and return COCO results. The model
-    predicts as its `family` says (None: Mask2Former), as its teacher does in training.
+    predicts as its `family` says (None: the built-in family of its `model_type`), as its teacher does in training.
 
     `timings`, if given, receives the seconds spent in `forward`, `postprocess` and `encode` (RLE + results),
     added to what it holds, and the number of `images`."""
-    family = family if family is not None else Mask2FormerFamily()
+    family = family if family is not None else family_of(model)
     was_training = model.training
     model.eval()
     results: list[dict[str, Any]] = []
@@ -404,6 +403,7 @@ def evaluate_mask_ap(
     share of `records` (every `world_size`-th image from `rank`, resized as `settings.data` says), `gather` joins
     the shares (None: one process), and COCOeval scores all of them against `ground_truth` on exactly the
     images of `records`. `category_ids`: the COCO category id of each model class."""
+    family = settings.family if settings.family is not None else family_of(model)
     dataset = EvalDataset(records, settings.data)
     share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(
@@ -413,12 +413,12 @@ def evaluate_mask_ap(
         collate_fn=partial(
             collate_eval,
             divisibility=settings.divisibility,
-            black_padding=settings.family is not None and settings.family.black_padding,
+            black_padding=family.black_padding,
         ),  # fmt: skip
     )
     timings: dict[str, float] = {}
     results = predict_coco_results(model, loader, category_ids, settings.top_k, device, settings.show_progress,
-                                   timings, settings.family)  # fmt: skip
+                                   timings, family)  # fmt: skip
     if gather is not None:
         results = gather(results)
     start = time.perf_counter()
@@ -433,7 +433,7 @@ def evaluate_mask_ap(
 class EvalSettings:
     """How `evaluate_mask_ap` predicts: test-time sizes (`data.eval_shortest_edge` / `eval_longest_edge`), the
     padding divisor of the model, instances kept per image, batch size, loader workers, a progress bar, and the
-    model family (None: Mask2Former)."""
+    model family (None: the built-in family of the model's `model_type`)."""
 
     data: DataConfig
     divisibility: int

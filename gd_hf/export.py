@@ -14,9 +14,9 @@ from typing import Any
 from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from gd_hf.families import as_exported
 from gd_hf.files import fsync_tree, replace_durably
 from gd_hf.model_card import RunSummary, write_model_card
+from gd_hf.models import ModelFamily, family_of
 from gd_hf.public import names_this_machine
 from gd_hf.weights import check_finite
 
@@ -60,6 +60,7 @@ def export_model(
     summary: RunSummary | None = None,
     model_id: str | None = None,
     files: dict[str, bytes] | None = None,
+    family: ModelFamily | None = None,
 ) -> Path:
     """`save_pretrained` the model and its image processor into `out_dir`, replacing it atomically.
 
@@ -67,13 +68,16 @@ def export_model(
     (or nothing), never a half-written one. `metrics` (if given) go to `eval_results.json`; `summary` (if
     given) becomes the model card `README.md`, whose usage snippet loads `model_id` (default: `out_dir`). `files`
     (relative path -> content) are written beside: the published recipe and launch record, examples, pictures.
+    `family` saves the model in the state its exports hold (`ModelFamily.exported`; None: the built-in family of
+    the model's `model_type`).
     """
     out_dir = Path(out_dir)
     check_finite(model, f"the model for {out_dir.name}/")  # an export is never NaN
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
     try:
-        with as_exported(model), no_progress_bars():  # (EoMT: without masked attention, as at inference)
+        family = family if family is not None else family_of(model)
+        with family.exported(model), no_progress_bars():  # (e.g. EoMT: without masked attention)
             model.save_pretrained(tmp, safe_serialization=True)
         drop_machine_paths(tmp / "config.json")
         image_processor.save_pretrained(tmp)

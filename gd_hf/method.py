@@ -16,82 +16,28 @@ model family's matched (Hungarian) loss. Without pseudo labels (phase 1, or a bu
 Two extension points, plain classes passed in from Python (README, "Extending the method"):
 - `PseudoLabelRule`: the teacher's logits -> `PseudoLabels` (`PseudoLabelRules`: the paper's four rules and an
   optional mask NMS);
-- `ModelFamily`: what the method needs of a model (`gd_hf.modeling.Mask2FormerFamily`, `gd_hf.eomt.EomtFamily`).
+- `ModelFamily` (`gd_hf.models.protocol`): what the method, and the run around it, need of a model family
+  (`gd_hf.models.mask2former.Mask2FormerFamily`, `gd_hf.models.eomt.EomtFamily`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from gd_hf.config import SslConfig
 from gd_hf.data.loading import frame_size, pad_batch
+from gd_hf.models.protocol import ModelFamily, Predictions
 from gd_hf.pseudo_labels import PseudoLabels, filter_pseudo_labels, pseudo_label_quality
 from gd_hf.run_pictures import KeptPseudoLabels, keep_pseudo_labels
 from gd_hf.teacher import EmaTeacher
 
 # The matched loss's main terms, logged per step (the auxiliary layers' terms are in the loss, not the log).
 LOGGED_LOSS_TERMS = ("loss_cross_entropy", "loss_mask", "loss_dice")
-
-
-@dataclass
-class Predictions:
-    """A model's per-query outputs: class logits (B, Q, C+1; the last class is "no object"), mask logits
-    (B, Q, h, w), and the same pair from each intermediate decoder layer (the loss's auxiliary terms)."""
-
-    class_logits: torch.Tensor
-    mask_logits: torch.Tensor
-    auxiliary: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-
-    def rows(self, rows: slice) -> Predictions:
-        """The predictions of a slice of the batch (the labeled images, or the strong views)."""
-        return Predictions(
-            self.class_logits[rows], self.mask_logits[rows], [(c[rows], m[rows]) for c, m in self.auxiliary]
-        )
-
-
-class ModelFamily(Protocol):
-    """What Guided Distillation needs of a model family (Mask2Former: `gd_hf.modeling.Mask2FormerFamily`)."""
-
-    black_padding: bool
-    """How its inputs are padded, as its exported image processor pads: black (EoMT's pads before normalising)
-    or, False, the mean colour (Mask2Former's pads after)."""
-
-    def forward(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Predictions:
-        """The training forward pass, auxiliary predictions included (`model` may be DDP-wrapped)."""
-
-    def loss(
-        self, model: torch.nn.Module, predictions: Predictions, mask_labels: list[torch.Tensor],
-        class_labels: list[torch.Tensor], *, no_object_weight: float | None = None,
-    ) -> dict[str, torch.Tensor]:  # fmt: skip
-        """The weighted matched loss terms (`LOGGED_LOSS_TERMS` among them) of `predictions` against the targets;
-        `model` is the unwrapped model (its criterion). `no_object_weight` (`ssl.unsup_no_object_weight`, passed
-        only when the recipe sets it): the class-loss weight of "no object" instead of the model's own."""
-
-    def padding_divisor(self, model: torch.nn.Module) -> int:
-        """Input sides must be multiples of this."""
-
-    def predict(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Predictions:
-        """The model's predictions as at inference (in eval mode, under `torch.no_grad`; evaluation, the teacher
-        check and the fixed teacher): deterministic, as the export predicts."""
-
-    def teacher_predict(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Predictions:
-        """How the teacher predicts during training, as `start_step` set it up (deterministic)."""
-
-    def start_step(
-        self, step: int, phase: str, student: torch.nn.Module, teacher: torch.nn.Module | None
-    ) -> dict[str, float]:
-        """Before optimizer step `step` of `phase` (`supervised`, `burn_in`, `ema`), also the first after a
-        resume: whatever the family schedules by the step, as a pure function of it (EoMT: the student's
-        masked-attention probabilities and the teacher's masking; Mask2Former: nothing). Returns what to log of
-        it (`{}`: nothing)."""
-
-    def load_pretrained(self, path: str) -> torch.nn.Module:
-        """A trained model of this family from an export folder or hub id (`ssl.teacher`)."""
 
 
 class PseudoLabelRule(Protocol):
@@ -250,7 +196,9 @@ class GuidedDistillation:
             self.teacher.update(student, self.ssl.ema_decay)
 
 
-FAMILY_METHODS = ("forward", "loss", "padding_divisor", "predict", "teacher_predict", "start_step", "load_pretrained")
+FAMILY_METHODS = ("forward", "loss", "padding_divisor", "predict", "teacher_predict", "start_step", "load_pretrained",
+                  "recipe_problems", "build_model", "image_processor", "lr_scale", "exported", "input_size_problem",
+                  "card", "usage_snippet")  # fmt: skip
 
 
 def check_extension_points(rule: object | None, family: object | None, ssl: SslConfig | None = None) -> None:
@@ -262,6 +210,11 @@ def check_extension_points(rule: object | None, family: object | None, ssl: SslC
     missing = [name for name in FAMILY_METHODS if family is not None and not callable(getattr(family, name, None))]
     if family is not None and not isinstance(getattr(family, "black_padding", None), bool):
         missing.append("black_padding (a bool attribute)")
+    for attribute in ("name", "display_name"):
+        if family is not None and not isinstance(getattr(family, attribute, None), str):
+            missing.append(f"{attribute} (a str attribute)")
+    if family is not None and not isinstance(getattr(family, "scheduled_buffers", None), tuple):
+        missing.append("scheduled_buffers (a tuple of buffer names)")
     if missing:
         raise TypeError(f"model_family {type(family).__name__} lacks the ModelFamily method(s) {', '.join(missing)}")
     if family is not None and ssl is not None and ssl.enabled and ssl.unsup_no_object_weight is not None:

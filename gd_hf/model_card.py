@@ -17,9 +17,10 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from gd_hf.config import Recipe, recipe_to_dict
+from gd_hf.models import BUILT_IN_FAMILIES, ModelFamily
 from gd_hf.public import is_hub_id
 
-TAGS = ["mask2former", "instance-segmentation", "semi-supervised", "guided-distillation", "gd_hf"]
+TAGS = ["instance-segmentation", "semi-supervised", "guided-distillation", "gd_hf"]
 METRIC_NAMES = {"AP": "mask AP", "AP50": "mask AP50", "AP75": "mask AP75", "APs": "mask AP (small)",
                 "APm": "mask AP (medium)", "APl": "mask AP (large)"}  # fmt: skip
 CITATION = """@inproceedings{berrada2024guided,
@@ -53,6 +54,7 @@ class RunSummary:
     pictures: list[str] = field(default_factory=list)  # pictures shipped in the export (predictions.png, ...)
     versions: dict[str, str | None] = field(default_factory=dict)  # framework versions
     base_model: str | None = None  # the hub id the model started from (decided where its folder can be seen)
+    family: ModelFamily | None = None  # None: the built-in family `recipe.model.family` names
 
 
 def dataset_name(recipe: Recipe) -> str:
@@ -105,57 +107,11 @@ def example_path_code(model_id: str, example: str | None) -> tuple[str, str]:
     return "import os\n", f'os.path.join("{model_id}", "{example}")'
 
 
-def usage_snippet(model_id: str, family: str = "mask2former", example: str | None = None) -> str:
-    """Python that loads the model two ways and segments the export's example image `example` (a path inside
-    the export; None: `image.jpg` beside the snippet). It runs as written."""
+def usage_snippet(model_id: str, family: ModelFamily, example: str | None = None) -> str:
+    """Python that loads the model and segments the export's example image `example` (a path inside the export;
+    None: `image.jpg` beside the snippet), as the model's `family` writes it. It runs as written."""
     imports, path = example_path_code(model_id, example)
-    load = _load_args(model_id)
-    if family == "eomt":
-        return _eomt_usage_snippet(load, imports, path)
-    return f"""```python
-{imports}from PIL import Image
-from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation, pipeline
-
-image_path = {path}
-
-# 1. pipeline: one dict per instance (label, score, PIL mask of the image's size)
-segmenter = pipeline("image-segmentation", model={load})
-instances = segmenter(image_path, subtask="instance", threshold=0.5)
-print([(i["label"], round(i["score"], 3)) for i in instances])
-
-# 2. model + image processor
-processor = AutoImageProcessor.from_pretrained({load})
-model = Mask2FormerForUniversalSegmentation.from_pretrained({load})
-image = Image.open(image_path).convert("RGB")
-outputs = model(**processor(images=image, return_tensors="pt"))
-result = processor.post_process_instance_segmentation(outputs, threshold=0.5, target_sizes=[image.size[::-1]])[0]
-print(result["segmentation"].shape, [model.config.id2label[s["label_id"]] for s in result["segments_info"]])
-```"""
-
-
-def _eomt_usage_snippet(load: str, imports: str, path: str) -> str:
-    # transformers <= 5.24 (the newest checked): pipeline(subtask="instance") passes `mask_threshold`, which the PIL
-    # backend's EomtImageProcessorPil.post_process_instance_segmentation does not take (a TypeError; the
-    # torchvision backend drops it); the pipeline's default subtask runs the panoptic post-processing.
-    return f"""```python
-{imports}from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, pipeline
-
-image_path = {path}
-
-# 1. model + image processor: instances (overlapping masks allowed), as the model was evaluated
-processor = AutoImageProcessor.from_pretrained({load})
-model = AutoModelForUniversalSegmentation.from_pretrained({load})  # an EomtForUniversalSegmentation
-image = Image.open(image_path).convert("RGB")
-outputs = model(**processor(images=image, return_tensors="pt"))
-result = processor.post_process_instance_segmentation(outputs, threshold=0.5, target_sizes=[image.size[::-1]])[0]
-print(result["segmentation"].shape, [model.config.id2label[s["label_id"]] for s in result["segments_info"]])
-
-# 2. pipeline, default subtask: one dict per segment (label, score, PIL mask), from EoMT's panoptic post-processing
-# (segments do not overlap). subtask="instance" needs torchvision installed with transformers <= 5.24.
-segmenter = pipeline("image-segmentation", model={load})
-print([(s["label"], round(s["score"], 3)) for s in segmenter(image_path, threshold=0.5)])
-```"""
+    return family.usage_snippet(_load_args(model_id), imports, path)
 
 
 def _training_phases(summary: RunSummary) -> str:
@@ -288,27 +244,15 @@ def build_model_card(summary: RunSummary, model_id: str) -> ModelCard:
         model_name=name,
         library_name="transformers",
         pipeline_tag="image-segmentation",
-        tags=[recipe.model.family, *TAGS[1:]],
+        tags=[recipe.model.family, *TAGS],
         license=recipe.hub.license,
         base_model=summary.base_model,
         datasets=datasets or None,
         eval_results=eval_results or None,
     )
-    model = recipe.model
-    pretrained = (published.get("model") or {}).get("pretrained", model.pretrained)  # (public: no local path)
-    backbone = pretrained or (
-        f"{model.backbone} from scratch (hidden {model.backbone_hidden_size}, depths {model.backbone_depths})"
-    )
-    if model.family == "eomt":
-        family_name, family_class = "EoMT", "EomtForUniversalSegmentation"
-        architecture = (f"EoMT ({model.num_queries} queries in the last {model.eomt_query_blocks} ViT blocks, "
-                        f"{model.eomt_image_size} px square inputs, patch {model.eomt_patch_size}), ViT: "
-                        + (pretrained or f"from scratch (hidden {model.eomt_hidden_size}, "
-                           f"{model.eomt_layers} layers)"))  # fmt: skip
-    else:
-        family_name, family_class = "Mask2Former", "Mask2FormerForUniversalSegmentation"
-        architecture = (f"Mask2Former ({model.num_queries} queries, {model.decoder_layers} decoder layers, hidden "
-                        f"size {model.hidden_dim}), backbone: {backbone}")  # fmt: skip
+    family = summary.family if summary.family is not None else BUILT_IN_FAMILIES[recipe.model.family]()
+    pretrained = (published.get("model") or {}).get("pretrained", recipe.model.pretrained)  # (public: no local path)
+    family_card = family.card(recipe.model, pretrained)
     phases, rows = _training_phases(summary), _metric_rows(summary)
     example = summary.examples[0] if summary.examples else None
     predictions = ""
@@ -324,13 +268,13 @@ def build_model_card(summary: RunSummary, model_id: str) -> ModelCard:
     body = f"""
 # {name}
 
-{family_name} instance-segmentation model trained with gd_hf —
+{family.display_name} instance-segmentation model trained with gd_hf —
 semi-supervised instance segmentation with Guided Distillation (Berrada et al., WACV 2024) on Hugging Face
-transformers. A plain `{family_class}` checkpoint: no custom code is needed to use it.
+transformers. A plain `{family_card.model_class}` checkpoint: no custom code is needed to use it.
 {predictions}
 ## What was trained
 
-- **Model**: {architecture}
+- **Model**: {family_card.architecture}
 - **Classes** ({len(summary.class_names)}): {", ".join(summary.class_names)}
 - **Data**: {_data_line(summary, eval_name)}
 - **Training**: {phases}; batch {recipe.train.batch_size} labeled images per process, AdamW lr {recipe.train.lr:g}
@@ -346,7 +290,7 @@ Mask AP on {eval_name}, at step {summary.step}:
 {curves}
 ## How to use
 
-{usage_snippet(model_id, model.family, example)}
+{usage_snippet(model_id, family, example)}
 
 ## Train it again
 
@@ -401,6 +345,8 @@ def card_for_repo(folder: str | Path, repo_id: str, revision: str | None = None)
         published = yaml.safe_load((folder / "recipe.yaml").read_text())
         recipe = build_dataclass(Recipe, published, "")
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return False
+    if recipe.model.family not in BUILT_IN_FAMILIES:  # a family passed from Python: its card text is not here
         return False
     name = repo_id.rstrip("/").split("/")[-1]
     summary = RunSummary(recipe=recipe, name=name, published_recipe=published,

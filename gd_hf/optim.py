@@ -15,6 +15,7 @@ from accelerate import Accelerator
 
 from gd_hf.checkpointing import list_checkpoints
 from gd_hf.config import TrainConfig
+from gd_hf.models import ModelFamily, family_of
 from gd_hf.weights import all_finite
 
 if TYPE_CHECKING:
@@ -55,15 +56,17 @@ def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
     return names
 
 
-def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
-    """{backbone, rest} x {decay, no decay}, the backbone at `lr * backbone_lr_multiplier`; an EoMT's ViT blocks
-    further by `train.layer_lr_decay` (`backbone_lr_scale`), one group per scale."""
+def parameter_groups(model: torch.nn.Module, cfg: TrainConfig, family: ModelFamily | None = None) -> list[dict]:
+    """{backbone, rest} x {decay, no decay}, the backbone at `lr * backbone_lr_multiplier` times the model
+    family's factor of each parameter (`ModelFamily.lr_scale`: e.g. EoMT's layer-wise `train.layer_lr_decay`),
+    one group per factor. `family` None: the built-in family of the model's `model_type`."""
+    family = family if family is not None else family_of(model)
     no_decay_names = no_weight_decay_names(model)
     groups: dict[tuple[bool, bool, float], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        scale = backbone_lr_scale(model, name, cfg.layer_lr_decay)
+        scale = family.lr_scale(model, name, cfg.layer_lr_decay)
         groups.setdefault((scale is not None, name in no_decay_names, scale or 1.0), []).append(parameter)
     return [
         {
@@ -77,28 +80,9 @@ def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     ]
 
 
-def backbone_lr_scale(model: torch.nn.Module, name: str, layer_lr_decay: float) -> float | None:
-    """None for a parameter outside the backbone; else its learning-rate factor beside `backbone_lr_multiplier`.
-
-    Mask2Former: its AutoBackbone, factor 1. EoMT: the ViT (embeddings, every block, the final norm) is the
-    backbone, as in the EoMT reference, whose layer-wise decay gives block i of L (0-based) `decay ** (L - 1 - i)`,
-    the embeddings (patch embedding, [CLS] and register tokens, position table) the first block's factor, the
-    final norm 1; the queries, upscaling blocks and heads are the rest."""
-    if getattr(getattr(model, "config", None), "model_type", None) != "eomt":
-        return 1.0 if ".pixel_level_module.encoder." in f".{name}" else None
-    layers = model.config.num_hidden_layers
-    if name.startswith("layers."):
-        return layer_lr_decay ** (layers - 1 - int(name.split(".")[1]))
-    if name.startswith("embeddings."):
-        return layer_lr_decay ** (layers - 1)
-    if name.startswith("layernorm."):
-        return 1.0
-    return None
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, family: ModelFamily | None = None) -> torch.optim.AdamW:
     """AdamW over `parameter_groups` (fused/foreach kernels are picked by torch where available)."""
-    return torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(parameter_groups(model, cfg, family), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from gd_hf.config import Recipe
 from gd_hf.export import export_model
 from gd_hf.model_card import RunSummary, card_facts
+from gd_hf.models import ModelFamily
 from gd_hf.public import is_hub_id, public_launches, public_recipe, public_value, run_name
 from gd_hf.push import PushError, push_export, record_push
 from gd_hf.run_info import read_launches
@@ -65,10 +66,12 @@ class Publisher:
     launch_recipe: Recipe | None = None  # what the run was launched with (what trains it again); None: `recipe`
     examples: dict[str, bytes] = field(default_factory=dict)  # examples/<name> -> image file
     pictures: dict[str, bytes] = field(default_factory=dict)  # predictions.png, curves.png -> PNG (the newest)
+    family: ModelFamily | None = None  # the run's model family (None: the built-in one `model.family` names)
 
     @classmethod
     def for_run(cls, recipe: Recipe, image_processor: Any, num_labeled: int, num_unlabeled: int, num_val: int,
-                class_names: list[str], launch_recipe: Recipe | None = None) -> Publisher:  # fmt: skip
+                class_names: list[str], launch_recipe: Recipe | None = None,
+                family: ModelFamily | None = None) -> Publisher:  # fmt: skip
         teacher_results = Path(recipe.ssl.teacher or "") / "eval_results.json"
         teacher_metrics = (
             json.loads(teacher_results.read_text()) if recipe.ssl.enabled and teacher_results.is_file() else None
@@ -76,7 +79,7 @@ class Publisher:
         if teacher_metrics is not None:  # the figures only (not how they were measured)
             teacher_metrics = {k: v for k, v in teacher_metrics.items() if isinstance(v, (int, float))}
         return cls(recipe, image_processor, num_labeled, num_unlabeled, num_val, class_names, teacher_metrics,
-                   launch_recipe=launch_recipe)  # fmt: skip
+                   launch_recipe=launch_recipe, family=family)  # fmt: skip
 
     @property
     def published_recipe(self) -> dict[str, Any]:
@@ -108,6 +111,7 @@ class Publisher:
             pictures=sorted(self.pictures),
             versions=framework_versions(),
             base_model=self.recipe.model.pretrained if is_hub_id(self.recipe.model.pretrained) else None,
+            family=self.family,
         )
 
     def public_model_path(self, name: str) -> str:
@@ -143,6 +147,7 @@ class Publisher:
             summary,
             model_id or self.public_model_path(name),
             files,
+            self.family,
         )
 
     def run_info(self, launches: list[dict[str, Any]], summary: RunSummary) -> bytes:

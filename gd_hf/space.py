@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gd_hf
+from gd_hf.config import ModelConfig
+from gd_hf.models import display_name
 from gd_hf.public import is_hub_id
 from gd_hf.push import PushError, export_folder, push_export
 
@@ -41,7 +43,6 @@ EXAMPLE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 HUB_FILES = ["config.json", "preprocessor_config.json", "eval_results.json", "README.md", "examples/*"]
 # sdk_version when gradio is not installed here (gd_hf.space only writes files): the version the tests ran.
 TESTED_GRADIO_VERSION = "6.31.0"
-FAMILY_NAMES = {"mask2former": "Mask2Former", "eomt": "EoMT"}
 
 
 class SpaceError(ValueError):
@@ -146,7 +147,7 @@ def default_title(source: ModelSource) -> str:
 
 def describe_model(config: dict, metadata: dict, metrics: dict) -> str:
     """One paragraph: family, classes, the recorded mask AP, where it comes from."""
-    family = FAMILY_NAMES.get(config.get("model_type"), config.get("model_type", "a"))
+    family = display_name(config.get("model_type"), config.get("model_type", "a"))
     names = [config["id2label"][k] for k in sorted(config.get("id2label", {}), key=int)]
     shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
     text = f"{family} instance segmentation of {len(names)} classes ({shown}), trained with "
@@ -203,7 +204,8 @@ def write_space(
     config = read_json(source.folder / "config.json")
     metadata = card_metadata(source.folder)
     metrics = read_json(source.folder / "eval_results.json")
-    family = FAMILY_NAMES.get(config.get("model_type"), "Mask2Former")
+    # (a config.json without model_type: the default family's, as transformers' Auto classes could not load it)
+    family = display_name(config.get("model_type") or ModelConfig.family, "")
     title = title or default_title(source)
 
     out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel
 
-from gd_hf.families import input_size_problem, load_export
+from gd_hf.models import input_size_problem, load_export
 from gd_hf.predict import draw_overlay, export_sizes, export_top_k, load_image, segment_images
 
 HERE = Path(__file__).resolve().parent

@@ -13,22 +13,20 @@ from gd_hf.config import ModelConfig, Recipe, RecipeError
 from gd_hf.weights import NonFiniteWeightsError, check_finite
 
 if TYPE_CHECKING:
-    from gd_hf.method import ModelFamily
-
-
-# Buffers a model family writes from the step (`ModelFamily.start_step`), never averaged or copied.
-SCHEDULED_BUFFERS = ("attn_mask_probs",)
+    from gd_hf.models.protocol import ModelFamily
 
 
 class EmaTeacher(torch.nn.Module):
     """Wraps the teacher model: always eval mode, no gradients, updated only by `copy_from` / `update`.
 
     Its state dict is saved and restored with the run's checkpoints (`gd_hf.checkpointing`), so a resumed run
-    has the same teacher.
+    has the same teacher. `scheduled_buffers`: the buffers the model family writes from the step
+    (`ModelFamily.scheduled_buffers`), never averaged or copied.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, scheduled_buffers: tuple[str, ...] = ()):
         super().__init__()
+        self.scheduled_buffers = tuple(scheduled_buffers)
         self.model = model
         self.model.eval()
         self.model.requires_grad_(False)
@@ -51,7 +49,8 @@ class EmaTeacher(torch.nn.Module):
         # are the buffers the model family sets from the step (an average of EoMT's masked-attention
         # probabilities would be a meaningless in-between value, and in eval mode one strictly between 0 and 1
         # un-masks random queries).
-        names = [n for n, t in teacher_state.items() if t.is_floating_point() and not n.endswith(SCHEDULED_BUFFERS)]
+        skip = self.scheduled_buffers
+        names = [n for n, t in teacher_state.items() if t.is_floating_point() and not n.endswith(skip)]
         return [teacher_state[n].data for n in names], [student_state[n].data for n in names]
 
     @torch.no_grad()
@@ -93,7 +92,7 @@ def build_teacher(
     if not recipe.ssl.enabled:
         return None
     if recipe.ssl.teacher is None:
-        return EmaTeacher(copy.deepcopy(student))
+        return EmaTeacher(copy.deepcopy(student), family.scheduled_buffers)
     exported = _export_model_type(recipe.ssl.teacher)
     if exported is not None and exported != student.config.model_type:
         raise RecipeError(
@@ -122,4 +121,4 @@ def build_teacher(
             f"ssl.teacher={recipe.ssl.teacher!r} is not the recipe's architecture (model.*): the EMA phase needs "
             "teacher and student of the same shape"
         )
-    return EmaTeacher(model)
+    return EmaTeacher(model, family.scheduled_buffers)

@@ -20,7 +20,7 @@ import torch
 from gd_hf.config import DataConfig, RecipeError
 from gd_hf.data.loading import UnlabeledTrainDataset, collate_unlabeled
 from gd_hf.method import ModelFamily, PseudoLabelRule, PseudoLabelRules
-from gd_hf.modeling import Mask2FormerFamily
+from gd_hf.models import family_of
 from gd_hf.pseudo_labels import pseudo_label_counts
 
 logger = logging.getLogger("gd_hf.train")
@@ -87,8 +87,8 @@ def measure_teacher(
     """Reports under `rule` (keyed by its `score_threshold`, NaN for a rule without one) and, for
         `PseudoLabelRules`, under the same rules at each of `thresholds`, over the first `max_images` records (labeled
         ones: their objects are the truth), from one teacher forward pass per batch, made as the model `family`'s
-    teacher predicts (None: Mask2Former)."""
-    family = family if family is not None else Mask2FormerFamily()
+    teacher predicts (None: the built-in family of its `model_type`)."""
+    family = family if family is not None else family_of(teacher)
     rows = min(len(records), max_images)
     dataset = UnlabeledTrainDataset(records.select(range(rows)), data)
     # Rules whose threshold `auto` has not chosen yet are measured at `thresholds` only.

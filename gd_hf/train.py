@@ -40,17 +40,16 @@ from gd_hf.data.coco import DataError
 from gd_hf.data.prepare import RunData, prepare_data
 from gd_hf.distributed import build_accelerator, replica_fingerprints
 from gd_hf.evaluation import EvalSettings, Evaluation, evaluate_mask_ap, write_results
-from gd_hf.families import build_family, export_image_processor
 from gd_hf.files import write_text_atomic
 from gd_hf.method import (
     GuidedDistillation,
-    ModelFamily,
     PseudoLabelRule,
     PseudoLabelRules,
     check_extension_points,
     describe_extension,
 )
-from gd_hf.modeling import ModelLoadError, build_model
+from gd_hf.models import ModelFamily, build_model, check_recipe, family_for
+from gd_hf.models.common import ModelLoadError
 from gd_hf.optim import TrainingError, UpdateUndo, build_lr_scheduler, build_optimizer, check_nonfinite_step, train_step
 from gd_hf.pictures import plot_curves
 from gd_hf.public import public_recipe, run_name
@@ -103,6 +102,7 @@ class TrainingRecipe:
     ) -> None:  # fmt: skip
         self.launch_recipe = recipe  # what the user asked for: what a relaunch is compared with
         check_extension_points(pseudo_label_rule, model_family, recipe.ssl)  # before any work
+        check_recipe(recipe, model_family)  # the model family's keys
         if type(pseudo_label_rule) is PseudoLabelRules and pseudo_label_rule != PseudoLabelRules.from_recipe(
             recipe.ssl
         ):
@@ -287,11 +287,11 @@ class TrainingRecipe:
         """The student, the method (with its teacher), the optimizer and the schedule, on this process's device,
         once the output folder is known to have room for the run."""
         cfg = recipe.train
-        model = build_student(recipe, data.categories.id2label)
-        self.family = self.custom_family if self.custom_family is not None else build_family(recipe)
+        self.family = family_for(recipe, self.custom_family)
+        model = build_student(recipe, data.categories.id2label, self.family)
         self.divisibility = self.family.padding_divisor(model)
-        self.image_processor = export_image_processor(model, recipe.data, self.divisibility)
-        optimizer = build_optimizer(model, cfg)
+        self.image_processor = self.family.image_processor(model, recipe.data, self.divisibility)
+        optimizer = build_optimizer(model, cfg, self.family)
         self.scheduler = build_lr_scheduler(optimizer, cfg)
         teacher = build_teacher(recipe, model, data.categories.id2label, self.family)
         needed = run_storage_bytes(sum(p.numel() for p in model.parameters()), cfg.keep_checkpoints,
@@ -337,7 +337,7 @@ class TrainingRecipe:
         recipe, data = self.recipe, self.data
         self.publisher = Publisher.for_run(recipe, self.image_processor, len(data.split.labeled),
                                            len(data.split.unlabeled), len(data.val), data.categories.names,
-                                           self.phase_recipe)  # fmt: skip
+                                           self.phase_recipe, self.family)  # fmt: skip
         if self.accelerator.is_main_process:  # the val images of the pictures, and the export's examples
             self.picture_examples = val_examples(data.val, max(self.recipe.eval.pictures, EXPORT_EXAMPLES))
             self.publisher.examples = {f"val_{image_id}.jpg": jpeg_bytes(image)
@@ -569,14 +569,14 @@ class TrainingRecipe:
         return metrics
 
 
-def build_student(recipe: Recipe, id2label: dict[int, str]) -> torch.nn.Module:
+def build_student(recipe: Recipe, id2label: dict[int, str], family: ModelFamily | None = None) -> torch.nn.Module:
     """The model a phase trains, seeded by `recipe.seed`: built from the recipe's `model` settings, or with
     `ssl.student_init: teacher` from the teacher's export (`student_model_config`). The latter must be the
     architecture the recipe describes (what recipe.yaml, a relaunch and the card say was trained): the recipe's
     model is built too and their shapes compared, then the seed is drawn again, so the student from the teacher
     is the one `model.pretrained=<the teacher's export>` builds (benchmarks/student_init_equivalence.py)."""
     set_seed(recipe.seed)
-    model = build_model(recipe.model, id2label)
+    model = build_model(recipe.model, id2label, family)
     start = student_model_config(recipe)
     if start is recipe.model:
         return model
@@ -584,7 +584,7 @@ def build_student(recipe: Recipe, id2label: dict[int, str]) -> torch.nn.Module:
     del model
     set_seed(recipe.seed)
     try:
-        model = build_model(start, id2label)
+        model = build_model(start, id2label, family)
     except ModelLoadError as e:  # the recipe never named model.pretrained: say where that path came from
         raise ModelLoadError(f"ssl.student_init=teacher builds the student from ssl.teacher: {e}") from e
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -623,9 +623,7 @@ EXIT_OUTCOMES = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gd_hf.train", description="Train a Mask2Former recipe (see recipes/*.yaml)."
-    )
+    parser = argparse.ArgumentParser(prog="python -m gd_hf.train", description="Train a recipe (see recipes/*.yaml).")
     parser.add_argument("recipe", help="path of a YAML recipe")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=200")
     args = parser.parse_args(argv)

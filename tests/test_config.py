@@ -117,7 +117,7 @@ def test_paper_recipes_carry_the_reference_settings():
 def test_the_eomt_recipe_carries_the_eomt_references_settings_and_gds_ssl_ones():
     """tue-mps/eomt's COCO instance ViT-L 640 (its annealing steps exactly, from the recipe's span of its 12 x 7,391
     steps) with Guided Distillation's SSL settings."""
-    from gd_hf.families import build_family
+    from gd_hf.models import family_for
 
     recipe = load_recipe(ROOT / "recipes" / "coco_1pct_eomt.yaml")
     m, t, s = recipe.model, recipe.train, recipe.ssl
@@ -138,6 +138,6 @@ def test_the_eomt_recipe_carries_the_eomt_references_settings_and_gds_ssl_ones()
     )
     assert (t.poly_power, t.grad_clip, recipe.eval.top_k) == (0.9, 0.01, 100)
     assert (recipe.data.crop_size, recipe.data.min_scale, recipe.data.max_scale) == (640, 0.1, 2.0)
-    annealing = build_family(recipe).annealing
+    annealing = family_for(recipe).annealing
     assert annealing.starts == [14782, 29564, 44346, 59128] and annealing.ends == [29564, 44346, 59128, 73910]
     assert s.enabled and s.unsup_loss_weight == 2.0 and s.ema_decay == 0.9996 and s.pseudo_label_score_threshold == 0.7

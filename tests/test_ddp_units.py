@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gd_hf.modeling import use_mean_mask_count_across_processes
+from gd_hf.models.common import use_mean_mask_count_across_processes
 
 pytestmark = pytest.mark.slow  # real gloo processes and tiny-model training steps
 
@@ -84,7 +84,7 @@ def _deterministic(model):
 
 
 def _gradients(model, batch) -> list[torch.Tensor]:
-    from gd_hf.modeling import Mask2FormerFamily
+    from gd_hf.models.mask2former import Mask2FormerFamily
 
     family = Mask2FormerFamily()
     predictions = family.forward(model, batch["pixel_values"])
@@ -99,7 +99,7 @@ def _half_batch_gradients_on_rank(rank: int, init_file: str, state_file: str, ou
     _fix_loss_randomness()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        from gd_hf.modeling import build_model
+        from gd_hf.models import build_model
 
         saved = torch.load(state_file, weights_only=False)
         model = _deterministic(build_model(saved["model_config"], saved["id2label"]))
@@ -125,7 +125,7 @@ def test_two_processes_of_b_images_give_the_gradients_of_one_process_of_2b(synth
 
     from gd_hf.config import load_recipe
     from gd_hf.data.loading import collate_train
-    from gd_hf.modeling import build_model
+    from gd_hf.models import build_model
     from tests.conftest import ROOT, tiny_overrides
     from tests.test_method_flow import ID2LABEL
 
@@ -163,7 +163,8 @@ def test_two_accumulated_micro_batches_give_the_step_of_one_batch(
     from gd_hf.config import load_recipe
     from gd_hf.data.loading import collate_train
     from gd_hf.method import GuidedDistillation
-    from gd_hf.modeling import Mask2FormerFamily, build_model
+    from gd_hf.models import build_model
+    from gd_hf.models.mask2former import Mask2FormerFamily
     from gd_hf.optim import build_lr_scheduler, build_optimizer, train_step
     from tests.conftest import ROOT, tiny_overrides
     from tests.test_method_flow import ID2LABEL

@@ -1,4 +1,4 @@
-"""`gd_hf.eomt`, the EoMT model family (`model.family: eomt`): the family's forward gives every masked block's
+"""`gd_hf.models.eomt`, the EoMT model family (`model.family: eomt`): the family's forward gives every masked block's
 predictions, its loss is EoMT's own, the teacher's predictions are deterministic, mask annealing is a pure
 function of the step that the EMA never averages, mixed-size batches become one square frame with every target on
 its object, DINOv2 and EoMT checkpoints load, and exports are plain transformers folders that predict as at
@@ -17,8 +17,8 @@ from transformers import EomtConfig, EomtForUniversalSegmentation
 from transformers.models.eomt import modeling_eomt
 
 from gd_hf.config import SslConfig, load_recipe
-from gd_hf.eomt import EomtFamily, MaskAnnealing, mask_probabilities, set_mask_probabilities
 from gd_hf.method import GuidedDistillation, Predictions, one_frame
+from gd_hf.models.eomt import EomtFamily, MaskAnnealing, mask_probabilities, set_mask_probabilities
 from gd_hf.teacher import EmaTeacher
 
 from .test_ddp_units import _fixed_points, _same_draw_for_the_same_shape
@@ -113,7 +113,7 @@ def test_mask_annealing_refuses_a_schedule_without_one_interval_per_block():
 def test_a_guided_distillation_step_on_eomt_scores_targets_in_one_square_frame():
     """Labeled (48x64) and unlabeled (64x40) batches padded to one frame of `image_size` (64) square: the teacher
     sees the weak view there, its pseudo labels are at the student's mask resolution, and the loss has both terms."""
-    student, teacher = tiny_eomt(0).train(), EmaTeacher(tiny_eomt(1))
+    student, teacher = tiny_eomt(0).train(), EmaTeacher(tiny_eomt(1), EomtFamily.scheduled_buffers)
     frames = []
     student.register_forward_pre_hook(lambda _m, _a, kwargs: frames.append(kwargs["pixel_values"].shape),
                                       with_kwargs=True)  # fmt: skip
@@ -134,7 +134,7 @@ def test_a_dinov2_checkpoint_saved_with_save_pretrained_loads_into_the_eomt_vit(
     before the queries join are DINOv2's, token for token ([CLS] with its position embedding folded in)."""
     from transformers import Dinov2Config, Dinov2Model
 
-    from gd_hf.eomt import load_dinov2_weights
+    from gd_hf.models.vit_weights import load_dinov2_weights
 
     torch.manual_seed(3)
     dinov2 = Dinov2Model(Dinov2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=64,
@@ -169,7 +169,7 @@ def test_a_dinov2_checkpoint_saved_with_save_pretrained_loads_into_the_eomt_vit(
 def test_dinov2_weights_of_another_size_are_refused_naming_the_mismatch():
     from transformers import Dinov2Config, Dinov2Model
 
-    from gd_hf.eomt import load_dinov2_weights
+    from gd_hf.models.vit_weights import load_dinov2_weights
 
     wider = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=64,
                                      patch_size=16))  # fmt: skip
@@ -192,8 +192,8 @@ def test_an_export_loads_and_predicts_with_plain_transformers(tmp_path):
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, pipeline
 
-    from gd_hf.eomt import eomt_image_processor
     from gd_hf.export import export_model
+    from gd_hf.models.eomt import eomt_image_processor
 
     model = tiny_eomt()
     set_mask_probabilities(model, [0.3, 1.0])
@@ -221,13 +221,13 @@ def test_the_cards_eomt_snippet_runs_as_written(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    from gd_hf.eomt import eomt_image_processor
     from gd_hf.export import export_model
     from gd_hf.model_card import usage_snippet
+    from gd_hf.models.eomt import eomt_image_processor
 
     export_model(tiny_eomt(), eomt_image_processor(64), tmp_path / "export")
     Image.fromarray((np.random.default_rng(0).random((40, 72, 3)) * 255).astype("uint8")).save(tmp_path / "image.jpg")
-    snippet = usage_snippet(str(tmp_path / "export"), "eomt")
+    snippet = usage_snippet(str(tmp_path / "export"), EomtFamily())
     code = snippet.split("```python\n", 1)[1].rsplit("```", 1)[0]
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
@@ -240,8 +240,7 @@ def test_the_demo_recipe_trains_eomt_with_one_override():
     """`recipes/demo_synthetic.yaml model.family=eomt`: a ViT of about the demo Mask2Former's parameter count, and a
     family whose annealing spans the phase's steps (the student's max_steps; the teacher's in phase 1)."""
     from gd_hf.config import teacher_recipe_of
-    from gd_hf.families import build_family
-    from gd_hf.modeling import build_model
+    from gd_hf.models import build_model, family_for
 
     from .conftest import ROOT
 
@@ -252,7 +251,7 @@ def test_the_demo_recipe_trains_eomt_with_one_override():
     assert type(eomt).__name__ == "EomtForUniversalSegmentation" and eomt.config.image_size == 256
     count = sum(p.numel() for p in eomt.parameters()) / sum(p.numel() for p in mask2former.parameters())
     assert 0.9 < count < 1.2
-    student, teacher = build_family(recipe), build_family(teacher_recipe_of(recipe))
+    student, teacher = family_for(recipe), family_for(teacher_recipe_of(recipe))
     assert (student.annealing.starts, student.annealing.ends) == ([167, 500], [500, 833])  # of 1000 steps
     assert (teacher.annealing.starts, teacher.annealing.ends) == ([100, 300], [300, 500])  # of 600 steps
 
@@ -272,12 +271,14 @@ def load_recipe_model():
 
 def test_a_layer_lr_decay_for_mask2former_is_refused(tmp_path):
     from gd_hf.config import RecipeError
+    from gd_hf.models import check_recipe
 
     from .conftest import ROOT, tiny_overrides
 
+    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(tmp_path, tmp_path / "o")
+                         + ["train.layer_lr_decay=0.8"])  # fmt: skip
     with pytest.raises(RecipeError, match="train.layer_lr_decay applies to EoMT's ViT only"):
-        load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(tmp_path, tmp_path / "o")
-                    + ["train.layer_lr_decay=0.8"])  # fmt: skip
+        check_recipe(recipe)  # the family's check (training runs it first, before any work)
 
 
 @pytest.mark.parametrize(
@@ -295,19 +296,20 @@ def test_a_layer_lr_decay_for_mask2former_is_refused(tmp_path):
 )
 def test_recipe_values_eomt_cannot_take_are_refused_naming_the_key(tmp_path, override, message):
     from gd_hf.config import RecipeError
+    from gd_hf.models import check_recipe
 
     from .conftest import EOMT_TINY, ROOT, tiny_overrides
 
-    with pytest.raises(RecipeError, match=message):
-        load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(tmp_path, tmp_path / "o") + EOMT_TINY
-                    + [override])  # fmt: skip
+    with pytest.raises(RecipeError, match=message):  # the recipe's own range checks, then the family's
+        check_recipe(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(tmp_path, tmp_path / "o")
+                                 + EOMT_TINY + [override]))  # fmt: skip
 
 
 def test_the_teacher_masks_as_the_phase_and_the_student_say_and_the_ema_never_averages_them():
     """Burn-in: the fixed teacher (annealed to its end in phase 1) predicts without masks; EMA with `follow`: in the
     blocks where the student's probability is >= 0.5; with `none`: never. The EMA copy and update leave the
     teacher's buffer alone (an average would be a value strictly between 0 and 1: random un-masking)."""
-    student, teacher = tiny_eomt(0), EmaTeacher(tiny_eomt(1))
+    student, teacher = tiny_eomt(0), EmaTeacher(tiny_eomt(1), EomtFamily.scheduled_buffers)
     annealing = MaskAnnealing([10, 20], [20, 30])
     follow, none = EomtFamily(annealing, "follow"), EomtFamily(annealing, "none")
     for family, step, phase, student_expected, teacher_expected in [
@@ -417,7 +419,7 @@ def test_a_gd_step_on_eomt_with_mixed_sizes_keeps_every_target_on_its_object(
 
     labeled = collate_train([square_sample(*labeled_size, labeled_box, False)] * 2, 64, EomtFamily.black_padding)
     unlabeled = collate_unlabeled([square_sample(*unlabeled_size, unlabeled_box, True)] * 2, 64, True)
-    student, teacher = tiny_eomt(0).train(), EmaTeacher(tiny_eomt(1))
+    student, teacher = tiny_eomt(0).train(), EmaTeacher(tiny_eomt(1), EomtFamily.scheduled_buffers)
     seen, targets = [], []
     student.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(kwargs["pixel_values"]), with_kwargs=True)
     family = PerfectTeacherFamily(MaskAnnealing([0, 1], [1, 2]))
@@ -461,7 +463,7 @@ def test_a_dinov2_checkpoint_of_patch_14_becomes_the_recipes_patch_16_eomt(tmp_p
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     from gd_hf.config import ModelConfig
-    from gd_hf.modeling import build_model
+    from gd_hf.models import build_model
 
     torch.manual_seed(5)
     dinov2 = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(hidden_size=64, num_hidden_layers=4,
@@ -490,7 +492,8 @@ def test_a_dinov2_checkpoint_of_patch_14_becomes_the_recipes_patch_16_eomt(tmp_p
 
 def test_a_whole_eomt_checkpoint_is_re_headed_for_the_recipes_classes(tmp_path):
     from gd_hf.config import ModelConfig
-    from gd_hf.modeling import ModelLoadError, build_model
+    from gd_hf.models import build_model
+    from gd_hf.models.common import ModelLoadError
 
     source = tiny_eomt(seed=6)
     set_mask_probabilities(source, [0.0, 0.0])  # an export
@@ -519,8 +522,8 @@ def test_gd_hf_predict_takes_an_eomt_export_and_predicts_the_same_twice(tmp_path
     from PIL import Image
     from pycocotools import mask as mask_utils
 
-    from gd_hf.eomt import eomt_image_processor
     from gd_hf.export import export_model
+    from gd_hf.models.eomt import eomt_image_processor
     from gd_hf.predict import main as predict_main
 
     model = tiny_eomt()
@@ -544,9 +547,9 @@ def test_gd_hf_predict_takes_an_eomt_export_and_predicts_the_same_twice(tmp_path
 
 def test_the_evaluate_command_refuses_a_test_size_an_eomt_export_cannot_take(tmp_path, capsys):
     from gd_hf.data.synthetic import generate
-    from gd_hf.eomt import eomt_image_processor
     from gd_hf.evaluate import main as evaluate_main
     from gd_hf.export import export_model
+    from gd_hf.models.eomt import eomt_image_processor
 
     export_model(tiny_eomt(), eomt_image_processor(64), tmp_path / "export")
     root = generate(tmp_path / "data", train=0, val=2, size=64, seed=1)
@@ -567,7 +570,7 @@ def test_evaluation_feeds_eomt_the_pixels_its_exported_processor_feeds_it(size):
     from gd_hf.config import DataConfig
     from gd_hf.data.loading import collate_eval
     from gd_hf.data.transforms import eval_size, resize
-    from gd_hf.eomt import eomt_image_processor
+    from gd_hf.models.eomt import eomt_image_processor
 
     image = Image.fromarray((np.random.default_rng(size[0]).random((*size, 3)) * 255).astype("uint8"))
     expected = eomt_image_processor(64)(images=image, return_tensors="pt")["pixel_values"][0]
@@ -598,7 +601,7 @@ def test_a_black_padded_batch_padded_further_stays_black():
 
 def test_a_checkpoint_with_as_many_classes_still_gets_a_new_classifier(tmp_path):
     from gd_hf.config import ModelConfig
-    from gd_hf.modeling import build_model
+    from gd_hf.models import build_model
 
     source = tiny_eomt(seed=7)  # 4 classes
     source.save_pretrained(tmp_path / "eomt")
@@ -615,7 +618,7 @@ def test_a_dinov2_position_table_of_another_grid_is_resampled_as_dinov2_itself_i
     queries join are DINOv2's own on a 96-px input (which interpolates its table on the fly)."""
     from transformers import Dinov2Config, Dinov2Model
 
-    from gd_hf.eomt import load_dinov2_weights
+    from gd_hf.models.vit_weights import load_dinov2_weights
 
     torch.manual_seed(8)
     dinov2 = Dinov2Model(Dinov2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=64,
@@ -643,10 +646,10 @@ def test_evaluation_mid_annealing_predicts_as_the_export_does(tmp_path):
     from gd_hf.config import DataConfig
     from gd_hf.data.coco import load_coco
     from gd_hf.data.synthetic import generate
-    from gd_hf.eomt import eomt_image_processor
     from gd_hf.evaluate import evaluate_model
     from gd_hf.export import export_model
-    from gd_hf.families import load_export
+    from gd_hf.models import load_export
+    from gd_hf.models.eomt import eomt_image_processor
 
     root = generate(tmp_path / "data", train=0, val=4, size=64, seed=3, varied_sizes=True)
     source = load_coco(root / "annotations" / "instances_val.json", root / "val")
@@ -666,7 +669,8 @@ def test_a_teacher_or_checkpoint_of_the_other_family_is_refused_naming_the_key(t
     """`ssl.teacher` a Mask2Former export for an EoMT student (and the reverse), `model.pretrained` an EoMT
     checkpoint for a Mask2Former: a recipe error that says what to set, before any training."""
     from gd_hf.config import RecipeError
-    from gd_hf.modeling import ModelLoadError, build_model
+    from gd_hf.models import build_model
+    from gd_hf.models.common import ModelLoadError
     from gd_hf.teacher import build_teacher
 
     from .conftest import EOMT_TINY, ROOT, tiny_overrides
@@ -690,8 +694,8 @@ def test_a_teacher_or_checkpoint_of_the_other_family_is_refused_naming_the_key(t
 
 
 def test_gd_hf_predict_refuses_an_eomt_export_whose_processor_asks_for_a_larger_size(tmp_path, capsys):
-    from gd_hf.eomt import eomt_image_processor
     from gd_hf.export import export_model
+    from gd_hf.models.eomt import eomt_image_processor
     from gd_hf.predict import main as predict_main
 
     export_model(tiny_eomt(), eomt_image_processor(96), tmp_path / "export")  # a 64-px model, a 96-px processor

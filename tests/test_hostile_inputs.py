@@ -332,7 +332,8 @@ def test_a_bad_val_image_stops_the_run_before_anything_is_written(synthetic_root
 def test_evaluate_on_a_file_without_images_is_an_error(synthetic_root, tmp_path, capsys):
     from gd_hf.config import load_recipe
     from gd_hf.evaluate import main as evaluate_main
-    from gd_hf.modeling import build_image_processor, build_model
+    from gd_hf.models import build_model
+    from gd_hf.models.mask2former import build_image_processor
 
     recipe = load_recipe(RECIPE, tiny_overrides(synthetic_root, tmp_path / "run"))
     model = build_model(recipe.model, {0: "a", 1: "b", 2: "c", 3: "d"})
@@ -365,7 +366,7 @@ def test_predict_skips_a_decompression_bomb_and_predicts_the_rest(tmp_path, monk
     Image.new("RGB", (64, 64), (10, 200, 10)).save(tmp_path / "small.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)  # 300x300 > 2x this: PIL's hard limit
     from gd_hf.config import ModelConfig
-    from gd_hf.modeling import build_model
+    from gd_hf.models import build_model
 
     model = build_model(ModelConfig(backbone_hidden_size=16, backbone_depths=[1, 1, 1, 1],
                                     backbone_num_heads=[1, 1, 2, 2], hidden_dim=32, encoder_layers=1,
@@ -385,7 +386,7 @@ def test_a_half_padded_batch_gives_a_random_init_swin_an_ordinary_gradient(synth
     """transformers initialises Swin's patch-embedding bias to 0: a zero-padded patch then embeds to an exact zero
     vector, and a LayerNorm over it scales the gradient by 1/sqrt(eps) (~1e8 here before the fix)."""
     from gd_hf.config import load_recipe
-    from gd_hf.modeling import build_model
+    from gd_hf.models import build_model
 
     recipe = load_recipe(RECIPE, tiny_overrides(synthetic_root, tmp_path / "run"))
     for seed in range(3):
@@ -469,7 +470,8 @@ def test_without_undo_such_a_step_stops_the_run_and_nothing_non_finite_is_writte
 def test_exports_and_checkpoints_refuse_non_finite_weights(synthetic_root, tmp_path):
     from gd_hf.config import load_recipe
     from gd_hf.export import export_model
-    from gd_hf.modeling import build_image_processor, build_model
+    from gd_hf.models import build_model
+    from gd_hf.models.mask2former import build_image_processor
     from gd_hf.weights import NonFiniteWeightsError
 
     recipe = load_recipe(RECIPE, tiny_overrides(synthetic_root, tmp_path / "run"))
@@ -829,7 +831,8 @@ def test_a_val_set_without_objects_stops_at_start(synthetic_root, tmp_path, caps
 
 def test_a_teacher_with_non_finite_weights_is_refused_at_start(synthetic_root, tmp_path, capsys):
     from gd_hf.config import load_recipe
-    from gd_hf.modeling import build_image_processor, build_model
+    from gd_hf.models import build_model
+    from gd_hf.models.mask2former import build_image_processor
 
     recipe = load_recipe(RECIPE, tiny_overrides(synthetic_root, tmp_path / "run"))
     names = [

@@ -12,11 +12,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-import gd_hf.modeling as modeling
+import gd_hf.models.common as model_common
 from gd_hf.config import load_recipe
 from gd_hf.data.loading import collate_train, collate_unlabeled
 from gd_hf.method import GuidedDistillation
-from gd_hf.modeling import Mask2FormerFamily, build_model
+from gd_hf.models import build_model
+from gd_hf.models.mask2former import Mask2FormerFamily
 from gd_hf.optim import build_lr_scheduler, build_optimizer, train_step
 from gd_hf.teacher import EmaTeacher
 
@@ -68,13 +69,13 @@ def step_runner(synthetic_root, tmp_path, monkeypatch):
     teacher_model = build_model(recipe.model, ID2LABEL)
     record = SimpleNamespace(inputs=[], targets=[], grads=None)
 
-    real_loss_terms = modeling.loss_terms
+    real_loss_terms = model_common.loss_terms
 
     def loss_spy(model, outputs, mask_labels, class_labels, no_object_weight=None):
         record.targets.append(([m.clone() for m in mask_labels], [c.clone() for c in class_labels]))
         return real_loss_terms(model, outputs, mask_labels, class_labels, no_object_weight)
 
-    monkeypatch.setattr(modeling, "loss_terms", loss_spy)
+    monkeypatch.setattr(model_common, "loss_terms", loss_spy)
 
     def run(poison_hidden: bool = False, unsup_loss_weight: float = 1.0) -> tuple[dict, torch.nn.Module]:
         student = copy.deepcopy(student0)

@@ -11,14 +11,9 @@ from transformers import (
 )
 
 from gd_hf.config import ModelConfig, TrainConfig
-from gd_hf.modeling import (
-    Mask2FormerFamily,
-    ModelLoadError,
-    build_model,
-    dinov2_feature_layers,
-    loss_terms,
-    size_divisibility,
-)
+from gd_hf.models import build_model
+from gd_hf.models.common import ModelLoadError, loss_terms
+from gd_hf.models.mask2former import Mask2FormerFamily, dinov2_feature_layers, padding_divisor
 from gd_hf.optim import build_optimizer, lr_factor, parameter_groups
 
 ID2LABEL = {0: "circle", 1: "square", 2: "triangle"}
@@ -53,7 +48,7 @@ def test_each_backbone_builds_and_takes_a_training_step(backbone):
     model = build_model(tiny_config(backbone), ID2LABEL)
     assert model.config.backbone_config.model_type == backbone
     assert model.config.id2label == ID2LABEL and model.class_predictor.out_features == 4
-    size = 4 * size_divisibility(model)
+    size = 4 * padding_divisor(model)
     pixel_values, mask_labels, class_labels = batch(size)
     optimizer = build_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.0))
     losses = []
@@ -78,7 +73,7 @@ def test_dinov2_feature_layers_are_deliberate():
         dinov2_feature_layers(12, [0, 13])
     model = build_model(tiny_config("dinov2", dinov2_feature_layers=[2, 4]), ID2LABEL)
     assert model.config.backbone_config.out_indices == [2, 4]
-    assert size_divisibility(model) == 14
+    assert padding_divisor(model) == 14
 
 
 @pytest.mark.parametrize(

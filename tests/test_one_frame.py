@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-import gd_hf.modeling as modeling
+import gd_hf.models.common as model_common
 from gd_hf.config import load_recipe
 from gd_hf.data.loading import collate_train, collate_unlabeled, pad_batch
 from gd_hf.method import GuidedDistillation, one_frame
-from gd_hf.modeling import Mask2FormerFamily, build_model
+from gd_hf.models import build_model
+from gd_hf.models.mask2former import Mask2FormerFamily
 from gd_hf.optim import build_lr_scheduler, build_optimizer, train_step
 from gd_hf.teacher import EmaTeacher
 
@@ -96,13 +97,13 @@ def setup(synthetic_root, tmp_path, monkeypatch):
     monkeypatch.setattr(teacher_model, "forward", teacher_forward)
     teacher = EmaTeacher(teacher_model)
     targets = []  # (mask_labels, class_labels, frame of the predictions they are scored against)
-    real_loss_terms = modeling.loss_terms
+    real_loss_terms = model_common.loss_terms
 
     def loss_spy(model, outputs, mask_labels, class_labels, no_object_weight=None):
         targets.append((mask_labels, class_labels, outputs.mask_logits.shape[-2:]))
         return real_loss_terms(model, outputs, mask_labels, class_labels, no_object_weight)
 
-    monkeypatch.setattr(modeling, "loss_terms", loss_spy)
+    monkeypatch.setattr(model_common, "loss_terms", loss_spy)
     accelerator = Accelerator(cpu=True)
     optimizer = build_optimizer(student, recipe.train)
     scheduler = build_lr_scheduler(optimizer, recipe.train)

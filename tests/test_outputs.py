@@ -223,8 +223,7 @@ def test_an_export_of_a_model_with_a_local_backbone_names_no_path_of_this_machin
     recipe's `model.pretrained` is that folder: neither reaches the export, and the model still loads."""
     from transformers import Dinov2Config, Dinov2Model, Mask2FormerForUniversalSegmentation
 
-    from gd_hf.families import export_image_processor
-    from gd_hf.modeling import build_model
+    from gd_hf.models import build_model, export_image_processor
     from gd_hf.publish import Publisher
 
     backbone = tmp_path / "my_models" / "dino"

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from gd_hf.config import ModelConfig
-from gd_hf.eomt import MaskAnnealing
+from gd_hf.models.eomt import MaskAnnealing
 from tests.conftest import EOMT_TINY, ROOT, tiny_overrides
 
 pytestmark = pytest.mark.slow

@@ -15,13 +15,14 @@ import torch.multiprocessing as mp
 from accelerate import Accelerator
 from PIL import Image
 
-import gd_hf.modeling as modeling
+import gd_hf.models.common as model_common
 from gd_hf.config import DataConfig, load_recipe
 from gd_hf.data.coco import FEATURES, DataError
 from gd_hf.data.loading import MAX_CONSECUTIVE_BAD_RECORDS, LabeledTrainDataset, collate_train
 from gd_hf.distributed import build_accelerator
 from gd_hf.method import GuidedDistillation
-from gd_hf.modeling import Mask2FormerFamily, build_model
+from gd_hf.models import build_model
+from gd_hf.models.mask2former import Mask2FormerFamily
 from gd_hf.optim import build_lr_scheduler, build_optimizer, lr_factor, train_step
 
 from .conftest import ROOT, tiny_overrides
@@ -84,7 +85,7 @@ def _step_with_nan_on_rank_1(rank: int, port: int, recipe, out_file: str, poison
     scheduler = build_lr_scheduler(optimizer, recipe.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     before = {k: v.clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
-    real_loss_terms = modeling.loss_terms
+    real_loss_terms = model_common.loss_terms
 
     def nan_on_rank_1(*args, **kwargs):
         terms = real_loss_terms(*args, **kwargs)
@@ -94,7 +95,7 @@ def _step_with_nan_on_rank_1(rank: int, port: int, recipe, out_file: str, poison
             terms["loss_dice"] = terms["loss_dice"] + torch.tensor(math.inf)
         return terms
 
-    modeling.loss_terms = nan_on_rank_1
+    model_common.loss_terms = nan_on_rank_1
     logged = train_step(model, [labeled_batch()], optimizer, scheduler, accelerator, 0.0, SUPERVISED)
     after = accelerator.unwrap_model(model).state_dict()
     moved = any(not torch.equal(before[k], after[k]) for k in before)

@@ -26,9 +26,8 @@ from pycocotools import mask as mask_utils
 
 from gd_hf.config import load_recipe
 from gd_hf.export import export_model
-from gd_hf.families import export_image_processor, load_export
 from gd_hf.model_card import RunSummary
-from gd_hf.modeling import build_model
+from gd_hf.models import build_model, export_image_processor, load_export
 from gd_hf.predict import export_sizes, predict
 from gd_hf.push import PushError
 from gd_hf.space import main, push_space, write_space

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import Mask2FormerForUniversalSegmentation
 
 import gd_hf.method as method_module
-import gd_hf.modeling as modeling
+import gd_hf.models.common as model_common
 import gd_hf.train as train_module
 from gd_hf.config import RecipeError, load_recipe
 from gd_hf.data.loading import repeat_factors
@@ -276,7 +276,7 @@ def test_one_launch_trains_the_teacher_then_distills_and_prints_both(synthetic_r
 
 def poison_loss(monkeypatch, bad_calls):
     """Make the loss of the given loss_terms calls (1-based, one call per loss) NaN."""
-    real = modeling.loss_terms
+    real = model_common.loss_terms
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -286,7 +286,7 @@ def poison_loss(monkeypatch, bad_calls):
             terms["loss_mask"] = terms["loss_mask"] * float("nan")
         return terms
 
-    monkeypatch.setattr(modeling, "loss_terms", poisoned)
+    monkeypatch.setattr(model_common, "loss_terms", poisoned)
 
 
 def test_nonfinite_step_in_ema_phase_updates_neither_student_nor_teacher(
@@ -388,7 +388,7 @@ def test_the_paper_data_path_trains_every_phase_with_targets_in_the_frame_of_the
     and unlabeled batches of different padded sizes. Every target that reaches the loss covers the frame of the
     predictions it is scored against (Mask2Former samples both in normalised coordinates)."""
     frames, losses = [], []
-    real_one_frame, real_loss_terms = method_module.one_frame, modeling.loss_terms
+    real_one_frame, real_loss_terms = method_module.one_frame, model_common.loss_terms
 
     def frame_spy(labeled, unlabeled):
         frames.append((tuple(labeled["pixel_values"].shape[-2:]), tuple(unlabeled["weak_pixel_values"].shape[-2:])))
@@ -400,7 +400,7 @@ def test_the_paper_data_path_trains_every_phase_with_targets_in_the_frame_of_the
         return real_loss_terms(model, outputs, mask_labels, class_labels, no_object_weight)
 
     monkeypatch.setattr(method_module, "one_frame", frame_spy)
-    monkeypatch.setattr(modeling, "loss_terms", loss_spy)
+    monkeypatch.setattr(model_common, "loss_terms", loss_spy)
     out = tmp_path / "run"
     overrides = tiny_overrides(varied_root, out) + ONE_LAUNCH_SSL + PAPER_JITTER
     overrides += ["ssl.teacher_max_steps=3", "train.max_steps=6", "ssl.burn_in_steps=3", "data.labeled_percent=50"]

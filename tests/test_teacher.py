@@ -2,7 +2,7 @@ import torch
 
 from gd_hf.config import SslConfig
 from gd_hf.method import GuidedDistillation
-from gd_hf.modeling import Mask2FormerFamily
+from gd_hf.models.mask2former import Mask2FormerFamily
 from gd_hf.teacher import EmaTeacher
 
 

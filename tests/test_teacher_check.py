@@ -19,7 +19,8 @@ import gd_hf.train as train_module
 from gd_hf.config import load_recipe
 from gd_hf.data.prepare import prepare_data
 from gd_hf.method import PseudoLabelRules
-from gd_hf.modeling import build_image_processor, build_model, size_divisibility
+from gd_hf.models import build_model
+from gd_hf.models.mask2former import build_image_processor, padding_divisor
 from gd_hf.teacher_check import measure_teacher
 from gd_hf.train import build_accelerator, main, train
 
@@ -175,7 +176,7 @@ def test_the_check_and_the_benchmark_measure_the_same(squares, tmp_path, monkeyp
     model = build_model(recipe.model, {0: "square", 1: "other"}).eval()
     make_teacher_perfect(monkeypatch)
     data = prepare_data(recipe, build_accelerator(recipe))
-    figures = check_module.check_teacher(model, data.val, recipe, size_divisibility(model), show=False)
+    figures = check_module.check_teacher(model, data.val, recipe, padding_divisor(model), show=False)
     spec = importlib.util.spec_from_file_location("plq", ROOT / "benchmarks" / "pseudo_label_quality.py")
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
@@ -189,7 +190,7 @@ def test_the_check_and_the_benchmark_measure_the_same(squares, tmp_path, monkeyp
         round(figures["recall"], 2),
     )
     direct = measure_teacher(model, data.val, recipe.data, PseudoLabelRules.from_recipe(recipe.ssl),
-                             size_divisibility(model))[threshold]  # fmt: skip
+                             padding_divisor(model))[threshold]  # fmt: skip
     assert direct.figures()["precision"] == figures["precision"] == 1.0
 
 

@@ -1,13 +1,10 @@
-"""`build_model`: the one place a recipe's model is made (a Mask2Former with a Swin / DINOv2 / ResNet backbone, or
-an EoMT through `gd_hf.eomt`), and `Mask2FormerFamily`."""
+"""Mask2Former (transformers' `Mask2FormerForUniversalSegmentation`) on a Swin / DINOv2 / ResNet AutoBackbone,
+as a model family of Guided Distillation (`model.family: mask2former`, the default): `Mask2FormerFamily`."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import types
-from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from transformers import (
@@ -20,39 +17,17 @@ from transformers import (
     SwinConfig,
 )
 from transformers.models.mask2former.image_processing_pil_mask2former import Mask2FormerImageProcessorPil
-from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 
-from gd_hf.config import DataConfig, ModelConfig, RecipeError
-from gd_hf.method import Predictions
+from gd_hf.config import DataConfig, ModelConfig, Recipe
+from gd_hf.models import common
+from gd_hf.models.common import ModelLoadError, loading_named
+from gd_hf.models.protocol import Check, FamilyCard, Predictions
 
 logger = logging.getLogger(__name__)
 
 # The model_type values of each backbone family, as they appear in a hub config.json.
 BACKBONE_MODEL_TYPES = {"swin": ("swin",), "dinov2": ("dinov2", "dinov2_with_registers"), "resnet": ("resnet",)}
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
-
-
-class ModelLoadError(RecipeError):
-    """`model.pretrained` cannot be used for the recipe's backbone (a recipe error: exit code 2)."""
-
-
-@contextlib.contextmanager
-def loading_named(source: str) -> Iterator[None]:
-    """Whatever stops the weights of `source` from loading (a missing or truncated file, shapes that do not fit)
-    as one `ModelLoadError` naming it, instead of a library traceback."""
-    try:
-        yield
-    except ModelLoadError:
-        raise
-    except (OSError, ValueError, RuntimeError, KeyError, EOFError) as e:
-        raise ModelLoadError(
-            f"model.pretrained={source!r} could not be loaded: {type(e).__name__}: {str(e)[:500]}\n"
-            "Give a hub id (with network access or a filled HF cache) or a complete folder written by save_pretrained."
-        ) from e
-    except Exception as e:  # safetensors' SafetensorError (a truncated file) derives from Exception only
-        if type(e).__name__ != "SafetensorError":
-            raise
-        raise ModelLoadError(f"model.pretrained={source!r}: its weights file is damaged ({e})") from e
 
 
 def dinov2_feature_layers(num_layers: int, layers: list[int] | None) -> list[int]:
@@ -131,38 +106,26 @@ def _mask2former_config(cfg: ModelConfig, backbone_config, id2label: dict[int, s
         class_weight=cfg.class_weight,
         mask_weight=cfg.mask_weight,
         dice_weight=cfg.dice_weight,
-        id2label={int(k): v for k, v in id2label.items()},
-        label2id={v: int(k) for k, v in id2label.items()},
+        **common.labels(id2label),
     )
 
 
-def _load_pretrained_config(source: str):
-    with loading_named(source):
-        return AutoConfig.from_pretrained(source)
-
-
-def build_model(cfg: ModelConfig, id2label: dict[int, str]) -> PreTrainedModel:
-    """Build the model of a recipe for the classes `id2label` (contiguous ids 0..C-1): a Mask2Former, or an EoMT
-    (`model.family: eomt`, `gd_hf.eomt.build_eomt`)."""
-    if not id2label or sorted(id2label) != list(range(len(id2label))):
-        raise ValueError(f"id2label must map 0..C-1 to class names, got {id2label}")
-    if cfg.family == "eomt":
-        from gd_hf.eomt import build_eomt  # (gd_hf.eomt builds on this module)
-
-        model = build_eomt(cfg, id2label)
-    elif cfg.pretrained is None:
+def build_mask2former(cfg: ModelConfig, id2label: dict[int, str]) -> Mask2FormerForUniversalSegmentation:
+    """The Mask2Former of a recipe: from its sizes (random init), on a pretrained backbone, or a whole Mask2Former
+    checkpoint re-headed for these classes."""
+    if cfg.pretrained is None:
         model = Mask2FormerForUniversalSegmentation(
             _mask2former_config(cfg, _backbone_config_from_sizes(cfg), id2label)
         )
         if cfg.backbone == "swin":
             give_padding_a_nonzero_embedding(model)
     else:
-        pretrained_config = _load_pretrained_config(cfg.pretrained)
+        pretrained_config = common.pretrained_config(cfg.pretrained)
         if pretrained_config.model_type == "mask2former":
             model = _load_mask2former_checkpoint(cfg, id2label)
         else:
             model = _build_with_pretrained_backbone(cfg, pretrained_config, id2label)
-    use_mean_mask_count_across_processes(model)
+    common.use_mean_mask_count_across_processes(model)
     return model
 
 
@@ -182,8 +145,6 @@ def give_padding_a_nonzero_embedding(model: Mask2FormerForUniversalSegmentation)
 
 
 def _build_with_pretrained_backbone(cfg: ModelConfig, backbone_config, id2label) -> Mask2FormerForUniversalSegmentation:
-    if backbone_config.model_type == "eomt":
-        raise ModelLoadError(f"model.pretrained={cfg.pretrained!r} is an EoMT checkpoint: set model.family=eomt")
     if backbone_config.model_type not in BACKBONE_MODEL_TYPES[cfg.backbone]:
         raise ModelLoadError(
             f"model.pretrained={cfg.pretrained!r} is a {backbone_config.model_type!r} model but model.backbone is "
@@ -210,49 +171,18 @@ def _build_with_pretrained_backbone(cfg: ModelConfig, backbone_config, id2label)
 def _load_mask2former_checkpoint(cfg: ModelConfig, id2label) -> Mask2FormerForUniversalSegmentation:
     with loading_named(cfg.pretrained):
         model = Mask2FormerForUniversalSegmentation.from_pretrained(
-            cfg.pretrained,
-            id2label={int(k): v for k, v in id2label.items()},
-            label2id={v: int(k) for k, v in id2label.items()},
-            ignore_mismatched_sizes=True,
+            cfg.pretrained, **common.labels(id2label), ignore_mismatched_sizes=True
         )
     backbone_type = model.config.backbone_config.model_type
     if backbone_type not in BACKBONE_MODEL_TYPES[cfg.backbone]:
         raise ModelLoadError(
             f"model.pretrained={cfg.pretrained!r} has a {backbone_type!r} backbone but model.backbone is {cfg.backbone!r}"
         )
-    # New classes mean a new classifier, even when the class count happens to match the checkpoint's.
-    model.class_predictor.reset_parameters()
-    # The loss settings are the recipe's, not the checkpoint's.
-    for key in ("train_num_points", "no_object_weight", "class_weight", "mask_weight", "dice_weight"):
-        setattr(model.config, key, getattr(cfg, key))
-    model.weight_dict = {
-        "loss_cross_entropy": cfg.class_weight,
-        "loss_mask": cfg.mask_weight,
-        "loss_dice": cfg.dice_weight,
-    }
-    model.criterion = Mask2FormerLoss(config=model.config, weight_dict=model.weight_dict)
+    common.rehead(model, cfg)
     return model
 
 
-def use_mean_mask_count_across_processes(model: Mask2FormerForUniversalSegmentation) -> None:
-    """Normalise the mask losses by the mean target count over processes, as detectron2 does.
-
-    transformers' `get_num_masks` averages over processes and then divides by the world size again, so with N
-    processes the mask and dice terms are N times too large (hf-notes). This replaces the method on this
-    instance only; nothing of it is saved, so exported checkpoints stay vanilla.
-    """
-
-    def get_num_masks(self, class_labels, device):
-        num_masks = torch.as_tensor(float(sum(len(c) for c in class_labels)), device=device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(num_masks)
-            num_masks = num_masks / torch.distributed.get_world_size()
-        return torch.clamp(num_masks, min=1)
-
-    model.criterion.get_num_masks = types.MethodType(get_num_masks, model.criterion)
-
-
-def size_divisibility(model: Mask2FormerForUniversalSegmentation) -> int:
+def padding_divisor(model: Mask2FormerForUniversalSegmentation) -> int:
     """Input sides must be multiples of this: the patch size for DINOv2, the coarsest stride (32) otherwise."""
     backbone_config = model.config.backbone_config
     if backbone_config.model_type.startswith("dinov2"):
@@ -263,62 +193,44 @@ def size_divisibility(model: Mask2FormerForUniversalSegmentation) -> int:
 def build_image_processor(
     model: Mask2FormerForUniversalSegmentation, data: DataConfig, divisor: int | None = None
 ) -> Mask2FormerImageProcessorPil:
-    """The image processor saved with every export: the same resize, padding divisor (the model family's; None:
-    `size_divisibility`) and normalisation as our evaluation."""
+    """The image processor saved with every export: the same resize, padding divisor (None: `padding_divisor`)
+    and normalisation as our evaluation."""
     return Mask2FormerImageProcessorPil(
         size={"shortest_edge": data.eval_shortest_edge, "longest_edge": data.eval_longest_edge},
-        size_divisor=divisor if divisor is not None else size_divisibility(model),
+        size_divisor=divisor if divisor is not None else padding_divisor(model),
         ignore_index=255,
         do_reduce_labels=False,
     )
 
 
-def is_model_folder(path: str | Path) -> bool:
-    """True for a folder that holds a save_pretrained model."""
-    return (Path(path) / "config.json").is_file()
-
-
-def loss_terms(
-    model: Mask2FormerForUniversalSegmentation,
-    predictions: Predictions,
-    mask_labels: list[torch.Tensor],
-    class_labels: list[torch.Tensor],
-    no_object_weight: float | None = None,
-) -> dict[str, torch.Tensor]:
-    """The weighted Mask2Former loss terms (Hungarian matching, auxiliary layers included) of `predictions`.
-
-    `model` is the unwrapped model. Computing the loss outside `forward` lets the loop log each term and reuse the
-    criterion for pseudo labels. `no_object_weight`: the class-loss weight of "no object" for this call instead of
-    the model's `config.no_object_weight` (EoMT's criterion weighs its classes the same way).
-    """
-    if no_object_weight is None:
-        return _loss_dict(model, predictions, mask_labels, class_labels)
-    criterion = model.criterion
-    weights = criterion.empty_weight
-    # A new tensor, not an in-place edit: the class loss keeps its weights for the backward pass.
-    criterion.empty_weight = torch.cat([weights[:-1], weights.new_tensor([no_object_weight])])
-    try:
-        return _loss_dict(model, predictions, mask_labels, class_labels)
-    finally:
-        criterion.empty_weight = weights
-
-
-def _loss_dict(model, predictions: Predictions, mask_labels, class_labels) -> dict[str, torch.Tensor]:
-    return model.get_loss_dict(
-        masks_queries_logits=predictions.mask_logits,
-        class_queries_logits=predictions.class_logits,
-        mask_labels=mask_labels,
-        class_labels=class_labels,
-        auxiliary_predictions=[
-            {"masks_queries_logits": masks, "class_queries_logits": classes} for classes, masks in predictions.auxiliary
-        ],
-    )
+def _heads_problem(m: ModelConfig) -> str | None:
+    """Why the attention heads do not fit the backbone's widths (random init only), or None."""
+    if m.pretrained is not None or not m.backbone_num_heads or min(m.backbone_num_heads) <= 0:
+        return None
+    if m.backbone == "swin":
+        if len(m.backbone_num_heads) != 4:
+            return "must list 4 stages for Swin"
+        widths = [m.backbone_hidden_size * 2**i for i in range(4)]
+        if any(w % h for w, h in zip(widths, m.backbone_num_heads)):
+            return f"must divide each Swin stage's width {widths}"
+    if m.backbone == "dinov2" and m.backbone_hidden_size % m.backbone_num_heads[-1]:
+        return f"(its last entry) must divide model.backbone_hidden_size {m.backbone_hidden_size}"
+    return None
 
 
 class Mask2FormerFamily:
-    """Mask2Former (any AutoBackbone) as Guided Distillation uses it (the `gd_hf.method.ModelFamily` protocol)."""
+    """Mask2Former (any AutoBackbone) as gd_hf trains it (the `gd_hf.models.protocol.ModelFamily` protocol)."""
 
+    name = "mask2former"
+    display_name = "Mask2Former"
     black_padding = False  # its image processor pads after normalising: the mean colour
+    scheduled_buffers: tuple[str, ...] = ()
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Mask2FormerFamily:
+        return cls()
+
+    # -- what the method calls ------------------------------------------------------------------------------------
 
     def forward(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Predictions:
         outputs = model(pixel_values=pixel_values, output_auxiliary_logits=True)
@@ -329,10 +241,10 @@ class Mask2FormerFamily:
         self, model: torch.nn.Module, predictions: Predictions, mask_labels: list[torch.Tensor],
         class_labels: list[torch.Tensor], *, no_object_weight: float | None = None,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
-        return loss_terms(model, predictions, mask_labels, class_labels, no_object_weight)
+        return common.loss_terms(model, predictions, mask_labels, class_labels, no_object_weight)
 
     def padding_divisor(self, model: torch.nn.Module) -> int:
-        return size_divisibility(model)
+        return padding_divisor(model)
 
     def predict(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Predictions:
         # Mask2Former predicts the same in eval mode whatever the step: nothing to switch off.
@@ -349,3 +261,77 @@ class Mask2FormerFamily:
 
     def load_pretrained(self, path: str) -> torch.nn.Module:
         return Mask2FormerForUniversalSegmentation.from_pretrained(path)
+
+    # -- what a run calls around the method -----------------------------------------------------------------------
+
+    def recipe_problems(self, recipe: Recipe) -> list[Check]:
+        """The backbone's sizes and heads, the decoders' width and depths; no layer-wise lr decay."""
+        m = recipe.model
+        return [
+            (m.backbone_hidden_size > 0, "model.backbone_hidden_size", "must be > 0"),
+            (all(v > 0 for v in m.backbone_depths), "model.backbone_depths", "must all be > 0"),
+            (
+                bool(m.backbone_num_heads) and all(v > 0 for v in m.backbone_num_heads),
+                "model.backbone_num_heads",
+                "must all be > 0",
+            ),  # fmt: skip
+            (
+                m.hidden_dim > 0 and m.hidden_dim % 32 == 0,
+                "model.hidden_dim",
+                "must be a positive multiple of 32 (the pixel decoder's GroupNorm has 32 groups)",
+            ),  # fmt: skip
+            (_heads_problem(m) is None, "model.backbone_num_heads", _heads_problem(m) or ""),
+            (m.encoder_layers > 0, "model.encoder_layers", "must be > 0"),
+            (m.decoder_layers > 0, "model.decoder_layers", "must be > 0"),
+            (len(m.backbone_depths) == 4, "model.backbone_depths", "must list 4 stages"),
+            (
+                recipe.train.layer_lr_decay == 1,
+                "train.layer_lr_decay",
+                "applies to EoMT's ViT only (model.family: eomt); Mask2Former's backbone learns at "
+                "train.backbone_lr_multiplier",
+            ),
+        ]
+
+    def build_model(self, cfg: ModelConfig, id2label: dict[int, str]) -> PreTrainedModel:
+        return build_mask2former(cfg, id2label)
+
+    def image_processor(self, model: PreTrainedModel, data: DataConfig, padding_divisor: int) -> object:
+        return build_image_processor(model, data, padding_divisor)
+
+    def lr_scale(self, model: torch.nn.Module, name: str, layer_lr_decay: float) -> float | None:
+        return 1.0 if ".pixel_level_module.encoder." in f".{name}" else None  # its AutoBackbone, factor 1
+
+    def exported(self, model: PreTrainedModel) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # trained as it predicts
+
+    def input_size_problem(self, model: PreTrainedModel, shortest_edge: int, longest_edge: int) -> str | None:
+        return None  # any size (padded to `padding_divisor`)
+
+    def card(self, cfg: ModelConfig, pretrained: str | None) -> FamilyCard:
+        backbone = pretrained or (
+            f"{cfg.backbone} from scratch (hidden {cfg.backbone_hidden_size}, depths {cfg.backbone_depths})"
+        )
+        return FamilyCard("Mask2FormerForUniversalSegmentation",
+                          f"Mask2Former ({cfg.num_queries} queries, {cfg.decoder_layers} decoder layers, hidden "
+                          f"size {cfg.hidden_dim}), backbone: {backbone}")  # fmt: skip
+
+    def usage_snippet(self, load: str, imports: str, image_path: str) -> str:
+        return f"""```python
+{imports}from PIL import Image
+from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation, pipeline
+
+image_path = {image_path}
+
+# 1. pipeline: one dict per instance (label, score, PIL mask of the image's size)
+segmenter = pipeline("image-segmentation", model={load})
+instances = segmenter(image_path, subtask="instance", threshold=0.5)
+print([(i["label"], round(i["score"], 3)) for i in instances])
+
+# 2. model + image processor
+processor = AutoImageProcessor.from_pretrained({load})
+model = Mask2FormerForUniversalSegmentation.from_pretrained({load})
+image = Image.open(image_path).convert("RGB")
+outputs = model(**processor(images=image, return_tensors="pt"))
+result = processor.post_process_instance_segmentation(outputs, threshold=0.5, target_sizes=[image.size[::-1]])[0]
+print(result["segmentation"].shape, [model.config.id2label[s["label_id"]] for s in result["segments_info"]])
+```"""

@@ -1,7 +1,7 @@
 """EoMT ("Your ViT is Secretly an Image Segmentation Model", Kerssies et al., CVPR 2025) as a model family of
-Guided Distillation (`model.family: eomt`): building it (`build_eomt`), the `gd_hf.method.ModelFamily` protocol
-for transformers' `EomtForUniversalSegmentation` (`EomtFamily`), and its mask-annealing schedule as a pure
-function of the step (`MaskAnnealing`). What it settles, each tested (`tests/test_eomt.py`):
+Guided Distillation (`model.family: eomt`): building it (`build_eomt`), the `gd_hf.models.protocol.ModelFamily`
+protocol for transformers' `EomtForUniversalSegmentation` (`EomtFamily`), and its mask-annealing schedule as a
+pure function of the step (`MaskAnnealing`). What it settles, each tested (`tests/test_eomt.py`):
 
 - EoMT's forward returns the last layer's predictions only, while its loss (the reference's and transformers')
   is the matched loss of every masked block's prediction plus the last one: `EomtFamily.forward` records each
@@ -12,12 +12,12 @@ function of the step (`MaskAnnealing`). What it settles, each tested (`tests/tes
   uninterrupted run. In eval mode a probability strictly between 0 and 1 un-masks *random* queries, so nothing
   here ever predicts with one: `predict` (evaluation, exports) runs with every probability at 0, as EoMT at
   inference; the teacher predicts with 0 or 1 per block (`teacher_masks`), and the EMA never averages the buffer
-  (`gd_hf.teacher.SCHEDULED_BUFFERS`).
+  (`EomtFamily.scheduled_buffers`).
 - The position embeddings do not interpolate: every input must be exactly `image_size` square. Padding each
   side up to a multiple of `image_size` (`padding_divisor`) makes every frame `image_size` square, as the recipe
   checks keep crops and the evaluation size at most `image_size`; the padding is black (`black_padding`), as
   `EomtImageProcessor` pads before normalising, so evaluation feeds the model what the export's processor does.
-- A DINOv2 backbone's ViT loads into EoMT's (`load_dinov2_weights`): the same layer names but `o_proj` ->
+- A DINOv2 backbone's ViT loads into EoMT's (`gd_hf.models.vit_weights.load_dinov2_weights`): the same layer names but `o_proj` ->
   `out_proj`; DINOv2 adds a position embedding to its [CLS] token and EoMT does not, so that embedding is folded
   into EoMT's [CLS] token; the patch position embeddings are resampled (bicubic) when the grids differ, and a
   patch embedding of another patch size is resampled as FlexiViT does (the EoMT reference: DINOv2's 14 -> 16).
@@ -27,19 +27,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, EomtConfig, EomtForUniversalSegmentation
+from transformers import AutoModel, EomtConfig, EomtForUniversalSegmentation, PreTrainedModel
 from transformers.models.eomt.image_processing_pil_eomt import EomtImageProcessorPil
 
-from gd_hf.config import ModelConfig
-from gd_hf.method import Predictions
-from gd_hf.modeling import ModelLoadError, loading_named, loss_terms
+from gd_hf.config import DataConfig, ModelConfig, Recipe
+from gd_hf.models import common
+from gd_hf.models.common import LOSS_SETTINGS, ModelLoadError, loading_named
+from gd_hf.models.protocol import Check, FamilyCard, Predictions
+from gd_hf.models.vit_weights import load_dinov2_weights
 
 logger = logging.getLogger(__name__)
 
@@ -113,14 +113,28 @@ def set_mask_probabilities(model: EomtForUniversalSegmentation, probabilities: l
 
 @dataclass
 class EomtFamily:
-    """EoMT as Guided Distillation uses it (the `gd_hf.method.ModelFamily` protocol). `annealing`: the phase's
+    """EoMT as gd_hf trains it (the `gd_hf.models.protocol.ModelFamily` protocol). `annealing`: the phase's
     schedule (None: the model's probabilities are left as they are, e.g. to predict with an export);
     `teacher_masks`: how the EMA teacher predicts (`model.eomt_teacher_masks`)."""
 
     annealing: MaskAnnealing | None = None
     teacher_masks: Literal["follow", "none"] = "follow"
+    name: ClassVar[str] = "eomt"
+    display_name: ClassVar[str] = "EoMT"
     # EomtImageProcessor pads the image before normalising it, as the EoMT reference: black, everywhere.
     black_padding: ClassVar[bool] = True
+    # The masked-attention probabilities, written by `start_step`: an EMA average of them would be a value
+    # strictly between 0 and 1, which in eval mode un-masks random queries.
+    scheduled_buffers: ClassVar[tuple[str, ...]] = ("attn_mask_probs",)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> EomtFamily:
+        """The family of a phase of `recipe` (the annealing spans that phase's `train.max_steps`)."""
+        model = recipe.model
+        annealing = MaskAnnealing.from_recipe(model, recipe.train.max_steps, model.eomt_query_blocks)
+        return cls(annealing, model.eomt_teacher_masks)
+
+    # -- what the method calls ------------------------------------------------------------------------------------
 
     def forward(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> Predictions:
         inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -145,7 +159,7 @@ class EomtFamily:
         class_labels: list[torch.Tensor], *, no_object_weight: float | None = None,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         # EoMT's criterion takes the auxiliary predictions as Mask2Former's does (one matching per layer).
-        return loss_terms(model, predictions, mask_labels, class_labels, no_object_weight)
+        return common.loss_terms(model, predictions, mask_labels, class_labels, no_object_weight)
 
     def padding_divisor(self, model: torch.nn.Module) -> int:
         return model.config.image_size
@@ -188,18 +202,124 @@ class EomtFamily:
     def load_pretrained(self, path: str) -> torch.nn.Module:
         return EomtForUniversalSegmentation.from_pretrained(path)
 
+    # -- what a run calls around the method -----------------------------------------------------------------------
 
-LOSS_SETTINGS = ("train_num_points", "no_object_weight", "class_weight", "mask_weight", "dice_weight")
+    def recipe_problems(self, recipe: Recipe) -> list[Check]:
+        """EoMT's fixed square input, its query blocks and its mask-annealing span."""
+        m, d = recipe.model, recipe.data
+        side, annealing = m.eomt_image_size, m.eomt_mask_annealing
+        return [
+            (m.eomt_patch_size > 0, "model.eomt_patch_size", "must be > 0 (the EoMT reference: 16)"),
+            (m.eomt_layers > 0, "model.eomt_layers", "must be > 0 (ViT-L: 24)"),
+            (
+                m.eomt_heads > 0 and m.eomt_hidden_size > 0 and m.eomt_hidden_size % m.eomt_heads == 0,
+                "model.eomt_heads",
+                f"must be > 0 and divide model.eomt_hidden_size {m.eomt_hidden_size} (ViT-L: 16 of 1024)",
+            ),  # fmt: skip
+            (
+                side > 0 and side % max(1, m.eomt_patch_size) == 0,
+                "model.eomt_image_size",
+                f"must be a positive multiple of model.eomt_patch_size {m.eomt_patch_size} (the reference: 640)",
+            ),  # fmt: skip
+            (side <= 4096, "model.eomt_image_size", "must be <= 4096 (the reference: 640)"),
+            (
+                m.pretrained is not None or m.eomt_query_blocks <= m.eomt_layers,
+                "model.eomt_query_blocks",
+                f"must be at most model.eomt_layers {m.eomt_layers}",
+            ),  # fmt: skip
+            (m.eomt_query_blocks > 0, "model.eomt_query_blocks", "must be > 0 (the reference: 4)"),
+            (m.eomt_register_tokens >= 0, "model.eomt_register_tokens", "must be >= 0"),
+            (
+                len(annealing) == 2 and 0 <= annealing[0] < annealing[1] <= 1,
+                "model.eomt_mask_annealing",
+                f"must be [from, to] with 0 <= from < to <= 1 (fractions of train.max_steps), got {annealing}",
+            ),  # fmt: skip
+            (
+                d.crop_size <= side,
+                "data.crop_size",
+                f"must be <= model.eomt_image_size {side}: EoMT takes exactly that square (smaller crops are padded)",
+            ),  # fmt: skip
+            (
+                d.eval_shortest_edge == d.eval_longest_edge == side,
+                "data.eval_shortest_edge",
+                f"and data.eval_longest_edge must both be model.eomt_image_size {side}: EoMT evaluates as its "
+                f"export predicts (the longer side resized to it, padded square), got {d.eval_shortest_edge} and "
+                f"{d.eval_longest_edge}",
+            ),  # fmt: skip
+        ]
+
+    def build_model(self, cfg: ModelConfig, id2label: dict[int, str]) -> PreTrainedModel:
+        model = build_eomt(cfg, id2label)
+        common.use_mean_mask_count_across_processes(model)
+        return model
+
+    def image_processor(self, model: PreTrainedModel, data: DataConfig, padding_divisor: int) -> object:
+        # The longer side resized to its `image_size` and padded square: the only input it takes.
+        return eomt_image_processor(model.config.image_size)
+
+    def lr_scale(self, model: torch.nn.Module, name: str, layer_lr_decay: float) -> float | None:
+        """The ViT (embeddings, every block, the final norm) is the backbone, as in the EoMT reference, whose
+        layer-wise decay gives block i of L (0-based) `decay ** (L - 1 - i)`, the embeddings (patch embedding,
+        [CLS] and register tokens, position table) the first block's factor, the final norm 1; the queries,
+        upscaling blocks and heads are the rest."""
+        layers = model.config.num_hidden_layers
+        if name.startswith("layers."):
+            return layer_lr_decay ** (layers - 1 - int(name.split(".")[1]))
+        if name.startswith("embeddings."):
+            return layer_lr_decay ** (layers - 1)
+        if name.startswith("layernorm."):
+            return 1.0
+        return None
+
+    def exported(self, model: PreTrainedModel) -> contextlib.AbstractContextManager[None]:
+        # Without masked attention: `attn_mask_probs` is saved in `model.safetensors`, and the training loop's
+        # value would ship otherwise (in eval mode a value strictly between 0 and 1 un-masks random queries).
+        return without_masked_attention(model)
+
+    def input_size_problem(self, model: PreTrainedModel, shortest_edge: int, longest_edge: int) -> str | None:
+        side = getattr(model.config, "image_size", None)
+        if side is not None and max(shortest_edge, longest_edge) > side:
+            return (f"this EoMT takes {side} x {side} inputs (its position embeddings do not interpolate): a "
+                    f"test-time size of {shortest_edge}/{longest_edge} exceeds it")  # fmt: skip
+        return None
+
+    def card(self, cfg: ModelConfig, pretrained: str | None) -> FamilyCard:
+        return FamilyCard("EomtForUniversalSegmentation",
+                          f"EoMT ({cfg.num_queries} queries in the last {cfg.eomt_query_blocks} ViT blocks, "
+                          f"{cfg.eomt_image_size} px square inputs, patch {cfg.eomt_patch_size}), ViT: "
+                          + (pretrained or f"from scratch (hidden {cfg.eomt_hidden_size}, {cfg.eomt_layers} "
+                             "layers)"))  # fmt: skip
+
+    def usage_snippet(self, load: str, imports: str, image_path: str) -> str:
+        # transformers <= 5.24 (the newest checked): pipeline(subtask="instance") passes `mask_threshold`, which the
+        # PIL backend's EomtImageProcessorPil.post_process_instance_segmentation does not take (a TypeError; the
+        # torchvision backend drops it); the pipeline's default subtask runs the panoptic post-processing.
+        return f"""```python
+{imports}from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, pipeline
+
+image_path = {image_path}
+
+# 1. model + image processor: instances (overlapping masks allowed), as the model was evaluated
+processor = AutoImageProcessor.from_pretrained({load})
+model = AutoModelForUniversalSegmentation.from_pretrained({load})  # an EomtForUniversalSegmentation
+image = Image.open(image_path).convert("RGB")
+outputs = model(**processor(images=image, return_tensors="pt"))
+result = processor.post_process_instance_segmentation(outputs, threshold=0.5, target_sizes=[image.size[::-1]])[0]
+print(result["segmentation"].shape, [model.config.id2label[s["label_id"]] for s in result["segments_info"]])
+
+# 2. pipeline, default subtask: one dict per segment (label, score, PIL mask), from EoMT's panoptic post-processing
+# (segments do not overlap). subtask="instance" needs torchvision installed with transformers <= 5.24.
+segmenter = pipeline("image-segmentation", model={load})
+print([(s["label"], round(s["score"], 3)) for s in segmenter(image_path, threshold=0.5)])
+```"""
 
 
 def build_eomt(cfg: ModelConfig, id2label: dict[int, str]) -> EomtForUniversalSegmentation:
     """The EoMT of a recipe (`model.family: eomt`) for the classes `id2label`: from the recipe's sizes (random
     init), from a DINOv2 checkpoint (its ViT; the queries, the upscaling blocks and the heads start fresh), or from
     a whole EoMT checkpoint (re-headed for these classes, with the recipe's loss settings)."""
-    labels = {
-        "id2label": {int(k): v for k, v in id2label.items()},
-        "label2id": {v: int(k) for k, v in id2label.items()},
-    }
+    labels = common.labels(id2label)
     settings = {key: getattr(cfg, key) for key in LOSS_SETTINGS} | {"num_queries": cfg.num_queries}
     if cfg.pretrained is None:
         config = EomtConfig(hidden_size=cfg.eomt_hidden_size, num_hidden_layers=cfg.eomt_layers,
@@ -207,10 +327,9 @@ def build_eomt(cfg: ModelConfig, id2label: dict[int, str]) -> EomtForUniversalSe
                             patch_size=cfg.eomt_patch_size, num_blocks=cfg.eomt_query_blocks,
                             num_register_tokens=cfg.eomt_register_tokens, **settings, **labels)  # fmt: skip
         return EomtForUniversalSegmentation(config)
-    with loading_named(cfg.pretrained):
-        pretrained_config = AutoConfig.from_pretrained(cfg.pretrained)
+    pretrained_config = common.pretrained_config(cfg.pretrained)
     if pretrained_config.model_type == "eomt":
-        return _load_eomt_checkpoint(cfg, labels, settings)
+        return _load_eomt_checkpoint(cfg, labels)
     if pretrained_config.model_type not in ("dinov2", "dinov2_with_registers"):
         raise ModelLoadError(
             f"model.pretrained={cfg.pretrained!r} is a {pretrained_config.model_type!r} model; model.family eomt "
@@ -233,7 +352,7 @@ def build_eomt(cfg: ModelConfig, id2label: dict[int, str]) -> EomtForUniversalSe
     return model
 
 
-def _load_eomt_checkpoint(cfg: ModelConfig, labels: dict, settings: dict) -> EomtForUniversalSegmentation:
+def _load_eomt_checkpoint(cfg: ModelConfig, labels: dict) -> EomtForUniversalSegmentation:
     with loading_named(cfg.pretrained):
         model = EomtForUniversalSegmentation.from_pretrained(cfg.pretrained, **labels, ignore_mismatched_sizes=True)
     config = model.config
@@ -245,79 +364,9 @@ def _load_eomt_checkpoint(cfg: ModelConfig, labels: dict, settings: dict) -> Eom
               if getattr(config, k) != v]  # fmt: skip
     if differ:
         raise ModelLoadError(f"model.pretrained={cfg.pretrained!r} is an EoMT of other sizes: set {', '.join(differ)}")
-    # New classes mean a new classifier, even when the class count happens to match the checkpoint's.
-    model.class_predictor.reset_parameters()
-    for key in LOSS_SETTINGS:  # the loss settings are the recipe's, not the checkpoint's
-        setattr(config, key, settings[key])
-    model.weight_dict = {"loss_cross_entropy": cfg.class_weight, "loss_mask": cfg.mask_weight,
-                         "loss_dice": cfg.dice_weight}  # fmt: skip
-    model.criterion = type(model.criterion)(config=config, weight_dict=model.weight_dict)
+    common.rehead(model, cfg)
     set_mask_probabilities(model, [1.0] * config.num_blocks)  # a new training starts with masked attention
     return model
-
-
-def load_dinov2_weights(model: EomtForUniversalSegmentation, dinov2: torch.nn.Module) -> None:
-    """Copy the ViT of a DINOv2 model (`Dinov2Model` or `Dinov2WithRegistersModel`: patch embedding, [CLS] and
-    register tokens, position embeddings, every layer, the final norm) into EoMT's; the queries, the mask head, the
-    upscaling blocks and the classifier keep their fresh weights. Raises `ValueError` naming what does not fit."""
-    source = dinov2.state_dict()
-    target = model.state_dict()
-    mapped: dict[str, torch.Tensor] = {}
-    for name, tensor in source.items():
-        if name.startswith("encoder.layer."):
-            mapped[
-                "layers." + name.removeprefix("encoder.layer.").replace("attention.o_proj", "attention.out_proj")
-            ] = tensor
-        elif name.startswith(("layernorm.", "embeddings.patch_embeddings.", "embeddings.register_tokens")):
-            mapped[name] = tensor
-    patches = source["embeddings.patch_embeddings.projection.weight"]  # (D, 3, p, p)
-    patch_size = model.config.patch_size
-    if patches.shape[-1] != patch_size:
-        mapped["embeddings.patch_embeddings.projection.weight"] = resample_patch_embedding(patches, patch_size)
-    positions = source["embeddings.position_embeddings"]  # (1, 1 + n*n, D): [CLS] first
-    mapped["embeddings.cls_token"] = source["embeddings.cls_token"] + positions[:, :1]
-    mapped["embeddings.position_embeddings.weight"] = _resampled_grid(
-        positions[0, 1:], model.embeddings.position_embeddings.num_embeddings
-    )
-    unknown = sorted(set(mapped) - set(target))
-    mismatched = sorted(k for k in set(mapped) & set(target) if mapped[k].shape != target[k].shape)
-    if unknown or mismatched:
-        raise ValueError(
-            f"the DINOv2 weights do not fit this EoMT: names it lacks {unknown[:5]}, other shapes {mismatched[:5]} "
-            "(hidden size, layer count, patch size and register tokens must match the checkpoint's)"
-        )
-    missing = sorted(
-        k for k in target if k.startswith(("layers.", "embeddings.")) and k not in mapped and target[k].numel()
-    )  # (an EoMT without register tokens has an empty `register_tokens`)
-    if missing:
-        raise ValueError(f"the DINOv2 checkpoint has no weights for EoMT's {missing[:5]}")
-    model.load_state_dict(mapped, strict=False)
-
-
-def resample_patch_embedding(weight: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """A patch embedding's kernels (D, C, p, p) for another patch size, by FlexiViT's pseudo-inverse resize (what
-    the EoMT reference's timm backbone does to DINOv2's 14-px kernels): the new kernel applied to a patch resized
-    bicubically to the new size gives, in the least-squares sense, what the old kernel gave on the old patch."""
-    old = weight.shape[-1]
-    basis = torch.eye(old * old, dtype=torch.float64).reshape(old * old, 1, old, old)
-    resize = F.interpolate(basis, size=(patch_size, patch_size), mode="bicubic", antialias=True, align_corners=False)
-    resize = resize.reshape(old * old, patch_size * patch_size)  # row i: old basis patch i, resized
-    pinv = torch.linalg.pinv(resize)  # (new*new, old*old)
-    flat = weight.double().reshape(-1, old * old)
-    return (flat @ pinv.T).reshape(*weight.shape[:2], patch_size, patch_size).to(weight.dtype)
-
-
-def _resampled_grid(positions: torch.Tensor, count: int) -> torch.Tensor:
-    """Patch position embeddings (n*n, D) as (m*m, D) with m*m = `count` (bicubic on the grid, as DINOv2's own
-    interpolation)."""
-    n, m = math.isqrt(positions.shape[0]), math.isqrt(count)
-    if n * n != positions.shape[0] or m * m != count:
-        raise ValueError(f"position embeddings of {positions.shape[0]} and {count} patches are not square grids")
-    if n == m:
-        return positions
-    grid = positions.reshape(1, n, n, -1).permute(0, 3, 1, 2).float()
-    resampled = F.interpolate(grid, size=(m, m), mode="bicubic", align_corners=False)
-    return resampled.permute(0, 2, 3, 1).reshape(m * m, -1).to(positions.dtype)
 
 
 def eomt_image_processor(image_size: int) -> EomtImageProcessorPil:
