@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from gd_hf.evaluation import coco_segm_stats, ground_truth_from_json
+from gd_hf.data.ground_truth import ground_truth_from_json
+from gd_hf.evaluation import coco_segm_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from coco_scale import COCO_IDS, crowd_rle, polygon  # noqa: E402 (benchmarks/coco_scale.py: the stand-in's drawing)

@@ -24,10 +24,8 @@ from pycocotools.cocoeval import COCOeval
 from tqdm.auto import tqdm
 
 from gd_hf.config import DataConfig
-from gd_hf.data.categories import Categories
-from gd_hf.data.coco import DataError, load_coco, to_hf_dataset
+from gd_hf.data.ground_truth import ground_truth_from_json
 from gd_hf.data.loading import EvalDataset, collate_eval
-from gd_hf.data.masks import compressed_rle_problem
 from gd_hf.models import ModelFamily, family_of
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
@@ -211,48 +209,6 @@ def to_coco_results(image_id: int, instances: Instances, category_ids: list[int]
             }
         )
     return results
-
-
-def ground_truth_from_json(annotation_file: str | Path) -> COCO:
-    """The pycocotools ground truth of a COCO instances JSON as gd_hf reads it (`load_coco`: polygons, RLE, missing
-    `iscrowd`, box-only and empty objects, any ids), not as pycocotools would read the raw file."""
-    source = load_coco(annotation_file, Path(annotation_file).parent, check_images=False)
-    return coco_ground_truth(to_hf_dataset(source), Categories(source.category_ids, source.category_names))
-
-
-def coco_ground_truth(records: datasets.Dataset, categories: Categories) -> COCO:
-    """A pycocotools ground truth built from gd_hf records (area and box computed from the masks)."""
-    images, annotations = [], []
-    for row in records.select_columns(["image_id", "width", "height", "objects"]):
-        images.append({"id": row["image_id"], "width": row["width"], "height": row["height"]})
-        objects = row["objects"]
-        for category, counts, crowd in zip(objects["category"], objects["rle_counts"], objects["iscrowd"]):
-            # Val is read whole here, at start: a mask that is not one (shards, hub data sets) stops the run now,
-            # not at the first evaluation hours in.
-            problem = compressed_rle_problem(counts, row["height"], row["width"])
-            if problem:
-                raise DataError(f"val image id {row['image_id']}: an object's mask is not valid: {problem}")
-            rle = {"size": [row["height"], row["width"]], "counts": counts.encode()}
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": row["image_id"],
-                    "category_id": categories.ids[category],
-                    "segmentation": {"size": rle["size"], "counts": counts},
-                    "area": float(mask_utils.area(rle)),
-                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                    "iscrowd": int(crowd),
-                }
-            )
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        ground_truth = COCO()
-        ground_truth.dataset = {
-            "images": images,
-            "annotations": annotations,
-            "categories": [{"id": i, "name": n} for i, n in zip(categories.ids, categories.names)],
-        }
-        ground_truth.createIndex()
-    return ground_truth
 
 
 # The COCOeval that scores mask AP: "hotcoco" (Rust; on every case compared, the same 12 stats as pycocotools to

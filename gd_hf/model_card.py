@@ -337,7 +337,7 @@ def card_for_repo(folder: str | Path, repo_id: str, revision: str | None = None)
     name the repository, and `revision`, a branch, when given), from the facts the export keeps (`run_info.json`,
     `recipe.yaml`). False, leaving the card as it is, for an export without them (written before gd_hf kept them,
     or not by gd_hf)."""
-    from gd_hf.config_types import build_dataclass
+    from gd_hf.config.types import build_dataclass
 
     folder = Path(folder)
     try:

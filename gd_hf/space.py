@@ -31,12 +31,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import gd_hf
 from gd_hf.config import ModelConfig
 from gd_hf.models import display_name
 from gd_hf.public import is_hub_id
 from gd_hf.push import PushError, export_folder, push_export
 
+PACKAGE = Path(__file__).resolve().parent  # the gd_hf package a Space gets a copy of
 MADE_BY = "gd_hf.space"
 WRITTEN = ["app.py", "space_config.json", "README.md", "requirements.txt", "gd_hf", "examples", "model"]
 EXAMPLE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -93,7 +93,7 @@ def is_our_space(out: Path) -> bool:
 def runtime_requirements() -> list[str]:
     """gd_hf's runtime dependencies (no extras): from the pyproject beside the code being copied when it is a
     checkout (installed metadata can be older than the code on PYTHONPATH), else from the installed metadata."""
-    pyproject = Path(gd_hf.__file__).resolve().parent.parent / "pyproject.toml"
+    pyproject = PACKAGE.parent / "pyproject.toml"
     try:
         import tomllib  # Python >= 3.11
     except ImportError:
@@ -115,7 +115,7 @@ def gradio_version() -> str:
 
 def copy_gd_hf(destination: Path) -> None:
     """gd_hf's own .py files (subpackages included; no caches, tests or data)."""
-    package = Path(gd_hf.__file__).resolve().parent
+    package = PACKAGE
     for source in sorted(package.rglob("*.py")):
         if "__pycache__" in source.parts:
             continue
@@ -213,7 +213,7 @@ def write_space(
         target = out / name
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     copy_gd_hf(out / "gd_hf")
-    shutil.copyfile(Path(gd_hf.__file__).resolve().parent / "space_app.py", out / "app.py")
+    shutil.copyfile(PACKAGE / "space_app.py", out / "app.py")
     examples = sorted(p for p in (source.folder / "examples").glob("*") if p.suffix.lower() in EXAMPLE_SUFFIXES)
     if examples:
         (out / "examples").mkdir()

@@ -21,27 +21,14 @@ import numpy as np
 from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, TrackioTracker, WandBTracker
 from PIL import Image
 
-from gd_hf.config import RecipeError
+from gd_hf.config.checks import TRACKERS
+from gd_hf.config.types import RecipeError
 
 logger = logging.getLogger("gd_hf.train")
-
-TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
-"""The tracker names `train.report_to` takes (also `all` and `none`); each is a package of the same name."""
 
 
 def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
-
-
-def report_to_problem(report_to: str | list[str]) -> str | None:
-    """Why `train.report_to` is not a valid choice of names, or None."""
-    names = [report_to] if isinstance(report_to, str) else list(report_to)
-    unknown = [n for n in names if n not in (*TRACKERS, "all", "none")]
-    if unknown or not names:
-        return f"{report_to!r} names no tracker gd_hf knows: use {', '.join(TRACKERS)}, a list of them, all or none"
-    if len(names) > 1 and ("none" in names or "all" in names):
-        return f"{report_to!r}: `none` and `all` stand alone"
-    return None
 
 
 def chosen_trackers(report_to: str | list[str]) -> list[str]:

@@ -31,6 +31,7 @@ from gd_hf.checkpointing import (
     find_resume_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    read_data_state,
     read_trainer_state,
     save_checkpoint,
 )
@@ -235,9 +236,11 @@ class TrainingRecipe:
             threshold_change = self.use_chosen_threshold(teacher_figures["score_threshold"], resume_from)
             changes.update(threshold_change)
             threshold_changed = bool(threshold_change)
+        rank = self.accelerator.process_index
+        stream_states = read_data_state(resume_from, rank) if resume_from is not None else None
         self.batches = build_train_batches(recipe, data, self.accelerator.process_index,
                                            self.accelerator.num_processes, self.divisibility, self.state.step,
-                                           resume_from, self.family.black_padding)  # fmt: skip
+                                           stream_states, self.family.black_padding)  # fmt: skip
         if resume_from is not None:  # model, optimizer, schedule, teacher and RNG as after the checkpoint's step
             load_checkpoint(self.accelerator, resume_from, self.checkpointed_states())
         hold_output_locks(self.accelerator, folders)

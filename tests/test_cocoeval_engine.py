@@ -255,7 +255,7 @@ def moved_copies(
 def test_gd_hf_ground_truth_and_perturbed_predictions(synthetic_root):
     """The synthetic val set read as training reads it, scored from its file path, with predictions that are its
     objects moved by a few pixels (some with the wrong class) and spurious copies on other images."""
-    from gd_hf.evaluation import ground_truth_from_json
+    from gd_hf.data.ground_truth import ground_truth_from_json
 
     path = synthetic_root / "annotations" / "instances_val.json"
     ground_truth = ground_truth_from_json(path)

@@ -21,8 +21,9 @@ from gd_hf.config import DataConfig, HubColumns
 from gd_hf.data.coco import FEATURES, DataError, load_coco
 from gd_hf.data.convert import coco_to_shards, convert_cityscapes
 from gd_hf.data.loading import StreamedTrainDataset, labeled_sample
+from gd_hf.data.records import check_record, image_folder_records
 from gd_hf.data.shards import read_shards
-from gd_hf.data.sources import check_record, image_folder_records, open_source
+from gd_hf.data.sources import open_source
 from gd_hf.data.splits import CITYSCAPES_COUNTS, draw_labeled_ids, make_split, read_split_file, write_paper_splits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -498,7 +499,7 @@ def test_object_counts_leave_out_crowd_regions_and_follow_a_row_selection(synthe
     import json
 
     from gd_hf.data.coco import load_coco, to_hf_dataset
-    from gd_hf.data.sources import image_ids_and_object_counts
+    from gd_hf.data.records import image_ids_and_object_counts
 
     coco = json.loads((synthetic_root / "annotations" / "instances_train.json").read_text())
     for k, annotation in enumerate(coco["annotations"]):

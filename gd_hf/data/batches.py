@@ -11,14 +11,12 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from gd_hf.checkpointing import read_data_state
 from gd_hf.config import Recipe, SslConfig
 from gd_hf.data.loading import (
     LabeledTrainDataset,
@@ -32,7 +30,7 @@ from gd_hf.data.loading import (
     unlabeled_sample,
 )
 from gd_hf.data.prepare import RunData
-from gd_hf.data.sources import check_record
+from gd_hf.data.records import check_record
 from gd_hf.data.transforms import StrongAugment
 
 logger = logging.getLogger("gd_hf.train")
@@ -70,14 +68,16 @@ def build_train_batches(
     world_size: int,
     divisibility: int,
     start_step: int,
-    resume_from: Path | None,
+    stream_states: dict[str, Any] | None,
     black_padding: bool = False,
 ) -> TrainBatches:
-    """The run's batch iterators, positioned after `start_step` optimizer steps (see the module doc). Built before
-    the checkpoint's RNG states are restored: creating a loader's iterator draws a seed from torch's RNG."""
+    """The run's batch iterators, positioned after `start_step` optimizer steps (see the module doc); a resumed
+    run's streams where `stream_states` (this process's, from the checkpoint; None: a fresh start) left them.
+    Built before the checkpoint's RNG states are restored: creating a loader's iterator draws a seed from torch's
+    RNG."""
     d, ssl, cfg = recipe.data, recipe.ssl, recipe.train
     micro_steps = cfg.gradient_accumulation_steps
-    stream_states = read_data_state(resume_from, rank) if resume_from is not None else {}
+    resumed, stream_states = stream_states is not None, stream_states or {}
     streams: dict[str, StatefulDataLoader] = {}
 
     def step_indexed(dataset, batch_size: int, seed: int, collate, factors: np.ndarray | None = None) -> Iterator:
@@ -110,8 +110,8 @@ def build_train_batches(
         )
         if name in stream_states:
             loader.load_state_dict(stream_states[name])
-        elif resume_from is not None:
-            logger.warning("no saved position of the %s stream in %s: it starts from the beginning", name, resume_from)
+        elif resumed:
+            logger.warning("no saved position of the %s stream in the checkpoint: it starts from the beginning", name)
         streams[name] = loader
         return iter(loader)
 

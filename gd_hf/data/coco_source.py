@@ -19,7 +19,8 @@ import psutil
 from gd_hf.config import DataConfig
 from gd_hf.data.categories import Categories, drop_categories, object_statistics
 from gd_hf.data.coco import PATH_FEATURES, DataError, load_coco, to_hf_dataset
-from gd_hf.data.sources import TrainVal
+from gd_hf.data.ground_truth import coco_ground_truth
+from gd_hf.data.records import TrainVal
 from gd_hf.files import replace_durably
 
 logger = logging.getLogger(__name__)
@@ -145,10 +146,6 @@ def build_records_cache(annotation_file: Path, image_dir: Path, folder: Path, cr
 
 
 def open_coco(d: DataConfig) -> TrainVal:
-    # Not at the top: evaluation imports torch, which the child that builds the records cache (it imports this
-    # module) does without.
-    from gd_hf.evaluation import coco_ground_truth
-
     cache_root = records_cache_root(d.records_cache)
     crowd = d.crowd_masks_as_objects
     train, categories = coco_records(d.train_annotations, d.train_images, cache_root, crowd)

@@ -20,6 +20,7 @@ from pycocotools import mask as mask_utils
 from gd_hf.config import DataConfig
 from gd_hf.data.categories import Categories, named_categories
 from gd_hf.data.coco import FEATURES, DataError
+from gd_hf.data.ground_truth import coco_ground_truth
 from gd_hf.data.mask_images import (
     CITYSCAPES_INSTANCE_CLASSES,
     DROPS_OTHER_CLASSES,
@@ -28,8 +29,7 @@ from gd_hf.data.mask_images import (
     read_mask_array,
 )
 from gd_hf.data.masks import rle_from_segmentation
-from gd_hf.data.sources import Records, TrainVal
-from gd_hf.evaluation import coco_ground_truth
+from gd_hf.data.records import Records, TrainVal
 
 logger = logging.getLogger(__name__)
 

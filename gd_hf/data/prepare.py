@@ -21,7 +21,8 @@ from gd_hf.data.categories import Categories
 from gd_hf.data.coco import DataError
 from gd_hf.data.images import check_images
 from gd_hf.data.masks import compressed_rle_problem
-from gd_hf.data.sources import Records, image_folder_records, image_ids_and_object_counts, open_source, select_ids
+from gd_hf.data.records import Records, image_folder_records, image_ids_and_object_counts, select_ids
+from gd_hf.data.sources import open_source
 from gd_hf.data.splits import Split, split_image_ids
 from gd_hf.data.synthetic import generate as generate_synthetic
 

@@ -13,8 +13,8 @@ from gd_hf.config import DataConfig
 from gd_hf.data.categories import Categories, named_categories
 from gd_hf.data.coco import FEATURES, DataError
 from gd_hf.data.convert import SHARDS_INFO_FILE
-from gd_hf.data.sources import Records, TrainVal, check_columns
-from gd_hf.evaluation import coco_ground_truth
+from gd_hf.data.ground_truth import coco_ground_truth
+from gd_hf.data.records import Records, TrainVal, check_columns
 
 
 def _shard_files(folder: Path) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from gd_hf.config_types import RecipeError
+from gd_hf.config.types import RecipeError
 from gd_hf.models.protocol import Predictions
 
 # The recipe's loss settings (`model.*`), written onto a re-headed checkpoint's config.

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from gd_hf.config import DataConfig, ModelConfig, Recipe
 
 Check = tuple[bool, str, str]
-"""`(passes, key, message)`: a failing check is reported as `f"{key} {message}"` (as `gd_hf.config_checks`)."""
+"""`(passes, key, message)`: a failing check is reported as `f"{key} {message}"` (as `gd_hf.config.checks`)."""
 
 
 @dataclass

@@ -8,11 +8,26 @@ checks of the keys one model family reads are that family's (`ModelFamily.recipe
 
 from __future__ import annotations
 
-from gd_hf.config import DataConfig, EvalConfig, HubConfig, ModelConfig, Recipe, RecipeError, TrainConfig
-from gd_hf.trackers import report_to_problem
+from gd_hf.config.schema import DataConfig, EvalConfig, HubConfig, ModelConfig, Recipe, TrainConfig
+from gd_hf.config.types import RecipeError
 
 Check = tuple[bool, str, str]
 """`(passes, key, message)`: a failing check is reported as `f"{key} {message}"`."""
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+"""The tracker names `train.report_to` takes (also `all` and `none`); each is a package of the same name."""
+
+
+def report_to_problem(report_to: str | list[str]) -> str | None:
+    """Why `train.report_to` is not a valid choice of names, or None."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    unknown = [n for n in names if n not in (*TRACKERS, "all", "none")]
+    if unknown or not names:
+        return f"{report_to!r} names no tracker gd_hf knows: use {', '.join(TRACKERS)}, a list of them, all or none"
+    if len(names) > 1 and ("none" in names or "all" in names):
+        return f"{report_to!r}: `none` and `all` stand alone"
+    return None
 
 
 def validate(recipe: Recipe) -> None:
