@@ -42,7 +42,7 @@ benchmark goes on where it stopped); a run folder started with other settings st
 (`ssl_gain_overrides.json` keeps each run's settings): give each comparison its own `--out`.
 
 Prints and writes OUT/results.md: per family, mean ± sd and per seed of each arm, the gains against the goals,
-the pseudo-label figures. `--docs` also writes that table into README.md and benchmarks/RESULTS.md between
+the pseudo-label figures. `--docs` also writes that table into docs/benchmarks.md and benchmarks/RESULTS.md between
 their `<!-- ssl_gain:begin -->` / `<!-- ssl_gain:end -->` markers (generated, not typed).
 """
 
@@ -460,7 +460,7 @@ def mean_sd(values: list[float]) -> str:
 
 
 def table(results: dict, args: argparse.Namespace) -> str:
-    """The markdown the script prints and writes (and `--docs` puts into README.md and RESULTS.md)."""
+    """The markdown the script prints and writes (and `--docs` puts into docs/benchmarks.md and RESULTS.md)."""
     key = "heldout" if args.heldout_val else "val"
     lines = [
         f"`python benchmarks/ssl_gain.py {' '.join(args.argv)}`: {args.train_images} synthetic training images of "
@@ -599,7 +599,7 @@ def main() -> None:
     parser.add_argument("--heldout-seed", type=int, default=7)
     parser.add_argument("--lever-base", default="guided", metavar="ARM",
                         help="the arm each variant is also compared with (its lever's own effect)")  # fmt: skip
-    parser.add_argument("--docs", action="store_true", help="write the table into README.md and RESULTS.md")
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/benchmarks.md and RESULTS.md")
     parser.add_argument("--docs-block", metavar="NAME",
                         help="with --docs: write between <!-- ssl_gain:NAME:begin/end --> instead, in the documents "
                         "that have them (an ablation's own table)")  # fmt: skip
@@ -682,11 +682,11 @@ def main() -> None:
     print(text)
     Path(args.out, "results.md").write_text(text)
     if args.docs:
-        documents = [ROOT / "README.md", ROOT / "benchmarks" / "RESULTS.md"]
+        documents = [ROOT / "docs" / "benchmarks.md", ROOT / "benchmarks" / "RESULTS.md"]
         if args.docs_block:
             documents = [d for d in documents if markers(args.docs_block)[0] in d.read_text()]
             if not documents:
-                sys.exit(f"--docs-block {args.docs_block}: neither README.md nor benchmarks/RESULTS.md has "
+                sys.exit(f"--docs-block {args.docs_block}: neither docs/benchmarks.md nor benchmarks/RESULTS.md has "
                          f"{markers(args.docs_block)[0]}")  # fmt: skip
         for path in documents:
             write_block(path, text, args.docs_block)

@@ -13,7 +13,7 @@ teacher predicts on the weak view and a `PseudoLabelRule` turns that into target
 images and the strong view in one forward pass; the loss is `L_sup + ssl.unsup_loss_weight * L_unsup`, both the
 model family's matched (Hungarian) loss. Without pseudo labels (phase 1, or a burn-in without them) it is L_sup.
 
-Two extension points, plain classes passed in from Python (README, "Extending the method"):
+Two extension points, plain classes passed in from Python (docs/method.md, "Extending the method"):
 - `PseudoLabelRule`: the teacher's logits -> `PseudoLabels` (`PseudoLabelRules`: the paper's four rules and an
   optional mask NMS);
 - `ModelFamily` (`gd_hf.models.protocol`): what the method, and the run around it, need of a model family
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,7 +34,6 @@ from gd_hf.config import SslConfig
 from gd_hf.data.loading import frame_size, pad_batch
 from gd_hf.models.protocol import ModelFamily, Predictions
 from gd_hf.pseudo_labels import PseudoLabels, filter_pseudo_labels, pseudo_label_quality
-from gd_hf.run_pictures import KeptPseudoLabels, keep_pseudo_labels
 from gd_hf.teacher import EmaTeacher
 
 # The matched loss's main terms, logged per step (the auxiliary layers' terms are in the loss, not the log).
@@ -100,8 +100,6 @@ class GuidedDistillation:
         self.rule = rule if rule is not None else PseudoLabelRules.from_recipe(ssl)
         self.schedule_figures: dict[str, float] = {}  # the family's, of the step under way (logged with the loss)
         # The pictures: (step, images) asks the next `loss` to keep what its pseudo labels were made of.
-        self.keep_pseudo_labels: tuple[int, int] | None = None
-        self.kept_pseudo_labels: KeptPseudoLabels | None = None
 
     @classmethod
     def supervised(cls, family: ModelFamily) -> GuidedDistillation:
@@ -133,22 +131,20 @@ class GuidedDistillation:
     def loss(
         self, model: torch.nn.Module, student: torch.nn.Module, labeled: dict[str, Any],
         unlabeled: dict[str, Any] | None, device: torch.device | str = "cpu",
+        observe: Callable[[dict[str, Any], PseudoLabels], None] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:  # fmt: skip
         """The loss of one micro-batch and the values to log. `model` is what the forward pass calls (DDP-wrapped
         on several processes), `student` the unwrapped model; `unlabeled` (None: supervised only) carries the
-        weak and strong views of the same images."""
+        weak and strong views of the same images. `observe(unlabeled, pseudo_labels)`, if given, sees the
+        unlabeled batch in the loss's frame and the pseudo labels it is taught (the evaluation's picture)."""
         pseudo = None
         if unlabeled is not None:
             # One frame for both batches before the teacher sees the weak view: its pseudo labels then lie in
             # the frame of the student's input, as the labeled targets do (see `pad_batch`).
             labeled, unlabeled = one_frame(labeled, unlabeled)
             pseudo = self.pseudo_labels(unlabeled["weak_pixel_values"].to(device))
-            if self.keep_pseudo_labels is not None:  # for the evaluation's picture: what the student is taught
-                step, count = self.keep_pseudo_labels
-                self.kept_pseudo_labels, self.keep_pseudo_labels = (
-                    keep_pseudo_labels(step, unlabeled, pseudo, count),
-                    None,
-                )
+            if observe is not None:
+                observe(unlabeled, pseudo)
         pixel_values = labeled["pixel_values"].to(device)
         labeled_count = pixel_values.shape[0]
         if pseudo is not None:  # the labeled images and the strong views in one forward pass (one DDP forward)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -152,9 +153,11 @@ def train_step(
     method: GuidedDistillation,
     unlabeled_batches: list[dict[str, Any]] | None = None,
     undo: UpdateUndo | None = None,
+    observe: Callable[[dict[str, Any], Any], None] | None = None,
 ) -> dict[str, float]:
     """One optimizer step over `micro_batches` (gradient accumulation) with `method`'s loss (and, given
     `unlabeled_batches`, its unsupervised term); returns the values to log, averaged over the micro-batches.
+    `observe` sees the first micro-batch's unlabeled batch and pseudo labels (`GuidedDistillation.loss`).
 
     An update is skipped when any process's loss or the gradient is non-finite; one that makes a weight
     non-finite is taken back with `undo` (and counted as non-finite), or, without it, reported as
@@ -168,7 +171,8 @@ def train_step(
         sync = contextlib.nullcontext() if index == len(micro_batches) - 1 else accelerator.no_sync(model)
         with sync:
             with accelerator.autocast():
-                loss, logged = method.loss(model, unwrapped, batch, unlabeled, accelerator.device)
+                loss, logged = method.loss(model, unwrapped, batch, unlabeled, accelerator.device,
+                                           observe if index == 0 else None)  # fmt: skip
             accelerator.backward(loss / len(micro_batches))
         for key, value in logged.items():
             value = value.detach() if torch.is_tensor(value) else value

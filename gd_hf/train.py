@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from gd_hf.models import ModelFamily, build_model, check_recipe, family_for
 from gd_hf.models.common import ModelLoadError
 from gd_hf.optim import TrainingError, UpdateUndo, build_lr_scheduler, build_optimizer, check_nonfinite_step, train_step
 from gd_hf.pictures import plot_curves
+from gd_hf.pseudo_labels import PseudoLabels
 from gd_hf.public import public_recipe, run_name
 from gd_hf.publish import Publisher
 from gd_hf.push import PushError
@@ -78,7 +80,9 @@ from gd_hf.run_log import (
 )
 from gd_hf.run_pictures import (
     EXPORT_EXAMPLES,
+    KeptPseudoLabels,
     jpeg_bytes,
+    keep_pseudo_labels,
     png_bytes,
     prediction_picture,
     pseudo_label_picture,
@@ -248,6 +252,7 @@ class TrainingRecipe:
         # A resume re-measures for `auto` only to compare: logged again only when it changed the threshold.
         self.set_up_publisher(teacher_figures, log_teacher_check=resume_from is None or threshold_changed)
         self.log, self.skipped_since_checkpoint, self.metrics = LogWindow(), 0, {}
+        self.kept_pseudo_labels: KeptPseudoLabels | None = None  # (`keep_for_picture`)
 
     def same_on_every_process(self, figures: dict[str, float]) -> dict[str, float]:
         """The main process's teacher-check figures on every process: each measures, and float sums on different
@@ -395,10 +400,11 @@ class TrainingRecipe:
             labeled, unlabeled = self.batches.next_step(cfg.gradient_accumulation_steps)
             # The student's step: labeled images, plus the strong views with the teacher's pseudo labels of the weak.
             uses_pseudo_labels = method.uses_pseudo_labels(state.step)
+            observe = None
             if uses_pseudo_labels and self.recipe.eval.pictures and self.evaluates_after(state.step + 1):
-                method.keep_pseudo_labels = (state.step, self.recipe.eval.pictures)  # for the evaluation's picture
+                observe = self.keep_for_picture(state.step)  # what the student is taught, for the evaluation's picture
             logged = train_step(self.model, labeled, self.optimizer, self.scheduler, self.accelerator, cfg.grad_clip,
-                                method, unlabeled if uses_pseudo_labels else None, self.undo)  # fmt: skip
+                                method, unlabeled if uses_pseudo_labels else None, self.undo, observe)  # fmt: skip
             # A non-finite step never reaches the teacher or disk; too many in a row stop the run.
             update_skipped = check_nonfinite_step(logged, state, cfg, self.output_dir / "checkpoints")
             method.after_step(state.step, self.student, update_skipped)  # EMA: the teacher follows the student
@@ -415,6 +421,15 @@ class TrainingRecipe:
                 self.evaluate_and_export_best()
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or is_last:
                 self.save_checkpoint()
+
+    def keep_for_picture(self, step: int) -> Callable[[dict[str, Any], PseudoLabels], None]:
+        """What `train_step`'s loss calls with the unlabeled batch and its pseudo labels: the first images of them
+        kept for the next evaluation's picture."""
+
+        def keep(unlabeled: dict[str, Any], pseudo: PseudoLabels) -> None:
+            self.kept_pseudo_labels = keep_pseudo_labels(step, unlabeled, pseudo, self.recipe.eval.pictures)
+
+        return keep
 
     def write_log_line(self) -> None:
         """One metrics.jsonl line (rank 0 writes it): the window's means over all processes, the counts so far,
@@ -485,7 +500,7 @@ class TrainingRecipe:
         png = png_bytes(pictures["val/predictions"])  # encoded once: the folder's picture and the export's
         save_picture(png, self.output_dir / "pictures" / f"val_step_{step:08d}.png")
         self.publisher.pictures["predictions.png"] = png
-        kept, self.method.kept_pseudo_labels = self.method.kept_pseudo_labels, None
+        kept, self.kept_pseudo_labels = self.kept_pseudo_labels, None
         if kept is not None:
             pictures["pseudo/labels"] = pseudo_label_picture(kept, data.categories.names)
             save_picture(png_bytes(pictures["pseudo/labels"]),

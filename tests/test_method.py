@@ -199,7 +199,7 @@ def test_pseudo_label_rules_are_the_recipes_four_rules_and_the_overlap_rule():
 
 
 class TopKPerImage:
-    """The README's example rule: the recipe's rules, then only the `k` highest-scoring labels of each image."""
+    """docs/method.md's example rule: the recipe's rules, then only the `k` highest-scoring labels of each image."""
 
     def __init__(self, k: int, rules: PseudoLabelRules) -> None:
         self.k, self.rules = k, rules
@@ -425,18 +425,18 @@ def test_the_end_of_phase_1_starts_phase_2_with_a_fresh_loss_scale_and_without_p
 
 
 def test_the_readme_example_rule_runs_as_written(monkeypatch):
-    """The README's "Extending the method" example, executed: it passes a rule that keeps the top 3 per image."""
+    """docs/method.md's "Extending the method" example, executed: it passes a rule that keeps the top 3 per image."""
     import re
 
     import gd_hf.train as train_module
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "method.md").read_text()
     section = readme[readme.index("## Extending the method") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     code = "\n".join(line[2:] if line.startswith("  ") else line for line in code.splitlines())  # list indent
     passed = {}
     monkeypatch.setattr(train_module, "train", lambda recipe, **kwargs: passed.update(kwargs))
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "docs/method.md", "exec"), {})
     rule = passed["pseudo_label_rule"]
     torch.manual_seed(0)
     class_logits = torch.zeros(2, 10, 4)

@@ -467,8 +467,8 @@ def test_student_init_teacher_starts_the_student_from_the_teacher_with_a_fresh_c
     built, teachers = [], []
     real_build, real_teacher = train_module.build_model, train_module.build_teacher
 
-    def build_spy(cfg, id2label):
-        model = real_build(cfg, id2label)
+    def build_spy(cfg, id2label, family_):
+        model = real_build(cfg, id2label, family_)
         built.append((cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}))
         return model
 

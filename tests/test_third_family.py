@@ -1,4 +1,4 @@
-"""A model family of one's own, from a test file and no edit under `gd_hf/`: the README's example of a new family.
+"""A model family of one's own, from a test file and no edit under `gd_hf/`: the example of docs/models.md, "A model family of your own".
 
 `ToySegFamily` is a complete `gd_hf.models.protocol.ModelFamily` around a ~20 k-parameter query model (a strided
 conv stem, learned queries whose dot product with the features gives the masks; Mask2Former's Hungarian
@@ -218,3 +218,23 @@ def test_a_family_missing_part_of_the_protocol_is_refused_naming_what_is_missing
 
     with pytest.raises(TypeError, match="lacks the ModelFamily method\\(s\\) card"):
         train(toy_recipe(synthetic_root, tmp_path / "run"), model_family=HalfFamily())
+
+
+def test_the_docs_family_example_is_a_complete_family_that_builds_and_predicts(tmp_path, synthetic_root):
+    """docs/models.md's shortened `ToySegFamily`, executed: the whole protocol, a model built and predicting."""
+    import re
+
+    from gd_hf.method import check_extension_points
+
+    page = (ROOT / "docs" / "models.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```$", page, re.S | re.M)  # (fences at a line's start only)
+    code = next(block for block in blocks if "class ToySegFamily" in block)
+    namespace = {"ToySegConfig": ToySegConfig, "ToySegModel": ToySegModel}
+    exec(compile(code, "docs/models.md", "exec"), namespace)
+    family = namespace["ToySegFamily"]()
+    recipe = toy_recipe(synthetic_root, tmp_path / "run")
+    check_extension_points(None, family, recipe.ssl)
+    model = family.build_model(recipe.model, {0: "a", 1: "b"})
+    predictions = family.predict(model.eval(), torch.zeros(1, 3, 64, 64))
+    assert predictions.class_logits.shape == (1, 8, 3) and predictions.mask_logits.shape == (1, 8, 8, 8)
+    assert all(ok for ok, _, _ in family.recipe_problems(recipe))
