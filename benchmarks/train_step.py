@@ -14,7 +14,7 @@ once beforehand), optimizer step.
 gd_hf's own cost from the cost of batching (on a 2-core CPU, EoMT's step is slower as one forward of 8 images than
 as two of 4; benchmarks/RESULTS.md).
 
-"ours" is `gd_hf.optim.train_step` exactly as the loop runs it (autocast context, loss terms, backward,
+"ours" is `gd_hf.step.train_step` exactly as the loop runs it (autocast context, loss terms, backward,
 gradient clipping, AdamW step, schedule step, one host sync for logging). "bare" is
 `model(pixel_values, mask_labels, class_labels).loss.backward()` plus `optimizer.step()` — the least any loop
 must do. Both run interleaved on one batch, after warm-up; the medians and their ratio are printed
@@ -46,7 +46,8 @@ from gd_hf.data.loading import (
 from gd_hf.data.synthetic import generate
 from gd_hf.method import GuidedDistillation
 from gd_hf.models import build_model, family_for
-from gd_hf.optim import UpdateUndo, build_lr_scheduler, build_optimizer, train_step
+from gd_hf.optim import build_lr_scheduler, build_optimizer
+from gd_hf.step import UpdateUndo, train_step
 from gd_hf.teacher import EmaTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,11 +57,12 @@ def gd_hf_step(model, batch, unlabeled, optimizer, scheduler, accelerator, grad_
     """One step as the loop runs it (with the recipe's `UpdateUndo` copy of the weights and optimizer state):
     supervised without a teacher, else distillation + the EMA update (an EMA-phase step)."""
     step = method.ssl.burn_in_steps + 1  # in the EMA phase (after the copy), EoMT mid-annealing in the demo
-    method.start_step(step, accelerator.unwrap_model(model))
+    scheduled = method.start_step(step, accelerator.unwrap_model(model)).scheduled
     if method.teacher is None:
-        train_step(model, [batch], optimizer, scheduler, accelerator, grad_clip, method, undo=undo)
+        train_step(model, [batch], optimizer, scheduler, accelerator, grad_clip, method, undo=undo, scheduled=scheduled)
     else:
-        train_step(model, [batch], optimizer, scheduler, accelerator, grad_clip, method, [unlabeled], undo)
+        train_step(model, [batch], optimizer, scheduler, accelerator, grad_clip, method, [unlabeled], undo,
+                   scheduled=scheduled)  # fmt: skip
         method.after_step(method.ssl.burn_in_steps, accelerator.unwrap_model(model), update_skipped=False)
 
 

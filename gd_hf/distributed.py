@@ -10,7 +10,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, gather_object
 
 from gd_hf.config import Recipe, RecipeError
-from gd_hf.optim import TrainingError
+from gd_hf.step import TrainingError
 from gd_hf.teacher import EmaTeacher
 
 

@@ -83,6 +83,15 @@ class PseudoLabelRules:
                                     self.mask_threshold, self.max_overlap, self.min_mask_pixels)  # fmt: skip
 
 
+@dataclass(frozen=True)
+class StepStart:
+    """What `GuidedDistillation.start_step` did before a step: whether burn-in has just ended (the teacher is now
+    the student's copy), and the model family's scheduled figures for the step (to log)."""
+
+    burn_in_ended: bool
+    scheduled: dict[str, float]
+
+
 class GuidedDistillation:
     """The method: its teacher (frozen in burn-in, then the EMA of the student), its pseudo-label rule, its
     schedule, and the loss of a micro-batch. Needs no Accelerator: the loop calls `start_step`, `loss` (inside
@@ -98,8 +107,6 @@ class GuidedDistillation:
             raise ValueError("Guided Distillation (ssl.enabled) needs a teacher")
         self.ssl, self.family, self.teacher = ssl, family, teacher
         self.rule = rule if rule is not None else PseudoLabelRules.from_recipe(ssl)
-        self.schedule_figures: dict[str, float] = {}  # the family's, of the step under way (logged with the loss)
-        # The pictures: (step, images) asks the next `loss` to keep what its pseudo labels were made of.
 
     @classmethod
     def supervised(cls, family: ModelFamily) -> GuidedDistillation:
@@ -112,31 +119,38 @@ class GuidedDistillation:
             return "supervised"
         return "burn_in" if step < self.ssl.burn_in_steps else "ema"
 
+    def phase_starts(self, max_steps: int) -> list[tuple[int, str]]:
+        """The first step of each phase a run of `max_steps` steps goes through, with the phase (`phase`)."""
+        starts = sorted({0, min(self.ssl.burn_in_steps, max_steps)} if self.ssl.enabled else {0})
+        return [(step, self.phase(step)) for step in starts if step < max_steps]
+
     def uses_pseudo_labels(self, step: int) -> bool:
         """Whether the step's loss has the unsupervised term (a burn-in may run on labeled data only)."""
         phase = self.phase(step)
         return phase == "ema" or (phase == "burn_in" and self.ssl.burn_in_pseudo_labels)
 
-    def start_step(self, step: int, student: torch.nn.Module) -> bool:
-        """Before `step`: at the first EMA step the teacher becomes a copy of the student (True is returned then:
-        burn-in has just ended); then the model family's schedule for the step (`ModelFamily.start_step`)."""
+    def start_step(self, step: int, student: torch.nn.Module) -> StepStart:
+        """Before `step`: at the first EMA step the teacher becomes a copy of the student (burn-in has just
+        ended); then the model family's schedule for the step (`ModelFamily.start_step`), whose figures the
+        step's loss logs."""
         phase = self.phase(step)
         burn_in_ended = phase == "ema" and step == self.ssl.burn_in_steps
         if burn_in_ended:
             self.teacher.copy_from(student)
         teacher = self.teacher.model if self.teacher is not None else None
-        self.schedule_figures = self.family.start_step(step, phase, student, teacher)
-        return burn_in_ended
+        return StepStart(burn_in_ended, self.family.start_step(step, phase, student, teacher))
 
     def loss(
         self, model: torch.nn.Module, student: torch.nn.Module, labeled: dict[str, Any],
         unlabeled: dict[str, Any] | None, device: torch.device | str = "cpu",
         observe: Callable[[dict[str, Any], PseudoLabels], None] | None = None,
+        scheduled: dict[str, float] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:  # fmt: skip
         """The loss of one micro-batch and the values to log. `model` is what the forward pass calls (DDP-wrapped
         on several processes), `student` the unwrapped model; `unlabeled` (None: supervised only) carries the
         weak and strong views of the same images. `observe(unlabeled, pseudo_labels)`, if given, sees the
-        unlabeled batch in the loss's frame and the pseudo labels it is taught (the evaluation's picture)."""
+        unlabeled batch in the loss's frame and the pseudo labels it is taught (the evaluation's picture);
+        `scheduled`: the step's figures of `start_step`, logged with the loss."""
         pseudo = None
         if unlabeled is not None:
             # One frame for both batches before the teacher sees the weak view: its pseudo labels then lie in
@@ -165,7 +179,7 @@ class GuidedDistillation:
             loss = loss + self.ssl.unsup_loss_weight * unsup_loss
         logged["loss"] = loss
         logged.update({key: terms[key] for key in LOGGED_LOSS_TERMS})
-        logged.update(self.schedule_figures)
+        logged.update(scheduled or {})
         if pseudo is not None:
             with torch.autocast(pixel_values.device.type, enabled=False):  # monitoring counts, in full precision
                 logged.update(pseudo_label_figures(pseudo, unlabeled))

@@ -52,7 +52,7 @@ from gd_hf.method import (
 )
 from gd_hf.models import ModelFamily, build_model, check_recipe, family_for
 from gd_hf.models.common import ModelLoadError
-from gd_hf.optim import TrainingError, UpdateUndo, build_lr_scheduler, build_optimizer, check_nonfinite_step, train_step
+from gd_hf.optim import build_lr_scheduler, build_optimizer
 from gd_hf.pictures import plot_curves
 from gd_hf.pseudo_labels import PseudoLabels
 from gd_hf.public import public_recipe, run_name
@@ -89,6 +89,7 @@ from gd_hf.run_pictures import (
     save_picture,
     val_examples,
 )
+from gd_hf.step import TrainingError, UpdateUndo, check_nonfinite_step, train_step
 from gd_hf.teacher import build_teacher, student_model_config
 from gd_hf.teacher_check import check_teacher, teacher_check_note
 from gd_hf.trackers import build_trackers, chosen_trackers, hyperparameters, log_pictures
@@ -385,41 +386,41 @@ class TrainingRecipe:
             return "teacher" if self.launch_recipe.ssl.enabled else "supervised"
         return {"burn_in": "burn-in", "ema": "EMA"}[phase]
 
-    def evaluates_after(self, step: int) -> bool:
-        cfg = self.recipe.train
-        return bool(cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
+    def due(self, every: int, step: int) -> bool:
+        """Whether periodic work done every `every` steps (0: never) is due after `step` steps: also the last."""
+        return bool(every and step % every == 0) or step == self.recipe.train.max_steps
 
     def run_steps(self, progress: tqdm) -> None:
         cfg, method, state = self.recipe.train, self.method, self.state
         self.model.train()
         while state.step < cfg.max_steps:
             progress.set_description(self.phase_label(state.step), refresh=False)
-            burn_in_ended = method.start_step(state.step, self.student)  # then teacher <- student
-            if burn_in_ended and self.accelerator.is_main_process:
+            start = method.start_step(state.step, self.student)  # at burn-in's end: teacher <- student
+            if start.burn_in_ended and self.accelerator.is_main_process:
                 self.publisher.push_burn_in_student(self.student, state.step)
             labeled, unlabeled = self.batches.next_step(cfg.gradient_accumulation_steps)
             # The student's step: labeled images, plus the strong views with the teacher's pseudo labels of the weak.
             uses_pseudo_labels = method.uses_pseudo_labels(state.step)
             observe = None
-            if uses_pseudo_labels and self.recipe.eval.pictures and self.evaluates_after(state.step + 1):
+            if uses_pseudo_labels and self.recipe.eval.pictures and self.due(cfg.eval_every, state.step + 1):
                 observe = self.keep_for_picture(state.step)  # what the student is taught, for the evaluation's picture
-            logged = train_step(self.model, labeled, self.optimizer, self.scheduler, self.accelerator, cfg.grad_clip,
-                                method, unlabeled if uses_pseudo_labels else None, self.undo, observe)  # fmt: skip
+            outcome = train_step(self.model, labeled, self.optimizer, self.scheduler, self.accelerator, cfg.grad_clip,
+                                 method, unlabeled if uses_pseudo_labels else None, self.undo, observe,
+                                 start.scheduled)  # fmt: skip
             # A non-finite step never reaches the teacher or disk; too many in a row stop the run.
-            update_skipped = check_nonfinite_step(logged, state, cfg, self.output_dir / "checkpoints")
+            update_skipped = check_nonfinite_step(outcome, state, cfg, self.output_dir / "checkpoints")
             method.after_step(state.step, self.student, update_skipped)  # EMA: the teacher follows the student
             state.step += 1
             self.skipped_since_checkpoint += sum(b["skipped"] for b in labeled + (unlabeled or []))
-            self.log.add(logged)
+            self.log.add(outcome.logged)
             progress.update(1)
-            progress.set_postfix(bar_figures(logged), refresh=False)
-            # Periodic actions.
-            step, is_last = state.step, state.step == cfg.max_steps
-            if step % cfg.log_every == 0 or is_last:
+            progress.set_postfix(bar_figures(outcome.logged), refresh=False)
+            # Periodic work, in this order.
+            if self.due(cfg.log_every, state.step):
                 self.write_log_line()
-            if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
+            if self.due(cfg.eval_every, state.step):
                 self.evaluate_and_export_best()
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or is_last:
+            if self.due(cfg.checkpoint_every, state.step):
                 self.save_checkpoint()
 
     def keep_for_picture(self, step: int) -> Callable[[dict[str, Any], PseudoLabels], None]:
@@ -517,13 +518,9 @@ class TrainingRecipe:
 
     def _draw_curves(self) -> None:
         records = read_metrics_log(self.output_dir / "metrics.jsonl")
-        ssl = self.recipe.ssl
-        if ssl.enabled:
-            phases = [(0, "guided burn-in")]
-            if ssl.burn_in_steps < self.recipe.train.max_steps:
-                phases.append((ssl.burn_in_steps, "EMA distillation"))
-        else:
-            phases = [(0, self.phase_label(0))]
+        names = {"burn_in": "guided burn-in", "ema": "EMA distillation"}  # (supervised: as the bar calls it)
+        phases = [(step, names.get(phase) or self.phase_label(step))
+                  for step, phase in self.method.phase_starts(self.recipe.train.max_steps)]  # fmt: skip
         title = run_name(self.recipe).replace("$", r"\$")  # matplotlib reads $...$ as mathematics
         path = plot_curves(records, self.output_dir / "curves.png", phases, title=title)
         if path is not None:

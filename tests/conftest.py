@@ -25,6 +25,12 @@ from gd_hf.data.synthetic import generate  # noqa: E402
 from tests.hub_standin import TOKEN, HubStandIn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_RECIPE = str(ROOT / "recipes" / "demo_synthetic.yaml")
+
+
+def demo_recipe(overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """The demo recipe with `overrides`: the one place tests build it (most pass `tiny_overrides`)."""
+    return load_recipe(DEMO_RECIPE, list(overrides))
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +102,7 @@ EOMT_TINY = [
 
 @pytest.fixture
 def tiny_recipe(synthetic_root, tmp_path) -> Recipe:
-    return load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path / "run"))
+    return demo_recipe(tiny_overrides(synthetic_root, tmp_path / "run"))
 
 
 @pytest.fixture(autouse=True)

@@ -12,12 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from gd_hf.config import DataConfig, load_recipe
+from gd_hf.config import DataConfig
 from gd_hf.data.coco import DataError
 from gd_hf.data.images import read_image
 from gd_hf.data.loading import labeled_sample
 from gd_hf.run_info import check_output_folder, record_launch
 from tests.conftest import ROOT, tiny_overrides
+
+from .conftest import DEMO_RECIPE, demo_recipe
 
 
 def record(image: Image.Image | bytes, width: int, height: int, fmt: str = "PNG", **save) -> dict:
@@ -153,7 +155,7 @@ def test_a_run_without_space_stops_before_writing(synthetic_root, tmp_path, monk
     usage = shutil_module.disk_usage(tmp_path)
     monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage._replace(free=1000))
     out = tmp_path / "run"
-    assert main([str(ROOT / "recipes" / "demo_synthetic.yaml"), *tiny_overrides(synthetic_root, out)]) == 2
+    assert main([DEMO_RECIPE, *tiny_overrides(synthetic_root, out)]) == 2
     assert "GB free but the run needs about" in capsys.readouterr().err
     assert not out.exists()
 
@@ -162,8 +164,8 @@ def test_each_launch_records_versions_commit_and_command(synthetic_root, tmp_pat
     from gd_hf.train import train
 
     out = tmp_path / "run"
-    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, out)))
-    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, out)))  # resumes
+    train(demo_recipe(tiny_overrides(synthetic_root, out)))
+    train(demo_recipe(tiny_overrides(synthetic_root, out)))  # resumes
     launches = json.loads((out / "run_info.json").read_text())
     assert len(launches) == 2
     first = launches[0]

@@ -4,7 +4,7 @@ import pytest
 
 from gd_hf.config import Recipe, RecipeError, all_keys, load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT
 
 
 def write(tmp_path, text: str) -> Path:

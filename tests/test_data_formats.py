@@ -15,14 +15,14 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from gd_hf.config import DataConfig, load_recipe
+from gd_hf.config import DataConfig
 from gd_hf.data.coco import DataError
 from gd_hf.data.convert import main as convert_main
 from gd_hf.data.masks import decode_masks
 from gd_hf.data.sources import open_source
 from gd_hf.train import train
 
-from .conftest import ROOT, tiny_overrides
+from .conftest import demo_recipe, tiny_overrides
 
 LABEL2ID = {"background": 0, "cat": 1, "dog": 2}  # the transformers example's convention: 0 is background
 SIZES = [(48, 64), (64, 48), (56, 56), (40, 72)]  # (height, width): mixed sizes and aspect ratios
@@ -97,7 +97,7 @@ def train_briefly(overrides: list[str], tmp_path: Path, synthetic_root: Path) ->
     """Two training steps and an evaluation of the tiny model on the source the overrides name."""
     out = tmp_path / "run"
     base = tiny_overrides(synthetic_root, out) + ["train.max_steps=2", "train.checkpoint_every=0"]
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", base + overrides)
+    recipe = demo_recipe(base + overrides)
     opened = open_source(recipe.data)
     metrics = train(recipe)
     assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
@@ -226,7 +226,7 @@ def test_instance_png_folders_convert_to_coco_and_train(example_scenes, tmp_path
         f"data.val_images={tmp_path / 'val' / 'images'}",
         f"data.val_annotations={tmp_path / 'instances_val.json'}",
     ]
-    config = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path) + source)
+    config = demo_recipe(tiny_overrides(synthetic_root, tmp_path) + source)
     opened = open_source(config.data)
     assert_records_match(opened.train, {k + 1: s for k, s in enumerate(train_scenes)}, {1: 0, 2: 1})
     assert list(train_briefly(source, tmp_path, synthetic_root).values()) == ["cat", "dog"]
@@ -274,7 +274,7 @@ def test_imagefolder_with_a_mask_column_reads_through_the_same_reader(example_sc
         "data.hub_columns.mask=mask",
         f"data.classes_file={classes}",
     ]
-    config = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path) + source)
+    config = demo_recipe(tiny_overrides(synthetic_root, tmp_path) + source)
     opened = open_source(config.data)
     assert_records_match(opened.train, dict(enumerate(train_scenes)), {1: 0, 2: 1})
     assert list(train_briefly(source, tmp_path, synthetic_root).values()) == ["cat", "dog"]
@@ -461,8 +461,7 @@ def test_a_cvat_export_warns_that_all_objects_are_crowd_and_trains_with_crowd_ma
     train_scenes, val_scenes = example_scenes
     train_export = write_export(tmp_path, "train", train_scenes, "cvat")
     val_export = write_export(tmp_path, "val", val_scenes, "cvat")
-    recipe = load_recipe(
-        ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path) + export_source(train_export, val_export)
+    recipe = demo_recipe(tiny_overrides(synthetic_root, tmp_path) + export_source(train_export, val_export)
     )  # fmt: skip
     objects = sum(len(s.objects) for s in train_scenes)
     with caplog.at_level(logging.WARNING, logger="gd_hf"):
@@ -480,8 +479,7 @@ def test_a_label_studio_export_with_ids_from_zero_and_no_iscrowd_trains_and_eval
     train_scenes, val_scenes = rectangles_only(8, 2), rectangles_only(4, 3)
     train_export = write_export(tmp_path, "train", train_scenes, "label_studio")
     val_export = write_export(tmp_path, "val", val_scenes, "label_studio")
-    recipe = load_recipe(
-        ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path) + export_source(train_export, val_export)
+    recipe = demo_recipe(tiny_overrides(synthetic_root, tmp_path) + export_source(train_export, val_export)
     )  # fmt: skip
     opened = open_source(recipe.data)
     assert opened.categories.ids == [0, 1]  # category id 0 is a class like any other
@@ -507,7 +505,7 @@ def test_a_roboflow_root_category_is_reported_and_dropped_only_when_asked(tmp_pa
     train_export = write_export(tmp_path, "train", train_scenes, "roboflow")
     val_export = write_export(tmp_path, "val", val_scenes, "roboflow")
     overrides = tiny_overrides(synthetic_root, tmp_path) + export_source(train_export, val_export)
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides)
+    recipe = demo_recipe(overrides)
     with caplog.at_level(logging.WARNING, logger="gd_hf"):
         opened = open_source(recipe.data)
     # "dog" has no annotation either (rectangles only are cats): both are named, with the switch that drops them.

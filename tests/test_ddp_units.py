@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 
 from gd_hf.models.common import use_mean_mask_count_across_processes
 
+from .conftest import demo_recipe
+
 pytestmark = pytest.mark.slow  # real gloo processes and tiny-model training steps
 
 
@@ -123,13 +125,12 @@ def test_two_processes_of_b_images_give_the_gradients_of_one_process_of_2b(synth
     process's gradients of the 4 images (mask count averaged over processes, gradients averaged by DDP)."""
     from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 
-    from gd_hf.config import load_recipe
     from gd_hf.data.loading import collate_train
     from gd_hf.models import build_model
-    from tests.conftest import ROOT, tiny_overrides
+    from tests.conftest import tiny_overrides
     from tests.test_method_flow import ID2LABEL
 
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path))
+    recipe = demo_recipe(tiny_overrides(synthetic_root, tmp_path))
     torch.manual_seed(0)
     model = _deterministic(build_model(recipe.model, ID2LABEL))
     batch = collate_train(four_images(), 32)
@@ -160,18 +161,18 @@ def test_two_accumulated_micro_batches_give_the_step_of_one_batch(
     from accelerate import Accelerator
     from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 
-    from gd_hf.config import load_recipe
     from gd_hf.data.loading import collate_train
     from gd_hf.method import GuidedDistillation
     from gd_hf.models import build_model
     from gd_hf.models.mask2former import Mask2FormerFamily
-    from gd_hf.optim import build_lr_scheduler, build_optimizer, train_step
-    from tests.conftest import ROOT, tiny_overrides
+    from gd_hf.optim import build_lr_scheduler, build_optimizer
+    from gd_hf.step import train_step
+    from tests.conftest import tiny_overrides
     from tests.test_method_flow import ID2LABEL
 
     monkeypatch.setattr(Mask2FormerLoss, "sample_points_using_uncertainty", _fixed_points)
     monkeypatch.setattr(torch, "rand", _same_draw_for_the_same_shape)
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path))
+    recipe = demo_recipe(tiny_overrides(synthetic_root, tmp_path))
     torch.manual_seed(0)
     model0 = _deterministic(build_model(recipe.model, ID2LABEL))
     samples = four_images()

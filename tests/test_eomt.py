@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from transformers import EomtConfig, EomtForUniversalSegmentation
 from transformers.models.eomt import modeling_eomt
 
-from gd_hf.config import SslConfig, load_recipe
+from gd_hf.config import SslConfig
 from gd_hf.method import GuidedDistillation, Predictions, one_frame
 from gd_hf.models.eomt import EomtFamily, MaskAnnealing, mask_probabilities, set_mask_probabilities
 from gd_hf.teacher import EmaTeacher
 
+from .conftest import demo_recipe
 from .test_ddp_units import _fixed_points, _same_draw_for_the_same_shape
 from .test_method_flow import batches, rectangles
 
@@ -242,9 +243,7 @@ def test_the_demo_recipe_trains_eomt_with_one_override():
     from gd_hf.config import teacher_recipe_of
     from gd_hf.models import build_model, family_for
 
-    from .conftest import ROOT
-
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", ["model.family=eomt"])
+    recipe = demo_recipe(["model.family=eomt"])
     id2label = {i: name for i, name in enumerate("abcd")}
     eomt, mask2former = build_model(recipe.model, id2label), build_model(dataclasses.replace(recipe.model,
                                                                                               family="mask2former"), id2label)  # fmt: skip
@@ -273,9 +272,9 @@ def test_a_layer_lr_decay_for_mask2former_is_refused(tmp_path):
     from gd_hf.config import RecipeError
     from gd_hf.models import check_recipe
 
-    from .conftest import ROOT, tiny_overrides
+    from .conftest import tiny_overrides
 
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(tmp_path, tmp_path / "o")
+    recipe = demo_recipe(tiny_overrides(tmp_path, tmp_path / "o")
                          + ["train.layer_lr_decay=0.8"])  # fmt: skip
     with pytest.raises(RecipeError, match="train.layer_lr_decay applies to EoMT's ViT only"):
         check_recipe(recipe)  # the family's check (training runs it first, before any work)
@@ -298,10 +297,10 @@ def test_recipe_values_eomt_cannot_take_are_refused_naming_the_key(tmp_path, ove
     from gd_hf.config import RecipeError
     from gd_hf.models import check_recipe
 
-    from .conftest import EOMT_TINY, ROOT, tiny_overrides
+    from .conftest import EOMT_TINY, tiny_overrides
 
     with pytest.raises(RecipeError, match=message):  # the recipe's own range checks, then the family's
-        check_recipe(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(tmp_path, tmp_path / "o")
+        check_recipe(demo_recipe(tiny_overrides(tmp_path, tmp_path / "o")
                                  + EOMT_TINY + [override]))  # fmt: skip
 
 
@@ -432,8 +431,8 @@ def test_a_gd_step_on_eomt_with_mixed_sizes_keeps_every_target_on_its_object(
     monkeypatch.setattr(EomtFamily, "loss", loss_spy)
     ssl = dataclasses.replace(SslConfig(), enabled=True, pseudo_label_min_area=1)
     method = GuidedDistillation(ssl, family, teacher)
-    method.start_step(0, student)
-    loss, logged = method.loss(student, student, labeled, unlabeled)
+    scheduled = method.start_step(0, student).scheduled
+    loss, logged = method.loss(student, student, labeled, unlabeled, scheduled=scheduled)
     assert torch.isfinite(loss) and logged["pseudo_labels_per_image"] == 1 and logged["pseudo_precision"] == 1.0
     (student_input,) = seen
     assert student_input.shape == (4, 3, 64, 64)  # 2 labeled + 2 strong views, one square frame
@@ -673,12 +672,12 @@ def test_a_teacher_or_checkpoint_of_the_other_family_is_refused_naming_the_key(t
     from gd_hf.models.common import ModelLoadError
     from gd_hf.teacher import build_teacher
 
-    from .conftest import EOMT_TINY, ROOT, tiny_overrides
+    from .conftest import EOMT_TINY, tiny_overrides
 
     base = tiny_overrides(synthetic_root, tmp_path / "run") + ["ssl.enabled=true", "ssl.burn_in_pseudo_labels=false",
                                                                 "ssl.student_init=pretrained"]  # fmt: skip
-    m2f_recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", base)
-    eomt_recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", base + EOMT_TINY)
+    m2f_recipe = demo_recipe(base)
+    eomt_recipe = demo_recipe(base + EOMT_TINY)
     id2label = {i: name for i, name in enumerate(["circle", "rectangle", "triangle", "cross"])}
     m2f, eomt = build_model(m2f_recipe.model, id2label), build_model(eomt_recipe.model, id2label)
     m2f.save_pretrained(tmp_path / "m2f")

@@ -8,11 +8,10 @@ import json
 import pytest
 from accelerate.state import AcceleratorState
 
-from gd_hf.config import load_recipe
 from gd_hf.evaluate import main as evaluate_main
 from gd_hf.train import train
 
-from .conftest import EOMT_TINY, ROOT, tiny_overrides
+from .conftest import EOMT_TINY, demo_recipe, tiny_overrides
 
 
 @pytest.mark.parametrize("family", [[], EOMT_TINY], ids=["mask2former", "eomt"])
@@ -22,8 +21,8 @@ def test_training_and_the_evaluate_command_give_the_same_ap_and_predictions(vari
     out = tmp_path / "run"
     overrides = tiny_overrides(varied_root, out) + family + ["train.max_steps=4", "train.eval_every=4", "eval.top_k=20"]
     AcceleratorState._reset_state(reset_partial_state=True)
-    final = train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides)
+    final = train(demo_recipe(overrides))
+    recipe = demo_recipe(overrides)
     during_training = json.loads((out / "predictions" / "val_step_00000004.json").read_text())
     assert during_training  # the model predicts something: the comparison is not of two empty lists
     capsys.readouterr()

@@ -22,7 +22,7 @@ from gd_hf.data.coco import DataError, load_coco
 from gd_hf.train import main
 from tests.conftest import ROOT, tiny_overrides
 
-RECIPE = str(ROOT / "recipes" / "demo_synthetic.yaml")
+from .conftest import DEMO_RECIPE
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def coco(synthetic_root) -> dict:
 
 
 def launch(root: Path, out: Path, *extra: str) -> int:
-    return main([RECIPE, *tiny_overrides(root, out), "data.records_cache=null", *extra])
+    return main([DEMO_RECIPE, *tiny_overrides(root, out), "data.records_cache=null", *extra])
 
 
 def first_ann(c: dict) -> dict:
@@ -320,7 +320,7 @@ def test_a_bad_val_image_stops_the_run_before_anything_is_written(synthetic_root
     else:
         Image.new("RGB", (50, 40)).save(val)
     out = tmp_path / "run"
-    assert main([RECIPE, *tiny_overrides(root, out), "train.eval_every=2"]) == 2
+    assert main([DEMO_RECIPE, *tiny_overrides(root, out), "train.eval_every=2"]) == 2
     err = capsys.readouterr().err
     assert "val images cannot be used" in err and val.name in err and "Traceback" not in err
     assert not out.exists()
@@ -335,7 +335,7 @@ def test_evaluate_on_a_file_without_images_is_an_error(synthetic_root, tmp_path,
     from gd_hf.models import build_model
     from gd_hf.models.mask2former import build_image_processor
 
-    recipe = load_recipe(RECIPE, tiny_overrides(synthetic_root, tmp_path / "run"))
+    recipe = load_recipe(DEMO_RECIPE, tiny_overrides(synthetic_root, tmp_path / "run"))
     model = build_model(recipe.model, {0: "a", 1: "b", 2: "c", 3: "d"})
     model.save_pretrained(tmp_path / "model")
     build_image_processor(model, recipe.data).save_pretrained(tmp_path / "model")
@@ -388,7 +388,7 @@ def test_a_half_padded_batch_gives_a_random_init_swin_an_ordinary_gradient(synth
     from gd_hf.config import load_recipe
     from gd_hf.models import build_model
 
-    recipe = load_recipe(RECIPE, tiny_overrides(synthetic_root, tmp_path / "run"))
+    recipe = load_recipe(DEMO_RECIPE, tiny_overrides(synthetic_root, tmp_path / "run"))
     for seed in range(3):
         torch.manual_seed(seed)
         model = build_model(recipe.model, {0: "a", 1: "b"})
@@ -474,7 +474,7 @@ def test_exports_and_checkpoints_refuse_non_finite_weights(synthetic_root, tmp_p
     from gd_hf.models.mask2former import build_image_processor
     from gd_hf.weights import NonFiniteWeightsError
 
-    recipe = load_recipe(RECIPE, tiny_overrides(synthetic_root, tmp_path / "run"))
+    recipe = load_recipe(DEMO_RECIPE, tiny_overrides(synthetic_root, tmp_path / "run"))
     model = build_model(recipe.model, {0: "a"})
     with torch.no_grad():
         next(model.parameters()).view(-1)[0] = float("inf")
@@ -484,7 +484,7 @@ def test_exports_and_checkpoints_refuse_non_finite_weights(synthetic_root, tmp_p
 
 
 def run_tiny(root: Path, out: Path, *extra: str) -> int:
-    return main([RECIPE, *tiny_overrides(root, out), *extra])
+    return main([DEMO_RECIPE, *tiny_overrides(root, out), *extra])
 
 
 def final_weights(out: Path) -> dict:
@@ -697,7 +697,7 @@ def test_a_relaunch_naming_the_same_folders_another_way_is_not_a_change(syntheti
     monkeypatch.chdir(synthetic_root.parent)
     relative = [o.replace(f"{synthetic_root}/", f"{synthetic_root.name}/") for o in tiny_overrides(synthetic_root, out)]
     assert relative != tiny_overrides(synthetic_root, out)
-    assert main([RECIPE, *relative, "train.max_steps=3"]) == 0
+    assert main([DEMO_RECIPE, *relative, "train.max_steps=3"]) == 0
     assert json.loads((out / "run_info.json").read_text())[-1]["recipe_changes"] == {"train.max_steps": [2, 3]}
 
 
@@ -834,7 +834,7 @@ def test_a_teacher_with_non_finite_weights_is_refused_at_start(synthetic_root, t
     from gd_hf.models import build_model
     from gd_hf.models.mask2former import build_image_processor
 
-    recipe = load_recipe(RECIPE, tiny_overrides(synthetic_root, tmp_path / "run"))
+    recipe = load_recipe(DEMO_RECIPE, tiny_overrides(synthetic_root, tmp_path / "run"))
     names = [
         c["name"]
         for c in json.loads((synthetic_root / "annotations" / "instances_train.json").read_text())["categories"]

@@ -16,14 +16,13 @@ import yaml
 from PIL import Image
 from transformers import Mask2FormerForUniversalSegmentation, pipeline
 
-from gd_hf.config import load_recipe
 from gd_hf.model_card import card_metadata
 from gd_hf.push import PushError, push_export
 from gd_hf.train import main
 from tests.conftest import EOMT_TINY, ONE_LAUNCH_SSL, tiny_overrides
 from tests.hub_standin import DROP, TOKEN
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import DEMO_RECIPE, demo_recipe
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def trained_run(synthetic_root, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("run") / "run"
     AcceleratorState._reset_state(reset_partial_state=True)
-    args = [str(ROOT / "recipes" / "demo_synthetic.yaml"), *tiny_overrides(synthetic_root, out), "train.eval_every=2"]
+    args = [DEMO_RECIPE, *tiny_overrides(synthetic_root, out), "train.eval_every=2"]
     assert main(args) == 0
     return out
 
@@ -257,7 +256,7 @@ def test_failed_push_keeps_the_outputs_and_says_how_to_push_again(trained_run, h
 def test_training_run_pushes_teacher_burn_in_and_final(synthetic_root, tmp_path, hub, capsys, family):
     out = tmp_path / "run"
     args = [
-        str(ROOT / "recipes" / "demo_synthetic.yaml"),
+        DEMO_RECIPE,
         *tiny_overrides(synthetic_root, out),
         *family,
         *ONE_LAUNCH_SSL,
@@ -305,7 +304,7 @@ def test_training_run_pushes_teacher_burn_in_and_final(synthetic_root, tmp_path,
 def test_training_run_with_a_failed_push_exits_3_and_keeps_everything(synthetic_root, tmp_path, hub, capsys):
     hub.fail(r"/api/repos/create", 401, times=100)
     out = tmp_path / "run"
-    args = [str(ROOT / "recipes" / "demo_synthetic.yaml"), *tiny_overrides(synthetic_root, out)]
+    args = [DEMO_RECIPE, *tiny_overrides(synthetic_root, out)]
     assert main([*args, "hub.push=true", "hub.repo_id=me/gd-run", "hub.retries=0"]) == 3
     err = capsys.readouterr().err
     assert f"python -m gd_hf.push {out / 'final'} me/gd-run" in err
@@ -317,9 +316,7 @@ def test_push_requires_a_repo_id(synthetic_root, tmp_path):
     from gd_hf.config import RecipeError
 
     with pytest.raises(RecipeError, match="hub.repo_id is required"):
-        load_recipe(
-            ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path) + ["hub.push=true"]
-        )
+        demo_recipe(tiny_overrides(synthetic_root, tmp_path) + ["hub.push=true"])
 
 
 def test_predict_writes_overlays_and_coco_results_and_skips_a_corrupt_image(

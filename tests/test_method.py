@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from accelerate.state import AcceleratorState
 
 import gd_hf.distributed as distributed
-from gd_hf.config import RecipeError, SslConfig, load_recipe
+from gd_hf.config import RecipeError, SslConfig
 from gd_hf.method import GuidedDistillation, Predictions, PseudoLabelRules, check_extension_points
 from gd_hf.models import build_model
 from gd_hf.models.common import loss_terms
@@ -24,7 +24,7 @@ from gd_hf.pseudo_labels import PseudoLabels, filter_pseudo_labels
 from gd_hf.teacher import EmaTeacher
 from gd_hf.train import train
 
-from .conftest import ONE_LAUNCH_SSL, ROOT, tiny_overrides
+from .conftest import ONE_LAUNCH_SSL, ROOT, demo_recipe, tiny_overrides
 from .test_method_flow import ID2LABEL, batches
 
 
@@ -38,7 +38,7 @@ class RecordingFamily(Mask2FormerFamily):
 
 @pytest.fixture
 def tiny(synthetic_root, tmp_path):
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path))
+    recipe = demo_recipe(tiny_overrides(synthetic_root, tmp_path))
     torch.manual_seed(0)
     student, teacher = build_model(recipe.model, ID2LABEL), build_model(recipe.model, ID2LABEL)
     student.eval()  # no dropout: the only random draws left are the loss's sampled points
@@ -133,7 +133,7 @@ def test_a_family_whose_loss_takes_no_no_object_weight_is_refused_when_the_recip
     with pytest.raises(TypeError, match="takes no `no_object_weight` keyword"):
         check_extension_points(None, OldFamily(), dataclasses.replace(tiny.ssl, unsup_no_object_weight=0.02))
     with pytest.raises(RecipeError, match=r"ssl.unsup_no_object_weight.*\(0, 1\]"):
-        load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", ["ssl.unsup_no_object_weight=0"])
+        demo_recipe(["ssl.unsup_no_object_weight=0"])
 
 
 def test_without_unlabeled_images_the_loss_is_the_supervised_loss(tiny):
@@ -154,10 +154,10 @@ def test_the_schedule_copies_the_student_at_burn_ins_end_and_then_follows_it_by_
     method = GuidedDistillation(SslConfig(enabled=True, burn_in_steps=2, ema_decay=0.5), Mask2FormerFamily(), teacher)
     frozen = copy.deepcopy(teacher.model.state_dict())
     for step in (0, 1):  # burn-in: the teacher is fixed, whatever the student does
-        assert not method.start_step(step, student)
+        assert not method.start_step(step, student).burn_in_ended
         method.after_step(step, student, update_skipped=False)
         assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in frozen.items())
-    assert method.start_step(2, student)  # the first EMA step: teacher <- student
+    assert method.start_step(2, student).burn_in_ended  # the first EMA step: teacher <- student
     assert torch.equal(teacher.model.weight, student.weight)
     with torch.no_grad():
         student.weight.add_(1.0)
@@ -166,7 +166,7 @@ def test_the_schedule_copies_the_student_at_burn_ins_end_and_then_follows_it_by_
     assert torch.equal(teacher.model.weight, before)
     method.after_step(2, student, update_skipped=False)
     assert torch.allclose(teacher.model.weight, 0.5 * before + 0.5 * student.weight)
-    assert not method.start_step(3, student)  # the copy happens once
+    assert not method.start_step(3, student).burn_in_ended  # the copy happens once
 
 
 def test_burn_in_without_pseudo_labels_trains_on_labeled_data_only():
@@ -219,7 +219,7 @@ def distill(synthetic_root, out, teacher_dir, *extra: str, **extension_points) -
         "train.max_steps=2", "train.log_every=1", *extra,
     ]  # fmt: skip
     AcceleratorState._reset_state(reset_partial_state=True)
-    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides), **extension_points)
+    train(demo_recipe(overrides), **extension_points)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -227,11 +227,7 @@ def distill(synthetic_root, out, teacher_dir, *extra: str, **extension_points) -
 def teacher_dir(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "run"
     AcceleratorState._reset_state(reset_partial_state=True)
-    train(
-        load_recipe(
-            ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, out) + ["train.max_steps=2"]
-        )
-    )
+    train(demo_recipe(tiny_overrides(synthetic_root, out) + ["train.max_steps=2"]))
     return out / "final"
 
 
@@ -332,7 +328,7 @@ def test_a_one_launch_run_runs_both_phases_on_one_accelerator_and_ends_it_once(s
         "ssl.teacher_max_steps=2", "train.max_steps=2", "ssl.burn_in_steps=1", "train.checkpoint_every=2",
     ]  # fmt: skip
     AcceleratorState._reset_state(reset_partial_state=True)
-    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    train(demo_recipe(overrides))
     assert made == [1] and ended == [1]
     # Phase 1's student is gone before phase 2 builds its own; the demo's student starts from the teacher
     # (`ssl.student_init: teacher`), after the recipe's model whose shapes it must have, itself gone by then.
@@ -375,7 +371,7 @@ def test_an_explicit_pseudo_label_rules_that_differs_from_the_recipe_is_refused(
     from gd_hf.config import RecipeError
     from gd_hf.train import TrainingRecipe
 
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path))
+    recipe = demo_recipe(tiny_overrides(synthetic_root, tmp_path))
     with pytest.raises(RecipeError, match="set those keys instead"):
         TrainingRecipe(recipe, pseudo_label_rule=PseudoLabelRules(score_threshold=0.9))
     TrainingRecipe(recipe, pseudo_label_rule=PseudoLabelRules.from_recipe(recipe.ssl))  # the same rules: fine
@@ -407,7 +403,7 @@ def test_the_end_of_phase_1_starts_phase_2_with_a_fresh_loss_scale_and_without_p
 
     from gd_hf.train import TrainingRecipe
 
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path))
+    recipe = demo_recipe(tiny_overrides(synthetic_root, tmp_path))
     training = TrainingRecipe(recipe)
     AcceleratorState._reset_state(reset_partial_state=True)
     training.accelerator = distributed.build_accelerator(recipe)
@@ -487,7 +483,7 @@ def test_a_rule_whose_answer_does_not_fit_is_named_at_its_first_step(tiny, answe
 def test_extension_points_that_cannot_serve_are_refused_before_any_work(synthetic_root, tmp_path):
     from gd_hf.train import TrainingRecipe
 
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path))
+    recipe = demo_recipe(tiny_overrides(synthetic_root, tmp_path))
     with pytest.raises(TypeError, match="pseudo_label_rule must be callable .* got 'top3'"):
         TrainingRecipe(recipe, pseudo_label_rule="top3")
 
@@ -499,3 +495,16 @@ def test_extension_points_that_cannot_serve_are_refused_before_any_work(syntheti
     with pytest.raises(TypeError, match="lacks the ModelFamily method\\(s\\) forward, loss, padding_divisor"):
         TrainingRecipe(recipe, model_family=object())
     assert not tmp_path.joinpath("checkpoints").exists()
+
+
+def test_the_phases_a_run_goes_through_start_where_the_step_says():
+    """One schedule: the curves' phase marks are `phase` of each phase's first step, as the bar's labels are."""
+    from gd_hf.config import SslConfig
+    from gd_hf.models.mask2former import Mask2FormerFamily
+
+    family, teacher = Mask2FormerFamily(), EmaTeacher(torch.nn.Linear(1, 1))
+    method = GuidedDistillation(SslConfig(enabled=True, burn_in_steps=3), family, teacher)
+    assert method.phase_starts(10) == [(0, "burn_in"), (3, "ema")]
+    assert method.phase_starts(3) == [(0, "burn_in")]  # the run ends before EMA
+    assert GuidedDistillation(SslConfig(enabled=True, burn_in_steps=0), family, teacher).phase_starts(5) == [(0, "ema")]
+    assert GuidedDistillation.supervised(family).phase_starts(5) == [(0, "supervised")]

@@ -13,15 +13,15 @@ import torch
 from accelerate import Accelerator
 
 import gd_hf.models.common as model_common
-from gd_hf.config import load_recipe
 from gd_hf.data.loading import collate_train, collate_unlabeled
 from gd_hf.method import GuidedDistillation
 from gd_hf.models import build_model
 from gd_hf.models.mask2former import Mask2FormerFamily
-from gd_hf.optim import build_lr_scheduler, build_optimizer, train_step
+from gd_hf.optim import build_lr_scheduler, build_optimizer
+from gd_hf.step import train_step
 from gd_hf.teacher import EmaTeacher
 
-from .conftest import ROOT, tiny_overrides
+from .conftest import demo_recipe, tiny_overrides
 
 DIVISIBILITY = 32
 ID2LABEL = {0: "a", 1: "b", 2: "c", 3: "d"}
@@ -63,7 +63,7 @@ def batches(poison_hidden: bool = False) -> tuple[dict, dict]:
 def step_runner(synthetic_root, tmp_path, monkeypatch):
     """Runs one `train_step` from the same student, teacher, optimizer state and random state every time,
     recording every forward input, every target scored, and the gradients the optimizer steps with."""
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path))
+    recipe = demo_recipe(tiny_overrides(synthetic_root, tmp_path))
     torch.manual_seed(0)
     student0 = build_model(recipe.model, ID2LABEL)
     teacher_model = build_model(recipe.model, ID2LABEL)
@@ -111,7 +111,7 @@ def step_runner(synthetic_root, tmp_path, monkeypatch):
             0.0,
             GuidedDistillation(ssl, Mask2FormerFamily(), teacher),
             [unlabeled],
-        )
+        ).logged
         return logged, student
 
     return SimpleNamespace(run=run, record=record)

@@ -18,15 +18,15 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 import gd_hf.models.common as model_common
-from gd_hf.config import load_recipe
 from gd_hf.data.loading import collate_train, collate_unlabeled, pad_batch
 from gd_hf.method import GuidedDistillation, one_frame
 from gd_hf.models import build_model
 from gd_hf.models.mask2former import Mask2FormerFamily
-from gd_hf.optim import build_lr_scheduler, build_optimizer, train_step
+from gd_hf.optim import build_lr_scheduler, build_optimizer
+from gd_hf.step import train_step
 from gd_hf.teacher import EmaTeacher
 
-from .conftest import ROOT, tiny_overrides
+from .conftest import demo_recipe, tiny_overrides
 
 LOGIT = 12.0
 DIVISIBILITY = 32
@@ -76,7 +76,7 @@ def perfect_outputs(pixel_values: torch.Tensor, num_queries: int, num_classes: i
 
 @pytest.fixture
 def setup(synthetic_root, tmp_path, monkeypatch):
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path))
+    recipe = demo_recipe(tiny_overrides(synthetic_root, tmp_path))
     id2label = {0: "square", 1: "b", 2: "c", 3: "d"}
     torch.manual_seed(0)
     student = build_model(recipe.model, id2label)
@@ -122,7 +122,7 @@ def setup(synthetic_root, tmp_path, monkeypatch):
             0.0,
             GuidedDistillation(ssl, Mask2FormerFamily(), teacher),
             None if unlabeled is None else [unlabeled],
-        )
+        ).logged
 
     return SimpleNamespace(step=step, seen=seen, targets=targets)
 

@@ -15,12 +15,12 @@ from accelerate.tracking import GeneralTracker
 from PIL import Image
 
 import gd_hf.train as train_module
-from gd_hf.config import RecipeError, load_recipe
+from gd_hf.config import RecipeError
 from gd_hf.method import GuidedDistillation
 from gd_hf.push import record_push
 from gd_hf.train import main, train
 
-from .conftest import ONE_LAUNCH_SSL, ROOT, tiny_overrides
+from .conftest import DEMO_RECIPE, ONE_LAUNCH_SSL, demo_recipe, tiny_overrides
 
 GROUPS = ("train/", "pseudo/", "val/", "teacher_check/", "system/")
 
@@ -77,8 +77,7 @@ def distilled(synthetic_root, tmp_path_factory):
     mp.setattr(GuidedDistillation, "pseudo_labels", spy_pseudo_labels)
     mp.setattr(train_module, "pseudo_label_picture", spy_picture)
     AcceleratorState._reset_state(reset_partial_state=True)
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml",
-                         [*tiny_overrides(synthetic_root, out), *ONE_LAUNCH_SSL, "train.eval_every=1", "eval.pictures=2"])  # fmt: skip
+    recipe = demo_recipe([*tiny_overrides(synthetic_root, out), *ONE_LAUNCH_SSL, "train.eval_every=1", "eval.pictures=2"])  # fmt: skip
     try:
         train(recipe, trackers=[tracker])
     finally:
@@ -177,14 +176,14 @@ def test_a_local_teacher_is_published_by_its_hub_id_once_pushed(distilled, synth
     overrides = [*tiny_overrides(synthetic_root, tmp_path / "student"), "ssl.enabled=true", f"ssl.teacher={teacher}",
                  "ssl.burn_in_steps=1", "ssl.unlabeled_batch_size=2", "train.max_steps=1"]  # fmt: skip
     AcceleratorState._reset_state(reset_partial_state=True)
-    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    train(demo_recipe(overrides))
     published = yaml.safe_load((tmp_path / "student" / "final" / "recipe.yaml").read_text())
     assert published["ssl"]["teacher"] == "{local}/final"
     assert "a local export that is not on the Hub" in (tmp_path / "student" / "final" / "README.md").read_text()
 
     record_push(teacher, "me/gd-teacher", "teacher")  # what a push of it leaves in its run_info.json
     AcceleratorState._reset_state(reset_partial_state=True)
-    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", [*overrides, "train.max_steps=2"]))
+    train(demo_recipe([*overrides, "train.max_steps=2"]))
     published = yaml.safe_load((tmp_path / "student" / "final" / "recipe.yaml").read_text())
     assert published["ssl"]["teacher"] == "me/gd-teacher@teacher"
     card = (tmp_path / "student" / "final" / "README.md").read_text()
@@ -196,7 +195,7 @@ def test_the_bar_names_each_phase_and_shows_the_distillation_figures_without_acc
 ):
     caplog.set_level(logging.INFO)  # whatever the root logger's level: Accelerate's INFO lines would be caught
     overrides = [*tiny_overrides(synthetic_root, tmp_path / "run"), *ONE_LAUNCH_SSL, "train.report_to=none"]
-    assert main([str(ROOT / "recipes" / "demo_synthetic.yaml"), *overrides]) == 0
+    assert main([DEMO_RECIPE, *overrides]) == 0
     err = capsys.readouterr().err
     assert "teacher: 100%" in err and "burn-in:" in err and "EMA: 100%" in err and "\rtrain:" not in err
     assert "unsup=" in err and "pl/img=" in err
@@ -207,7 +206,7 @@ def test_the_bar_names_each_phase_and_shows_the_distillation_figures_without_acc
 
 def test_a_tracker_that_is_not_installed_stops_the_run_before_anything_is_written(synthetic_root, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main([str(ROOT / "recipes" / "demo_synthetic.yaml"), *tiny_overrides(synthetic_root, out),
+    code = main([DEMO_RECIPE, *tiny_overrides(synthetic_root, out),
                  "train.report_to=[tensorboard, wandb]"])  # fmt: skip
     assert code == 2
     assert "train.report_to=['tensorboard', 'wandb'] needs wandb, which is not installed: pip install wandb" in (
@@ -215,7 +214,7 @@ def test_a_tracker_that_is_not_installed_stops_the_run_before_anything_is_writte
     )
     assert not out.exists()
     with pytest.raises(RecipeError, match="train.report_to 'comet' names no tracker"):
-        load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", ["train.report_to=comet"])
+        demo_recipe(["train.report_to=comet"])
 
 
 def test_an_export_of_a_model_with_a_local_backbone_names_no_path_of_this_machine(synthetic_root, tmp_path):
@@ -232,7 +231,7 @@ def test_an_export_of_a_model_with_a_local_backbone_names_no_path_of_this_machin
     overrides = [*tiny_overrides(synthetic_root, tmp_path / "run"), "model.backbone=dinov2",
                  f"model.pretrained={backbone}", "data.crop_size=56", "data.eval_shortest_edge=56",
                  "data.eval_longest_edge=56"]  # fmt: skip
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides)
+    recipe = demo_recipe(overrides)
     model = build_model(recipe.model, {0: "circle", 1: "square"})
     assert str(backbone) in json.dumps(model.config.to_dict())  # what transformers would write
     publisher = Publisher(recipe, export_image_processor(model, recipe.data, 14), 3, 5, 2, ["circle", "square"])
@@ -309,7 +308,7 @@ def test_predict_takes_a_run_folder_and_the_exports_recorded_top_k(distilled, sy
 def test_published_recipes_name_no_folder_of_this_machine(overrides, expected):
     from gd_hf.public import public_recipe
 
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides)
+    recipe = demo_recipe(overrides)
     published = public_recipe(recipe)
     for key, value in expected.items():
         node = published
@@ -349,8 +348,7 @@ def test_eval_max_images_is_said_in_the_card_and_evaluate_reproduces_it(syntheti
 
     out = tmp_path / "run"
     AcceleratorState._reset_state(reset_partial_state=True)
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml",
-                         [*tiny_overrides(synthetic_root, out), "eval.max_images=3", "train.max_steps=2"])  # fmt: skip
+    recipe = demo_recipe([*tiny_overrides(synthetic_root, out), "eval.max_images=3", "train.max_steps=2"])  # fmt: skip
     final = train(recipe)
     assert (
         "evaluated on the first 3 images (by id) of the 8 of custom (validation)"
@@ -374,7 +372,7 @@ def test_a_picture_that_cannot_be_drawn_is_a_warning_not_the_runs_end(synthetic_
     monkeypatch.setattr(train_module, "prediction_picture", broken)
     monkeypatch.setattr(train_module, "plot_curves", broken)
     out = tmp_path / "run"
-    assert main([str(ROOT / "recipes" / "demo_synthetic.yaml"), *tiny_overrides(synthetic_root, out),
+    assert main([DEMO_RECIPE, *tiny_overrides(synthetic_root, out),
                  "train.report_to=none"]) == 0  # fmt: skip
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("pictures were not drawn (ValueError: a font that cannot be read)" in m for m in warned)

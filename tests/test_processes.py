@@ -17,17 +17,18 @@ from safetensors.torch import load_file
 
 from gd_hf.config import ModelConfig
 from gd_hf.models.eomt import MaskAnnealing
-from tests.conftest import EOMT_TINY, ROOT, tiny_overrides
+from tests.conftest import EOMT_TINY, tiny_overrides
+
+from .conftest import DEMO_RECIPE
 
 pytestmark = pytest.mark.slow
-RECIPE = str(ROOT / "recipes" / "demo_synthetic.yaml")
 # One thread per process: 2 processes x 2 threads on 2 cores makes steps swing wildly (hf-notes).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def ssl_args(root: Path, out: Path, *extra: str) -> list[str]:
     return [
-        RECIPE,
+        DEMO_RECIPE,
         *tiny_overrides(root, out),
         "ssl.enabled=true",
         "ssl.train_teacher_first=true",
@@ -240,7 +241,7 @@ def test_bad_records_skipped_on_two_processes_are_each_counted_once(synthetic_ro
     shutil.copytree(synthetic_root, root)
     for name in ("000001.png", "000002.png", "000005.png"):
         (root / "train" / name).write_bytes(b"not a png")
-    args = [RECIPE, *tiny_overrides(root, out), "data.on_error=skip", "train.max_steps=8", "train.eval_every=2",
+    args = [DEMO_RECIPE, *tiny_overrides(root, out), "data.on_error=skip", "train.max_steps=8", "train.eval_every=2",
             "train.checkpoint_every=8", "train.log_every=8"]  # fmt: skip
     result = subprocess.run(train_command(args, 2), env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

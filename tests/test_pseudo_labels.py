@@ -5,6 +5,8 @@ import torch
 
 from gd_hf.pseudo_labels import PseudoLabels, filter_pseudo_labels, pseudo_label_quality
 
+from .conftest import DEMO_RECIPE
+
 NO_OBJECT = 3  # 3 classes + "no object"
 
 
@@ -136,7 +138,7 @@ def test_overlap_rule_is_a_recipe_setting():
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     assert SslConfig().pseudo_label_max_overlap is None  # the paper: off, unless a recipe turns it on
     assert load_recipe(recipes / "coco_1pct.yaml").ssl.pseudo_label_max_overlap is None  # paper recipes: as the paper
-    recipe = recipes / "demo_synthetic.yaml"
+    recipe = DEMO_RECIPE
     assert load_recipe(recipe).ssl.pseudo_label_max_overlap == 0.5
     assert load_recipe(recipe, ["ssl.pseudo_label_max_overlap=null"]).ssl.pseudo_label_max_overlap is None
     with pytest.raises(RecipeError, match="ssl.pseudo_label_max_overlap"):
@@ -172,7 +174,7 @@ def test_small_masks_reach_the_log_and_the_rule_is_a_recipe_setting():
     classes = logits_for([[0.9, 0.05, 0.03, 0.02]] * 2)
     masks = mask_logits([20, 0])
     masks[0, 1] = soft_but_empty()
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "demo_synthetic.yaml"
+    recipe = DEMO_RECIPE
     rules = PseudoLabelRules.from_recipe(load_recipe(recipe, ["ssl.pseudo_label_min_mask_pixels=1"]).ssl)
     assert rules.min_mask_pixels == 1 and rules(classes, masks).counts() == [1]
     pseudo = PseudoLabelRules.from_recipe(load_recipe(recipe).ssl)(classes, masks)

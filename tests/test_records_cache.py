@@ -10,12 +10,11 @@ import datasets
 import pytest
 
 import gd_hf.data.coco_source as coco_source
-from gd_hf.config import load_recipe
 from gd_hf.data.coco import DataError
 from gd_hf.data.coco_source import RECORDS_INFO_FILE, coco_records
 from gd_hf.train import train
 
-from .conftest import ONE_LAUNCH_SSL, ROOT, tiny_overrides
+from .conftest import ONE_LAUNCH_SSL, demo_recipe, tiny_overrides
 
 
 def spy_on(monkeypatch, name):
@@ -56,7 +55,7 @@ def test_a_one_launch_run_reads_each_json_once_and_a_relaunch_parses_none(
     opened = spy_on(monkeypatch, "coco_records")
     cache = tmp_path / "cache"
     overrides = tiny_overrides(synthetic_root, tmp_path / "run") + ONE_LAUNCH_SSL + [f"data.records_cache={cache}"]
-    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    train(demo_recipe(overrides))
     train_json = str(synthetic_root / "annotations" / "instances_train.json")
     val_json = str(synthetic_root / "annotations" / "instances_val.json")
     assert opened == [train_json, val_json]  # phase 1 and phases 2-3 share the launch's data
@@ -65,7 +64,7 @@ def test_a_one_launch_run_reads_each_json_once_and_a_relaunch_parses_none(
     assert len(first) == 2 and not any(name.startswith(".") for name in first)  # no temporary folder left
     opened.clear()
     relaunch = tiny_overrides(synthetic_root, tmp_path / "again") + ONE_LAUNCH_SSL + [f"data.records_cache={cache}"]
-    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", relaunch))
+    train(demo_recipe(relaunch))
     assert opened == [train_json, val_json]
     assert len(parses) == 2  # no new parse
     assert builds(cache) == first

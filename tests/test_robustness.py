@@ -16,16 +16,17 @@ from accelerate import Accelerator
 from PIL import Image
 
 import gd_hf.models.common as model_common
-from gd_hf.config import DataConfig, load_recipe
+from gd_hf.config import DataConfig
 from gd_hf.data.coco import FEATURES, DataError
 from gd_hf.data.loading import MAX_CONSECUTIVE_BAD_RECORDS, LabeledTrainDataset, collate_train
 from gd_hf.distributed import build_accelerator
 from gd_hf.method import GuidedDistillation
 from gd_hf.models import build_model
 from gd_hf.models.mask2former import Mask2FormerFamily
-from gd_hf.optim import build_lr_scheduler, build_optimizer, lr_factor, train_step
+from gd_hf.optim import build_lr_scheduler, build_optimizer, lr_factor
+from gd_hf.step import train_step
 
-from .conftest import ROOT, tiny_overrides
+from .conftest import demo_recipe, tiny_overrides
 from .test_method_flow import ID2LABEL, rectangles
 
 SUPERVISED = GuidedDistillation.supervised(Mask2FormerFamily())  # the loss of phase 1
@@ -40,8 +41,7 @@ def labeled_batch() -> dict:
 
 
 def tiny_model_and_optimizer(synthetic_root, tmp_path):
-    recipe = load_recipe(
-        ROOT / "recipes" / "demo_synthetic.yaml",
+    recipe = demo_recipe(
         tiny_overrides(synthetic_root, tmp_path) + ["train.warmup_steps=3", "train.max_steps=10"],
     )
     torch.manual_seed(0)
@@ -55,17 +55,20 @@ def test_an_infinite_gradient_with_a_finite_loss_skips_the_update_and_the_schedu
     before = copy.deepcopy(model.state_dict())
     poisoned = next(p for p in model.parameters() if p.requires_grad)
     handle = poisoned.register_hook(lambda grad: torch.full_like(grad, math.inf))
-    logged = train_step(model, [labeled_batch()], optimizer, scheduler, Accelerator(cpu=True), 0.0, SUPERVISED)
+    outcome = train_step(model, [labeled_batch()], optimizer, scheduler, Accelerator(cpu=True), 0.0, SUPERVISED)
     handle.remove()
+    logged = outcome.logged
     assert math.isfinite(logged["loss"]) and not math.isfinite(logged["grad_norm"])
-    assert logged["nonfinite"] == 1.0
+    assert logged["nonfinite"] == 1.0 and outcome.skipped and not outcome.undone and not outcome.weights_nonfinite
+    # The log holds metrics only: how the update went is the outcome's, not keys to pop.
+    assert not {"finite_losses", "update_undone", "weights_nonfinite"} & set(logged)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # no parameter moved, not even the finite ones
     assert all(not state for state in optimizer.state.values())  # nor did Adam's moments start
     # The schedule is a function of the step: a skipped step still advances it.
     assert scheduler.last_epoch == 1
     assert optimizer.param_groups[0]["lr"] == pytest.approx(recipe.train.lr * lr_factor(1, recipe.train))
-    logged = train_step(model, [labeled_batch()], optimizer, scheduler, Accelerator(cpu=True), 0.0, SUPERVISED)
+    logged = train_step(model, [labeled_batch()], optimizer, scheduler, Accelerator(cpu=True), 0.0, SUPERVISED).logged
     assert logged["nonfinite"] == 0.0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the next step updates
     assert optimizer.param_groups[0]["lr"] == pytest.approx(recipe.train.lr * lr_factor(2, recipe.train))
@@ -96,7 +99,7 @@ def _step_with_nan_on_rank_1(rank: int, port: int, recipe, out_file: str, poison
         return terms
 
     model_common.loss_terms = nan_on_rank_1
-    logged = train_step(model, [labeled_batch()], optimizer, scheduler, accelerator, 0.0, SUPERVISED)
+    logged = train_step(model, [labeled_batch()], optimizer, scheduler, accelerator, 0.0, SUPERVISED).logged
     after = accelerator.unwrap_model(model).state_dict()
     moved = any(not torch.equal(before[k], after[k]) for k in before)
     torch.save({"logged": logged, "moved": moved, "lr_step": scheduler.last_epoch}, f"{out_file}.{rank}")
@@ -113,7 +116,7 @@ def test_a_nan_on_one_process_only_skips_the_step_on_every_process(synthetic_roo
     """Rank 1's loss is not finite, rank 0's is: both skip the update (otherwise the replicas would drift apart
     for good) and count it. With a NaN, DDP's all-reduced gradient is NaN on both; with an infinite constant
     term the gradient stays finite, and only the loss, whose finiteness is shared, tells rank 0."""
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path))
+    recipe = demo_recipe(tiny_overrides(synthetic_root, tmp_path))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -26,7 +26,7 @@ from gd_hf.data.shards import read_shards
 from gd_hf.data.sources import open_source
 from gd_hf.data.splits import CITYSCAPES_COUNTS, draw_labeled_ids, make_split, read_split_file, write_paper_splits
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT, demo_recipe
 
 
 def coco_config(root: Path, **changes) -> DataConfig:
@@ -463,7 +463,6 @@ def test_a_save_to_disk_folder_is_a_shards_source(synthetic_root, tmp_path):
 
 @pytest.mark.parametrize("kind", ["shards_streamed", "hub"])
 def test_training_runs_on_shards_and_hub_sources(synthetic_root, shards, tmp_path, kind):
-    from gd_hf.config import load_recipe
     from gd_hf.train import train
     from tests.conftest import tiny_overrides
 
@@ -487,7 +486,7 @@ def test_training_runs_on_shards_and_hub_sources(synthetic_root, shards, tmp_pat
         ]
     out = tmp_path / "run"
     overrides = tiny_overrides(synthetic_root, out) + source + ["train.max_steps=2"]
-    metrics = train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    metrics = train(demo_recipe(overrides))
     assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert (out / "final" / "config.json").is_file()
     labels = json.loads((out / "final" / "config.json").read_text())["id2label"]
@@ -518,13 +517,12 @@ def test_object_counts_leave_out_crowd_regions_and_follow_a_row_selection(synthe
 def test_the_same_data_through_coco_and_shards_trains_to_the_same_ap(synthetic_root, shards, tmp_path):
     """A COCO folder and its shards are the same records in the same order: the same run on each ends with the
     same weights and the same mask AP (a source that dropped, reordered or mangled objects would not)."""
-    from gd_hf.config import load_recipe
     from gd_hf.train import train
     from tests.conftest import tiny_overrides
 
     def run(name, *source):
         overrides = tiny_overrides(synthetic_root, tmp_path / name) + ["train.max_steps=2", *source]
-        return train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+        return train(demo_recipe(overrides))
 
     from_coco = run("coco")
     from_shards = run("shards", "data.source=shards", f"data.train_shards={shards / 'train'}",

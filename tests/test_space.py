@@ -24,7 +24,6 @@ from huggingface_hub import SpaceCard
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from gd_hf.config import load_recipe
 from gd_hf.export import export_model
 from gd_hf.model_card import RunSummary
 from gd_hf.models import build_model, export_image_processor, load_export
@@ -33,7 +32,8 @@ from gd_hf.push import PushError
 from gd_hf.space import main, push_space, write_space
 from tests.conftest import EOMT_TINY, tiny_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import demo_recipe
+
 CLASSES = {0: "circle", 1: "rectangle", 2: "triangle", 3: "cross"}
 THRESHOLD = 0.05  # a random-init model's scores are low: low enough that several instances are compared
 TOP_K = 10  # recorded as `evaluated_with.top_k`: the Space must use it (the default is 100)
@@ -42,9 +42,7 @@ TOP_K = 10  # recorded as `evaluated_with.top_k`: the Space must use it (the def
 def tiny_export(synthetic_root: Path, folder: Path, family: list[str]) -> Path:
     """A random-init ~1 M parameter export as runs write it (weights, image processor, eval_results.json, a card
     whose recipe names this machine's paths) with two val images in `examples/`."""
-    recipe = load_recipe(
-        ROOT / "recipes" / "demo_synthetic.yaml", [*tiny_overrides(synthetic_root, folder / "run"), *family]
-    )
+    recipe = demo_recipe([*tiny_overrides(synthetic_root, folder / "run"), *family])
     model = build_model(recipe.model, CLASSES)
     summary = RunSummary(recipe, "supervised", 0, {"AP": 1.0}, 24, 0, 8, list(CLASSES.values()))
     metrics = {"AP": 1.0, "evaluated_with": {"top_k": TOP_K}}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, demo_recipe
 
 
 @pytest.fixture(scope="module")
@@ -163,16 +163,16 @@ def test_a_finished_run_trained_with_another_recipe_is_not_reused_and_the_table_
     now leaves its default; the ssl keys of a supervised run do not count."""
     import yaml
 
-    from gd_hf.config import load_recipe, recipe_to_dict
+    from gd_hf.config import recipe_to_dict
 
     overrides = [f"output_dir={tmp_path / 'run'}", "ssl.train_teacher_first=false", "ssl.teacher=somewhere/best"]
-    then = recipe_to_dict(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    then = recipe_to_dict(demo_recipe(overrides))
     then["ssl"]["unsup_loss_weight"] = 7.0
     del then["ssl"]["unsup_no_object_weight"]  # a key added to gd_hf after the run
     then["output_dir"] = "elsewhere"
     run = fake_run(tmp_path / "run", 20.0)
     (run / "recipe.yaml").write_text(yaml.safe_dump(then))
-    now = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides).ssl.unsup_loss_weight
+    now = demo_recipe(overrides).ssl.unsup_loss_weight
     assert ssl_gain.recipe_drift(run, overrides) == {"ssl.unsup_loss_weight": (7.0, now)}
     job = ssl_gain.Job("mask2former", "square", "guided", 0, overrides, run)
     args = argparse.Namespace(threads=1, heldout_val=500)
@@ -193,16 +193,13 @@ def test_a_finished_run_trained_with_another_recipe_is_not_reused_and_the_table_
 def test_every_arm_loads_on_the_demo_recipe_and_only_the_guided_student_starts_from_its_teacher(ssl_gain, tmp_path):
     """The demo recipe's `ssl.student_init: teacher` needs a fixed teacher: (b) has none and says
     `pretrained`, (c) inherits the recipe's choice. Each arm's overrides load as the run would load them."""
-    from gd_hf.config import load_recipe
 
     args = argparse.Namespace(
         out=str(tmp_path), train_images=2400, size=160, labeled_percent=2.0, teacher_steps=500, steps=800,
         burn_in=560, ema_decay=0.999, baseline_threshold="0.7", overrides=[], evals=4, variant_overrides={},
     )  # fmt: skip
     loaded = {
-        arm: load_recipe(
-            ROOT / "recipes" / "demo_synthetic.yaml", ssl_gain.run_overrides("eomt", "mixed", arm, 1, args)
-        )
+        arm: demo_recipe(ssl_gain.run_overrides("eomt", "mixed", arm, 1, args))
         for arm in ("supervised", "supervised_long", "ema_baseline", "guided")
     }
     assert not loaded["supervised"].ssl.enabled and not loaded["supervised_long"].ssl.enabled

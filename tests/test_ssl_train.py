@@ -11,11 +11,11 @@ from transformers import Mask2FormerForUniversalSegmentation
 import gd_hf.method as method_module
 import gd_hf.models.common as model_common
 import gd_hf.train as train_module
-from gd_hf.config import RecipeError, load_recipe
+from gd_hf.config import RecipeError
 from gd_hf.data.loading import repeat_factors
 from gd_hf.train import TrainingRecipe, train
 
-from .conftest import EOMT_TINY, ONE_LAUNCH_SSL, PAPER_JITTER, ROOT, tiny_overrides
+from .conftest import DEMO_RECIPE, EOMT_TINY, ONE_LAUNCH_SSL, PAPER_JITTER, demo_recipe, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +25,7 @@ def teacher_dir(synthetic_root, tmp_path_factory):
 
     AcceleratorState._reset_state(reset_partial_state=True)
     out = tmp_path_factory.mktemp("teacher") / "run"
-    train(
-        load_recipe(
-            ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, out) + ["train.max_steps=2"]
-        )
-    )
+    train(demo_recipe(tiny_overrides(synthetic_root, out) + ["train.max_steps=2"]))
     AcceleratorState._reset_state(reset_partial_state=True)
     return out / "final"
 
@@ -49,7 +45,7 @@ def ssl_overrides(teacher_dir, *extra):
 
 def run(synthetic_root, output_dir, teacher_dir, *extra):
     overrides = tiny_overrides(synthetic_root, output_dir) + ssl_overrides(teacher_dir, *extra)
-    return train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    return train(demo_recipe(overrides))
 
 
 def log(output_dir):
@@ -183,7 +179,7 @@ def test_phases_2_3_draw_labeled_images_by_repeat_factor_and_phase_1_does_not(
     assert [s["repeat_factors"] for s in samplers] == [None, None]
     samplers.clear()
     overrides = tiny_overrides(synthetic_root, tmp_path / "phase1") + ["train.max_steps=1"]
-    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    train(demo_recipe(overrides))
     assert [s["repeat_factors"] for s in samplers] == [None]
 
 
@@ -197,16 +193,14 @@ def test_labeled_only_burn_in_needs_no_teacher(synthetic_root, tmp_path):
         "ssl.unlabeled_batch_size=2",
         "train.max_steps=3",
     ]
-    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    train(demo_recipe(overrides))
     records = [r for r in log(out) if "loss" in r]
     assert ["loss_unsup" in r for r in records] == [False, False, True]
 
 
 def test_guided_burn_in_without_a_teacher_is_a_recipe_error(synthetic_root, tmp_path):
     with pytest.raises(RecipeError, match="ssl.teacher is required for guided burn-in"):
-        load_recipe(
-            ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, tmp_path) + ["ssl.enabled=true"]
-        )
+        demo_recipe(tiny_overrides(synthetic_root, tmp_path) + ["ssl.enabled=true"])
 
 
 def test_teacher_with_other_classes_is_refused(synthetic_root, tmp_path, teacher_dir):
@@ -264,7 +258,7 @@ def test_resume_continues_identically(synthetic_root, tmp_path, teacher_dir, mon
 def test_one_launch_trains_the_teacher_then_distills_and_prints_both(synthetic_root, tmp_path, capsys):
     out = tmp_path / "run"
     overrides = tiny_overrides(synthetic_root, out) + ONE_LAUNCH_SSL
-    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    train(demo_recipe(overrides))
     assert (out / "teacher" / "best" / "model.safetensors").is_file()  # phase 1, exported like any run
     assert (out / "final" / "model.safetensors").is_file()  # the distilled student, a vanilla checkpoint
     teacher_log = [json.loads(line) for line in (out / "teacher" / "metrics.jsonl").read_text().splitlines()]
@@ -322,7 +316,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_checkpoint(
 
     poison_loss(monkeypatch, set(range(3, 100)))  # supervised: one call per step; NaN from step 3 on
     out = tmp_path / "run"
-    args = [str(ROOT / "recipes" / "demo_synthetic.yaml"), *tiny_overrides(synthetic_root, out)]
+    args = [DEMO_RECIPE, *tiny_overrides(synthetic_root, out)]
     assert main([*args, "train.max_steps=10", "train.max_nonfinite_steps=2"]) == 4
     err = capsys.readouterr().err
     assert "2 steps in a row were skipped (a non-finite loss" in err and "step_00000002" in err
@@ -357,7 +351,7 @@ def test_an_image_folder_joins_the_unlabeled_split(synthetic_root, tmp_path, tea
 def test_the_demo_recipe_runs_the_whole_method():
     """README command 1 is the method, not phase 1 alone: teacher first, then burn-in AND an EMA phase, with a
     strong view that keeps the colour the synthetic classes are told apart by."""
-    recipe = load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", [])
+    recipe = demo_recipe([])
     assert recipe.ssl.enabled and recipe.ssl.train_teacher_first and recipe.ssl.burn_in_pseudo_labels
     assert recipe.ssl.teacher_max_steps and recipe.ssl.teacher_max_steps > 0
     assert 0 < recipe.ssl.burn_in_steps < recipe.train.max_steps  # both phases 2 and 3 happen
@@ -405,7 +399,7 @@ def test_the_paper_data_path_trains_every_phase_with_targets_in_the_frame_of_the
     overrides = tiny_overrides(varied_root, out) + ONE_LAUNCH_SSL + PAPER_JITTER
     overrides += ["ssl.teacher_max_steps=3", "train.max_steps=6", "ssl.burn_in_steps=3", "data.labeled_percent=50"]
     overrides += ["ssl.pseudo_label_score_threshold=0.2", "ssl.pseudo_label_min_area=1"]  # an unsure 3-step teacher
-    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    train(demo_recipe(overrides))
 
     assert len(frames) == 6  # every student step met an unlabeled batch (burn-in and EMA)
     assert any(labeled != unlabeled for labeled, unlabeled in frames)  # the two batches padded differently
@@ -484,7 +478,7 @@ def test_student_init_teacher_starts_the_student_from_the_teacher_with_a_fresh_c
     overrides = tiny_overrides(synthetic_root, out) + ONE_LAUNCH_SSL + [f"ssl.student_init={student_init}"]
     if family == "eomt":
         overrides += EOMT_TINY
-    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    train(demo_recipe(overrides))
 
     # phase 1's model, then phase 2's student (from the teacher: after the recipe's own, whose shapes it must have)
     assert len(built) == (3 if student_init == "teacher" else 2) and len(teachers) == 1
@@ -514,9 +508,9 @@ def test_student_init_teacher_without_a_teacher_is_a_recipe_error(synthetic_root
     with pytest.raises(
         RecipeError, match=r"ssl.student_init is `teacher`.*no fixed teacher.*ssl.student_init=pretrained"
     ):
-        load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides)
+        demo_recipe(overrides)
     with pytest.raises(RecipeError, match=r"ssl.student_init"):
-        load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", ["ssl.student_init=teachr"])
+        demo_recipe(["ssl.student_init=teachr"])
 
 
 def test_student_init_teacher_with_a_damaged_teacher_says_where_the_path_came_from(

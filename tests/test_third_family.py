@@ -22,11 +22,11 @@ from transformers.models.mask2former.image_processing_pil_mask2former import Mas
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 from transformers.utils import ModelOutput
 
-from gd_hf.config import RecipeError, load_recipe
+from gd_hf.config import RecipeError
 from gd_hf.models import common
 from gd_hf.models.protocol import FamilyCard, Predictions
 
-from .conftest import ONE_LAUNCH_SSL, ROOT, tiny_overrides
+from .conftest import ONE_LAUNCH_SSL, ROOT, demo_recipe, tiny_overrides
 
 
 class ToySegConfig(PretrainedConfig):
@@ -156,8 +156,7 @@ class ToySegFamily:
 
 
 def toy_recipe(root, out, *extra):
-    return load_recipe(ROOT / "recipes" / "demo_synthetic.yaml",
-                       tiny_overrides(root, out) + ONE_LAUNCH_SSL + ["model.family=toyseg", "model.hidden_dim=16",
+    return demo_recipe(tiny_overrides(root, out) + ONE_LAUNCH_SSL + ["model.family=toyseg", "model.hidden_dim=16",
                                                                      "ssl.student_init=teacher", *extra])  # fmt: skip
 
 

@@ -11,18 +11,16 @@ from safetensors.torch import load_file
 from transformers import pipeline
 
 import gd_hf.train as train_module
-from gd_hf.config import RecipeError, load_recipe
+from gd_hf.config import RecipeError
 from gd_hf.data.coco import DataError
 from gd_hf.distributed import check_distributed_type
 from gd_hf.train import main, train
 
-from .conftest import ROOT, tiny_overrides
+from .conftest import DEMO_RECIPE, demo_recipe, tiny_overrides
 
 
 def run(synthetic_root, output_dir, *extra):
-    recipe = load_recipe(
-        ROOT / "recipes" / "demo_synthetic.yaml", tiny_overrides(synthetic_root, output_dir) + list(extra)
-    )
+    recipe = demo_recipe(tiny_overrides(synthetic_root, output_dir) + list(extra))
     return train(recipe)
 
 
@@ -133,7 +131,7 @@ def test_exported_model_works_in_pipeline_offline(synthetic_root, tmp_path):
 
 def test_bad_input_fails_before_writing_anything(synthetic_root, tmp_path, capsys):
     out = tmp_path / "run"
-    args = [str(ROOT / "recipes" / "demo_synthetic.yaml"), *tiny_overrides(synthetic_root, out)]
+    args = [DEMO_RECIPE, *tiny_overrides(synthetic_root, out)]
     assert main([*args, f"data.val_images={tmp_path / 'missing'}"]) == 2
     assert f"image folder {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
     assert not out.exists()
@@ -227,7 +225,7 @@ def test_demo_recipe_generates_the_synthetic_set_when_absent(tmp_path):
         "data.synthetic_image_size=64",
         "train.max_steps=1",
     ]
-    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    train(demo_recipe(overrides))
     assert len(list((root / "train").glob("*.png"))) == 6 and len(list((root / "val").glob("*.png"))) == 2
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
@@ -252,7 +250,7 @@ def test_existing_synthetic_set_of_another_size_is_named(synthetic_root, tmp_pat
 
     root = tmp_path / "synthetic"
     shutil.copytree(synthetic_root, root)
-    args = [str(ROOT / "recipes" / "demo_synthetic.yaml"), *tiny_overrides(root, tmp_path / "run")]
+    args = [DEMO_RECIPE, *tiny_overrides(root, tmp_path / "run")]
     assert main([*args, "data.generate_synthetic=true", "data.synthetic_train_images=2400"]) == 2
     assert (
         "holds a synthetic set of 24 training images (squares) but the recipe asks for 2400" in capsys.readouterr().err

@@ -7,6 +7,8 @@ from gd_hf.data.images import read_image
 from gd_hf.data.loading import UnlabeledTrainDataset, collate_unlabeled
 from gd_hf.data.transforms import scale_jitter_crop_flip, strong_photometric
 
+from .conftest import demo_recipe
+
 
 def test_strong_view_changes_colours_not_geometry():
     image = torch.zeros(3, 64, 64, dtype=torch.uint8)
@@ -100,10 +102,9 @@ def test_strong_erase_prob_erases_one_rectangle_of_the_strong_view_only():
 
 def test_the_recipes_strong_augmentation_reaches_the_unlabeled_data(synthetic_root, tmp_path, monkeypatch):
     import gd_hf.data.batches as batches_module
-    from gd_hf.config import load_recipe
     from gd_hf.train import train
 
-    from .conftest import ONE_LAUNCH_SSL, ROOT, tiny_overrides
+    from .conftest import ONE_LAUNCH_SSL, tiny_overrides
 
     seen = []
     real = batches_module.UnlabeledTrainDataset
@@ -115,5 +116,5 @@ def test_the_recipes_strong_augmentation_reaches_the_unlabeled_data(synthetic_ro
     monkeypatch.setattr(batches_module, "UnlabeledTrainDataset", spy)
     overrides = tiny_overrides(synthetic_root, tmp_path / "run") + ONE_LAUNCH_SSL
     overrides += ["ssl.strong_erase_prob=0.7", "ssl.strong_hue=0.05", "ssl.strong_grayscale_prob=0.1"]
-    train(load_recipe(ROOT / "recipes" / "demo_synthetic.yaml", overrides))
+    train(demo_recipe(overrides))
     assert seen and all((s.erase_prob, s.hue, s.grayscale_prob) == (0.7, 0.05, 0.1) for s in seen)
