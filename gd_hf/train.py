@@ -2,9 +2,11 @@
 
 `TrainingRecipe` is one launch, in the manner of torchtune's recipes: `run` prepares the data once and runs the
 phases in order on one Accelerator — phase 1, the supervised teacher (into `output_dir/teacher`, with
-`ssl.train_teacher_first`), then phases 2-3, guided burn-in and EMA distillation — each as `set_up`, `train`
-(the loop: the method's step, then logging, evaluation and checkpoints), `finish` (the final export and push).
-The method itself (its teacher, pseudo labels, schedule and loss) is `gd_hf.method.GuidedDistillation`.
+`ssl.train_teacher_first`), then phases 2-3, guided burn-in and EMA distillation — each as `set_up` (which
+builds the `gd_hf.phase.Phase`: everything the phase trains with), `train` (the loop, `run_steps`: the method's
+step, then the periodic work — log line, evaluation, checkpoint — each when due), `finish` (the final export and
+push), and `end_phase` (the phase dropped whole). The method itself (its teacher, pseudo labels, schedule and
+loss) is `gd_hf.method.GuidedDistillation`; one optimizer step is `gd_hf.step.train_step`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import yaml
 from accelerate import PartialState
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -44,29 +46,25 @@ from gd_hf.distributed import build_accelerator, replica_fingerprints
 from gd_hf.evaluation import EvalSettings, Evaluation, evaluate_mask_ap, write_results
 from gd_hf.files import write_text_atomic
 from gd_hf.method import (
-    GuidedDistillation,
     PseudoLabelRule,
     PseudoLabelRules,
     check_extension_points,
     describe_extension,
 )
-from gd_hf.models import ModelFamily, build_model, check_recipe, family_for
-from gd_hf.models.common import ModelLoadError
-from gd_hf.optim import build_lr_scheduler, build_optimizer
+from gd_hf.models import ModelFamily, check_recipe
+from gd_hf.phase import Phase, build_phase
 from gd_hf.pictures import plot_curves
 from gd_hf.pseudo_labels import PseudoLabels
 from gd_hf.public import public_recipe, run_name
 from gd_hf.publish import Publisher
 from gd_hf.push import PushError
 from gd_hf.run_info import (
-    check_output_folder,
     check_relaunch,
     hold_output_locks,
     launches_note,
     read_launches,
     record_launch,
     release_output_locks,
-    run_storage_bytes,
 )
 from gd_hf.run_log import (
     LogWindow,
@@ -80,7 +78,6 @@ from gd_hf.run_log import (
 )
 from gd_hf.run_pictures import (
     EXPORT_EXAMPLES,
-    KeptPseudoLabels,
     jpeg_bytes,
     keep_pseudo_labels,
     png_bytes,
@@ -89,8 +86,7 @@ from gd_hf.run_pictures import (
     save_picture,
     val_examples,
 )
-from gd_hf.step import TrainingError, UpdateUndo, check_nonfinite_step, train_step
-from gd_hf.teacher import build_teacher, student_model_config
+from gd_hf.step import TrainingError, check_nonfinite_step, train_step
 from gd_hf.teacher_check import check_teacher, teacher_check_note
 from gd_hf.trackers import build_trackers, chosen_trackers, hyperparameters, log_pictures
 from gd_hf.weights import NonFiniteWeightsError, check_finite
@@ -128,6 +124,7 @@ class TrainingRecipe:
         self.custom_family = model_family  # None: the recipe's `model.family`, built for each phase
         self.tracker_names = chosen_trackers(recipe.train.report_to)  # a missing package stops before any work
         self.custom_trackers = list(trackers or [])  # Accelerate `GeneralTracker`s beside the recipe's
+        self.phase: Phase | None = None  # the phase under way (`set_up` builds it, `end_phase` drops it)
 
     def run(self, data: RunData | None = None) -> dict[str, float]:
         """Every phase of the recipe in order (resuming where checkpoints are); the final val metrics. `data`:
@@ -194,9 +191,7 @@ class TrainingRecipe:
         """Phase 1's objects go before phase 2 builds its own (weights, optimizer state, the undo copy: about 6x the
         parameters), phase 1's model and optimizer leave the Accelerator (not part of phase 2's checkpoints), and
         the fp16 loss scale starts afresh."""
-        for name in ("model", "student", "evaluated", "optimizer", "scheduler", "undo", "method", "publisher",
-                     "family"):  # fmt: skip
-            vars(self).pop(name, None)
+        self.phase = None  # the whole phase: nothing of it is kept by name
         self.accelerator.free_memory()  # (and the garbage collector, and the CUDA cache)
         if self.fresh_scaler_state is not None:
             self.accelerator.scaler.load_state_dict(self.fresh_scaler_state)
@@ -216,8 +211,6 @@ class TrainingRecipe:
     def set_up(self, recipe: Recipe, data: RunData, launch_recipe: Recipe, lock_also: tuple[str, ...]) -> None:
         """The output folder's locks and the resume point; model, method, optimizer and schedule; the batches;
         the resumed state; the output folder's first files."""
-        self.recipe, self.data, self.phase_recipe = recipe, data, launch_recipe
-        self.output_dir = Path(recipe.output_dir)
         log_split_sizes(recipe, data)
         folders = (recipe.output_dir, *lock_also)
         # A folder that exists is locked now, before its checkpoints are read; a new one before its first write.
@@ -227,14 +220,15 @@ class TrainingRecipe:
         changes = {}
         if resume_from is not None:
             changes = check_relaunch(recipe, launch_recipe, saved, resume_from, self.extension_points(recipe))
-        self.set_up_models(recipe, data)
-        self.state = RunState.from_dict(saved) if saved is not None else RunState()
+        self.phase = build_phase(self.accelerator, recipe, data, launch_recipe, self.custom_family,
+                                 self.pseudo_label_rule)  # fmt: skip
+        self.phase.state = RunState.from_dict(saved) if saved is not None else RunState()
         teacher_figures, auto = None, recipe.ssl.pseudo_label_score_threshold == "auto"
-        if self.method.teacher is not None and recipe.ssl.teacher is not None and (resume_from is None or auto):
+        if self.phase.method.teacher is not None and recipe.ssl.teacher is not None and (resume_from is None or auto):
             # Can this teacher teach? Measured before anything is written (a stop leaves only the teacher); a
             # resumed run checked it at its start and does not again, unless the check chooses its threshold.
-            teacher_figures = check_teacher(self.method.teacher.model, data.val, recipe, self.divisibility,
-                                            self.accelerator.is_main_process, self.method.rule, self.family)  # fmt: skip
+            teacher_figures = check_teacher(self.phase.method.teacher.model, data.val, recipe, self.phase.padding_divisor,
+                                            self.accelerator.is_main_process, self.phase.method.rule, self.phase.family)  # fmt: skip
         threshold_changed = False
         if auto and teacher_figures is not None:
             teacher_figures = self.same_on_every_process(teacher_figures)
@@ -243,17 +237,16 @@ class TrainingRecipe:
             threshold_changed = bool(threshold_change)
         rank = self.accelerator.process_index
         stream_states = read_data_state(resume_from, rank) if resume_from is not None else None
-        self.batches = build_train_batches(recipe, data, self.accelerator.process_index,
-                                           self.accelerator.num_processes, self.divisibility, self.state.step,
-                                           stream_states, self.family.black_padding)  # fmt: skip
+        self.phase.batches = build_train_batches(recipe, data, self.accelerator.process_index,
+                                           self.accelerator.num_processes, self.phase.padding_divisor, self.phase.state.step,
+                                           stream_states, self.phase.family.black_padding)  # fmt: skip
         if resume_from is not None:  # model, optimizer, schedule, teacher and RNG as after the checkpoint's step
             load_checkpoint(self.accelerator, resume_from, self.checkpointed_states())
         hold_output_locks(self.accelerator, folders)
-        self.write_run_files(self.state.step, resume_from is not None, changes)
+        self.write_run_files(self.phase.state.step, resume_from is not None, changes)
         # A resume re-measures for `auto` only to compare: logged again only when it changed the threshold.
         self.set_up_publisher(teacher_figures, log_teacher_check=resume_from is None or threshold_changed)
-        self.log, self.skipped_since_checkpoint, self.metrics = LogWindow(), 0, {}
-        self.kept_pseudo_labels: KeptPseudoLabels | None = None  # (`keep_for_picture`)
+        self.phase.log, self.phase.skipped_since_checkpoint, self.phase.metrics = LogWindow(), 0, {}
 
     def same_on_every_process(self, figures: dict[str, float]) -> dict[str, float]:
         """The main process's teacher-check figures on every process: each measures, and float sums on different
@@ -269,13 +262,13 @@ class TrainingRecipe:
         it) and the card take the teacher check's choice. A resumed run that would now choose another (its teacher
         or val images changed) is a change to what is trained: it stops unless `resume: force`. Returns the
         change for the launch record ({} when none)."""
-        recorded, changes = self.state.pseudo_label_score_threshold, {}
+        recorded, changes = self.phase.state.pseudo_label_score_threshold, {}
         if resume_from is not None and recorded != threshold:
             key = "ssl.pseudo_label_score_threshold (auto)"
             was = "not recorded" if recorded is None else f"{recorded:g}"
-            if self.recipe.resume != "force":
+            if self.phase.recipe.resume != "force":
                 raise RecipeError(
-                    f"this relaunch changes what the run in {self.recipe.output_dir} trained (checkpoint "
+                    f"this relaunch changes what the run in {self.phase.recipe.output_dir} trained (checkpoint "
                     f"{resume_from.name}): ssl.pseudo_label_score_threshold=auto chose {was} at the run's start "
                     f"and the teacher check now chooses {threshold:g} (the teacher or the val images changed). "
                     "Start a new run (another output_dir), or relaunch with resume=force to go on with "
@@ -286,38 +279,11 @@ class TrainingRecipe:
             changes[key] = [recorded, threshold]
         elif resume_from is not None:
             logger.info("ssl.pseudo_label_score_threshold=auto: %g, as chosen at the run's start", threshold)
-        self.state.pseudo_label_score_threshold = threshold
-        self.method.rule = self.method.rule.with_score_threshold(threshold)
-        ssl = dataclasses.replace(self.recipe.ssl, pseudo_label_score_threshold=threshold)
-        self.recipe = dataclasses.replace(self.recipe, ssl=ssl)  # what the card says was used
+        self.phase.state.pseudo_label_score_threshold = threshold
+        self.phase.method.rule = self.phase.method.rule.with_score_threshold(threshold)
+        ssl = dataclasses.replace(self.phase.recipe.ssl, pseudo_label_score_threshold=threshold)
+        self.phase.recipe = dataclasses.replace(self.phase.recipe, ssl=ssl)  # what the card says was used
         return changes
-
-    def set_up_models(self, recipe: Recipe, data: RunData) -> None:
-        """The student, the method (with its teacher), the optimizer and the schedule, on this process's device,
-        once the output folder is known to have room for the run."""
-        cfg = recipe.train
-        self.family = family_for(recipe, self.custom_family)
-        model = build_student(recipe, data.categories.id2label, self.family)
-        self.divisibility = self.family.padding_divisor(model)
-        self.image_processor = self.family.image_processor(model, recipe.data, self.divisibility)
-        optimizer = build_optimizer(model, cfg, self.family)
-        self.scheduler = build_lr_scheduler(optimizer, cfg)
-        teacher = build_teacher(recipe, model, data.categories.id2label, self.family)
-        needed = run_storage_bytes(sum(p.numel() for p in model.parameters()), cfg.keep_checkpoints,
-                                   teacher is not None)  # fmt: skip
-        problem = check_output_folder(Path(recipe.output_dir), needed)
-        if problem:
-            raise RecipeError(problem)
-        # The schedule is stepped once per optimizer step by us (not once per process by accelerate): not prepared.
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        if teacher is not None:
-            teacher.to(self.accelerator.device)
-        self.student = self.accelerator.unwrap_model(self.model)
-        self.method = GuidedDistillation(recipe.ssl, self.family, teacher, self.pseudo_label_rule)
-        # What is scored and exported: the student, or the teacher if asked.
-        use_teacher = teacher is not None and recipe.ssl.evaluate == "teacher"
-        self.evaluated = teacher.model if use_teacher else self.student
-        self.undo = UpdateUndo(self.optimizer) if cfg.undo_nonfinite_updates else None
 
     def write_run_files(self, step: int, resumed: bool, changes: dict[str, list[Any]]) -> None:
         """The resolved recipe as launched (what relaunching it compares with), this launch's record (versions,
@@ -325,110 +291,112 @@ class TrainingRecipe:
         repeats; the trackers, logging into this phase's folder."""
         accelerator = self.accelerator
         if accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            resolved = recipe_to_dict(self.phase_recipe)
-            write_text_atomic(self.output_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
-            record_launch(self.output_dir, accelerator.num_processes, accelerator.mixed_precision, resolved,
+            self.phase.output_dir.mkdir(parents=True, exist_ok=True)
+            resolved = recipe_to_dict(self.phase.recorded_recipe)
+            write_text_atomic(self.phase.output_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+            record_launch(self.phase.output_dir, accelerator.num_processes, accelerator.mixed_precision, resolved,
                           step if resumed else None, changes)  # fmt: skip
-            drop_log_lines_after(self.output_dir / "metrics.jsonl", step)
+            drop_log_lines_after(self.phase.output_dir / "metrics.jsonl", step)
         # One Accelerator runs every phase: each phase has trackers of its own, writing into its own output folder,
         # with the recipe (paths made public) as hyperparameters.
-        accelerator.project_configuration.project_dir = str(self.output_dir)
-        accelerator.project_configuration.logging_dir = str(self.output_dir)
+        accelerator.project_configuration.project_dir = str(self.phase.output_dir)
+        accelerator.project_configuration.logging_dir = str(self.phase.output_dir)
         if accelerator.is_main_process:
-            name = run_name(self.recipe)
-            accelerator.log_with = build_trackers(self.tracker_names, name, self.output_dir) + self.custom_trackers
-            accelerator.init_trackers(name, config=hyperparameters(public_recipe(self.phase_recipe)))
+            name = run_name(self.phase.recipe)
+            accelerator.log_with = (
+                build_trackers(self.tracker_names, name, self.phase.output_dir) + self.custom_trackers
+            )
+            accelerator.init_trackers(name, config=hyperparameters(public_recipe(self.phase.recorded_recipe)))
 
     def set_up_publisher(self, teacher_figures: dict[str, float] | None, log_teacher_check: bool = True) -> None:
         """Exports and pushes, with the card's notes: the launches of the run, the teacher check's figures (logged
         to metrics.jsonl at a run's start; a resume's repeated check only reaches the card)."""
-        recipe, data = self.recipe, self.data
-        self.publisher = Publisher.for_run(recipe, self.image_processor, len(data.split.labeled),
+        recipe, data = self.phase.recipe, self.phase.data
+        self.phase.publisher = Publisher.for_run(recipe, self.phase.image_processor, len(data.split.labeled),
                                            len(data.split.unlabeled), len(data.val), data.categories.names,
-                                           self.phase_recipe, self.family)  # fmt: skip
+                                           self.phase.recorded_recipe, self.phase.family)  # fmt: skip
         if self.accelerator.is_main_process:  # the val images of the pictures, and the export's examples
-            self.picture_examples = val_examples(data.val, max(self.recipe.eval.pictures, EXPORT_EXAMPLES))
-            self.publisher.examples = {f"val_{image_id}.jpg": jpeg_bytes(image)
-                                       for image_id, image in self.picture_examples[:EXPORT_EXAMPLES]}  # fmt: skip
+            self.phase.picture_examples = val_examples(data.val, max(self.phase.recipe.eval.pictures, EXPORT_EXAMPLES))
+            self.phase.publisher.examples = {f"val_{image_id}.jpg": jpeg_bytes(image)
+                                       for image_id, image in self.phase.picture_examples[:EXPORT_EXAMPLES]}  # fmt: skip
         note = launches_note(read_launches(recipe.output_dir)) if self.accelerator.is_main_process else None
         if note:
-            self.publisher.notes.append(note)
+            self.phase.publisher.notes.append(note)
         custom = self.extension_points(recipe)
         if custom:  # not in the recipe: the card names their classes (settings may hold this machine's paths)
             points = "; ".join(f"{name} = {value.partition('(')[0]}" for name, value in custom.items())
-            self.publisher.notes.append(
+            self.phase.publisher.notes.append(
                 f"Trained with extension points passed from Python (not in the recipe): {points}."
             )
         if teacher_figures is not None and log_teacher_check:
-            log_record(self.accelerator, self.output_dir / "metrics.jsonl",
-                       {"step": self.state.step, **{f"teacher_check/{k}": v for k, v in teacher_figures.items()}})  # fmt: skip
+            log_record(self.accelerator, self.phase.output_dir / "metrics.jsonl",
+                       {"step": self.phase.state.step, **{f"teacher_check/{k}": v for k, v in teacher_figures.items()}})  # fmt: skip
         if teacher_figures is not None:
-            self.publisher.notes.append(teacher_check_note(teacher_figures))
+            self.phase.publisher.notes.append(teacher_check_note(teacher_figures))
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
     def train(self) -> None:
         """The loop: the method's step, then logging, evaluation and checkpoints, to `train.max_steps`."""
-        cfg, state = self.recipe.train, self.state
+        cfg, state = self.phase.recipe.train, self.phase.state
         progress = tqdm(total=cfg.max_steps, initial=state.step, desc=self.phase_label(state.step), dynamic_ncols=True,
                         disable=not self.accelerator.is_local_main_process)  # fmt: skip
         with logging_redirect_tqdm():  # the run's log lines print above the bar, not through it
             self.run_steps(progress)
         progress.close()
-        del self.batches  # ends the loaders' workers
+        self.phase.batches = None  # ends the loaders' workers
 
     def phase_label(self, step: int) -> str:
         """What the bar calls the phase of `step`: `teacher` (phase 1 of a Guided Distillation run),
         `supervised` (a plain run), `burn-in`, `EMA`."""
-        phase = self.method.phase(step)
+        phase = self.phase.method.phase(step)
         if phase == "supervised":
             return "teacher" if self.launch_recipe.ssl.enabled else "supervised"
         return {"burn_in": "burn-in", "ema": "EMA"}[phase]
 
     def due(self, every: int, step: int) -> bool:
         """Whether periodic work done every `every` steps (0: never) is due after `step` steps: also the last."""
-        return bool(every and step % every == 0) or step == self.recipe.train.max_steps
+        return bool(every and step % every == 0) or step == self.phase.recipe.train.max_steps
 
     def run_steps(self, progress: tqdm) -> None:
-        cfg, method, state = self.recipe.train, self.method, self.state
-        self.model.train()
+        phase = self.phase
+        cfg, method, state = phase.recipe.train, phase.method, phase.state
+        # The periodic work after a step, in this order: each `work()` when due (every N steps, and the last).
+        periodic = [(cfg.log_every, self.write_log_line), (cfg.eval_every, self.evaluate_and_export_best),
+                    (cfg.checkpoint_every, self.save_checkpoint)]  # fmt: skip
+        phase.model.train()
         while state.step < cfg.max_steps:
             progress.set_description(self.phase_label(state.step), refresh=False)
-            start = method.start_step(state.step, self.student)  # at burn-in's end: teacher <- student
+            start = method.start_step(state.step, phase.student)  # at burn-in's end: teacher <- student
             if start.burn_in_ended and self.accelerator.is_main_process:
-                self.publisher.push_burn_in_student(self.student, state.step)
-            labeled, unlabeled = self.batches.next_step(cfg.gradient_accumulation_steps)
+                phase.publisher.push_burn_in_student(phase.student, state.step)
+            labeled, unlabeled = phase.batches.next_step(cfg.gradient_accumulation_steps)
             # The student's step: labeled images, plus the strong views with the teacher's pseudo labels of the weak.
             uses_pseudo_labels = method.uses_pseudo_labels(state.step)
             observe = None
-            if uses_pseudo_labels and self.recipe.eval.pictures and self.due(cfg.eval_every, state.step + 1):
+            if uses_pseudo_labels and phase.recipe.eval.pictures and self.due(cfg.eval_every, state.step + 1):
                 observe = self.keep_for_picture(state.step)  # what the student is taught, for the evaluation's picture
-            outcome = train_step(self.model, labeled, self.optimizer, self.scheduler, self.accelerator, cfg.grad_clip,
-                                 method, unlabeled if uses_pseudo_labels else None, self.undo, observe,
-                                 start.scheduled)  # fmt: skip
+            outcome = train_step(phase.model, labeled, phase.optimizer, phase.scheduler, self.accelerator,
+                                 cfg.grad_clip, method, unlabeled if uses_pseudo_labels else None, phase.undo,
+                                 observe, start.scheduled)  # fmt: skip
             # A non-finite step never reaches the teacher or disk; too many in a row stop the run.
-            update_skipped = check_nonfinite_step(outcome, state, cfg, self.output_dir / "checkpoints")
-            method.after_step(state.step, self.student, update_skipped)  # EMA: the teacher follows the student
+            update_skipped = check_nonfinite_step(outcome, state, cfg, phase.output_dir / "checkpoints")
+            method.after_step(state.step, phase.student, update_skipped)  # EMA: the teacher follows the student
             state.step += 1
-            self.skipped_since_checkpoint += sum(b["skipped"] for b in labeled + (unlabeled or []))
-            self.log.add(outcome.logged)
+            phase.skipped_since_checkpoint += sum(b["skipped"] for b in labeled + (unlabeled or []))
+            phase.log.add(outcome.logged)
             progress.update(1)
             progress.set_postfix(bar_figures(outcome.logged), refresh=False)
-            # Periodic work, in this order.
-            if self.due(cfg.log_every, state.step):
-                self.write_log_line()
-            if self.due(cfg.eval_every, state.step):
-                self.evaluate_and_export_best()
-            if self.due(cfg.checkpoint_every, state.step):
-                self.save_checkpoint()
+            for every, work in periodic:
+                if self.due(every, state.step):
+                    work()
 
     def keep_for_picture(self, step: int) -> Callable[[dict[str, Any], PseudoLabels], None]:
         """What `train_step`'s loss calls with the unlabeled batch and its pseudo labels: the first images of them
         kept for the next evaluation's picture."""
 
         def keep(unlabeled: dict[str, Any], pseudo: PseudoLabels) -> None:
-            self.kept_pseudo_labels = keep_pseudo_labels(step, unlabeled, pseudo, self.recipe.eval.pictures)
+            self.phase.kept_pseudo_labels = keep_pseudo_labels(step, unlabeled, pseudo, self.phase.recipe.eval.pictures)
 
         return keep
 
@@ -437,21 +405,23 @@ class TrainingRecipe:
         speed, memory, and, after a launch's first step, its start-up time."""
         accelerator = self.accelerator
         # Bad records skipped so far (data.on_error: skip), over all processes.
-        skipped = accelerator.reduce(torch.tensor(self.skipped_since_checkpoint, device=accelerator.device), "sum")
-        counts = {"nonfinite_steps": self.state.nonfinite_steps, "data_skipped": self.state.data_skipped + skipped.item(),
-                  "step": self.state.step, "lr": self.scheduler.get_last_lr()[-1]}  # fmt: skip
-        log_record(accelerator, self.output_dir / "metrics.jsonl", self.log.record(accelerator, counts))
-        self.log = LogWindow(first_of_launch=False)
+        skipped = accelerator.reduce(
+            torch.tensor(self.phase.skipped_since_checkpoint, device=accelerator.device), "sum"
+        )
+        counts = {"nonfinite_steps": self.phase.state.nonfinite_steps, "data_skipped": self.phase.state.data_skipped + skipped.item(),
+                  "step": self.phase.state.step, "lr": self.phase.scheduler.get_last_lr()[-1]}  # fmt: skip
+        log_record(accelerator, self.phase.output_dir / "metrics.jsonl", self.phase.log.record(accelerator, counts))
+        self.phase.log = LogWindow(first_of_launch=False)
 
     # -- evaluation, checkpoints, the end ---------------------------------------------------------------------------
 
     def evaluate(self, model: torch.nn.Module) -> Evaluation:
         """Mask AP of `model` on the val split (`eval.max_images` of it): each process predicts its share."""
-        recipe, data, accelerator = self.recipe, self.data, self.accelerator
+        recipe, data, accelerator = self.phase.recipe, self.phase.data, self.accelerator
         val = data.val if recipe.eval.max_images is None else data.val.select(
             range(min(recipe.eval.max_images, len(data.val))))  # fmt: skip
-        settings = EvalSettings(recipe.data, self.divisibility, recipe.eval.top_k, recipe.eval.batch_size,
-                                min(recipe.data.num_workers, 2), accelerator.is_local_main_process, self.family)  # fmt: skip
+        settings = EvalSettings(recipe.data, self.phase.padding_divisor, recipe.eval.top_k, recipe.eval.batch_size,
+                                min(recipe.data.num_workers, 2), accelerator.is_local_main_process, self.phase.family)  # fmt: skip
         return evaluate_mask_ap(model, val, data.val_ground_truth, data.categories.ids, settings, accelerator.device,
                                 accelerator.process_index, accelerator.num_processes,
                                 gather_object if accelerator.num_processes > 1 else None)  # fmt: skip
@@ -459,25 +429,25 @@ class TrainingRecipe:
     def evaluate_and_export_best(self) -> None:
         """Val mask AP of the evaluated model (and of the teacher with `ssl.evaluate: both`); a new best is
         exported to `best/`. Rank 0 decides the best; every rank learns it for the next checkpoint."""
-        accelerator, step, state = self.accelerator, self.state.step, self.state
-        evaluation = self.evaluate(self.evaluated)
+        accelerator, step, state = self.accelerator, self.phase.state.step, self.phase.state
+        evaluation = self.evaluate(self.phase.evaluated)
         metrics = evaluation.metrics
         logged = {f"val/{k}": v for k, v in metrics.items()}
         logged.update({f"eval/{k}": v for k, v in evaluation.costs.items()})
-        if self.method.teacher is not None and self.recipe.ssl.evaluate == "both":
-            teacher_metrics = self.evaluate(self.method.teacher.model).metrics
+        if self.phase.method.teacher is not None and self.phase.recipe.ssl.evaluate == "both":
+            teacher_metrics = self.evaluate(self.phase.method.teacher.model).metrics
             logged.update({f"val_teacher/{k}": v for k, v in teacher_metrics.items()})
-        self.metrics = metrics
+        self.phase.metrics = metrics
         if accelerator.is_main_process:
-            write_results(self.output_dir / "predictions" / f"val_step_{step:08d}.json", evaluation.results)
-            log_record(accelerator, self.output_dir / "metrics.jsonl", {"step": step, **logged})
+            write_results(self.phase.output_dir / "predictions" / f"val_step_{step:08d}.json", evaluation.results)
+            log_record(accelerator, self.phase.output_dir / "metrics.jsonl", {"step": step, **logged})
             self.draw_pictures(evaluation, step)
             logger.info("step %d val mask AP %.2f (AP50 %.2f, AP75 %.2f)", step, metrics["AP"], metrics["AP50"],
                         metrics["AP75"])  # fmt: skip
             if metrics["AP"] > state.best_ap:
                 state.best_ap, state.best_step = metrics["AP"], step
                 self.draw_curves()
-                self.publisher.export(self.evaluated, "best", step, metrics)
+                self.phase.publisher.export(self.phase.evaluated, "best", step, metrics)
         if accelerator.num_processes > 1:  # rank 0 decided; the rest of the state is alike on every rank
             state.best_ap, state.best_step = broadcast_object_list([(state.best_ap, state.best_step)])[0]
 
@@ -491,21 +461,23 @@ class TrainingRecipe:
             logger.warning("step %d: the evaluation's pictures were not drawn (%s: %s)", step, type(e).__name__, e)
 
     def _draw_pictures(self, evaluation: Evaluation, step: int) -> None:
-        count, data = self.recipe.eval.pictures, self.data
+        count, data = self.phase.recipe.eval.pictures, self.phase.data
         if not count:
             return
         pictures = {}
-        evaluated = self.picture_examples[: min(count, len(data.val), self.recipe.eval.max_images or len(data.val))]
+        evaluated = self.phase.picture_examples[
+            : min(count, len(data.val), self.phase.recipe.eval.max_images or len(data.val))
+        ]
         pictures["val/predictions"] = prediction_picture(evaluated, evaluation.results, data.val_ground_truth,
                                                          data.categories.ids, data.categories.names, step)  # fmt: skip
         png = png_bytes(pictures["val/predictions"])  # encoded once: the folder's picture and the export's
-        save_picture(png, self.output_dir / "pictures" / f"val_step_{step:08d}.png")
-        self.publisher.pictures["predictions.png"] = png
-        kept, self.kept_pseudo_labels = self.kept_pseudo_labels, None
+        save_picture(png, self.phase.output_dir / "pictures" / f"val_step_{step:08d}.png")
+        self.phase.publisher.pictures["predictions.png"] = png
+        kept, self.phase.kept_pseudo_labels = self.phase.kept_pseudo_labels, None
         if kept is not None:
             pictures["pseudo/labels"] = pseudo_label_picture(kept, data.categories.names)
             save_picture(png_bytes(pictures["pseudo/labels"]),
-                         self.output_dir / "pictures" / f"pseudo_labels_step_{kept.step:08d}.png")  # fmt: skip
+                         self.phase.output_dir / "pictures" / f"pseudo_labels_step_{kept.step:08d}.png")  # fmt: skip
         log_pictures(self.accelerator.trackers, pictures, step)
 
     def draw_curves(self) -> None:
@@ -517,49 +489,51 @@ class TrainingRecipe:
             logger.warning("curves.png was not drawn (%s: %s)", type(e).__name__, e)
 
     def _draw_curves(self) -> None:
-        records = read_metrics_log(self.output_dir / "metrics.jsonl")
+        records = read_metrics_log(self.phase.output_dir / "metrics.jsonl")
         names = {"burn_in": "guided burn-in", "ema": "EMA distillation"}  # (supervised: as the bar calls it)
         phases = [(step, names.get(phase) or self.phase_label(step))
-                  for step, phase in self.method.phase_starts(self.recipe.train.max_steps)]  # fmt: skip
-        title = run_name(self.recipe).replace("$", r"\$")  # matplotlib reads $...$ as mathematics
-        path = plot_curves(records, self.output_dir / "curves.png", phases, title=title)
+                  for step, phase in self.phase.method.phase_starts(self.phase.recipe.train.max_steps)]  # fmt: skip
+        title = run_name(self.phase.recipe).replace("$", r"\$")  # matplotlib reads $...$ as mathematics
+        path = plot_curves(records, self.phase.output_dir / "curves.png", phases, title=title)
         if path is not None:
-            self.publisher.pictures["curves.png"] = path.read_bytes()
+            self.phase.publisher.pictures["curves.png"] = path.read_bytes()
 
     def save_checkpoint(self) -> None:
         """A checkpoint of the run: weights, optimizer, schedule, RNG, the EMA teacher, `state` (with the bad
         records of every process added up), each process's stream positions and, on several processes, the
         replicas' checksums."""
-        accelerator, state, teacher = self.accelerator, self.state, self.method.teacher
-        skipped = accelerator.reduce(torch.tensor(self.skipped_since_checkpoint, device=accelerator.device), "sum")
-        state.data_skipped, self.skipped_since_checkpoint = state.data_skipped + skipped.item(), 0
+        accelerator, state, teacher = self.accelerator, self.phase.state, self.phase.method.teacher
+        skipped = accelerator.reduce(
+            torch.tensor(self.phase.skipped_since_checkpoint, device=accelerator.device), "sum"
+        )
+        state.data_skipped, self.phase.skipped_since_checkpoint = state.data_skipped + skipped.item(), 0
         if accelerator.num_processes > 1:
-            state.replica_fingerprints = replica_fingerprints(accelerator, self.student, teacher)
-        check_finite(self.student, "the student")  # a checkpoint is always one a run can go on from
+            state.replica_fingerprints = replica_fingerprints(accelerator, self.phase.student, teacher)
+        check_finite(self.phase.student, "the student")  # a checkpoint is always one a run can go on from
         if teacher is not None:
             check_finite(teacher.model, "the teacher")
         # The checkpoint names the recipe that trained it: a relaunch compares its own with it.
         trainer_state = {**state.to_dict(), "num_processes": accelerator.num_processes,
-                         "recipe": recipe_to_dict(self.phase_recipe)}  # fmt: skip
-        extension_points = self.extension_points(self.recipe)
+                         "recipe": recipe_to_dict(self.phase.recorded_recipe)}  # fmt: skip
+        extension_points = self.extension_points(self.phase.recipe)
         if extension_points:  # custom ones only: a run of the recipe's own records nothing here
             trainer_state["extension_points"] = extension_points
-        save_checkpoint(accelerator, self.output_dir / "checkpoints", state.step, trainer_state,
-                        self.recipe.train.keep_checkpoints, self.batches.data_state(),
+        save_checkpoint(accelerator, self.phase.output_dir / "checkpoints", state.step, trainer_state,
+                        self.phase.recipe.train.keep_checkpoints, self.phase.batches.data_state(),
                         self.checkpointed_states())  # fmt: skip
 
     def checkpointed_states(self) -> list[Any]:
         """What a checkpoint keeps beside the model, optimizer and RNG: the schedule, and the EMA teacher (part of
         the run's state in phases 2-3), in this order."""
-        return [self.scheduler] + ([self.method.teacher] if self.method.teacher is not None else [])
+        return [self.phase.scheduler] + ([self.phase.method.teacher] if self.phase.method.teacher is not None else [])
 
     def finish(self) -> dict[str, float]:
         """The final export (also when the run was already complete and only resumed to this point), its
         metrics, and the final push; the phase's trackers end."""
-        accelerator, recipe, state = self.accelerator, self.recipe, self.state
-        metrics = self.metrics
+        accelerator, recipe, state = self.accelerator, self.phase.recipe, self.phase.state
+        metrics = self.phase.metrics
         if not metrics:  # a relaunch of a run whose last step was checkpointed but not exported
-            evaluation = self.evaluate(self.evaluated)
+            evaluation = self.evaluate(self.phase.evaluated)
             metrics = evaluation.metrics
             if accelerator.is_main_process:
                 self.draw_pictures(evaluation, state.step)
@@ -567,54 +541,21 @@ class TrainingRecipe:
             self.draw_curves()
             hub = recipe.hub  # a card pushed to a branch loads that branch
             model_id = (hub.repo_id + (f"@{hub.revision}" if hub.revision else "")) if hub.push else None
-            final = self.publisher.export(self.evaluated, "final", state.step, metrics, model_id)
+            final = self.phase.publisher.export(self.phase.evaluated, "final", state.step, metrics, model_id)
             final_summary = {"final": metrics, "best_ap": state.best_ap, "best_step": state.best_step}
-            write_text_atomic(self.output_dir / "final_metrics.json", json.dumps(final_summary, indent=2))
+            write_text_atomic(self.phase.output_dir / "final_metrics.json", json.dumps(final_summary, indent=2))
             print(format_metrics(metrics, state.step), flush=True)
-            if self.publisher.teacher_metrics is not None:
-                print(side_by_side(self.publisher.teacher_metrics, metrics), flush=True)
+            if self.phase.publisher.teacher_metrics is not None:
+                print(side_by_side(self.phase.publisher.teacher_metrics, metrics), flush=True)
             if recipe.hub.push:
                 message = f"Model after {state.step} steps (mask AP {metrics['AP']:.2f})"
-                if self.publisher.push(final, recipe.hub.revision, message) and recipe.hub.space_repo:
-                    self.publisher.push_space(final)
+                if self.phase.publisher.push(final, recipe.hub.revision, message) and recipe.hub.space_repo:
+                    self.phase.publisher.push_space(final)
         for tracker in accelerator.trackers:
             tracker.finish()
         accelerator.trackers.clear()  # the next phase starts its own
-        self.publisher.raise_failures()
+        self.phase.publisher.raise_failures()
         return metrics
-
-
-def build_student(recipe: Recipe, id2label: dict[int, str], family: ModelFamily | None = None) -> torch.nn.Module:
-    """The model a phase trains, seeded by `recipe.seed`: built from the recipe's `model` settings, or with
-    `ssl.student_init: teacher` from the teacher's export (`student_model_config`). The latter must be the
-    architecture the recipe describes (what recipe.yaml, a relaunch and the card say was trained): the recipe's
-    model is built too and their shapes compared, then the seed is drawn again, so the student from the teacher
-    is the one `model.pretrained=<the teacher's export>` builds (benchmarks/student_init_equivalence.py)."""
-    set_seed(recipe.seed)
-    model = build_model(recipe.model, id2label, family)
-    start = student_model_config(recipe)
-    if start is recipe.model:
-        return model
-    described = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    del model
-    set_seed(recipe.seed)
-    try:
-        model = build_model(start, id2label, family)
-    except ModelLoadError as e:  # the recipe never named model.pretrained: say where that path came from
-        raise ModelLoadError(f"ssl.student_init=teacher builds the student from ssl.teacher: {e}") from e
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    differ = sorted(n for n in described.keys() | shapes.keys() if described.get(n) != shapes.get(n))
-    if differ:
-        raise RecipeError(
-            f"ssl.student_init=teacher: ssl.teacher={recipe.ssl.teacher!r} is not the architecture of the recipe's "
-            f"model.* settings ({len(differ)} tensors differ, e.g. "
-            + ", ".join(
-                f"{n}: {shapes.get(n, 'absent')} in the teacher, {described.get(n, 'absent')} in the recipe"
-                for n in differ[:3]
-            )
-            + "): set model.* to the teacher's sizes, or ssl.student_init=pretrained"
-        )
-    return model
 
 
 def train(

@@ -661,12 +661,12 @@ def test_the_free_space_check_counts_a_resumed_runs_own_checkpoints_as_its_own(t
 def test_an_unexpected_error_exits_1_with_the_traceback_and_a_last_line_naming_it(
     synthetic_root, tmp_path, capsys, monkeypatch
 ):
-    import gd_hf.train as train_module
+    import gd_hf.phase as phase_module
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(train_module, "build_teacher", broken)
+    monkeypatch.setattr(phase_module, "build_teacher", broken)
     assert launch(synthetic_root, tmp_path / "run") == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert any("ZeroDivisionError: a bug" in line for line in lines)

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("gd_hf.method", "gd_hf.teacher", "gd_hf.teacher_check"),
     ("gd_hf.evaluation", "gd_hf.coco_metric"),
     ("gd_hf.public", "gd_hf.model_card", "gd_hf.export", "gd_hf.push", "gd_hf.space"),
-    ("gd_hf.checkpointing", "gd_hf.optim", "gd_hf.step", "gd_hf.distributed", "gd_hf.trackers", "gd_hf.run_info",
+    ("gd_hf.checkpointing", "gd_hf.optim", "gd_hf.step", "gd_hf.phase", "gd_hf.distributed", "gd_hf.trackers", "gd_hf.run_info",
      "gd_hf.run_log", "gd_hf.run_pictures", "gd_hf.publish"),
     ("gd_hf.train", "gd_hf.evaluate", "gd_hf.predict", "gd_hf.space_app", "gd_hf"),
 ]  # fmt: skip
@@ -35,7 +35,7 @@ KNOWN_CIRCLES: set[tuple[str, ...]] = set()
 MAX_FILE_LINES = 450
 MAX_FUNCTION_LINES = 80
 # path relative to gd_hf/ -> lines today (at most); (path, qualified function) -> the same. Still to split (issue 35).
-KNOWN_LONG_FILES: dict[str, int] = {"pictures.py": 470, "train.py": 681}
+KNOWN_LONG_FILES: dict[str, int] = {"pictures.py": 470, "train.py": 619}
 KNOWN_LONG_FUNCTIONS: dict[tuple[str, str], int] = {
     ("config/checks.py", "_ssl_checks"): 103,
     ("model_card.py", "build_model_card"): 98,

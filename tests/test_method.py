@@ -310,10 +310,10 @@ def test_a_one_launch_run_runs_both_phases_on_one_accelerator_and_ends_it_once(s
     import gc
     import weakref
 
-    import gd_hf.train as train_module
+    import gd_hf.phase as phase_module
 
     built, alive_at_build = [], []
-    real_build_model = train_module.build_model
+    real_build_model = phase_module.build_model
 
     def build_model_spy(*args, **kwargs):
         gc.collect()
@@ -322,7 +322,7 @@ def test_a_one_launch_run_runs_both_phases_on_one_accelerator_and_ends_it_once(s
         built.append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(train_module, "build_model", build_model_spy)
+    monkeypatch.setattr(phase_module, "build_model", build_model_spy)
     out = tmp_path / "run"
     overrides = tiny_overrides(synthetic_root, out) + ONE_LAUNCH_SSL + [
         "ssl.teacher_max_steps=2", "train.max_steps=2", "ssl.burn_in_steps=1", "train.checkpoint_every=2",
@@ -412,12 +412,12 @@ def test_the_end_of_phase_1_starts_phase_2_with_a_fresh_loss_scale_and_without_p
     training.accelerator.scaler.scale(torch.ones(()))  # as phase 1's steps would leave it: scale 8
     training.accelerator.scaler.update(new_scale=8.0)
     assert training.accelerator.scaler.get_scale() == 8.0
-    training.model = torch.nn.Linear(2, 2)
-    model = weakref.ref(training.model)
+    training.phase = SimpleNamespace(model=torch.nn.Linear(2, 2))  # (a phase's objects, as set_up holds them)
+    model = weakref.ref(training.phase.model)
     training.end_phase()
     assert training.accelerator.scaler.state_dict() == training.fresh_scaler_state
     assert training.accelerator.scaler.get_scale() == 2.0**16
-    assert model() is None and not hasattr(training, "model")
+    assert model() is None and training.phase is None  # dropped whole
 
 
 def test_the_readme_example_rule_runs_as_written(monkeypatch):

@@ -10,6 +10,7 @@ from transformers import Mask2FormerForUniversalSegmentation
 
 import gd_hf.method as method_module
 import gd_hf.models.common as model_common
+import gd_hf.phase as phase_module
 import gd_hf.train as train_module
 from gd_hf.config import RecipeError
 from gd_hf.data.loading import repeat_factors
@@ -459,7 +460,7 @@ def test_student_init_teacher_starts_the_student_from_the_teacher_with_a_fresh_c
     the class head is the teacher's; the class head is drawn afresh; the card says so. The paper's `pretrained`
     starts the student where the teacher started, not where it ended."""
     built, teachers = [], []
-    real_build, real_teacher = train_module.build_model, train_module.build_teacher
+    real_build, real_teacher = phase_module.build_model, phase_module.build_teacher
 
     def build_spy(cfg, id2label, family_):
         model = real_build(cfg, id2label, family_)
@@ -472,8 +473,8 @@ def test_student_init_teacher_starts_the_student_from_the_teacher_with_a_fresh_c
             teachers.append({k: v.detach().clone() for k, v in teacher.model.state_dict().items()})
         return teacher
 
-    monkeypatch.setattr(train_module, "build_model", build_spy)
-    monkeypatch.setattr(train_module, "build_teacher", teacher_spy)
+    monkeypatch.setattr(phase_module, "build_model", build_spy)
+    monkeypatch.setattr(phase_module, "build_teacher", teacher_spy)
     out = tmp_path / "run"
     overrides = tiny_overrides(synthetic_root, out) + ONE_LAUNCH_SSL + [f"ssl.student_init={student_init}"]
     if family == "eomt":
