@@ -35,15 +35,14 @@ from gd_hf.data.coco import load_coco, to_hf_dataset
 from gd_hf.data.prepare import RunData
 from gd_hf.data.splits import Split
 from gd_hf.data.synthetic import generate
-from gd_hf.models import build_model
-from gd_hf.models.mask2former import padding_divisor
+from gd_hf.method.teacher import EmaTeacher
+from gd_hf.models import build_model, family_of
 from gd_hf.optim import build_lr_scheduler, build_optimizer
-from gd_hf.teacher import EmaTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def loaders(source, recipe, divisibility: int, streaming: bool, num_workers: int):
+def loaders(source, recipe, padding_divisor: int, streaming: bool, num_workers: int):
     """The labeled and unlabeled batch iterators exactly as a run builds them (`build_train_batches`: the
     recipe's strong view, sampler, workers), over all of `source` as both splits."""
     recipe = dataclasses.replace(
@@ -57,7 +56,7 @@ def loaders(source, recipe, divisibility: int, streaming: bool, num_workers: int
     ids = sorted(source.images)
     categories = Categories(source.category_ids, source.category_names)
     data = RunData(records, records, None, None, categories, Split(ids, []))
-    batches = build_train_batches(recipe, data, 0, 1, divisibility, 0, None)
+    batches = build_train_batches(recipe, data, 0, 1, padding_divisor, 0, None)
     return batches.labeled, batches.unlabeled
 
 
@@ -79,8 +78,8 @@ def main() -> None:
         source = load_coco(root / "annotations" / "instances_train.json", root / "train")
         torch.manual_seed(0)
         model = build_model(recipe.model, source.id2label)
-        divisibility = padding_divisor(model)
-        labeled_iter, unlabeled_iter = loaders(source, recipe, divisibility, args.streaming, num_workers)
+        padding_divisor = family_of(model).padding_divisor(model)
+        labeled_iter, unlabeled_iter = loaders(source, recipe, padding_divisor, args.streaming, num_workers)
 
         # --- Loader side (the workers start and fill their queues during the warm-up batches).
         for _ in range(4):
@@ -97,7 +96,7 @@ def main() -> None:
 
     # --- Step side.
     ssl = dataclasses.replace(recipe.ssl, enabled=True, pseudo_label_score_threshold=0.0)
-    teacher = None if args.supervised else EmaTeacher(copy.deepcopy(model))
+    teacher = None if args.supervised else EmaTeacher(copy.deepcopy(model), family_of(model).scheduled_buffers)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_lr_scheduler(optimizer, recipe.train)

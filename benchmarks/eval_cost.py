@@ -143,7 +143,7 @@ def export_comparison(args: argparse.Namespace) -> None:
     from gd_hf.config import DataConfig
     from gd_hf.data.coco import load_coco, to_hf_dataset
     from gd_hf.data.loading import EvalDataset, collate_eval
-    from gd_hf.models.mask2former import padding_divisor
+    from gd_hf.models import family_of
 
     model = Mask2FormerForUniversalSegmentation.from_pretrained(args.export).eval()
     processor = AutoImageProcessor.from_pretrained(args.export)
@@ -153,7 +153,9 @@ def export_comparison(args: argparse.Namespace) -> None:
         eval_shortest_edge=processor.size["shortest_edge"], eval_longest_edge=processor.size["longest_edge"]
     )
     loader = torch.utils.data.DataLoader(
-        EvalDataset(records, data), batch_size=4, collate_fn=lambda b: collate_eval(b, padding_divisor(model))
+        EvalDataset(records, data),
+        batch_size=4,
+        collate_fn=lambda b: collate_eval(b, family_of(model).padding_divisor(model)),
     )
     category_ids = source.category_ids
     results = {"reference": [], "gd_hf": []}

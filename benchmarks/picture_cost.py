@@ -24,7 +24,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from gd_hf.pictures import plot_curves
+from gd_hf.curves import plot_curves
 from gd_hf.run_log import read_metrics_log
 from gd_hf.run_pictures import KeptPseudoLabels, prediction_picture, pseudo_label_picture
 

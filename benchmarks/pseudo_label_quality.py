@@ -9,7 +9,7 @@ weak view exactly as in distillation; the teacher's predictions are filtered wit
 threshold (the recipe's min area and mask threshold) and matched to the true objects (same class, mask IoU >=
 0.5); the wrong ones are sorted into duplicates, wrong class, mislocated (IoU 0.1-0.5) and background. Use it to
 see whether a teacher is worth distilling from before spending a run on it, and which threshold its confidence
-supports. The measurement is `gd_hf.teacher_check.measure_teacher`, the one a training run's teacher check
+supports. The measurement is `gd_hf.method.teacher_check.measure_teacher`, the one a training run's teacher check
 (`ssl.teacher_check`) makes on val before distilling.
 """
 
@@ -24,14 +24,14 @@ import torch
 from gd_hf.config import load_recipe
 from gd_hf.data.coco import load_coco, to_hf_dataset
 from gd_hf.method import PseudoLabelRules
+from gd_hf.method.teacher_check import WRONG_KINDS, measure_teacher
 from gd_hf.models import family_of, load_export
-from gd_hf.teacher_check import WRONG_KINDS, measure_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def quality_table(teacher, records: datasets.Dataset, recipe, images: int, thresholds: list[float]) -> str:
-    """The table this benchmark prints; the measurement is `gd_hf.teacher_check.measure_teacher`, the one the
+    """The table this benchmark prints; the measurement is `gd_hf.method.teacher_check.measure_teacher`, the one the
     training run's teacher check makes."""
     rules = PseudoLabelRules.from_recipe(recipe.ssl)  # the run's rules, at each threshold
     family = family_of(teacher)  # the teacher predicts as a fixed teacher does (EoMT: without masks)

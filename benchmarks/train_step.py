@@ -45,10 +45,10 @@ from gd_hf.data.loading import (
 )
 from gd_hf.data.synthetic import generate
 from gd_hf.method import GuidedDistillation
+from gd_hf.method.teacher import EmaTeacher
 from gd_hf.models import build_model, family_for
 from gd_hf.optim import build_lr_scheduler, build_optimizer
 from gd_hf.step import UpdateUndo, train_step
-from gd_hf.teacher import EmaTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def main() -> None:
         unlabeled_set = UnlabeledTrainDataset(to_hf_dataset(source, with_labels=False), recipe.data)
         unlabeled = collate_unlabeled([unlabeled_set[i] for i in indices], divisor, family.black_padding)
     ssl = dataclasses.replace(recipe.ssl, enabled=True, pseudo_label_score_threshold=0.0)
-    teacher = EmaTeacher(copy.deepcopy(model)) if args.distill else None
+    teacher = EmaTeacher(copy.deepcopy(model), family.scheduled_buffers) if args.distill else None
     method = (GuidedDistillation(ssl, family, teacher) if teacher is not None
               else GuidedDistillation.supervised(family))  # fmt: skip
 

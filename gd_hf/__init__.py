@@ -10,8 +10,8 @@ The package, in the order a run goes through it (docs/layout.md has the map, mod
   (`batches`), the synthetic set;
 - models: `models/` — one module per family (`mask2former`, `eomt`), what they share (`common`), the protocol a
   family follows (`protocol.ModelFamily`) and the one list of built-in families (`models.BUILT_IN_FAMILIES`);
-- method: `method` (`GuidedDistillation`: teacher, schedule, loss; `PseudoLabelRules`; the extension points),
-  `teacher` (frozen, then EMA), `pseudo_labels` (the rules' filter, quality), `teacher_check`;
+- method: `method/` — `distillation` (`GuidedDistillation`: teacher, schedule, loss; `PseudoLabelRules`; the
+  extension points), `teacher` (frozen, then EMA), `pseudo_labels` (the rules' filter, quality), `teacher_check`;
 - a run: `train` (`TrainingRecipe`: the launch, the loop, the periodic work, the command), `phase` (`Phase`:
   what one phase trains with), `step` (one optimizer step), `optim` (AdamW groups, the schedule),
   `checkpointing` (state, resume, which checkpoint reads whole), `run_info` (launch records, the relaunch
@@ -21,8 +21,8 @@ The package, in the order a run goes through it (docs/layout.md has the map, mod
   `coco_metric` (`CocoMaskAP`, the metric for the `evaluate` library), `publish` (exports, model cards, pushes:
   `export`, `model_card`, `push`; `public`: what they may say of this machine), `predict`, `space` (a Gradio
   Space: `space_app`);
-- what people see: `trackers` (`train.report_to`), `pictures` (overlays, grids, curves) and `run_pictures`
-  (what each evaluation draws).
+- what people see: `trackers` (`train.report_to`), `pictures` (overlays, grids), `curves` (`curves.png`) and
+  `run_pictures` (what each evaluation draws).
 """
 
 __version__ = "0.1.0"

@@ -10,8 +10,8 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, gather_object
 
 from gd_hf.config import Recipe, RecipeError
+from gd_hf.method.teacher import EmaTeacher
 from gd_hf.step import TrainingError
-from gd_hf.teacher import EmaTeacher
 
 
 class ReplicasDivergedError(TrainingError):

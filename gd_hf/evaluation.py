@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from gd_hf.config import DataConfig
 from gd_hf.data.ground_truth import ground_truth_from_json
 from gd_hf.data.loading import EvalDataset, collate_eval
+from gd_hf.files import write_text_atomic
 from gd_hf.models import ModelFamily, family_of
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
@@ -368,7 +369,7 @@ def evaluate_mask_ap(
         num_workers=settings.num_workers,
         collate_fn=partial(
             collate_eval,
-            divisibility=settings.divisibility,
+            padding_divisor=settings.padding_divisor,
             black_padding=family.black_padding,
         ),  # fmt: skip
     )
@@ -392,7 +393,7 @@ class EvalSettings:
     model family (None: the built-in family of the model's `model_type`)."""
 
     data: DataConfig
-    divisibility: int
+    padding_divisor: int
     top_k: int = 100
     batch_size: int = 2
     num_workers: int = 2
@@ -402,8 +403,4 @@ class EvalSettings:
 
 def write_results(path: str | Path, results: list[dict[str, Any]]) -> None:
     """Write COCO-JSON results atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(results))

@@ -41,13 +41,25 @@ def replace_durably(source: str | Path, target: str | Path) -> None:
     fsync_path(Path(target).parent)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file renamed into place (durably)."""
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` (its folder made if missing) through a temporary file renamed into place, durably:
+    a crash leaves the previous file or none, never a torn one. The one way gd_hf writes a file in place."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # (ends in neither .json nor .png: globs skip it)
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """`write_bytes_atomic` of `text` in UTF-8."""
+    return write_bytes_atomic(path, text.encode("utf-8"))

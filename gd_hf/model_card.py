@@ -17,6 +17,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from gd_hf.config import Recipe, recipe_to_dict
+from gd_hf.files import write_text_atomic
 from gd_hf.models import BUILT_IN_FAMILIES, ModelFamily
 from gd_hf.public import is_hub_id
 
@@ -220,13 +221,9 @@ def _versions(summary: RunSummary) -> str:
     return "\n".join(f"- {name} {version}" for name, version in summary.versions.items() if version)
 
 
-def build_model_card(summary: RunSummary, model_id: str) -> ModelCard:
-    """The card of a model exported by a run; `model_id` is what users pass to `from_pretrained` (repo id, or the
-    export's public path)."""
+def _card_data(summary: RunSummary, name: str, datasets: list[str], eval_name: str) -> ModelCardData:
+    """The card's Hub metadata: library, pipeline, tags, license, base model, data sets, the model-index."""
     recipe = summary.recipe
-    published = summary.published_recipe if summary.published_recipe is not None else recipe_to_dict(recipe)
-    datasets, eval_name = _dataset_names(recipe)
-    name = summary.name or hub_revision(model_id)[0].rstrip("/").split("/")[-1]
     eval_results = [
         EvalResult(
             task_type="image-segmentation",
@@ -240,7 +237,7 @@ def build_model_card(summary: RunSummary, model_id: str) -> ModelCard:
         for k, v in summary.metrics.items()
         if k in METRIC_NAMES and v >= 0
     ]
-    card_data = ModelCardData(
+    return ModelCardData(
         model_name=name,
         library_name="transformers",
         pipeline_tag="image-segmentation",
@@ -250,11 +247,10 @@ def build_model_card(summary: RunSummary, model_id: str) -> ModelCard:
         datasets=datasets or None,
         eval_results=eval_results or None,
     )
-    family = summary.family if summary.family is not None else BUILT_IN_FAMILIES[recipe.model.family]()
-    pretrained = (published.get("model") or {}).get("pretrained", recipe.model.pretrained)  # (public: no local path)
-    family_card = family.card(recipe.model, pretrained)
-    phases, rows = _training_phases(summary), _metric_rows(summary)
-    example = summary.examples[0] if summary.examples else None
+
+
+def _picture_paragraphs(summary: RunSummary) -> tuple[str, str]:
+    """The card's predictions and curves pictures with their captions ("" for a picture the export lacks)."""
     predictions = ""
     if "predictions.png" in summary.pictures:
         predictions = ("\n![Predictions on validation images](predictions.png)\n\n*This model's instances on "
@@ -264,6 +260,23 @@ def build_model_card(summary: RunSummary, model_id: str) -> ModelCard:
         curves = ("\n![Training curves](curves.png)\n\n*Validation mask AP, the losses and the pseudo labels "
                   "(per image; precision and recall where the data carry hidden labels) over the training steps; "
                   "dashed lines mark the phases.*\n")  # fmt: skip
+    return predictions, curves
+
+
+def build_model_card(summary: RunSummary, model_id: str) -> ModelCard:
+    """The card of a model exported by a run; `model_id` is what users pass to `from_pretrained` (repo id, or the
+    export's public path)."""
+    recipe = summary.recipe
+    published = summary.published_recipe if summary.published_recipe is not None else recipe_to_dict(recipe)
+    datasets, eval_name = _dataset_names(recipe)
+    name = summary.name or hub_revision(model_id)[0].rstrip("/").split("/")[-1]
+    card_data = _card_data(summary, name, datasets, eval_name)
+    family = summary.family if summary.family is not None else BUILT_IN_FAMILIES[recipe.model.family]()
+    pretrained = (published.get("model") or {}).get("pretrained", recipe.model.pretrained)  # (public: no local path)
+    family_card = family.card(recipe.model, pretrained)
+    phases, rows = _training_phases(summary), _metric_rows(summary)
+    example = summary.examples[0] if summary.examples else None
+    predictions, curves = _picture_paragraphs(summary)
     versions = _versions(summary)
     body = f"""
 # {name}
@@ -351,7 +364,6 @@ def card_for_repo(folder: str | Path, repo_id: str, revision: str | None = None)
     name = repo_id.rstrip("/").split("/")[-1]
     summary = RunSummary(recipe=recipe, name=name, published_recipe=published,
                          **{k: facts[k] for k in CARD_FACTS if k in facts})  # fmt: skip
-    tmp = folder / ".README.md.tmp"
-    build_model_card(summary, f"{repo_id}@{revision}" if revision else repo_id).save(tmp)
-    tmp.replace(folder / "README.md")
+    card = build_model_card(summary, f"{repo_id}@{revision}" if revision else repo_id)
+    write_text_atomic(folder / "README.md", str(card))  # (as ModelCard.save writes it: UTF-8, newlines kept)
     return True

@@ -18,6 +18,7 @@ from gd_hf.config import Recipe, RecipeError
 from gd_hf.data.batches import TrainBatches
 from gd_hf.data.prepare import RunData
 from gd_hf.method import GuidedDistillation, PseudoLabelRule
+from gd_hf.method.teacher import build_teacher, student_model_config
 from gd_hf.models import ModelFamily, build_model, family_for
 from gd_hf.models.common import ModelLoadError
 from gd_hf.optim import build_lr_scheduler, build_optimizer
@@ -26,7 +27,6 @@ from gd_hf.run_info import check_output_folder, run_storage_bytes
 from gd_hf.run_log import LogWindow
 from gd_hf.run_pictures import KeptPseudoLabels
 from gd_hf.step import UpdateUndo
-from gd_hf.teacher import build_teacher, student_model_config
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pycocotools.coco import COCO
 
 from gd_hf.data.images import read_image
 from gd_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from gd_hf.files import write_bytes_atomic
 from gd_hf.pictures import draw_overlay, picture_grid
 
 PREDICTION_THRESHOLD = 0.5  # the score above which the pictures show an instance (gd_hf.predict's default)
@@ -167,8 +168,4 @@ def jpeg_bytes(image: Image.Image) -> bytes:
 
 def save_picture(png: bytes, path: Path) -> Path:
     """Write a PNG (`png_bytes`) atomically (a crash leaves the previous picture or none)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(png)
-    tmp.replace(path)
-    return path
+    return write_bytes_atomic(path, png)

@@ -205,7 +205,7 @@ def write_space(
     metadata = card_metadata(source.folder)
     metrics = read_json(source.folder / "eval_results.json")
     # (a config.json without model_type: the default family's, as transformers' Auto classes could not load it)
-    family = display_name(config.get("model_type") or ModelConfig.family, "")
+    family = display_name(config.get("model_type") or ModelConfig.family, config.get("model_type") or "")
     title = title or default_title(source)
 
     out.mkdir(parents=True, exist_ok=True)

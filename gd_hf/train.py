@@ -39,6 +39,7 @@ from gd_hf.checkpointing import (
     save_checkpoint,
 )
 from gd_hf.config import Recipe, RecipeError, load_recipe, names_a_checkpoint, recipe_to_dict, teacher_recipe_of
+from gd_hf.curves import plot_curves
 from gd_hf.data.batches import build_train_batches
 from gd_hf.data.coco import DataError
 from gd_hf.data.prepare import RunData, prepare_data
@@ -51,10 +52,10 @@ from gd_hf.method import (
     check_extension_points,
     describe_extension,
 )
+from gd_hf.method.pseudo_labels import PseudoLabels
+from gd_hf.method.teacher_check import check_teacher, teacher_check_note
 from gd_hf.models import ModelFamily, check_recipe
 from gd_hf.phase import Phase, build_phase
-from gd_hf.pictures import plot_curves
-from gd_hf.pseudo_labels import PseudoLabels
 from gd_hf.public import public_recipe, run_name
 from gd_hf.publish import Publisher
 from gd_hf.push import PushError
@@ -87,7 +88,6 @@ from gd_hf.run_pictures import (
     val_examples,
 )
 from gd_hf.step import TrainingError, check_nonfinite_step, train_step
-from gd_hf.teacher_check import check_teacher, teacher_check_note
 from gd_hf.trackers import build_trackers, chosen_trackers, hyperparameters, log_pictures
 from gd_hf.weights import NonFiniteWeightsError, check_finite
 

@@ -18,8 +18,8 @@ from transformers.models.eomt import modeling_eomt
 
 from gd_hf.config import SslConfig
 from gd_hf.method import GuidedDistillation, Predictions, one_frame
+from gd_hf.method.teacher import EmaTeacher
 from gd_hf.models.eomt import EomtFamily, MaskAnnealing, mask_probabilities, set_mask_probabilities
-from gd_hf.teacher import EmaTeacher
 
 from .conftest import demo_recipe
 from .test_ddp_units import _fixed_points, _same_draw_for_the_same_shape
@@ -578,7 +578,7 @@ def test_evaluation_feeds_eomt_the_pixels_its_exported_processor_feeds_it(size):
     h, w = eval_size(*size, data.eval_shortest_edge, data.eval_longest_edge)
     resized, _ = resize(pixels, torch.zeros(0, *size, dtype=torch.bool), h, w)
     sample = {"image": resized, "image_id": 1, "original_size": size}
-    ours = collate_eval([sample], divisibility=64, black_padding=EomtFamily.black_padding)["pixel_values"][0]
+    ours = collate_eval([sample], padding_divisor=64, black_padding=EomtFamily.black_padding)["pixel_values"][0]
     assert ours.shape == expected.shape == (3, 64, 64)
     inside = torch.zeros(64, 64, dtype=torch.bool)
     inside[:h, :w] = True
@@ -668,9 +668,10 @@ def test_a_teacher_or_checkpoint_of_the_other_family_is_refused_naming_the_key(t
     """`ssl.teacher` a Mask2Former export for an EoMT student (and the reverse), `model.pretrained` an EoMT
     checkpoint for a Mask2Former: a recipe error that says what to set, before any training."""
     from gd_hf.config import RecipeError
+    from gd_hf.method.teacher import build_teacher
     from gd_hf.models import build_model
     from gd_hf.models.common import ModelLoadError
-    from gd_hf.teacher import build_teacher
+    from gd_hf.models.mask2former import Mask2FormerFamily
 
     from .conftest import EOMT_TINY, tiny_overrides
 
@@ -690,6 +691,13 @@ def test_a_teacher_or_checkpoint_of_the_other_family_is_refused_naming_the_key(t
     cfg = dataclasses.replace(m2f_recipe.model, pretrained=str(tmp_path / "eomt"))
     with pytest.raises(ModelLoadError, match="is an EoMT checkpoint: set model.family=eomt"):
         build_model(cfg, id2label)
+    cfg = dataclasses.replace(eomt_recipe.model, pretrained=str(tmp_path / "m2f"))
+    with pytest.raises(ModelLoadError, match="is a Mask2Former checkpoint: set model.family=mask2former"):
+        build_model(cfg, id2label)
+    # The EMA teacher an EoMT run builds never averages the buffer the family writes from the step.
+    teacher_recipe = dataclasses.replace(eomt_recipe, ssl=dataclasses.replace(eomt_recipe.ssl, teacher=None))
+    assert build_teacher(teacher_recipe, eomt, id2label, EomtFamily()).scheduled_buffers == ("attn_mask_probs",)
+    assert build_teacher(m2f_recipe, m2f, id2label, Mask2FormerFamily()).scheduled_buffers == ()
 
 
 def test_gd_hf_predict_refuses_an_eomt_export_whose_processor_asks_for_a_larger_size(tmp_path, capsys):

@@ -20,9 +20,9 @@ from pycocotools import mask as mask_utils
 
 from gd_hf.data.coco import DataError, load_coco
 from gd_hf.train import main
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import EOMT_TINY, ROOT, tiny_overrides
 
-from .conftest import DEMO_RECIPE
+from .conftest import DEMO_RECIPE, demo_recipe
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +233,15 @@ RECIPE_CASES = [
     ("crop absurd", ["data.crop_size=100000"], "data.crop_size must be <= 8192"),
     ("points absurd", ["model.train_num_points=100000000000"], "model.train_num_points"),
     ("queries absurd", ["model.num_queries=100000000"], "model.num_queries"),
+    # The model family's own checks (`ModelFamily.recipe_problems`): run when training starts, before any work.
+    ("unknown family", ["model.family=maskrcnn"], "model.family: 'maskrcnn' is not one of 'mask2former', 'eomt'"),
+    ("layer lr decay for Mask2Former", ["train.layer_lr_decay=0.8"], "train.layer_lr_decay applies to EoMT's ViT only"),
+    (
+        "EoMT crop over its square",
+        [*EOMT_TINY, "data.crop_size=128"],
+        "data.crop_size must be <= model.eomt_image_size",
+    ),
+    ("EoMT heads", [*EOMT_TINY, "model.eomt_heads=3"], "model.eomt_heads must be > 0 and divide"),
 ]
 
 
@@ -330,12 +339,11 @@ def test_a_bad_val_image_stops_the_run_before_anything_is_written(synthetic_root
 
 
 def test_evaluate_on_a_file_without_images_is_an_error(synthetic_root, tmp_path, capsys):
-    from gd_hf.config import load_recipe
     from gd_hf.evaluate import main as evaluate_main
     from gd_hf.models import build_model
     from gd_hf.models.mask2former import build_image_processor
 
-    recipe = load_recipe(DEMO_RECIPE, tiny_overrides(synthetic_root, tmp_path / "run"))
+    recipe = demo_recipe(tiny_overrides(synthetic_root, tmp_path / "run"))
     model = build_model(recipe.model, {0: "a", 1: "b", 2: "c", 3: "d"})
     model.save_pretrained(tmp_path / "model")
     build_image_processor(model, recipe.data).save_pretrained(tmp_path / "model")
@@ -385,10 +393,9 @@ def test_predict_skips_a_decompression_bomb_and_predicts_the_rest(tmp_path, monk
 def test_a_half_padded_batch_gives_a_random_init_swin_an_ordinary_gradient(synthetic_root, tmp_path):
     """transformers initialises Swin's patch-embedding bias to 0: a zero-padded patch then embeds to an exact zero
     vector, and a LayerNorm over it scales the gradient by 1/sqrt(eps) (~1e8 here before the fix)."""
-    from gd_hf.config import load_recipe
     from gd_hf.models import build_model
 
-    recipe = load_recipe(DEMO_RECIPE, tiny_overrides(synthetic_root, tmp_path / "run"))
+    recipe = demo_recipe(tiny_overrides(synthetic_root, tmp_path / "run"))
     for seed in range(3):
         torch.manual_seed(seed)
         model = build_model(recipe.model, {0: "a", 1: "b"})
@@ -468,13 +475,12 @@ def test_without_undo_such_a_step_stops_the_run_and_nothing_non_finite_is_writte
 
 
 def test_exports_and_checkpoints_refuse_non_finite_weights(synthetic_root, tmp_path):
-    from gd_hf.config import load_recipe
     from gd_hf.export import export_model
     from gd_hf.models import build_model
     from gd_hf.models.mask2former import build_image_processor
     from gd_hf.weights import NonFiniteWeightsError
 
-    recipe = load_recipe(DEMO_RECIPE, tiny_overrides(synthetic_root, tmp_path / "run"))
+    recipe = demo_recipe(tiny_overrides(synthetic_root, tmp_path / "run"))
     model = build_model(recipe.model, {0: "a"})
     with torch.no_grad():
         next(model.parameters()).view(-1)[0] = float("inf")
@@ -830,11 +836,10 @@ def test_a_val_set_without_objects_stops_at_start(synthetic_root, tmp_path, caps
 
 
 def test_a_teacher_with_non_finite_weights_is_refused_at_start(synthetic_root, tmp_path, capsys):
-    from gd_hf.config import load_recipe
     from gd_hf.models import build_model
     from gd_hf.models.mask2former import build_image_processor
 
-    recipe = load_recipe(DEMO_RECIPE, tiny_overrides(synthetic_root, tmp_path / "run"))
+    recipe = demo_recipe(tiny_overrides(synthetic_root, tmp_path / "run"))
     names = [
         c["name"]
         for c in json.loads((synthetic_root / "annotations" / "instances_train.json").read_text())["categories"]

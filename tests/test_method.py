@@ -17,11 +17,11 @@ from accelerate.state import AcceleratorState
 import gd_hf.distributed as distributed
 from gd_hf.config import RecipeError, SslConfig
 from gd_hf.method import GuidedDistillation, Predictions, PseudoLabelRules, check_extension_points
+from gd_hf.method.pseudo_labels import PseudoLabels, filter_pseudo_labels
+from gd_hf.method.teacher import EmaTeacher
 from gd_hf.models import build_model
 from gd_hf.models.common import loss_terms
 from gd_hf.models.mask2former import Mask2FormerFamily
-from gd_hf.pseudo_labels import PseudoLabels, filter_pseudo_labels
-from gd_hf.teacher import EmaTeacher
 from gd_hf.train import train
 
 from .conftest import ONE_LAUNCH_SSL, ROOT, demo_recipe, tiny_overrides

@@ -20,11 +20,11 @@ from accelerate import Accelerator
 import gd_hf.models.common as model_common
 from gd_hf.data.loading import collate_train, collate_unlabeled, pad_batch
 from gd_hf.method import GuidedDistillation, one_frame
+from gd_hf.method.teacher import EmaTeacher
 from gd_hf.models import build_model
 from gd_hf.models.mask2former import Mask2FormerFamily
 from gd_hf.optim import build_lr_scheduler, build_optimizer
 from gd_hf.step import train_step
-from gd_hf.teacher import EmaTeacher
 
 from .conftest import demo_recipe, tiny_overrides
 

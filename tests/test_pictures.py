@@ -1,4 +1,4 @@
-"""gd_hf.pictures: overlays readable at any size, grids of panels, curves.png of a run's metrics."""
+"""gd_hf.pictures and gd_hf.curves: overlays readable at any size, grids of panels, curves.png of a run's metrics."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from gd_hf.curves import curve_series, curves_figure, figure_size_px, phase_marks, plot_curves
 from gd_hf.pictures import (
-    curve_series,
-    curves_figure,
     draw_overlay,
-    figure_size_px,
     instance_colors,
     label_anchor,
     label_box_size,
@@ -21,10 +19,8 @@ from gd_hf.pictures import (
     mask_outline,
     outline_width,
     panel_gap,
-    phase_marks,
     picture_grid,
     place_label,
-    plot_curves,
     text_color_on,
 )
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gd_hf.pseudo_labels import PseudoLabels, filter_pseudo_labels, pseudo_label_quality
+from gd_hf.method.pseudo_labels import PseudoLabels, filter_pseudo_labels, pseudo_label_quality
 
 from .conftest import DEMO_RECIPE
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Mask2FormerForUniversalSegmentation
 
-import gd_hf.method as method_module
+import gd_hf.method.distillation as method_module
 import gd_hf.models.common as model_common
 import gd_hf.phase as phase_module
 import gd_hf.train as train_module

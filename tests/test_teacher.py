@@ -2,8 +2,8 @@ import torch
 
 from gd_hf.config import SslConfig
 from gd_hf.method import GuidedDistillation
+from gd_hf.method.teacher import EmaTeacher
 from gd_hf.models.mask2former import Mask2FormerFamily
-from gd_hf.teacher import EmaTeacher
 
 
 def pair():

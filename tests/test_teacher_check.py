@@ -14,17 +14,16 @@ import torch
 import yaml
 from PIL import Image
 
-import gd_hf.teacher_check as check_module
+import gd_hf.method.teacher_check as check_module
 import gd_hf.train as train_module
-from gd_hf.config import load_recipe
 from gd_hf.data.prepare import prepare_data
 from gd_hf.method import PseudoLabelRules
+from gd_hf.method.teacher_check import measure_teacher
 from gd_hf.models import build_model
 from gd_hf.models.mask2former import build_image_processor, padding_divisor
-from gd_hf.teacher_check import measure_teacher
 from gd_hf.train import build_accelerator, main, train
 
-from .conftest import DEMO_RECIPE, ROOT, tiny_overrides
+from .conftest import DEMO_RECIPE, ROOT, demo_recipe, tiny_overrides
 from .test_one_frame import LOGIT, perfect_outputs
 
 
@@ -104,7 +103,7 @@ def make_teacher_perfect(monkeypatch, right_class: bool = True):
 
 
 def test_a_random_init_teacher_is_stopped_before_anything_is_written(squares, tmp_path, capsys):
-    recipe = load_recipe(DEMO_RECIPE, tiny_overrides(squares, tmp_path / "x"))
+    recipe = demo_recipe(tiny_overrides(squares, tmp_path / "x"))
     teacher = export_teacher(tmp_path / "teacher", recipe)
     out = tmp_path / "run"
     assert main([DEMO_RECIPE, *squares_overrides(squares, out, teacher)]) == 2
@@ -118,11 +117,11 @@ def test_a_random_init_teacher_is_stopped_before_anything_is_written(squares, tm
 def test_a_teacher_that_teaches_passes_and_its_figures_reach_the_log_and_the_card(
     squares, tmp_path, monkeypatch, capsys
 ):
-    recipe = load_recipe(DEMO_RECIPE, tiny_overrides(squares, tmp_path / "x"))
+    recipe = demo_recipe(tiny_overrides(squares, tmp_path / "x"))
     teacher = export_teacher(tmp_path / "teacher", recipe)
     make_teacher_perfect(monkeypatch)
     out = tmp_path / "run"
-    train(load_recipe(DEMO_RECIPE, squares_overrides(squares, out, teacher)))
+    train(demo_recipe(squares_overrides(squares, out, teacher)))
     (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "teacher_check" in x]
     assert line["step"] == 0
     assert line["teacher_check/precision"] == 1.0 and line["teacher_check/recall"] == 1.0
@@ -132,25 +131,25 @@ def test_a_teacher_that_teaches_passes_and_its_figures_reach_the_log_and_the_car
 
 
 def test_a_teacher_of_wrong_labels_stops_with_stop_and_goes_on_with_warn(squares, tmp_path, monkeypatch, caplog):
-    recipe = load_recipe(DEMO_RECIPE, tiny_overrides(squares, tmp_path / "x"))
+    recipe = demo_recipe(tiny_overrides(squares, tmp_path / "x"))
     teacher = export_teacher(tmp_path / "teacher", recipe)
     make_teacher_perfect(monkeypatch, right_class=False)
     with pytest.raises(check_module.TeacherCheckError, match="only 0% of its pseudo labels are right"):
-        train(load_recipe(DEMO_RECIPE, squares_overrides(squares, tmp_path / "stopped", teacher)))
+        train(demo_recipe(squares_overrides(squares, tmp_path / "stopped", teacher)))
     out = tmp_path / "warned"
-    train(load_recipe(DEMO_RECIPE, squares_overrides(squares, out, teacher, "ssl.teacher_check=warn")))
+    train(demo_recipe(squares_overrides(squares, out, teacher, "ssl.teacher_check=warn")))
     assert "should not teach" in caplog.text
     (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "teacher_check" in x]
     assert line["teacher_check/precision"] == 0.0 and line["teacher_check/fp_wrong_class"] == 1.0
 
 
 def test_off_skips_the_check_and_a_resumed_run_does_not_repeat_it(squares, tmp_path, monkeypatch):
-    recipe = load_recipe(DEMO_RECIPE, tiny_overrides(squares, tmp_path / "x"))
+    recipe = demo_recipe(tiny_overrides(squares, tmp_path / "x"))
     teacher = export_teacher(tmp_path / "teacher", recipe)
     calls = []
     real = check_module.measure_teacher
     monkeypatch.setattr(check_module, "measure_teacher", lambda *a, **k: calls.append(1) or real(*a, **k))
-    train(load_recipe(DEMO_RECIPE, squares_overrides(squares, tmp_path / "off", teacher, "ssl.teacher_check=off")))
+    train(demo_recipe(squares_overrides(squares, tmp_path / "off", teacher, "ssl.teacher_check=off")))
     assert calls == []
     out = tmp_path / "resumed"
     warn = ("ssl.teacher_check=warn", "train.checkpoint_every=1")
@@ -158,10 +157,10 @@ def test_off_skips_the_check_and_a_resumed_run_does_not_repeat_it(squares, tmp_p
     save_then_crash = save_then_crash_at(real_save, 1)
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        train(load_recipe(DEMO_RECIPE, squares_overrides(squares, out, teacher, *warn)))
+        train(demo_recipe(squares_overrides(squares, out, teacher, *warn)))
     assert calls == [1]
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    train(load_recipe(DEMO_RECIPE, squares_overrides(squares, out, teacher, *warn)))
+    train(demo_recipe(squares_overrides(squares, out, teacher, *warn)))
     assert calls == [1]  # checked at the run's start, not at the resume
     lines = [x for x in (out / "metrics.jsonl").read_text().splitlines() if "teacher_check" in x]
     assert len(lines) == 1  # and logged once
@@ -170,7 +169,7 @@ def test_off_skips_the_check_and_a_resumed_run_does_not_repeat_it(squares, tmp_p
 def test_the_check_and_the_benchmark_measure_the_same(squares, tmp_path, monkeypatch):
     """benchmarks/pseudo_label_quality.py and the run's check share `measure_teacher`: on the same images and
     threshold their figures agree."""
-    recipe = load_recipe(DEMO_RECIPE, squares_overrides(squares, tmp_path / "run", tmp_path / "teacher"))
+    recipe = demo_recipe(squares_overrides(squares, tmp_path / "run", tmp_path / "teacher"))
     model = build_model(recipe.model, {0: "square", 1: "other"}).eval()
     make_teacher_perfect(monkeypatch)
     data = prepare_data(recipe, build_accelerator(recipe))
@@ -239,7 +238,7 @@ SWEEP = 2 * 19  # the check's filterings of the 8 squares: 2 batches x 19 thresh
 def spy_thresholds(monkeypatch) -> list[float]:
     """The score thresholds of every pseudo-label filtering: the teacher check's sweep (19 thresholds, once per
     batch of its 8 images, 4 a batch), then the student's steps (what flows into the loss)."""
-    import gd_hf.method as method_module
+    import gd_hf.method.distillation as method_module
 
     used, real = [], method_module.filter_pseudo_labels
     monkeypatch.setattr(method_module, "filter_pseudo_labels",
@@ -250,16 +249,16 @@ def spy_thresholds(monkeypatch) -> list[float]:
 def test_auto_threshold_reaches_the_rule_the_log_the_checkpoint_the_card_and_the_curves(
     squares, tmp_path, monkeypatch, capsys
 ):
-    from gd_hf.pictures import curve_series, threshold_label
+    from gd_hf.curves import curve_series, threshold_label
 
-    recipe = load_recipe(DEMO_RECIPE, tiny_overrides(squares, tmp_path / "x"))
+    recipe = demo_recipe(tiny_overrides(squares, tmp_path / "x"))
     teacher = export_teacher(tmp_path / "teacher", recipe)
     make_teacher_scored(monkeypatch, right=0.62, wrong=0.42)
     used = spy_thresholds(monkeypatch)
     out = tmp_path / "run"
     auto = ("ssl.pseudo_label_score_threshold=auto", "ssl.pseudo_label_target_precision=0.6",
             "train.checkpoint_every=1", "ssl.pseudo_label_max_overlap=null")  # fmt: skip
-    train(load_recipe(DEMO_RECIPE, squares_overrides(squares, out, teacher, *auto)))
+    train(demo_recipe(squares_overrides(squares, out, teacher, *auto)))
     assert sorted(set(used[:SWEEP])) == list(check_module.AUTO_THRESHOLDS)
     assert used[SWEEP:] == [0.45, 0.45]  # both steps' pseudo labels: the lowest threshold at precision >= 0.6
     printed = capsys.readouterr().out
@@ -284,7 +283,7 @@ def test_auto_threshold_reaches_the_rule_the_log_the_checkpoint_the_card_and_the
 def test_a_resume_keeps_the_chosen_threshold_and_one_that_would_choose_another_is_not_silent(
     squares, tmp_path, monkeypatch
 ):
-    recipe = load_recipe(DEMO_RECIPE, tiny_overrides(squares, tmp_path / "x"))
+    recipe = demo_recipe(tiny_overrides(squares, tmp_path / "x"))
     teacher = export_teacher(tmp_path / "teacher", recipe)
     out = tmp_path / "run"
     auto = ("ssl.pseudo_label_score_threshold=auto", "ssl.pseudo_label_target_precision=0.6",
@@ -294,24 +293,24 @@ def test_a_resume_keeps_the_chosen_threshold_and_one_that_would_choose_another_i
     make_teacher_scored(monkeypatch, right=0.62, wrong=0.42)
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        train(load_recipe(DEMO_RECIPE, squares_overrides(squares, out, teacher, *auto)))
+        train(demo_recipe(squares_overrides(squares, out, teacher, *auto)))
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
     # The same teacher: the run goes on with its threshold, the check's line is logged once.
     make_teacher_scored(monkeypatch, right=0.62, wrong=0.42)
     used = spy_thresholds(monkeypatch)
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash_at(real_save, 2))
     with pytest.raises(KeyboardInterrupt):
-        train(load_recipe(DEMO_RECIPE, squares_overrides(squares, out, teacher, *auto)))
+        train(demo_recipe(squares_overrides(squares, out, teacher, *auto)))
     assert used[SWEEP:] == [0.45]  # the check ran again (to compare), the step used the recorded choice
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
     # A teacher that now scores higher: auto would choose 0.55. Not silently: the relaunch stops, nothing written.
     make_teacher_scored(monkeypatch, right=0.72, wrong=0.52)
     before = (out / "run_info.json").read_text()
     with pytest.raises(train_module.RecipeError, match=r"chose 0.45 at the run's start .* now chooses 0.55"):
-        train(load_recipe(DEMO_RECIPE, squares_overrides(squares, out, teacher, *auto)))
+        train(demo_recipe(squares_overrides(squares, out, teacher, *auto)))
     assert (out / "run_info.json").read_text() == before
     used.clear()
-    train(load_recipe(DEMO_RECIPE, squares_overrides(squares, out, teacher, *auto, "resume=force")))
+    train(demo_recipe(squares_overrides(squares, out, teacher, *auto, "resume=force")))
     assert used[SWEEP:] == [0.55]  # step 3, the last
     launches = json.loads((out / "run_info.json").read_text())
     assert launches[-1]["recipe_changes"]["ssl.pseudo_label_score_threshold (auto)"] == [0.45, 0.55]
@@ -333,7 +332,7 @@ def save_then_crash_at(real_save, crash_step: int):
 def test_auto_stops_a_teacher_that_reaches_the_target_nowhere_with_exit_2_and_the_figures(
     squares, tmp_path, monkeypatch, capsys
 ):
-    recipe = load_recipe(DEMO_RECIPE, tiny_overrides(squares, tmp_path / "x"))
+    recipe = demo_recipe(tiny_overrides(squares, tmp_path / "x"))
     teacher = export_teacher(tmp_path / "teacher", recipe)
     make_teacher_perfect(monkeypatch, right_class=False)  # every pseudo label has the wrong class
     out = tmp_path / "run"
@@ -346,7 +345,7 @@ def test_auto_stops_a_teacher_that_reaches_the_target_nowhere_with_exit_2_and_th
     assert not out.exists() or not any(out.iterdir())
     # warn distills anyway, at the sweep's most precise threshold (all tie at 0: the lowest)
     used = spy_thresholds(monkeypatch)
-    train(load_recipe(DEMO_RECIPE, squares_overrides(squares, tmp_path / "warned", teacher, *auto,
+    train(demo_recipe(squares_overrides(squares, tmp_path / "warned", teacher, *auto,
                                                 "ssl.teacher_check=warn")))  # fmt: skip
     assert used[SWEEP:] == [0.05, 0.05]
     card = (tmp_path / "warned" / "final" / "README.md").read_text()
@@ -373,11 +372,11 @@ def test_auto_needs_the_check_and_a_fixed_teacher(squares, tmp_path, extra, mess
     overrides = squares_overrides(squares, tmp_path / "run", tmp_path / "teacher",
                                   "ssl.pseudo_label_score_threshold=auto", *extra)  # fmt: skip
     with pytest.raises(train_module.RecipeError, match=re.escape(message)):
-        load_recipe(DEMO_RECIPE, overrides)
+        demo_recipe(overrides)
 
 
 def test_auto_refuses_a_custom_rule_without_a_threshold(squares, tmp_path):
-    recipe = load_recipe(DEMO_RECIPE, squares_overrides(squares, tmp_path / "run", tmp_path / "teacher",
+    recipe = demo_recipe(squares_overrides(squares, tmp_path / "run", tmp_path / "teacher",
                                                    "ssl.pseudo_label_score_threshold=auto"))  # fmt: skip
     with pytest.raises(train_module.RecipeError, match="has no score threshold for it to choose"):
         train_module.TrainingRecipe(recipe, pseudo_label_rule=lambda c, m: None)
@@ -398,12 +397,12 @@ def test_a_checkpoint_written_before_the_new_keys_resumes_unchanged_unless_they_
     from gd_hf.config import recipe_to_dict
     from gd_hf.run_info import check_relaunch
 
-    recipe = load_recipe(DEMO_RECIPE, squares_overrides(squares, tmp_path / "run", tmp_path / "teacher"))
+    recipe = demo_recipe(squares_overrides(squares, tmp_path / "run", tmp_path / "teacher"))
     before = recipe_to_dict(recipe)
     for key in ("pseudo_label_target_precision", "pseudo_label_min_mask_pixels"):
         del before["ssl"][key]  # what a checkpoint of the code before these keys records
     assert check_relaunch(recipe, recipe, {"recipe": before}, tmp_path / "step_1") == {}
-    changed = load_recipe(DEMO_RECIPE, squares_overrides(squares, tmp_path / "run", tmp_path / "teacher",
+    changed = demo_recipe(squares_overrides(squares, tmp_path / "run", tmp_path / "teacher",
                                                     "ssl.pseudo_label_min_mask_pixels=3"))  # fmt: skip
     with pytest.raises(train_module.RecipeError, match="ssl.pseudo_label_min_mask_pixels"):
         check_relaunch(changed, changed, {"recipe": before}, tmp_path / "step_1")

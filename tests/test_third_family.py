@@ -237,3 +237,5 @@ def test_the_docs_family_example_is_a_complete_family_that_builds_and_predicts(t
     predictions = family.predict(model.eval(), torch.zeros(1, 3, 64, 64))
     assert predictions.class_logits.shape == (1, 8, 3) and predictions.mask_logits.shape == (1, 8, 8, 8)
     assert all(ok for ok, _, _ in family.recipe_problems(recipe))
+    many = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, num_queries=100))
+    assert [key for ok, key, _ in family.recipe_problems(many) if not ok] == ["model.num_queries"]

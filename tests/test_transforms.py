@@ -68,7 +68,7 @@ def test_collate_pads_to_the_size_divisibility_and_keeps_targets():
             "image_id": 2,
         },
     ]
-    batch = collate_train(samples, divisibility=32)
+    batch = collate_train(samples, padding_divisor=32)
     assert batch["pixel_values"].shape == (2, 3, 64, 96)
     assert batch["mask_labels"][0].shape == (2, 64, 96) and batch["mask_labels"][0][:, :40, :50].all()
     assert not batch["mask_labels"][0][:, 40:, :].any()  # padding is background

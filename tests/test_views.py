@@ -54,7 +54,7 @@ def test_weak_and_strong_views_share_geometry_with_the_hidden_masks(synthetic_ro
         for mask in sample["hidden_masks"]:
             if mask.sum() > 30:
                 assert sample["weak"].float()[:, mask].std(1).mean() < 25
-    batch = collate_unlabeled([dataset[(0, 1)], dataset[(1, 2)]], divisibility=32)
+    batch = collate_unlabeled([dataset[(0, 1)], dataset[(1, 2)]], padding_divisor=32)
     assert batch["weak_pixel_values"].shape == batch["strong_pixel_values"].shape == (2, 3, 64, 64)
 
 

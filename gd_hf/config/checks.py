@@ -48,6 +48,7 @@ def validate(recipe: Recipe) -> None:
         *_query_and_top_k_checks(m, e),
         *_hub_push_checks(recipe.hub),
         *_ssl_checks(recipe),
+        *_ssl_loss_and_data_checks(recipe),
         *_layer_lr_decay_checks(recipe),
     ]
     for ok, key, message in checks:
@@ -197,8 +198,8 @@ def _hub_push_checks(h: HubConfig) -> list[Check]:
 
 
 def _ssl_checks(recipe: Recipe) -> list[Check]:
-    """Guided Distillation: EMA, teacher check, pseudo labels, strong view, unlabeled batches and the teacher."""
-    s, d, t = recipe.ssl, recipe.data, recipe.train
+    """Guided Distillation: EMA, burn-in, the teacher check and the pseudo-label threshold."""
+    s = recipe.ssl
     return [
         (0 <= s.ema_decay < 1, "ssl.ema_decay", "must be in [0, 1)"),
         (s.teacher_check_images > 0, "ssl.teacher_check_images", "must be > 0"),
@@ -247,6 +248,14 @@ def _ssl_checks(recipe: Recipe) -> list[Check]:
             f"({s.pseudo_label_target_precision}) is below ssl.teacher_check_min_precision "
             f"({s.teacher_check_min_precision}): a threshold chosen at that precision would be stopped by the check",
         ),
+    ]
+
+
+def _ssl_loss_and_data_checks(recipe: Recipe) -> list[Check]:
+    """Guided Distillation: the unsupervised loss, labeled resampling, the strong view, unlabeled batches and the
+    teacher the burn-in and the student start need."""
+    s, d, t = recipe.ssl, recipe.data, recipe.train
+    return [
         (s.unsup_loss_weight >= 0, "ssl.unsup_loss_weight", "must be >= 0"),
         (
             s.unsup_no_object_weight is None or 0 < s.unsup_no_object_weight <= 1,

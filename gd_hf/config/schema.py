@@ -15,7 +15,7 @@ class ModelConfig:
     ViT is Secretly an Image Segmentation Model"), a plain ViT whose last `eomt_query_blocks` blocks take the
     queries (`gd_hf.models.eomt`), sized by the `eomt_*` keys; the `backbone*`, `hidden_dim`, `encoder_layers`,
     `decoder_layers` and `dinov2_feature_layers` keys are Mask2Former's (and the `eomt_*` keys do not apply to
-    it). A family of your own (`gd_hf.train(recipe, model_family=...)`): its `name`; it reads the keys it needs."""
+    it). A family of your own (`gd_hf.train.train(recipe, model_family=...)`): its `name`; it reads the keys it needs."""
     backbone: Literal["swin", "dinov2", "resnet"] = "swin"
     """Backbone family of the Mask2Former."""
     pretrained: str | None = None
@@ -333,7 +333,7 @@ class SslConfig:
     """Keep teacher queries whose max class probability exceeds this (the paper: 0.7, which assumes a calibrated,
     pretrained teacher). `auto`: the teacher check chooses it before distillation, on its val images: the lowest
     threshold of its sweep (0.05 to 0.95) whose pseudo labels reach `pseudo_label_target_precision`; a teacher
-    that reaches it nowhere stops the run with the figures (`gd_hf.teacher_check`). Needs the check on and a
+    that reaches it nowhere stops the run with the figures (`gd_hf.method.teacher_check`). Needs the check on and a
     fixed teacher (guided burn-in)."""
     pseudo_label_target_precision: float = 0.6
     """With `pseudo_label_score_threshold: auto`: the share of right pseudo labels (class and mask IoU >= 0.5)
@@ -360,7 +360,7 @@ class SslConfig:
     """Which model the periodic evaluation scores (the exported model is the student unless `teacher`)."""
     teacher_check: Literal["stop", "warn", "off"] = "stop"
     """Before the first step of phases 2-3 (with a trained teacher: `ssl.teacher` or phase 1 of this launch), its
-    pseudo labels are measured on val under the recipe's rules (`gd_hf.teacher_check`). `stop`: a teacher that
+    pseudo labels are measured on val under the recipe's rules (`gd_hf.method.teacher_check`). `stop`: a teacher that
     would mostly teach "no object" or wrong labels stops the run (exit code 2) before anything is written;
     `warn`: the same figures and a warning, then distillation; `off`: no check."""
     teacher_check_images: int = 200

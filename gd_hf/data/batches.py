@@ -66,7 +66,7 @@ def build_train_batches(
     data: RunData,
     rank: int,
     world_size: int,
-    divisibility: int,
+    padding_divisor: int,
     start_step: int,
     stream_states: dict[str, Any] | None,
     black_padding: bool = False,
@@ -94,7 +94,7 @@ def build_train_batches(
             dataset,
             batch_sampler=sampler,
             num_workers=d.num_workers,
-            collate_fn=partial(collate, divisibility=divisibility, black_padding=black_padding),
+            collate_fn=partial(collate, padding_divisor=padding_divisor, black_padding=black_padding),
             persistent_workers=d.num_workers > 0,
         )
         return iter(loader)
@@ -105,7 +105,7 @@ def build_train_batches(
             dataset,
             batch_size=batch_size // micro_steps,
             num_workers=d.num_workers,
-            collate_fn=partial(collate, divisibility=divisibility, black_padding=black_padding),
+            collate_fn=partial(collate, padding_divisor=padding_divisor, black_padding=black_padding),
             persistent_workers=d.num_workers > 0,
         )
         if name in stream_states:

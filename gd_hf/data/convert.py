@@ -55,6 +55,7 @@ from gd_hf.data.mask_images import (
     objects_from_mask,
     read_mask_array,
 )
+from gd_hf.files import replace_durably, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -166,12 +167,7 @@ def masks_to_coco(
 
 def write_json(coco: dict[str, Any], path: str | Path) -> Path:
     """Write a COCO dict atomically (never a half-written annotation file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(coco))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(coco))
 
 
 def cityscapes_to_coco(root: str | Path, split: str) -> dict[str, Any]:
@@ -216,10 +212,7 @@ def convert_cityscapes(root: str | Path, splits: list[str]) -> list[Path]:
     written = []
     for split in splits:
         coco = cityscapes_to_coco(root, split)
-        path = out_dir / f"instances_{split}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(coco))
-        tmp.replace(path)  # never leave a half-written annotation file behind
+        path = write_json(coco, out_dir / f"instances_{split}.json")
         logger.info("%s: %d images, %d annotations", path, len(coco["images"]), len(coco["annotations"]))
         written.append(path)
     return written
@@ -262,7 +255,7 @@ def coco_to_shards(annotations: str | Path, images: str | Path, out: str | Path,
     (tmp / SHARDS_INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
     if out.exists():
         out.rmdir()  # empty (checked above)
-    tmp.replace(out)  # the folder appears complete or not at all
+    replace_durably(tmp, out)  # the folder appears complete (and on disk) or not at all
     return out
 
 

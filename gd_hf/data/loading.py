@@ -252,10 +252,12 @@ def _stream_seed(seed: int, rank: int, worker: int, epoch: int, count: int) -> i
     return int(np.random.SeedSequence([seed, rank, worker, epoch, count]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def collate_unlabeled(samples: list[dict[str, Any]], divisibility: int, black_padding: bool = False) -> dict[str, Any]:
+def collate_unlabeled(
+    samples: list[dict[str, Any]], padding_divisor: int, black_padding: bool = False
+) -> dict[str, Any]:
     """Pad both views of a batch alike; keep the hidden labels (possibly empty) for monitoring. `black_padding`:
     the model family's padding (`ModelFamily.black_padding`; False: the mean colour)."""
-    height, width = padded_size([tuple(s["weak"].shape[-2:]) for s in samples], divisibility)
+    height, width = padded_size([tuple(s["weak"].shape[-2:]) for s in samples], padding_divisor)
     fill = BLACK if black_padding else None
     return {
         "skipped": sum(s.get("skipped", 0) for s in samples),
@@ -354,10 +356,10 @@ class StepBatchSampler:
             step += 1
 
 
-def collate_train(samples: list[dict[str, Any]], divisibility: int, black_padding: bool = False) -> dict[str, Any]:
-    """Pad to a common size (multiple of `divisibility`; images with the mean colour, or black with
+def collate_train(samples: list[dict[str, Any]], padding_divisor: int, black_padding: bool = False) -> dict[str, Any]:
+    """Pad to a common size (multiple of `padding_divisor`; images with the mean colour, or black with
     `black_padding`) and build the model's inputs and targets."""
-    height, width = padded_size([tuple(s["image"].shape[-2:]) for s in samples], divisibility)
+    height, width = padded_size([tuple(s["image"].shape[-2:]) for s in samples], padding_divisor)
     fill = BLACK if black_padding else None
     return {
         "skipped": sum(s.get("skipped", 0) for s in samples),
@@ -400,11 +402,11 @@ def pad_batch(batch: dict[str, Any], height: int, width: int) -> dict[str, Any]:
     return padded
 
 
-def collate_eval(samples: list[dict[str, Any]], divisibility: int, black_padding: bool = False) -> dict[str, Any]:
+def collate_eval(samples: list[dict[str, Any]], padding_divisor: int, black_padding: bool = False) -> dict[str, Any]:
     """Pad a batch of evaluation images (as the family's exported processor pads); keep each one's resized and
     original size for post-processing."""
     sizes = [tuple(s["image"].shape[-2:]) for s in samples]
-    height, width = padded_size(sizes, divisibility)
+    height, width = padded_size(sizes, padding_divisor)
     fill = BLACK if black_padding else None
     return {
         "pixel_values": torch.stack([pad_to(normalize(s["image"]), height, width, fill) for s in samples]),

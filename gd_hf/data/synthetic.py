@@ -23,7 +23,6 @@ import argparse
 import colorsys
 import json
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,6 +31,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
+
+from gd_hf.files import replace_durably
 
 CLASSES = ["circle", "rectangle", "triangle", "cross"]
 MIN_VISIBLE_PIXELS = 24
@@ -194,7 +195,7 @@ def generate(
         rng = np.random.Generator(np.random.PCG64(seed))
         write_split(tmp, "train", train, size, rng, first_id=1, varied_sizes=varied_sizes)
         write_split(tmp, "val", val, size, rng, first_id=1_000_000, varied_sizes=varied_sizes)
-        os.replace(tmp, out)
+        replace_durably(tmp, out)  # the set appears complete (and on disk) or not at all
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -73,11 +73,11 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
 BLACK = normalize(torch.zeros(3, 1, 1, dtype=torch.uint8)).flatten()
 
 
-def padded_size(sizes: list[tuple[int, int]], divisibility: int) -> tuple[int, int]:
-    """The smallest (H, W) holding every size, rounded up to a multiple of `divisibility`."""
+def padded_size(sizes: list[tuple[int, int]], padding_divisor: int) -> tuple[int, int]:
+    """The smallest (H, W) holding every size, rounded up to a multiple of `padding_divisor`."""
     height = max(s[0] for s in sizes)
     width = max(s[1] for s in sizes)
-    return math.ceil(height / divisibility) * divisibility, math.ceil(width / divisibility) * divisibility
+    return math.ceil(height / padding_divisor) * padding_divisor, math.ceil(width / padding_divisor) * padding_divisor
 
 
 def pad_to(tensor: torch.Tensor, height: int, width: int, fill: torch.Tensor | None = None) -> torch.Tensor:

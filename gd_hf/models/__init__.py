@@ -1,7 +1,7 @@
 """The model families: one module each (`mask2former`, `eomt`), what they share (`common`), and the protocol a
 family follows (`protocol.ModelFamily`). This module is the one list of the built-in families and the one place
 that picks among them: by the recipe's `model.family` (`family_for`) or by an export's `model_type`
-(`family_of`). A family of your own is passed in (`gd_hf.train(recipe, model_family=...)`), never registered.
+(`family_of`). A family of your own is passed in (`gd_hf.train.train(recipe, model_family=...)`), never registered.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def check_recipe(recipe: Recipe, custom: ModelFamily | None = None) -> None:
                           f"`name`: {getattr(custom, 'name', None)!r}): set model.family to its name")  # fmt: skip
     if custom is None and name not in BUILT_IN_FAMILIES:
         raise RecipeError(f"model.family: {name!r} is not one of {', '.join(repr(n) for n in BUILT_IN_FAMILIES)} "
-                          "(a family of your own is passed as gd_hf.train(recipe, model_family=...))")  # fmt: skip
+                          "(a family of your own is passed as gd_hf.train.train(recipe, model_family=...))")  # fmt: skip
     family = custom if custom is not None else BUILT_IN_FAMILIES[name]()
     for ok, key, message in family.recipe_problems(recipe):
         if not ok:
@@ -50,6 +50,9 @@ def build_model(cfg: ModelConfig, id2label: dict[int, str], family: ModelFamily 
     `family` (None: the built-in family `cfg.family` names)."""
     if not id2label or sorted(id2label) != list(range(len(id2label))):
         raise ValueError(f"id2label must map 0..C-1 to class names, got {id2label}")
+    if family is None and cfg.family not in BUILT_IN_FAMILIES:
+        raise RecipeError(f"model.family: {cfg.family!r} is not one of {', '.join(repr(n) for n in BUILT_IN_FAMILIES)} "
+                          "(a family of your own: build_model(cfg, id2label, family=...))")  # fmt: skip
     family = family if family is not None else BUILT_IN_FAMILIES[cfg.family]()
     if cfg.pretrained is not None:
         _refuse_another_family(cfg, family)

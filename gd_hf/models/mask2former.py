@@ -191,7 +191,9 @@ def padding_divisor(model: Mask2FormerForUniversalSegmentation) -> int:
 
 
 def build_image_processor(
-    model: Mask2FormerForUniversalSegmentation, data: DataConfig, divisor: int | None = None
+    model: Mask2FormerForUniversalSegmentation,
+    data: DataConfig,
+    divisor: int | None = None,  # (its padding divisor)
 ) -> Mask2FormerImageProcessorPil:
     """The image processor saved with every export: the same resize, padding divisor (None: `padding_divisor`)
     and normalisation as our evaluation."""

@@ -1,7 +1,7 @@
 """What gd_hf needs of a model family: `ModelFamily`, and the `Predictions` its forward pass returns.
 
 A family is one class (`gd_hf.models.mask2former.Mask2FormerFamily`, `gd_hf.models.eomt.EomtFamily`, or yours,
-passed as `gd_hf.train(recipe, model_family=...)`): what the method calls each step, and what a run calls around
+passed as `gd_hf.train.train(recipe, model_family=...)`): what the method calls each step, and what a run calls around
 it (build the model, its image processor, its learning-rate groups, the state an export saves, its recipe checks,
 its model-card text). Nothing outside a family's module names a family (tests/test_layout.py checks the imports;
 docs/models.md, "A model family of your own", has the example).

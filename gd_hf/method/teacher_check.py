@@ -19,9 +19,9 @@ import torch
 
 from gd_hf.config import DataConfig, RecipeError
 from gd_hf.data.loading import UnlabeledTrainDataset, collate_unlabeled
-from gd_hf.method import ModelFamily, PseudoLabelRule, PseudoLabelRules
+from gd_hf.method.distillation import ModelFamily, PseudoLabelRule, PseudoLabelRules
+from gd_hf.method.pseudo_labels import pseudo_label_counts
 from gd_hf.models import family_of
-from gd_hf.pseudo_labels import pseudo_label_counts
 
 logger = logging.getLogger("gd_hf.train")
 WRONG_KINDS = ("duplicate", "wrong_class", "mislocated", "background")
@@ -78,7 +78,7 @@ def measure_teacher(
     records: datasets.Dataset,
     data: DataConfig,
     rule: PseudoLabelRule,
-    divisibility: int,
+    padding_divisor: int,
     max_images: int = 200,
     thresholds: tuple[float, ...] = (),
     batch_size: int = 4,
@@ -102,7 +102,7 @@ def measure_teacher(
     teacher.eval()
     for start in range(0, rows, batch_size):
         # Key (row, seed = row): a fixed weak view per image, the same in every measurement.
-        batch = collate_unlabeled([dataset[(r, r)] for r in range(start, min(start + batch_size, rows))], divisibility,
+        batch = collate_unlabeled([dataset[(r, r)] for r in range(start, min(start + batch_size, rows))], padding_divisor,
                                   family.black_padding)  # fmt: skip
         predictions = family.predict(teacher, batch["weak_pixel_values"].to(device))
         for threshold, report in reports.items():
@@ -198,7 +198,7 @@ def report_table(chosen: TeacherReport, best: TeacherReport) -> str:
 
 
 def check_teacher(
-    teacher: torch.nn.Module, val: datasets.Dataset, recipe, divisibility: int, show: bool = True,
+    teacher: torch.nn.Module, val: datasets.Dataset, recipe, padding_divisor: int, show: bool = True,
     rule: PseudoLabelRule | None = None, family: ModelFamily | None = None,
 ) -> dict[str, float] | None:  # fmt: skip
     """`ssl.teacher_check`: measure the teacher on val under the run's pseudo-label `rule` (None: the recipe's
@@ -220,7 +220,7 @@ def check_teacher(
             "ssl.pseudo_label_score_threshold is `auto`, which needs the recipe's pseudo-label rules: a custom "
             "pseudo_label_rule has no score threshold to choose; give the recipe a number"
         )
-    reports = measure_teacher(teacher, val, recipe.data, rule, divisibility, ssl.teacher_check_images,
+    reports = measure_teacher(teacher, val, recipe.data, rule, padding_divisor, ssl.teacher_check_images,
                               AUTO_THRESHOLDS if auto else SUGGESTION_THRESHOLDS, family=family)  # fmt: skip
     best = suggested_threshold(reports)
     if auto:
@@ -261,27 +261,34 @@ def check_teacher(
             for k, v in figures.items()
             if k not in ("score_threshold", "suggested_score_threshold", "suggested_f1")
         }
-    problem = verdict(chosen, ssl.teacher_check_min_precision, ssl.teacher_check_min_label_ratio)
-    if problem:
-        if auto:
-            suggestion = f"lower ssl.pseudo_label_target_precision (auto chose {chosen.threshold:g})"
-        elif isinstance(rule, PseudoLabelRules):
-            suggestion = (
-                f"try ssl.pseudo_label_score_threshold={best.threshold:g} (F1 {best.f1:.2f} there, against "
-                f"{chosen.f1:.2f} at {chosen.threshold:g}; a suggestion), or =auto"
-            )
-        else:
-            suggestion = "try another pseudo-label rule"
-        message = (
-            f"the teacher {ssl.teacher} should not teach: {problem}. What to do: train it longer "
-            f"(ssl.teacher_max_steps), start from a pretrained backbone (model.pretrained), or {suggestion}. "
-            "ssl.teacher_check=warn distills anyway; =off skips the check."
-        )
-        if ssl.teacher_check == "stop":
-            raise TeacherCheckError(message)
-        if show:  # (every process measures; one says so)
-            logger.warning("%s", message)
+    judge(chosen, best, rule, ssl, auto, show)
     return figures
+
+
+def judge(chosen: TeacherReport, best: TeacherReport, rule: PseudoLabelRule, ssl, auto: bool, show: bool) -> None:
+    """The check's verdict on the `chosen` threshold's report: a teacher that should not teach stops the run
+    (`ssl.teacher_check: stop`) or is warned about (`warn`), with what to try (`best`: the F1-best threshold)."""
+    problem = verdict(chosen, ssl.teacher_check_min_precision, ssl.teacher_check_min_label_ratio)
+    if not problem:
+        return
+    if auto:
+        suggestion = f"lower ssl.pseudo_label_target_precision (auto chose {chosen.threshold:g})"
+    elif isinstance(rule, PseudoLabelRules):
+        suggestion = (
+            f"try ssl.pseudo_label_score_threshold={best.threshold:g} (F1 {best.f1:.2f} there, against "
+            f"{chosen.f1:.2f} at {chosen.threshold:g}; a suggestion), or =auto"
+        )
+    else:
+        suggestion = "try another pseudo-label rule"
+    message = (
+        f"the teacher {ssl.teacher} should not teach: {problem}. What to do: train it longer "
+        f"(ssl.teacher_max_steps), start from a pretrained backbone (model.pretrained), or {suggestion}. "
+        "ssl.teacher_check=warn distills anyway; =off skips the check."
+    )
+    if ssl.teacher_check == "stop":
+        raise TeacherCheckError(message)
+    if show:  # (every process measures; one says so)
+        logger.warning("%s", message)
 
 
 def teacher_check_note(figures: dict[str, float]) -> str:

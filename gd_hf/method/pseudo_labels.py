@@ -94,7 +94,7 @@ def pseudo_label_counts(
     pseudo: PseudoLabels, true_masks: list[torch.Tensor], true_classes: list[torch.Tensor], iou_threshold: float = 0.5
 ) -> dict[str, int]:
     """Pseudo labels matched against known objects (hidden labels of synthetic data, ablations, or the val split for
-    `gd_hf.teacher_check`): how many there are, how many objects, how many are right, what the wrong ones are.
+    `gd_hf.method.teacher_check`): how many there are, how many objects, how many are right, what the wrong ones are.
 
     A pseudo label is correct when it has the class of a not-yet-matched true object and mask IoU >=
     `iou_threshold` with it (greedy by score). True masks are resized to the pseudo labels' resolution. Each

@@ -32,9 +32,9 @@ import torch
 
 from gd_hf.config import SslConfig
 from gd_hf.data.loading import frame_size, pad_batch
+from gd_hf.method.pseudo_labels import PseudoLabels, filter_pseudo_labels, pseudo_label_quality
+from gd_hf.method.teacher import EmaTeacher
 from gd_hf.models.protocol import ModelFamily, Predictions
-from gd_hf.pseudo_labels import PseudoLabels, filter_pseudo_labels, pseudo_label_quality
-from gd_hf.teacher import EmaTeacher
 
 # The matched loss's main terms, logged per step (the auxiliary layers' terms are in the loss, not the log).
 LOGGED_LOSS_TERMS = ("loss_cross_entropy", "loss_mask", "loss_dice")
@@ -55,7 +55,7 @@ class PseudoLabelRules:
     `max_overlap` (None = off).
 
     `score_threshold` None is `ssl.pseudo_label_score_threshold: auto` before the teacher check has chosen it
-    (`gd_hf.teacher_check.choose_threshold`): such rules refuse to make pseudo labels."""
+    (`gd_hf.method.teacher_check.choose_threshold`): such rules refuse to make pseudo labels."""
 
     score_threshold: float | None = 0.7
     min_soft_area: float = 5.0
@@ -77,7 +77,7 @@ class PseudoLabelRules:
         if self.score_threshold is None:
             raise RuntimeError(
                 "ssl.pseudo_label_score_threshold is `auto` and no threshold has been chosen yet: the teacher check "
-                "chooses it (gd_hf.teacher_check.check_teacher) before the first pseudo label"
+                "chooses it (gd_hf.method.teacher_check.check_teacher) before the first pseudo label"
             )
         return filter_pseudo_labels(class_logits, mask_logits, self.score_threshold, self.min_soft_area,
                                     self.mask_threshold, self.max_overlap, self.min_mask_pixels)  # fmt: skip
@@ -226,7 +226,9 @@ def check_extension_points(rule: object | None, family: object | None, ssl: SslC
     if family is not None and not isinstance(getattr(family, "scheduled_buffers", None), tuple):
         missing.append("scheduled_buffers (a tuple of buffer names)")
     if missing:
-        raise TypeError(f"model_family {type(family).__name__} lacks the ModelFamily method(s) {', '.join(missing)}")
+        raise TypeError(f"model_family {type(family).__name__} lacks the ModelFamily method(s) {', '.join(missing)} "
+                        "(gd_hf.models.protocol; a family that changes only some of a built-in's subclasses it, e.g. "
+                        "gd_hf.models.mask2former.Mask2FormerFamily)")  # fmt: skip
     if family is not None and ssl is not None and ssl.enabled and ssl.unsup_no_object_weight is not None:
         parameters = inspect.signature(family.loss).parameters.values()
         if not any(p.name == "no_object_weight" or p.kind is p.VAR_KEYWORD for p in parameters):
