@@ -193,6 +193,18 @@ def test_a_family_from_a_test_file_trains_the_whole_method_evaluates_and_exports
     assert len(results) == len(logged) > 0 and [r["score"] for r in results] == pytest.approx(
         [r["score"] for r in logged]
     )
+    # `python -m gd_hf.push` cannot write a family of your own's card anew for a repository: it keeps the card.
+    from gd_hf.model_card import card_for_repo
+
+    assert card_for_repo(final, "me/toyseg") is False and (final / "README.md").read_text() == card
+
+    # A relaunch with another family class is a change to what the run trained: refused, naming it.
+    class OtherToySegFamily(ToySegFamily):
+        pass
+
+    longer = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, max_steps=3))
+    with pytest.raises(RecipeError, match="model_family"):
+        train(longer, model_family=OtherToySegFamily())
 
 
 def test_a_familys_own_recipe_checks_and_its_name_are_enforced_before_any_work(tmp_path, synthetic_root):
