@@ -53,7 +53,7 @@ def test_same_seed_same_augmentation():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_collate_pads_to_the_size_divisibility_and_keeps_targets():
+def test_collate_pads_to_the_padding_divisor_and_keeps_targets():
     samples = [
         {
             "image": torch.zeros(3, 40, 50, dtype=torch.uint8),
