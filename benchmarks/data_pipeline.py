@@ -35,6 +35,7 @@ from gd_hf.data.coco import load_coco, to_hf_dataset
 from gd_hf.data.prepare import RunData
 from gd_hf.data.splits import Split
 from gd_hf.data.synthetic import generate
+from gd_hf.method import GuidedDistillation
 from gd_hf.method.teacher import EmaTeacher
 from gd_hf.models import build_model, family_of
 from gd_hf.optim import build_lr_scheduler, build_optimizer
@@ -96,7 +97,9 @@ def main() -> None:
 
     # --- Step side.
     ssl = dataclasses.replace(recipe.ssl, enabled=True, pseudo_label_score_threshold=0.0)
-    teacher = None if args.supervised else EmaTeacher(copy.deepcopy(model), family_of(model).scheduled_buffers)
+    family = family_of(model)
+    teacher = None if args.supervised else EmaTeacher(copy.deepcopy(model), family.scheduled_buffers)
+    method = GuidedDistillation.supervised(family) if teacher is None else GuidedDistillation(ssl, family, teacher)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_lr_scheduler(optimizer, recipe.train)
@@ -107,7 +110,7 @@ def main() -> None:
 
     def step() -> float:
         start = time.perf_counter()
-        gd_hf_step(model, batch, unlabeled, optimizer, scheduler, accelerator, recipe.train.grad_clip, teacher, ssl)
+        gd_hf_step(model, batch, unlabeled, optimizer, scheduler, accelerator, recipe.train.grad_clip, method, None)
         if accelerator.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
