@@ -18,7 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from gd_hf.config import Recipe, recipe_to_dict
 from gd_hf.files import write_text_atomic
-from gd_hf.models import BUILT_IN_FAMILIES, ModelFamily
+from gd_hf.models import BUILT_IN_FAMILIES, ModelFamily, built_in_family
 from gd_hf.public import is_hub_id
 
 TAGS = ["instance-segmentation", "semi-supervised", "guided-distillation", "gd_hf"]
@@ -271,7 +271,7 @@ def build_model_card(summary: RunSummary, model_id: str) -> ModelCard:
     datasets, eval_name = _dataset_names(recipe)
     name = summary.name or hub_revision(model_id)[0].rstrip("/").split("/")[-1]
     card_data = _card_data(summary, name, datasets, eval_name)
-    family = summary.family if summary.family is not None else BUILT_IN_FAMILIES[recipe.model.family]()
+    family = summary.family if summary.family is not None else built_in_family(recipe.model.family)()
     pretrained = (published.get("model") or {}).get("pretrained", recipe.model.pretrained)  # (public: no local path)
     family_card = family.card(recipe.model, pretrained)
     phases, rows = _training_phases(summary), _metric_rows(summary)

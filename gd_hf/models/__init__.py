@@ -14,11 +14,20 @@ from gd_hf.models.eomt import EomtFamily
 from gd_hf.models.mask2former import Mask2FormerFamily
 from gd_hf.models.protocol import ModelFamily, Predictions
 
-__all__ = ["BUILT_IN_FAMILIES", "ModelFamily", "Predictions", "build_model", "check_recipe", "display_name",
+__all__ = ["BUILT_IN_FAMILIES", "ModelFamily", "Predictions", "build_model", "built_in_family", "check_recipe", "display_name",
            "export_image_processor", "family_for", "family_of", "input_size_problem", "load_export"]  # fmt: skip
 
 # name -> class with `from_recipe(recipe)` and a no-argument constructor (a family to predict with).
 BUILT_IN_FAMILIES: dict[str, type] = {family.name: family for family in (Mask2FormerFamily, EomtFamily)}
+
+
+def built_in_family(name: str, own: str = "gd_hf.train.train(recipe, model_family=...)") -> type:
+    """The built-in family class `model.family` names; a `RecipeError` listing them otherwise (`own`: how a
+    family of your own is passed where this is asked)."""
+    if name not in BUILT_IN_FAMILIES:
+        raise RecipeError(f"model.family: {name!r} is not one of {', '.join(repr(n) for n in BUILT_IN_FAMILIES)} "
+                          f"(a family of your own is passed as {own})")  # fmt: skip
+    return BUILT_IN_FAMILIES[name]
 
 
 def family_for(recipe: Recipe, custom: ModelFamily | None = None) -> ModelFamily:
@@ -26,7 +35,7 @@ def family_for(recipe: Recipe, custom: ModelFamily | None = None) -> ModelFamily
     `model.family` names, set up for this phase (EoMT's annealing spans its `train.max_steps`); its recipe checks
     passed (`check_recipe`)."""
     check_recipe(recipe, custom)
-    return custom if custom is not None else BUILT_IN_FAMILIES[recipe.model.family].from_recipe(recipe)
+    return custom if custom is not None else built_in_family(recipe.model.family).from_recipe(recipe)
 
 
 def check_recipe(recipe: Recipe, custom: ModelFamily | None = None) -> None:
@@ -36,10 +45,7 @@ def check_recipe(recipe: Recipe, custom: ModelFamily | None = None) -> None:
     if custom is not None and getattr(custom, "name", None) != name:
         raise RecipeError(f"model.family: {name!r}, but the model_family passed is {type(custom).__name__} (its "
                           f"`name`: {getattr(custom, 'name', None)!r}): set model.family to its name")  # fmt: skip
-    if custom is None and name not in BUILT_IN_FAMILIES:
-        raise RecipeError(f"model.family: {name!r} is not one of {', '.join(repr(n) for n in BUILT_IN_FAMILIES)} "
-                          "(a family of your own is passed as gd_hf.train.train(recipe, model_family=...))")  # fmt: skip
-    family = custom if custom is not None else BUILT_IN_FAMILIES[name]()
+    family = custom if custom is not None else built_in_family(name)()
     for ok, key, message in family.recipe_problems(recipe):
         if not ok:
             raise RecipeError(f"{key} {message}")
@@ -50,10 +56,7 @@ def build_model(cfg: ModelConfig, id2label: dict[int, str], family: ModelFamily 
     `family` (None: the built-in family `cfg.family` names)."""
     if not id2label or sorted(id2label) != list(range(len(id2label))):
         raise ValueError(f"id2label must map 0..C-1 to class names, got {id2label}")
-    if family is None and cfg.family not in BUILT_IN_FAMILIES:
-        raise RecipeError(f"model.family: {cfg.family!r} is not one of {', '.join(repr(n) for n in BUILT_IN_FAMILIES)} "
-                          "(a family of your own: build_model(cfg, id2label, family=...))")  # fmt: skip
-    family = family if family is not None else BUILT_IN_FAMILIES[cfg.family]()
+    family = family if family is not None else built_in_family(cfg.family, "build_model(cfg, id2label, family=...)")()
     if cfg.pretrained is not None:
         _refuse_another_family(cfg, family)
     return family.build_model(cfg, id2label)
