@@ -228,7 +228,7 @@ def time_cocoeval(data: Path, cache: Path) -> dict:
     """COCOeval (segm) on the 5,000 val images with 100 detections each, from the run's cleaned ground truth."""
     from gd_hf.config import DataConfig
     from gd_hf.data.coco_source import open_coco
-    from gd_hf.evaluation import coco_mask_ap
+    from gd_hf.evaluation.mask_ap import coco_mask_ap
 
     d = DataConfig(
         train_images=str(data / "val2017"),  # the ground truth of val is all this needs: open val twice

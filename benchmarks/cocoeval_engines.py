@@ -19,7 +19,7 @@ Cases, each scored by every engine in this one process, on the same ground truth
 
 Every engine starts from what `coco_mask_ap` gets (a pycocotools COCO and the result dicts) and returns the 12
 summary stats; its time counts everything from there (its own ground truth and results objects included).
-pycocotools and hotcoco run through `gd_hf.evaluation.coco_segm_stats` (what training runs). Prints, per case
+pycocotools and hotcoco run through `gd_hf.evaluation.mask_ap.coco_segm_stats` (what training runs). Prints, per case
 and engine, the seconds (the best of `--repeat` runs; pycocotools once at COCO scale unless `--repeat-reference`),
 the ratio to pycocotools, and the largest absolute difference of the 12 stats from pycocotools' (in AP points,
 x100; the goal: <= 0.01). hotcoco's thread count follows RAYON_NUM_THREADS (default: every core).
@@ -42,7 +42,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from gd_hf.data.ground_truth import ground_truth_from_json
-from gd_hf.evaluation import coco_segm_stats
+from gd_hf.evaluation.mask_ap import coco_segm_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from coco_scale import COCO_IDS, crowd_rle, polygon  # noqa: E402 (benchmarks/coco_scale.py: the stand-in's drawing)

@@ -38,7 +38,7 @@ from gd_hf.data.synthetic import generate
 from gd_hf.method import GuidedDistillation
 from gd_hf.method.teacher import EmaTeacher
 from gd_hf.models import build_model, family_of
-from gd_hf.optim import build_lr_scheduler, build_optimizer
+from gd_hf.run.optim import build_lr_scheduler, build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from gd_hf.evaluation import Instances, coco_mask_ap, post_process_instances, to_coco_results
+from gd_hf.evaluation.mask_ap import Instances, coco_mask_ap, post_process_instances, to_coco_results
 
 
 def reference_post_process(class_logits, mask_logits, image_sizes, original_sizes, padded_size, top_k=100):

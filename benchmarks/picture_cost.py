@@ -25,8 +25,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from gd_hf.curves import plot_curves
-from gd_hf.run_log import read_metrics_log
-from gd_hf.run_pictures import KeptPseudoLabels, prediction_picture, pseudo_label_picture
+from gd_hf.run.eval_pictures import KeptPseudoLabels, prediction_picture, pseudo_label_picture
+from gd_hf.run.metrics_log import read_metrics_log
 
 
 def coco_like(val_images: int, per_image: int, height: int = 480, width: int = 640):

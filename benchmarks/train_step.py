@@ -14,7 +14,7 @@ once beforehand), optimizer step.
 gd_hf's own cost from the cost of batching (on a 2-core CPU, EoMT's step is slower as one forward of 8 images than
 as two of 4; benchmarks/RESULTS.md).
 
-"ours" is `gd_hf.step.train_step` exactly as the loop runs it (autocast context, loss terms, backward,
+"ours" is `gd_hf.run.step.train_step` exactly as the loop runs it (autocast context, loss terms, backward,
 gradient clipping, AdamW step, schedule step, one host sync for logging). "bare" is
 `model(pixel_values, mask_labels, class_labels).loss.backward()` plus `optimizer.step()` — the least any loop
 must do. Both run interleaved on one batch, after warm-up; the medians and their ratio are printed
@@ -47,8 +47,8 @@ from gd_hf.data.synthetic import generate
 from gd_hf.method import GuidedDistillation
 from gd_hf.method.teacher import EmaTeacher
 from gd_hf.models import build_model, family_for
-from gd_hf.optim import build_lr_scheduler, build_optimizer
-from gd_hf.step import UpdateUndo, train_step
+from gd_hf.run.optim import build_lr_scheduler, build_optimizer
+from gd_hf.run.step import UpdateUndo, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 

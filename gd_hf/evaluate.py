@@ -24,10 +24,10 @@ from gd_hf.config import DataConfig
 from gd_hf.data.categories import Categories
 from gd_hf.data.coco import CocoSource, DataError, load_coco, to_hf_dataset
 from gd_hf.data.ground_truth import coco_ground_truth
-from gd_hf.evaluation import EvalSettings, evaluate_mask_ap, write_results
+from gd_hf.evaluation.mask_ap import EvalSettings, evaluate_mask_ap, write_results
+from gd_hf.hub.push import PushError, chosen_export
 from gd_hf.models import ModelFamily, family_of, input_size_problem, load_export
 from gd_hf.predict import export_max_images, export_top_k
-from gd_hf.push import PushError, chosen_export
 
 
 def category_ids_for_model(model: PreTrainedModel, source: CocoSource) -> list[int]:

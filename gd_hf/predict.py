@@ -28,10 +28,10 @@ from transformers import AutoImageProcessor, PreTrainedModel
 from gd_hf.data.convert import IMAGE_SUFFIXES
 from gd_hf.data.images import to_rgb
 from gd_hf.data.transforms import BLACK, eval_size, normalize, pad_to, padded_size, resize
-from gd_hf.evaluation import Instances, post_process_instances, to_coco_results
+from gd_hf.evaluation.mask_ap import Instances, post_process_instances, to_coco_results
+from gd_hf.hub.push import PushError, chosen_export
 from gd_hf.models import family_of, input_size_problem, load_export
 from gd_hf.pictures import draw_overlay, instance_colors  # noqa: F401 (re-exported)
-from gd_hf.push import PushError, chosen_export
 
 
 def find_images(inputs: list[str]) -> list[Path]:
@@ -106,7 +106,7 @@ def segment_images(
 ) -> list[Instances]:
     """Each RGB image's instances scoring above `threshold`, masks at the image's size: resized as evaluation,
     padded together into one frame (so a batch predicts as `predict` with the same batch), post-processed as the
-    reference. What `predict` and the Space (`gd_hf.space`) both run."""
+    reference. What `predict` and the Space (`gd_hf.hub.space`) both run."""
     model.to(device).eval()
     family = family_of(model)  # its built-in family, predicting as at inference
     resized = []

@@ -16,7 +16,7 @@ from gd_hf.config import DataConfig
 from gd_hf.data.coco import DataError
 from gd_hf.data.images import read_image
 from gd_hf.data.loading import labeled_sample
-from gd_hf.run_info import check_output_folder, record_launch
+from gd_hf.run.launches import check_output_folder, record_launch
 from tests.conftest import ROOT, tiny_overrides
 
 from .conftest import DEMO_RECIPE, demo_recipe
@@ -185,7 +185,7 @@ def test_each_launch_records_versions_commit_and_command(synthetic_root, tmp_pat
 
 
 def test_git_commit_names_the_commit_and_whether_tracked_files_changed(tmp_path):
-    from gd_hf.run_info import git_commit
+    from gd_hf.run.launches import git_commit
 
     assert git_commit(tmp_path) is None  # not a checkout
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",

@@ -15,7 +15,7 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from gd_hf.evaluation import COCOEVAL_ENGINE, METRIC_NAMES, coco_mask_ap, coco_segm_stats
+from gd_hf.evaluation.mask_ap import COCOEVAL_ENGINE, METRIC_NAMES, coco_mask_ap, coco_segm_stats
 
 TOLERANCE = 0.01  # AP points (stats x 100)
 ENGINE = "hotcoco"

@@ -485,7 +485,7 @@ def test_a_label_studio_export_with_ids_from_zero_and_no_iscrowd_trains_and_eval
     assert opened.categories.ids == [0, 1]  # category id 0 is a class like any other
     assert_records_match(opened.train, dict(enumerate(train_scenes)), {1: 0})  # image id 0 included
     # Predictions written from the drawn masks (not from the ground truth): image 0 and annotation 0 count.
-    from gd_hf.evaluation import coco_mask_ap
+    from gd_hf.evaluation.mask_ap import coco_mask_ap
 
     perfect = []
     for image_id, scene in enumerate(val_scenes):

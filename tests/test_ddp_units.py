@@ -165,8 +165,8 @@ def test_two_accumulated_micro_batches_give_the_step_of_one_batch(
     from gd_hf.method import GuidedDistillation
     from gd_hf.models import build_model
     from gd_hf.models.mask2former import Mask2FormerFamily
-    from gd_hf.optim import build_lr_scheduler, build_optimizer
-    from gd_hf.step import train_step
+    from gd_hf.run.optim import build_lr_scheduler, build_optimizer
+    from gd_hf.run.step import train_step
     from tests.conftest import tiny_overrides
     from tests.test_method_flow import ID2LABEL
 

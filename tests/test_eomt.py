@@ -193,7 +193,7 @@ def test_an_export_loads_and_predicts_with_plain_transformers(tmp_path):
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, pipeline
 
-    from gd_hf.export import export_model
+    from gd_hf.hub.export import export_model
     from gd_hf.models.eomt import eomt_image_processor
 
     model = tiny_eomt()
@@ -222,8 +222,8 @@ def test_the_cards_eomt_snippet_runs_as_written(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    from gd_hf.export import export_model
-    from gd_hf.model_card import usage_snippet
+    from gd_hf.hub.export import export_model
+    from gd_hf.hub.model_card import usage_snippet
     from gd_hf.models.eomt import eomt_image_processor
 
     export_model(tiny_eomt(), eomt_image_processor(64), tmp_path / "export")
@@ -350,7 +350,7 @@ def test_layer_wise_lr_decay_gives_each_vit_block_the_references_factor():
     """Block i of L at lr x multiplier x decay^(L-1-i), the embeddings as block 0, the final norm and the heads
     at their full rates (the EoMT reference's llrd); Mask2Former's groups are the four they were."""
     from gd_hf.config import TrainConfig
-    from gd_hf.optim import parameter_groups
+    from gd_hf.run.optim import parameter_groups
 
     model = tiny_eomt()  # 4 layers
     cfg = TrainConfig(lr=1e-3, backbone_lr_multiplier=0.5, layer_lr_decay=0.8)
@@ -521,7 +521,7 @@ def test_gd_hf_predict_takes_an_eomt_export_and_predicts_the_same_twice(tmp_path
     from PIL import Image
     from pycocotools import mask as mask_utils
 
-    from gd_hf.export import export_model
+    from gd_hf.hub.export import export_model
     from gd_hf.models.eomt import eomt_image_processor
     from gd_hf.predict import main as predict_main
 
@@ -547,7 +547,7 @@ def test_gd_hf_predict_takes_an_eomt_export_and_predicts_the_same_twice(tmp_path
 def test_the_evaluate_command_refuses_a_test_size_an_eomt_export_cannot_take(tmp_path, capsys):
     from gd_hf.data.synthetic import generate
     from gd_hf.evaluate import main as evaluate_main
-    from gd_hf.export import export_model
+    from gd_hf.hub.export import export_model
     from gd_hf.models.eomt import eomt_image_processor
 
     export_model(tiny_eomt(), eomt_image_processor(64), tmp_path / "export")
@@ -646,7 +646,7 @@ def test_evaluation_mid_annealing_predicts_as_the_export_does(tmp_path):
     from gd_hf.data.coco import load_coco
     from gd_hf.data.synthetic import generate
     from gd_hf.evaluate import evaluate_model
-    from gd_hf.export import export_model
+    from gd_hf.hub.export import export_model
     from gd_hf.models import load_export
     from gd_hf.models.eomt import eomt_image_processor
 
@@ -701,7 +701,7 @@ def test_a_teacher_or_checkpoint_of_the_other_family_is_refused_naming_the_key(t
 
 
 def test_gd_hf_predict_refuses_an_eomt_export_whose_processor_asks_for_a_larger_size(tmp_path, capsys):
-    from gd_hf.export import export_model
+    from gd_hf.hub.export import export_model
     from gd_hf.models.eomt import eomt_image_processor
     from gd_hf.predict import main as predict_main
 

@@ -10,8 +10,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from gd_hf.coco_metric import CocoMaskAP
-from gd_hf.evaluation import Instances, coco_mask_ap, post_process_instances, to_coco_results
+from gd_hf.evaluation.coco_metric import CocoMaskAP
+from gd_hf.evaluation.mask_ap import Instances, coco_mask_ap, post_process_instances, to_coco_results
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_evaluate_metric_wrapper_agrees(ground_truth):
 
 
 def test_a_training_launch_does_not_import_the_evaluate_library():
-    """The `evaluate` library (not `gd_hf.evaluate`) is imported by `gd_hf.coco_metric.CocoMaskAP`'s users only."""
+    """The `evaluate` library (not `gd_hf.evaluate`) is imported by `gd_hf.evaluation.coco_metric.CocoMaskAP`'s users only."""
     import subprocess
     import sys
 
@@ -181,7 +181,7 @@ def test_masks_resampled_within_their_boxes_equal_whole_masks_and_the_two_pass_r
     """The CPU path resamples each mask only where its positive logits reach: the same masks and mean
     probabilities as resampling whole masks, for small blobs, masks of scattered positives (a box as large as
     the image), a mask with no positive logit, and one positive only in the padding."""
-    from gd_hf.evaluation import threshold_at_original_size
+    from gd_hf.evaluation.mask_ap import threshold_at_original_size
 
     generator = torch.Generator().manual_seed(3)
     h, w = padded_size[0] // 4, padded_size[1] // 4

@@ -475,7 +475,7 @@ def test_without_undo_such_a_step_stops_the_run_and_nothing_non_finite_is_writte
 
 
 def test_exports_and_checkpoints_refuse_non_finite_weights(synthetic_root, tmp_path):
-    from gd_hf.export import export_model
+    from gd_hf.hub.export import export_model
     from gd_hf.models import build_model
     from gd_hf.models.mask2former import build_image_processor
     from gd_hf.weights import NonFiniteWeightsError
@@ -633,7 +633,7 @@ def test_a_second_launch_on_a_folder_in_use_stops_naming_the_holder_and_a_dead_h
     out = tmp_path / "run"
     assert run_tiny(synthetic_root, out, "train.max_steps=1") == 0
     hold = (
-        "import sys, time; from gd_hf.run_info import lock_output_folder; "
+        "import sys, time; from gd_hf.run.launches import lock_output_folder; "
         f"assert lock_output_folder({str(out)!r}) is None; print('held', flush=True); time.sleep(60)"
     )
     holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -653,7 +653,7 @@ def test_a_second_launch_on_a_folder_in_use_stops_naming_the_holder_and_a_dead_h
 def test_the_free_space_check_counts_a_resumed_runs_own_checkpoints_as_its_own(tmp_path, monkeypatch):
     import shutil as shutil_module
 
-    from gd_hf.run_info import check_output_folder
+    from gd_hf.run.launches import check_output_folder
 
     out = tmp_path / "run"
     (out / "checkpoints" / "step_00000001").mkdir(parents=True)
@@ -667,7 +667,7 @@ def test_the_free_space_check_counts_a_resumed_runs_own_checkpoints_as_its_own(t
 def test_an_unexpected_error_exits_1_with_the_traceback_and_a_last_line_naming_it(
     synthetic_root, tmp_path, capsys, monkeypatch
 ):
-    import gd_hf.phase as phase_module
+    import gd_hf.run.phase as phase_module
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
@@ -722,7 +722,7 @@ def sha(path: Path) -> str:
 def test_a_one_launch_run_locks_its_folder_before_phase_1(synthetic_root, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    hold = f"from gd_hf.run_info import lock_output_folder; import time; lock_output_folder({str(out)!r}); print('held', flush=True); time.sleep(60)"
+    hold = f"from gd_hf.run.launches import lock_output_folder; import time; lock_output_folder({str(out)!r}); print('held', flush=True); time.sleep(60)"
     holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -923,7 +923,7 @@ def test_a_one_launch_run_resumed_from_another_folders_checkpoint_does_not_train
 
 
 def test_checkpoint_needs_the_files_of_the_processes_that_wrote_it(synthetic_root, tmp_path):
-    from gd_hf.checkpointing import checkpoint_problem
+    from gd_hf.run.checkpointing import checkpoint_problem
 
     out = tmp_path / "run"
     assert run_tiny(synthetic_root, out, "train.max_steps=1", "train.checkpoint_every=1") == 0

@@ -16,8 +16,8 @@ import yaml
 from PIL import Image
 from transformers import Mask2FormerForUniversalSegmentation, pipeline
 
-from gd_hf.model_card import card_metadata
-from gd_hf.push import PushError, push_export
+from gd_hf.hub.model_card import card_metadata
+from gd_hf.hub.push import PushError, push_export
 from gd_hf.train import main
 from tests.conftest import EOMT_TINY, ONE_LAUNCH_SSL, tiny_overrides
 from tests.hub_standin import DROP, TOKEN
@@ -197,10 +197,10 @@ def test_transient_failures_are_retried(trained_run, hub):
 @pytest.fixture
 def waits(monkeypatch):
     """The back-off waits a push sleeps, recorded instead of slept."""
-    import gd_hf.push
+    import gd_hf.hub.push
 
     slept: list[float] = []
-    monkeypatch.setattr(gd_hf.push.time, "sleep", slept.append)
+    monkeypatch.setattr(gd_hf.hub.push.time, "sleep", slept.append)
     return slept
 
 
@@ -245,7 +245,7 @@ def test_failed_push_keeps_the_outputs_and_says_how_to_push_again(trained_run, h
     assert [p for m, p, _ in hub.requests].count("/api/models/me/gd-model/commit/main") == 1
     assert folder_digest(trained_run) == before
 
-    from gd_hf.push import main as push_main
+    from gd_hf.hub.push import main as push_main
 
     assert push_main([str(trained_run), "me/gd-model", "--retries", "0"]) == 3
     assert "push it again with: python -m gd_hf.push" in capsys.readouterr().err
@@ -509,7 +509,7 @@ def test_the_push_command_writes_the_repo_id_into_the_card_as_training_does(trai
     loads the repository (and its example from it), and the local export records where it went."""
     import shutil
 
-    from gd_hf.push import main as push_main
+    from gd_hf.hub.push import main as push_main
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints", ".gd_hf.lock"))

@@ -22,11 +22,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("gd_hf.data",),
     ("gd_hf.models",),
     ("gd_hf.method",),
-    ("gd_hf.evaluation", "gd_hf.coco_metric"),
-    ("gd_hf.public", "gd_hf.model_card", "gd_hf.export", "gd_hf.push", "gd_hf.space"),
-    ("gd_hf.checkpointing", "gd_hf.optim", "gd_hf.step", "gd_hf.phase", "gd_hf.distributed", "gd_hf.trackers", "gd_hf.run_info",
-     "gd_hf.run_log", "gd_hf.run_pictures", "gd_hf.publish"),
-    ("gd_hf.train", "gd_hf.evaluate", "gd_hf.predict", "gd_hf.space_app", "gd_hf"),
+    ("gd_hf.evaluation",),
+    ("gd_hf.hub",),
+    ("gd_hf.run",),
+    # The commands (`gd_hf.hub.space_app` is one: the Space's app.py).
+    ("gd_hf.train", "gd_hf.evaluate", "gd_hf.predict", "gd_hf.push", "gd_hf.space", "gd_hf.hub.space_app", "gd_hf"),
 ]  # fmt: skip
 
 # (importer, imported): still to move.
@@ -37,7 +37,7 @@ KNOWN_CIRCLES: set[tuple[str, ...]] = set()
 MAX_FILE_LINES = 450
 MAX_FUNCTION_LINES = 80
 # path relative to gd_hf/ -> lines today (at most); (path, qualified function) -> the same. Still to split (issue 35).
-KNOWN_LONG_FILES: dict[str, int] = {"train.py": 619}
+KNOWN_LONG_FILES: dict[str, int] = {}
 KNOWN_LONG_FUNCTIONS: dict[tuple[str, str], int] = {}
 
 

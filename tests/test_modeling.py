@@ -14,7 +14,7 @@ from gd_hf.config import ModelConfig, TrainConfig
 from gd_hf.models import build_model
 from gd_hf.models.common import ModelLoadError, loss_terms
 from gd_hf.models.mask2former import Mask2FormerFamily, dinov2_feature_layers, padding_divisor
-from gd_hf.optim import build_optimizer, lr_factor, parameter_groups
+from gd_hf.run.optim import build_optimizer, lr_factor, parameter_groups
 
 ID2LABEL = {0: "circle", 1: "square", 2: "triangle"}
 TINY = {

@@ -23,8 +23,8 @@ from gd_hf.method import GuidedDistillation, one_frame
 from gd_hf.method.teacher import EmaTeacher
 from gd_hf.models import build_model
 from gd_hf.models.mask2former import Mask2FormerFamily
-from gd_hf.optim import build_lr_scheduler, build_optimizer
-from gd_hf.step import train_step
+from gd_hf.run.optim import build_lr_scheduler, build_optimizer
+from gd_hf.run.step import train_step
 
 from .conftest import demo_recipe, tiny_overrides
 

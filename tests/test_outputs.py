@@ -14,10 +14,10 @@ from accelerate.state import AcceleratorState
 from accelerate.tracking import GeneralTracker
 from PIL import Image
 
-import gd_hf.train as train_module
+import gd_hf.run.periodic as periodic_module
 from gd_hf.config import RecipeError
+from gd_hf.hub.push import record_push
 from gd_hf.method import GuidedDistillation
-from gd_hf.push import record_push
 from gd_hf.train import main, train
 
 from .conftest import DEMO_RECIPE, ONE_LAUNCH_SSL, demo_recipe, tiny_overrides
@@ -62,7 +62,7 @@ def distilled(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("outputs") / "run"
     tracker = RecordingTracker()
     taught, drawn = [], []
-    original_pseudo_labels, original_picture = GuidedDistillation.pseudo_labels, train_module.pseudo_label_picture
+    original_pseudo_labels, original_picture = GuidedDistillation.pseudo_labels, periodic_module.pseudo_label_picture
 
     def spy_pseudo_labels(self, weak_pixel_values):
         pseudo = original_pseudo_labels(self, weak_pixel_values)
@@ -75,7 +75,7 @@ def distilled(synthetic_root, tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(GuidedDistillation, "pseudo_labels", spy_pseudo_labels)
-    mp.setattr(train_module, "pseudo_label_picture", spy_picture)
+    mp.setattr(periodic_module, "pseudo_label_picture", spy_picture)
     AcceleratorState._reset_state(reset_partial_state=True)
     recipe = demo_recipe([*tiny_overrides(synthetic_root, out), *ONE_LAUNCH_SSL, "train.eval_every=1", "eval.pictures=2"])  # fmt: skip
     try:
@@ -223,7 +223,7 @@ def test_an_export_of_a_model_with_a_local_backbone_names_no_path_of_this_machin
     from transformers import Dinov2Config, Dinov2Model, Mask2FormerForUniversalSegmentation
 
     from gd_hf.models import build_model, export_image_processor
-    from gd_hf.publish import Publisher
+    from gd_hf.run.publisher import Publisher
 
     backbone = tmp_path / "my_models" / "dino"
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
@@ -306,7 +306,7 @@ def test_predict_takes_a_run_folder_and_the_exports_recorded_top_k(distilled, sy
     ids=["two-disks", "output-below-root", "windows", "dotdot"],
 )
 def test_published_recipes_name_no_folder_of_this_machine(overrides, expected):
-    from gd_hf.public import public_recipe
+    from gd_hf.hub.public import public_recipe
 
     recipe = demo_recipe(overrides)
     published = public_recipe(recipe)
@@ -324,7 +324,7 @@ def test_a_card_pushed_to_a_branch_loads_that_branch_and_the_base_model_is_kept(
     the card's base_model is what the run decided (a published relative path is never taken for a hub id)."""
     import shutil
 
-    from gd_hf.model_card import card_for_repo, card_metadata
+    from gd_hf.hub.model_card import card_for_repo, card_metadata
 
     export = tmp_path / "final"
     shutil.copytree(distilled[0] / "final", export)
@@ -369,8 +369,8 @@ def test_a_picture_that_cannot_be_drawn_is_a_warning_not_the_runs_end(synthetic_
     def broken(*args, **kwargs):
         raise ValueError("a font that cannot be read")
 
-    monkeypatch.setattr(train_module, "prediction_picture", broken)
-    monkeypatch.setattr(train_module, "plot_curves", broken)
+    monkeypatch.setattr(periodic_module, "prediction_picture", broken)
+    monkeypatch.setattr(periodic_module, "plot_curves", broken)
     out = tmp_path / "run"
     assert main([DEMO_RECIPE, *tiny_overrides(synthetic_root, out),
                  "train.report_to=none"]) == 0  # fmt: skip

@@ -19,12 +19,12 @@ import gd_hf.models.common as model_common
 from gd_hf.config import DataConfig
 from gd_hf.data.coco import FEATURES, DataError
 from gd_hf.data.loading import MAX_CONSECUTIVE_BAD_RECORDS, LabeledTrainDataset, collate_train
-from gd_hf.distributed import build_accelerator
 from gd_hf.method import GuidedDistillation
 from gd_hf.models import build_model
 from gd_hf.models.mask2former import Mask2FormerFamily
-from gd_hf.optim import build_lr_scheduler, build_optimizer, lr_factor
-from gd_hf.step import train_step
+from gd_hf.run.distributed import build_accelerator
+from gd_hf.run.optim import build_lr_scheduler, build_optimizer, lr_factor
+from gd_hf.run.step import train_step
 
 from .conftest import demo_recipe, tiny_overrides
 from .test_method_flow import ID2LABEL, rectangles

@@ -24,12 +24,12 @@ from huggingface_hub import SpaceCard
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from gd_hf.export import export_model
-from gd_hf.model_card import RunSummary
+from gd_hf.hub.export import export_model
+from gd_hf.hub.model_card import RunSummary
+from gd_hf.hub.push import PushError
+from gd_hf.hub.space import main, push_space, write_space
 from gd_hf.models import build_model, export_image_processor, load_export
 from gd_hf.predict import export_sizes, predict
-from gd_hf.push import PushError
-from gd_hf.space import main, push_space, write_space
 from tests.conftest import EOMT_TINY, tiny_overrides
 
 from .conftest import demo_recipe
@@ -188,8 +188,8 @@ def test_the_space_card_requirements_and_gd_hf_copy_are_what_a_space_needs(space
 
 
 def test_writing_a_space_does_not_need_gradio(mask2former_export, tmp_path):
-    """gd_hf.space only writes files: with gradio unimportable it still writes the Space."""
-    code = ("import sys; sys.modules['gradio'] = None; from gd_hf.space import main; "
+    """gd_hf.hub.space only writes files: with gradio unimportable it still writes the Space."""
+    code = ("import sys; sys.modules['gradio'] = None; from gd_hf.hub.space import main; "
             f"code = main([{str(mask2former_export)!r}, {str(tmp_path / 'space')!r}]); "
             "assert sys.modules['gradio'] is None; raise SystemExit(code)")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -266,10 +266,10 @@ def test_a_hub_model_is_read_from_its_small_files_and_loaded_by_id(mask2former_e
 @pytest.fixture
 def waits(monkeypatch) -> list[float]:
     """The back-off waits a push sleeps, recorded instead of slept."""
-    import gd_hf.push
+    import gd_hf.hub.push
 
     slept: list[float] = []
-    monkeypatch.setattr(gd_hf.push.time, "sleep", slept.append)
+    monkeypatch.setattr(gd_hf.hub.push.time, "sleep", slept.append)
     return slept
 
 

@@ -10,11 +10,11 @@ from transformers import Mask2FormerForUniversalSegmentation
 
 import gd_hf.method.distillation as method_module
 import gd_hf.models.common as model_common
-import gd_hf.phase as phase_module
-import gd_hf.train as train_module
+import gd_hf.run.periodic as periodic_module
+import gd_hf.run.phase as phase_module
 from gd_hf.config import RecipeError
 from gd_hf.data.loading import repeat_factors
-from gd_hf.train import TrainingRecipe, train
+from gd_hf.train import train
 
 from .conftest import DEMO_RECIPE, EOMT_TINY, ONE_LAUNCH_SSL, PAPER_JITTER, demo_recipe, tiny_overrides
 
@@ -59,7 +59,7 @@ def exported_state(folder):
 
 
 def teacher_state(checkpoint):
-    """The EmaTeacher is saved beside the schedule as gd_hf_state_1.pt (gd_hf.checkpointing)."""
+    """The EmaTeacher is saved beside the schedule as gd_hf_state_1.pt (gd_hf.run.checkpointing)."""
     state = torch.load(checkpoint / "gd_hf_state_1.pt", weights_only=True)
     return {k.removeprefix("model."): v for k, v in state.items()}
 
@@ -230,7 +230,7 @@ def test_resume_continues_identically(synthetic_root, tmp_path, teacher_dir, mon
         extra += ("ssl.labeled_repeat_threshold=null",)  # a stream cannot be resampled by class
     run(synthetic_root, tmp_path / "a", teacher_dir, *extra)
 
-    real_save = train_module.save_checkpoint
+    real_save = periodic_module.save_checkpoint
 
     def save_then_crash(accelerator, directory, step, state, keep, *rest):
         path = real_save(accelerator, directory, step, state, keep, *rest)
@@ -238,10 +238,10 @@ def test_resume_continues_identically(synthetic_root, tmp_path, teacher_dir, mon
             raise KeyboardInterrupt("simulated crash")
         return path
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(periodic_module, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         run(synthetic_root, tmp_path / "b", teacher_dir, *extra)
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(periodic_module, "save_checkpoint", real_save)
     run(synthetic_root, tmp_path / "b", teacher_dir, *extra)
 
     losses = lambda out: {r["step"]: (r["loss"], r.get("loss_unsup")) for r in log(out) if "loss" in r}  # noqa: E731
@@ -421,13 +421,13 @@ def test_ssl_evaluate_scores_and_exports_the_model_it_names(synthetic_root, tmp_
     """`ssl.evaluate`: `student` scores and exports the student; `teacher` the EMA teacher (its weights become
     the export); `both` scores both, logs the teacher as `val_teacher/*`, and exports the student."""
     evaluated = []
-    real_evaluate = TrainingRecipe.evaluate
+    real_evaluate = periodic_module.evaluate
 
-    def spy(self, model):
+    def spy(phase, model):
         evaluated.append({k: v.clone() for k, v in model.state_dict().items()})
-        return real_evaluate(self, model)
+        return real_evaluate(phase, model)
 
-    monkeypatch.setattr(TrainingRecipe, "evaluate", spy)
+    monkeypatch.setattr(periodic_module, "evaluate", spy)
     out = tmp_path / "run"
     run(synthetic_root, out, teacher_dir, "ssl.burn_in_steps=1", "train.max_steps=2", "ssl.ema_decay=0.5",
         "train.checkpoint_every=2", f"ssl.evaluate={which}")  # fmt: skip

@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 import gd_hf.method.teacher_check as check_module
+import gd_hf.run.periodic as periodic_module
 import gd_hf.train as train_module
 from gd_hf.data.prepare import prepare_data
 from gd_hf.method import PseudoLabelRules
@@ -153,13 +154,13 @@ def test_off_skips_the_check_and_a_resumed_run_does_not_repeat_it(squares, tmp_p
     assert calls == []
     out = tmp_path / "resumed"
     warn = ("ssl.teacher_check=warn", "train.checkpoint_every=1")
-    real_save = train_module.save_checkpoint
+    real_save = periodic_module.save_checkpoint
     save_then_crash = save_then_crash_at(real_save, 1)
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(periodic_module, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train(demo_recipe(squares_overrides(squares, out, teacher, *warn)))
     assert calls == [1]
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(periodic_module, "save_checkpoint", real_save)
     train(demo_recipe(squares_overrides(squares, out, teacher, *warn)))
     assert calls == [1]  # checked at the run's start, not at the resume
     lines = [x for x in (out / "metrics.jsonl").read_text().splitlines() if "teacher_check" in x]
@@ -288,21 +289,21 @@ def test_a_resume_keeps_the_chosen_threshold_and_one_that_would_choose_another_i
     out = tmp_path / "run"
     auto = ("ssl.pseudo_label_score_threshold=auto", "ssl.pseudo_label_target_precision=0.6",
             "train.checkpoint_every=1", "train.max_steps=3", "ssl.pseudo_label_max_overlap=null")  # fmt: skip
-    real_save = train_module.save_checkpoint
+    real_save = periodic_module.save_checkpoint
     save_then_crash = save_then_crash_at(real_save, 1)
     make_teacher_scored(monkeypatch, right=0.62, wrong=0.42)
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(periodic_module, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train(demo_recipe(squares_overrides(squares, out, teacher, *auto)))
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(periodic_module, "save_checkpoint", real_save)
     # The same teacher: the run goes on with its threshold, the check's line is logged once.
     make_teacher_scored(monkeypatch, right=0.62, wrong=0.42)
     used = spy_thresholds(monkeypatch)
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash_at(real_save, 2))
+    monkeypatch.setattr(periodic_module, "save_checkpoint", save_then_crash_at(real_save, 2))
     with pytest.raises(KeyboardInterrupt):
         train(demo_recipe(squares_overrides(squares, out, teacher, *auto)))
     assert used[SWEEP:] == [0.45]  # the check ran again (to compare), the step used the recorded choice
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(periodic_module, "save_checkpoint", real_save)
     # A teacher that now scores higher: auto would choose 0.55. Not silently: the relaunch stops, nothing written.
     make_teacher_scored(monkeypatch, right=0.72, wrong=0.52)
     before = (out / "run_info.json").read_text()
@@ -395,7 +396,7 @@ def test_auto_refuses_a_custom_rule_without_a_threshold(squares, tmp_path):
 
 def test_a_checkpoint_written_before_the_new_keys_resumes_unchanged_unless_they_are_set(squares, tmp_path):
     from gd_hf.config import recipe_to_dict
-    from gd_hf.run_info import check_relaunch
+    from gd_hf.run.launches import check_relaunch
 
     recipe = demo_recipe(squares_overrides(squares, tmp_path / "run", tmp_path / "teacher"))
     before = recipe_to_dict(recipe)

@@ -194,7 +194,7 @@ def test_a_family_from_a_test_file_trains_the_whole_method_evaluates_and_exports
         [r["score"] for r in logged]
     )
     # `python -m gd_hf.push` cannot write a family of your own's card anew for a repository: it keeps the card.
-    from gd_hf.model_card import card_for_repo
+    from gd_hf.hub.model_card import card_for_repo
 
     assert card_for_repo(final, "me/toyseg") is False and (final / "README.md").read_text() == card
 

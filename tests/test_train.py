@@ -10,10 +10,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import pipeline
 
-import gd_hf.train as train_module
+import gd_hf.run.periodic as periodic_module
 from gd_hf.config import RecipeError
 from gd_hf.data.coco import DataError
-from gd_hf.distributed import check_distributed_type
+from gd_hf.run.distributed import check_distributed_type
 from gd_hf.train import main, train
 
 from .conftest import DEMO_RECIPE, demo_recipe, tiny_overrides
@@ -76,7 +76,7 @@ def test_resume_continues_with_identical_state(synthetic_root, tmp_path, monkeyp
 
     # Crash right after the step-2 checkpoint is written, then resume with `resume: auto`.
     interrupted = tmp_path / "b"
-    real_save = train_module.save_checkpoint
+    real_save = periodic_module.save_checkpoint
 
     def save_then_crash(accelerator, directory, step, state, keep, *rest):
         path = real_save(accelerator, directory, step, state, keep, *rest)
@@ -87,10 +87,10 @@ def test_resume_continues_with_identical_state(synthetic_root, tmp_path, monkeyp
             raise KeyboardInterrupt("simulated crash")
         return path
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(periodic_module, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         run(synthetic_root, interrupted)
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(periodic_module, "save_checkpoint", real_save)
     assert not (interrupted / "final").exists()
     run(synthetic_root, interrupted)
 
@@ -209,7 +209,7 @@ def test_standalone_evaluation_reproduces_the_training_metrics(synthetic_root, t
     # What the command prints (its own forward pass, post-processing and COCOeval) equals the training run's figures.
     printed = capsys.readouterr().out
     assert json.loads(printed[printed.index("{") :]) == pytest.approx(metrics)
-    from gd_hf.evaluation import coco_mask_ap
+    from gd_hf.evaluation.mask_ap import coco_mask_ap
 
     assert coco_mask_ap(
         synthetic_root / "annotations" / "instances_val.json", json.loads(results.read_text())

@@ -408,7 +408,7 @@ class Recipe:
     newest one is passed over, saying so); `none`: start fresh (fails if the output folder already holds
     checkpoints); `force`: as `auto`, and also when the recipe changed keys that change what is trained (the
     change is recorded in `run_info.json` and the model card); or a checkpoint folder. A relaunch whose recipe
-    differs from the run's in such keys stops without `force` (`MAY_CHANGE` in `gd_hf.run_info` lists the
+    differs from the run's in such keys stops without `force` (`MAY_CHANGE` in `gd_hf.run.launches` lists the
     keys that may change)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

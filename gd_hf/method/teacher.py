@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 class EmaTeacher(torch.nn.Module):
     """Wraps the teacher model: always eval mode, no gradients, updated only by `copy_from` / `update`.
 
-    Its state dict is saved and restored with the run's checkpoints (`gd_hf.checkpointing`), so a resumed run
+    Its state dict is saved and restored with the run's checkpoints (`gd_hf.run.checkpointing`), so a resumed run
     has the same teacher. `scheduled_buffers`: the buffers the model family writes from the step
     (`ModelFamily.scheduled_buffers`), never averaged or copied.
     """

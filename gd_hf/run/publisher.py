@@ -18,13 +18,13 @@ import yaml
 from transformers import PreTrainedModel
 
 from gd_hf.config import Recipe
-from gd_hf.export import export_model
-from gd_hf.model_card import RunSummary, card_facts
+from gd_hf.hub.export import export_model
+from gd_hf.hub.model_card import RunSummary, card_facts
+from gd_hf.hub.public import is_hub_id, public_launches, public_recipe, public_value, run_name
+from gd_hf.hub.push import PushError, push_export, record_push
+from gd_hf.hub.space import SpaceError, push_space, write_space
 from gd_hf.models import ModelFamily
-from gd_hf.public import is_hub_id, public_launches, public_recipe, public_value, run_name
-from gd_hf.push import PushError, push_export, record_push
-from gd_hf.run_info import read_launches
-from gd_hf.space import SpaceError, push_space, write_space
+from gd_hf.run.launches import read_launches
 
 logger = logging.getLogger("gd_hf.train")
 
@@ -170,7 +170,7 @@ class Publisher:
         return True
 
     def push_space(self, final: Path) -> None:
-        """After the final push: a Gradio Space serving the pushed model (`gd_hf.space`), written into
+        """After the final push: a Gradio Space serving the pushed model (`gd_hf.hub.space`), written into
         `output_dir/space` and pushed to `hub.space_repo`; a failure is kept for the end of the run."""
         hub = self.recipe.hub
         out = Path(self.recipe.output_dir) / "space"

@@ -18,8 +18,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from gd_hf.config import Recipe, recipe_to_dict
 from gd_hf.files import write_text_atomic
+from gd_hf.hub.public import is_hub_id
 from gd_hf.models import BUILT_IN_FAMILIES, ModelFamily, built_in_family
-from gd_hf.public import is_hub_id
 
 TAGS = ["instance-segmentation", "semi-supervised", "guided-distillation", "gd_hf"]
 METRIC_NAMES = {"AP": "mask AP", "AP50": "mask AP50", "AP75": "mask AP75", "APs": "mask AP (small)",

@@ -1,5 +1,5 @@
 """AdamW with a backbone learning-rate multiplier (times the model family's factors) and no decay on
-norms/biases/embeddings, and the learning-rate schedule (the step itself: `gd_hf.step`)."""
+norms/biases/embeddings, and the learning-rate schedule (the step itself: `gd_hf.run.step`)."""
 
 from __future__ import annotations
 

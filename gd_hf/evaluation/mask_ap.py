@@ -1,6 +1,6 @@
 """COCO mask AP: batched instance post-processing, the COCO ground truth built from gd_hf records, COCOeval
 (hotcoco, checked against pycocotools), and the one evaluation driver of training and `python -m gd_hf.evaluate`.
-(The `evaluate` metric wrapper is `gd_hf.coco_metric.CocoMaskAP`.)"""
+(The `evaluate` metric wrapper is `gd_hf.evaluation.coco_metric.CocoMaskAP`.)"""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datasets
 import evaluate
 
-from gd_hf.evaluation import coco_mask_ap
+from gd_hf.evaluation.mask_ap import coco_mask_ap
 
 
 class CocoMaskAP(evaluate.Metric):

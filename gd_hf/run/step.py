@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate import Accelerator
 
-from gd_hf.checkpointing import list_checkpoints
 from gd_hf.config import TrainConfig
+from gd_hf.run.checkpointing import list_checkpoints
 from gd_hf.weights import all_finite
 
 if TYPE_CHECKING:
-    from gd_hf.checkpointing import RunState
     from gd_hf.method import GuidedDistillation
+    from gd_hf.run.checkpointing import RunState
 
 logger = logging.getLogger("gd_hf.train")
 

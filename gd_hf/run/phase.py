@@ -1,7 +1,8 @@
 """One phase of a launch (phase 1, the supervised teacher; or phases 2-3, guided burn-in then EMA distillation):
 `Phase` holds everything it trains with, `build_phase` makes its models, method, optimizer and schedule, and
-`build_student` the model it trains. `gd_hf.train.TrainingRecipe` adds the state, the batches and the
-publisher, runs the loop, and drops the phase whole at its end."""
+`build_student` the model it trains. `gd_hf.run.set_up.set_up_phase` adds the state, the batches and the
+publisher; the loop (`gd_hf.run.loop`) and the periodic work (`gd_hf.run.periodic`) read and write it; the launch
+(`gd_hf.run.launch.TrainingRecipe`) drops it whole at its end."""
 
 from __future__ import annotations
 
@@ -13,27 +14,29 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from gd_hf.checkpointing import RunState
 from gd_hf.config import Recipe, RecipeError
 from gd_hf.data.batches import TrainBatches
 from gd_hf.data.prepare import RunData
+from gd_hf.evaluation.mask_ap import Evaluation
 from gd_hf.method import GuidedDistillation, PseudoLabelRule
 from gd_hf.method.teacher import build_teacher, student_model_config
 from gd_hf.models import ModelFamily, build_model, family_for
 from gd_hf.models.common import ModelLoadError
-from gd_hf.optim import build_lr_scheduler, build_optimizer
-from gd_hf.publish import Publisher
-from gd_hf.run_info import check_output_folder, run_storage_bytes
-from gd_hf.run_log import LogWindow
-from gd_hf.run_pictures import KeptPseudoLabels
-from gd_hf.step import UpdateUndo
+from gd_hf.run.checkpointing import RunState
+from gd_hf.run.eval_pictures import KeptPseudoLabels
+from gd_hf.run.launches import check_output_folder, run_storage_bytes
+from gd_hf.run.metrics_log import LogWindow
+from gd_hf.run.optim import build_lr_scheduler, build_optimizer
+from gd_hf.run.publisher import Publisher
+from gd_hf.run.step import UpdateUndo
 
 
 @dataclass
 class Phase:
-    """What one phase trains with: `TrainingRecipe.set_up` builds it, the loop and the periodic work read it, and
-    the phase's end drops it whole (`TrainingRecipe.end_phase`)."""
+    """What one phase trains with: `set_up_phase` returns it, the loop and the periodic work read it, and the
+    launch drops it whole at the phase's end (`TrainingRecipe.end_phase`)."""
 
+    accelerator: Accelerator  # the launch's (one for every phase)
     recipe: Recipe  # the phase's (with `ssl.pseudo_label_score_threshold: auto` resolved: what the card says)
     recorded_recipe: Recipe  # what its checkpoints record and a relaunch is compared with
     data: RunData
@@ -56,6 +59,22 @@ class Phase:
     skipped_since_checkpoint: int = 0  # bad records skipped on this process since the last checkpoint
     metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation's
     kept_pseudo_labels: KeptPseudoLabels | None = None  # for the next evaluation's picture (`keep_for_picture`)
+    last_evaluation: Evaluation | None = None  # rank 0: the evaluation just done, until its pictures are drawn
+    extension_points: dict[str, str] = field(default_factory=dict)  # custom ones, as checkpoints record them
+    supervised_label: str = "supervised"  # what the bar calls a supervised phase: "teacher" in a GD launch
+
+    def label(self, step: int) -> str:
+        """What the bar calls the phase of `step`: `teacher` (phase 1 of a Guided Distillation run),
+        `supervised` (a plain run), `burn-in`, `EMA`."""
+        phase = self.method.phase(step)
+        if phase == "supervised":
+            return self.supervised_label
+        return {"burn_in": "burn-in", "ema": "EMA"}[phase]
+
+    def checkpointed_states(self) -> list[Any]:
+        """What a checkpoint keeps beside the model, optimizer and RNG: the schedule, and the EMA teacher (part of
+        the run's state in phases 2-3), in this order."""
+        return [self.scheduler] + ([self.method.teacher] if self.method.teacher is not None else [])
 
 
 def build_phase(
@@ -88,7 +107,7 @@ def build_phase(
     # What is scored and exported: the student, or the teacher if asked.
     evaluated = teacher.model if teacher is not None and recipe.ssl.evaluate == "teacher" else student
     undo = UpdateUndo(optimizer) if cfg.undo_nonfinite_updates else None
-    return Phase(recipe, recorded_recipe, data, Path(recipe.output_dir), family, padding_divisor,
+    return Phase(accelerator, recipe, recorded_recipe, data, Path(recipe.output_dir), family, padding_divisor,
                  image_processor, prepared, student, evaluated, optimizer, scheduler, undo, method)  # fmt: skip
 
 

@@ -29,7 +29,7 @@ TABLE_HEADERS = ["label", "score", "area (px)"]
 
 
 def space_config() -> dict:
-    """What `gd_hf.space` wrote: the model, the title and description, the example images."""
+    """What `gd_hf.hub.space` wrote: the model, the title and description, the example images."""
     return json.loads((HERE / "space_config.json").read_text())
 
 

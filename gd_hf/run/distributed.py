@@ -11,7 +11,7 @@ from accelerate.utils import DistributedType, gather_object
 
 from gd_hf.config import Recipe, RecipeError
 from gd_hf.method.teacher import EmaTeacher
-from gd_hf.step import TrainingError
+from gd_hf.run.step import TrainingError
 
 
 class ReplicasDivergedError(TrainingError):
@@ -20,7 +20,7 @@ class ReplicasDivergedError(TrainingError):
 
 def build_accelerator(recipe: Recipe) -> Accelerator:
     """Accelerator with mixed precision from the recipe (or the accelerate config). Its trackers are each phase's
-    own (`gd_hf.trackers`): none here."""
+    own (`gd_hf.run.trackers`): none here."""
     kwargs: dict[str, Any] = {
         # Some backbone parameters get no gradient (Swin's last norm, DINOv2's mask token): DDP must allow that.
         "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)],

@@ -18,7 +18,7 @@ from accelerate.utils import gather_object
 
 from gd_hf.config import Recipe
 from gd_hf.files import write_text_atomic
-from gd_hf.trackers import tracker_tag
+from gd_hf.run.trackers import tracker_tag
 
 if TYPE_CHECKING:
     from gd_hf.data.prepare import RunData

@@ -15,9 +15,9 @@ from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from gd_hf.files import fsync_tree, replace_durably
-from gd_hf.model_card import RunSummary, write_model_card
+from gd_hf.hub.model_card import RunSummary, write_model_card
+from gd_hf.hub.public import names_this_machine
 from gd_hf.models import ModelFamily, family_of
-from gd_hf.public import names_this_machine
 from gd_hf.weights import check_finite
 
 
