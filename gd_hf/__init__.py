@@ -12,17 +12,17 @@ The package, in the order a run goes through it (docs/layout.md has the map, mod
   family follows (`protocol.ModelFamily`) and the one list of built-in families (`models.BUILT_IN_FAMILIES`);
 - method: `method/` — `distillation` (`GuidedDistillation`: teacher, schedule, loss; `PseudoLabelRules`; the
   extension points), `teacher` (frozen, then EMA), `pseudo_labels` (the rules' filter, quality), `teacher_check`;
-- a run: `train` (`TrainingRecipe`: the launch, the loop, the periodic work, the command), `phase` (`Phase`:
-  what one phase trains with), `step` (one optimizer step), `optim` (AdamW groups, the schedule),
-  `checkpointing` (state, resume, which checkpoint reads whole), `run_info` (launch records, the relaunch
-  comparison, the output folder's lock), `run_log` (metrics lines), `distributed` (the Accelerator), `weights`
-  (finiteness), `files` (durable writes);
-- outputs: `evaluation` (post-processing, COCOeval, the one evaluation driver), `evaluate` (the command),
-  `coco_metric` (`CocoMaskAP`, the metric for the `evaluate` library), `publish` (exports, model cards, pushes:
-  `export`, `model_card`, `push`; `public`: what they may say of this machine), `predict`, `space` (a Gradio
-  Space: `space_app`);
-- what people see: `trackers` (`train.report_to`), `pictures` (overlays, grids), `curves` (`curves.png`) and
-  `run_pictures` (what each evaluation draws).
+- evaluation: `evaluation/` — `mask_ap` (post-processing, COCOeval, the one evaluation driver), `coco_metric`
+  (`CocoMaskAP`, the metric for the `evaluate` library);
+- outputs for others: `hub/` — `export`, `model_card`, `push`, `space` (a Gradio Space; `space_app` is its app),
+  `public` (what they may say of this machine);
+- a run: `run/` — `launch` (`TrainingRecipe`: the phases of a launch), `set_up` (`set_up_phase`), `phase`
+  (`Phase`: what one phase trains with), `loop` (the loop on a page), `periodic` (the hooks after a step: log line,
+  evaluation, pictures, curves, best export, checkpoint; the phase's end), `step` (one optimizer step), `optim`,
+  `checkpointing`, `launches` (launch records, the relaunch comparison, locks), `metrics_log`, `trackers`,
+  `eval_pictures` (what each evaluation draws), `publisher` (a run's exports and pushes), `distributed`;
+- the leaves: `files` (durable writes), `weights` (finiteness), `pictures` (overlays, grids), `curves`;
+- the commands: `train`, `evaluate`, `predict`, `push` and `space` (`python -m gd_hf.NAME`).
 """
 
 __version__ = "0.1.0"

@@ -141,3 +141,38 @@ def hub(monkeypatch):
         # that hf_xet would take first talks to a content-addressed store the stand-in does not emulate.
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
         yield stand_in
+
+
+# The bad-input tests' helpers (tests/test_bad_*.py).
+
+
+def launch(root: Path, out: Path, *extra: str) -> int:
+    """`python -m gd_hf.train` on the demo recipe at test size, without a records cache: its exit code."""
+    from gd_hf.train import main
+
+    return main([DEMO_RECIPE, *tiny_overrides(root, out), "data.records_cache=null", *extra])
+
+
+def main_outcome(code: int) -> str:
+    from gd_hf.train import EXIT_OUTCOMES
+
+    return f"{EXIT_OUTCOMES[code]} (exit code {code})"
+
+
+def run_tiny(root: Path, out: Path, *extra: str) -> int:
+    """`python -m gd_hf.train` on the demo recipe at test size: its exit code."""
+    from gd_hf.train import main
+
+    return main([DEMO_RECIPE, *tiny_overrides(root, out), *extra])
+
+
+def final_weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "final" / "model.safetensors")
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

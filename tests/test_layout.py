@@ -211,3 +211,19 @@ def test_nothing_outside_a_familys_module_names_a_family():
                 if node.value.lower() in names and rel not in NAMES_A_FAMILY_BY_DESIGN:
                     found.append(f"{rel}:{node.lineno} spells {node.value!r}")
     assert not found, found
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "push", "space"])
+def test_the_commands_keep_their_names(command, monkeypatch, capsys):
+    """`python -m gd_hf.NAME` runs each command where the package moved its code (`push` and `space` live in
+    `gd_hf/hub/`): its --help names the command as users type it."""
+    import runpy
+    import sys
+    import warnings
+
+    monkeypatch.setattr(sys, "argv", [f"gd_hf.{command}", "--help"])
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as exit_:
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: "found in sys.modules" (a test imported it)
+        runpy.run_module(f"gd_hf.{command}", run_name="__main__", alter_sys=True)
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m gd_hf.{command} ")

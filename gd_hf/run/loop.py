@@ -2,7 +2,7 @@
 teacher becomes the student), the batches, one optimizer step (`train_step`: the loss of the method, the update,
 non-finite updates taken back), the check of its outcome, the method's end of the step (the EMA teacher follows
 the student), then each periodic hook when due (`gd_hf.run.periodic.PERIODIC_WORK`: log line, evaluation,
-pictures, best export, checkpoint)."""
+pictures, curves, best export, checkpoint)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The work a phase does after a step when it is due, as hooks of one signature, `work(phase)`: the metrics log
-line, the evaluation, its pictures, the best export, the checkpoint (`PERIODIC_WORK`, in the order they run); and
+line (and the trackers), the evaluation, its pictures, the curves, the best export, the checkpoint
+(`PERIODIC_WORK`, in the order they run); and
 the phase's end (`finish_phase`: the final export and push). Each hook reads and writes only the `Phase`."""
 
 from __future__ import annotations
@@ -97,13 +98,18 @@ def draw_evaluation_pictures(phase: Phase) -> None:
         draw_pictures(phase, evaluation)
 
 
+def draw_curves_after_evaluation(phase: Phase) -> None:
+    """Rank 0, after an evaluation: `curves.png` so far (`draw_curves`), which the next export shows."""
+    if phase.accelerator.is_main_process:
+        draw_curves(phase)
+
+
 def export_if_best(phase: Phase) -> None:
-    """A new best val AP is exported to `best/`, with the curves so far. Rank 0 decides the best; every rank
-    learns it for the next checkpoint."""
+    """A new best val AP is exported to `best/` (with the pictures and curves just drawn). Rank 0 decides the
+    best; every rank learns it for the next checkpoint."""
     accelerator, state = phase.accelerator, phase.state
     if accelerator.is_main_process and phase.metrics["AP"] > state.best_ap:
         state.best_ap, state.best_step = phase.metrics["AP"], state.step
-        draw_curves(phase)
         phase.publisher.export(phase.evaluated, "best", state.step, phase.metrics)
     if accelerator.num_processes > 1:  # rank 0 decided; the rest of the state is alike on every rank
         state.best_ap, state.best_step = broadcast_object_list([(state.best_ap, state.best_step)])[0]
@@ -135,6 +141,7 @@ PERIODIC_WORK = [
     PeriodicWork("log line", lambda train: train.log_every, write_log_line),
     PeriodicWork("evaluation", lambda train: train.eval_every, evaluate_phase),
     PeriodicWork("pictures", lambda train: train.eval_every, draw_evaluation_pictures),
+    PeriodicWork("curves", lambda train: train.eval_every, draw_curves_after_evaluation),
     PeriodicWork("best export", lambda train: train.eval_every, export_if_best),
     PeriodicWork("checkpoint", lambda train: train.checkpoint_every, save_phase_checkpoint),
 ]
