@@ -22,7 +22,8 @@ from gd_hf.method import PseudoLabelRules
 from gd_hf.method.teacher_check import measure_teacher
 from gd_hf.models import build_model
 from gd_hf.models.mask2former import build_image_processor, padding_divisor
-from gd_hf.train import build_accelerator, main, train
+from gd_hf.run.distributed import build_accelerator
+from gd_hf.train import main, train
 
 from .conftest import DEMO_RECIPE, ROOT, demo_recipe, tiny_overrides
 from .test_one_frame import LOGIT, perfect_outputs
@@ -127,7 +128,9 @@ def test_a_teacher_that_teaches_passes_and_its_figures_reach_the_log_and_the_car
     assert line["step"] == 0
     assert line["teacher_check/precision"] == 1.0 and line["teacher_check/recall"] == 1.0
     assert line["teacher_check/pseudo_labels_per_image"] == line["teacher_check/objects_per_image"] == 1.0
-    assert "Teacher check before distillation (8 val images" in (out / "final" / "README.md").read_text()
+    card = (out / "final" / "README.md").read_text()
+    assert "Teacher check before distillation (8 val images" in card and "failed this check" not in card
+    assert line["teacher_check/passed"] == 1.0
     assert "precision" in capsys.readouterr().out
 
 
@@ -142,6 +145,10 @@ def test_a_teacher_of_wrong_labels_stops_with_stop_and_goes_on_with_warn(squares
     assert "should not teach" in caplog.text
     (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "teacher_check" in x]
     assert line["teacher_check/precision"] == 0.0 and line["teacher_check/fp_wrong_class"] == 1.0
+    # The card does not pass the failure off as a precision figure.
+    assert line["teacher_check/passed"] == 0.0
+    card = (out / "final" / "README.md").read_text()
+    assert "**The teacher failed this check**" in card and "(`ssl.teacher_check: warn`)" in card
 
 
 def test_off_skips_the_check_and_a_resumed_run_does_not_repeat_it(squares, tmp_path, monkeypatch):
@@ -351,6 +358,7 @@ def test_auto_stops_a_teacher_that_reaches_the_target_nowhere_with_exit_2_and_th
     assert used[SWEEP:] == [0.05, 0.05]
     card = (tmp_path / "warned" / "final" / "README.md").read_text()
     assert "no threshold of 0.05-0.95 reached the target precision 0.6" in card and "reached precision" not in card
+    assert "**The teacher failed this check**" in card
 
 
 @pytest.mark.parametrize(
