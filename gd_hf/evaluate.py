@@ -1,9 +1,10 @@
 """Mask AP of a trained model on a COCO-format set.
 
-Usage: `python -m gd_hf.evaluate MODEL ANNOTATIONS IMAGES [--out results.json] [--top-k K] [--batch-size 2]`
+Usage: `python -m gd_hf.evaluate MODEL [ANNOTATIONS IMAGES] [--out results.json] [--top-k K] [--batch-size 2]`
 
 MODEL is an exported folder (or hub id) as written by `gd_hf.train`, or a run's output folder (its `final/`
-export; `--folder best` for the best one); ANNOTATIONS a COCO instances JSON and IMAGES its image folder. By
+export; `--folder best` for the best one); ANNOTATIONS a COCO instances JSON and IMAGES its image folder (default,
+for a run's folder or an export in one: the val set its recipe names). By
 default the evaluation is the one the export's metrics were measured with (its `eval_results.json` records
 `evaluated_with`: instances per image; its image processor the test-time size), so the AP in its model card
 reproduces with no flags on the same images. Prints AP, AP50, AP75, APs, APm, APl and writes the predictions as
@@ -25,7 +26,7 @@ from gd_hf.data.categories import Categories
 from gd_hf.data.coco import CocoSource, DataError, load_coco, to_hf_dataset
 from gd_hf.data.ground_truth import coco_ground_truth
 from gd_hf.evaluation.mask_ap import EvalSettings, evaluate_mask_ap, write_results
-from gd_hf.hub.push import PushError, chosen_export
+from gd_hf.hub.run_folder import RunFolderError, chosen_export, run_val_set
 from gd_hf.models import ModelFamily, family_of, input_size_problem, load_export
 from gd_hf.predict import export_max_images, export_top_k
 
@@ -126,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m gd_hf.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("model", help="exported model folder, a run's output folder, or a hub id")
-    parser.add_argument("annotations", help="COCO instances JSON")
-    parser.add_argument("images", help="image folder")
+    parser.add_argument("annotations", nargs="?", help="COCO instances JSON (default: the run's val set)")
+    parser.add_argument("images", nargs="?", help="its image folder (default: the run's val set)")
     parser.add_argument("--out", help="write COCO-JSON results here")
     parser.add_argument("--top-k", type=int, help="instances per image (default: the export's recorded evaluation's, "
                         f"else {DEFAULT_TOP_K})")  # fmt: skip
@@ -144,7 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     if (args.top_k is not None and args.top_k < 1) or args.batch_size < 1 or args.num_workers < 0:
         print("error: --top-k and --batch-size must be >= 1, --num-workers >= 0", file=sys.stderr)
         return 2
+    if (args.annotations is None) != (args.images is None):
+        print("error: give both ANNOTATIONS and IMAGES, or neither (a run's val set)", file=sys.stderr)
+        return 2
     try:
+        if args.annotations is None:
+            val = run_val_set(args.model)
+            args.annotations, args.images = val.annotations, val.images
+            print(f"evaluating on the run's val set: {val.annotations} ({val.images})", file=sys.stderr)
         model = chosen_export(args.model, args.folder)
         max_images = export_max_images(model) if args.max_images is None else _max_images(args.max_images)
         if args.max_images is None and max_images:
@@ -161,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=args.num_workers,
             max_images=max_images,
         )
-    except (DataError, OSError, PushError) as e:
+    except (DataError, OSError, RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.out:

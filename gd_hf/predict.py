@@ -1,11 +1,14 @@
 """Run a trained model on images: an overlay PNG per image and one COCO-format results JSON.
 
-    python -m gd_hf.predict MODEL IMAGES... --out DIR [--threshold 0.5] [--batch-size 4] [--top-k 100]
+    python -m gd_hf.predict MODEL [IMAGES...] [--out DIR] [--threshold 0.5] [--batch-size 4] [--top-k 100]
 
-MODEL: an exported folder (`OUTPUT_DIR/final`) or a hub id. IMAGES: files, folders (searched recursively) or
-glob patterns. Writes `DIR/<image name>.png` (instances coloured one by one, class name and score drawn at
-each instance) and `DIR/predictions.json` (COCO results: image_id, category_id = the model's class id,
-category_name, file_name, RLE segmentation, score; ids follow the sorted input list). Images are resized as
+MODEL: a run's output folder (its `final/` export), an exported folder or a hub id. IMAGES: files, folders
+(searched recursively) or glob patterns; default, for a run's folder (or an export in one), the val images its
+recipe names, into `RUN/predict/` unless `--out` says otherwise. Writes `DIR/<image name>.png` (instances coloured
+one by one, class name and score drawn at each instance) and `DIR/predictions.json` (COCO results: image_id,
+category_id, category_name, file_name, RLE segmentation, score). `category_id` is the training data set's id of the
+class (the export records them), and `image_id` the data set's id of an image of the run's val set; other images
+are numbered in the sorted input list's order. Images are resized as
 the model's image processor says and batched; the GPU is used when there is one. An unreadable image is
 reported and skipped; the exit code is 1 if no image could be read.
 """
@@ -29,9 +32,18 @@ from gd_hf.data.convert import IMAGE_SUFFIXES
 from gd_hf.data.images import to_rgb
 from gd_hf.data.transforms import BLACK, eval_size, normalize, pad_to, padded_size, resize
 from gd_hf.evaluation.mask_ap import Instances, post_process_instances, to_coco_results
-from gd_hf.hub.push import PushError, chosen_export
+from gd_hf.hub.run_folder import RunFolderError, chosen_export, run_of, run_val_set
 from gd_hf.models import family_of, input_size_problem, load_export
 from gd_hf.pictures import draw_overlay, instance_colors  # noqa: F401 (re-exported)
+
+
+def coco_image_ids(annotations: Path, images: Path) -> dict[Path, int]:
+    """The id of each image of a COCO instances JSON, by its path under `images` (as `find_images` finds it)."""
+    try:
+        listed = json.loads(Path(annotations).read_text()).get("images") or []
+        return {Path(images) / str(image["file_name"]): int(image["id"]) for image in listed}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise RunFolderError(f"{annotations}: cannot read its image ids ({type(e).__name__}: {e})") from e
 
 
 def find_images(inputs: list[str]) -> list[Path]:
@@ -53,6 +65,16 @@ def load_image(path: Path) -> Image.Image:
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)  # photos as they are shown, not as they are stored
         return to_rgb(image)
+
+
+def dataset_category_ids(model: PreTrainedModel) -> list[int]:
+    """The training data set's category id of each class of `model` (what its export records as
+    `dataset_category_ids`), else the class ids themselves (a model not trained by gd_hf)."""
+    recorded = getattr(model.config, "dataset_category_ids", None)
+    count = len(model.config.id2label)
+    if isinstance(recorded, list) and len(recorded) == count and all(isinstance(i, int) for i in recorded):
+        return recorded
+    return list(range(count))
 
 
 def export_sizes(model: str) -> tuple[int, int]:
@@ -141,17 +163,21 @@ def predict(
     batch_size: int = 4,
     top_k: int = 100,
     device: str | torch.device = "cpu",
+    image_ids: dict[Path, int] | None = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
-    """Overlays into `out` and COCO results for `images`; returns (results, [(unreadable image, why)])."""
+    """Overlays into `out` and COCO results for `images` (`image_ids`: the data set's id of an image, by path;
+    the others are numbered by their place in `images`); returns (results, [(unreadable image, why)])."""
     out.mkdir(parents=True, exist_ok=True)
     id2label = model.config.id2label
+    category_ids = dataset_category_ids(model)
+    name_of = {category_ids[label]: name for label, name in id2label.items()}
     results, failures, used_names = [], [], set()
     progress = tqdm(total=len(images), desc="predict", unit="img")
     for start in range(0, len(images), batch_size):
         batch: list[tuple[int, Path, Image.Image]] = []
-        for image_id, path in enumerate(images[start : start + batch_size], start + 1):
+        for number, path in enumerate(images[start : start + batch_size], start + 1):
             try:
-                batch.append((image_id, path, load_image(path)))
+                batch.append(((image_ids or {}).get(path, number), path, load_image(path)))
             except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 failures.append((path, str(e)))
         progress.update(min(batch_size, len(images) - start))
@@ -163,8 +189,8 @@ def predict(
         for (image_id, path, image), instances in zip(batch, segmented):
             scores, masks = instances.scores, instances.instance_masks()
             names = [id2label[int(label)] for label in instances.labels]
-            for record in to_coco_results(image_id, instances, list(range(len(id2label)))):
-                record.update(category_name=id2label[record["category_id"]], file_name=str(path))
+            for record in to_coco_results(image_id, instances, category_ids):
+                record.update(category_name=name_of[record["category_id"]], file_name=str(path))
                 results.append(record)
             name = path.stem
             while name in used_names:  # two inputs with one name (other folders): keep both
@@ -181,25 +207,39 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m gd_hf.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("model", help="exported model folder, a run's output folder (its final/ export) or hub id")
-    parser.add_argument("images", nargs="+", help="image files, folders or glob patterns")
-    parser.add_argument("--out", required=True, help="output folder for overlays and predictions.json")
+    parser.add_argument("images", nargs="*", help="image files, folders or glob patterns (default: the run's val set)")
+    parser.add_argument(
+        "--out", help="output folder for overlays and predictions.json (default, for a run: RUN/predict)"
+    )
     parser.add_argument("--threshold", type=float, default=0.5, help="minimum instance score (default 0.5)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--top-k", type=int, help="instances considered per image (default: what the export was "
                         "evaluated with, else 100)")  # fmt: skip
     parser.add_argument("--folder", default="final", help="which export of a run folder (default: final, as push)")
     args = parser.parse_args(argv)
+    image_ids = None
+    try:
+        if not args.images:  # the run's val set, with its image ids
+            val = run_val_set(args.model)
+            args.images = [str(val.images)]
+            image_ids = coco_image_ids(val.annotations, val.images)
+            print(f"predicting the run's val images: {val.images}", file=sys.stderr)
+        if args.out is None:
+            run = run_of(args.model)
+            if run is None:
+                raise RunFolderError("give --out (MODEL is not a run's output folder, whose predict/ it would be)")
+            args.out = str(run / "predict")
+        args.model = chosen_export(args.model, args.folder)
+    except RunFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     images = find_images(args.images)
     if not images:
         print(f"error: no images found in {args.images}", file=sys.stderr)
         return 1
     try:
-        args.model = chosen_export(args.model, args.folder)
         model = load_export(args.model)
         shortest_edge, longest_edge = export_sizes(args.model)
-    except PushError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except (OSError, ValueError) as e:
         print(f"error: cannot load the model {args.model}: {e}", file=sys.stderr)
         return 2
@@ -223,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size,
         args.top_k,
         device,
+        image_ids,
     )
     for path, why in failures:
         print(f"skipped unreadable image {path}: {why}", file=sys.stderr)

@@ -4,7 +4,7 @@ import pytest
 
 from gd_hf.config import Recipe, RecipeError, all_keys, load_recipe
 
-from .conftest import ROOT
+from .conftest import ROOT, demo_recipe
 
 
 def write(tmp_path, text: str) -> Path:
@@ -141,3 +141,27 @@ def test_the_eomt_recipe_carries_the_eomt_references_settings_and_gds_ssl_ones()
     annealing = family_for(recipe).annealing
     assert annealing.starts == [14782, 29564, 44346, 59128] and annealing.ends == [29564, 44346, 59128, 73910]
     assert s.enabled and s.unsup_loss_weight == 2.0 and s.ema_decay == 0.9996 and s.pseudo_label_score_threshold == 0.7
+
+
+def test_a_short_run_is_told_why_it_learns_little():
+    """The demo at 60 steps never leaves its 100-step warm-up and logs twice: both are named with a value that
+    fits; so is a run that ends in burn-in. The demo itself, and its phase 1, are long enough."""
+    from gd_hf.config import short_run_warnings, teacher_recipe_of
+
+    warmup, log_lines, burn_in = short_run_warnings(demo_recipe(["train.max_steps=60"]))
+    assert warmup.startswith("train.warmup_steps=100 is not below train.max_steps=60: the learning rate never")
+    assert "at the last step it is 60 % of train.lr" in warmup and warmup.endswith("(6)")
+    assert log_lines.startswith("train.log_every=50 gives 2 metrics lines over train.max_steps=60")
+    assert log_lines.endswith("set train.log_every to 3 or less for a readable curve")
+    assert burn_in.startswith("ssl.burn_in_steps=700 is not below train.max_steps=60")
+    half = short_run_warnings(demo_recipe(["train.max_steps=150", "train.log_every=10", "ssl.burn_in_steps=100"]))
+    assert half == ["train.warmup_steps=100 is over half of train.max_steps=150: most of the run trains below "
+                    "train.lr; set train.warmup_steps to about a tenth of the run (15)"]  # fmt: skip
+    demo = demo_recipe()
+    assert short_run_warnings(demo) == []
+    assert short_run_warnings(teacher_recipe_of(demo), "ssl.teacher_max_steps") == []
+    phase_1 = short_run_warnings(teacher_recipe_of(demo_recipe(["ssl.teacher_max_steps=80"])), "ssl.teacher_max_steps")
+    assert [w.split(":")[0] for w in phase_1] == [
+        "train.warmup_steps=100 is not below ssl.teacher_max_steps=80",
+        "train.log_every=50 gives 2 metrics lines over ssl.teacher_max_steps=80",
+    ]

@@ -223,7 +223,7 @@ def test_the_cards_eomt_snippet_runs_as_written(tmp_path, monkeypatch):
     from PIL import Image
 
     from gd_hf.hub.export import export_model
-    from gd_hf.hub.model_card import usage_snippet
+    from gd_hf.hub.snippets import usage_snippet
     from gd_hf.models.eomt import eomt_image_processor
 
     export_model(tiny_eomt(), eomt_image_processor(64), tmp_path / "export")

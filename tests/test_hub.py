@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def folder_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def test_model_card_metadata_and_contents(trained_run):
+def test_model_card_metadata_and_contents(trained_run, tmp_path):
     final = trained_run / "final"
     metadata = card_metadata(final)
     assert metadata["library_name"] == "transformers"
@@ -72,7 +73,23 @@ def test_model_card_metadata_and_contents(trained_run):
     assert "24 labeled images (100.0 % of 24 training images" in body and "1 labeled images" not in body
     recipe_yaml = re.search(r"```yaml\n(.*?)```", body, re.S).group(1)
     published = yaml.safe_load((final / "recipe.yaml").read_text())
-    assert yaml.safe_load(recipe_yaml) == published  # the card's recipe is the one shipped beside it
+    # The card shows the keys the run set, not ~150 (the other family's among them); on gd_hf's defaults they
+    # are the whole recipe shipped beside it.
+    from gd_hf.config import load_recipe, recipe_to_dict
+    from gd_hf.hub.model_card import keys_set
+
+    shown = yaml.safe_load(recipe_yaml)
+    eomt_keys = tuple(k for k in published["model"] if k.startswith("eomt_"))
+    assert shown == keys_set(published, unread=eomt_keys) and len(recipe_yaml.splitlines()) < 60
+    assert not [k for k in shown["model"] if k.startswith("eomt_")]
+    (tmp_path / "shown.yaml").write_text(recipe_yaml)
+    loaded = recipe_to_dict(load_recipe(tmp_path / "shown.yaml"))
+
+    def read_by_mask2former(recipe):
+        return {**recipe, "model": {k: v for k, v in recipe["model"].items() if not k.startswith("eomt_")}}
+
+    assert read_by_mask2former(loaded) == read_by_mask2former(published)
+    assert 'pip install "gd_hf==0.1.0"' in body  # (how to get the gd_hf that trains it again)
     assert published["output_dir"] == "./run" and published["data"]["val_images"] == "{data_root}/val"
     run_recipe = yaml.safe_load((trained_run / "recipe.yaml").read_text())  # the run's own record keeps its paths
     assert {k: v for k, v in published["train"].items()} == run_recipe["train"]
@@ -528,3 +545,141 @@ def test_the_push_command_writes_the_repo_id_into_the_card_as_training_does(trai
     pushed = json.loads((run / "final" / "run_info.json").read_text())["pushed_to"]
     assert pushed == {"repo_id": "me/shapes-seg", "revision": None}
     assert "me/shapes-seg" not in hub.commits[-1]["files"]["run_info.json"].decode()  # recorded after the push
+
+
+def test_the_push_command_is_quiet_refuses_bad_waits_and_changes_nothing_when_stopped(
+    trained_run, hub, tmp_path, capsys, caplog, monkeypatch
+):
+    """No `HTTP Request: ...` line per request; a negative or NaN back-off is refused before anything is read;
+    an error of any kind during the push (here a crash of the upload) leaves the export's card as it was."""
+    import logging
+    import shutil
+
+    import gd_hf.hub.push as push_module
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints", ".gd_hf.lock"))
+    before = folder_digest(run)
+    for bad in ("-1", "nan"):
+        with pytest.raises(SystemExit) as exit_:
+            push_module.main([str(run), "me/shapes-seg", "--backoff-s", bad])
+        assert exit_.value.code == 2 and "--backoff-s must be in [0, 3600] seconds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        push_module.main([str(run), "me/shapes-seg", "--retries", "-1"])
+    assert "--retries must be >= 0" in capsys.readouterr().err
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the upload crashed")
+
+    with monkeypatch.context() as patched, pytest.raises(RuntimeError, match="the upload crashed"):
+        patched.setattr(push_module, "push_export", crash)
+        push_module.main([str(run), "me/shapes-seg", "--retries", "0"])
+    assert folder_digest(run) == before  # the card written for the repo was put back
+    caplog.set_level(logging.INFO)
+    assert push_module.main([str(run), "me/shapes-seg", "--retries", "0"]) == 0
+    assert hub.commits  # (the requests went through the stand-in Hub's HTTP server)
+    assert not [r for r in caplog.records if r.name.startswith("httpx") and r.levelno < logging.WARNING]
+
+
+@pytest.mark.parametrize("family, data", [([], "synthetic_root"), (EOMT_TINY, "varied_root")],
+                         ids=["mask2former-squares", "eomt-mixed-sizes"])  # fmt: skip
+def test_the_cards_mask_ap_reproduces_with_the_cards_own_code(request, tmp_path, family, data):
+    """The card's "with transformers' code" block, run as written (transformers, torch, pycocotools; no gd_hf) on
+    the val images, finds the instances gd_hf's evaluation scored (class, score, mask) and so the card's mask AP,
+    for both families (EoMT on mixed sizes: its inputs are padded, and the code crops the image's part). A tiny
+    model's AP is near 0, so the instances are compared one by one; on demo-size exports the APs agree within 0.5
+    (benchmarks/card_ap.py)."""
+    from accelerate.state import AcceleratorState
+    from pycocotools import mask as mask_utils
+
+    synthetic_root = request.getfixturevalue(data)
+
+    out = tmp_path / "run"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    steps = ["train.max_steps=20", "train.lr=1e-3", "train.log_every=5", "train.eval_every=0", "eval.top_k=100"]
+    assert main([DEMO_RECIPE, *tiny_overrides(synthetic_root, out), *family, *steps]) == 0
+    card = (out / "final" / "README.md").read_text()
+    card_ap = json.loads((out / "final_metrics.json").read_text())["final"]["AP"]
+    block = card.split("### The mask AP above, with transformers' code", 1)[1]
+    code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    mine = 'annotations, images = "instances_val.json", "val"'
+    assert mine in code and "gd_hf" not in code and "top_k=100" in code
+    val = f'"{synthetic_root / "annotations" / "instances_val.json"}", "{synthetic_root / "val"}"'
+    code = (
+        code.replace(mine, f"annotations, images = {val}")
+        + '\nimport json\njson.dump(results, open("card.json", "w"), default=lambda o: o.tolist())\n'
+    )
+    (tmp_path / "reproduce.py").write_text(code)
+    result = subprocess.run([sys.executable, str(tmp_path / "reproduce.py")], cwd=out.parent, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert abs(float(re.search(r"mask AP ([0-9.]+)", result.stdout).group(1)) - card_ap) <= 0.5
+    # Instance by instance: the 5 best of each image as gd_hf's evaluation scored them, found by the card's code.
+    ours = json.loads((out / "predictions" / "val_step_00000020.json").read_text())
+    theirs = json.loads((out.parent / "card.json").read_text())
+    assert len(theirs) == len(ours)
+    for image_id in {r["image_id"] for r in ours}:
+        mine_best = sorted((r for r in ours if r["image_id"] == image_id), key=lambda r: -r["score"])[:5]
+        candidates = [r for r in theirs if r["image_id"] == image_id]
+        for r in mine_best:
+            same = [
+                c for c in candidates if c["category_id"] == r["category_id"] and abs(c["score"] - r["score"]) < 0.01
+            ]
+            assert same, (image_id, r["category_id"], r["score"])
+            rle = {**r["segmentation"], "counts": r["segmentation"]["counts"].encode()}
+            best_iou = max(mask_utils.iou([{**c["segmentation"], "counts": c["segmentation"]["counts"].encode()}],
+                                          [rle], [0])[0][0] for c in same)  # fmt: skip
+            # (the processor resizes with PIL, gd_hf with torch: a pixel or two of an edge may differ)
+            area = int(mask_utils.area(rle))
+            assert best_iou > (0.9 if area >= 100 else 0.5) or not area, (image_id, area, best_iou)
+
+
+def test_evaluate_and_predict_need_no_more_than_the_run_folder_and_keep_the_data_sets_ids(
+    trained_run, synthetic_root, tmp_path, capsys
+):
+    """`gd_hf.evaluate RUN` scores the run's val set (its AP is the run's); `gd_hf.predict RUN` predicts it into
+    RUN/predict/ with the data set's image ids and category ids (COCO's, not the model's 0..C-1), as
+    `evaluate --out` does; a folder that is no run says what to give."""
+    import shutil
+
+    from gd_hf.evaluate import main as evaluate_main
+    from gd_hf.predict import main as predict_main
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns(".gd_hf.lock"))
+    assert evaluate_main([str(run), "--out", str(tmp_path / "results.json")]) == 0
+    out = capsys.readouterr()
+    assert "evaluating on the run's val set" in out.err
+    assert json.loads(out.out)["AP"] == pytest.approx(
+        json.loads((run / "final_metrics.json").read_text())["final"]["AP"]
+    )
+    val = json.loads((synthetic_root / "annotations" / "instances_val.json").read_text())
+    image_ids, names = {i["id"] for i in val["images"]}, {c["id"]: c["name"] for c in val["categories"]}
+    assert names == {1: "circle", 2: "rectangle", 3: "triangle", 4: "cross"}  # (0..3 would be the model's)
+    evaluated = json.loads((tmp_path / "results.json").read_text())
+    assert (
+        evaluated
+        and {r["image_id"] for r in evaluated} <= image_ids
+        and {r["category_id"] for r in evaluated} <= set(names)
+    )
+
+    assert predict_main([str(run), "--threshold", "0"]) == 0
+    predicted = json.loads((run / "predict" / "predictions.json").read_text())
+    assert {r["image_id"] for r in predicted} == {r["image_id"] for r in evaluated} <= image_ids
+    assert predicted and all(names[r["category_id"]] == r["category_name"] for r in predicted)
+    assert json.loads((run / "final" / "config.json").read_text())["dataset_category_ids"] == [1, 2, 3, 4]
+
+    export = tmp_path / "export"  # an export outside any run
+    shutil.copytree(run / "final", export)
+    assert evaluate_main([str(export)]) == 2
+    assert "give the annotations and the images" in capsys.readouterr().err
+    assert predict_main([str(export), str(synthetic_root / "val")]) == 2
+    assert "give --out" in capsys.readouterr().err
+    assert evaluate_main([str(export), str(synthetic_root / "annotations" / "instances_val.json")]) == 2
+    assert "give both ANNOTATIONS and IMAGES, or neither" in capsys.readouterr().err
+    # A recipe whose val set is named relative to another folder: the error says where to run from.
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["data"]["val_images"] = "data/elsewhere/val"
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert predict_main([str(run)]) == 2
+    assert "data.val_images=data/elsewhere/val, which is not there from" in capsys.readouterr().err

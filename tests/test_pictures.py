@@ -317,3 +317,26 @@ def test_ap_panel_never_plots_negative_ap():
     assert "AP" in labels and "teacher AP" in labels and "APl" not in labels  # (a supervised run has no student)
     assert all(min(line.get_ydata()) >= 0 for line in ap_panel.get_lines())
     assert math.isclose(max(max(line.get_ydata()) for line in ap_panel.get_lines()), 45.7)
+
+
+def test_a_pseudo_label_with_an_empty_mask_is_counted_apart_and_not_drawn(monkeypatch):
+    """The soft-area rule can keep a query whose hard mask is empty: the picture's title says so instead of
+    counting a label it cannot show, and only the drawable ones reach the overlay."""
+    import torch
+
+    import gd_hf.run.eval_pictures as eval_pictures
+
+    square = torch.zeros(2, 16, 16)
+    square[0, 4:12, 4:12] = 1.0  # one drawable mask; the second is empty
+    kept = eval_pictures.KeptPseudoLabels(
+        step=7, weak_pixel_values=torch.zeros(1, 3, 64, 64), masks=[square], classes=[torch.tensor([1, 2])],
+        scores=[torch.tensor([0.9, 0.8])], hidden_masks=[torch.zeros(0, 64, 64)], hidden_classes=[torch.zeros(0)],
+    )  # fmt: skip
+    drawn, titles = [], []
+    real_overlay = eval_pictures.overlay_in_panel
+    monkeypatch.setattr(eval_pictures, "overlay_in_panel",
+                        lambda view, masks, labels, scores=None: drawn.append(labels) or real_overlay(view, masks, labels, scores))  # fmt: skip
+    monkeypatch.setattr(eval_pictures, "picture_grid", lambda rows, t, cell, heading: titles.append(t))
+    eval_pictures.pseudo_label_picture(kept, ["circle", "rectangle", "triangle"])
+    assert drawn == [["rectangle"]]
+    assert titles == [[["pseudo labels: 1 (+1 with an empty mask)"]]]

@@ -230,7 +230,7 @@ def test_demo_recipe_generates_the_synthetic_set_when_absent(tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
-def test_bf16_mixed_precision_and_gradient_accumulation_train(synthetic_root, tmp_path):
+def test_bf16_mixed_precision_and_gradient_accumulation_train(synthetic_root, tmp_path, caplog):
     out = tmp_path / "run"
     run(
         synthetic_root,
@@ -239,10 +239,15 @@ def test_bf16_mixed_precision_and_gradient_accumulation_train(synthetic_root, tm
         "train.batch_size=4",
         "train.gradient_accumulation_steps=2",
         "train.max_steps=2",
+        "train.warmup_steps=5",
     )
     assert sorted(losses(out)) == [1, 2]
     assert all(torch.isfinite(torch.tensor(v)) for v in losses(out).values())
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard logging when installed
+    # A run that never leaves its warm-up is told at its start, and its card says so.
+    said = "train.warmup_steps=5 is not below train.max_steps=2: the learning rate never leaves warm-up"
+    assert said in caplog.text
+    assert f"A short run: {said}" in (out / "final" / "README.md").read_text()
 
 
 def test_existing_synthetic_set_of_another_size_is_named(synthetic_root, tmp_path, capsys):

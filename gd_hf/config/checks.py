@@ -326,3 +326,35 @@ def _repo_id_problem(repo_id: str | None) -> str | None:
     except HFValidationError as e:
         return f"{repo_id!r} is not a valid repository id ({e}); write it as `user-or-org/name`"
     return None
+
+
+def short_run_warnings(recipe: Recipe, steps_key: str = "train.max_steps") -> list[str]:
+    """What makes a phase of `recipe` too short to learn or to show it (`steps_key`: the key that set its
+    `train.max_steps`, `ssl.teacher_max_steps` for phase 1 of a one-launch run). Not errors: a smoke test is
+    short on purpose; each names the key to change and a value that fits the run."""
+    t, s = recipe.train, recipe.ssl
+    steps, warnings = t.max_steps, []
+    if t.warmup_steps >= steps:
+        warnings.append(
+            f"train.warmup_steps={t.warmup_steps} is not below {steps_key}={steps}: the learning rate never leaves "
+            f"warm-up (at the last step it is {100 * steps / t.warmup_steps:.0f} % of train.lr), so the run learns "
+            f"little; set train.warmup_steps to about a tenth of the run ({max(1, steps // 10)})"
+        )
+    elif t.warmup_steps > steps / 2:
+        warnings.append(
+            f"train.warmup_steps={t.warmup_steps} is over half of {steps_key}={steps}: most of the run trains below "
+            f"train.lr; set train.warmup_steps to about a tenth of the run ({max(1, steps // 10)})"
+        )
+    lines = steps // t.log_every + (1 if steps % t.log_every else 0)  # (the last step always logs)
+    if lines < 10 and t.log_every > 1:  # (at 1, every step logs already)
+        warnings.append(
+            f"train.log_every={t.log_every} gives {lines} metrics line{'s' if lines != 1 else ''} over "
+            f"{steps_key}={steps}: curves.png has as many points; set train.log_every to {max(1, steps // 20)} or "
+            "less for a readable curve"
+        )
+    if s.enabled and s.burn_in_steps >= steps:
+        warnings.append(
+            f"ssl.burn_in_steps={s.burn_in_steps} is not below train.max_steps={steps}: the run ends in guided "
+            "burn-in and EMA distillation never starts; lower ssl.burn_in_steps or raise train.max_steps"
+        )
+    return warnings

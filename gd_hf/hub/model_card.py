@@ -19,6 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from gd_hf.config import Recipe, recipe_to_dict
 from gd_hf.files import write_text_atomic
 from gd_hf.hub.public import is_hub_id
+from gd_hf.hub.snippets import hub_revision, reproduce_snippet, usage_snippet
 from gd_hf.models import BUILT_IN_FAMILIES, ModelFamily, built_in_family
 
 TAGS = ["instance-segmentation", "semi-supervised", "guided-distillation", "gd_hf"]
@@ -82,37 +83,6 @@ def _dataset_names(recipe: Recipe) -> tuple[list[str], str]:
 def counted(count: int, noun: str) -> str:
     """`1 labeled image`, `2,400 labeled images`."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
-
-
-def hub_revision(model_id: str) -> tuple[str, str | None]:
-    """`owner/name@branch` -> (`owner/name`, `branch`); anything else -> (it, None)."""
-    repo, at, revision = model_id.partition("@")
-    return (repo, revision) if at and is_hub_id(repo) and revision else (model_id, None)
-
-
-def _load_args(model_id: str) -> str:
-    """The arguments that load `model_id` (`"owner/name", revision="teacher"` for a branch)."""
-    repo, revision = hub_revision(model_id)
-    return f'"{repo}"' + (f', revision="{revision}"' if revision else "")
-
-
-def example_path_code(model_id: str, example: str | None) -> tuple[str, str]:
-    """(import line, expression) of the example image's path in a snippet: downloaded from the repo (and branch)
-    for a hub id, inside the folder for a local export."""
-    if example is None:
-        return "", '"image.jpg"'
-    repo, revision = hub_revision(model_id)
-    if is_hub_id(repo):
-        branch = f', revision="{revision}"' if revision else ""
-        return "from huggingface_hub import hf_hub_download\n", f'hf_hub_download("{repo}", "{example}"{branch})'
-    return "import os\n", f'os.path.join("{model_id}", "{example}")'
-
-
-def usage_snippet(model_id: str, family: ModelFamily, example: str | None = None) -> str:
-    """Python that loads the model and segments the export's example image `example` (a path inside the export;
-    None: `image.jpg` beside the snippet), as the model's `family` writes it. It runs as written."""
-    imports, path = example_path_code(model_id, example)
-    return family.usage_snippet(_load_args(model_id), imports, path)
 
 
 def _training_phases(summary: RunSummary) -> str:
@@ -195,12 +165,12 @@ def _data_line(summary: RunSummary, eval_name: str) -> str:
 def _train_again(summary: RunSummary, model_id: str) -> str:
     """How a reader trains the model again from the published recipe."""
     recipe = summary.published_recipe or {}
-    lines = []
+    lines = [install_line() + "  # the gd_hf that trained it (its version: below)"]
     repo, revision = hub_revision(model_id)
     if is_hub_id(repo):
         lines.append(f"hf download {repo} recipe.yaml{f' --revision {revision}' if revision else ''} --local-dir .")
     lines.append("accelerate launch -m gd_hf.train recipe.yaml")
-    text = "The recipe below is this repository's `recipe.yaml`:\n\n```bash\n" + "\n".join(lines) + "\n```\n"
+    text = "With this repository's `recipe.yaml`:\n\n```bash\n" + "\n".join(lines) + "\n```\n"
     flat = yaml.safe_dump(recipe)
     if "{data_root}" in flat or "{local}" in flat:
         text += ("\nPaths of the author's machine are written as `{data_root}/...` (the data set's folder) or "
@@ -215,6 +185,41 @@ def _train_again(summary: RunSummary, model_id: str) -> str:
                  "`ssl.train_teacher_first=true ssl.teacher=null` (the recipe's phase 1) or point `ssl.teacher` at "
                  "yours.\n")  # fmt: skip
     return text
+
+
+def keys_set(
+    recipe: dict[str, Any], defaults: dict[str, Any] | None = None, unread: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The keys of a recipe (as plain data) whose values differ from gd_hf's defaults, sections kept, without the
+    `model.*` keys its family never reads (`unread`): what a reader needs of a ~150-key recipe."""
+    defaults = recipe_to_dict(Recipe()) if defaults is None else defaults
+    differing = {}
+    for key, value in recipe.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            inner = keys_set(value, default)
+            if key == "model":
+                inner = {k: v for k, v in inner.items() if k not in unread}
+            if inner:
+                differing[key] = inner
+        elif key not in defaults or value != default:
+            differing[key] = value
+    return differing
+
+
+def install_line() -> str:
+    """How a reader installs the gd_hf that trained the model: from its source repository when the package names
+    one (`Project-URL`), else by name and version."""
+    from importlib import metadata
+
+    try:
+        meta = metadata.metadata("gd_hf")
+    except metadata.PackageNotFoundError:
+        return "pip install gd_hf"
+    urls = dict(u.split(", ", 1) for u in meta.get_all("Project-URL") or [] if ", " in u)
+    source = next((urls[k] for k in ("Source", "Repository", "Homepage") if k in urls), None)
+    version = meta["Version"]
+    return f'pip install "gd_hf @ git+{source}"' if source else f'pip install "gd_hf=={version}"'
 
 
 def _versions(summary: RunSummary) -> str:
@@ -278,6 +283,8 @@ def build_model_card(summary: RunSummary, model_id: str) -> ModelCard:
     example = summary.examples[0] if summary.examples else None
     predictions, curves = _picture_paragraphs(summary)
     versions = _versions(summary)
+    top_k = int(summary.evaluated_with.get("top_k") or 100)
+    how_k = f"{top_k:,}"
     body = f"""
 # {name}
 
@@ -305,11 +312,23 @@ Mask AP on {eval_name}, at step {summary.step}:
 
 {usage_snippet(model_id, family, example)}
 
+### The mask AP above, with transformers' code
+
+The AP above counts the {how_k} best (query, class) pairs of each image with overlapping masks, as Mask2Former's
+reference evaluates; transformers' `post_process_instance_segmentation` keeps one class per query and gives each
+pixel to one instance, which scores lower. This reproduces the card's figure (`python -m gd_hf.evaluate` does the
+same):
+
+{reproduce_snippet(model_id, top_k)}
+
 ## Train it again
 
 {_train_again(summary, model_id)}
+The keys this run set (every other key is gd_hf's default or one its model family does not read; `recipe.yaml` here
+has them all):
+
 ```yaml
-{yaml.safe_dump(published, sort_keys=False).strip()}
+{yaml.safe_dump(keys_set(published, unread=family_card.unread_model_keys), sort_keys=False, default_flow_style=None).strip()}
 ```
 {(chr(10) + "## Framework versions" + chr(10) + chr(10) + versions + chr(10)) if versions else ""}
 ## Citation

@@ -23,6 +23,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from gd_hf.files import write_text_atomic
 from gd_hf.hub.model_card import card_for_repo
+from gd_hf.hub.run_folder import RunFolderError, export_folder
 
 logger = logging.getLogger(__name__)
 
@@ -31,27 +32,6 @@ TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 class PushError(RuntimeError):
     """A push failed for good; the message says how to push again."""
-
-
-def export_folder(path: str | Path, folder: str = "final") -> Path:
-    """The export in `path`: `path` itself if it is one (has config.json), else the run's `path/folder` (the one
-    place that says which export of a run push, predict, evaluate and space take)."""
-    path = Path(path)
-    chosen = path if (path / "config.json").is_file() else path / folder
-    if not (chosen / "config.json").is_file():
-        raise PushError(f"{chosen} is not an exported model (no config.json): give a run's output folder or an export")
-    return chosen
-
-
-def chosen_export(model: str, folder: str = "final") -> str:
-    """What `gd_hf.evaluate` / `gd_hf.predict` load for MODEL: a run's output folder -> its export `folder` (said
-    on stderr), an export folder or a hub id as given."""
-    path = Path(model)
-    if path.is_dir() and not (path / "config.json").is_file():
-        chosen = export_folder(path, folder)
-        print(f"{model} is a run's output folder: using its {folder}/ export ({chosen})", file=sys.stderr)
-        return str(chosen)
-    return model
 
 
 def record_push(folder: str | Path, repo_id: str, revision: str | None) -> None:
@@ -146,6 +126,13 @@ def push_export(
             ) from e
 
 
+def quiet_http_requests() -> None:
+    """httpx (under huggingface_hub; `httpx2` in huggingface_hub 2) logs each request at INFO: about ten
+    `HTTP Request: POST ...` lines a push. Its warnings still show."""
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gd_hf.push", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -157,8 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retries", type=int, default=4, help="retries after transient failures (default 4)")
     parser.add_argument("--backoff-s", type=float, default=2.0, help="wait before the first retry, doubled after each")
     args = parser.parse_args(argv)
+    if args.retries < 0:
+        parser.error(f"--retries must be >= 0 (got {args.retries})")
+    if not 0 <= args.backoff_s <= 3600:  # (NaN fails too)
+        parser.error(f"--backoff-s must be in [0, 3600] seconds (got {args.backoff_s})")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    card = None
+    quiet_http_requests()
+    card, folder, pushed = None, None, False
     try:
         folder = export_folder(args.output, args.folder)
         # The card names the repository it goes to, as a push at the end of training writes it (and is put back
@@ -170,11 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         url = push_export(
             folder, args.repo_id, args.revision, args.private, retries=args.retries, backoff_s=args.backoff_s
         )
+        pushed = True
+    except RunFolderError as e:  # nothing to push: a bad argument
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except PushError as e:
-        if card is not None:
-            write_text_atomic(folder / "README.md", card)
         print(f"error: {e}", file=sys.stderr)
         return 3
+    finally:  # whatever stopped it (a refusal, an error, Ctrl-C), a failed push changes nothing locally
+        if card is not None and not pushed:
+            write_text_atomic(folder / "README.md", card)
     record_push(folder, args.repo_id, args.revision)
     print(f"pushed {folder} -> {url}")
     return 0

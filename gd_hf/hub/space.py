@@ -33,7 +33,8 @@ from pathlib import Path
 
 from gd_hf.config import ModelConfig
 from gd_hf.hub.public import is_hub_id
-from gd_hf.hub.push import PushError, export_folder, push_export
+from gd_hf.hub.push import PushError, push_export
+from gd_hf.hub.run_folder import RunFolderError, export_folder
 from gd_hf.models import display_name
 
 PACKAGE = Path(__file__).resolve().parents[1]  # the gd_hf package a Space gets a copy of
@@ -62,7 +63,7 @@ def resolve_model(model: str, model_id: str | None = None, folder: str = "final"
     if path.is_dir():
         try:
             folder = export_folder(path, folder)
-        except PushError as e:
+        except RunFolderError as e:
             raise SpaceError(f"MODEL {model} is neither an export folder (config.json) nor a run folder with a "
                              f"{folder}/ export") from e  # fmt: skip
         if folder != path:

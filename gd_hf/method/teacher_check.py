@@ -261,16 +261,20 @@ def check_teacher(
             for k, v in figures.items()
             if k not in ("score_threshold", "suggested_score_threshold", "suggested_f1")
         }
-    judge(chosen, best, rule, ssl, auto, show)
+    problem = judge(chosen, best, rule, ssl, auto, show)
+    # A teacher that failed and distills anyway (`ssl.teacher_check: warn`) is said so on the card, not shown as
+    # an ordinary precision figure.
+    figures["passed"] = float(problem is None and figures.get("target_reached", 1.0) == 1.0)
     return figures
 
 
-def judge(chosen: TeacherReport, best: TeacherReport, rule: PseudoLabelRule, ssl, auto: bool, show: bool) -> None:
+def judge(chosen: TeacherReport, best: TeacherReport, rule: PseudoLabelRule, ssl, auto: bool, show: bool) -> str | None:
     """The check's verdict on the `chosen` threshold's report: a teacher that should not teach stops the run
-    (`ssl.teacher_check: stop`) or is warned about (`warn`), with what to try (`best`: the F1-best threshold)."""
+    (`ssl.teacher_check: stop`) or is warned about (`warn`), with what to try (`best`: the F1-best threshold).
+    Returns the problem (None: it may teach)."""
     problem = verdict(chosen, ssl.teacher_check_min_precision, ssl.teacher_check_min_label_ratio)
     if not problem:
-        return
+        return None
     if auto:
         suggestion = f"lower ssl.pseudo_label_target_precision (auto chose {chosen.threshold:g})"
     elif isinstance(rule, PseudoLabelRules):
@@ -289,10 +293,11 @@ def judge(chosen: TeacherReport, best: TeacherReport, rule: PseudoLabelRule, ssl
         raise TeacherCheckError(message)
     if show:  # (every process measures; one says so)
         logger.warning("%s", message)
+    return problem
 
 
 def teacher_check_note(figures: dict[str, float]) -> str:
-    """The check's figures as a line of the student's model card."""
+    """The check's figures as a line of the student's model card (a failed check first, in so many words)."""
     custom = "score_threshold" not in figures  # a custom rule (see `check_teacher`)
     rule = "a custom pseudo-label rule" if custom else f"score threshold {figures['score_threshold']:g}"
     best = "" if custom else f"; the F1-best threshold was {figures['suggested_score_threshold']:g}"
@@ -318,4 +323,8 @@ def teacher_check_note(figures: dict[str, float]) -> str:
             f" The threshold was chosen by `ssl.pseudo_label_score_threshold: auto`: {how} (precision / recall "
             f"per threshold: {sweep})."
         )
+    if figures.get("passed", 1.0) == 0.0:
+        note = ("**The teacher failed this check** (its pseudo labels were too few or too often wrong by the "
+                "recipe's `ssl.teacher_check_*` limits) and the run distilled anyway (`ssl.teacher_check: warn`). "
+                + note)  # fmt: skip
     return note

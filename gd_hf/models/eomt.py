@@ -288,10 +288,10 @@ class EomtFamily:
                           f"EoMT ({cfg.num_queries} queries in the last {cfg.eomt_query_blocks} ViT blocks, "
                           f"{cfg.eomt_image_size} px square inputs, patch {cfg.eomt_patch_size}), ViT: "
                           + (pretrained or f"from scratch (hidden {cfg.eomt_hidden_size}, {cfg.eomt_layers} "
-                             "layers)"))  # fmt: skip
+                             "layers)"), MASK2FORMER_ONLY_KEYS)  # fmt: skip
 
     def usage_snippet(self, load: str, imports: str, image_path: str) -> str:
-        # transformers <= 5.24 (the newest checked): pipeline(subtask="instance") passes `mask_threshold`, which the
+        # transformers 5.24-5.25 (the newest checked): pipeline(subtask="instance") passes `mask_threshold`, which the
         # PIL backend's EomtImageProcessorPil.post_process_instance_segmentation does not take (a TypeError; the
         # torchvision backend drops it); the pipeline's default subtask runs the panoptic post-processing.
         return f"""```python
@@ -300,7 +300,7 @@ from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, 
 
 image_path = {image_path}
 
-# 1. model + image processor: instances (overlapping masks allowed), as the model was evaluated
+# 1. model + image processor: the queries above the threshold, each pixel given to one of them
 processor = AutoImageProcessor.from_pretrained({load})
 model = AutoModelForUniversalSegmentation.from_pretrained({load})  # an EomtForUniversalSegmentation
 image = Image.open(image_path).convert("RGB")
@@ -309,10 +309,15 @@ result = processor.post_process_instance_segmentation(outputs, threshold=0.5, ta
 print(result["segmentation"].shape, [model.config.id2label[s["label_id"]] for s in result["segments_info"]])
 
 # 2. pipeline, default subtask: one dict per segment (label, score, PIL mask), from EoMT's panoptic post-processing
-# (segments do not overlap). subtask="instance" needs torchvision installed with transformers <= 5.24.
+# (segments do not overlap). subtask="instance" needs torchvision installed with transformers 5.24-5.25.
 segmenter = pipeline("image-segmentation", model={load})
 print([(s["label"], round(s["score"], 3)) for s in segmenter(image_path, threshold=0.5)])
 ```"""
+
+
+# The `model.*` keys of Mask2Former and its backbones, which an EoMT never reads.
+MASK2FORMER_ONLY_KEYS = ("backbone", "backbone_hidden_size", "backbone_depths", "backbone_num_heads",
+                         "dinov2_feature_layers", "hidden_dim", "encoder_layers", "decoder_layers")  # fmt: skip
 
 
 def build_eomt(cfg: ModelConfig, id2label: dict[int, str]) -> EomtForUniversalSegmentation:

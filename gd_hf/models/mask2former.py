@@ -4,6 +4,7 @@ as a model family of Guided Distillation (`model.family: mask2former`, the defau
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 
 import torch
@@ -315,7 +316,8 @@ class Mask2FormerFamily:
         )
         return FamilyCard("Mask2FormerForUniversalSegmentation",
                           f"Mask2Former ({cfg.num_queries} queries, {cfg.decoder_layers} decoder layers, hidden "
-                          f"size {cfg.hidden_dim}), backbone: {backbone}")  # fmt: skip
+                          f"size {cfg.hidden_dim}), backbone: {backbone}",
+                          tuple(f.name for f in dataclasses.fields(cfg) if f.name.startswith("eomt_")))  # fmt: skip
 
     def usage_snippet(self, load: str, imports: str, image_path: str) -> str:
         return f"""```python

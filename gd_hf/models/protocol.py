@@ -47,6 +47,7 @@ class FamilyCard:
 
     model_class: str
     architecture: str
+    unread_model_keys: tuple[str, ...] = ()  # `model.*` keys the family never reads: the card leaves them out
 
 
 class ModelFamily(Protocol):

@@ -94,10 +94,14 @@ def pseudo_label_picture(kept: KeptPseudoLabels, names: list[str]) -> Image.Imag
     for i in range(len(kept.masks)):
         view = denormalize(kept.weak_pixel_values[i])
         height, width = view.height, view.width
-        masks = _at_size(kept.masks[i], height, width)
-        labels = [names[int(c)] for c in kept.classes[i]]
-        row = [overlay_in_panel(view, masks, labels, kept.scores[i].tolist())]
-        title = [f"pseudo labels: {len(labels)}"]
+        # The paper's soft-area rule can keep a query whose hard mask is empty ("this class, no pixels"): a
+        # target the student is taught, but nothing to draw; the title counts it apart.
+        drawn = (kept.masks[i] > 0.5).flatten(1).any(1) if len(kept.masks[i]) else torch.zeros(0, dtype=torch.bool)
+        masks = _at_size(kept.masks[i][drawn], height, width)
+        labels = [names[int(c)] for c in kept.classes[i][drawn]]
+        row = [overlay_in_panel(view, masks, labels, kept.scores[i][drawn].tolist())]
+        empty = len(drawn) - int(drawn.sum())
+        title = [f"pseudo labels: {len(labels)}" + (f" (+{empty} with an empty mask)" if empty else "")]
         if with_truth:
             truth = _at_size(kept.hidden_masks[i], height, width)
             row.append(overlay_in_panel(view, truth, [names[int(c)] for c in kept.hidden_classes[i]]))

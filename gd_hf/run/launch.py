@@ -16,7 +16,7 @@ from accelerate.tracking import GeneralTracker
 
 from gd_hf.config import Recipe, RecipeError, names_a_checkpoint, teacher_recipe_of
 from gd_hf.data.prepare import RunData, prepare_data
-from gd_hf.hub.push import PushError
+from gd_hf.hub.push import PushError, quiet_http_requests
 from gd_hf.method import PseudoLabelRule, PseudoLabelRules, check_extension_points, describe_extension
 from gd_hf.models import ModelFamily, check_recipe
 from gd_hf.run.checkpointing import list_checkpoints
@@ -80,6 +80,7 @@ class TrainingRecipe:
         # Accelerate's INFO lines (a few per checkpoint: "Saving current state to ...") would break the progress
         # bar every checkpoint_every steps; its warnings still show.
         logging.getLogger("accelerate").setLevel(logging.WARNING)
+        quiet_http_requests()  # (a push's requests, one INFO line each)
         try:
             data = data if data is not None else prepare_data(recipe, self.accelerator)
             lock_also: tuple[str, ...] = ()

@@ -93,6 +93,10 @@ def build_phase(
     optimizer = build_optimizer(model, cfg, family)
     scheduler = build_lr_scheduler(optimizer, cfg)
     teacher = build_teacher(recipe, model, data.categories.id2label, family)
+    # The exports keep the data set's category id of each class: predictions name COCO's ids, not 0..C-1.
+    for built in (model, teacher.model if teacher is not None else None):
+        if built is not None and hasattr(built, "config"):
+            built.config.dataset_category_ids = [int(i) for i in data.categories.ids]
     needed = run_storage_bytes(sum(p.numel() for p in model.parameters()), cfg.keep_checkpoints,
                                teacher is not None)  # fmt: skip
     problem = check_output_folder(Path(recipe.output_dir), needed)

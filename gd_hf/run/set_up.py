@@ -14,7 +14,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 
-from gd_hf.config import Recipe, RecipeError, recipe_to_dict
+from gd_hf.config import Recipe, RecipeError, recipe_to_dict, short_run_warnings
 from gd_hf.data.batches import build_train_batches
 from gd_hf.data.prepare import RunData
 from gd_hf.files import write_text_atomic
@@ -69,6 +69,10 @@ def set_up_phase(
     resumed state; the output folder's first files. `launch_recipe`: what the phase's checkpoints record;
     `lock_also`: output folders it locks beside its own."""
     log_split_sizes(recipe, data)
+    teacher_phase = not recipe.ssl.enabled and options.supervised_label == "teacher" and recipe.ssl.teacher_max_steps
+    short_run = short_run_warnings(recipe, "ssl.teacher_max_steps" if teacher_phase else "train.max_steps")
+    for warning in short_run:  # a smoke test is short on purpose; a real run that is must not be silent
+        logger.warning("%s", warning)
     folders = (recipe.output_dir, *lock_also)
     # A folder that exists is locked now, before its checkpoints are read; a new one before its first write.
     hold_output_locks(accelerator, [folder for folder in folders if Path(folder).is_dir()])
@@ -103,6 +107,8 @@ def set_up_phase(
     write_run_files(phase, resume_from is not None, changes, options)
     # A resume re-measures for `auto` only to compare: logged again only when it changed the threshold.
     set_up_publisher(phase, teacher_figures, log_teacher_check=resume_from is None or threshold_changed)
+    if short_run:  # the card says why its figures may be low
+        phase.publisher.notes.append("A short run: " + "; ".join(short_run) + ".")
     phase.log, phase.skipped_since_checkpoint, phase.metrics = LogWindow(), 0, {}
     return phase
 
