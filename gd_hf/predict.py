@@ -52,7 +52,7 @@ def find_images(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found |= {p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
+            found |= {p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}  # (no FIFOs)
         elif path.is_file():
             found.add(path)
         else:
@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                         "evaluated with, else 100)")  # fmt: skip
     parser.add_argument("--folder", default="final", help="which export of a run folder (default: final, as push)")
     args = parser.parse_args(argv)
+    if not 0 <= args.threshold <= 1:  # (NaN fails too)
+        parser.error(f"--threshold must be in [0, 1] (got {args.threshold})")
     image_ids = None
     try:
         if not args.images:  # the run's val set, with its image ids

@@ -6,6 +6,7 @@ Python. A launch runs the recipe's phases in order (`gd_hf.run.launch.TrainingRe
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from accelerate import PartialState
@@ -37,7 +38,7 @@ def train(
 EXIT_OUTCOMES = {
     0: "done",
     1: "failed: an unexpected error (the traceback is above; please report it)",
-    2: "stopped: a bad recipe, data or output folder (the message above names it)",
+    2: "stopped: a bad recipe, data or output folder, or a full disk (the message above names it)",
     3: "trained and saved, but the Hub push failed (the command above pushes again)",
     4: "stopped: training became non-finite (the message above names the last good checkpoint)",
     130: "interrupted",
@@ -73,12 +74,29 @@ def run_main(recipe_path: str, overrides: list[str]) -> int:
         return 3
     except KeyboardInterrupt:
         return 130
-    except Exception:
+    except Exception as e:
+        if out_of_space(e):  # the output folder's problem, not a bug: what was written is intact
+            print(f"error: the disk is full or a file-size limit was reached ({type(e).__name__}: {e}). Nothing "
+                  "written is half-done (checkpoints and exports are renamed into place whole): free space (or "
+                  "raise the limit) and launch again, and the run resumes from its last checkpoint", file=sys.stderr)  # fmt: skip
+            return 2
         import traceback
 
         traceback.print_exc()
         return 1
     return 0
+
+
+def out_of_space(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from, is a full disk, quota or file-size limit (libraries wrap
+    them: safetensors and torch.save raise their own with the system's message)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        if any(words in str(error) for words in ("No space left on device", "Disk quota exceeded", "File too large")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 if __name__ == "__main__":

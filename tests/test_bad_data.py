@@ -28,6 +28,7 @@ from gd_hf.train import main
 
 from .conftest import (
     DEMO_RECIPE,
+    ROOT,
     demo_recipe,
     launch,
     main_outcome,
@@ -470,3 +471,109 @@ def test_bad_records_are_skipped_until_50_in_a_row_stop_the_run(tmp_path):
     strict = LabeledTrainDataset(records([bad, good]), DataConfig(crop_size=32, on_error="raise"))
     with pytest.raises(DataError, match="bad.png"):
         strict[(0, 0)]
+
+
+# --- the table: image files damaged where PIL raises something other than OSError -> a bad record ---------------
+
+
+def png_with_chunk(png: bytes, kind: bytes, data: bytes) -> bytes:
+    """`png` with one more chunk (a valid CRC) right after its header."""
+    import struct
+    import zlib
+
+    header_end = 8 + 8 + 13 + 4
+    chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return png[:header_end] + chunk + png[header_end:]
+
+
+def _ztxt_bomb() -> bytes:
+    import zlib
+
+    return b"k\x00\x00" + zlib.compress(b"a" * (64 * 1024 * 1024))  # over PIL's MAX_TEXT_CHUNK
+
+
+DAMAGED_CHUNKS = [("truncated pHYs", b"pHYs", lambda: b"\x00\x00"), ("empty sRGB", b"sRGB", lambda: b""),
+                  ("zTXt bomb", b"zTXt", _ztxt_bomb)]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, kind, data", DAMAGED_CHUNKS, ids=[c[0] for c in DAMAGED_CHUNKS])
+def test_a_png_with_a_damaged_chunk_is_a_bad_record_naming_the_file(name, kind, data):
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format="PNG")
+    with pytest.raises(DataError, match=r"cannot read image test\.png \(image id 7\): ValueError: "):
+        read_image(record(png_with_chunk(buffer.getvalue(), kind, data()), 8, 8))
+
+
+def test_a_float_image_with_non_finite_pixels_is_a_bad_record():
+    pixels = np.full((8, 8), 0.5, dtype=np.float32)
+    pixels[2, 3] = np.nan
+    with pytest.raises(DataError, match="non-finite pixels"):
+        read_image(record(Image.fromarray(pixels, mode="F"), 8, 8, fmt="TIFF"))
+
+
+def test_damaged_training_pngs_are_skipped_and_counted_not_a_crash_at_their_step(synthetic_root, tmp_path):
+    """Under `data.on_error: skip` (the default) they are bad records like any other: the run ends and counts
+    them (it crashed at their step, and again at every relaunch)."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    for number, (_, kind, data) in enumerate(DAMAGED_CHUNKS, 1):
+        path = root / "train" / f"{number:06d}.png"
+        path.write_bytes(png_with_chunk(path.read_bytes(), kind, data()))
+    # 24 images, batch 2: 13 steps read every image once at least.
+    assert launch(root, tmp_path / "run", "train.max_steps=13", "train.log_every=13") == 0
+    last = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "loss" in line
+    ]
+    assert last[-1]["step"] == 13 and last[-1]["data_skipped"] >= len(DAMAGED_CHUNKS)
+
+
+# --- the table: the commands' arguments -> exit code 2 and the flag named, before anything is read ---------------
+
+COMMAND_CASES = [
+    ("predict threshold NaN", "gd_hf.predict", ["m", "x.png", "--out", "o", "--threshold", "nan"], "--threshold must be in [0, 1]"),
+    ("predict threshold 5", "gd_hf.predict", ["m", "x.png", "--out", "o", "--threshold", "5"], "--threshold must be in [0, 1]"),
+    ("evaluate size negative", "gd_hf.evaluate", ["m", "a.json", "i", "--shortest-edge", "-5"], "--shortest-edge and --longest-edge must be in"),
+    ("evaluate sizes inverted", "gd_hf.evaluate", ["m", "a.json", "i", "--shortest-edge", "800", "--longest-edge", "600"], "the longest not below the shortest"),
+    ("synthetic no images", "gd_hf.data.synthetic", ["{tmp}/s", "--train", "0"], "--train and --val must be >= 1"),
+    ("synthetic negative", "gd_hf.data.synthetic", ["{tmp}/s", "--val", "-5"], "--train and --val must be >= 1"),
+    ("synthetic over a folder", "gd_hf.data.synthetic", ["{tmp}"], "already exists: remove it or choose another folder"),
+    ("synthetic tiny", "gd_hf.data.synthetic", ["{tmp}/s", "--size", "2"], "--size must be in [16, 4096]"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, module, argv, message", COMMAND_CASES, ids=[c[0] for c in COMMAND_CASES])
+def test_a_bad_command_argument_is_exit_2_naming_it(tmp_path, capsys, name, module, argv, message):
+    import importlib
+
+    main_of = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exit_:
+        main_of([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_among_the_images_is_a_bad_file_not_a_hang(synthetic_root, tmp_path):
+    """A named pipe where an image should be blocked the start-up check (and `predict`) for ever: it is named and
+    refused (a val image: exit 2 at start), and `predict` passes over it."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    fifo = root / "val" / "1000003.png"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    code = ("import sys; from gd_hf.train import main; from tests.conftest import DEMO_RECIPE, tiny_overrides; "
+            f"from pathlib import Path; sys.exit(main([DEMO_RECIPE, *tiny_overrides(Path({str(root)!r}), "
+            f"Path({str(tmp_path / 'run')!r}))]))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "1000003.png is not a regular file" in result.stderr
+
+    from gd_hf.predict import find_images
+
+    assert fifo not in find_images([str(root / "val")]) and len(find_images([str(root / "val")])) == 7

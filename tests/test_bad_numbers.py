@@ -237,3 +237,30 @@ def test_a_nan_on_one_process_only_skips_the_step_on_every_process(synthetic_roo
     )
     assert not rank0["moved"] and not rank1["moved"]
     assert rank0["lr_step"] == rank1["lr_step"] == 1
+
+
+def test_non_finite_predictions_at_an_evaluation_stop_with_exit_4_naming_the_last_good_checkpoint(
+    synthetic_root, tmp_path, monkeypatch, capsys
+):
+    """A diverged model whose updates were not yet skipped long enough to stop the run gives NaN scores at the
+    next evaluation: the run stops as non-finite training does (exit 4, the checkpoint to go on from), not with
+    COCOeval's traceback (exit 1); `gd_hf.evaluate` on such a model is a one-line error."""
+    import gd_hf.evaluation.mask_ap as mask_ap
+
+    real = mask_ap.predict_coco_results
+
+    def diverged(*args, **kwargs):
+        results = real(*args, **kwargs)
+        return [{**r, "score": float("nan")} for r in results]
+
+    monkeypatch.setattr(mask_ap, "predict_coco_results", diverged)
+    code = launch(synthetic_root, tmp_path / "run", "train.eval_every=4", "train.checkpoint_every=2")
+    err = capsys.readouterr().err
+    assert code == 4 and "step 4: the evaluation cannot score the model" in err and "non-finite score" in err
+    assert "The last good checkpoint is" in err and "step_00000002" in err
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_the_backbone_lr_multiplier_has_an_upper_bound(synthetic_root, tmp_path, capsys):
+    assert launch(synthetic_root, tmp_path / "run", "train.backbone_lr_multiplier=1e30") == 2
+    assert "train.backbone_lr_multiplier must be in [0, 10]" in capsys.readouterr().err

@@ -31,7 +31,15 @@ RECIPE_CASES = [
     ("eval edges crossed", ["data.eval_longest_edge=32"], "data.eval_longest_edge"),
     ("synthetic count -3", ["data.synthetic_train_images=-3"], "data.synthetic_train_images"),
     ("output_dir empty", ["output_dir="], "output_dir must name a folder"),
-    ("seed negative", ["seed=-1"], "seed must be >= 0"),
+    ("seed negative", ["seed=-1"], "seed must be in [0, 2**32)"),
+    ("seed past numpy's", ["seed=4294967296"], "seed must be in [0, 2**32)"),
+    ("batch absurd", ["train.batch_size=1000000000"], "train.batch_size must be in [1, 4096]"),
+    ("register tokens absurd", ["model.eomt_register_tokens=100000"], "model.eomt_register_tokens must be <= 64"),
+    ("backbone width absurd", ["model.backbone_hidden_size=10000000"], "model.backbone_hidden_size must be <= 4096"),
+    ("class names beside a COCO JSON", ["data.category_names=[a, b]"], "data.category_names names classes for"),
+    ("class file beside a COCO JSON", ["data.classes_file=classes.json"], "data.classes_file names classes for"),
+    ("override not YAML", ["train.lr=[1"], "override `train.lr=[1`: its value is not valid YAML"),
+    ("override a Python tag", ["train.lr=!!python/name:os.system"], "its value is not valid YAML"),
     ("split seed negative", ["data.split_seed=-2"], "data.split_seed"),
     ("hidden_dim 0", ["model.hidden_dim=0"], "model.hidden_dim"),
     ("decoder layers 0", ["model.decoder_layers=0"], "model.decoder_layers"),
@@ -94,6 +102,9 @@ def test_bad_recipe_value_stops_at_start_naming_the_key(synthetic_root, tmp_path
         ("train: 0\n", "train: expected a mapping"),
         ("data: false\n", "data: expected a mapping"),
         ("ssl: ''\n", "ssl: expected a mapping"),
+        ("", "holds no recipe keys (it is empty or all comments)"),  # not the defaults, silently
+        ("# a recipe to come\n# lr: 1e-4\n", "holds no recipe keys"),
+        ("train:\n  lr: 1.0e-4\n  max_steps: 10\n  lr: 1.0e-3\n", "the key 'lr' is given twice in one section"),
     ],
     ids=[
         "a list",
@@ -103,6 +114,9 @@ def test_bad_recipe_value_stops_at_start_naming_the_key(synthetic_root, tmp_path
         "a section that is 0",
         "a section false",
         "a section empty",
+        "an empty file",
+        "comments only",
+        "a key twice",
     ],  # fmt: skip
 )
 def test_a_recipe_file_that_is_not_a_mapping_is_named(tmp_path, capsys, content, message):

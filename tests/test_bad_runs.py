@@ -114,6 +114,9 @@ DAMAGES = [
     "schedule holding code",
     "negative step",
     "optimizer holding code",
+    "NaN in the weights",  # a valid file: resumed, the run turned NaN, and so did every relaunch
+    "NaN in the optimizer's moments",
+    "another model's optimizer",  # same groups and counts: loaded, then the first step crashed, every relaunch
 ]
 
 
@@ -142,6 +145,23 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint_and_ends_bitwise_the
         torch.save({"lr_lambdas": [Payload(tmp_path / "pwned")]}, newest / "gd_hf_state_0.pt")
     elif damage == "optimizer holding code":
         torch.save({"state": {}, "param_groups": [Payload(tmp_path / "pwned")]}, newest / "optimizer.bin")
+    elif damage == "NaN in the weights":
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(newest / "model.safetensors")
+        name = next(n for n, t in weights.items() if t.is_floating_point())
+        weights[name].view(-1)[0] = float("nan")
+        save_file(weights, newest / "model.safetensors", metadata={"format": "pt"})
+    elif damage in ("NaN in the optimizer's moments", "another model's optimizer"):
+        optimizer = torch.load(newest / "optimizer.bin", weights_only=True)
+        first = next(iter(optimizer["state"].values()))
+        if damage.startswith("NaN"):
+            first["exp_avg"].view(-1)[0] = float("nan")
+        else:  # every moment of another shape: the optimizer of a model with other sizes
+            for moments in optimizer["state"].values():
+                moments["exp_avg"] = torch.zeros(*moments["exp_avg"].shape, 7)
+                moments["exp_avg_sq"] = torch.zeros(*moments["exp_avg_sq"].shape, 7)
+        torch.save(optimizer, newest / "optimizer.bin")
     else:
         state = json.loads((newest / "trainer_state.json").read_text())
         (newest / "trainer_state.json").write_text(json.dumps({**state, "step": -3}))
@@ -457,3 +477,89 @@ def test_a_run_record_with_odd_fields_does_not_stop_a_relaunch(synthetic_root, t
     assert run_tiny(synthetic_root, out, "train.max_steps=3") == 0
     card = (out / "final" / "README.md").read_text()
     assert "Trained in more than 2 launches" in card  # the record of the first launch is gone: not "from step 0"
+
+
+@pytest.mark.parametrize("error", ["ENOSPC", "EFBIG", "wrapped"])
+def test_a_full_disk_is_exit_2_saying_so_and_the_relaunch_resumes(synthetic_root, tmp_path, monkeypatch, capsys, error):
+    """A full disk or a file-size limit mid-run (here at the second checkpoint) is not "an unexpected error ...
+    please report it": exit 2 names it, and a relaunch with space goes on from the last checkpoint."""
+    import errno as errnos
+
+    import gd_hf.run.periodic as periodic_module
+
+    real_save, calls = periodic_module.save_checkpoint, []
+
+    def full_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            if error == "wrapped":  # as torch.save and safetensors report it
+                raise RuntimeError("PytorchStreamWriter failed writing file data/0: No space left on device")
+            code = getattr(errnos, error)
+            raise OSError(code, os.strerror(code))
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(periodic_module, "save_checkpoint", full_at_the_second)
+    out = tmp_path / "run"
+    assert run_tiny(synthetic_root, out) == 2
+    err = capsys.readouterr().err
+    assert "the disk is full or a file-size limit was reached" in err and "Traceback" not in err
+    assert "a bad recipe, data or output folder, or a full disk" in err.strip().splitlines()[-1]
+    monkeypatch.setattr(periodic_module, "save_checkpoint", real_save)
+    assert run_tiny(synthetic_root, out) == 0
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_what_a_killed_launch_left_half_done_is_put_right_by_the_next(synthetic_root, tmp_path, caplog):
+    """A kill while an export was written leaves `.final.tmp.*` (the size of the model; no later launch removed
+    them) or, between moving the previous export aside and renaming the new one in, `.best.old` and no `best/`:
+    the next launch removes the one and puts the other back."""
+    out = tmp_path / "run"
+    assert run_tiny(synthetic_root, out, "train.eval_every=2") == 0
+    best = sorted(p.name for p in (out / "best").iterdir())
+    (out / ".final.tmp.k1ll3d").mkdir()
+    (out / ".final.tmp.k1ll3d" / "model.safetensors").write_bytes(b"half")
+    os.replace(out / "best", out / ".best.old")
+    caplog.set_level("WARNING")
+    assert run_tiny(synthetic_root, out, "train.eval_every=2") == 0
+    assert not list(out.glob(".*.tmp.*")) and not (out / ".best.old").exists()
+    assert sorted(p.name for p in (out / "best").iterdir()) == best
+    assert "removed .final.tmp.k1ll3d" in caplog.text and "put best/ back" in caplog.text
+
+
+@pytest.mark.parametrize("edit", ["annotations", "image"])
+def test_data_changed_in_place_is_a_change_to_what_is_trained(synthetic_root, tmp_path, capsys, edit):
+    """The recipe names the same files, but an annotation was edited or a training image replaced at its path: a
+    relaunch stops (exit 2) naming the files, as for a changed key; `resume=force` goes on and records it."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    root, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(synthetic_root, root)
+    assert run_tiny(root, out) == 0
+    if edit == "annotations":
+        path = root / "annotations" / "instances_train.json"
+        coco = json.loads(path.read_text())
+        coco["annotations"] = coco["annotations"][:-1]
+        path.write_text(json.dumps(coco))
+        key = "data.train_annotations (the files)"
+    else:
+        pixels = np.random.default_rng(5).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "train" / "000002.png")
+        key = "data.train_images (the files)"
+    capsys.readouterr()
+    assert run_tiny(root, out, "train.max_steps=6") == 2
+    err = capsys.readouterr().err
+    assert "this relaunch changes what the run" in err and key in err
+    assert run_tiny(root, out, "train.max_steps=6", "resume=force") == 0
+    launches = json.loads((out / "run_info.json").read_text())  # (a list of launches)
+    assert key in launches[-1]["recipe_changes"]
+
+
+def test_a_relaunch_may_change_the_trackers_and_the_data_sets_name(synthetic_root, tmp_path):
+    """Neither changes what is trained: the relaunch goes on (it stopped with exit 2)."""
+    out = tmp_path / "run"
+    assert run_tiny(synthetic_root, out) == 0
+    assert run_tiny(synthetic_root, out, "train.max_steps=6", "train.report_to=none", "data.dataset_name=shapes") == 0
+    assert json.loads((out / "final_metrics.json").read_text())["final"]

@@ -378,3 +378,21 @@ def test_a_picture_that_cannot_be_drawn_is_a_warning_not_the_runs_end(synthetic_
     assert any("pictures were not drawn (ValueError: a font that cannot be read)" in m for m in warned)
     assert any("curves.png was not drawn" in m for m in warned)
     assert (out / "final" / "model.safetensors").is_file() and not (out / "final" / "curves.png").exists()
+
+
+def test_the_exports_examples_are_the_val_images_the_model_finds_most_in():
+    """Of the candidate val images, the export keeps the two with the most instances scoring above 0.5 (a Space
+    and the card's snippet show them), in their order on ties; not simply the first two."""
+    from types import SimpleNamespace
+
+    from gd_hf.run.periodic import choose_examples
+
+    image = Image.new("RGB", (8, 8))
+    phase = SimpleNamespace(picture_examples=[(1, image), (2, image), (3, image), (4, image)],
+                            publisher=SimpleNamespace(examples={}))  # fmt: skip
+    results = [{"image_id": 3, "score": 0.9}, {"image_id": 3, "score": 0.8}, {"image_id": 4, "score": 0.7},
+               {"image_id": 1, "score": 0.4}, {"image_id": 1, "score": 0.45}]  # fmt: skip
+    choose_examples(phase, SimpleNamespace(results=results))
+    assert list(phase.publisher.examples) == ["val_3.jpg", "val_4.jpg"]
+    choose_examples(phase, SimpleNamespace(results=[]))  # nothing found anywhere: the first ones
+    assert list(phase.publisher.examples) == ["val_1.jpg", "val_2.jpg"]

@@ -120,7 +120,7 @@ def test_the_running_space_shows_exactly_what_gd_hf_predict_finds(space, mask2fo
                 time.sleep(0.25)
         print(f"app.py answered after {time.perf_counter() - started:.1f} s")
         client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"), analytics_enabled=False)
-        overlay, table = client.predict(handle_file(str(example)), THRESHOLD, api_name="/segment")
+        overlay, table, found = client.predict(handle_file(str(example)), THRESHOLD, api_name="/segment")
     finally:
         server.terminate()
         try:
@@ -129,6 +129,7 @@ def test_the_running_space_shows_exactly_what_gd_hf_predict_finds(space, mask2fo
             server.kill()
     assert table["headers"] == ["label", "score", "area (px)"]
     assert_table_is_predicts(table["data"], results)
+    assert found == f"{len(results)} instance{'s' if len(results) != 1 else ''} scoring above {THRESHOLD:.2f}."
     assert Path(overlay).suffix == ".png"
     assert np.array_equal(
         np.asarray(Image.open(overlay).convert("RGB")), np.asarray(Image.open(overlay_png).convert("RGB"))
@@ -300,3 +301,44 @@ def test_a_failed_space_push_keeps_out_and_prints_the_command_that_pushes_again(
     with pytest.raises(PushError, match="push_space"):
         push_space(out, "me/gd-space")
     assert digest == hashlib.sha256(b"".join(p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file())).hexdigest()
+
+
+def test_the_space_says_what_it_found_and_why_nothing_shows(mask2former_export, monkeypatch):
+    """A threshold above every score shows the image unchanged and an empty table: the line under it names the
+    best instance below the threshold and says to lower it."""
+    import gd_hf.hub.space_app as app
+
+    monkeypatch.setenv("GD_HF_MODEL", str(mask2former_export))
+    app.segmenter.cache_clear()
+    try:
+        example = str(mask2former_export / "examples" / "1000000.png")
+        _, rows, found = app.segment(example, 0.0)
+        assert rows and found == f"{len(rows)} instances scoring above 0.00."
+        label, best = max(((row[0], row[1]) for row in rows), key=lambda row: row[1])
+        assert best < 0.99  # (a random-init model is sure of nothing)
+        overlay, rows, found = app.segment(example, 0.99)
+        assert rows == []
+        assert (
+            found == f"No instance scores above 0.99: the best is {label} at {best:.2f}; lower the threshold to see it."
+        )
+        assert np.array_equal(np.asarray(overlay), np.asarray(Image.open(example).convert("RGB")))
+    finally:
+        app.segmenter.cache_clear()
+
+
+def test_a_space_of_a_pushed_export_loads_it_from_the_hub_and_links_it(mask2former_export, tmp_path, capsys):
+    """An export `gd_hf.push` recorded as pushed (its run_info.json) gives a Space that loads the repo (no copy
+    of the weights), is titled by it and links it in its card; one pushed to a branch gets a copy, as a Space
+    cannot name a branch."""
+    export = tmp_path / "export"
+    shutil.copytree(mask2former_export, export)
+    (export / "run_info.json").write_text(json.dumps({"pushed_to": {"repo_id": "me/shapes-seg", "revision": None}}))
+    space = write_space(str(export), tmp_path / "space")
+    config = json.loads((space / "space_config.json").read_text())
+    assert config["model"] == "me/shapes-seg" and config["title"] == "shapes-seg"
+    assert not (space / "model").exists()
+    assert SpaceCard.load(space / "README.md").data.to_dict()["models"] == ["me/shapes-seg"]
+    assert "pushed to me/shapes-seg: the Space loads it from there" in capsys.readouterr().out
+    (export / "run_info.json").write_text(json.dumps({"pushed_to": {"repo_id": "me/shapes-seg", "revision": "v2"}}))
+    space = write_space(str(export), tmp_path / "space2")
+    assert json.loads((space / "space_config.json").read_text())["model"] == "model" and (space / "model").is_dir()

@@ -60,8 +60,8 @@ def _run_checks(recipe: Recipe) -> list[Check]:
     """Where the run writes, and its seeds."""
     return [
         (bool(recipe.output_dir.strip()), "output_dir", "must name a folder (it is empty)"),
-        (recipe.seed >= 0, "seed", "must be >= 0"),
-        (recipe.data.split_seed >= 0, "data.split_seed", "must be >= 0"),
+        (0 <= recipe.seed < 2**32, "seed", "must be in [0, 2**32) (numpy's seeds)"),
+        (0 <= recipe.data.split_seed < 2**32, "data.split_seed", "must be in [0, 2**32) (numpy's seeds)"),
     ]
 
 
@@ -73,6 +73,11 @@ def _size_limit_checks(m: ModelConfig, d: DataConfig) -> list[Check]:
         (d.crop_size <= 8192, "data.crop_size", "must be <= 8192 (the reference: 1024)"),
         (d.max_scale <= 10, "data.max_scale", "must be <= 10 (the reference: 2.0)"),
         (d.eval_longest_edge <= 8192, "data.eval_longest_edge", "must be <= 8192 (the reference: 1333)"),
+        (m.backbone_hidden_size <= 4096, "model.backbone_hidden_size", "must be <= 4096 (Swin-L: 192)"),
+        (m.hidden_dim <= 4096, "model.hidden_dim", "must be <= 4096 (the reference: 256)"),
+        (m.eomt_hidden_size <= 8192, "model.eomt_hidden_size", "must be <= 8192 (ViT-L: 1024)"),
+        (m.eomt_register_tokens <= 64, "model.eomt_register_tokens", "must be <= 64 (DINOv2: 4)"),
+        (m.eomt_layers <= 256, "model.eomt_layers", "must be <= 256 (ViT-L: 24)"),
     ]
 
 
@@ -113,7 +118,11 @@ def _eval_checks(e: EvalConfig) -> list[Check]:
 def _optimizer_checks(t: TrainConfig) -> list[Check]:
     """The optimizer's and the schedule's shape."""
     return [
-        (t.backbone_lr_multiplier >= 0, "train.backbone_lr_multiplier", "must be >= 0"),
+        (
+            0 <= t.backbone_lr_multiplier <= 10,
+            "train.backbone_lr_multiplier",
+            "must be in [0, 10] (the backbone's lr is train.lr times it; the reference: 0.1)",
+        ),
         (t.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
         (t.poly_power > 0, "train.poly_power", "must be > 0"),
     ]
@@ -151,6 +160,12 @@ def _data_checks(d: DataConfig) -> list[Check]:
             "must be one line of 1 to 100 printable characters (it is the model card's name for the data set)",
         ),
         (d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1"),
+        (
+            d.source != "coco" or (d.category_names is None and d.classes_file is None),
+            "data.category_names" if d.category_names is not None else "data.classes_file",
+            "names classes for shards and hub data sets; a COCO source takes its classes from its JSON's "
+            "`categories` (remove the key, or rename them there)",
+        ),
     ]
 
 
@@ -159,7 +174,7 @@ def _train_loop_checks(t: TrainConfig) -> list[Check]:
     return [
         (t.max_steps > 0, "train.max_steps", "must be > 0"),
         (report_to_problem(t.report_to) is None, "train.report_to", report_to_problem(t.report_to) or ""),
-        (t.batch_size > 0, "train.batch_size", "must be > 0"),
+        (0 < t.batch_size <= 4096, "train.batch_size", "must be in [1, 4096] (the reference: 16)"),
         (t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be > 0"),
         (
             t.gradient_accumulation_steps <= 0 or t.batch_size % t.gradient_accumulation_steps == 0,

@@ -14,6 +14,22 @@ from gd_hf.config.schema import Recipe
 from gd_hf.config.types import RecipeError, build_dataclass, field_types, unknown_key
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last one
+    without a word: a recipe that sets `lr` twice trains with one the reader may not see)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one section", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def all_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
     """Every dotted key a recipe accepts."""
     keys = []
@@ -35,7 +51,11 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     valid = all_keys()
     if key not in valid:
         raise unknown_key(key, valid)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:  # `train.lr=[1`, `!!python/name:...`: the override, not a traceback
+        why = " ".join(str(e).split())
+        raise RecipeError(f"override `{override}`: its value is not valid YAML ({why}); quote strings") from e
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
@@ -51,9 +71,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist (recipes live in recipes/*.yaml)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path} is not valid YAML: {e}") from e
+    if data is None:  # empty, or comments only: training the defaults would not be what anyone meant
+        raise RecipeError(f"{path} holds no recipe keys (it is empty or all comments): see recipes/*.yaml")
     if not isinstance(data, dict):
         raise RecipeError(
             f"{path} holds a YAML {type(data).__name__}, not a mapping of recipe keys (output_dir:, model:, data:, ...)"

@@ -5,6 +5,8 @@ first step, naming the file."""
 from __future__ import annotations
 
 import io
+import os
+import stat
 from typing import Any
 
 import datasets
@@ -19,19 +21,39 @@ def _open_image(example: dict[str, Any], draft: bool = False) -> tuple[Image.Ima
     """The example's image decoded (at 1/8 scale for a JPEG with `draft`: enough to find a broken file fast), and
     its stored size; a `DataError` naming the file and image id if it cannot be read."""
     cell = example["image"]
-    path = cell.get("path") or "<bytes>"
+    if cell.get("bytes") is None and not _regular_file(cell["path"]):  # a FIFO would block the read for ever
+        raise unreadable(example, OSError(f"{cell['path']} is not a regular file"))
     try:
         image = Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") is not None else cell["path"])
         stored = image.size
         if draft:
             image.draft("RGB", (max(1, stored[0] // 8), max(1, stored[1] // 8)))
         image.load()
-    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(
-            f"cannot read image {path} (image id {example['image_id']}): {e}. Replace the file, or remove the image "
-            "and its annotations from the JSON."
-        ) from e
+    except Exception as e:  # noqa: BLE001 - a decode error of any kind (PIL raises ValueError for a damaged PNG
+        # chunk, for one) is a bad record: `data.on_error` decides, never a crash at that step on every relaunch
+        raise unreadable(example, e) from e
     return image, stored
+
+
+def _regular_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True  # (missing or unreadable: the open says which, as before)
+
+
+def unreadable(example: dict[str, Any], error: Exception) -> DataError:
+    cell = example["image"]
+    path = (cell.get("path") if isinstance(cell, dict) else None) or "<bytes>"
+    why = (
+        error
+        if isinstance(error, (OSError, UnidentifiedImageError, SyntaxError))
+        else f"{type(error).__name__}: {error}"
+    )
+    return DataError(
+        f"cannot read image {path} (image id {example['image_id']}): {why}. Replace the file, or remove the image "
+        "and its annotations from the JSON."
+    )
 
 
 def _size_mismatch(example: dict[str, Any], size: tuple[int, int]) -> DataError:
@@ -54,11 +76,14 @@ def read_image(example: dict[str, Any]) -> torch.Tensor:
     """
     image, _ = _open_image(example)
     stated = (example["width"], example["height"])
-    if image.getexif().get(0x0112, 1) not in (1, None):  # an EXIF orientation other than "as stored"
-        turned = ImageOps.exif_transpose(image)
-        if stated[0] <= 0 or (turned.width, turned.height) == stated:
-            image = turned
-    image = to_rgb(image)
+    try:  # (a damaged EXIF block, or pixels that are not numbers, are bad records too)
+        if image.getexif().get(0x0112, 1) not in (1, None):  # an EXIF orientation other than "as stored"
+            turned = ImageOps.exif_transpose(image)
+            if stated[0] <= 0 or (turned.width, turned.height) == stated:
+                image = turned
+        image = to_rgb(image)
+    except Exception as e:  # noqa: BLE001 - as in _open_image
+        raise unreadable(example, e) from e
     # width/height 0: a record without a stated size (plain image folders); any other mismatch is an error.
     if stated[0] > 0 and (image.width, image.height) != stated:
         raise _size_mismatch(example, image.size)
@@ -70,7 +95,11 @@ def check_image(example: dict[str, Any]) -> None:
     decoded at 1/8 scale): for checking every val image at start."""
     image, stored = _open_image(example, draft=True)
     stated = (example["width"], example["height"])
-    turned_sizes = {stored, stored[::-1]} if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else {stored}
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception as e:  # noqa: BLE001 - as in _open_image
+        raise unreadable(example, e) from e
+    turned_sizes = {stored, stored[::-1]} if orientation in (5, 6, 7, 8) else {stored}
     if stated[0] > 0 and stated not in turned_sizes:
         raise _size_mismatch(example, stored)
 
@@ -112,6 +141,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(np.stack([gray] * 3, axis=-1))
     if image.mode == "F":
         values = np.asarray(image)
+        if not np.isfinite(values).all():  # NaN would become some byte, silently
+            raise ValueError("a float image with non-finite pixels (NaN or infinity)")
         gray = np.clip(values / max(float(values.max()), 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(np.stack([gray] * 3, axis=-1))
     return image if image.mode == "RGB" else image.convert("RGB")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -19,6 +19,7 @@ from pycocotools.coco import COCO
 from gd_hf.config import Recipe
 from gd_hf.data.categories import Categories
 from gd_hf.data.coco import DataError
+from gd_hf.data.fingerprint import data_fingerprint
 from gd_hf.data.images import check_images
 from gd_hf.data.masks import compressed_rle_problem
 from gd_hf.data.records import Records, image_folder_records, image_ids_and_object_counts, select_ids
@@ -39,6 +40,7 @@ class RunData:
     val_ground_truth: COCO
     categories: Categories
     split: Split
+    fingerprint: dict[str, str] = field(default_factory=dict)  # of the files read (`data_fingerprint`)
 
 
 def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
@@ -109,7 +111,8 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
             f"{', data.split_file ' + str(d.split_file) if d.split_file else ''}): lower data.labeled_percent, add "
             "images with data.unlabeled_images, or set ssl.unlabeled_includes_labeled"
         )
-    return RunData(labeled, unlabeled, opened.val, opened.val_ground_truth, opened.categories, split)
+    return RunData(labeled, unlabeled, opened.val, opened.val_ground_truth, opened.categories, split,
+                   data_fingerprint(d))  # fmt: skip
 
 
 def drop_records_with_bad_masks(records: datasets.Dataset, on_error: str) -> datasets.Dataset:

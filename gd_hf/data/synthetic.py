@@ -202,15 +202,24 @@ def generate(
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gd_hf.data.synthetic", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("out", help="folder to create")
     parser.add_argument("--train", type=int, default=600, help="training images")
     parser.add_argument("--val", type=int, default=100, help="validation images")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (the mean longer side if varied)")
     parser.add_argument("--varied-sizes", action="store_true", help="mixed sizes and aspect ratios")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.train < 1 or args.val < 1:
+        parser.error(f"--train and --val must be >= 1 (got {args.train} and {args.val})")
+    if not 16 <= args.size <= 4096:
+        parser.error(f"--size must be in [16, 4096] pixels (got {args.size})")
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed must be in [0, 2**32) (got {args.seed})")
+    if Path(args.out).exists():
+        parser.error(f"{args.out} already exists: remove it or choose another folder")
     path = generate(args.out, args.train, args.val, args.size, args.seed, args.varied_sizes)
     print(f"wrote {args.train} train + {args.val} val images to {path}")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -378,12 +379,22 @@ def evaluate_mask_ap(
                                    timings, family)  # fmt: skip
     if gather is not None:
         results = gather(results)
+    nonfinite = sum(1 for r in results if not math.isfinite(r["score"]))
+    if nonfinite:  # (COCOeval cannot rank them; every figure would be meaningless)
+        raise NonFinitePredictionsError(
+            f"{nonfinite} of the model's {len(results)} predictions have a non-finite score (NaN or infinity): its "
+            "weights give non-finite outputs"
+        )
     start = time.perf_counter()
     metrics = coco_mask_ap(ground_truth, results, image_ids=list(records["image_id"]))
     images = max(1, timings.pop("images", 0))
     costs = {f"{stage}_s_per_image": seconds / images for stage, seconds in timings.items()}
     costs["cocoeval_s"] = time.perf_counter() - start
     return Evaluation(metrics, results, costs)
+
+
+class NonFinitePredictionsError(ValueError):
+    """The model's predictions are not numbers: nothing can be scored (training has diverged, or the export is)."""
 
 
 @dataclass

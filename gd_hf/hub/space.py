@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gd_hf.config import ModelConfig
-from gd_hf.hub.public import is_hub_id
+from gd_hf.hub.public import is_hub_id, pushed_to
 from gd_hf.hub.push import PushError, push_export
 from gd_hf.hub.run_folder import RunFolderError, export_folder
 from gd_hf.models import display_name
@@ -68,6 +68,13 @@ def resolve_model(model: str, model_id: str | None = None, folder: str = "final"
                              f"{folder}/ export") from e  # fmt: skip
         if folder != path:
             print(f"using the run's {folder.name}/ export: {folder}")
+        pushed = pushed_to(folder)
+        if model_id is None and pushed is not None and "@" not in pushed:
+            # Pushed already: the Space loads it from the Hub (and links it) instead of carrying a copy.
+            print(f"the export was pushed to {pushed}: the Space loads it from there (--model-id to name another)")
+            model_id = pushed
+        elif model_id is None and pushed is not None:
+            print(f"the export was pushed to a branch ({pushed}), which a Space cannot name: it gets a copy")
         return ModelSource(folder, model_id, is_full_export=True)
     if not is_hub_id(model):
         raise SpaceError(f"MODEL {model} is neither an export folder, a run folder nor a hub id (owner/name)")

@@ -62,15 +62,15 @@ def segmenter() -> Segmenter:
     return Segmenter(model, shortest_edge, longest_edge, export_top_k(name), device)
 
 
-def segment(image_path: str | None, threshold: float = 0.5) -> tuple[Image.Image, list[list]]:
-    """An image file -> (the instance overlay, rows of [label, score, area in pixels]) for scores > threshold."""
+def segment(image_path: str | None, threshold: float = 0.5) -> tuple[Image.Image, list[list], str]:
+    """An image file -> (the instance overlay, rows of [label, score, area in pixels] for scores > threshold,
+    one line saying what was found, or why nothing is shown)."""
     if image_path is None:
         raise ValueError("no image: upload one or click an example")
     s = segmenter()
     image = load_image(Path(image_path))
-    (instances,) = segment_images(
-        s.model, [image], s.shortest_edge, s.longest_edge, float(threshold), s.top_k, s.device
-    )
+    (candidates,) = segment_images(s.model, [image], s.shortest_edge, s.longest_edge, 0.0, s.top_k, s.device)
+    instances = candidates.select(candidates.scores > float(threshold))  # as gd_hf.predict selects
     masks = instances.instance_masks()
     labels = [s.model.config.id2label[int(label)] for label in instances.labels]
     scores = instances.scores.tolist()
@@ -78,7 +78,19 @@ def segment(image_path: str | None, threshold: float = 0.5) -> tuple[Image.Image
     areas = masks.flatten(1).sum(1).tolist() if len(labels) else []
     # 5 decimals: readable, and within 1e-5 of gd_hf.predict's predictions.json.
     rows = [[label, round(score, 5), int(area)] for label, score, area in zip(labels, scores, areas)]
-    return overlay, rows
+    return overlay, rows, found_line(s.model, candidates, float(threshold), len(rows))
+
+
+def found_line(model: PreTrainedModel, candidates, threshold: float, shown: int) -> str:
+    """What the table shows, in words; with nothing above the threshold, the best instance below it."""
+    if shown:
+        return f"{shown} instance{'s' if shown != 1 else ''} scoring above {threshold:.2f}."
+    if len(candidates.scores) == 0:
+        return "The model finds no instance in this image."
+    best = int(candidates.scores.argmax())
+    label = model.config.id2label[int(candidates.labels[best])]
+    return (f"No instance scores above {threshold:.2f}: the best is {label} at {float(candidates.scores[best]):.2f}; "
+            "lower the threshold to see it.")  # fmt: skip
 
 
 def build_demo():
@@ -103,13 +115,14 @@ def build_demo():
                 button = gr.Button("Segment", variant="primary")
             with gr.Column():
                 overlay = gr.Image(type="pil", format="png", label="instances")  # png: the exact pixels
+                found = gr.Markdown()
                 table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "number", "number"], label="instances")
-        button.click(segment_or_explain, [image, threshold], [overlay, table], api_name="segment")
+        outputs = [overlay, table, found]
+        button.click(segment_or_explain, [image, threshold], outputs, api_name="segment")
         examples = [[str(HERE / "examples" / name), 0.5] for name in config.get("examples", [])]
         if examples:
             gr.Examples(
-                examples, [image, threshold], [overlay, table], segment_or_explain, run_on_click=True,
-                cache_examples=False,
+                examples, [image, threshold], outputs, segment_or_explain, run_on_click=True, cache_examples=False,
             )  # fmt: skip
     return demo
 

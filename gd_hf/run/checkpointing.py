@@ -14,6 +14,7 @@ import pickle
 import re
 import shutil
 import zipfile
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,7 @@ def checkpoint_problem(checkpoint: str | Path, extra_states: int = 1) -> str | N
             return f"{path.name} is damaged ({e})"
     from accelerate.utils import load
 
+    loaded = {}
     for path in sorted(checkpoint.iterdir()):  # every process's files: all processes must choose alike
         if path.suffix not in (".bin", ".pkl", ".pt"):
             continue
@@ -190,10 +192,47 @@ def checkpoint_problem(checkpoint: str | Path, extra_states: int = 1) -> str | N
         # Loaded as the resume loads it (accelerate's load: weights_only, numpy's RNG types allowed; accelerate's
         # load_state even ignores an unreadable RNG file without a word, and the resume is then not exact).
         try:
-            load(path, map_location="cpu", mmap=True)
+            loaded[path.name] = load(path, map_location="cpu", mmap=True)
         except Exception as e:  # an UnpicklingError for anything but tensors, numbers and numpy RNG states
             return f"{path.name} cannot be read ({type(e).__name__}: {str(e)[:200]})"
+    return state_problem(weights, loaded)
+
+
+def state_problem(weights: list[Path], loaded: dict[str, Any]) -> str | None:
+    """What makes a checkpoint that reads whole still not one to go on from: a non-finite value in the weights,
+    the optimizer's moments or the EMA teacher (a run resumed from it turns NaN at once, and so would every
+    relaunch), or an optimizer state that is not this model's (its moments' shapes are not the weights')."""
+    from safetensors.torch import load_file
+
+    shapes: Counter[tuple[int, ...]] = Counter()
+    for path in weights:
+        for name, tensor in load_file(str(path)).items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f"{path.name} holds non-finite values ({name})"
+            shapes[tuple(tensor.shape)] += 1
+    for name, content in loaded.items():
+        for where, tensor in _tensors(content):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f"{name} holds non-finite values ({where})"
+    optimizer = loaded.get("optimizer.bin")
+    if shapes and isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict):
+        moments = Counter(tuple(s["exp_avg"].shape) for s in optimizer["state"].values()
+                          if isinstance(s, dict) and torch.is_tensor(s.get("exp_avg")))  # fmt: skip
+        if moments - shapes:
+            return ("optimizer.bin is not this model's optimizer state (moments of shapes "
+                    f"{sorted(moments - shapes)[:3]} match no weight)")  # fmt: skip
     return None
+
+
+def _tensors(value: Any, where: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor inside nested dicts and lists, with where it is."""
+    if torch.is_tensor(value):
+        return [(where, value)]
+    if isinstance(value, dict):
+        return [t for key, inner in value.items() for t in _tensors(inner, f"{where}.{key}" if where else str(key))]
+    if isinstance(value, (list, tuple)):
+        return [t for i, inner in enumerate(value) for t in _tensors(inner, f"{where}[{i}]")]
+    return []
 
 
 def load_checkpoint(

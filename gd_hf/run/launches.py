@@ -65,6 +65,31 @@ def check_output_folder(output_dir: str | Path, needed_bytes: int) -> str | None
     return None
 
 
+def tidy_after_a_stopped_launch(output_dir: str | Path) -> list[str]:
+    """What a killed launch left in a run's folder, put right by the next one (which holds the folder's lock): an
+    export it was writing (`.final.tmp.*`: removed; ~the model's size each) and, if it was killed between moving
+    the previous export aside and putting the new one in place, that previous one (`.best.old` without `best/`:
+    put back; beside `best/`: removed). Returns what it did, one line each."""
+    output_dir, done = Path(output_dir), []
+    if not output_dir.is_dir():
+        return done
+    for path in sorted(output_dir.glob(".*")):
+        if not path.is_dir():
+            continue
+        if ".tmp." in path.name:
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path.name} (an export a stopped launch was writing)")
+        elif path.name.startswith(".") and path.name.endswith(".old"):
+            export = output_dir / path.name[1:-4]
+            if export.exists():
+                shutil.rmtree(path, ignore_errors=True)
+                done.append(f"removed {path.name} (the export {export.name}/ replaced)")
+            else:
+                os.replace(path, export)
+                done.append(f"put {export.name}/ back (a stopped launch had moved it aside to replace it)")
+    return done
+
+
 def run_storage_bytes(num_parameters: int, keep_checkpoints: int, with_teacher: bool) -> int:
     """A generous estimate of what a run writes: fp32 weights + 2 AdamW moments (+ the teacher) per checkpoint,
     one checkpoint being written beside the kept ones, plus the best/final exports."""
@@ -165,6 +190,8 @@ MAY_CHANGE = (
     "ssl.evaluate",
     "ssl.teacher_check*",
     "hub.*",
+    "train.report_to",
+    "data.dataset_name",
 )
 
 
@@ -303,7 +330,7 @@ def hold_output_locks(accelerator: Accelerator, folders: list[str] | tuple[str, 
 
 def check_relaunch(
     recipe: Recipe, launch_recipe: Recipe, saved: dict[str, Any], checkpoint: Path,
-    extension_points: dict[str, str] | None = None,
+    extension_points: dict[str, str] | None = None, data_fingerprint: dict[str, str] | None = None,
 ) -> dict[str, list[Any]]:  # fmt: skip
     """Compare this launch's recipe with the one that trained `checkpoint`: a change to what is trained (model,
     data, optimiser, schedule, batch, seed, method) stops the run unless `resume: force`; a change of how long,
@@ -331,6 +358,11 @@ def check_relaunch(
     for name in sorted(set(before) | set(now)):
         if before.get(name) != now.get(name):
             changes[f"python:{name}"] = [before.get(name, "the recipe's"), now.get(name, "the recipe's")]
+    # The files the data keys name, changed in place (a recipe key unchanged): as a changed key.
+    before, now = saved.get("data_fingerprint") or {}, data_fingerprint or {}
+    for key in sorted(set(before) & set(now)):
+        if before[key] != now[key] and key not in changes:
+            changes[f"{key} (the files)"] = [before[key], now[key]]
     # A supervised run (phase 1 of a one-launch run included) is not changed by the keys of phases 2-3.
     supervised = not launch_recipe.ssl.enabled and not previous.get("ssl", {}).get("enabled")
     trained = {

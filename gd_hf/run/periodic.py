@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,14 +17,28 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from gd_hf.config import TrainConfig, recipe_to_dict
 from gd_hf.curves import plot_curves
-from gd_hf.evaluation.mask_ap import EvalSettings, Evaluation, evaluate_mask_ap, write_results
+from gd_hf.evaluation.mask_ap import (
+    EvalSettings,
+    Evaluation,
+    NonFinitePredictionsError,
+    evaluate_mask_ap,
+    write_results,
+)
 from gd_hf.files import write_text_atomic
 from gd_hf.hub.public import run_name
 from gd_hf.run.checkpointing import save_checkpoint
 from gd_hf.run.distributed import replica_fingerprints
-from gd_hf.run.eval_pictures import png_bytes, prediction_picture, pseudo_label_picture, save_picture
+from gd_hf.run.eval_pictures import (
+    EXPORT_EXAMPLES,
+    jpeg_bytes,
+    png_bytes,
+    prediction_picture,
+    pseudo_label_picture,
+    save_picture,
+)
 from gd_hf.run.metrics_log import LogWindow, format_metrics, log_record, read_metrics_log, side_by_side
 from gd_hf.run.phase import Phase
+from gd_hf.run.step import TrainingError, last_good_checkpoint
 from gd_hf.run.trackers import log_pictures
 from gd_hf.weights import check_finite
 
@@ -66,9 +81,17 @@ def evaluate(phase: Phase, model: torch.nn.Module) -> Evaluation:
         range(min(recipe.eval.max_images, len(data.val))))  # fmt: skip
     settings = EvalSettings(recipe.data, phase.padding_divisor, recipe.eval.top_k, recipe.eval.batch_size,
                             min(recipe.data.num_workers, 2), accelerator.is_local_main_process, phase.family)  # fmt: skip
-    return evaluate_mask_ap(model, val, data.val_ground_truth, data.categories.ids, settings, accelerator.device,
-                            accelerator.process_index, accelerator.num_processes,
-                            gather_object if accelerator.num_processes > 1 else None)  # fmt: skip
+    try:
+        return evaluate_mask_ap(model, val, data.val_ground_truth, data.categories.ids, settings, accelerator.device,
+                                accelerator.process_index, accelerator.num_processes,
+                                gather_object if accelerator.num_processes > 1 else None)  # fmt: skip
+    except NonFinitePredictionsError as e:  # before the skipped-step streak stopped it: the same outcome, exit 4
+        raise TrainingError(
+            f"step {phase.state.step}: the evaluation cannot score the model: {e}. Training has diverged "
+            f"({phase.state.nonfinite_in_a_row} update(s) in a row skipped before it). "
+            f"{last_good_checkpoint(phase.output_dir / 'checkpoints')} Go on from it with a lower train.lr or "
+            "train.backbone_lr_multiplier, or a train.grad_clip (resume=force: the change is recorded)."
+        ) from e
 
 
 def evaluate_phase(phase: Phase) -> None:
@@ -92,10 +115,22 @@ def evaluate_phase(phase: Phase) -> None:
 
 
 def draw_evaluation_pictures(phase: Phase) -> None:
-    """Rank 0, after an evaluation: its pictures (`draw_pictures`)."""
+    """Rank 0, after an evaluation: its pictures (`draw_pictures`), and the export's example images chosen from
+    what it found (`choose_examples`)."""
     evaluation, phase.last_evaluation = phase.last_evaluation, None  # (the results are not kept longer)
     if phase.accelerator.is_main_process and evaluation is not None:
         draw_pictures(phase, evaluation)
+        choose_examples(phase, evaluation)
+
+
+def choose_examples(phase: Phase, evaluation: Evaluation) -> None:
+    """The export's example images (the card's snippet and a Space show them): of the first val images, the
+    `EXPORT_EXAMPLES` on which the model finds the most instances scoring above 0.5 (ties: the first), not
+    whichever come first."""
+    confident = Counter(r["image_id"] for r in evaluation.results if r["score"] > 0.5)
+    ranked = sorted(phase.picture_examples, key=lambda example: -confident[example[0]])  # (stable: ties in order)
+    phase.publisher.examples = {f"val_{image_id}.jpg": jpeg_bytes(image)
+                                for image_id, image in ranked[:EXPORT_EXAMPLES]}  # fmt: skip
 
 
 def draw_curves_after_evaluation(phase: Phase) -> None:
@@ -132,6 +167,8 @@ def save_phase_checkpoint(phase: Phase) -> None:
                      "recipe": recipe_to_dict(phase.recorded_recipe)}  # fmt: skip
     if phase.extension_points:  # custom ones only: a run of the recipe's own records nothing here
         trainer_state["extension_points"] = phase.extension_points
+    if phase.data.fingerprint:  # the files it read: a relaunch on data changed in place is a change
+        trainer_state["data_fingerprint"] = phase.data.fingerprint
     save_checkpoint(accelerator, phase.output_dir / "checkpoints", state.step, trainer_state,
                     phase.recipe.train.keep_checkpoints, phase.batches.data_state(), phase.checkpointed_states())  # fmt: skip
 

@@ -30,7 +30,14 @@ from gd_hf.run.checkpointing import (
     read_trainer_state,
 )
 from gd_hf.run.eval_pictures import EXPORT_EXAMPLES, jpeg_bytes, val_examples
-from gd_hf.run.launches import check_relaunch, hold_output_locks, launches_note, read_launches, record_launch
+from gd_hf.run.launches import (
+    check_relaunch,
+    hold_output_locks,
+    launches_note,
+    read_launches,
+    record_launch,
+    tidy_after_a_stopped_launch,
+)
 from gd_hf.run.metrics_log import LogWindow, drop_log_lines_after, log_record, log_split_sizes
 from gd_hf.run.phase import Phase, build_phase
 from gd_hf.run.publisher import Publisher
@@ -81,7 +88,7 @@ def set_up_phase(
     extension_points = options.extension_points(recipe)
     changes = {}
     if resume_from is not None:
-        changes = check_relaunch(recipe, launch_recipe, saved, resume_from, extension_points)
+        changes = check_relaunch(recipe, launch_recipe, saved, resume_from, extension_points, data.fingerprint)
     phase = build_phase(accelerator, recipe, data, launch_recipe, options.model_family, options.pseudo_label_rule)
     phase.extension_points, phase.supervised_label = extension_points, options.supervised_label
     phase.state = RunState.from_dict(saved) if saved is not None else RunState()
@@ -104,6 +111,9 @@ def set_up_phase(
     if resume_from is not None:  # model, optimizer, schedule, teacher and RNG as after the checkpoint's step
         load_checkpoint(accelerator, resume_from, phase.checkpointed_states())
     hold_output_locks(accelerator, folders)
+    if accelerator.is_main_process:
+        for line in tidy_after_a_stopped_launch(phase.output_dir):
+            logger.warning("%s: %s", phase.output_dir, line)
     write_run_files(phase, resume_from is not None, changes, options)
     # A resume re-measures for `auto` only to compare: logged again only when it changed the threshold.
     set_up_publisher(phase, teacher_figures, log_teacher_check=resume_from is None or threshold_changed)
@@ -182,7 +192,8 @@ def set_up_publisher(phase: Phase, teacher_figures: dict[str, float] | None, log
                                         len(data.split.unlabeled), len(data.val), data.categories.names,
                                         phase.recorded_recipe, phase.family)  # fmt: skip
     if main_process:  # the val images of the pictures, and the export's examples
-        phase.picture_examples = val_examples(data.val, max(recipe.eval.pictures, EXPORT_EXAMPLES))
+        # (candidates for the export's examples too: `choose_examples` keeps those the model finds most in)
+        phase.picture_examples = val_examples(data.val, max(recipe.eval.pictures, 4 * EXPORT_EXAMPLES))
         phase.publisher.examples = {f"val_{image_id}.jpg": jpeg_bytes(image)
                                     for image_id, image in phase.picture_examples[:EXPORT_EXAMPLES]}  # fmt: skip
     note = launches_note(read_launches(recipe.output_dir)) if main_process else None
