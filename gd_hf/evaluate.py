@@ -26,6 +26,7 @@ from gd_hf.data.categories import Categories
 from gd_hf.data.coco import CocoSource, DataError, load_coco, to_hf_dataset
 from gd_hf.data.ground_truth import coco_ground_truth
 from gd_hf.evaluation.mask_ap import EvalSettings, NonFinitePredictionsError, evaluate_mask_ap, write_results
+from gd_hf.files import output_problem
 from gd_hf.hub.run_folder import RunFolderError, chosen_export, run_val_set
 from gd_hf.models import ModelFamily, family_of, input_size_problem, load_export
 from gd_hf.predict import export_max_images, export_top_k
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--longest-edge", type=int, help="test-time cap on the longer side")
     parser.add_argument("--num-workers", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.out is not None and (problem := output_problem(args.out, folder=False)):
+        parser.error(f"--out: {problem}")
     sizes = [size for size in (args.shortest_edge, args.longest_edge) if size is not None]
     if any(not 1 <= size <= 8192 for size in sizes) or (len(sizes) == 2 and sizes[1] < sizes[0]):
         parser.error("--shortest-edge and --longest-edge must be in [1, 8192], the longest not below the shortest")

@@ -63,3 +63,19 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """`write_bytes_atomic` of `text` in UTF-8."""
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def output_problem(path: str | Path, folder: bool) -> str | None:
+    """Why a command cannot write its output `path` (a folder with `folder`, else a file), or None: it exists as the
+    other kind, or something above it is a file. Checked before the work, so that the work is not lost."""
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            return f"{path} is a file, not a folder"
+        if not folder and path.is_dir():
+            return f"{path} is a folder: give a file name"
+        return None
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{parent} is a file: {path} cannot be made under it"
+    return None

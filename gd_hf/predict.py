@@ -32,6 +32,7 @@ from gd_hf.data.convert import IMAGE_SUFFIXES
 from gd_hf.data.images import to_rgb
 from gd_hf.data.transforms import BLACK, eval_size, normalize, pad_to, padded_size, resize
 from gd_hf.evaluation.mask_ap import Instances, post_process_instances, to_coco_results
+from gd_hf.files import output_problem
 from gd_hf.hub.run_folder import RunFolderError, chosen_export, run_of, run_val_set
 from gd_hf.models import family_of, input_size_problem, load_export
 from gd_hf.pictures import draw_overlay, instance_colors  # noqa: F401 (re-exported)
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             if run is None:
                 raise RunFolderError("give --out (MODEL is not a run's output folder, whose predict/ it would be)")
             args.out = str(run / "predict")
+        if problem := output_problem(args.out, folder=True):
+            raise RunFolderError(f"--out: {problem}")
         args.model = chosen_export(args.model, args.folder)
     except RunFolderError as e:
         print(f"error: {e}", file=sys.stderr)

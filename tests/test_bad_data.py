@@ -230,6 +230,8 @@ SKIPPED_CASES = [
     ("RLE counts a number", lambda c: _rle(c, 12), "not a string or a list"),
     ("RLE size a word", lambda c: first_ann(c).update(segmentation={"size": "big", "counts": "00"}), "RLE size"),
     ("polygon of words", lambda c: first_ann(c).update(segmentation=[["a"] * 6]), "finite numbers"),
+    ("polygon with NaN", lambda c: first_ann(c).update(segmentation=[[0, 0, float("nan"), 5, 9, 9]]), "finite numbers"),
+    ("polygon with inf", lambda c: first_ann(c).update(segmentation=[[0, 0, float("inf"), 5, 9, 9]]), "finite numbers"),
     ("polygon at 1e7", lambda c: first_ann(c).update(segmentation=[[0, 0, 1e7, 0, 1e7, 1e7]]), "far outside"),
     ("polygon at 1e12", lambda c: first_ann(c).update(segmentation=[[0, 0, 1e12, 5, 3, 1e12]]), "far outside"),
     ("segmentation a string", lambda c: first_ann(c).update(segmentation="mask"), "neither a polygon"),
@@ -577,3 +579,29 @@ def test_a_fifo_among_the_images_is_a_bad_file_not_a_hang(synthetic_root, tmp_pa
     from gd_hf.predict import find_images
 
     assert fifo not in find_images([str(root / "val")]) and len(find_images([str(root / "val")])) == 7
+
+
+def test_an_output_path_of_the_wrong_kind_is_named_before_any_work(tmp_path, capsys, synthetic_root):
+    """`--out` a folder where a file is written, a file where a folder is, or under a file: exit 2 naming it,
+    before the model is loaded (the work would be lost at the end)."""
+    from gd_hf.data.splits import main as splits_main
+    from gd_hf.evaluate import main as evaluate_main
+    from gd_hf.hub.space import main as space_main
+    from gd_hf.predict import main as predict_main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    annotations = str(synthetic_root / "annotations" / "instances_train.json")
+    for command, argv, message in [
+        (evaluate_main, ["m", annotations, "i", "--out", str(tmp_path)], "is a folder: give a file name"),
+        (evaluate_main, ["m", annotations, "i", "--out", str(a_file / "r.json")], "a_file is a file"),
+        (predict_main, ["m", "x.png", "--out", str(a_file)], "a_file is a file, not a folder"),
+        (splits_main, [annotations, "--out", str(a_file / "splits")], "a_file is a file"),
+        (space_main, ["m", str(a_file / "space")], "a_file is a file"),
+    ]:
+        try:
+            code = command(argv)
+        except SystemExit as e:
+            code = e.code
+        assert code == 2 and message in capsys.readouterr().err, (argv, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

@@ -166,3 +166,12 @@ def test_a_teacher_with_non_finite_weights_is_refused_at_start(synthetic_root, t
                     "ssl.unlabeled_batch_size=2") == 2  # fmt: skip
     assert "holds non-finite weights" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_section_that_is_not_a_mapping_is_named_even_beside_an_override(tmp_path, capsys):
+    """`model: [1]` with `model.hidden_dim=32` on the command line: the list was replaced by the override without
+    a word; it is named instead."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: [1]\n")
+    assert main([str(recipe), "model.hidden_dim=32"]) == 2
+    assert "model: expected a mapping of keys, got a list (override `model.hidden_dim=32`)" in capsys.readouterr().err

@@ -37,41 +37,41 @@ def test_unknown_key_suggests_the_nearest_valid_key(tmp_path):
     with pytest.raises(RecipeError, match="`train.max_step`.*did you mean `train.max_steps`"):
         load_recipe(write(tmp_path, "train:\n  max_step: 10\n"))
     with pytest.raises(RecipeError, match="did you mean `train.batch_size`"):
-        load_recipe(write(tmp_path, ""), ["train.batchsize=4"])
+        load_recipe(write(tmp_path, "{}"), ["train.batchsize=4"])
 
 
 def test_wrong_type_names_the_key(tmp_path):
     with pytest.raises(RecipeError, match="train.max_steps: expected an integer"):
         load_recipe(write(tmp_path, "train:\n  max_steps: ten\n"))
     with pytest.raises(RecipeError, match="data.generate_synthetic: expected true/false"):
-        load_recipe(write(tmp_path, ""), ["data.generate_synthetic=5"])
+        load_recipe(write(tmp_path, "{}"), ["data.generate_synthetic=5"])
 
 
 def test_wrong_value_names_the_key(tmp_path):
     with pytest.raises(RecipeError, match="model.backbone: 'vit' is not one of"):
         load_recipe(write(tmp_path, "model:\n  backbone: vit\n"))
     with pytest.raises(RecipeError, match="data.labeled_percent"):
-        load_recipe(write(tmp_path, ""), ["data.labeled_percent=0"])
+        load_recipe(write(tmp_path, "{}"), ["data.labeled_percent=0"])
     with pytest.raises(RecipeError, match="train.batch_size must be divisible"):
-        load_recipe(write(tmp_path, ""), ["train.batch_size=3", "train.gradient_accumulation_steps=2"])
+        load_recipe(write(tmp_path, "{}"), ["train.batch_size=3", "train.gradient_accumulation_steps=2"])
 
 
 def test_repeat_factor_sampling_of_a_stream_is_refused_with_the_fix(tmp_path):
     streamed_ssl = ["data.streaming=true", "ssl.enabled=true", "ssl.burn_in_pseudo_labels=false"]
     with pytest.raises(RecipeError, match="ssl.labeled_repeat_threshold needs an indexed.*=null"):
-        load_recipe(write(tmp_path, ""), streamed_ssl)
-    assert load_recipe(write(tmp_path, ""), [*streamed_ssl, "ssl.labeled_repeat_threshold=null"]).data.streaming
+        load_recipe(write(tmp_path, "{}"), streamed_ssl)
+    assert load_recipe(write(tmp_path, "{}"), [*streamed_ssl, "ssl.labeled_repeat_threshold=null"]).data.streaming
     # Phase 1 never resamples, so a supervised streamed run does not care.
-    assert load_recipe(write(tmp_path, ""), ["data.streaming=true"]).ssl.labeled_repeat_threshold == 10.0
+    assert load_recipe(write(tmp_path, "{}"), ["data.streaming=true"]).ssl.labeled_repeat_threshold == 10.0
     with pytest.raises(RecipeError, match="ssl.labeled_repeat_threshold must be null"):
-        load_recipe(write(tmp_path, ""), ["ssl.labeled_repeat_threshold=0"])
+        load_recipe(write(tmp_path, "{}"), ["ssl.labeled_repeat_threshold=0"])
 
 
 def test_missing_recipe_file_and_bad_override_form(tmp_path):
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")
     with pytest.raises(RecipeError, match="key=value"):
-        load_recipe(write(tmp_path, ""), ["train.max_steps"])
+        load_recipe(write(tmp_path, "{}"), ["train.max_steps"])
 
 
 def test_every_key_is_documented():

@@ -89,7 +89,7 @@ def test_model_card_metadata_and_contents(trained_run, tmp_path):
         return {**recipe, "model": {k: v for k, v in recipe["model"].items() if not k.startswith("eomt_")}}
 
     assert read_by_mask2former(loaded) == read_by_mask2former(published)
-    assert 'pip install "gd_hf==0.1.0"' in body  # (how to get the gd_hf that trains it again)
+    assert "pip install -e .  # in a clone of gd_hf's source (version 0.1.0; it is not on PyPI)" in body
     assert published["output_dir"] == "./run" and published["data"]["val_images"] == "{data_root}/val"
     run_recipe = yaml.safe_load((trained_run / "recipe.yaml").read_text())  # the run's own record keeps its paths
     assert {k: v for k, v in published["train"].items()} == run_recipe["train"]

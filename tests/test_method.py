@@ -457,6 +457,12 @@ def test_the_readme_example_rule_runs_as_written(monkeypatch):
             lambda p: PseudoLabels(p.mask_labels, [c * 0 + 4 for c in p.class_labels], p.scores),
             "integers in \\[0, 4\\)",
         ),
+        (  # soft masks: the loss trains on them (it went to -63)
+            lambda p: PseudoLabels([m * 0.5 for m in p.mask_labels], p.class_labels, p.scores),
+            "masks with values other than 0 and 1",
+        ),
+        (lambda p: PseudoLabels([m * float("nan") for m in p.mask_labels], p.class_labels, p.scores), "other than 0"),
+        (lambda p: PseudoLabels(p.mask_labels, p.class_labels, [s * float("nan") for s in p.scores]), "non-finite"),
     ],
 )
 def test_a_rule_whose_answer_does_not_fit_is_named_at_its_first_step(tiny, answer, message):
@@ -502,3 +508,18 @@ def test_the_phases_a_run_goes_through_start_where_the_step_says():
     assert method.phase_starts(3) == [(0, "burn_in")]  # the run ends before EMA
     assert GuidedDistillation(SslConfig(enabled=True, burn_in_steps=0), family, teacher).phase_starts(5) == [(0, "ema")]
     assert GuidedDistillation.supervised(family).phase_starts(5) == [(0, "supervised")]
+
+
+def test_a_rule_whose_answer_does_not_fit_is_named_by_the_teacher_check_too(synthetic_root, tmp_path, teacher_dir):
+    """With the teacher check on (the default), the rule first answers there: the same named error, not an
+    AttributeError from the check's counting."""
+    from gd_hf.train import train
+
+    class Broken:
+        def __call__(self, class_logits, mask_logits):
+            return [class_logits]
+
+    overrides = [*tiny_overrides(synthetic_root, tmp_path / "run"), "ssl.enabled=true", f"ssl.teacher={teacher_dir}",
+                 "ssl.teacher_check=warn", "ssl.burn_in_steps=1", "ssl.unlabeled_batch_size=2"]  # fmt: skip
+    with pytest.raises(TypeError, match=r"the pseudo-label rule tests\.test_method\..*Broken\(\) returned a list"):
+        train(demo_recipe(overrides), pseudo_label_rule=Broken())

@@ -342,3 +342,23 @@ def test_a_space_of_a_pushed_export_loads_it_from_the_hub_and_links_it(mask2form
     (export / "run_info.json").write_text(json.dumps({"pushed_to": {"repo_id": "me/shapes-seg", "revision": "v2"}}))
     space = write_space(str(export), tmp_path / "space2")
     assert json.loads((space / "space_config.json").read_text())["model"] == "model" and (space / "model").is_dir()
+
+
+@pytest.mark.parametrize("damage", ["config.json cut", "id2label of words", "eval_results.json cut", "README.md cut"])
+def test_a_damaged_export_is_a_one_line_error_and_out_is_untouched(mask2former_export, tmp_path, capsys, damage):
+    export = tmp_path / "export"
+    shutil.copytree(mask2former_export, export)
+    if damage == "config.json cut":
+        (export / "config.json").write_text((export / "config.json").read_text()[:40])
+    elif damage == "id2label of words":
+        config = json.loads((export / "config.json").read_text())
+        config["id2label"] = {"circle": "circle", "square": "square"}
+        (export / "config.json").write_text(json.dumps(config))
+    elif damage == "eval_results.json cut":
+        (export / "eval_results.json").write_text('{"AP": ')
+    else:
+        (export / "README.md").write_text("---\nlicense: [\n---\n")
+    assert main([str(export), str(tmp_path / "space")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and "export it again" in err
+    assert not (tmp_path / "space").exists()

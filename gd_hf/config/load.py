@@ -58,9 +58,14 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         raise RecipeError(f"override `{override}`: its value is not valid YAML ({why}); quote strings") from e
     node = data
     parts = key.split(".")
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
+    for depth, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
             node[part] = {}
+        elif not isinstance(node[part], dict):  # the recipe's section is a list or a value: not silently replaced
+            section = ".".join(parts[: depth + 1])
+            raise RecipeError(
+                f"{section}: expected a mapping of keys, got a {type(node[part]).__name__} (override `{override}`)"
+            )
         node = node[part]
     node[parts[-1]] = value
 
@@ -75,7 +80,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path} is not valid YAML: {e}") from e
     if data is None:  # empty, or comments only: training the defaults would not be what anyone meant
-        raise RecipeError(f"{path} holds no recipe keys (it is empty or all comments): see recipes/*.yaml")
+        raise RecipeError(
+            f"{path} holds no recipe keys (it is empty or all comments): see recipes/*.yaml (`{{}}` is a recipe of "
+            "gd_hf's defaults, if that is what is meant)"
+        )
     if not isinstance(data, dict):
         raise RecipeError(
             f"{path} holds a YAML {type(data).__name__}, not a mapping of recipe keys (output_dir:, model:, data:, ...)"

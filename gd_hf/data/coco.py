@@ -70,7 +70,12 @@ def _parse_json(path: Path) -> Any:
         import orjson  # ~2x faster than json on COCO-sized files; optional
     except ImportError:
         return json.loads(raw)
-    return orjson.loads(raw)
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        # NaN / Infinity (Python's json writes them; strict JSON has none): json reads them, and the record
+        # checks make such a coordinate an unusable segmentation (skipped and counted), not a file that stops.
+        return json.loads(raw)
 
 
 class _ImageFiles:

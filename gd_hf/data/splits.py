@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from gd_hf.data.coco import CocoSource, DataError
+from gd_hf.files import output_problem
 
 
 @dataclass
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", choices=["coco", "cityscapes"], default="coco")
     args = parser.parse_args(argv)
+    if problem := output_problem(args.out, folder=True):
+        parser.error(f"--out: {problem}")
     percents = args.percents or ([5, 10, 20, 30] if args.preset == "cityscapes" else [0.4, 1, 2, 5, 10])
     try:
         for path in write_paper_splits(args.annotations, args.out, percents, args.seed, args.preset):

@@ -165,7 +165,7 @@ def _data_line(summary: RunSummary, eval_name: str) -> str:
 def _train_again(summary: RunSummary, model_id: str) -> str:
     """How a reader trains the model again from the published recipe."""
     recipe = summary.published_recipe or {}
-    lines = [install_line() + "  # the gd_hf that trained it (its version: below)"]
+    lines = [install_line()]
     repo, revision = hub_revision(model_id)
     if is_hub_id(repo):
         lines.append(f"hf download {repo} recipe.yaml{f' --revision {revision}' if revision else ''} --local-dir .")
@@ -208,18 +208,19 @@ def keys_set(
 
 
 def install_line() -> str:
-    """How a reader installs the gd_hf that trained the model: from its source repository when the package names
-    one (`Project-URL`), else by name and version."""
+    """How a reader installs the gd_hf that trained the model (it is not on PyPI): from its source repository
+    when the package names one (`Project-URL`), else from a clone of its source, at this version."""
     from importlib import metadata
 
     try:
         meta = metadata.metadata("gd_hf")
     except metadata.PackageNotFoundError:
-        return "pip install gd_hf"
+        return "pip install -e .  # in a clone of gd_hf's source"
     urls = dict(u.split(", ", 1) for u in meta.get_all("Project-URL") or [] if ", " in u)
     source = next((urls[k] for k in ("Source", "Repository", "Homepage") if k in urls), None)
-    version = meta["Version"]
-    return f'pip install "gd_hf @ git+{source}"' if source else f'pip install "gd_hf=={version}"'
+    if source:
+        return f'pip install "gd_hf @ git+{source}"'
+    return f"pip install -e .  # in a clone of gd_hf's source (version {meta['Version']}; it is not on PyPI)"
 
 
 def _versions(summary: RunSummary) -> str:

@@ -2,7 +2,7 @@
 
     python -m gd_hf.space MODEL OUT [--push SPACE_ID] [--private] [--model-id HUB_ID] [--title T] [--overwrite]
 
-MODEL: an export folder (has config.json), a run's output folder (its final/ export, as gd_hf.hub.push, predict and
+MODEL: an export folder (has config.json), a run's output folder (its final/ export, as gd_hf.push, predict and
 evaluate take; --folder best for the best one)
 or a hub model id (only its small files are read: config, card, examples). OUT receives:
 
@@ -32,17 +32,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gd_hf.config import ModelConfig
+from gd_hf.files import output_problem
 from gd_hf.hub.public import is_hub_id, pushed_to
 from gd_hf.hub.push import PushError, push_export
 from gd_hf.hub.run_folder import RunFolderError, export_folder
 from gd_hf.models import display_name
 
 PACKAGE = Path(__file__).resolve().parents[1]  # the gd_hf package a Space gets a copy of
-MADE_BY = "gd_hf.hub.space"
+MADE_BY = "gd_hf.space"  # (the marker in space_config.json: the command that writes it, since the first release)
 WRITTEN = ["app.py", "space_config.json", "README.md", "requirements.txt", "gd_hf", "examples", "model"]
 EXAMPLE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 HUB_FILES = ["config.json", "preprocessor_config.json", "eval_results.json", "README.md", "examples/*"]
-# sdk_version when gradio is not installed here (gd_hf.hub.space only writes files): the version the tests ran.
+# sdk_version when gradio is not installed here (gd_hf.space only writes files): the version the tests ran.
 TESTED_GRADIO_VERSION = "6.31.0"
 
 
@@ -201,19 +202,26 @@ def write_space(
 ) -> Path:  # fmt: skip
     """Write a Gradio Space for `model` (an export or run folder, or a hub id) into `out`; returns `out`."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SpaceError(f"OUT {out} is a file")
+    if problem := output_problem(out, folder=True):
+        raise SpaceError(f"OUT: {problem}")
     if out.is_dir() and any(out.iterdir()) and not is_our_space(out) and not overwrite:
-        raise SpaceError(f"OUT {out} is not empty and not a Space written by gd_hf.hub.space: give --overwrite")
+        raise SpaceError(f"OUT {out} is not empty and not a Space written by gd_hf.space: give --overwrite")
     source = resolve_model(model, model_id, folder)
     inside = {out.resolve(), *out.resolve().parents} & {source.folder.resolve(), *source.folder.resolve().parents}
     if out.resolve() in inside or source.folder.resolve() in inside:  # one holds the other: copies would recurse
         raise SpaceError(f"OUT {out} and the export {source.folder} must be separate folders, neither inside the other")
-    config = read_json(source.folder / "config.json")
-    metadata = card_metadata(source.folder)
-    metrics = read_json(source.folder / "eval_results.json")
-    # (a config.json without model_type: the default family's, as transformers' Auto classes could not load it)
-    family = display_name(config.get("model_type") or ModelConfig.family, config.get("model_type") or "")
+    try:  # what the Space says of the model, from the export's small files
+        config = read_json(source.folder / "config.json")
+        metadata = card_metadata(source.folder)
+        metrics = read_json(source.folder / "eval_results.json")
+        # (a config.json without model_type: the default family's, as transformers' Auto classes could not load it)
+        family = display_name(config.get("model_type") or ModelConfig.family, config.get("model_type") or "")
+        description = describe_model(config, metadata, metrics)
+    except Exception as e:  # noqa: BLE001 - a corrupt config.json, card or eval_results.json: one line, OUT untouched
+        raise SpaceError(
+            f"the export {source.folder} cannot be described ({type(e).__name__}: {e}): its config.json (with an "
+            "id2label of class ids), README.md or eval_results.json is damaged; export it again"
+        ) from e
     title = title or default_title(source)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +243,7 @@ def write_space(
         "made_by": MADE_BY,
         "model": source.hub_id or "model",
         "title": title,
-        "description": describe_model(config, metadata, metrics),
+        "description": description,
         "examples": [p.name for p in examples],
     }
     (out / "space_config.json").write_text(json.dumps(space, indent=2) + "\n")
@@ -250,7 +258,7 @@ def push_space(out: str | Path, space_id: str, private: bool = False, again: str
     `PushError` (OUT untouched) saying how to push again (`again`, default: a one-line Python call)."""
     out = Path(out)
     if not is_our_space(out):
-        raise PushError(f"{out} is not a Space written by gd_hf.hub.space")
+        raise PushError(f"{out} is not a Space written by gd_hf.space")
     again = again or (
         f"python -c \"from gd_hf.hub.space import push_space; push_space('{out}', '{space_id}', private={private})\""
     )
@@ -258,7 +266,7 @@ def push_space(out: str | Path, space_id: str, private: bool = False, again: str
         out,
         space_id,
         private=private,
-        commit_message="Upload Space written by gd_hf.hub.space",
+        commit_message="Upload Space written by gd_hf.space",
         repo_type="space",
         space_sdk="gradio",
         again=again,
@@ -290,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.push:
         return 0
     # The same command pushes again: it rewrites OUT (a Space of ours) identically and pushes.
-    again = shlex.join(["python", "-m", "gd_hf.hub.space", *(argv if argv is not None else sys.argv[1:])])
+    again = shlex.join(["python", "-m", "gd_hf.space", *(argv if argv is not None else sys.argv[1:])])
     try:
         url = push_space(out, args.push, args.private, again)
     except PushError as e:

@@ -256,6 +256,12 @@ def pseudo_labels_problem(pseudo: object, predictions: Predictions) -> str | Non
     classes = torch.cat([c.flatten() for c in pseudo.class_labels])
     if classes.is_floating_point() or (len(classes) and not 0 <= int(classes.min()) <= int(classes.max()) < no_object):
         return f"gave classes {classes.tolist()[:10]}: integers in [0, {no_object}) expected"
+    for i, (masks, scores) in enumerate(zip(pseudo.mask_labels, pseudo.scores)):
+        # Soft or NaN masks are not targets: the matched loss trains on them anyway (a loss far below 0).
+        if masks.numel() and not bool(((masks == 0) | (masks == 1)).all()):
+            return f"gave image {i} masks with values other than 0 and 1 (hard masks expected, e.g. `soft > 0.5`)"
+        if scores.numel() and not bool(torch.isfinite(scores).all()):
+            return f"gave image {i} non-finite scores"
     return None
 
 

@@ -19,7 +19,13 @@ import torch
 
 from gd_hf.config import DataConfig, RecipeError
 from gd_hf.data.loading import UnlabeledTrainDataset, collate_unlabeled
-from gd_hf.method.distillation import ModelFamily, PseudoLabelRule, PseudoLabelRules
+from gd_hf.method.distillation import (
+    ModelFamily,
+    PseudoLabelRule,
+    PseudoLabelRules,
+    describe_extension,
+    pseudo_labels_problem,
+)
 from gd_hf.method.pseudo_labels import pseudo_label_counts
 from gd_hf.models import family_of
 
@@ -107,6 +113,10 @@ def measure_teacher(
         predictions = family.predict(teacher, batch["weak_pixel_values"].to(device))
         for threshold, report in reports.items():
             pseudo = rules[threshold](predictions.class_logits, predictions.mask_logits)
+            # A custom rule's wrong answer is named here, at the start, as the loop would name it.
+            problem = None if type(rules[threshold]) is PseudoLabelRules else pseudo_labels_problem(pseudo, predictions)
+            if problem:
+                raise TypeError(f"the pseudo-label rule {describe_extension(rules[threshold])} {problem}")
             counts = pseudo_label_counts(pseudo, batch["hidden_masks"], batch["hidden_classes"])
             report.images += len(batch["image_ids"])
             report.true_objects += counts["objects"]
