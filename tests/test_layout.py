@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "gd_hf"
+from .conftest import ROOT
+
+PACKAGE = ROOT / "gd_hf"
 
 # Bottom to top. Leaves first; the commands (`python -m gd_hf.x`) last.
 LAYERS: list[tuple[str, ...]] = [

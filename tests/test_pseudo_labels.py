@@ -1,11 +1,9 @@
-from pathlib import Path
-
 import pytest
 import torch
 
 from gd_hf.method.pseudo_labels import PseudoLabels, filter_pseudo_labels, pseudo_label_quality
 
-from .conftest import DEMO_RECIPE
+from .conftest import DEMO_RECIPE, ROOT
 
 NO_OBJECT = 3  # 3 classes + "no object"
 
@@ -135,7 +133,7 @@ def test_optional_overlap_rule_drops_lower_scoring_duplicates():
 def test_overlap_rule_is_a_recipe_setting():
     from gd_hf.config import RecipeError, SslConfig, load_recipe
 
-    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    recipes = ROOT / "recipes"
     assert SslConfig().pseudo_label_max_overlap is None  # the paper: off, unless a recipe turns it on
     assert load_recipe(recipes / "coco_1pct.yaml").ssl.pseudo_label_max_overlap is None  # paper recipes: as the paper
     recipe = DEMO_RECIPE

@@ -179,3 +179,27 @@ def test_an_edit_that_keeps_size_and_modification_time_is_parsed_again(synthetic
     _, edited_categories = coco_records(annotations, synthetic_root / "val", cache)
     assert len(parses) == 2
     assert edited_categories.names[0] == renamed[::-1] and categories.names[0] == renamed
+
+
+def test_a_relaunch_does_not_read_val_images_it_checked_and_that_did_not_change(synthetic_root, tmp_path, monkeypatch):
+    """The start-up check reads every val image; the records cache remembers a passed check of these files (path,
+    size, time), so a relaunch skips it (at COCO's size ~20 s), and a changed image is read again."""
+    import shutil
+
+    import gd_hf.data.prepare as prepare
+
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    shutil.copytree(synthetic_root, root)
+    checked = []
+    real = prepare.check_images
+    monkeypatch.setattr(
+        prepare, "check_images", lambda records, *a, **k: checked.append(len(records)) or real(records, *a, **k)
+    )
+    overrides = [f"data.records_cache={cache}", "train.max_steps=2"]
+    train(demo_recipe(tiny_overrides(root, tmp_path / "run") + overrides))
+    train(demo_recipe(tiny_overrides(root, tmp_path / "again") + overrides))
+    assert checked == [8]  # read once
+    (root / "val" / "1000002.png").write_bytes(b"not a png any more")
+    with pytest.raises(DataError, match=r"1000002\.png"):
+        train(demo_recipe(tiny_overrides(root, tmp_path / "third") + overrides))
+    assert checked == [8, 8]

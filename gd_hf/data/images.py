@@ -130,6 +130,25 @@ def check_images(records: datasets.Dataset, what: str, rank: int = 0, world_size
         return [p for p in found if p is not None]
 
 
+def image_files_key(records: datasets.Dataset) -> str | None:
+    """A digest of the image files `records` name (path, size, modification time), or None when an image is not a
+    file (bytes in a data set): the key under which their check is remembered (`prepare_data`)."""
+    import hashlib
+
+    cells = records.cast_column("image", datasets.Image(decode=False))["image"]
+    digest = hashlib.sha256()
+    for cell in cells:
+        path = cell.get("path") if isinstance(cell, dict) else None
+        if not path or cell.get("bytes") is not None:
+            return None
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None  # (the check names it)
+        digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode as 8-bit RGB, as training and evaluation see it (16/32-bit and float scaled, not clipped)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):

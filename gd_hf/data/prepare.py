@@ -5,9 +5,11 @@ Every check happens here, before anything is written to the run's output folder.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,16 +18,18 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from pycocotools.coco import COCO
 
-from gd_hf.config import Recipe
+from gd_hf.config import DataConfig, Recipe
 from gd_hf.data.categories import Categories
 from gd_hf.data.coco import DataError
+from gd_hf.data.coco_source import records_cache_folder, records_cache_root
 from gd_hf.data.fingerprint import data_fingerprint
-from gd_hf.data.images import check_images
+from gd_hf.data.images import check_images, image_files_key
 from gd_hf.data.masks import compressed_rle_problem
 from gd_hf.data.records import Records, image_folder_records, image_ids_and_object_counts, select_ids
 from gd_hf.data.sources import open_source
 from gd_hf.data.splits import Split, split_image_ids
 from gd_hf.data.synthetic import generate as generate_synthetic
+from gd_hf.files import write_text_atomic
 
 logger = logging.getLogger("gd_hf.train")
 
@@ -41,11 +45,20 @@ class RunData:
     categories: Categories
     split: Split
     fingerprint: dict[str, str] = field(default_factory=dict)  # of the files read (`data_fingerprint`)
+    pending_val_check: Callable[[], None] | None = None  # `prepare_data(check_later=True)`'s
+
+    def finish_val_check(self) -> None:
+        """Wait for the check of the val images that `prepare_data(check_later=True)` began (its `DataError` if an
+        image is bad); then nothing."""
+        finish, self.pending_val_check = self.pending_val_check, None
+        if finish is not None:
+            finish()
 
 
-def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
+def prepare_data(recipe: Recipe, accelerator: Accelerator, check_later: bool = False) -> RunData:
     """Generate the synthetic set if asked and absent, open the source, split labeled/unlabeled (see
-    gd_hf.data.sources)."""
+    gd_hf.data.sources). `check_later`: the val images are read in the background (while the model is built) and
+    `RunData.finish_val_check` waits for the verdict; else before this returns."""
     d = recipe.data
     if d.generate_synthetic and Path(d.train_annotations).is_file():
         images = json.loads(Path(d.train_annotations).read_text())["images"]
@@ -81,14 +94,10 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
             f"the val split has {len(opened.val)} images and no object to detect: mask AP would be undefined "
             "(reported as 0 or -1). Point the recipe's val keys (data.val_*, data.hub_val_split) at a labeled set"
         )
-    # Every val image is read now (each process a share): a broken one would otherwise stop the run at its first
-    # evaluation, hours in. (Training images are checked as they are read: data.on_error.)
-    problems = check_images(opened.val, "val", accelerator.process_index, accelerator.num_processes)
-    if accelerator.num_processes > 1:
-        problems = [p for share in gather_object([problems]) for p in share]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise DataError(f"{len(problems)} val images cannot be used: {'; '.join(problems[:3])}{more}")
+    finish_val_check = start_val_check(d, opened.val, accelerator)
+    if not check_later:
+        finish_val_check()
+        finish_val_check = None
     ids, object_counts = image_ids_and_object_counts(opened.train)
     split = split_image_ids(ids, object_counts, d.labeled_percent, d.split_seed, d.split_file, opened.description)
     row_ids = ids if isinstance(opened.train, datasets.Dataset) else None
@@ -112,7 +121,49 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator) -> RunData:
             "images with data.unlabeled_images, or set ssl.unlabeled_includes_labeled"
         )
     return RunData(labeled, unlabeled, opened.val, opened.val_ground_truth, opened.categories, split,
-                   data_fingerprint(d))  # fmt: skip
+                   data_fingerprint(d), finish_val_check)  # fmt: skip
+
+
+def start_val_check(d: DataConfig, val: datasets.Dataset, accelerator: Accelerator) -> Callable[[], None]:
+    """Every val image is read at start (each process a share; in a thread: the model is built meanwhile): a broken
+    one would otherwise stop the run at its first evaluation, hours in. (Training images are checked as they are
+    read: data.on_error.) Files already checked and unchanged since (same path, size and modification time; the
+    records cache remembers them) are not read again: a relaunch at COCO's size does not spend ~20 s on 5,000
+    images it read before. Returns what waits for the verdict (a `DataError` naming the bad images)."""
+    memo = checked_memo(d, val)
+    if memo is not None and memo.is_file():
+        logger.info("the %d val images are as they were when they were checked: not read again", len(val))
+        return lambda: None
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    found = pool.submit(check_images, val, "val", accelerator.process_index, accelerator.num_processes)
+    pool.shutdown(wait=False)
+
+    def finish() -> None:
+        problems = found.result()
+        if accelerator.num_processes > 1:  # (a collective: in the caller's thread, on every process alike)
+            problems = [p for share in gather_object([problems]) for p in share]
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise DataError(f"{len(problems)} val images cannot be used: {'; '.join(problems[:3])}{more}")
+        if memo is not None and accelerator.is_main_process:
+            try:
+                write_text_atomic(memo, json.dumps({"images": len(val)}))
+            except OSError:
+                pass  # (not remembered: checked again next time)
+
+    return finish
+
+
+def checked_memo(d: DataConfig, val: datasets.Dataset) -> Path | None:
+    """Where a passed check of these val image files is remembered (under the records cache), or None: no cache,
+    not a COCO source, or images that are not files."""
+    cache_root = records_cache_root(d.records_cache)
+    if d.source != "coco" or cache_root is None:
+        return None
+    # Beside the val JSON's records: a new JSON is a new folder.
+    folder = records_cache_folder(Path(d.val_annotations), Path(d.val_images), cache_root, d.crowd_masks_as_objects)
+    key = image_files_key(val) if folder.is_dir() else None
+    return None if key is None else folder / f"checked_images_{key[:32]}.json"
 
 
 def drop_records_with_bad_masks(records: datasets.Dataset, on_error: str) -> datasets.Dataset:

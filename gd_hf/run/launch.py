@@ -82,7 +82,8 @@ class TrainingRecipe:
         logging.getLogger("accelerate").setLevel(logging.WARNING)
         quiet_http_requests()  # (a push's requests, one INFO line each)
         try:
-            data = data if data is not None else prepare_data(recipe, self.accelerator)
+            # (its val images are checked while the first phase builds its model: `set_up_phase` waits for it)
+            data = data if data is not None else prepare_data(recipe, self.accelerator, check_later=True)
             lock_also: tuple[str, ...] = ()
             if recipe.ssl.enabled and recipe.ssl.train_teacher_first:
                 recipe = self.train_teacher_first(data)  # phase 1, into output_dir/teacher

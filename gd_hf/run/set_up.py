@@ -90,6 +90,7 @@ def set_up_phase(
     if resume_from is not None:
         changes = check_relaunch(recipe, launch_recipe, saved, resume_from, extension_points, data.fingerprint)
     phase = build_phase(accelerator, recipe, data, launch_recipe, options.model_family, options.pseudo_label_rule)
+    data.finish_val_check()  # (begun by `prepare_data` while the model was built; before anything is written)
     phase.extension_points, phase.supervised_label = extension_points, options.supervised_label
     phase.state = RunState.from_dict(saved) if saved is not None else RunState()
     teacher_figures, auto = None, recipe.ssl.pseudo_label_score_threshold == "auto"
