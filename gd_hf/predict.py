@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -218,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                         "evaluated with, else 100)")  # fmt: skip
     parser.add_argument("--folder", default="final", help="which export of a run folder (default: final, as push)")
     args = parser.parse_args(argv)
-    if not 0 <= args.threshold <= 1:  # (NaN fails too)
-        parser.error(f"--threshold must be in [0, 1] (got {args.threshold})")
+    if not args.threshold <= 1 or not math.isfinite(args.threshold):  # (NaN fails; below 0 keeps every instance)
+        parser.error(f"--threshold must be a number <= 1 (scores lie in [0, 1]; got {args.threshold})")
     image_ids = None
     try:
         if not args.images:  # the run's val set, with its image ids

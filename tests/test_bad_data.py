@@ -534,8 +534,8 @@ def test_damaged_training_pngs_are_skipped_and_counted_not_a_crash_at_their_step
 # --- the table: the commands' arguments -> exit code 2 and the flag named, before anything is read ---------------
 
 COMMAND_CASES = [
-    ("predict threshold NaN", "gd_hf.predict", ["m", "x.png", "--out", "o", "--threshold", "nan"], "--threshold must be in [0, 1]"),
-    ("predict threshold 5", "gd_hf.predict", ["m", "x.png", "--out", "o", "--threshold", "5"], "--threshold must be in [0, 1]"),
+    ("predict threshold NaN", "gd_hf.predict", ["m", "x.png", "--out", "o", "--threshold", "nan"], "--threshold must be a number <= 1"),
+    ("predict threshold 5", "gd_hf.predict", ["m", "x.png", "--out", "o", "--threshold", "5"], "--threshold must be a number <= 1"),
     ("evaluate size negative", "gd_hf.evaluate", ["m", "a.json", "i", "--shortest-edge", "-5"], "--shortest-edge and --longest-edge must be in"),
     ("evaluate sizes inverted", "gd_hf.evaluate", ["m", "a.json", "i", "--shortest-edge", "800", "--longest-edge", "600"], "the longest not below the shortest"),
     ("synthetic no images", "gd_hf.data.synthetic", ["{tmp}/s", "--train", "0"], "--train and --val must be >= 1"),

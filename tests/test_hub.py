@@ -385,9 +385,7 @@ def test_predict_threshold_filters_instances(trained_run, synthetic_root, tmp_pa
 
     image = str(synthetic_root / "val" / "1000000.png")
     assert predict_main([str(trained_run / "final"), image, "--out", str(tmp_path / "all"), "--threshold", "0"]) == 0
-    assert (
-        predict_main([str(trained_run / "final"), image, "--out", str(tmp_path / "none"), "--threshold", "1.01"]) == 0
-    )
+    assert predict_main([str(trained_run / "final"), image, "--out", str(tmp_path / "none"), "--threshold", "1"]) == 0
     assert json.loads((tmp_path / "all" / "predictions.json").read_text())
     assert json.loads((tmp_path / "none" / "predictions.json").read_text()) == []
 

@@ -145,7 +145,7 @@ def test_an_eomt_space_segments_as_gd_hf_predict(synthetic_root, tmp_path, monke
     monkeypatch.setitem(sys.modules, spec.name, app)  # (its dataclass resolves its annotations there)
     spec.loader.exec_module(app)
     example = out / "examples" / "1000001.png"
-    overlay, rows = app.segment(str(example), THRESHOLD)
+    overlay, rows, _ = app.segment(str(example), THRESHOLD)
     assert app.segmenter().model.config.model_type == "eomt" and app.segmenter().top_k == TOP_K
     results, overlay_png = predict_one(export, example, tmp_path / "predict")
     assert_table_is_predicts(rows, results)
