@@ -60,7 +60,7 @@ def evaluate_model(
     image_ids = sorted(source.images)[:max_images] if max_images else None
     # The ground truth is built from the cleaned records first, as in training: a problem shows before inference.
     ground_truth = coco_ground_truth(to_hf_dataset(source, image_ids),
-                                     Categories(source.category_ids, source.category_names))  # fmt: skip
+                                     Categories(source.category_ids, source.category_names), checked=True)  # fmt: skip
     category_ids = category_ids_for_model(model, source)
     model.to(device)
     family = family if family is not None else family_of(model)  # predicting as at inference

@@ -201,6 +201,6 @@ def open_coco(d: DataConfig) -> TrainVal:
         # From the cleaned records, not the raw JSON: what training accepts (a missing `iscrowd`, a box-only
         # `segmentation: []`, annotation id 0) evaluation accepts too, and any problem shows now, before step 1,
         # not at the first evaluation hours into a run.
-        val_ground_truth=coco_ground_truth(val, categories),
+        val_ground_truth=coco_ground_truth(val, categories, checked=True),  # (load_coco checked each mask)
         description=str(d.train_annotations),
     )
