@@ -93,8 +93,8 @@ def evaluate_export(
     try:
         model = load_export(str(model_path))
         size = AutoImageProcessor.from_pretrained(model_path).size
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot load the model {model_path}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - truncated weights (safetensors' own error), a broken config: one line
+        raise DataError(f"cannot load the model {model_path}: {type(e).__name__}: {e}") from e
     data = DataConfig(
         eval_shortest_edge=shortest_edge or size.get("shortest_edge") or 800,
         eval_longest_edge=longest_edge or size.get("longest_edge") or 1333,

@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_export(args.model)
         shortest_edge, longest_edge = export_sizes(args.model)
-    except (OSError, ValueError) as e:
-        print(f"error: cannot load the model {args.model}: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - truncated weights (safetensors' own error), a broken config: one line
+        print(f"error: cannot load the model {args.model}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     problem = input_size_problem(model, shortest_edge, longest_edge)
     if problem:

@@ -605,3 +605,22 @@ def test_an_output_path_of_the_wrong_kind_is_named_before_any_work(tmp_path, cap
             code = e.code
         assert code == 2 and message in capsys.readouterr().err, (argv, message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_truncated_export_weights_are_one_line_for_evaluate_and_predict(synthetic_root, tmp_path, capsys):
+    from gd_hf.evaluate import main as evaluate_main
+    from gd_hf.hub.export import export_model
+    from gd_hf.models import export_image_processor
+    from gd_hf.predict import main as predict_main
+
+    recipe = demo_recipe(tiny_overrides(synthetic_root, tmp_path / "run"))
+    model = build_model(recipe.model, {0: "circle", 1: "rectangle", 2: "triangle", 3: "cross"})
+    export = export_model(model, export_image_processor(model, recipe.data), tmp_path / "export")
+    weights = export / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    val = synthetic_root / "val"
+    annotations = str(synthetic_root / "annotations" / "instances_val.json")
+    assert predict_main([str(export), str(val / "1000000.png"), "--out", str(tmp_path / "p")]) == 2
+    assert evaluate_main([str(export), annotations, str(val)]) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"error: cannot load the model {export}: SafetensorError") == 2 and "Traceback" not in err

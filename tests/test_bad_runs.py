@@ -563,3 +563,13 @@ def test_a_relaunch_may_change_the_trackers_and_the_data_sets_name(synthetic_roo
     assert run_tiny(synthetic_root, out) == 0
     assert run_tiny(synthetic_root, out, "train.max_steps=6", "train.report_to=none", "data.dataset_name=shapes") == 0
     assert json.loads((out / "final_metrics.json").read_text())["final"]
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "run_info.json"])
+def test_a_folder_where_the_run_writes_a_file_is_exit_2_before_any_work(synthetic_root, tmp_path, capsys, name):
+    out = tmp_path / "run"
+    (out / name).mkdir(parents=True)
+    assert run_tiny(synthetic_root, out) == 2
+    err = capsys.readouterr().err
+    assert f"{out / name} is not a file (the run writes its {name} there): move it away" in err
+    assert sorted(p.name for p in out.iterdir() if p.name != ".gd_hf.lock") == [name]  # (the lock: held, not data)

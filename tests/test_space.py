@@ -362,3 +362,10 @@ def test_a_damaged_export_is_a_one_line_error_and_out_is_untouched(mask2former_e
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err and "export it again" in err
     assert not (tmp_path / "space").exists()
+
+
+@pytest.mark.parametrize("model_id", ["not an id", "a/b/c", "x/y!"])
+def test_an_invalid_model_id_is_refused_before_anything_is_written(mask2former_export, tmp_path, capsys, model_id):
+    assert main([str(mask2former_export), str(tmp_path / "space"), "--model-id", model_id]) == 2
+    assert "is not a hub model id (owner/name)" in capsys.readouterr().err
+    assert not (tmp_path / "space").exists()

@@ -60,6 +60,8 @@ class ModelSource:
 
 def resolve_model(model: str, model_id: str | None = None, folder: str = "final") -> ModelSource:
     """The export MODEL names (a run folder gives its export `folder`; it says which on stdout)."""
+    if model_id is not None and not is_hub_id(model_id):
+        raise SpaceError(f"--model-id {model_id!r} is not a hub model id (owner/name): the Space could not load it")
     path = Path(model)
     if path.is_dir():
         try:

@@ -46,6 +46,9 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
+RUN_FILES = ("metrics.jsonl", "run_info.json", "recipe.yaml", "final_metrics.json", "curves.png")
+
+
 def check_output_folder(output_dir: str | Path, needed_bytes: int) -> str | None:
     """Why `output_dir` cannot take the run (not writable, too little free space), or None if it can. A resumed
     run's own checkpoints and exports count as space it has: they are replaced as it goes."""
@@ -55,6 +58,9 @@ def check_output_folder(output_dir: str | Path, needed_bytes: int) -> str | None
         return f"output_dir {output_dir}: {parent} is a file, not a folder"
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"output_dir {output_dir} is not writable ({parent} does not allow it): choose another output_dir"
+    for name in RUN_FILES:  # what the run writes as files: a folder there would stop it mid-way
+        if (output_dir / name).exists() and not (output_dir / name).is_file():
+            return f"{output_dir / name} is not a file (the run writes its {name} there): move it away"
     free = shutil.disk_usage(parent).free
     needed_bytes -= sum(folder_bytes(output_dir / name) for name in ("checkpoints", "best", "final"))
     if free < needed_bytes:
