@@ -65,17 +65,21 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def output_problem(path: str | Path, folder: bool) -> str | None:
+def output_problem(path: str | Path, folder: bool, writable: bool = True) -> str | None:
     """Why a command cannot write its output `path` (a folder with `folder`, else a file), or None: it exists as the
-    other kind, or something above it is a file. Checked before the work, so that the work is not lost."""
+    other kind, something above it is a file, or (`writable`) the folder it goes in does not let it be written.
+    Checked before the work, so that the work is not lost."""
     path = Path(path)
     if path.exists():
         if folder and not path.is_dir():
             return f"{path} is a file, not a folder"
         if not folder and path.is_dir():
             return f"{path} is a folder: give a file name"
-        return None
-    for parent in path.parents:
-        if parent.exists():
-            return None if parent.is_dir() else f"{parent} is a file: {path} cannot be made under it"
+        where = path if path.is_dir() else path.parent
+    else:
+        where = next((parent for parent in path.parents if parent.exists()), Path("."))
+        if not where.is_dir():
+            return f"{where} is a file: {path} cannot be made under it"
+    if writable and not os.access(where, os.W_OK | os.X_OK):
+        return f"{where} is not writable: {path} cannot be written"
     return None

@@ -225,15 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.images:  # the run's val set, with its image ids
             val = run_val_set(args.model)
-            args.images = [str(val.images)]
             image_ids = coco_image_ids(val.annotations, val.images)
+            args.images = [str(path) for path in image_ids]  # the images it lists, not whatever else is there
             print(f"predicting the run's val images: {val.images}", file=sys.stderr)
         if args.out is None:
             run = run_of(args.model)
             if run is None:
                 raise RunFolderError("give --out (MODEL is not a run's output folder, whose predict/ it would be)")
             args.out = str(run / "predict")
-        if problem := output_problem(args.out, folder=True):
+        if problem := output_problem(args.out, folder=True, writable=True):
             raise RunFolderError(f"--out: {problem}")
         args.model = chosen_export(args.model, args.folder)
     except RunFolderError as e:

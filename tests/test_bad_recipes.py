@@ -105,6 +105,7 @@ def test_bad_recipe_value_stops_at_start_naming_the_key(synthetic_root, tmp_path
         ("", "holds no recipe keys (it is empty or all comments)"),  # not the defaults, silently
         ("# a recipe to come\n# lr: 1e-4\n", "holds no recipe keys"),
         ("train:\n  lr: 1.0e-4\n  max_steps: 10\n  lr: 1.0e-3\n", "the key 'lr' is given twice in one section"),
+        ("train:\n  ? [a, b]\n  : 1\n", "is not a plain value"),
     ],
     ids=[
         "a list",
@@ -117,6 +118,7 @@ def test_bad_recipe_value_stops_at_start_naming_the_key(synthetic_root, tmp_path
         "an empty file",
         "comments only",
         "a key twice",
+        "a key that is a list",
     ],  # fmt: skip
 )
 def test_a_recipe_file_that_is_not_a_mapping_is_named(tmp_path, capsys, content, message):
@@ -175,3 +177,13 @@ def test_a_section_that_is_not_a_mapping_is_named_even_beside_an_override(tmp_pa
     recipe.write_text("model: [1]\n")
     assert main([str(recipe), "model.hidden_dim=32"]) == 2
     assert "model: expected a mapping of keys, got a list (override `model.hidden_dim=32`)" in capsys.readouterr().err
+
+
+def test_yaml_merge_keys_still_work_and_may_be_overridden(tmp_path):
+    """`<<: *defaults` (a merge key) is not a key given twice: its keys are overridden by the section's own."""
+    from gd_hf.config import load_recipe
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  <<: {max_steps: 10, lr: 1.0e-4}\n  lr: 1.0e-3\n")
+    loaded = load_recipe(recipe)
+    assert loaded.train.max_steps == 10 and loaded.train.lr == 1.0e-3

@@ -573,3 +573,23 @@ def test_a_folder_where_the_run_writes_a_file_is_exit_2_before_any_work(syntheti
     err = capsys.readouterr().err
     assert f"{out / name} is not a file (the run writes its {name} there): move it away" in err
     assert sorted(p.name for p in out.iterdir() if p.name != ".gd_hf.lock") == [name]  # (the lock: held, not data)
+
+
+def test_the_data_fingerprint_counts_data_files_only_and_any_file_name(tmp_path):
+    """A `.DS_Store` or a note beside the images changes no record (it stopped a relaunch as "data changed"); a
+    file name that is not UTF-8 is hashed, not a crash of every launch; a replaced image is seen."""
+    from gd_hf.data.fingerprint import folder_digest
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "1.jpg").write_bytes(b"x" * 10)
+    before = folder_digest(folder)
+    (folder / ".DS_Store").write_bytes(b"finder")
+    (folder / "notes.txt").write_text("labelled by Ann")
+    assert folder_digest(folder) == before
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.jpg"), "wb") as f:
+        f.write(b"y")
+    with_odd_name = folder_digest(folder)
+    assert with_odd_name != before
+    (folder / "1.jpg").write_bytes(b"x" * 11)
+    assert folder_digest(folder) not in (before, with_odd_name)

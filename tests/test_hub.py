@@ -579,8 +579,8 @@ def test_the_push_command_is_quiet_refuses_bad_waits_and_changes_nothing_when_st
     assert not [r for r in caplog.records if r.name.startswith("httpx") and r.levelno < logging.WARNING]
 
 
-@pytest.mark.parametrize("family, data", [([], "synthetic_root"), (EOMT_TINY, "varied_root")],
-                         ids=["mask2former-squares", "eomt-mixed-sizes"])  # fmt: skip
+@pytest.mark.parametrize("family, data", [([], "synthetic_root"), ([*EOMT_TINY, "eval.max_images=5"], "varied_root")],
+                         ids=["mask2former-squares", "eomt-mixed-sizes-first-5"])  # fmt: skip
 def test_the_cards_mask_ap_reproduces_with_the_cards_own_code(request, tmp_path, family, data):
     """The card's "with transformers' code" block, run as written (transformers, torch, pycocotools; no gd_hf) on
     the val images, finds the instances gd_hf's evaluation scored (class, score, mask) and so the card's mask AP,
@@ -661,8 +661,16 @@ def test_evaluate_and_predict_need_no_more_than_the_run_folder_and_keep_the_data
         and {r["category_id"] for r in evaluated} <= set(names)
     )
 
+    # Only the images the val JSON lists (not whatever else is in the folder), with their ids.
+    val_copy = tmp_path / "val"
+    shutil.copytree(synthetic_root / "val", val_copy)
+    shutil.copyfile(val_copy / "1000000.png", val_copy / "0extra.png")
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["data"]["val_images"] = str(val_copy)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     assert predict_main([str(run), "--threshold", "0"]) == 0
     predicted = json.loads((run / "predict" / "predictions.json").read_text())
+    assert not [r for r in predicted if "0extra" in r["file_name"]]
     assert {r["image_id"] for r in predicted} == {r["image_id"] for r in evaluated} <= image_ids
     assert predicted and all(names[r["category_id"]] == r["category_name"] for r in predicted)
     assert json.loads((run / "final" / "config.json").read_text())["dataset_category_ids"] == [1, 2, 3, 4]
@@ -676,8 +684,9 @@ def test_evaluate_and_predict_need_no_more_than_the_run_folder_and_keep_the_data
     assert evaluate_main([str(export), str(synthetic_root / "annotations" / "instances_val.json")]) == 2
     assert "give both ANNOTATIONS and IMAGES, or neither" in capsys.readouterr().err
     # A recipe whose val set is named relative to another folder: the error says where to run from.
-    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     recipe["data"]["val_images"] = "data/elsewhere/val"
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     assert predict_main([str(run)]) == 2
     assert "data.val_images=data/elsewhere/val, which is not there from" in capsys.readouterr().err
+    (run / "recipe.yaml").write_text("data: [1, 2]\n")  # a hand-edited record: one line, not a traceback
+    assert evaluate_main([str(run)]) == 2 and "give the annotations and the images" in capsys.readouterr().err

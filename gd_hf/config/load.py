@@ -21,8 +21,16 @@ class UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden, as YAML says
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                duplicate = key in seen
+            except TypeError:  # `? [a, b]`: a key that is no plain value
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is not a plain value", key_node.start_mark
+                ) from None
+            if duplicate:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"the key {key!r} is given twice in one section", key_node.start_mark
                 )

@@ -11,16 +11,18 @@ from pathlib import Path
 
 from gd_hf.config import DataConfig
 from gd_hf.data.coco_source import file_digest
+from gd_hf.data.convert import IMAGE_SUFFIXES
 
 FILES = ("train_annotations", "val_annotations", "split_file")  # whose content is hashed
+DATA_SUFFIXES = {*IMAGE_SUFFIXES, ".parquet", ".arrow", ".json"}  # images, shards and their descriptions
 FOLDERS = ("train_images", "val_images", "unlabeled_images", "train_shards", "val_shards")  # whose listing is
 
 
 def data_fingerprint(data: DataConfig) -> dict[str, str]:
     """`{"data.KEY": digest}` for the files and folders the recipe's data keys name and that exist (a hub data
     set is named by its id and revision, recipe keys already). An annotation file by its content (SHA-256); a
-    folder by its files' relative paths and sizes (not times: a copied or moved data set is the same data; an
-    image replaced by another is, but for a byte-identical size, another size)."""
+    folder by its image and shard files' relative paths and sizes (not times: a copied or moved data set is the
+    same data; an image replaced by another is, but for a byte-identical size, another size)."""
     if data.source == "hub":
         return {}
     fingerprint = {}
@@ -40,12 +42,16 @@ def folder_digest(folder: Path) -> str:
     118k images)."""
     digest = hashlib.sha256()
     for root, dirs, files in os.walk(folder):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
+            # Data files only: a `.DS_Store`, `Thumbs.db` or a note beside the images changes no record.
+            if name.startswith(".") or Path(name).suffix.lower() not in DATA_SUFFIXES:
+                continue
             path = os.path.join(root, name)
             try:
                 size = os.stat(path).st_size
             except OSError:
                 size = -1
-            digest.update(f"{os.path.relpath(path, folder)}\0{size}\n".encode())
+            # (a name that is not UTF-8 is hashed as the bytes it is)
+            digest.update(f"{os.path.relpath(path, folder)}\0{size}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:16]

@@ -131,7 +131,10 @@ def start_val_check(d: DataConfig, val: datasets.Dataset, accelerator: Accelerat
     records cache remembers them) are not read again: a relaunch at COCO's size does not spend ~20 s on 5,000
     images it read before. Returns what waits for the verdict (a `DataError` naming the bad images)."""
     memo = checked_memo(d, val)
-    if memo is not None and memo.is_file():
+    remembered = memo is not None and memo.is_file()
+    if accelerator.num_processes > 1:  # every process decides alike (a cache on one node only would split them)
+        remembered = all(gather_object([remembered]))
+    if remembered:
         logger.info("the %d val images are as they were when they were checked: not read again", len(val))
         return lambda: None
     pool = concurrent.futures.ThreadPoolExecutor(1)

@@ -208,8 +208,9 @@ def keys_set(
 
 
 def install_line() -> str:
-    """How a reader installs the gd_hf that trained the model (it is not on PyPI): from its source repository
-    when the package names one (`Project-URL`), else from a clone of its source, at this version."""
+    """How a reader installs gd_hf (it is not on PyPI): from its source repository when the package names one
+    (`Project-URL`), else from a clone of its source; the version that trained the model is in the card's
+    "Framework versions"."""
     from importlib import metadata
 
     try:
@@ -320,7 +321,7 @@ reference evaluates; transformers' `post_process_instance_segmentation` keeps on
 pixel to one instance, which scores lower. This reproduces the card's figure (`python -m gd_hf.evaluate` does the
 same):
 
-{reproduce_snippet(model_id, top_k)}
+{reproduce_snippet(model_id, top_k, summary.evaluated_with.get("max_images"))}
 
 ## Train it again
 

@@ -66,10 +66,14 @@ def run_val_set(model: str) -> ValSet:
             "give the annotations and the images"
         )
     try:
-        data = (yaml.safe_load((run / "recipe.yaml").read_text()) or {}).get("data") or {}
-    except (OSError, yaml.YAMLError, AttributeError) as e:
+        recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise RunFolderError(f"{run / 'recipe.yaml'} cannot be read ({e}): give the annotations and the images") from e
+    data = recipe.get("data") if isinstance(recipe, dict) else None
+    data = data if isinstance(data, dict) else {}
     annotations, images = data.get("val_annotations"), data.get("val_images")
+    if not isinstance(annotations, str) or not isinstance(images, str):
+        annotations = images = None  # (a hand-edited recipe.yaml: not paths)
     if data.get("source", "coco") != "coco" or not annotations or not images:
         raise RunFolderError(
             f"the run {run} did not read a COCO-format val set (data.source: {data.get('source')}): give the "

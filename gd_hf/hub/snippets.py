@@ -38,12 +38,17 @@ def usage_snippet(model_id: str, family: ModelFamily, example: str | None = None
     return family.usage_snippet(load_args(model_id), imports, path)
 
 
-def reproduce_snippet(model_id: str, top_k: int = 100) -> str:
+def reproduce_snippet(model_id: str, top_k: int = 100, max_images: int | None = None) -> str:
     """Python that scores the model as its card's AP was measured, with transformers, torch and pycocotools only:
     the reference post-processing (`gd_hf.evaluation.mask_ap.post_process_instances`) written out.
     transformers' `post_process_instance_segmentation` keeps one class per query and gives each pixel to one
     instance (EoMT's in query order, not by score), which scores lower. tests/test_hub.py runs it as written."""
     load = load_args(model_id)
+    first = (
+        f"[:{max_images}]  # the first {max_images} by id, as the AP was measured (eval.max_images)"
+        if max_images
+        else ""
+    )
     return f"""```python
 import numpy as np
 import torch
@@ -79,14 +84,16 @@ def instances(image, top_k={top_k}):
 
 coco = COCO(annotations)
 category = {{c["name"]: c["id"] for c in coco.loadCats(coco.getCatIds())}}
+ids = sorted(coco.getImgIds()){first}
 results = []
-for info in coco.loadImgs(coco.getImgIds()):
+for info in coco.loadImgs(ids):
     image = Image.open(f"{{images}}/{{info['file_name']}}").convert("RGB")
     for score, label, mask in zip(*instances(image)):
         rle = mask_utils.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
         results.append({{"image_id": info["id"], "category_id": category[model.config.id2label[int(label)]],
                         "segmentation": {{**rle, "counts": rle["counts"].decode()}}, "score": float(score)}})
 evaluation = COCOeval(coco, coco.loadRes(results), "segm")
+evaluation.params.imgIds = ids
 evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
 print(f"mask AP {{100 * evaluation.stats[0]:.2f}}")
 ```"""

@@ -110,7 +110,9 @@ def build_demo():
         gr.Markdown(f"# {config['title']}\n\n{config['description']}")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="filepath", label="image")  # the file as uploaded: read as gd_hf reads it
+                # The file as uploaded (image_mode None: not converted to 8-bit RGB and saved again by gradio), read
+                # as gd_hf reads it: a 16-bit PNG is scaled, not clipped, exactly as `gd_hf.predict` does.
+                image = gr.Image(type="filepath", image_mode=None, label="image")
                 threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="score threshold")
                 button = gr.Button("Segment", variant="primary")
             with gr.Column():

@@ -136,8 +136,9 @@ def checkpoint_problem(checkpoint: str | Path, extra_states: int = 1) -> str | N
     does not say which recipe wrote it.
 
     Without unpickling anything but tensors and plain values: the trainer state is parsed, safetensors headers
-    are checked against the file size, every torch-saved file (a zip archive) is CRC-checked, and each is loaded
-    as a resume would load it (`weights_only`; memory-mapped, so its tensors are not read)."""
+    are checked against the file size, every torch-saved file (a zip archive) is CRC-checked and loaded as a
+    resume would load it (`weights_only`, memory-mapped), and then every tensor is read once for `state_problem`
+    (finite values, an optimizer of this model: about one model, optimizer and teacher in memory for a moment)."""
     checkpoint = Path(checkpoint)
     if any(checkpoint.glob("custom_checkpoint_*.pkl")):
         return (
