@@ -624,3 +624,32 @@ def test_truncated_export_weights_are_one_line_for_evaluate_and_predict(syntheti
     assert evaluate_main([str(export), annotations, str(val)]) == 2
     err = capsys.readouterr().err
     assert err.count(f"error: cannot load the model {export}: SafetensorError") == 2 and "Traceback" not in err
+
+
+def test_an_export_whose_weights_are_another_familys_is_refused_not_predicted_with(synthetic_root, tmp_path, capsys):
+    """config.json of an EoMT, weights of a Mask2Former: transformers starts the missing weights at random (a
+    warning) and the model predicts noise, exit 0; evaluate and predict refuse it in one line."""
+    import shutil
+
+    from gd_hf.evaluate import main as evaluate_main
+    from gd_hf.hub.export import export_model
+    from gd_hf.models import export_image_processor
+    from gd_hf.predict import main as predict_main
+
+    from .conftest import EOMT_TINY
+
+    classes = {0: "circle", 1: "rectangle", 2: "triangle", 3: "cross"}
+    exports = {}
+    for name, family in (("mask2former", []), ("eomt", EOMT_TINY)):
+        recipe = demo_recipe([*tiny_overrides(synthetic_root, tmp_path / "run"), *family])
+        model = build_model(recipe.model, classes)
+        exports[name] = export_model(model, export_image_processor(model, recipe.data), tmp_path / name)
+    shutil.copyfile(exports["mask2former"] / "model.safetensors", exports["eomt"] / "model.safetensors")
+    val = synthetic_root / "val"
+    assert predict_main([str(exports["eomt"]), str(val / "1000000.png"), "--out", str(tmp_path / "p")]) == 2
+    assert not (tmp_path / "p" / "predictions.json").exists()
+    assert (
+        evaluate_main([str(exports["eomt"]), str(synthetic_root / "annotations" / "instances_val.json"), str(val)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("its weights are not the eomt its config.json describes") == 2 and "Traceback" not in err

@@ -85,9 +85,25 @@ def family_of(model: PreTrainedModel) -> ModelFamily:
     return BUILT_IN_FAMILIES[model_type]()
 
 
+class ExportMismatchError(ValueError):
+    """An export whose weights are not the model its config.json describes."""
+
+
 def load_export(path: str) -> PreTrainedModel:
-    """A trained model from an export folder or hub id (plain transformers, as users load it)."""
-    return AutoModelForUniversalSegmentation.from_pretrained(path)
+    """A trained model from an export folder or hub id (plain transformers, as users load it). Weights that do not
+    fit the config (another family's or size's: transformers would start the missing ones at random, with a
+    warning, and the model would predict noise) are an `ExportMismatchError`."""
+    model, info = AutoModelForUniversalSegmentation.from_pretrained(path, output_loading_info=True)
+    missing, unexpected = info.get("missing_keys") or [], info.get("unexpected_keys") or []
+    mismatched = info.get("mismatched_keys") or []
+    if missing or unexpected or mismatched:
+        example = (list(missing) + list(unexpected) + [str(m) for m in mismatched])[:3]
+        raise ExportMismatchError(
+            f"{path}: its weights are not the {model.config.model_type} its config.json describes "
+            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} of another shape, e.g. "
+            f"{', '.join(map(str, example))}): export it again"
+        )
+    return model
 
 
 def display_name(model_type: str | None, default: str) -> str:
