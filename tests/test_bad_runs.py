@@ -593,3 +593,31 @@ def test_the_data_fingerprint_counts_data_files_only_and_any_file_name(tmp_path)
     assert with_odd_name != before
     (folder / "1.jpg").write_bytes(b"x" * 11)
     assert folder_digest(folder) not in (before, with_odd_name)
+
+
+def test_a_launch_that_stops_before_its_val_check_ends_cuts_the_check_short(synthetic_root, tmp_path, monkeypatch):
+    """The val images are read in the background while the model is built; a launch refused before it waits for
+    the verdict (here a relaunch that changes train.lr) stops the check: the images not read yet are not read (at
+    COCO's size the process waited ~20 s for them on its way out)."""
+    import threading
+    import time
+
+    import gd_hf.data.images as images
+
+    out = tmp_path / "run"
+    assert run_tiny(synthetic_root, out, "data.records_cache=null") == 0
+    release, read = threading.Event(), []
+    real = images.check_image
+
+    def blocked(example):
+        read.append(example["image_id"])
+        release.wait(30)
+        return real(example)
+
+    monkeypatch.setattr(images, "check_image", blocked)
+    started = time.perf_counter()
+    assert run_tiny(synthetic_root, out, "data.records_cache=null", "train.lr=1e-3") == 2  # refused, not waiting
+    assert time.perf_counter() - started < 25
+    release.set()
+    time.sleep(0.5)
+    assert 0 < len(read) < 8  # those in flight when it stopped; not the rest

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import threading
 from typing import Any
 
 import datasets
@@ -104,9 +105,11 @@ def check_image(example: dict[str, Any]) -> None:
         raise _size_mismatch(example, stored)
 
 
-def check_images(records: datasets.Dataset, what: str, rank: int = 0, world_size: int = 1) -> list[str]:
+def check_images(
+    records: datasets.Dataset, what: str, rank: int = 0, world_size: int = 1, stop: threading.Event | None = None
+) -> list[str]:
     """The problems of the images of `records` this process checks (every `world_size`-th from `rank`), read in
-    threads (decoding releases the GIL), with a progress bar."""
+    threads (decoding releases the GIL), with a progress bar; once `stop` is set, the rest are not read."""
     import concurrent.futures
     import os
 
@@ -118,6 +121,8 @@ def check_images(records: datasets.Dataset, what: str, rank: int = 0, world_size
     rows = range(rank, len(undecoded), world_size)
 
     def problem(row: int) -> str | None:
+        if stop is not None and stop.is_set():
+            return None
         try:
             check_image(undecoded[row])
         except DataError as e:

@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,14 +46,30 @@ class RunData:
     categories: Categories
     split: Split
     fingerprint: dict[str, str] = field(default_factory=dict)  # of the files read (`data_fingerprint`)
-    pending_val_check: Callable[[], None] | None = None  # `prepare_data(check_later=True)`'s
+    pending_val_check: ValCheck | None = None  # `prepare_data(check_later=True)`'s
 
     def finish_val_check(self) -> None:
         """Wait for the check of the val images that `prepare_data(check_later=True)` began (its `DataError` if an
         image is bad); then nothing."""
-        finish, self.pending_val_check = self.pending_val_check, None
-        if finish is not None:
-            finish()
+        check, self.pending_val_check = self.pending_val_check, None
+        if check is not None:
+            check.finish()
+
+    def cancel_val_check(self) -> None:
+        """A launch that stops before it waited for the check: the images not read yet are not read (the process
+        would otherwise wait for all of them on its way out)."""
+        check, self.pending_val_check = self.pending_val_check, None
+        if check is not None:
+            check.stop.set()
+
+
+@dataclass
+class ValCheck:
+    """The check of the val images under way (`start_val_check`): `finish` waits for its verdict, `stop` cuts it
+    short."""
+
+    finish: Callable[[], None]
+    stop: threading.Event
 
 
 def prepare_data(recipe: Recipe, accelerator: Accelerator, check_later: bool = False) -> RunData:
@@ -94,10 +111,10 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator, check_later: bool = F
             f"the val split has {len(opened.val)} images and no object to detect: mask AP would be undefined "
             "(reported as 0 or -1). Point the recipe's val keys (data.val_*, data.hub_val_split) at a labeled set"
         )
-    finish_val_check = start_val_check(d, opened.val, accelerator)
+    val_check = start_val_check(d, opened.val, accelerator)
     if not check_later:
-        finish_val_check()
-        finish_val_check = None
+        val_check.finish()
+        val_check = None
     ids, object_counts = image_ids_and_object_counts(opened.train)
     split = split_image_ids(ids, object_counts, d.labeled_percent, d.split_seed, d.split_file, opened.description)
     row_ids = ids if isinstance(opened.train, datasets.Dataset) else None
@@ -121,10 +138,10 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator, check_later: bool = F
             "images with data.unlabeled_images, or set ssl.unlabeled_includes_labeled"
         )
     return RunData(labeled, unlabeled, opened.val, opened.val_ground_truth, opened.categories, split,
-                   data_fingerprint(d), finish_val_check)  # fmt: skip
+                   data_fingerprint(d), val_check)  # fmt: skip
 
 
-def start_val_check(d: DataConfig, val: datasets.Dataset, accelerator: Accelerator) -> Callable[[], None]:
+def start_val_check(d: DataConfig, val: datasets.Dataset, accelerator: Accelerator) -> ValCheck:
     """Every val image is read at start (each process a share; in a thread: the model is built meanwhile): a broken
     one would otherwise stop the run at its first evaluation, hours in. (Training images are checked as they are
     read: data.on_error.) Files already checked and unchanged since (same path, size and modification time; the
@@ -136,9 +153,10 @@ def start_val_check(d: DataConfig, val: datasets.Dataset, accelerator: Accelerat
         remembered = all(gather_object([remembered]))
     if remembered:
         logger.info("the %d val images are as they were when they were checked: not read again", len(val))
-        return lambda: None
+        return ValCheck(lambda: None, threading.Event())
+    stop = threading.Event()
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    found = pool.submit(check_images, val, "val", accelerator.process_index, accelerator.num_processes)
+    found = pool.submit(check_images, val, "val", accelerator.process_index, accelerator.num_processes, stop)
     pool.shutdown(wait=False)
 
     def finish() -> None:
@@ -154,7 +172,7 @@ def start_val_check(d: DataConfig, val: datasets.Dataset, accelerator: Accelerat
             except OSError:
                 pass  # (not remembered: checked again next time)
 
-    return finish
+    return ValCheck(finish, stop)
 
 
 def checked_memo(d: DataConfig, val: datasets.Dataset) -> Path | None:

@@ -92,6 +92,8 @@ class TrainingRecipe:
             self.accelerator.end_training()  # the trackers, and the process group
             return metrics
         finally:
+            if data is not None:  # a launch that stopped before it waited for the check: the rest is not read
+                data.cancel_val_check()
             release_output_locks()
 
     def run_phase(
