@@ -79,7 +79,7 @@ def output_problem(path: str | Path, folder: bool, writable: bool = True) -> str
     else:
         where = next((parent for parent in path.parents if parent.exists()), Path("."))
         if not where.is_dir():
-            return f"{where} is a file: {path} cannot be made under it"
+            return f"{where} is a file, not a folder: {path} cannot be made under it"
     if writable and not os.access(where, os.W_OK | os.X_OK):
         return f"{where} is not writable: {path} cannot be written"
     return None

@@ -20,7 +20,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from gd_hf.config import Recipe, RecipeError, recipe_to_dict
-from gd_hf.files import write_text_atomic
+from gd_hf.files import output_problem, write_text_atomic
 
 launch_logger = logging.getLogger("gd_hf.train")  # what a launch says about its relaunch
 
@@ -53,11 +53,9 @@ def check_output_folder(output_dir: str | Path, needed_bytes: int) -> str | None
     """Why `output_dir` cannot take the run (not writable, too little free space), or None if it can. A resumed
     run's own checkpoints and exports count as space it has: they are replaced as it goes."""
     output_dir = Path(output_dir)
+    if problem := output_problem(output_dir, folder=True):  # (a file there or above it; not writable)
+        return f"output_dir {output_dir}: {problem}: choose another output_dir"
     parent = _existing_parent(output_dir)
-    if not parent.is_dir():
-        return f"output_dir {output_dir}: {parent} is a file, not a folder"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"output_dir {output_dir} is not writable ({parent} does not allow it): choose another output_dir"
     for name in RUN_FILES:  # what the run writes as files: a folder there would stop it mid-way
         if (output_dir / name).exists() and not (output_dir / name).is_file():
             return f"{output_dir / name} is not a file (the run writes its {name} there): move it away"
