@@ -118,7 +118,7 @@ def test_a_10k_by_10k_image_is_read_and_trained_on():
     big.paste(255, (2_000, 2_000, 6_000, 6_000))
     example = record(big, 10_000, 10_000)
     rle_counts = _square_rle(10_000, 2_000, 6_000)
-    example["objects"] = {"category": [1], "rle_counts": [rle_counts], "iscrowd": [0]}
+    example["objects"] = {"category": [1], "rle_counts": [rle_counts], "iscrowd": [0], "polygons": [[]]}
     sample = labeled_sample(example, DataConfig(crop_size=64, min_scale=1.0, max_scale=1.0, hflip_prob=0.0), seed=0)
     assert sample["image"].shape == (3, 64, 64) and sample["masks"].shape == (1, 64, 64)
     # The object is 40 % of each side: it stays a square of ~26 px at the training size.
@@ -449,7 +449,7 @@ def test_bad_records_are_skipped_until_50_in_a_row_stop_the_run(tmp_path):
     good, bad = tmp_path / "good.png", tmp_path / "bad.png"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(good)
     bad.write_bytes(b"not an image")
-    empty = {"category": [], "rle_counts": [], "iscrowd": []}
+    empty = {"category": [], "rle_counts": [], "iscrowd": [], "polygons": []}
 
     def records(paths):
         return datasets.Dataset.from_dict(

@@ -3,12 +3,15 @@ import json
 import datasets
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from gd_hf.data.coco import DataError, load_coco, to_hf_dataset
+from gd_hf.data.coco import FEATURES, DataError, load_coco, to_hf_dataset
 from gd_hf.data.images import read_image
-from gd_hf.data.masks import decode_masks
+from gd_hf.data.loading import read_image_and_targets
+from gd_hf.data.masks import check_polygons, decode_masks, object_masks, rle_from_segmentation
+from gd_hf.data.records import check_columns
 
 
 def make_folder(tmp_path, annotations, images=None, categories=None):
@@ -71,7 +74,8 @@ def test_polygons_rle_crowd_and_empty_images_load(tmp_path):
     assert unlabeled[0]["objects"]["category"] == [] and unlabeled["image_id"] == [1, 2]
 
 
-def test_annotation_without_usable_segmentation_is_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize("rasterise_polygons", [True, False])
+def test_annotation_without_usable_segmentation_is_skipped_and_counted(tmp_path, rasterise_polygons):
     annotations = [
         {"id": 1, "image_id": 1, "category_id": 7, "segmentation": [[0, 0, 5, 5]], "iscrowd": 0},  # 2 points
         {"id": 2, "image_id": 1, "category_id": 7, "bbox": [0, 0, 4, 4], "iscrowd": 0},  # bbox only
@@ -79,7 +83,7 @@ def test_annotation_without_usable_segmentation_is_skipped_and_counted(tmp_path)
         {"id": 4, "image_id": 1, "category_id": 7, "segmentation": [[0, 0, 5, 0, 9, 0]], "iscrowd": 0},  # no area
         {"id": 5, "image_id": 1, "category_id": 7, "segmentation": [], "bbox": [1, 1, 2, 2], "iscrowd": 0},
     ]
-    source = load_coco(*make_folder(tmp_path, annotations))
+    source = load_coco(*make_folder(tmp_path, annotations), rasterise_polygons=rasterise_polygons)
     assert len(source.annotations[1]) == 1
     assert source.skipped_annotations == 4
     assert source.skip_reasons == {
@@ -199,3 +203,118 @@ def test_conversion_in_worker_processes_equals_the_serial_one(tmp_path, monkeypa
     assert parallel.skip_reasons == serial.skip_reasons and serial.skipped_annotations == 15
     merged = decode_masks([serial.annotations[2][0]["rle"]["counts"]], 20, 30)[0]  # annotation 1: two squares
     assert merged[1:4, 1:4].all() and merged[11:14, 11:14].all() and not merged[6:9, :].any()
+
+
+# Polygon segmentations of a 30 x 20 image: good ones and every way one can be bad.
+POLYGON_CASES = [
+    square(1, 1, 9, 9),
+    [[1, 1, 9, 1, 9, 9, 1, 9], [12, 2, 18, 2, 18, 8]],  # two polygons, merged
+    [[1.5, 1.25, 9.75, 1, 9, 9.5, 1, 9, 3]],  # odd length: the trailing coordinate is not read (but checked)
+    [[1, 1, 9, 1, 9, 9, 1, 9, 70]],  # odd length, the trailing coordinate far outside
+    [[0, 0, 5, 5]],  # 2 points
+    [[0, 0, 5, 0, 9, 0]],  # a line: no area
+    [[2, 2, 12, 12, 12, 2, 2, 12]],  # a bow tie: signed areas cancel, yet it covers pixels
+    [[3, 3, 3.2, 3, 3.2, 3.2]],  # a tiny triangle: positive area, no pixel
+    [[1, 1, 25, 1.1, 1, 1.2]],  # a sliver below SMALL_POLYGON_AREA that covers no pixel
+    [[1, 1, 25, 1, 1, 1.6]],  # one that covers 4
+    [[1, 1, float("nan"), 1, 9, 9]],
+    [[1, 1, float("inf"), 1, 9, 9]],
+    [[1, 1, True, 1, 9, 9]],  # numpy would read True as 1.0
+    [[1, 1, "9", 1, 9, 9]],  # and "9" as 9.0
+    [[1, 1, None, 1, 9, 9]],  # and None as NaN
+    [[1, 1, 10**400, 1, 9, 9]],  # an int beyond float64
+    [[1, 1, 1e7, 1, 9, 9]],  # far outside: pycocotools would take GBs
+    [[-31, 1, 9, 1, 9, 9]],  # x below -width
+    [[1, 1, 9, 41, 9, 9]],  # y above 2 * height
+    [[-30, -20, 60, -20, 60, 40, -30, 40]],  # at the bounds, covering the whole image
+    [square(1, 1, 9, 9)[0], [1, 1, float("nan"), 1, 9, 9]],  # one bad polygon spoils its object
+    [[1, 1, 9, 1, 9, 9], "not a polygon", [2, 2]],  # the unusable pieces dropped, as pycocotools can't read them
+]
+
+
+def test_polygons_checked_in_bulk_agree_with_the_one_by_one_checks():
+    """`check_polygons` (numpy, no rasterisation) gives each hostile polygon the verdict and message that
+    `rle_from_segmentation` gives it, and keeps exactly the polygons that rasterise to the same mask."""
+    heights, widths = np.full(len(POLYGON_CASES), 20), np.full(len(POLYGON_CASES), 30)
+    kept, problems = check_polygons(POLYGON_CASES, heights, widths)
+    verdicts = []
+    for segmentation in POLYGON_CASES:
+        try:
+            verdicts.append(rle_from_segmentation(segmentation, 20, 30))
+        except ValueError as e:
+            verdicts.append(str(e))
+    assert problems == [v if isinstance(v, str) else None for v in verdicts]
+    assert problems.count(None) == 7  # the cases above that are usable: a check that rejects all would fail
+    for polygons, verdict in zip(kept.to_pylist(), verdicts):
+        if isinstance(verdict, str):
+            assert polygons == []
+        else:  # rasterised when read: the very mask a parse-time conversion gave
+            lazy = object_masks([""], [polygons], 20, 30)[0]
+            assert np.array_equal(lazy, decode_masks([verdict["counts"]], 20, 30)[0])
+
+
+def test_a_large_sliver_that_covers_no_pixel_is_kept_and_dropped_when_read():
+    """The one verdict the bulk check cannot give without rasterising: a thin strip of more than
+    SMALL_POLYGON_AREA pixels between pixel rows is kept at parse, and read as an empty mask, which training drops
+    as it drops an object cropped away."""
+    strip = [[-30, 0.1, 60, 0.1, 60, 0.3, -30, 0.3]]  # 18 px^2
+    with pytest.raises(ValueError, match="zero area"):
+        rle_from_segmentation(strip, 20, 30)
+    kept, problems = check_polygons([strip], np.array([20]), np.array([30]))
+    assert problems == [None] and not object_masks([""], kept.to_pylist(), 20, 30).any()
+
+
+def test_polygons_kept_as_parsed_read_as_the_masks_a_parse_time_conversion_gives(tmp_path):
+    """A training file's polygons are rasterised when a record is read: every record's masks equal, pixel for
+    pixel, those of the file converted at parse, for mixed image sizes, annotations out of image order, crowd
+    RLE and merged polygons."""
+    rng = np.random.default_rng(0)
+    images = [
+        {"id": i, "file_name": f"{i}.png", "width": int(rng.integers(20, 90)), "height": int(rng.integers(20, 90))}
+        for i in (5, 1, 9, 3)
+    ]
+    size = {i["id"]: (i["height"], i["width"]) for i in images}
+    annotations = []
+    for k in range(40):
+        image_id = [5, 1, 9, 3][k % 4] if k % 7 else 9  # not grouped by image
+        height, width = size[image_id]
+        points = [[float(rng.uniform(-5, width + 5)), float(rng.uniform(-5, height + 5))] for _ in range(5)]
+        polygons = [[round(v, 2) for point in points for v in point]]
+        if k % 5 == 0:
+            polygons.append([1, 1, 6, 1, 6, 6, 1, 6])
+        crowd = k % 9 == 0
+        mask = np.zeros((height, width), bool)
+        mask[: height // 2, : width // 3] = True
+        segmentation = rle_of(mask, compressed=False) if crowd else polygons
+        annotations.append(
+            {"id": k + 1, "image_id": image_id, "category_id": 3 + 4 * (k % 2), "segmentation": segmentation,
+             "iscrowd": int(crowd)}
+        )  # fmt: skip
+    path, image_dir = make_folder(tmp_path, annotations, images=images)
+    eager, lazy = load_coco(path, image_dir), load_coco(path, image_dir, rasterise_polygons=False)
+    assert lazy.skip_reasons == eager.skip_reasons
+    undecoded = datasets.Image(decode=False)
+    eager_records = to_hf_dataset(eager).cast_column("image", undecoded)
+    lazy_records = to_hf_dataset(lazy).cast_column("image", undecoded)
+    kept_as_polygons = 0
+    for before, after in zip(eager_records, lazy_records):
+        assert after["image_id"] == before["image_id"]
+        assert after["objects"]["category"] == before["objects"]["category"]
+        assert after["objects"]["iscrowd"] == before["objects"]["iscrowd"]
+        assert not any(before["objects"]["polygons"])
+        kept_as_polygons += sum(1 for p in after["objects"]["polygons"] if p)
+        _, masks_before, classes_before = read_image_and_targets(before)
+        _, masks_after, classes_after = read_image_and_targets(after)
+        assert torch.equal(masks_after, masks_before) and torch.equal(classes_after, classes_before)
+    assert kept_as_polygons == sum(1 for a in annotations if not a["iscrowd"]) - eager.skipped_annotations
+    # an image asked for alone gets its own objects, in file order
+    alone = to_hf_dataset(lazy, [9])[0]
+    assert alone["image_id"] == 9 and alone["objects"]["category"] == eager_records[3]["objects"]["category"]
+
+
+def test_shards_written_before_polygons_are_named_not_misread():
+    old_schema = datasets.Features(
+        {**FEATURES, "objects": {k: v for k, v in FEATURES["objects"].items() if k != "polygons"}}
+    )
+    with pytest.raises(DataError, match=r"missing \['objects.polygons'\].*write them again"):
+        check_columns(old_schema, "old_shards/data-00000-of-00001.parquet")

@@ -18,7 +18,7 @@ from pycocotools import mask as mask_utils
 from gd_hf.config import DataConfig
 from gd_hf.data.coco import DataError
 from gd_hf.data.convert import main as convert_main
-from gd_hf.data.masks import decode_masks
+from gd_hf.data.masks import decode_masks, object_masks
 from gd_hf.data.sources import open_source
 from gd_hf.train import train
 
@@ -84,7 +84,7 @@ def assert_records_match(records, scenes_by_id: dict[int, Scene], class_of: dict
         scene = scenes_by_id[record["image_id"]]
         height, width = scene.pixels.shape[:2]
         assert (record["height"], record["width"]) == (height, width)
-        masks = decode_masks(record["objects"]["rle_counts"], height, width)
+        masks = object_masks(record["objects"]["rle_counts"], record["objects"]["polygons"], height, width)
         assert len(masks) == len(scene.objects), record["image_id"]
         for decoded, category, (class_id, drawn) in zip(masks, record["objects"]["category"], scene.objects):
             assert np.array_equal(decoded, drawn)

@@ -424,7 +424,7 @@ def test_pipeline_and_gd_hf_predict_see_the_same_pixels_and_agree_on_the_top_ins
             "image_id": [1],
             "width": [96],
             "height": [96],
-            "objects": [{"category": [], "rle_counts": [], "iscrowd": []}],
+            "objects": [{"category": [], "rle_counts": [], "iscrowd": [], "polygons": []}],
         }  # fmt: skip
     )
     data = DataConfig(eval_shortest_edge=size["shortest_edge"], eval_longest_edge=size["longest_edge"])

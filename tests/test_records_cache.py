@@ -37,15 +37,16 @@ def builds(cache):
 
 @pytest.fixture
 def parses(monkeypatch):
-    """How many child processes parsed a JSON (a build runs in one; a cache hit starts none)."""
+    """Which JSON files child processes parsed (a build runs in one; a cache hit starts none)."""
     count = []
     real = coco_source.concurrent.futures.ProcessPoolExecutor
 
-    def counting(*args, **kwargs):
-        count.append(1)
-        return real(*args, **kwargs)
+    class Counting(real):
+        def submit(self, fn, *args, **kwargs):
+            count.append(Path(args[0]).name)
+            return super().submit(fn, *args, **kwargs)
 
-    monkeypatch.setattr(coco_source.concurrent.futures, "ProcessPoolExecutor", counting)
+    monkeypatch.setattr(coco_source.concurrent.futures, "ProcessPoolExecutor", Counting)
     return count
 
 
@@ -59,7 +60,7 @@ def test_a_one_launch_run_reads_each_json_once_and_a_relaunch_parses_none(
     train_json = str(synthetic_root / "annotations" / "instances_train.json")
     val_json = str(synthetic_root / "annotations" / "instances_val.json")
     assert opened == [train_json, val_json]  # phase 1 and phases 2-3 share the launch's data
-    assert len(parses) == 2
+    assert sorted(parses) == ["instances_train.json", "instances_val.json"]
     first = builds(cache)
     assert len(first) == 2 and not any(name.startswith(".") for name in first)  # no temporary folder left
     opened.clear()
@@ -203,3 +204,38 @@ def test_a_relaunch_does_not_read_val_images_it_checked_and_that_did_not_change(
     with pytest.raises(DataError, match=r"1000002\.png"):
         train(demo_recipe(tiny_overrides(root, tmp_path / "third") + overrides))
     assert checked == [8, 8]
+
+
+def _polygon_folder(root: Path, split: str, image_ids: list[int]) -> tuple[Path, Path]:
+    from PIL import Image
+
+    (root / split).mkdir(parents=True)
+    images, annotations = [], []
+    for image_id in image_ids:
+        Image.new("RGB", (40, 30), (90, 60, 30)).save(root / split / f"{image_id}.png")
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 40, "height": 30})
+        annotations.append({"id": image_id, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+                            "segmentation": [[2, 2, 20, 2, 20, 15, 2, 15]]})  # fmt: skip
+    path = root / f"{split}.json"
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "box"}]})
+    )
+    return path, root / split
+
+
+def test_a_first_launch_parses_train_and_val_side_by_side_train_polygons_kept_as_parsed(tmp_path, parses):
+    """The training file's polygons go to the cache as parsed (rasterised when a record is read), val's as RLE
+    (its pycocotools ground truth); each file parsed once, in a child process."""
+    from gd_hf.config import DataConfig
+
+    train_json, train_images = _polygon_folder(tmp_path, "train", [1, 2, 3])
+    val_json, val_images = _polygon_folder(tmp_path, "val", [7, 8])
+    d = DataConfig(train_annotations=str(train_json), train_images=str(train_images), val_annotations=str(val_json),
+                   val_images=str(val_images), records_cache=str(tmp_path / "cache"), generate_synthetic=False)  # fmt: skip
+    opened = coco_source.open_coco(d)
+    assert parses == ["train.json", "val.json"]
+    for objects in opened.train["objects"]:
+        assert objects["rle_counts"] == [""] and objects["polygons"] == [[[2, 2, 20, 2, 20, 15, 2, 15]]]
+    for objects in opened.val["objects"]:
+        assert objects["rle_counts"][0] and objects["polygons"] == [[]]
+    assert [a["area"] for a in opened.val_ground_truth.dataset["annotations"]] == [18 * 13] * 2

@@ -1,15 +1,22 @@
 import json
 
+import numpy as np
 import pytest
 
-from gd_hf.data.coco import CocoSource, DataError
+from gd_hf.data.coco import NO_POLYGONS, CocoObjects, CocoSource, DataError
 from gd_hf.data.splits import draw_labeled_ids, make_split, read_split_file, write_split_file
 
 
 def source_with(annotated: list[int], total: int = 100) -> CocoSource:
     images = {i: {"file_name": f"{i}.png", "width": 4, "height": 4} for i in range(1, total + 1)}
-    annotations = {i: ([{"rle": None, "category": 0, "iscrowd": 0}] if i in annotated else []) for i in images}
-    return CocoSource("ann.json", ".", images, annotations, [1], ["thing"])
+    objects = CocoObjects(
+        image_id=np.array(annotated, np.int64),
+        category=np.zeros(len(annotated), np.int32),
+        iscrowd=np.zeros(len(annotated), np.int8),
+        rle_counts=["04"] * len(annotated),  # a 4x4 mask of 0 then 4 pixels
+        polygons=NO_POLYGONS.take(np.zeros(len(annotated), np.int64)),
+    )
+    return CocoSource("ann.json", ".", images, objects, [1], ["thing"])
 
 
 def test_draw_is_deterministic_and_pinned():

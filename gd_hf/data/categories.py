@@ -144,6 +144,7 @@ def drop_categories(
                     "category": [new_id[objects["category"][k]] for k in keep],
                     "rle_counts": [objects["rle_counts"][k] for k in keep],
                     "iscrowd": [objects["iscrowd"][k] for k in keep],
+                    "polygons": [objects["polygons"][k] for k in keep],
                 }
             )
         return {"objects": out}

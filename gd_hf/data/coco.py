@@ -1,8 +1,9 @@
 """COCO-format folders (image folder + instances JSON) read into HF `datasets`.
 
-Every segmentation (polygons, uncompressed RLE, compressed RLE) is normalised to compressed RLE at load time,
-so the rest of the code sees one format. Categories are mapped to contiguous ids 0..C-1 in ascending COCO id
-order; the COCO ids are kept for writing COCO-JSON results.
+Every segmentation (polygons, uncompressed RLE, compressed RLE) is checked at load time and normalised to
+compressed RLE, so the rest of the code sees one format; a training file's polygons may instead be kept as
+parsed (`rasterise_polygons=False`) and rasterised when a record is read (see `gd_hf.data.masks`). Categories are
+mapped to contiguous ids 0..C-1 in ascending COCO id order; the COCO ids are kept for writing COCO-JSON results.
 """
 
 from __future__ import annotations
@@ -14,20 +15,37 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from datasets.table import InMemoryTable
 
-from gd_hf.data.masks import convert_segmentations
+from gd_hf.data.masks import check_polygons, convert_segmentations
 
 logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
     """The data is missing or malformed; the message names the file and record and what to do."""
+
+
+NO_POLYGONS = pa.array([[]], pa.list_(pa.list_(pa.float64())))  # one object's empty polygon list
+
+
+@dataclass
+class CocoObjects:
+    """The usable annotations of a COCO file, in file order, as columns."""
+
+    image_id: np.ndarray  # int64
+    category: np.ndarray  # int32, contiguous class
+    iscrowd: np.ndarray  # int8
+    rle_counts: list[str]  # compressed RLE counts, or "" where `polygons` holds the object
+    polygons: pa.ListArray  # list<list<float64>> per object: polygons to rasterise when read ([] for RLE)
 
 
 @dataclass
@@ -37,7 +55,7 @@ class CocoSource:
     annotation_file: Path
     image_dir: Path
     images: dict[int, dict[str, Any]]  # image id -> {"file_name", "width", "height"}
-    annotations: dict[int, list[dict[str, Any]]]  # image id -> its annotations (normalised: RLE, contiguous class)
+    objects: CocoObjects
     category_ids: list[int]  # contiguous id -> COCO category id
     category_names: list[str]
     skipped_annotations: int = 0
@@ -49,6 +67,23 @@ class CocoSource:
 
     def image_path(self, image_id: int) -> Path:
         return self.image_dir / self.images[image_id]["file_name"]
+
+    @cached_property
+    def annotations(self) -> dict[int, list[dict[str, Any]]]:
+        """Image id -> its annotations, each {"category", "iscrowd"} and "rle" (compressed) or "polygons"."""
+        objects = self.objects
+        has_polygons = pc.sum(pc.list_value_length(objects.polygons)).as_py()
+        polygons = objects.polygons.to_pylist() if has_polygons else None
+        annotations: dict[int, list[dict[str, Any]]] = {i: [] for i in self.images}
+        for k, image_id in enumerate(objects.image_id.tolist()):
+            info = self.images[image_id]
+            ann: dict[str, Any] = {"category": int(objects.category[k]), "iscrowd": int(objects.iscrowd[k])}
+            if objects.rle_counts[k]:
+                ann["rle"] = {"size": [info["height"], info["width"]], "counts": objects.rle_counts[k]}
+            else:
+                ann["polygons"] = polygons[k] if polygons is not None else []
+            annotations[image_id].append(ann)
+        return annotations
 
 
 @contextlib.contextmanager
@@ -173,12 +208,18 @@ def _crowd_flag(record: dict[str, Any], where: str) -> int:
 
 
 def load_coco(
-    annotation_file: str | Path, image_dir: str | Path, check_images: bool = True, crowd_as_objects: bool = False
+    annotation_file: str | Path,
+    image_dir: str | Path,
+    check_images: bool = True,
+    crowd_as_objects: bool = False,
+    rasterise_polygons: bool = True,
 ) -> CocoSource:
     """Read and validate a COCO instances JSON; raise `DataError` naming the file and record on bad input.
-    `crowd_as_objects`: `iscrowd: 1` annotations become objects (CVAT exports its mask instances so)."""
+    `crowd_as_objects`: `iscrowd: 1` annotations become objects (CVAT exports its mask instances so).
+    `rasterise_polygons=False`: polygons are checked but kept as parsed, to be rasterised when a record is read
+    (a training file: most of its images may never be read with their labels)."""
     with _gc_paused():
-        return _load_coco(Path(annotation_file), Path(image_dir), check_images, crowd_as_objects)
+        return _load_coco(Path(annotation_file), Path(image_dir), check_images, crowd_as_objects, rasterise_polygons)
 
 
 def _read_instances_json(annotation_file: Path) -> dict[str, Any]:
@@ -199,7 +240,9 @@ def _read_instances_json(annotation_file: Path) -> dict[str, Any]:
     return coco
 
 
-def _load_coco(annotation_file: Path, image_dir: Path, check_images: bool, crowd_as_objects: bool) -> CocoSource:
+def _load_coco(
+    annotation_file: Path, image_dir: Path, check_images: bool, crowd_as_objects: bool, rasterise_polygons: bool
+) -> CocoSource:
     if not annotation_file.is_file():
         raise DataError(f"annotation file {annotation_file} does not exist: check data.*_annotations in the recipe")
     if not image_dir.is_dir():
@@ -214,10 +257,10 @@ def _load_coco(annotation_file: Path, image_dir: Path, check_images: bool, crowd
 
     images = _image_records(coco["images"], annotation_file, image_dir, check_images)
 
-    annotations: dict[int, list[dict[str, Any]]] = {i: [] for i in images}
-    skip_reasons: dict[str, int] = {}
-    kept: list[tuple[int, int, int]] = []  # (image id, contiguous class, iscrowd) of each annotation to convert
-    geometry: list[tuple[Any, int, int]] = []  # (segmentation, height, width), converted below in bulk
+    image_ids: list[int] = []
+    classes: list[int] = []
+    crowds: list[int] = []
+    segmentations: list[Any] = []
     for index, record in enumerate(coco["annotations"]):
         if not isinstance(record, dict):
             raise DataError(
@@ -225,33 +268,41 @@ def _load_coco(annotation_file: Path, image_dir: Path, check_images: bool, crowd
                 f"{str(record)[:200]}"
             )
         ann_id = record.get("id", "?")
-        image_id = _integer(record.get("image_id"))
+        # (the type test first: _integer's call is a third of this loop's time on COCO's 860k records; an int
+        # beyond int64 is in neither dict below)
+        image_id = record.get("image_id")
+        image_id = image_id if type(image_id) is int else _integer(image_id)
         if image_id not in images:
             raise DataError(
                 f"{annotation_file}: annotation {ann_id!r} points at image id {record.get('image_id')!r}, which is "
                 "not in `images`"
             )
-        category_id = _integer(record.get("category_id"))
+        category_id = record.get("category_id")
+        category_id = category_id if type(category_id) is int else _integer(category_id)
         if category_id not in coco_to_contiguous:
             raise DataError(
                 f"{annotation_file}: annotation {ann_id!r} (image {image_id}) has category_id "
                 f"{record.get('category_id')!r}, which is not in `categories` (known: {sorted(coco_to_contiguous)})"
             )
-        info = images[image_id]
         crowd = _crowd_flag(record, f"{annotation_file}: annotation {ann_id!r} (image {image_id})")
-        crowd = 0 if crowd_as_objects else crowd
-        kept.append((image_id, coco_to_contiguous[category_id], crowd))
-        geometry.append((record.get("segmentation"), info["height"], info["width"]))
-    del coco  # the raw JSON: only `geometry` is still needed
-    for (image_id, category, crowd), converted in zip(kept, convert_segmentations(geometry)):
-        if isinstance(converted, ValueError):
-            # Unusable geometry is skipped (and counted), not fatal: COCO itself has a few such records.
-            reason = str(converted)
-            skip_reasons[reason] = skip_reasons.get(reason, 0) + 1
-            continue
-        info = images[image_id]
-        rle = {"size": [info["height"], info["width"]], "counts": converted}
-        annotations[image_id].append({"rle": rle, "category": category, "iscrowd": crowd})
+        image_ids.append(image_id)
+        classes.append(coco_to_contiguous[category_id])
+        crowds.append(0 if crowd_as_objects else crowd)
+        segmentations.append(record.get("segmentation"))
+    del coco  # the raw JSON: only `segmentations` is still needed
+    rle_counts, polygons, problems = _checked_geometry(segmentations, image_ids, images, rasterise_polygons)
+    skip_reasons: dict[str, int] = {}
+    for problem in problems:  # unusable geometry is skipped (and counted), not fatal: COCO itself has a few
+        if problem is not None:
+            skip_reasons[problem] = skip_reasons.get(problem, 0) + 1
+    kept = np.flatnonzero(np.array([p is None for p in problems], bool))
+    objects = CocoObjects(
+        image_id=np.asarray(image_ids, np.int64)[kept],
+        category=np.asarray(classes, np.int32)[kept],
+        iscrowd=np.asarray(crowds, np.int8)[kept],
+        rle_counts=[rle_counts[k] for k in kept.tolist()],
+        polygons=polygons if len(kept) == len(problems) else polygons.take(pa.array(kept)),
+    )
     skipped = sum(skip_reasons.values())
     if skipped:
         logger.warning(
@@ -261,12 +312,34 @@ def _load_coco(annotation_file: Path, image_dir: Path, check_images: bool, crowd
         annotation_file=annotation_file,
         image_dir=image_dir,
         images=images,
-        annotations=annotations,
+        objects=objects,
         category_ids=[c["id"] for c in categories],
         category_names=[str(c.get("name", c["id"])) for c in categories],
         skipped_annotations=skipped,
         skip_reasons=skip_reasons,
     )
+
+
+def _checked_geometry(
+    segmentations: list[Any], image_ids: list[int], images: dict[int, dict[str, Any]], rasterise_polygons: bool
+) -> tuple[list[str], pa.ListArray, list[str | None]]:
+    """Each segmentation's compressed RLE counts ("" for polygons kept as parsed), its polygons (list<list<float64>>
+    per annotation, [] unless kept) and its problem (None where usable)."""
+    heights = np.array([images[i]["height"] for i in image_ids], np.int64)
+    widths = np.array([images[i]["width"] for i in image_ids], np.int64)
+    lazily = [not rasterise_polygons and isinstance(s, list) and s != [] for s in segmentations]
+    eager = [k for k, kept_as_parsed in enumerate(lazily) if not kept_as_parsed]
+    converted = convert_segmentations([(segmentations[k], int(heights[k]), int(widths[k])) for k in eager])
+    polygons, problems = check_polygons(
+        [s if kept_as_parsed else None for s, kept_as_parsed in zip(segmentations, lazily)], heights, widths
+    )
+    rle_counts = [""] * len(segmentations)
+    for k, result in zip(eager, converted):
+        if isinstance(result, ValueError):
+            problems[k] = str(result)
+        else:
+            rle_counts[k] = result
+    return rle_counts, polygons, problems
 
 
 FEATURES = datasets.Features(
@@ -280,6 +353,9 @@ FEATURES = datasets.Features(
                 "category": datasets.Value("int32"),
                 "rle_counts": datasets.Value("string"),
                 "iscrowd": datasets.Value("int8"),
+                # A COCO training file's polygons, rasterised when the record is read; [] where rle_counts holds
+                # the mask (everywhere else).
+                "polygons": datasets.Sequence(datasets.Sequence(datasets.Value("float64"))),
             }
         ),
     }
@@ -300,24 +376,33 @@ def to_hf_dataset(
     """The images `image_ids` (default: all) as a `datasets.Dataset`; `with_labels=False` drops the objects.
     `features`: FEATURES, or PATH_FEATURES (image paths as plain strings, e.g. for a cache on disk)."""
     ids = sorted(source.images) if image_ids is None else list(image_ids)
-    # Arrow columns built directly (Dataset.from_dict would encode 118k nested rows in Python: 8 s for COCO).
+    # Arrow columns built directly (Dataset.from_dict would encode 118k nested rows in Python: 8 s for COCO), the
+    # objects put in row order with numpy (a Python loop over COCO's 860k objects took 5 s).
     paths = [str(source.image_path(image_id)) for image_id in ids]
-    offsets, categories, counts, crowds = [0], [], [], []
-    for image_id in ids:
-        anns = source.annotations[image_id] if with_labels else ()
-        for a in anns:
-            categories.append(a["category"])
-            counts.append(a["rle"]["counts"])
-            crowds.append(a["iscrowd"])
-        offsets.append(len(categories))
-    list_offsets = pa.array(offsets, pa.int32())
-    objects = pa.StructArray.from_arrays(
+    objects = source.objects
+    rows = np.full(len(objects.image_id), -1, np.int64)  # each object's row, -1 where its image is not asked for
+    if with_labels and ids and len(rows):
+        asked = np.asarray(ids, np.int64)
+        by_id = np.argsort(asked, kind="stable")
+        position = np.minimum(np.searchsorted(asked[by_id], objects.image_id), len(ids) - 1)
+        rows = np.where(asked[by_id][position] == objects.image_id, by_id[position], -1)
+    selected = np.flatnonzero(rows >= 0)
+    order = selected[np.argsort(rows[selected], kind="stable")]  # by row, file order within a row
+    per_row = np.bincount(rows[selected], minlength=len(ids))
+    list_offsets = pa.array(np.concatenate([[0], np.cumsum(per_row)]), pa.int32())
+    in_order = len(order) == len(rows) and bool((order == np.arange(len(rows))).all())  # (most files: no copy)
+    take = None if in_order else pa.array(order, pa.int64())
+    rle_counts, polygons = pa.array(objects.rle_counts, pa.string()), objects.polygons
+    if take is not None:
+        rle_counts, polygons = rle_counts.take(take), polygons.take(take)
+    objects_array = pa.StructArray.from_arrays(
         [
-            pa.ListArray.from_arrays(list_offsets, pa.array(categories, pa.int32())),
-            pa.ListArray.from_arrays(list_offsets, pa.array(counts, pa.string())),
-            pa.ListArray.from_arrays(list_offsets, pa.array(crowds, pa.int8())),
+            pa.ListArray.from_arrays(list_offsets, pa.array(objects.category[order], pa.int32())),
+            pa.ListArray.from_arrays(list_offsets, rle_counts),
+            pa.ListArray.from_arrays(list_offsets, pa.array(objects.iscrowd[order], pa.int8())),
+            pa.ListArray.from_arrays(list_offsets, polygons),
         ],
-        names=["category", "rle_counts", "iscrowd"],
+        names=["category", "rle_counts", "iscrowd", "polygons"],
     )
     if isinstance(features["image"], datasets.Image):
         image = pa.StructArray.from_arrays(
@@ -330,7 +415,7 @@ def to_hf_dataset(
         pa.array(ids, pa.int64()),
         pa.array([source.images[i]["width"] for i in ids], pa.int32()),
         pa.array([source.images[i]["height"] for i in ids], pa.int32()),
-        objects,
+        objects_array,
     ]
     table = pa.Table.from_arrays(columns, schema=features.arrow_schema)
     return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features))

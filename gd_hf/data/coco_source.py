@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 import psutil
@@ -27,7 +28,8 @@ from gd_hf.files import replace_durably
 logger = logging.getLogger(__name__)
 
 
-RECORDS_CACHE_VERSION = 2  # bump when the records' schema or the parsing rules change (2: RLE and fields checked)
+RECORDS_CACHE_VERSION = 3  # bump when the records' schema or the parsing rules change (2: RLE and fields checked,
+# 3: a training file's polygons kept as parsed)
 RECORDS_INFO_FILE = "gd_hf_records.json"
 
 
@@ -38,44 +40,35 @@ def records_cache_root(setting: str | None) -> Path | None:
     return Path(datasets.config.HF_DATASETS_CACHE) / "gd_hf_records" if setting == "auto" else Path(setting)
 
 
+class CocoFile(NamedTuple):
+    """A COCO instances file as gd_hf reads it (see `load_coco` for the flags)."""
+
+    annotation_file: Path
+    image_dir: Path
+    crowd_as_objects: bool = False
+    rasterise_polygons: bool = True
+
+
 def coco_records(
-    annotation_file: str | Path, image_dir: str | Path, cache_root: Path | None, crowd_as_objects: bool = False
+    annotation_file: str | Path,
+    image_dir: str | Path,
+    cache_root: Path | None,
+    crowd_as_objects: bool = False,
+    rasterise_polygons: bool = True,
 ) -> tuple[datasets.Dataset, Categories]:
     """The gd_hf records of a COCO folder, and its categories: parsed and validated once (`load_coco`), then
-    read from a memory-mapped `datasets` folder under `cache_root` (see `DataConfig.records_cache`).
-
-    The cache key is the JSON's content (SHA-256), the image folder and `crowd_as_objects` (see `load_coco`): an
-    edited JSON is parsed again. The parse runs in a child process, so the parsed JSON (GBs for COCO's train2017, which
-    Python would keep in this process's heap) goes with it; the folder is written under a temporary name and
-    renamed into place, so a reader sees all of it or none. In a multi-process launch the main process of each machine builds
-    it first (`prepare_data`), the others read it.
+    read from a memory-mapped `datasets` folder under `cache_root` (see `DataConfig.records_cache`; built by
+    `build_missing_caches`).
     """
-    annotation_file, image_dir = Path(annotation_file), Path(image_dir)
+    file = CocoFile(Path(annotation_file), Path(image_dir), crowd_as_objects, rasterise_polygons)
     if cache_root is None:
-        source = load_coco(annotation_file, image_dir, crowd_as_objects=crowd_as_objects)
+        source = load_coco(*file[:2], crowd_as_objects=crowd_as_objects, rasterise_polygons=rasterise_polygons)
         return to_hf_dataset(source), Categories(source.category_ids, source.category_names)
-    folder = records_cache_folder(annotation_file, image_dir, cache_root, crowd_as_objects)
+    folder = records_cache_folder(*file[:2], cache_root, crowd_as_objects, rasterise_polygons)
     if (folder / RECORDS_INFO_FILE).is_file():
         logger.info("%s: records read from the cache %s", annotation_file, folder)
     else:
-        logger.info("%s: parsing (once; the records are cached in %s)", annotation_file, folder)
-        try:
-            cache_root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise DataError(
-                f"cannot write the records cache {cache_root} ({e}): set data.records_cache to a writable folder, "
-                "or to null to parse the JSON at every launch"
-            ) from e
-        remove_abandoned_builds(folder)
-        try:
-            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-                # (.result() re-raises the child's DataError here)
-                child.submit(build_records_cache, annotation_file, image_dir, folder, crowd_as_objects).result()
-        except concurrent.futures.process.BrokenProcessPool as e:
-            raise DataError(
-                f"{annotation_file}: the process parsing it died ({e}), most likely killed for memory. Look for "
-                "absurd records (huge sizes or coordinates), or free memory and launch again"
-            ) from e
+        build_missing_caches([file], cache_root)
     info = json.loads((folder / RECORDS_INFO_FILE).read_text())
     if info["skipped_annotations"]:  # said at every launch, also when read from the cache
         logger.warning(
@@ -90,6 +83,49 @@ def coco_records(
         raise DataError(f"{annotation_file} (records cache {folder}): {e}") from e
     records = datasets.load_from_disk(str(folder)).cast_column("image", datasets.Image())  # paths -> images
     return records, categories
+
+
+def build_missing_caches(files: list[CocoFile], cache_root: Path) -> None:
+    """Parse the files whose records are not cached yet into their caches (`build_records_cache`), each in a
+    child process, all at once (a first launch parses train and val side by side).
+
+    The cache key is the JSON's content (SHA-256), the image folder and the flags: an edited JSON is parsed
+    again. A child parses, so the parsed JSON (GBs for COCO's train2017, which Python would keep in this
+    process's heap) goes with it; the folder is written under a temporary name and renamed into place, so a
+    reader sees all of it or none. In a multi-process launch the main process of each machine builds them first
+    (`prepare_data`), the others read them.
+    """
+    missing = {}
+    for file in files:
+        folder = records_cache_folder(file.annotation_file, file.image_dir, cache_root, *file[2:])
+        if not (folder / RECORDS_INFO_FILE).is_file():
+            missing[folder] = file
+    if not missing:
+        return
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(
+            f"cannot write the records cache {cache_root} ({e}): set data.records_cache to a writable folder, "
+            "or to null to parse the JSON at every launch"
+        ) from e
+    for folder, file in missing.items():
+        logger.info("%s: parsing (once; the records are cached in %s)", file.annotation_file, folder)
+        remove_abandoned_builds(folder)
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(len(missing), mp_context=spawn) as children:
+        builds = [
+            (file, children.submit(build_records_cache, file.annotation_file, file.image_dir, folder, *file[2:]))
+            for folder, file in missing.items()
+        ]
+        for file, build in builds:  # (.result() re-raises a child's DataError here: the first file's first)
+            try:
+                build.result()
+            except concurrent.futures.process.BrokenProcessPool as e:
+                raise DataError(
+                    f"{file.annotation_file}: the process parsing it died ({e}), most likely killed for memory. "
+                    "Look for absurd records (huge sizes or coordinates), or free memory and launch again"
+                ) from e
 
 
 @functools.lru_cache(maxsize=16)
@@ -110,16 +146,21 @@ def file_digest(path: Path) -> str:
 
 
 def records_cache_folder(
-    annotation_file: Path, image_dir: Path, cache_root: Path, crowd_as_objects: bool = False
+    annotation_file: Path,
+    image_dir: Path,
+    cache_root: Path,
+    crowd_as_objects: bool = False,
+    rasterise_polygons: bool = True,
 ) -> Path:
     """The cache folder of an instances JSON: a new one whenever the file's content changes (its SHA-256, ~0.3 s
     per 400 MB here: an edit that keeps the file's size and modification time is still seen), or the image
-    folder, or `crowd_as_objects`."""
+    folder, or `crowd_as_objects` or `rasterise_polygons`."""
     if not annotation_file.is_file():
         raise DataError(f"annotation file {annotation_file} does not exist: check data.*_annotations in the recipe")
     key = json.dumps(
         [RECORDS_CACHE_VERSION, file_digest(annotation_file), str(image_dir.resolve())]
         + (["crowd_as_objects"] if crowd_as_objects else [])
+        + ([] if rasterise_polygons else ["polygons_as_parsed"])
     )
     return cache_root / f"{annotation_file.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
 
@@ -134,12 +175,19 @@ def remove_abandoned_builds(folder: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_records_cache(annotation_file: Path, image_dir: Path, folder: Path, crowd_as_objects: bool = False) -> None:
+def build_records_cache(
+    annotation_file: Path,
+    image_dir: Path,
+    folder: Path,
+    crowd_as_objects: bool = False,
+    rasterise_polygons: bool = True,
+) -> None:
     """Parse and validate an instances JSON (`load_coco`) and save its records to `folder` (atomically)."""
     logging.getLogger("gd_hf").setLevel(logging.ERROR)  # the parent says what was skipped, from the info file
     # Absolute image paths: the cache is found by resolved paths, so a launch from another working directory
     # (or naming the folder another way) reads it too.
-    source = load_coco(annotation_file, image_dir.resolve(), crowd_as_objects=crowd_as_objects)
+    source = load_coco(annotation_file, image_dir.resolve(), crowd_as_objects=crowd_as_objects,
+                       rasterise_polygons=rasterise_polygons)  # fmt: skip
     # Image paths as strings: save_to_disk would copy the files of an Image column into the folder.
     records = to_hf_dataset(source, features=PATH_FEATURES)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
@@ -162,8 +210,14 @@ def build_records_cache(annotation_file: Path, image_dir: Path, folder: Path, cr
 def open_coco(d: DataConfig) -> TrainVal:
     cache_root = records_cache_root(d.records_cache)
     crowd = d.crowd_masks_as_objects
-    train, categories = coco_records(d.train_annotations, d.train_images, cache_root, crowd)
-    val, val_categories = coco_records(d.val_annotations, d.val_images, cache_root, crowd)
+    # The training file's polygons are rasterised when a record is read (a 1 % split reads 1 % of them); val's
+    # now, for its pycocotools ground truth.
+    train_file = CocoFile(Path(d.train_annotations), Path(d.train_images), crowd, rasterise_polygons=False)
+    val_file = CocoFile(Path(d.val_annotations), Path(d.val_images), crowd)
+    if cache_root is not None:
+        build_missing_caches([train_file, val_file], cache_root)
+    train, categories = coco_records(*train_file[:2], cache_root, *train_file[2:])
+    val, val_categories = coco_records(*val_file[:2], cache_root, *val_file[2:])
     if categories != val_categories:
         raise DataError(
             f"{d.train_annotations} and {d.val_annotations} list different categories: "

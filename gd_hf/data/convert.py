@@ -241,6 +241,7 @@ def coco_to_shards(annotations: str | Path, images: str | Path, out: str | Path,
                     "category": [a["category"] for a in anns],
                     "rle_counts": [a["rle"]["counts"] for a in anns],
                     "iscrowd": [a["iscrowd"] for a in anns],
+                    "polygons": [[] for _ in anns],  # (load_coco rasterised them)
                 },
             }
 

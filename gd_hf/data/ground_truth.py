@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 
 from gd_hf.data.categories import Categories
 from gd_hf.data.coco import DataError, load_coco, to_hf_dataset
-from gd_hf.data.masks import compressed_rle_problem
+from gd_hf.data.masks import compressed_rle_problem, rle_from_polygons
 
 
 def ground_truth_from_json(annotation_file: str | Path) -> COCO:
@@ -33,7 +33,10 @@ def coco_ground_truth(records: datasets.Dataset, categories: Categories, checked
     for row in records.select_columns(["image_id", "width", "height", "objects"]):
         images.append({"id": row["image_id"], "width": row["width"], "height": row["height"]})
         objects = row["objects"]
-        for category, counts, crowd in zip(objects["category"], objects["rle_counts"], objects["iscrowd"]):
+        geometry = zip(objects["category"], objects["rle_counts"], objects["iscrowd"], objects["polygons"])
+        for category, counts, crowd, polygons in geometry:
+            if not counts and polygons:  # (polygons kept as parsed: checked then)
+                counts = rle_from_polygons(polygons, row["height"], row["width"])["counts"].decode()
             # Val is read whole here, at start: a mask that is not one (shards, hub data sets) stops the run now,
             # not at the first evaluation hours in.
             problem = None if checked else compressed_rle_problem(counts, row["height"], row["width"])

@@ -73,7 +73,7 @@ class HubRecordReader:
             "image_id": int(image_id),
             "width": width,
             "height": height,
-            "objects": {"category": categories, "rle_counts": counts, "iscrowd": crowd},
+            "objects": {"category": categories, "rle_counts": counts, "iscrowd": crowd, "polygons": [[]] * len(counts)},
         }
         if self.report_skipped:
             record[SKIPPED] = skipped

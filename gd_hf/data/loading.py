@@ -26,7 +26,7 @@ from datasets.distributed import split_dataset_by_node
 from gd_hf.config import DataConfig
 from gd_hf.data.coco import DataError
 from gd_hf.data.images import read_image
-from gd_hf.data.masks import decode_masks
+from gd_hf.data.masks import object_masks
 from gd_hf.data.transforms import (
     BLACK,
     REFERENCE_STRONG,
@@ -53,7 +53,8 @@ def read_image_and_targets(
     objects = example["objects"]
     keep = [i for i, crowd in enumerate(objects["iscrowd"]) if not crowd]
     try:
-        masks = torch.from_numpy(decode_masks([objects["rle_counts"][i] for i in keep], *image.shape[-2:]))
+        rle_counts, polygons = [objects["rle_counts"][i] for i in keep], [objects["polygons"][i] for i in keep]
+        masks = torch.from_numpy(object_masks(rle_counts, polygons, *image.shape[-2:]))
     except ValueError as e:  # a bad record, skipped and counted like a bad image (data.on_error)
         if not targets_needed:
             return image, torch.zeros(0, *image.shape[-2:], dtype=torch.bool), torch.zeros(0, dtype=torch.long)

@@ -38,11 +38,15 @@ def check_columns(features: datasets.Features | None, where: str) -> None:
     if features is None:
         return  # an untyped stream: records are checked one by one as they are read
     expected, found = set(FEATURES), set(features)
+    if expected == found and isinstance(features["objects"], dict):
+        expected = {f"objects.{key}" for key in FEATURES["objects"]}
+        found = {f"objects.{key}" for key in features["objects"]}
     if expected != found:
         missing, extra = sorted(expected - found), sorted(found - expected)
         raise DataError(
             f"{where} does not have gd_hf's record columns: missing {missing}, extra {extra}. Write shards with "
-            "`python -m gd_hf.data.convert shards`, or use data.source: hub with data.hub_columns for other layouts."
+            "`python -m gd_hf.data.convert shards` (shards of gd_hf before objects.polygons: write them again), or "
+            "use data.source: hub with data.hub_columns for other layouts."
         )
 
 
@@ -52,7 +56,7 @@ def check_record(example: dict[str, Any]) -> dict[str, Any]:
     if missing:
         raise DataError(f"record {example.get('image_id', '?')} has no {missing}")
     objects = example["objects"]
-    absent = [key for key in ("category", "rle_counts", "iscrowd") if key not in objects]
+    absent = [key for key in ("category", "rle_counts", "iscrowd", "polygons") if key not in objects]
     if absent:
         raise DataError(f"record {example['image_id']}: objects have no {absent}")
     return example
@@ -70,7 +74,7 @@ def image_folder_records(folder: str | Path) -> datasets.Dataset:
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise DataError(f"{folder} holds no images ({sorted(IMAGE_SUFFIXES)})")
-    empty = {"category": [], "rle_counts": [], "iscrowd": []}
+    empty = {"category": [], "rle_counts": [], "iscrowd": [], "polygons": []}
     return datasets.Dataset.from_dict(
         {
             "image": [str(p) for p in paths],

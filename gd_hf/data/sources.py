@@ -1,7 +1,7 @@
 """Where the records come from (`data.source`), read as `datasets` data sets — map-style or streamed.
 
 Every source ends as *gd_hf records* (`gd_hf.data.coco.FEATURES`: image, image_id, width, height,
-objects{category, rle_counts, iscrowd}, categories contiguous 0..C-1):
+objects{category, rle_counts, iscrowd, polygons}, categories contiguous 0..C-1):
 
 - `coco`: a COCO folder (image folder + instances JSON), read and validated by `load_coco`.
 - `shards`: a folder of Parquet files in that schema (`python -m gd_hf.data.convert shards`, or any
