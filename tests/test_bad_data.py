@@ -475,6 +475,32 @@ def test_bad_records_are_skipped_until_50_in_a_row_stop_the_run(tmp_path):
         strict[(0, 0)]
 
 
+STATED_SIZES = [("larger", (40, 32)), ("smaller", (30, 20)), ("swapped", (24, 32))]  # the file is 32 wide, 24 high
+
+
+@pytest.mark.parametrize("name, stated", STATED_SIZES, ids=[c[0] for c in STATED_SIZES])
+def test_a_stated_size_that_disagrees_with_the_file_is_a_bad_record(tmp_path, name, stated):
+    """A COCO record whose width/height are not the file's (larger, smaller, or swapped without an EXIF turn):
+    its masks were drawn for another image, so it is skipped and counted under `data.on_error: skip` (the next
+    record is trained on) and stops the run naming the file and both sizes under `raise`."""
+    wrong, right = tmp_path / "wrong.png", tmp_path / "right.png"
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(wrong)
+    Image.new("RGB", (32, 24), (30, 200, 30)).save(right)
+    empty = {"category": [], "rle_counts": [], "iscrowd": [], "polygons": []}
+    records = datasets.Dataset.from_dict(
+        {"image": [str(wrong), str(right)], "image_id": [1, 2], "width": [stated[0], 32],
+         "height": [stated[1], 24], "objects": [empty, empty]},
+        features=FEATURES,
+    )  # fmt: skip
+    data = DataConfig(crop_size=32, min_scale=1.0, max_scale=1.0, on_error="skip")
+    sample = LabeledTrainDataset(records, data)[(0, 0)]
+    assert sample["image_id"] == 2 and sample["skipped"] == 1
+    strict = LabeledTrainDataset(records, DataConfig(crop_size=32, on_error="raise"))
+    with pytest.raises(DataError, match=rf"wrong\.png \(image id 1\) is 32x24 but the annotation file says "
+                                        rf"{stated[0]}x{stated[1]}"):  # fmt: skip
+        strict[(0, 0)]
+
+
 # --- the table: image files damaged where PIL raises something other than OSError -> a bad record ---------------
 
 
