@@ -238,13 +238,16 @@ SKIPPED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("rasterise_polygons", [True, False], ids=["val", "train"])  # (train: polygons as parsed)
 @pytest.mark.parametrize("name, mutate, reason", SKIPPED_CASES, ids=[c[0] for c in SKIPPED_CASES])
-def test_unusable_segmentation_is_skipped_at_start_and_counted(synthetic_root, coco, tmp_path, name, mutate, reason):
+def test_unusable_segmentation_is_skipped_at_start_and_counted(
+    synthetic_root, coco, tmp_path, name, mutate, reason, rasterise_polygons
+):
     bad = copy.deepcopy(coco)
     mutate(bad)
     annotations = tmp_path / "instances_train.json"
     annotations.write_text(json.dumps(bad))
-    source = load_coco(annotations, synthetic_root / "train")
+    source = load_coco(annotations, synthetic_root / "train", rasterise_polygons=rasterise_polygons)
     assert source.skipped_annotations == 1
     assert any(reason in why for why in source.skip_reasons), source.skip_reasons
     objects = sum(len(a) for a in source.annotations.values())
