@@ -26,9 +26,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("gd_hf.method",),
     ("gd_hf.evaluation",),
     ("gd_hf.hub",),
+    ("gd_hf.labelling",),
     ("gd_hf.run",),
     # The commands (`gd_hf.hub.space_app` is one: the Space's app.py).
-    ("gd_hf.train", "gd_hf.evaluate", "gd_hf.predict", "gd_hf.push", "gd_hf.space", "gd_hf.hub.space_app", "gd_hf"),
+    ("gd_hf.train", "gd_hf.evaluate", "gd_hf.predict", "gd_hf.push", "gd_hf.space", "gd_hf.label_next",
+     "gd_hf.hub.space_app", "gd_hf"),
 ]  # fmt: skip
 
 # (importer, imported): still to move.

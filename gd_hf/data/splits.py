@@ -28,6 +28,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -91,6 +92,18 @@ def write_split_file(path: str | Path, labeled_ids: list[int], **provenance: obj
     beside the ids for people reading it."""
     record = {**provenance, "num_labeled": len(labeled_ids), "labeled_image_ids": sorted(labeled_ids)}
     Path(path).write_text(json.dumps(record, indent=0) + "\n")
+
+
+def split_file_provenance(path: str | Path | None) -> dict[str, Any]:
+    """What a JSON split file records beside its ids (`write_split_file`'s provenance), or {} (none, not JSON,
+    gone)."""
+    if not path or Path(path).suffix != ".json":
+        return {}
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in record.items() if k != "labeled_image_ids"} if isinstance(record, dict) else {}
 
 
 def make_split(source: CocoSource, percent: float = 100.0, seed: int = 0, split_file: str | None = None) -> Split:

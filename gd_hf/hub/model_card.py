@@ -17,6 +17,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from gd_hf.config import Recipe, recipe_to_dict
+from gd_hf.data.splits import split_file_provenance
 from gd_hf.files import write_text_atomic
 from gd_hf.hub.public import is_hub_id
 from gd_hf.hub.snippets import hub_revision, reproduce_snippet, usage_snippet
@@ -150,6 +151,11 @@ def _data_line(summary: RunSummary, eval_name: str) -> str:
     labeled_percent = summary.recipe.data.labeled_percent
     line = (f"{counted(summary.num_labeled, 'labeled image')} ({summary.num_labeled / max(total, 1) * 100:.1f} % of "
             f"{counted(total, 'training image')}; {labeled_percent:g} % requested)")  # fmt: skip
+    picked = split_file_provenance(summary.recipe.data.split_file)
+    if picked.get("added_by") == "gd_hf.label_next" and isinstance(picked.get("added_image_ids"), list):
+        line += (f", of which {counted(len(picked['added_image_ids']), 'image')} were picked for labelling by "
+                 f"`gd_hf.label_next` ({picked.get('strategy')} strategy) from a teacher's ranking of the unlabeled "
+                 "ones")  # fmt: skip
     if summary.stage != "supervised":
         if summary.recipe.ssl.unlabeled_includes_labeled:  # as the paper: every training image is also unlabeled
             line += f" and an unlabeled stream of {counted(total, 'image')} (every training image, as the paper)"

@@ -1,0 +1,226 @@
+"""Which images to label next: the run's teacher scores every unlabeled image of the run's data and the best
+ones become a labelling job.
+
+Usage: `python -m gd_hf.label_next RUN --count N --out DIR [--strategy near_threshold] [--export final]
+[--balance 1] [--duplicate-similarity 0.95] [--threshold T] [--batch-size 2] [--seed 0] [--copy-images]`
+
+RUN is a run's output folder (or an export inside one): its `recipe.yaml` names the data and the split, its
+export (`--export`, default `final/`) is the teacher. The strategies and the two terms they take are described
+in `gd_hf.labelling.ranking` (and docs/labelling.md). DIR gets `label_next.json` (the ranking), `images/` (links
+to the picked images, copies with `--copy-images`), `pre_annotations.json` (the teacher's predictions on them,
+COCO format, for CVAT and other COCO importers), `split.json` (the run's labeled ids plus the picked ones, for
+`data.split_file` once they are labelled) and `label_next.png`. The pass over the pool is resumable: its signals
+go to `DIR.partial/` as it goes, and the same command picks them up after a kill; DIR appears whole at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from gd_hf.config import RecipeError, load_recipe
+from gd_hf.data.coco import DataError
+from gd_hf.data.prepare import prepare_data
+from gd_hf.data.records import select_ids
+from gd_hf.files import output_problem
+from gd_hf.hub.run_folder import RunFolderError, export_folder, run_of
+from gd_hf.labelling.job import PickedImage, write_job
+from gd_hf.labelling.ranking import STRATEGIES, rank_images
+from gd_hf.labelling.scoring import score_pool
+from gd_hf.method.distillation import PseudoLabelRules
+from gd_hf.models import family_of, load_export
+from gd_hf.predict import dataset_category_ids, export_sizes, load_image, segment_images
+
+logger = logging.getLogger(__name__)
+
+ARGUMENTS_FILE = "arguments.json"
+
+
+class LabelNextError(ValueError):
+    """Arguments or a run that label_next cannot work from (the message says what to give instead)."""
+
+
+def _threshold(run: Path, configured: Any, given: float | None) -> float:
+    """The pseudo-label score threshold: given, else the recipe's, else (`auto`) the one the run chose."""
+    if given is not None:
+        return given
+    if isinstance(configured, (int, float)):
+        return float(configured)
+    for state in sorted(run.glob("checkpoints/*/trainer_state.json"), reverse=True):
+        chosen = json.loads(state.read_text()).get("pseudo_label_score_threshold")
+        if isinstance(chosen, (int, float)):
+            return float(chosen)
+    raise LabelNextError(f"the run {run} chose no pseudo-label threshold (auto, none recorded): give --threshold")
+
+
+def _check_arguments(count: int, strategy: str, out: Path, duplicate_similarity: float, balance: float) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise LabelNextError(f"--count {count}: give how many images to label next, 1 or more")
+    if strategy not in STRATEGIES:
+        raise LabelNextError(f"--strategy {strategy}: one of {', '.join(STRATEGIES)}")
+    if not 0 <= duplicate_similarity <= 1:
+        raise LabelNextError(f"--duplicate-similarity {duplicate_similarity}: a cosine similarity in [0, 1]")
+    if not 0 <= balance <= 8:
+        raise LabelNextError(f"--balance {balance}: 0 (off) to 8")
+    if out.exists():
+        raise LabelNextError(f"{out} exists: give a new folder for the labelling job (nothing was written)")
+    problem = output_problem(out.with_name(out.name + ".partial"), folder=True)
+    if problem:
+        raise LabelNextError(f"cannot write the job: {problem}")
+
+
+def label_next(
+    run: str | Path,
+    count: int,
+    out: str | Path,
+    strategy: str = "near_threshold",
+    export: str = "final",
+    balance: float = 1.0,
+    duplicate_similarity: float = 0.95,
+    threshold: float | None = None,
+    batch_size: int = 2,
+    seed: int = 0,
+    copy_images: bool = False,
+    pre_annotation_threshold: float = 0.5,
+) -> Path:
+    """Rank the unlabeled pool of `run` and write the `count` images to label next to `out` (see the module
+    docstring); returns `out`. Raises `LabelNextError` / `DataError` / `RecipeError` before writing anything."""
+    out = Path(out)
+    _check_arguments(count, strategy, out, duplicate_similarity, balance)
+    folder = run_of(str(run))
+    if folder is None:
+        raise LabelNextError(
+            f"{run} is not a run's output folder nor an export inside one (no recipe.yaml beside checkpoints/): "
+            "label_next needs the run's recipe to know its unlabeled images"
+        )
+    recipe = load_recipe(folder / "recipe.yaml")
+    try:
+        model_path = export_folder(folder, export)
+        model = load_export(str(model_path))
+    except RunFolderError as e:
+        raise LabelNextError(f"{e} (--export {export})") from e
+    family = family_of(model)
+    threshold = _threshold(folder, recipe.ssl.pseudo_label_score_threshold, threshold)
+    from accelerate import Accelerator
+
+    data = prepare_data(recipe, Accelerator(cpu=not torch.cuda.is_available()), check_later=True)
+    data.cancel_val_check()  # (the val images play no part here)
+    labeled_ids = set(data.split.labeled)
+    pool_ids = [i for i in data.split.unlabeled if i not in labeled_ids]
+    if count > len(pool_ids):
+        raise LabelNextError(f"--count {count} is more than the {len(pool_ids)} unlabeled images of {folder}")
+    partial = out.with_name(out.name + ".partial")
+    arguments = {"run": str(folder.resolve()), "export": str(Path(model_path).resolve()), "threshold": threshold,
+                 "disagreement": strategy == "disagreement", "seed": seed,
+                 "eval_size": [recipe.data.eval_shortest_edge, recipe.data.eval_longest_edge]}  # fmt: skip
+    _resume_or_start(partial, arguments)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    signals, unreadable = score_pool(
+        model, family, data.unlabeled, recipe.data, partial, threshold, PseudoLabelRules.min_soft_area,
+        strategy == "disagreement", batch_size, labeled_ids, seed, device,
+    )  # fmt: skip
+    labeled_classes = _class_images(data.labeled)
+    picks = rank_images(signals, strategy, count, labeled_classes, len(labeled_ids), balance, duplicate_similarity,
+                        seed)  # fmt: skip
+    image_folder = Path(recipe.data.train_images).resolve()
+    picked = _picked_images(model, str(model_path), picks, data.unlabeled, image_folder, pre_annotation_threshold,
+                            device)  # fmt: skip
+    names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
+    summary = {"strategy": strategy, "count": count, "run": folder.name, "export": Path(model_path).name,
+               "pool_images": len(signals), "unreadable_images": unreadable, "labeled_images": len(labeled_ids),
+               "threshold": threshold, "balance": balance, "duplicate_similarity": duplicate_similarity,
+               "seed": seed, "pre_annotation_threshold": pre_annotation_threshold}  # fmt: skip
+    write_job(partial, picked, {s.image_id: s for s in signals}, summary, dataset_category_ids(model), names,
+              sorted(labeled_ids), copy_images)  # fmt: skip
+    os.replace(partial, out)
+    return out
+
+
+def _resume_or_start(partial: Path, arguments: dict[str, Any]) -> None:
+    """A `.partial` folder of the same command is gone on from; one of other arguments is an error."""
+    recorded = partial / ARGUMENTS_FILE
+    if partial.exists():
+        try:
+            before = json.loads(recorded.read_text())
+        except (OSError, ValueError):
+            before = None
+        if before != arguments:
+            raise LabelNextError(
+                f"{partial} holds the scores of another label_next (other run, export, threshold or strategy "
+                f"signals): delete it, or run that command again. Recorded: {before}"
+            )
+        logger.info("going on with the scores in %s", partial)
+        return
+    partial.mkdir(parents=True)
+    recorded.write_text(json.dumps(arguments, indent=1) + "\n")
+
+
+def _class_images(labeled) -> dict[int, int]:
+    """How many labeled images hold each class (non-crowd objects)."""
+    counts: dict[int, int] = {}
+    for objects in labeled.select_columns(["objects"]):
+        classes = {c for c, crowd in zip(objects["objects"]["category"], objects["objects"]["iscrowd"]) if not crowd}
+        for c in classes:
+            counts[c] = counts.get(c, 0) + 1
+    return counts
+
+
+def _picked_images(
+    model, model_path: str, picks, records, image_folder: Path, threshold: float, device
+) -> list[PickedImage]:
+    """The picked records' files and sizes, with the teacher's instances on each (as `gd_hf.predict` gives)."""
+    found = select_ids(records, [p.image_id for p in picks]).cast_column("image", datasets.Image(decode=False))
+    paths = {int(example["image_id"]): Path(example["image"]["path"]) for example in found}
+    shortest, longest = export_sizes(model_path)
+    picked = []
+    for pick in picks:
+        image = load_image(paths[pick.image_id])
+        # (down to half the threshold: the picture shows what the teacher half sees, the pre-annotations keep the rest)
+        (instances,) = segment_images(model, [image], shortest, longest, threshold / 2, device=device)
+        masks = instances.instance_masks().numpy()
+        path = paths[pick.image_id]
+        data_set_file = str(path.relative_to(image_folder)) if path.is_relative_to(image_folder) else path.name
+        picked.append(PickedImage(pick, path, data_set_file, image.width, image.height, masks,
+                                  [int(c) for c in instances.labels], [float(s) for s in instances.scores]))  # fmt: skip
+    return picked
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gd_hf.label_next", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a run's output folder (or an export inside one)")
+    parser.add_argument("--count", type=int, required=True, help="how many images to label next")
+    parser.add_argument("--out", required=True, help="a new folder for the labelling job")
+    parser.add_argument("--strategy", default="near_threshold", choices=STRATEGIES)
+    parser.add_argument("--export", default="final", help="the run's export that scores the pool (final or best)")
+    parser.add_argument("--balance", type=float, default=1.0, help="class-balance strength (0: off)")
+    parser.add_argument("--duplicate-similarity", type=float, default=0.95,
+                        help="thumbnail cosine above which an image counts as a near-duplicate of a picked one (1: off)")  # fmt: skip
+    parser.add_argument("--threshold", type=float, default=None, help="pseudo-label threshold (default: the run's)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="the random strategy's draw and the perturbed views")
+    parser.add_argument("--copy-images", action="store_true", help="copy the images into OUT/images (default: links)")
+    parser.add_argument("--pre-annotation-threshold", type=float, default=0.5,
+                        help="the score above which the teacher's instances become pre-annotations")  # fmt: skip
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        out = label_next(args.run, args.count, args.out, args.strategy, args.export, args.balance,
+                         args.duplicate_similarity, args.threshold, args.batch_size, args.seed, args.copy_images,
+                         args.pre_annotation_threshold)  # fmt: skip
+    except (LabelNextError, DataError, RecipeError, RunFolderError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"the {args.count} images to label next are in {out} ({out / 'label_next.json'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

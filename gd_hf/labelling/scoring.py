@@ -1,0 +1,127 @@
+"""The resumable pass of the teacher over the unlabeled pool: each image read at the evaluation size (as the
+export's image processor resizes), batched as evaluation batches, and its signals appended to a JSON-lines file
+as each batch ends, so a killed pass goes on from the last batch written."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+
+from gd_hf.config import DataConfig
+from gd_hf.data.coco import DataError
+from gd_hf.data.images import read_image
+from gd_hf.data.loading import collate_eval
+from gd_hf.data.transforms import REFERENCE_STRONG, eval_size, resize, strong_photometric
+from gd_hf.labelling.signals import ImageSignals, image_signals, thumbnail
+from gd_hf.models.protocol import ModelFamily
+
+logger = logging.getLogger(__name__)
+
+SIGNALS_FILE = "signals.jsonl"
+
+
+def read_signals(path: Path) -> list[ImageSignals]:
+    """The signals written so far; a last line cut by a kill is dropped (its batch is scored again)."""
+    if not path.is_file():
+        return []
+    signals = []
+    for line in path.read_text().splitlines():
+        try:
+            signals.append(ImageSignals(**json.loads(line)))
+        except (ValueError, TypeError):
+            break
+    return signals
+
+
+def _examples(records: datasets.Dataset | datasets.IterableDataset) -> Iterator[dict[str, Any]]:
+    if isinstance(records, datasets.Dataset):
+        records = records.cast_column("image", datasets.Image(decode=False))
+        for row in range(len(records)):
+            yield records[row]
+    else:
+        yield from records.cast_column("image", datasets.Image(decode=False))
+
+
+def score_pool(
+    model: torch.nn.Module,
+    family: ModelFamily,
+    records: datasets.Dataset | datasets.IterableDataset,
+    data: DataConfig,
+    folder: Path,
+    threshold: float,
+    min_soft_area: float,
+    with_disagreement: bool,
+    batch_size: int = 2,
+    skip_ids: set[int] | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> tuple[list[ImageSignals], int]:
+    """The signals of every record of `records` but `skip_ids` (the labeled ones), and how many records could not
+    be read (skipped under `data.on_error: skip`). Signals already in `folder/signals.jsonl` are not computed
+    again. The perturbed view of image i is drawn from (seed, image id): a resumed pass computes the same."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / SIGNALS_FILE
+    done = read_signals(path)
+    with path.open("w") as f:  # rewritten without a cut last line, then appended to
+        f.writelines(json.dumps(s.as_dict()) + "\n" for s in done)
+    seen = {s.image_id for s in done} | set(skip_ids or ())
+    total = len(records) if isinstance(records, datasets.Dataset) else None
+    divisor = family.padding_divisor(model)
+    model.eval().to(device)
+    unreadable, batch = 0, []
+    with path.open("a") as out, tqdm(total=total, desc="scoring the unlabeled pool", unit="img") as progress:
+        for example in _examples(records):
+            progress.update(1)
+            if int(example["image_id"]) in seen:
+                continue
+            try:
+                image = read_image(example)
+            except DataError as e:
+                if data.on_error != "skip":
+                    raise
+                unreadable += 1
+                logger.warning("skipping an unreadable image (data.on_error: skip): %s", e)
+                continue
+            batch.append((int(example["image_id"]), image))
+            if len(batch) == batch_size:
+                done += _score_batch(model, family, batch, data, divisor, threshold, min_soft_area,
+                                     with_disagreement, seed, device, out)  # fmt: skip
+                batch = []
+        if batch:
+            done += _score_batch(model, family, batch, data, divisor, threshold, min_soft_area,
+                                 with_disagreement, seed, device, out)  # fmt: skip
+    return sorted(done, key=lambda s: s.image_id), unreadable
+
+
+@torch.no_grad()
+def _score_batch(
+    model, family, batch, data, divisor, threshold, min_soft_area, with_disagreement, seed, device, out
+) -> list[ImageSignals]:
+    plain, perturbed, thumbnails = [], [], []
+    for image_id, image in batch:
+        height, width = image.shape[-2:]
+        new_h, new_w = eval_size(height, width, data.eval_shortest_edge, data.eval_longest_edge)
+        image, _ = resize(image, torch.zeros(0, height, width, dtype=torch.bool), new_h, new_w)
+        plain.append({"image": image, "image_id": image_id, "original_size": (height, width)})
+        if with_disagreement:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + image_id % (2**31))
+            perturbed.append({**plain[-1], "image": strong_photometric(image, generator, REFERENCE_STRONG)})
+        thumbnails.append(thumbnail(image))
+    black = family.black_padding
+    weak = family.predict(model, collate_eval(plain, divisor, black)["pixel_values"].to(device))
+    strong = None
+    if with_disagreement:
+        strong = family.predict(model, collate_eval(perturbed, divisor, black)["pixel_values"].to(device))
+    signals = image_signals([i for i, _ in batch], weak, strong, threshold, min_soft_area, thumbnails)
+    out.writelines(json.dumps(s.as_dict()) + "\n" for s in signals)
+    out.flush()
+    os.fsync(out.fileno())
+    return signals

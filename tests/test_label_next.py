@@ -1,0 +1,221 @@
+"""`gd_hf.label_next`: the signals and the ranking on hand-built teacher outputs where the answer is known, the
+job's files (pre-annotations that read back as COCO pixel for pixel), a killed pass that resumes, bad arguments
+refused with nothing written, and the loop back (the job's split file, a recorded change on relaunch)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gd_hf.data.coco import load_coco
+from gd_hf.data.masks import decode_masks
+from gd_hf.label_next import LabelNextError, label_next, main
+from gd_hf.labelling import scoring
+from gd_hf.labelling.job import PickedImage, pre_annotations, uncompressed_rle
+from gd_hf.labelling.ranking import Pick, rank_images
+from gd_hf.labelling.signals import ImageSignals, image_signals
+from gd_hf.models.protocol import Predictions
+from gd_hf.train import train
+
+from .conftest import demo_recipe, tiny_overrides
+
+CLASSES = 3  # + "no object"
+
+
+def query(probabilities: list[float], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query's class logits (log of the given class probabilities, "no object" last) and mask logits."""
+    return torch.tensor(probabilities).log(), torch.where(mask, 6.0, -6.0)
+
+
+def predictions(images: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> Predictions:
+    return Predictions(torch.stack([torch.stack([q[0] for q in image]) for image in images]),
+                       torch.stack([torch.stack([q[1] for q in image]) for image in images]))  # fmt: skip
+
+
+def box(top: int, left: int, size: int = 6) -> torch.Tensor:
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[top : top + size, left : left + size] = True
+    return mask
+
+
+NOTHING = ([0.01, 0.01, 0.01, 0.97], box(0, 0, 0))  # "no object"
+SURE = ([0.96, 0.02, 0.01, 0.01], box(2, 2))  # class 0 at 0.96
+HALF_SEEN = ([0.5, 0.3, 0.1, 0.1], box(8, 8))  # class 0 at 0.5: under the 0.7 threshold, above its half
+
+
+def test_the_image_the_teacher_half_sees_is_ranked_first_by_each_uncertainty_signal():
+    plain = predictions([
+        [query(*SURE), query(*NOTHING)],  # 10: a confident object
+        [query(*HALF_SEEN), query(*NOTHING)],  # 11: an object the teacher half sees
+        [query(*NOTHING), query(*NOTHING)],  # 12: background
+    ])  # fmt: skip
+    moved = predictions([
+        [query(SURE[0], box(2, 2)), query(*NOTHING)],  # the same under the perturbation
+        [query(*HALF_SEEN), query(*NOTHING)],
+        [query(SURE[0], box(9, 9)), query(*NOTHING)],  # 12: an object appears only in the perturbed view
+    ])  # fmt: skip
+    thumbnails = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
+    signals = image_signals([10, 11, 12], plain, moved, threshold=0.7, min_soft_area=5.0, thumbnails=thumbnails)
+    assert [s.near_threshold for s in signals] == pytest.approx([0.0, 0.5, 0.0])
+    assert signals[1].entropy > signals[0].entropy and signals[2].entropy == 0.0  # no object query in 12
+    assert [s.disagreement for s in signals] == [0.0, 0.0, 1.0]  # 11's half-seen object is no pseudo label
+    assert signals[0].classes == [0] and signals[1].classes == [0] and signals[2].classes == []
+    for strategy, first in (("near_threshold", 11), ("entropy", 11), ("disagreement", 12)):
+        assert rank_images(signals, strategy, 1)[0].image_id == first, strategy
+    drawn = [p.image_id for p in rank_images(signals, "random", 3, seed=4)]
+    assert sorted(drawn) == [10, 11, 12] and drawn == [p.image_id for p in rank_images(signals, "random", 3, seed=4)]
+
+
+def _signals(image_id: int, score: float, classes: list[int], thumbnail: list[float]) -> ImageSignals:
+    return ImageSignals(image_id, score, 0.0, None, classes, thumbnail)
+
+
+def test_class_balance_lifts_an_image_of_a_rare_class_and_diversity_passes_over_near_duplicates():
+    signals = [
+        _signals(1, 0.50, [0], [1.0, 0.0]),
+        _signals(2, 0.49, [0], [0.999, 0.045]),  # a near-duplicate of 1
+        _signals(3, 0.30, [2], [0.0, 1.0]),  # class 2: in 1 labeled image of 100
+        _signals(4, 0.40, [0], [0.6, 0.8]),
+    ]
+    plain = rank_images(signals, "near_threshold", 4)
+    assert [p.image_id for p in plain] == [1, 2, 4, 3]
+    balanced = rank_images(signals, "near_threshold", 4, {0: 100, 2: 1}, labeled_images=100, balance=1.0)
+    assert balanced[0].image_id == 3 and balanced[0].balance_factor == pytest.approx(10.0)
+    diverse = rank_images(signals, "near_threshold", 4, duplicate_similarity=0.95)
+    assert [p.image_id for p in diverse] == [1, 4, 3, 2]  # 2 comes last: only when nothing else is left
+    assert [p.image_id for p in rank_images(signals, "near_threshold", 2, duplicate_similarity=0.95)] == [1, 4]
+    with pytest.raises(ValueError, match="disagreement signal was not computed"):
+        rank_images(signals, "disagreement", 1)
+
+
+def test_pre_annotations_read_back_as_coco_pixel_for_pixel(tmp_path):
+    rng = np.random.default_rng(0)
+    masks = rng.random((3, 21, 34)) > 0.6
+    masks[2] = False  # an empty mask is no annotation
+    masks[1, 0, 0] = True  # a run that starts with a set pixel
+    picked = [PickedImage(Pick(1, 40, 0.3, 1.0), tmp_path / "a.png", "a.png", 34, 21, masks, [0, 1, 1],
+                          [0.9, 0.6, 0.8])]  # fmt: skip
+    (tmp_path / "images").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (34, 21)).save(tmp_path / "images" / "a.png")
+    coco = pre_annotations(picked, ["a.png"], [7, 9], ["cat", "dog"], threshold=0.5)
+    assert [a["category_id"] for a in coco["annotations"]] == [7, 9]
+    assert coco["annotations"][0]["segmentation"] == uncompressed_rle(masks[0])
+    (tmp_path / "pre.json").write_text(json.dumps(coco))
+    source = load_coco(tmp_path / "pre.json", tmp_path / "images")
+    assert source.skipped_annotations == 0 and source.category_names == ["cat", "dog"]
+    read = decode_masks([a["rle"]["counts"] for a in source.annotations[40]], 21, 34)
+    assert np.array_equal(read, masks[:2])
+    low = pre_annotations(picked, ["a.png"], [7, 9], ["cat", "dog"], threshold=0.7)
+    assert len(low["annotations"]) == 1  # the 0.6 instance is below this threshold
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synthetic_root, tmp_path_factory):
+    """A 20-step supervised run on 25 % of the tiny synthetic set (6 labeled, 18 unlabeled images)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run = tmp_path_factory.mktemp("label_next") / "run"
+    overrides = tiny_overrides(synthetic_root, run) + ["data.labeled_percent=25", "train.max_steps=20",
+                                                       "train.checkpoint_every=10"]  # fmt: skip
+    train(demo_recipe(overrides))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return run
+
+
+def test_a_job_from_a_run_names_its_images_and_a_killed_pass_resumes(tiny_run, tmp_path, monkeypatch):
+    real, calls = scoring._score_batch, []
+
+    def dies_on_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill between two batches
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_score_batch", dies_on_the_third_batch)
+    out = tmp_path / "job"
+    with pytest.raises(KeyboardInterrupt):
+        label_next(tiny_run, 4, out, strategy="disagreement", batch_size=4)
+    assert not out.exists() and len(scoring.read_signals(tmp_path / "job.partial" / "signals.jsonl")) == 8
+    monkeypatch.setattr(scoring, "_score_batch", real)
+    scored = []
+    monkeypatch.setattr(scoring, "_score_batch", lambda *a, **k: scored.extend(a[2]) or real(*a, **k))
+    label_next(tiny_run, 4, out, strategy="disagreement", batch_size=4)
+    assert len(scored) == 10  # the 18 unlabeled images less the 8 scored before the kill
+    job = json.loads((out / "label_next.json").read_text())
+    assert job["pool_images"] == 18 and job["labeled_images"] == 6 and len(job["images"]) == 4
+    assert [i["rank"] for i in job["images"]] == [1, 2, 3, 4]
+    ids = [i["image_id"] for i in job["images"]]
+    split = json.loads((out / "split.json").read_text())
+    assert set(ids) <= set(split["labeled_image_ids"]) and split["num_labeled"] == 10
+    assert split["added_image_ids"] == sorted(ids) and split["strategy"] == "disagreement"
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(i["file_name"] for i in job["images"])
+    assert all((out / "images" / i["file_name"]).resolve().is_file() for i in job["images"])
+    assert (out / "label_next.png").is_file() and not (tmp_path / "job.partial").exists()
+    assert str(tmp_path) not in (out / "label_next.json").read_text()  # no machine path in what may be shared
+    pre = load_coco(out / "pre_annotations.json", out / "images")
+    assert sorted(pre.images) == sorted(ids)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--count", "0"], "--count 0: give how many"),
+        (["--count", "-3"], "--count -3"),
+        (["--count", "19"], "--count 19 is more than the 18 unlabeled images"),
+        (["--count", "2", "--strategy", "random", "--duplicate-similarity", "2"], "--duplicate-similarity 2"),
+    ],
+)
+def test_bad_arguments_are_refused_with_nothing_written(tiny_run, tmp_path, capsys, args, message):
+    out = tmp_path / "job"
+    assert main([str(tiny_run), "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "job.partial").exists()
+
+
+def test_a_bad_run_or_an_existing_folder_is_refused_with_nothing_written(tiny_run, tmp_path, capsys):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "mine.txt").write_text("keep")
+    assert main([str(tiny_run), "--count", "2", "--out", str(existing)]) == 2
+    assert "exists: give a new folder" in capsys.readouterr().err and list(existing.iterdir()) == [
+        existing / "mine.txt"
+    ]
+    assert main([str(tmp_path), "--count", "2", "--out", str(tmp_path / "job")]) == 2
+    assert "is not a run's output folder" in capsys.readouterr().err
+    with pytest.raises(LabelNextError, match="--export nope"):
+        label_next(tiny_run, 2, tmp_path / "job", export="nope")
+    assert not (tmp_path / "job").exists() and not (tmp_path / "job.partial").exists()
+
+
+def test_the_loop_back_a_relaunch_with_the_jobs_split_is_a_recorded_change_and_the_card_says_so(
+    tiny_run, synthetic_root, tmp_path
+):
+    """After labelling (here the labels are in the JSON already, as in the benchmark), the job's split file adds
+    the picked images to the labeled split: relaunching the run with it stops unless `resume=force`, which records
+    the change in run_info.json; the model card says how many labels were picked this way."""
+    import shutil
+
+    from accelerate.state import AcceleratorState
+
+    from gd_hf.config import RecipeError
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    job = label_next(run, 3, tmp_path / "job", strategy="entropy")
+    more = tiny_overrides(synthetic_root, run) + ["data.labeled_percent=25", "train.max_steps=24",
+                                                  "train.checkpoint_every=10", f"data.split_file={job / 'split.json'}"]  # fmt: skip
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(RecipeError, match="data.split_file"):
+        train(demo_recipe(more))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train(demo_recipe(more + ["resume=force"]))
+    launches = json.loads((run / "run_info.json").read_text())
+    assert launches[-1]["recipe_changes"]["data.split_file"] == [None, str(job / "split.json")]
+    card = (run / "final" / "README.md").read_text()
+    assert "9 labeled images" in card and "3 images were picked for labelling by `gd_hf.label_next` (entropy" in card
