@@ -75,15 +75,17 @@ def rank_images(
     duplicate_similarity: float = 1.0,
     seed: int = 0,
 ) -> list[Pick]:
-    """The `count` images to label next, best first (ties by image id). `random` takes no balance or diversity
-    term: it is the baseline as drawn."""
+    """The `count` images to label next, best first. `random` takes no balance or diversity term: it is the
+    baseline as drawn."""
     scores = strategy_scores(signals, strategy, seed)
     factors = np.ones(len(signals))
     if strategy != "random":
         factors = class_balance_factors(signals, labeled_class_images or {}, labeled_images, balance)
     adjusted = scores * factors
     ids = np.array([s.image_id for s in signals])
-    order = np.lexsort((ids, -adjusted))  # score descending, then image id
+    # Score descending; ties (many images may share the top disagreement, 1) in a seeded random order, not by
+    # id: ids often follow how a data set was collected.
+    order = np.lexsort((np.random.default_rng(seed + 1).random(len(signals)), -adjusted))
     if strategy == "random" or duplicate_similarity >= 1.0:
         chosen = order[:count].tolist()
     else:

@@ -1,0 +1,154 @@
+"""Does `gd_hf.label_next` pick better images to label than chance? Measured as the issue asks, on the synthetic
+sets of the seed-averaged benchmark (`benchmarks/ssl_gain.py`, whose runs this reuses):
+
+For each set (`--sets`: `square`, `mixed`) and seed, start from that benchmark's supervised teacher trained on 2 %
+of the 2,400 training images (its arm (a): `outputs/ssl_gain_128px/mask2former_<set>/supervised_seed<S>`, with
+its held-out AP). For each strategy (`--strategies`, `random` among them), `gd_hf.label_next` picks `--count`
+more images (1 %: 24) from that run's unlabeled pool; their labels (the synthetic set has them all) join the
+labeled split through the job's `split.json` (`data.split_file`), and the same recipe is trained again from
+scratch on the 3 %: a supervised run (500 steps, as (a)) and, with `--guided`, a Guided Distillation student of
+that new teacher (800 steps, as (c)). Every run is scored on the held-out set (500 images of another seed).
+
+    python benchmarks/label_next.py [--sets square mixed] [--seeds 0 1 2]
+        [--strategies near_threshold entropy disagreement random] [--count 24] [--guided] [--jobs 2]
+        [--base outputs/ssl_gain_128px] [--out outputs/label_next_128px] [--table-only]
+
+Prints (and writes OUT/results.md) per set and strategy: the held-out AP after, the gain over the 2 % run, the
+gain per added image and per added object (the labeller's work), and that gain as a multiple of random's
+(the goal: >= 1.5x), mean and per seed. Finished jobs and runs are reused when started again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = ("near_threshold", "entropy", "disagreement", "random")
+
+
+def base_run(args: argparse.Namespace, set_name: str, seed: int) -> Path:
+    run = Path(args.base) / f"mask2former_{set_name}" / f"supervised_seed{seed}"
+    if not (run / "final_metrics.json").is_file() or not (run / "heldout.json").is_file():
+        raise SystemExit(f"{run} is not a finished, scored run: train it first with `python benchmarks/ssl_gain.py "
+                         f"--families mask2former --sets {set_name} --seeds {seed} --arms supervised`")  # fmt: skip
+    return run
+
+
+def run(command: list[str], log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "a") as out:
+        subprocess.run(command, check=True, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def pipeline(args: argparse.Namespace, set_name: str, seed: int, strategy: str) -> None:
+    """The labelling job, the supervised run on 3 % (and the guided one), each scored on the held-out set."""
+    base = base_run(args, set_name, seed)
+    folder = Path(args.out) / set_name / f"{strategy}_seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    job = folder / "job"
+    if not (job / "label_next.json").is_file():
+        run([sys.executable, "-m", "gd_hf.label_next", str(base), "--count", str(args.count), "--out", str(job),
+             "--strategy", strategy, "--seed", str(seed), "--export", "best"], folder / "label_next.log")  # fmt: skip
+    heldout = Path(args.base) / f"heldout_{set_name}_500_seed7"
+    overrides = json.loads((base / "ssl_gain_overrides.json").read_text())
+    arms = [("supervised", [o for o in overrides if not o.startswith("output_dir=")])]
+    if args.guided:
+        guided = json.loads((base.parent / f"guided_seed{seed}" / "ssl_gain_overrides.json").read_text())
+        teacher = folder / "supervised" / "best"
+        arms.append(("guided", [o for o in guided if not o.startswith(("output_dir=", "ssl.teacher="))]
+                     + [f"ssl.teacher={teacher}"]))  # fmt: skip
+    for arm, arm_overrides in arms:
+        out = folder / arm
+        if not (out / "final_metrics.json").is_file():
+            command = [sys.executable, "-m", "gd_hf.train", str(ROOT / "recipes" / "demo_synthetic.yaml"),
+                       *arm_overrides, f"output_dir={out}", f"data.split_file={job / 'split.json'}"]  # fmt: skip
+            out.mkdir(parents=True, exist_ok=True)
+            run(command, out / "train.log")
+        if not (out / "heldout.json").is_file():
+            run([sys.executable, str(ROOT / "benchmarks" / "ssl_gain.py"), "--score", str(out), str(heldout)],
+                out / "score.log")  # fmt: skip
+
+
+def added_objects(job: Path, annotations: Path) -> int:
+    """The non-crowd objects of the picked images (what a labeller would draw)."""
+    picked = set(json.loads((job / "split.json").read_text())["added_image_ids"])
+    coco = json.loads(annotations.read_text())
+    return sum(1 for a in coco["annotations"] if a["image_id"] in picked and not a.get("iscrowd", 0))
+
+
+def table(args: argparse.Namespace) -> str:
+    lines = []
+    arms = ["supervised"] + (["guided"] if args.guided else [])
+    for set_name in args.sets:
+        data = Path(args.base) / f"data_{set_name}" / "annotations" / "instances_train.json"
+        for arm in arms:
+            rows, gains = [], {}
+            for strategy in args.strategies:
+                per_seed, per_image, per_object = [], [], []
+                for seed in args.seeds:
+                    folder = Path(args.out) / set_name / f"{strategy}_seed{seed}"
+                    scored = folder / arm / "heldout.json"
+                    base = Path(args.base) / f"mask2former_{set_name}" / f"{arm}_seed{seed}" / "heldout.json"
+                    if not scored.is_file() or not base.is_file():
+                        continue
+                    after = json.loads(scored.read_text())["best"]
+                    gain = after - json.loads(base.read_text())["best"]
+                    per_seed.append((after, gain))
+                    per_image.append(gain / args.count)
+                    per_object.append(gain / max(added_objects(folder / "job", data), 1))
+                if per_seed:
+                    gains[strategy] = statistics.mean(per_image)
+                    rows.append((strategy, per_seed, per_image, per_object))
+            lines += [f"### {set_name}, {arm} retrained on 2 % + {args.count} picked images (held-out AP, `best/`)", "",
+                      "| strategy | AP after (mean) | gain over 2 % (mean ± sd) | per seed | gain per image | gain per "
+                      "object | x random per image |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+            for strategy, per_seed, per_image, per_object in rows:
+                ap = statistics.mean(a for a, _ in per_seed)
+                g = [g for _, g in per_seed]
+                sd = statistics.stdev(g) if len(g) > 1 else 0.0
+                times = gains[strategy] / gains["random"] if gains.get("random", 0) > 0 else float("nan")
+                lines.append(f"| {strategy} | {ap:.2f} | {statistics.mean(g):+.2f} ± {sd:.2f} | "
+                             f"{' / '.join(f'{x:+.2f}' for x in g)} | {statistics.mean(per_image):+.3f} | "
+                             f"{statistics.mean(per_object):+.4f} | {times:.2f} |")  # fmt: skip
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", nargs="+", choices=("square", "mixed"), default=["square", "mixed"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    parser.add_argument("--count", type=int, default=24, help="images to add (24: 1 % of the 2,400)")
+    parser.add_argument("--guided", action="store_true", help="also retrain the guided student on the new teacher")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--base", default="outputs/ssl_gain_128px", help="the ssl_gain benchmark's --out")
+    parser.add_argument("--out", default="outputs/label_next_128px")
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    if not args.table_only:
+        work = [(s, seed, strategy) for s in args.sets for seed in args.seeds for strategy in args.strategies]
+        for s, seed, _ in work:
+            base_run(args, s, seed)  # all there before hours of work
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for work_item in work:
+                pool.submit(pipeline, args, *work_item).add_done_callback(
+                    lambda f, w=work_item: print(
+                        f"{'FAILED' if f.exception() else 'done'} {w} {f.exception() or ''}", flush=True
+                    )  # fmt: skip
+                )
+    text = table(args)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "results.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
