@@ -16,28 +16,30 @@ go to `DIR.partial/` as it goes, and the same command picks them up after a kill
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
+from PIL import Image
 
 from gd_hf.config import RecipeError, load_recipe
 from gd_hf.data.coco import DataError
+from gd_hf.data.coco_source import file_digest
+from gd_hf.data.images import read_image
 from gd_hf.data.prepare import prepare_data
-from gd_hf.data.records import select_ids
 from gd_hf.files import output_problem
 from gd_hf.hub.run_folder import RunFolderError, export_folder, run_of
 from gd_hf.labelling.job import PickedImage, write_job
 from gd_hf.labelling.ranking import STRATEGIES, rank_images
-from gd_hf.labelling.scoring import score_pool
-from gd_hf.method.distillation import PseudoLabelRules
+from gd_hf.labelling.scoring import ScoringRules, score_pool, undecoded_examples
 from gd_hf.models import family_of, load_export
-from gd_hf.predict import dataset_category_ids, export_sizes, load_image, segment_images
+from gd_hf.predict import dataset_category_ids, export_sizes, segment_images
 
 logger = logging.getLogger(__name__)
 
@@ -61,20 +63,39 @@ def _threshold(run: Path, configured: Any, given: float | None) -> float:
     raise LabelNextError(f"the run {run} chose no pseudo-label threshold (auto, none recorded): give --threshold")
 
 
-def _check_arguments(count: int, strategy: str, out: Path, duplicate_similarity: float, balance: float) -> None:
+def _check_arguments(count: int, strategy: str, out: Path, options: dict[str, Any]) -> None:
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise LabelNextError(f"--count {count}: give how many images to label next, 1 or more")
     if strategy not in STRATEGIES:
         raise LabelNextError(f"--strategy {strategy}: one of {', '.join(STRATEGIES)}")
-    if not 0 <= duplicate_similarity <= 1:
-        raise LabelNextError(f"--duplicate-similarity {duplicate_similarity}: a cosine similarity in [0, 1]")
-    if not 0 <= balance <= 8:
-        raise LabelNextError(f"--balance {balance}: 0 (off) to 8")
+    bounds = {"duplicate_similarity": (0, 1), "balance": (0, 8), "pre_annotation_threshold": (0, 1),
+              "threshold": (0, 1)}  # fmt: skip
+    for key, (low, high) in bounds.items():
+        value = options.get(key)
+        if value is not None and not low <= value <= high:  # (NaN fails too)
+            raise LabelNextError(f"--{key.replace('_', '-')} {value}: give a value in [{low}, {high}]")
+    if not isinstance(options["batch_size"], int) or options["batch_size"] < 1:
+        raise LabelNextError(f"--batch-size {options['batch_size']}: 1 or more")
     if out.exists():
         raise LabelNextError(f"{out} exists: give a new folder for the labelling job (nothing was written)")
     problem = output_problem(out.with_name(out.name + ".partial"), folder=True)
     if problem:
         raise LabelNextError(f"cannot write the job: {problem}")
+
+
+def _run_and_export(run: str | Path, export: str) -> tuple[Path, Path]:
+    """The run folder (its recipe names the data) and the export that scores: RUN itself when it is an export
+    inside a run, else the run's `export` folder."""
+    folder = run_of(str(run))
+    if folder is None:
+        raise LabelNextError(
+            f"{run} is not a run's output folder nor an export inside one (no recipe.yaml beside checkpoints/): "
+            "label_next needs the run's recipe to know its unlabeled images"
+        )
+    try:
+        return folder, export_folder(run if Path(run).resolve() != folder.resolve() else folder, export)
+    except RunFolderError as e:
+        raise LabelNextError(f"{e} (--export {export})") from e
 
 
 def label_next(
@@ -92,51 +113,49 @@ def label_next(
     pre_annotation_threshold: float = 0.5,
 ) -> Path:
     """Rank the unlabeled pool of `run` and write the `count` images to label next to `out` (see the module
-    docstring); returns `out`. Raises `LabelNextError` / `DataError` / `RecipeError` before writing anything."""
+    docstring); returns `out`. Bad arguments raise `LabelNextError` / `DataError` / `RecipeError` before anything
+    is written; a pool that turns out smaller than `count` once unreadable images are skipped raises after the
+    scoring, whose scores stay in `out.partial` for the next try."""
     out = Path(out)
-    _check_arguments(count, strategy, out, duplicate_similarity, balance)
-    folder = run_of(str(run))
-    if folder is None:
-        raise LabelNextError(
-            f"{run} is not a run's output folder nor an export inside one (no recipe.yaml beside checkpoints/): "
-            "label_next needs the run's recipe to know its unlabeled images"
-        )
+    options = {"duplicate_similarity": duplicate_similarity, "balance": balance, "threshold": threshold,
+               "pre_annotation_threshold": pre_annotation_threshold, "batch_size": batch_size}  # fmt: skip
+    _check_arguments(count, strategy, out, options)
+    folder, model_path = _run_and_export(run, export)
     recipe = load_recipe(folder / "recipe.yaml")
-    try:
-        model_path = export_folder(folder, export)
-        model = load_export(str(model_path))
-    except RunFolderError as e:
-        raise LabelNextError(f"{e} (--export {export})") from e
-    family = family_of(model)
-    threshold = _threshold(folder, recipe.ssl.pseudo_label_score_threshold, threshold)
+    model = load_export(str(model_path))
+    rules = ScoringRules(_threshold(folder, recipe.ssl.pseudo_label_score_threshold, threshold),
+                         recipe.ssl.pseudo_label_min_area, recipe.ssl.pseudo_label_mask_threshold,
+                         strategy == "disagreement", seed)  # fmt: skip
     from accelerate import Accelerator
 
     data = prepare_data(recipe, Accelerator(cpu=not torch.cuda.is_available()), check_later=True)
     data.cancel_val_check()  # (the val images play no part here)
     labeled_ids = set(data.split.labeled)
-    pool_ids = [i for i in data.split.unlabeled if i not in labeled_ids]
-    if count > len(pool_ids):
-        raise LabelNextError(f"--count {count} is more than the {len(pool_ids)} unlabeled images of {folder}")
+    pool = {i for i in data.split.unlabeled if i not in labeled_ids and i >= 0}
+    if len(pool) < len([i for i in data.split.unlabeled if i not in labeled_ids]):
+        logger.info("the images of data.unlabeled_images are not ranked: they are not in the training JSON that "
+                    "data.split_file selects from (add them to it to rank them)")  # fmt: skip
+    if count > len(pool):
+        raise LabelNextError(f"--count {count} is more than the {len(pool)} unlabeled images of {folder}")
     partial = out.with_name(out.name + ".partial")
-    arguments = {"run": str(folder.resolve()), "export": str(Path(model_path).resolve()), "threshold": threshold,
-                 "disagreement": strategy == "disagreement", "seed": seed,
-                 "eval_size": [recipe.data.eval_shortest_edge, recipe.data.eval_longest_edge]}  # fmt: skip
+    arguments = {"run": folder.name, "export": model_path.name, "weights": file_digest(model_path / "model.safetensors"),
+                 "labeled": hashlib.sha256(json.dumps(sorted(labeled_ids)).encode()).hexdigest(),
+                 "rules": asdict(rules), "eval_size": [recipe.data.eval_shortest_edge, recipe.data.eval_longest_edge]}  # fmt: skip
     _resume_or_start(partial, arguments)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    signals, unreadable = score_pool(
-        model, family, data.unlabeled, recipe.data, partial, threshold, PseudoLabelRules.min_soft_area,
-        strategy == "disagreement", batch_size, labeled_ids, seed, device,
-    )  # fmt: skip
-    labeled_classes = _class_images(data.labeled)
-    picks = rank_images(signals, strategy, count, labeled_classes, len(labeled_ids), balance, duplicate_similarity,
-                        seed)  # fmt: skip
-    image_folder = Path(recipe.data.train_images).resolve()
-    picked = _picked_images(model, str(model_path), picks, data.unlabeled, image_folder, pre_annotation_threshold,
-                            device)  # fmt: skip
+    signals, unreadable = score_pool(model, family_of(model), data.unlabeled, pool, recipe.data, partial, rules,
+                                     batch_size, device)  # fmt: skip
+    if count > len(signals):
+        raise LabelNextError(f"--count {count} is more than the {len(signals)} readable unlabeled images "
+                             f"({unreadable} could not be read); the scores stay in {partial} for a smaller --count")  # fmt: skip
+    picks = rank_images(signals, strategy, count, _class_images(data.labeled), len(labeled_ids), balance,
+                        duplicate_similarity, seed)  # fmt: skip
+    picked = _picked_images(model, str(model_path), picks, data.unlabeled, Path(recipe.data.train_images),
+                            pre_annotation_threshold, device)  # fmt: skip
     names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
-    summary = {"strategy": strategy, "count": count, "run": folder.name, "export": Path(model_path).name,
+    summary = {"strategy": strategy, "count": count, "run": folder.name, "export": model_path.name,
                "pool_images": len(signals), "unreadable_images": unreadable, "labeled_images": len(labeled_ids),
-               "threshold": threshold, "balance": balance, "duplicate_similarity": duplicate_similarity,
+               "threshold": rules.threshold, "balance": balance, "duplicate_similarity": duplicate_similarity,
                "seed": seed, "pre_annotation_threshold": pre_annotation_threshold}  # fmt: skip
     write_job(partial, picked, {s.image_id: s for s in signals}, summary, dataset_category_ids(model), names,
               sorted(labeled_ids), copy_images)  # fmt: skip
@@ -154,8 +173,8 @@ def _resume_or_start(partial: Path, arguments: dict[str, Any]) -> None:
             before = None
         if before != arguments:
             raise LabelNextError(
-                f"{partial} holds the scores of another label_next (other run, export, threshold or strategy "
-                f"signals): delete it, or run that command again. Recorded: {before}"
+                f"{partial} holds the scores of another label_next (other run, export weights, labeled split, "
+                f"rules or strategy signals): delete it, or run that command again. Recorded: {before}"
             )
         logger.info("going on with the scores in %s", partial)
         return
@@ -176,19 +195,30 @@ def _class_images(labeled) -> dict[int, int]:
 def _picked_images(
     model, model_path: str, picks, records, image_folder: Path, threshold: float, device
 ) -> list[PickedImage]:
-    """The picked records' files and sizes, with the teacher's instances on each (as `gd_hf.predict` gives)."""
-    found = select_ids(records, [p.image_id for p in picks]).cast_column("image", datasets.Image(decode=False))
-    paths = {int(example["image_id"]): Path(example["image"]["path"]) for example in found}
+    """The picked images as read for training (from files, or bytes of a hub or shards data set; map-style or
+    streamed), with the teacher's instances on each (as `gd_hf.predict` gives them)."""
+    wanted = {p.image_id for p in picks}
+    found = {}
+    for example in undecoded_examples(records):
+        image_id = int(example["image_id"])
+        if image_id in wanted and image_id not in found:
+            path = example["image"].get("path")
+            found[image_id] = (Image.fromarray(read_image(example).permute(1, 2, 0).numpy()), path)
+            if len(found) == len(wanted):
+                break
     shortest, longest = export_sizes(model_path)
+    folder = image_folder.resolve()
     picked = []
     for pick in picks:
-        image = load_image(paths[pick.image_id])
-        # (down to half the threshold: the picture shows what the teacher half sees, the pre-annotations keep the rest)
+        image, path = found[pick.image_id]
+        source = Path(path) if path and Path(path).is_file() else None
+        if source is not None and source.resolve().is_relative_to(folder):
+            data_set_file = str(source.resolve().relative_to(folder))
+        else:
+            data_set_file = Path(path).name if path else f"{pick.image_id}.png"
+        # (down to half the pre-annotation threshold: the picture shows what the teacher half sees)
         (instances,) = segment_images(model, [image], shortest, longest, threshold / 2, device=device)
-        masks = instances.instance_masks().numpy()
-        path = paths[pick.image_id]
-        data_set_file = str(path.relative_to(image_folder)) if path.is_relative_to(image_folder) else path.name
-        picked.append(PickedImage(pick, path, data_set_file, image.width, image.height, masks,
+        picked.append(PickedImage(pick, image, source, data_set_file, instances.instance_masks().numpy(),
                                   [int(c) for c in instances.labels], [float(s) for s in instances.scores]))  # fmt: skip
     return picked
 

@@ -14,7 +14,7 @@ from gd_hf.data.coco import load_coco
 from gd_hf.data.masks import decode_masks
 from gd_hf.label_next import LabelNextError, label_next, main
 from gd_hf.labelling import scoring
-from gd_hf.labelling.job import PickedImage, pre_annotations, uncompressed_rle
+from gd_hf.labelling.job import PickedImage, pre_annotations
 from gd_hf.labelling.ranking import Pick, rank_images
 from gd_hf.labelling.signals import ImageSignals, image_signals
 from gd_hf.models.protocol import Predictions
@@ -42,25 +42,26 @@ def box(top: int, left: int, size: int = 6) -> torch.Tensor:
 
 
 NOTHING = ([0.01, 0.01, 0.01, 0.97], box(0, 0, 0))  # "no object"
+JUNK = ([0.26, 0.25, 0.25, 0.24], box(0, 0, 12))  # near-uniform: every image has such queries
 SURE = ([0.96, 0.02, 0.01, 0.01], box(2, 2))  # class 0 at 0.96
 HALF_SEEN = ([0.5, 0.3, 0.1, 0.1], box(8, 8))  # class 0 at 0.5: under the 0.7 threshold, above its half
 
 
 def test_the_image_the_teacher_half_sees_is_ranked_first_by_each_uncertainty_signal():
     plain = predictions([
-        [query(*SURE), query(*NOTHING)],  # 10: a confident object
+        [query(*SURE), query(*JUNK)],  # 10: a confident object (and a junk query, whose entropy is no signal)
         [query(*HALF_SEEN), query(*NOTHING)],  # 11: an object the teacher half sees
         [query(*NOTHING), query(*NOTHING)],  # 12: background
     ])  # fmt: skip
     moved = predictions([
-        [query(SURE[0], box(2, 2)), query(*NOTHING)],  # the same under the perturbation
+        [query(SURE[0], box(2, 2)), query(*JUNK)],  # the same under the perturbation
         [query(*HALF_SEEN), query(*NOTHING)],
         [query(SURE[0], box(9, 9)), query(*NOTHING)],  # 12: an object appears only in the perturbed view
     ])  # fmt: skip
     thumbnails = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]
     signals = image_signals([10, 11, 12], plain, moved, threshold=0.7, min_soft_area=5.0, thumbnails=thumbnails)
     assert [s.near_threshold for s in signals] == pytest.approx([0.0, 0.5, 0.0])
-    assert signals[1].entropy > signals[0].entropy and signals[2].entropy == 0.0  # no object query in 12
+    assert signals[1].entropy > signals[0].entropy > 0 and signals[2].entropy == 0.0  # 10: SURE's, not JUNK's
     assert [s.disagreement for s in signals] == [0.0, 0.0, 1.0]  # 11's half-seen object is no pseudo label
     assert signals[0].classes == [0] and signals[1].classes == [0] and signals[2].classes == []
     for strategy, first in (("near_threshold", 11), ("entropy", 11), ("disagreement", 12)):
@@ -69,16 +70,26 @@ def test_the_image_the_teacher_half_sees_is_ranked_first_by_each_uncertainty_sig
     assert sorted(drawn) == [10, 11, 12] and drawn == [p.image_id for p in rank_images(signals, "random", 3, seed=4)]
 
 
+def test_a_pseudo_label_with_an_empty_hard_mask_is_no_disagreement():
+    """A query that passes the soft-area rule with every pixel just under the mask threshold is no pseudo label
+    (its hard mask is empty): the same on both views is agreement, not disagreement 1."""
+    faint = ([0.96, 0.02, 0.01, 0.01], torch.full((16, 16), -0.2))  # sigmoid 0.45 everywhere: area 115, hard empty
+    faint_query = (torch.tensor(faint[0]).log(), faint[1])
+    views = predictions([[faint_query, query(*NOTHING)]])
+    (signal,) = image_signals([1], views, views, threshold=0.7, min_soft_area=5.0, thumbnails=[[0.0]])
+    assert signal.disagreement == 0.0
+
+
 def _signals(image_id: int, score: float, classes: list[int], thumbnail: list[float]) -> ImageSignals:
     return ImageSignals(image_id, score, 0.0, None, classes, thumbnail)
 
 
 def test_class_balance_lifts_an_image_of_a_rare_class_and_diversity_passes_over_near_duplicates():
     signals = [
-        _signals(1, 0.50, [0], [1.0, 0.0]),
-        _signals(2, 0.49, [0], [0.999, 0.045]),  # a near-duplicate of 1
-        _signals(3, 0.30, [2], [0.0, 1.0]),  # class 2: in 1 labeled image of 100
-        _signals(4, 0.40, [0], [0.6, 0.8]),
+        _signals(1, 0.50, [0], [0.0, 0.0]),  # a black frame
+        _signals(2, 0.49, [0], [0.02, 0.01]),  # a near-black one: a near-duplicate of 1
+        _signals(3, 0.30, [2], [0.9, 0.1]),  # class 2: in 1 labeled image of 100
+        _signals(4, 0.40, [0], [0.5, 0.5]),
     ]
     plain = rank_images(signals, "near_threshold", 4)
     assert [p.image_id for p in plain] == [1, 2, 4, 3]
@@ -96,15 +107,16 @@ def test_pre_annotations_read_back_as_coco_pixel_for_pixel(tmp_path):
     masks = rng.random((3, 21, 34)) > 0.6
     masks[2] = False  # an empty mask is no annotation
     masks[1, 0, 0] = True  # a run that starts with a set pixel
-    picked = [PickedImage(Pick(1, 40, 0.3, 1.0), tmp_path / "a.png", "a.png", 34, 21, masks, [0, 1, 1],
-                          [0.9, 0.6, 0.8])]  # fmt: skip
-    (tmp_path / "images").mkdir()
     from PIL import Image
 
+    (tmp_path / "images").mkdir()
     Image.new("RGB", (34, 21)).save(tmp_path / "images" / "a.png")
+    picked = [PickedImage(Pick(1, 40, 0.3, 1.0), Image.new("RGB", (34, 21)), tmp_path / "images" / "a.png", "a.png",
+                          masks, [0, 1, 1], [0.9, 0.6, 0.8])]  # fmt: skip
     coco = pre_annotations(picked, ["a.png"], [7, 9], ["cat", "dog"], threshold=0.5)
     assert [a["category_id"] for a in coco["annotations"]] == [7, 9]
-    assert coco["annotations"][0]["segmentation"] == uncompressed_rle(masks[0])
+    runs = coco["annotations"][1]["segmentation"]["counts"]
+    assert runs[0] == 0 and sum(runs) == 21 * 34  # a mask starting with a set pixel: an empty first run
     (tmp_path / "pre.json").write_text(json.dumps(coco))
     source = load_coco(tmp_path / "pre.json", tmp_path / "images")
     assert source.skipped_annotations == 0 and source.category_names == ["cat", "dog"]

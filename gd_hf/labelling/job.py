@@ -29,17 +29,25 @@ PICTURE_FILE = "label_next.png"
 
 @dataclass
 class PickedImage:
-    """A picked image as the job names it: where it is, its size, and the teacher's instances on it (masks at
-    its size, classes as the model's contiguous ids)."""
+    """A picked image as the job names it: the image as training reads it, its file (None for the bytes of a hub
+    or shards data set), its path in the data set, and the teacher's instances on it (masks at its size,
+    classes as the model's contiguous ids)."""
 
     pick: Pick
-    path: Path  # where it is read from (not written out: a job may be published)
-    data_set_file: str  # its path in the data set, as the records name it below the image folder
-    width: int
-    height: int
+    image: Image.Image
+    source: Path | None  # where it is read from (not written out: a job may be published)
+    data_set_file: str  # its path below the data set's image folder (or its name)
     masks: np.ndarray  # (N, H, W) bool
     classes: list[int]
     scores: list[float]  # the pre-annotations are those at or above the job's threshold; the picture shows all
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
 
 
 def uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
@@ -55,10 +63,13 @@ def uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
 
 
 def job_names(picked: list[PickedImage]) -> list[str]:
-    """The file name of each picked image in `images/`: its own name, prefixed by its image id where two share
-    one."""
-    names = [p.path.name for p in picked]
-    return [n if names.count(n) == 1 else f"{p.pick.image_id}_{n}" for n, p in zip(names, picked)]
+    """The file name of each picked image in `images/`: its own name, or, when two share one, every name prefixed
+    by its image id (ids are unique and hold no "_", so the names are too)."""
+    # (an image from bytes is written as the PNG of its pixels)
+    names = [Path(p.data_set_file).name if p.source else Path(p.data_set_file).with_suffix(".png").name for p in picked]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{p.pick.image_id}_{n}" for n, p in zip(names, picked)]
 
 
 def pre_annotations(
@@ -105,10 +116,12 @@ def write_job(
     shutil.rmtree(images, ignore_errors=True)
     images.mkdir(parents=True)
     for p, name in zip(picked, names):
-        if copy_images:
-            shutil.copyfile(p.path, images / name)
+        if p.source is None:  # bytes of a hub or shards data set: the image as read
+            p.image.save(images / name, format="PNG")
+        elif copy_images:
+            shutil.copyfile(p.source, images / name)
         else:
-            os.symlink(os.path.relpath(p.path.resolve(), images.resolve()), images / name)
+            os.symlink(os.path.relpath(p.source.resolve(), images.resolve()), images / name)
     ranking = [
         {"rank": p.pick.rank, "image_id": p.pick.image_id, "file_name": name, "data_set_file": p.data_set_file,
          "score": round(p.pick.score, 6), "balance_factor": round(p.pick.balance_factor, 4),
@@ -128,12 +141,8 @@ def write_job(
 def draw_picture(path: Path, picked: list[PickedImage], class_names: list[str], strategy: str) -> None:
     panels, titles = [], []
     for p in picked:
-        with Image.open(p.path) as image:
-            canvas = image.convert("RGB")
-        if canvas.size != (p.width, p.height):
-            canvas = canvas.resize((p.width, p.height))
         labels = [class_names[c] for c in p.classes]
-        panels.append(draw_overlay(canvas, p.masks, labels, p.scores))
+        panels.append(draw_overlay(p.image, p.masks, labels, p.scores))
         titles.append(f"#{p.pick.rank} id {p.pick.image_id}: score {p.pick.score:.3g}")
     rows = [panels[i : i + 4] for i in range(0, len(panels), 4)]
     title_rows = [titles[i : i + 4] for i in range(0, len(titles), 4)]

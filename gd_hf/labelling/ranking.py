@@ -12,9 +12,10 @@ diversity). Each strategy is one signal of `ImageSignals`, larger first:
 Class balance (`balance` > 0): a score is multiplied by (f_max / f_c) ** (balance / 2) for the rarest class c
 the teacher sees in the image, f_c the share of labeled images holding c (floored at one image): the
 1 / sqrt(frequency) weighting of detectron2's repeat factors (Gupta et al., LVIS, CVPR 2019).
-Diversity (`duplicate_similarity` < 1): going down the ranking, an image whose 16 x 16 thumbnail has cosine
-similarity above it with one already picked is passed over until the others are used (a greedy core-set
-guard: Sener & Savarese, ICLR 2018), so N near-duplicates are never N picks.
+Diversity (`duplicate_similarity` < 1): going down the ranking, an image whose 8 x 8 grey thumbnail is more
+similar than that to one already picked (similarity = 1 - the RMS difference of the grey levels, in [0, 1]) is
+passed over until the others are used (a greedy core-set guard: Sener & Savarese, ICLR 2018), so N
+near-duplicates are never N picks.
 """
 
 from __future__ import annotations
@@ -89,12 +90,13 @@ def rank_images(
     if strategy == "random" or duplicate_similarity >= 1.0:
         chosen = order[:count].tolist()
     else:
-        embeddings = np.array([s.thumbnail for s in signals], dtype=np.float64)
+        thumbnails = np.array([s.thumbnail for s in signals], dtype=np.float64)
         chosen, passed_over = [], []
         for k in order:
             if len(chosen) == count:
                 break
-            if chosen and float((embeddings[chosen] @ embeddings[k]).max()) > duplicate_similarity:
+            rms = np.sqrt(((thumbnails[chosen] - thumbnails[k]) ** 2).mean(1)) if chosen else None
+            if rms is not None and float(1 - rms.min()) > duplicate_similarity:
                 passed_over.append(int(k))
             else:
                 chosen.append(int(k))

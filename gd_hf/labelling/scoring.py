@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,86 +42,98 @@ def read_signals(path: Path) -> list[ImageSignals]:
     return signals
 
 
-def _examples(records: datasets.Dataset | datasets.IterableDataset) -> Iterator[dict[str, Any]]:
+def undecoded_examples(records: datasets.Dataset | datasets.IterableDataset) -> Iterator[dict[str, Any]]:
+    """The records with their image cells as stored ({"bytes", "path"}), map-style or streamed (a stream that was
+    filtered decodes again after `cast_column`: `decode(False)` turns every feature's decoding off)."""
     if isinstance(records, datasets.Dataset):
         records = records.cast_column("image", datasets.Image(decode=False))
         for row in range(len(records)):
             yield records[row]
     else:
-        yield from records.cast_column("image", datasets.Image(decode=False))
+        yield from records.decode(False)
+
+
+@dataclass(frozen=True)
+class ScoringRules:
+    """What the signals are computed with: the run's pseudo-label rules, and whether to run the perturbed view."""
+
+    threshold: float
+    min_soft_area: float = 5.0
+    mask_threshold: float = 0.5
+    disagreement: bool = False
+    seed: int = 0  # the perturbed view of image i is drawn from (seed, i): a resumed pass computes the same
 
 
 def score_pool(
     model: torch.nn.Module,
     family: ModelFamily,
     records: datasets.Dataset | datasets.IterableDataset,
+    pool: set[int],
     data: DataConfig,
     folder: Path,
-    threshold: float,
-    min_soft_area: float,
-    with_disagreement: bool,
+    rules: ScoringRules,
     batch_size: int = 2,
-    skip_ids: set[int] | None = None,
-    seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> tuple[list[ImageSignals], int]:
-    """The signals of every record of `records` but `skip_ids` (the labeled ones), and how many records could not
-    be read (skipped under `data.on_error: skip`). Signals already in `folder/signals.jsonl` are not computed
-    again. The perturbed view of image i is drawn from (seed, image id): a resumed pass computes the same."""
+    """The signals of the records of `records` whose image id is in `pool`, and how many of them could not be read
+    (skipped under `data.on_error: skip`). Signals already in `folder/signals.jsonl` are not computed again
+    (those of ids no longer in the pool are dropped)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / SIGNALS_FILE
-    done = read_signals(path)
-    with path.open("w") as f:  # rewritten without a cut last line, then appended to
-        f.writelines(json.dumps(s.as_dict()) + "\n" for s in done)
-    seen = {s.image_id for s in done} | set(skip_ids or ())
-    total = len(records) if isinstance(records, datasets.Dataset) else None
+    done = [s for s in read_signals(path) if s.image_id in pool]
+    tmp = path.with_name(path.name + ".tmp")  # rewritten whole (without a cut last line), then appended to
+    tmp.write_text("".join(json.dumps(s.as_dict()) + "\n" for s in done))
+    os.replace(tmp, path)
+    seen = {s.image_id for s in done}
     divisor = family.padding_divisor(model)
     model.eval().to(device)
     unreadable, batch = 0, []
-    with path.open("a") as out, tqdm(total=total, desc="scoring the unlabeled pool", unit="img") as progress:
-        for example in _examples(records):
-            progress.update(1)
-            if int(example["image_id"]) in seen:
+    with path.open("a") as out, tqdm(total=len(pool), initial=len(seen), desc="scoring the unlabeled pool",
+                                     unit="img") as progress:  # fmt: skip
+        for example in undecoded_examples(records):
+            image_id = int(example["image_id"])
+            if image_id not in pool or image_id in seen:
                 continue
+            seen.add(image_id)
             try:
                 image = read_image(example)
             except DataError as e:
                 if data.on_error != "skip":
                     raise
                 unreadable += 1
+                progress.update(1)
                 logger.warning("skipping an unreadable image (data.on_error: skip): %s", e)
                 continue
-            batch.append((int(example["image_id"]), image))
+            batch.append((image_id, image))
             if len(batch) == batch_size:
-                done += _score_batch(model, family, batch, data, divisor, threshold, min_soft_area,
-                                     with_disagreement, seed, device, out)  # fmt: skip
+                done += _score_batch(model, family, batch, data, divisor, rules, device, out)
+                progress.update(len(batch))
                 batch = []
         if batch:
-            done += _score_batch(model, family, batch, data, divisor, threshold, min_soft_area,
-                                 with_disagreement, seed, device, out)  # fmt: skip
+            done += _score_batch(model, family, batch, data, divisor, rules, device, out)
+            progress.update(len(batch))
     return sorted(done, key=lambda s: s.image_id), unreadable
 
 
 @torch.no_grad()
-def _score_batch(
-    model, family, batch, data, divisor, threshold, min_soft_area, with_disagreement, seed, device, out
-) -> list[ImageSignals]:
+def _score_batch(model, family, batch, data, divisor, rules: ScoringRules, device, out) -> list[ImageSignals]:
     plain, perturbed, thumbnails = [], [], []
     for image_id, image in batch:
         height, width = image.shape[-2:]
         new_h, new_w = eval_size(height, width, data.eval_shortest_edge, data.eval_longest_edge)
         image, _ = resize(image, torch.zeros(0, height, width, dtype=torch.bool), new_h, new_w)
         plain.append({"image": image, "image_id": image_id, "original_size": (height, width)})
-        if with_disagreement:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + image_id % (2**31))
+        if rules.disagreement:
+            generator = torch.Generator().manual_seed(rules.seed * 1_000_003 + image_id % (2**31))
             perturbed.append({**plain[-1], "image": strong_photometric(image, generator, REFERENCE_STRONG)})
         thumbnails.append(thumbnail(image))
     black = family.black_padding
     weak = family.predict(model, collate_eval(plain, divisor, black)["pixel_values"].to(device))
     strong = None
-    if with_disagreement:
+    if rules.disagreement:
         strong = family.predict(model, collate_eval(perturbed, divisor, black)["pixel_values"].to(device))
-    signals = image_signals([i for i, _ in batch], weak, strong, threshold, min_soft_area, thumbnails)
+    signals = image_signals([i for i, _ in batch], weak, strong, rules.threshold, rules.min_soft_area, thumbnails,
+                            rules.mask_threshold)  # fmt: skip
     out.writelines(json.dumps(s.as_dict()) + "\n" for s in signals)
     out.flush()
     os.fsync(out.fileno())

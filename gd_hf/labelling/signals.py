@@ -9,7 +9,7 @@ import torch
 
 from gd_hf.models.protocol import Predictions
 
-THUMBNAIL = 8  # the near-duplicate embedding: the image at 8 x 8, grey (~0.4 kB a line in signals.jsonl)
+THUMBNAIL = 8  # the near-duplicate embedding: the image at 8 x 8, grey, in [0, 1] (~0.4 kB a line of signals.jsonl)
 
 
 @dataclass
@@ -18,10 +18,10 @@ class ImageSignals:
 
     image_id: int
     near_threshold: float  # score mass of object queries just under the pseudo-label threshold
-    entropy: float  # the largest normalised class entropy among its object queries
+    entropy: float  # the largest normalised class entropy among the object queries it sees (score >= t / 2)
     disagreement: float | None  # 1 - agreement of the plain and perturbed views' pseudo labels (None: not run)
     classes: list[int] = field(default_factory=list)  # classes the teacher sees (score >= threshold / 2)
-    thumbnail: list[float] = field(default_factory=list)  # unit vector, mean removed: cosine = dot product
+    thumbnail: list[float] = field(default_factory=list)  # 8 x 8 grey levels in [0, 1]
 
     def as_dict(self) -> dict:
         rounded = {k: round(v, 6) if isinstance(v, float) else v for k, v in self.__dict__.items()}
@@ -38,14 +38,17 @@ def _object_queries(class_logits: torch.Tensor, mask_logits: torch.Tensor, min_s
     return probabilities, scores, labels, is_object
 
 
-def _views_agreement(weak: Predictions, strong: Predictions, i: int, threshold: float, min_soft_area: float) -> float:
-    """Greedy one-to-one matching of the two views' pseudo labels (same class, by mask IoU): the matched IoU
-    summed over the larger count; 1 when neither view has one."""
+def _views_agreement(
+    weak: Predictions, strong: Predictions, i: int, threshold: float, min_soft_area: float, mask_threshold: float
+) -> float:
+    """Greedy one-to-one matching of the two views' pseudo labels (same class, by mask IoU; those whose hard mask
+    is empty are no labels here): the matched IoU summed over the larger count; 1 when neither view has one."""
     kept = []
     for view in (weak, strong):
         _, scores, labels, is_object = _object_queries(view.class_logits[i], view.mask_logits[i], min_soft_area)
-        keep = is_object & (scores > threshold)
-        kept.append((labels[keep], view.mask_logits[i][keep].sigmoid() > 0.5))
+        hard = view.mask_logits[i].float().sigmoid() > mask_threshold
+        keep = is_object & (scores > threshold) & hard.flatten(1).any(1)
+        kept.append((labels[keep], hard[keep]))
     (labels_a, masks_a), (labels_b, masks_b) = kept
     if len(labels_a) == 0 and len(labels_b) == 0:
         return 1.0
@@ -66,13 +69,11 @@ def _views_agreement(weak: Predictions, strong: Predictions, i: int, threshold: 
 
 
 def thumbnail(image: torch.Tensor) -> list[float]:
-    """A uint8 (3, H, W) image as a unit vector (8 x 8 grey, its mean removed; 3 decimals): near-duplicates
-    score ~1, as perceptual hashes compare images."""
-    grey = image.float().mean(0, keepdim=True)[None]
+    """A uint8 (3, H, W) image at 8 x 8, grey, in [0, 1] (3 decimals): two images whose thumbnails differ by a few
+    grey levels (RMS) are near-duplicates, flat frames included."""
+    grey = image.float().mean(0, keepdim=True)[None] / 255.0
     small = torch.nn.functional.interpolate(grey, size=(THUMBNAIL, THUMBNAIL), mode="area").flatten()
-    small = small - small.mean()
-    norm = small.norm()
-    return [round(v, 3) for v in (small / norm if norm > 0 else small).tolist()]
+    return [round(v, 3) for v in small.tolist()]
 
 
 def image_signals(
@@ -82,29 +83,30 @@ def image_signals(
     threshold: float,
     min_soft_area: float,
     thumbnails: list[list[float]],
+    mask_threshold: float = 0.5,
 ) -> list[ImageSignals]:
     """The signals of a batch: `weak` the teacher's outputs on the plain views, `strong` on the perturbed ones
-    (None: no disagreement signal). `threshold`: the pseudo-label score threshold the run trains with."""
+    (None: no disagreement signal). `threshold`, `min_soft_area`, `mask_threshold`: the run's pseudo-label rules.
+    Values are rounded as `signals.jsonl` stores them, so a resumed pass ranks as an uninterrupted one."""
     signals = []
     classes = weak.class_logits.shape[-1] - 1
     for i, image_id in enumerate(image_ids):
         probabilities, scores, labels, is_object = _object_queries(weak.class_logits[i], weak.mask_logits[i],
                                                                    min_soft_area)  # fmt: skip
         under = is_object & (scores >= threshold / 2) & (scores < threshold)
+        seen = is_object & (scores >= threshold / 2)  # (not the near-uniform queries every image has)
         entropy = -(probabilities * probabilities.clamp(min=1e-12).log()).sum(-1) / torch.log(
             torch.tensor(float(classes + 1))
         )
-        seen = is_object & (scores >= threshold / 2)
-        signals.append(
-            ImageSignals(
-                image_id=int(image_id),
-                near_threshold=float(scores[under].sum()),
-                entropy=float(entropy[is_object].max()) if is_object.any() else 0.0,
-                disagreement=None
-                if strong is None
-                else 1.0 - _views_agreement(weak, strong, i, threshold, min_soft_area),
-                classes=sorted({int(c) for c in labels[seen]}),
-                thumbnail=thumbnails[i],
-            )
+        agreement = None if strong is None else _views_agreement(weak, strong, i, threshold, min_soft_area,
+                                                                 mask_threshold)  # fmt: skip
+        signal = ImageSignals(
+            image_id=int(image_id),
+            near_threshold=float(scores[under].sum()),
+            entropy=float(entropy[seen].max()) if seen.any() else 0.0,
+            disagreement=None if agreement is None else 1.0 - agreement,
+            classes=sorted({int(c) for c in labels[seen]}),
+            thumbnail=thumbnails[i],
         )
+        signals.append(ImageSignals(**signal.as_dict()))
     return signals
