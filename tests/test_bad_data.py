@@ -20,7 +20,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from gd_hf.config import DataConfig
-from gd_hf.data.coco import FEATURES, DataError, load_coco
+from gd_hf.data.coco import FEATURES, DataError, load_coco, to_hf_dataset
 from gd_hf.data.images import read_image
 from gd_hf.data.loading import MAX_CONSECUTIVE_BAD_RECORDS, LabeledTrainDataset, labeled_sample
 from gd_hf.models import build_model
@@ -444,6 +444,47 @@ def test_a_parse_child_that_dies_is_a_data_error_naming_the_file(synthetic_root,
     annotations = synthetic_root / "annotations" / "instances_val.json"
     with pytest.raises(DataError, match=r"instances_val\.json: the process parsing it died .*killed for memory"):
         coco_source.coco_records(annotations, synthetic_root / "val", tmp_path / "cache")
+
+
+def _die_parsing_val(annotation_file, *args) -> None:
+    import gd_hf.data.coco_source as coco_source
+
+    if "val" in Path(annotation_file).name:
+        os._exit(137)
+    coco_source.build_records_cache(annotation_file, *args)  # (the child's own, unpatched)
+
+
+def test_a_dying_val_parse_names_val_and_the_train_build_side_by_side_finishes(synthetic_root, tmp_path, monkeypatch):
+    import gd_hf.data.coco_source as coco_source
+
+    monkeypatch.setattr(coco_source, "build_records_cache", _die_parsing_val)
+    files = [coco_source.CocoFile(synthetic_root / "annotations" / f"instances_{split}.json", synthetic_root / split)
+             for split in ("train", "val")]  # fmt: skip
+    with pytest.raises(DataError, match=r"instances_val\.json: the process parsing it died"):
+        coco_source.build_missing_caches(files, tmp_path / "cache")
+    built = [p.name for p in (tmp_path / "cache").iterdir()]
+    assert len(built) == 1 and built[0].startswith("instances_train-")
+
+
+def test_polygon_objects_of_shards_are_checked_at_start_and_when_read(synthetic_root):
+    """Records in gd_hf's schema may hold polygons (a records cache does): a valid one is kept, a NaN or
+    far-away coordinate (which crashes pycocotools) is a bad record, at start and when read."""
+    from gd_hf.data.masks import object_masks
+    from gd_hf.data.prepare import drop_records_with_bad_masks
+
+    records = to_hf_dataset(
+        load_coco(synthetic_root / "annotations" / "instances_train.json", synthetic_root / "train")
+    )
+    rows = [r for r in records.to_list() if r["objects"]["rle_counts"]][:3]
+    for row, polygon in zip(rows, ([2, 2, 30, 2, 30, 30], [2, 2, float("nan"), 2, 30, 30], [0, 0, 3e8, 0, 0, 1])):
+        row["objects"] = {"category": [0], "rle_counts": [""], "iscrowd": [0], "polygons": [[polygon]]}
+    broken = datasets.Dataset.from_list(rows, features=records.features)
+    kept = drop_records_with_bad_masks(broken, "skip")
+    assert [r["image_id"] for r in kept] == [rows[0]["image_id"]]
+    assert object_masks([""], [[[2, 2, 30, 2, 30, 30]]], 64, 64).sum() > 0
+    for polygon in ([2, 2, float("nan"), 2, 30, 30], [0, 0, 3e8, 0, 0, 1]):
+        with pytest.raises(ValueError, match="object 0: polygon coordinates"):
+            object_masks([""], [[polygon]], 64, 64)
 
 
 def test_bad_records_are_skipped_until_50_in_a_row_stop_the_run(tmp_path):

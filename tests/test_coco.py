@@ -318,3 +318,21 @@ def test_shards_written_before_polygons_are_named_not_misread():
     )
     with pytest.raises(DataError, match=r"missing \['objects.polygons'\].*write them again"):
         check_columns(old_schema, "old_shards/data-00000-of-00001.parquet")
+
+
+def test_numbers_of_a_float_subclass_and_repeated_ids():
+    import numpy as np
+
+    segmentation = [[0.0, 0, 10, 0, 10, np.float64(10)]]
+    kept, problems = check_polygons([segmentation], np.array([20]), np.array([30]))
+    assert problems == [None]
+    assert np.array_equal(object_masks([""], kept.to_pylist(), 20, 30)[0],
+                          decode_masks([rle_from_segmentation(segmentation, 20, 30)["counts"]], 20, 30)[0])  # fmt: skip
+
+
+def test_an_image_asked_for_twice_is_refused(tmp_path):
+    source = load_coco(
+        *make_folder(tmp_path, [{"id": 1, "image_id": 1, "category_id": 7, "segmentation": square(0, 0, 4, 4)}])
+    )
+    with pytest.raises(ValueError, match=r"asked for more than once: \[1\]"):
+        to_hf_dataset(source, [1, 2, 1])

@@ -376,6 +376,10 @@ def to_hf_dataset(
     """The images `image_ids` (default: all) as a `datasets.Dataset`; `with_labels=False` drops the objects.
     `features`: FEATURES, or PATH_FEATURES (image paths as plain strings, e.g. for a cache on disk)."""
     ids = sorted(source.images) if image_ids is None else list(image_ids)
+    if len(set(ids)) < len(ids):
+        raise ValueError(
+            f"to_hf_dataset: image ids asked for more than once: {sorted({i for i in ids if ids.count(i) > 1})[:10]}"
+        )
     # Arrow columns built directly (Dataset.from_dict would encode 118k nested rows in Python: 8 s for COCO), the
     # objects put in row order with numpy (a Python loop over COCO's 860k objects took 5 s).
     paths = [str(source.image_path(image_id)) for image_id in ids]

@@ -112,12 +112,16 @@ def build_missing_caches(files: list[CocoFile], cache_root: Path) -> None:
     for folder, file in missing.items():
         logger.info("%s: parsing (once; the records are cached in %s)", file.annotation_file, folder)
         remove_abandoned_builds(folder)
+    # One child per file, each in its own pool: a child that dies (killed for memory) breaks its own pool only,
+    # so the error names its file and the other file's build still finishes.
     spawn = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(len(missing), mp_context=spawn) as children:
+    children = [concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) for _ in missing]
+    try:
         builds = [
-            (file, children.submit(build_records_cache, file.annotation_file, file.image_dir, folder, *file[2:]))
-            for folder, file in missing.items()
+            (file, child.submit(build_records_cache, file.annotation_file, file.image_dir, folder, *file[2:]))
+            for child, (folder, file) in zip(children, missing.items())
         ]
+        concurrent.futures.wait([build for _, build in builds])
         for file, build in builds:  # (.result() re-raises a child's DataError here: the first file's first)
             try:
                 build.result()
@@ -126,6 +130,9 @@ def build_missing_caches(files: list[CocoFile], cache_root: Path) -> None:
                     f"{file.annotation_file}: the process parsing it died ({e}), most likely killed for memory. "
                     "Look for absurd records (huge sizes or coordinates), or free memory and launch again"
                 ) from e
+    finally:
+        for child in children:
+            child.shutdown(cancel_futures=True)
 
 
 @functools.lru_cache(maxsize=16)

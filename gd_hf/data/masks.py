@@ -86,6 +86,14 @@ def usable_polygons(segmentation: list) -> list:
     return [p for p in segmentation if isinstance(p, list) and len(p) >= 6]
 
 
+def polygons_problem(polygons: list, height: int, width: int) -> str | None:
+    """Why an object's polygons (as records store them: each with 3 points or more) cannot be rasterised, or
+    None."""
+    if not isinstance(polygons, list) or not all(isinstance(p, list) and len(p) >= 6 for p in polygons):
+        return "polygons must be lists of at least 3 points"
+    return next((problem for p in polygons if (problem := _polygon_problem(p, height, width))), None)
+
+
 def rle_from_polygons(polygons: list, height: int, width: int) -> dict[str, Any]:
     """Checked polygons -> one compressed RLE (pycocotools' rasterisation, the polygons merged)."""
     pieces = mask_utils.frPyObjects([list(p) for p in polygons], height, width)
@@ -195,9 +203,10 @@ def check_polygons(
         problems[k] = next(
             problem for p in polygons[k] if (problem := _polygon_problem(p, int(heights[k]), int(widths[k])))
         )
-    if bad_polygon.any():  # flattened again without them (a file with such records is rare)
+    if bad_polygon.any() or coordinates is None:  # flattened again without them (a file with such records is rare;
+        # None with none bad: numbers of a float subclass, e.g. numpy's, which the one-by-one check accepts)
         polygons = [p if problems[k] is None else [] for k, p in enumerate(polygons)]
-        flat, lengths, coordinates = _flatten(polygons)
+        flat, lengths, coordinates = _flatten(polygons, checked=True)
         polygon_object = np.repeat(np.arange(len(polygons)), [len(p) for p in polygons])
     areas = np.bincount(polygon_object, weights=_shoelace_areas(coordinates, lengths), minlength=len(polygons))
     for k in np.flatnonzero(areas < SMALL_POLYGON_AREA):
@@ -210,17 +219,18 @@ def check_polygons(
             polygons[k] = []
     counts = np.fromiter(map(len, polygons), np.int64, len(polygons))
     lengths = np.fromiter(map(len, itertools.chain.from_iterable(polygons)), np.int64, int(counts.sum()))
-    coordinates = coordinates if len(coordinates) == lengths.sum() else _flatten(polygons)[2]
+    coordinates = coordinates if len(coordinates) == lengths.sum() else _flatten(polygons, checked=True)[2]
     inner = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32()), coordinates)
     return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]), pa.int32()), inner), problems
 
 
-def _flatten(polygons: list[list[list]]) -> tuple[list[list], np.ndarray, np.ndarray | None]:
+def _flatten(polygons: list[list[list]], checked: bool = False) -> tuple[list[list], np.ndarray, np.ndarray | None]:
     """The polygons of all objects in one list, their lengths, and all coordinates as one float64 array (None
-    when one is not an int or float: numpy would read True, "1.5" and None as numbers)."""
+    when one is not an int or float: numpy would read True, "1.5" and None as numbers; `checked`: they passed
+    `_polygon_problem`, so any number type is read)."""
     flat = list(itertools.chain.from_iterable(polygons))
     lengths = np.fromiter(map(len, flat), np.int64, len(flat))
-    if not set(map(type, itertools.chain.from_iterable(flat))) <= {int, float}:
+    if not checked and not set(map(type, itertools.chain.from_iterable(flat))) <= {int, float}:
         return flat, lengths, None
     try:
         return flat, lengths, np.fromiter(itertools.chain.from_iterable(flat), np.float64, int(lengths.sum()))
@@ -287,6 +297,11 @@ def object_masks(rle_counts: list[str], polygons: list[list[list[float]]], heigh
     for index, (counts, shapes) in enumerate(zip(rle_counts, polygons)):
         if bool(counts) == bool(shapes):
             raise ValueError(f"object {index}: holds {'both' if shapes else 'neither'} RLE counts and polygons")
+        # Checked again (~3 us each): records from shards or streams were not parsed by load_coco, and a NaN or
+        # a coordinate of 1e8 makes pycocotools crash the process or take GBs.
+        problem = polygons_problem(shapes, height, width)
+        if problem:
+            raise ValueError(f"object {index}: {problem}")
     masks = np.zeros((len(rle_counts), height, width), dtype=bool)
     rles = [i for i, counts in enumerate(rle_counts) if counts]
     if rles:

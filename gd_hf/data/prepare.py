@@ -25,7 +25,7 @@ from gd_hf.data.coco import DataError
 from gd_hf.data.coco_source import records_cache_folder, records_cache_root
 from gd_hf.data.fingerprint import data_fingerprint
 from gd_hf.data.images import check_images, image_files_key
-from gd_hf.data.masks import compressed_rle_problem
+from gd_hf.data.masks import compressed_rle_problem, polygons_problem
 from gd_hf.data.records import Records, image_folder_records, image_ids_and_object_counts, select_ids
 from gd_hf.data.sources import open_source
 from gd_hf.data.splits import Split, split_image_ids
@@ -197,7 +197,9 @@ def drop_records_with_bad_masks(records: datasets.Dataset, on_error: str) -> dat
         objects = record["objects"]
         problems = [  # crowd regions are never decoded for training
             compressed_rle_problem(counts, record["height"], record["width"])
-            for counts, crowd in zip(objects["rle_counts"], objects["iscrowd"])
+            if counts or not shapes
+            else polygons_problem(shapes, record["height"], record["width"])
+            for counts, crowd, shapes in zip(objects["rle_counts"], objects["iscrowd"], objects["polygons"])
             if not crowd
         ]
         problem = next((p for p in problems if p), None)
