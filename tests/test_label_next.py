@@ -5,6 +5,7 @@ refused with nothing written, and the loop back (the job's split file, a recorde
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,7 +170,8 @@ def test_a_job_from_a_run_names_its_images_and_a_killed_pass_resumes(tiny_run, t
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(i["file_name"] for i in job["images"])
     assert all((out / "images" / i["file_name"]).resolve().is_file() for i in job["images"])
     assert (out / "label_next.png").is_file() and not (tmp_path / "job.partial").exists()
-    assert str(tmp_path) not in (out / "label_next.json").read_text()  # no machine path in what may be shared
+    for name in ("label_next.json", "arguments.json", "split.json", "pre_annotations.json"):  # may be shared
+        assert str(tiny_run.parent) not in (out / name).read_text() and "/tmp/" not in (out / name).read_text()
     pre = load_coco(out / "pre_annotations.json", out / "images")
     assert sorted(pre.images) == sorted(ids)
 
@@ -231,3 +233,72 @@ def test_the_loop_back_a_relaunch_with_the_jobs_split_is_a_recorded_change_and_t
     assert launches[-1]["recipe_changes"]["data.split_file"] == [None, str(job / "split.json")]
     card = (run / "final" / "README.md").read_text()
     assert "9 labeled images" in card and "3 images were picked for labelling by `gd_hf.label_next` (entropy" in card
+
+
+def test_a_stream_and_images_held_as_bytes_are_scored_and_written(synthetic_root, tmp_path):
+    """A streamed pool (filtered, as a stream's split is) and records whose images are bytes without a file (hub
+    and shards data sets): scored, and their picked images written into images/ as PNGs of their pixels."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from gd_hf.config import DataConfig
+    from gd_hf.data.coco import to_hf_dataset
+    from gd_hf.data.records import select_ids
+    from gd_hf.label_next import _picked_images
+    from gd_hf.labelling.job import write_job
+    from gd_hf.labelling.scoring import ScoringRules, score_pool
+    from gd_hf.models import build_model, family_of
+
+    records = to_hf_dataset(
+        load_coco(synthetic_root / "annotations" / "instances_train.json", synthetic_root / "train")
+    )
+    rows = records.cast_column("image", datasets.Image(decode=False)).to_list()[:6]
+    for row in rows:  # bytes, no file
+        row["image"] = {"bytes": open(row["image"]["path"], "rb").read(), "path": None}
+    as_bytes = datasets.Dataset.from_list(rows, features=records.features)
+    undecoded = as_bytes.to_iterable_dataset().cast_column("image", datasets.Image(decode=False))  # as sources.py
+    stream = select_ids(undecoded, [r["image_id"] for r in rows[1:]])
+    recipe = demo_recipe(tiny_overrides(synthetic_root, tmp_path / "unused"))
+    model = build_model(recipe.model, {i: f"c{i}" for i in range(4)})
+    pool = {r["image_id"] for r in rows[1:]}
+    data = DataConfig(eval_shortest_edge=64, eval_longest_edge=64)
+    signals, unreadable = score_pool(model, family_of(model), stream, pool, data, tmp_path / "scores",
+                                     ScoringRules(0.7, disagreement=True), batch_size=2)  # fmt: skip
+    assert sorted(s.image_id for s in signals) == sorted(pool) and unreadable == 0
+    picks = rank_images(signals, "disagreement", 2)
+    model.save_pretrained(tmp_path / "export")
+    from gd_hf.models import export_image_processor
+
+    export_image_processor(model, recipe.data).save_pretrained(tmp_path / "export")
+    picked = _picked_images(model, str(tmp_path / "export"), picks, stream, tmp_path, 0.5, "cpu")
+    assert [p.source for p in picked] == [None, None]
+    write_job(tmp_path / "job", picked, {s.image_id: s for s in signals}, {"strategy": "disagreement",
+              "pre_annotation_threshold": 0.5}, [1, 2, 3, 4], ["a", "b", "c", "d"], [rows[0]["image_id"]])  # fmt: skip
+    written = sorted((tmp_path / "job" / "images").iterdir())
+    assert [p.suffix for p in written] == [".png", ".png"]
+    for p in picked:
+        with Image.open(tmp_path / "job" / "images" / f"{Path(p.data_set_file).stem}.png") as image:
+            original = Image.open(
+                io.BytesIO(next(r for r in rows if r["image_id"] == p.pick.image_id)["image"]["bytes"])
+            )
+            assert np.array_equal(np.asarray(image), np.asarray(original.convert("RGB")))
+
+
+def test_a_line_cut_by_a_kill_is_scored_again_and_an_export_given_as_run_is_the_teacher(tiny_run, tmp_path):
+    out = tmp_path / "job"
+    label_next(tiny_run / "best", 2, out, strategy="near_threshold")  # the best/ export, whatever --export says
+    job = json.loads((out / "label_next.json").read_text())
+    assert job["export"] == "best"
+    arguments = (out / "arguments.json").read_text()
+    assert str(tiny_run.parent) not in arguments and "/" not in json.loads(arguments)["run"]  # no machine path
+    lines = (out / "signals.jsonl").read_text().splitlines()
+    partial = tmp_path / "again.partial"
+    partial.mkdir()
+    (partial / "arguments.json").write_text(arguments)
+    (partial / "signals.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][: len(lines[5]) // 2])
+    label_next(tiny_run / "best", 2, tmp_path / "again", strategy="near_threshold")
+    again = (tmp_path / "again" / "signals.jsonl").read_text().splitlines()
+    assert sorted(again) == sorted(lines)  # the cut line scored again, whole; nothing twice
+    assert json.loads((tmp_path / "again" / "label_next.json").read_text())["images"] == job["images"]
