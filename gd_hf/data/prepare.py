@@ -28,7 +28,7 @@ from gd_hf.data.images import check_images, image_files_key
 from gd_hf.data.masks import compressed_rle_problem, polygons_problem
 from gd_hf.data.records import Records, image_folder_records, image_ids_and_object_counts, select_ids
 from gd_hf.data.sources import open_source
-from gd_hf.data.splits import Split, split_image_ids
+from gd_hf.data.splits import Split, split_file_provenance, split_image_ids
 from gd_hf.data.synthetic import generate as generate_synthetic
 from gd_hf.files import write_text_atomic
 
@@ -117,6 +117,11 @@ def prepare_data(recipe: Recipe, accelerator: Accelerator, check_later: bool = F
         val_check = None
     ids, object_counts = image_ids_and_object_counts(opened.train)
     split = split_image_ids(ids, object_counts, d.labeled_percent, d.split_seed, d.split_file, opened.description)
+    picked = split_file_provenance(d.split_file).get("added_image_ids")
+    unlabelled = sorted(set(picked) - set(split.labeled)) if isinstance(picked, list) else []
+    if unlabelled:  # (an image without objects stays unlabeled, as any: said, since someone meant to label it)
+        logger.warning("%d of the images gd_hf.label_next picked (%s) have no object in %s: they stay unlabeled "
+                       "until their labels are in it", len(unlabelled), unlabelled[:10], opened.description)  # fmt: skip
     row_ids = ids if isinstance(opened.train, datasets.Dataset) else None
     labeled = select_ids(opened.train, split.labeled, row_ids)
     if isinstance(labeled, datasets.Dataset) and d.source != "coco":  # (a COCO file's masks were checked when parsed)
