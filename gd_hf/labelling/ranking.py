@@ -4,7 +4,8 @@ diversity). Each strategy is one signal of `ImageSignals`, larger first:
 - `near_threshold`: the score mass of the teacher's object queries between half the pseudo-label threshold and
   the threshold: objects it half sees, which become neither pseudo labels nor confident background (the
   pseudo-label view of uncertainty sampling: Lewis & Gale 1994; for detectors, Roy et al., BMVC 2018).
-- `entropy`: the largest normalised class entropy among its object queries (Roy et al., BMVC 2018, "max entropy").
+- `entropy`: the largest normalised class entropy among the object queries it sees (score >= half the threshold)
+  (Roy et al., BMVC 2018, "max entropy").
 - `disagreement`: how much the teacher's pseudo labels of the image and of a photometrically perturbed copy
   differ (1 - matched mask IoU): consistency-based selection (Gao et al., ECCV 2020; Elezi et al., CVPR 2022).
 - `random`: a seeded uniform draw, the baseline every other one must beat.
