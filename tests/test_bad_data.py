@@ -446,12 +446,12 @@ def test_a_parse_child_that_dies_is_a_data_error_naming_the_file(synthetic_root,
         coco_source.coco_records(annotations, synthetic_root / "val", tmp_path / "cache")
 
 
-def _die_parsing_val(annotation_file, *args) -> None:
+def _die_parsing_val(file, folder) -> None:
     import gd_hf.data.coco_source as coco_source
 
-    if "val" in Path(annotation_file).name:
+    if "val" in file.annotation_file.name:
         os._exit(137)
-    coco_source.build_records_cache(annotation_file, *args)  # (the child's own, unpatched)
+    coco_source.build_records_cache(file, folder)  # (the child's own, unpatched)
 
 
 def test_a_dying_val_parse_names_val_and_the_train_build_side_by_side_finishes(synthetic_root, tmp_path, monkeypatch):

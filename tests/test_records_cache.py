@@ -43,7 +43,7 @@ def parses(monkeypatch):
 
     class Counting(real):
         def submit(self, fn, *args, **kwargs):
-            count.append(Path(args[0]).name)
+            count.append(args[0].annotation_file.name)
             return super().submit(fn, *args, **kwargs)
 
     monkeypatch.setattr(coco_source.concurrent.futures, "ProcessPoolExecutor", Counting)
@@ -150,7 +150,7 @@ def test_a_build_left_half_written_by_a_dead_process_is_removed_and_a_running_on
 
     annotations = synthetic_root / "annotations" / "instances_val.json"
     cache = tmp_path / "cache"
-    folder = coco_source.records_cache_folder(annotations, synthetic_root / "val", cache)
+    folder = coco_source.records_cache_folder(coco_source.CocoFile(annotations, synthetic_root / "val"), cache)
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead, alive = (folder.with_name(f".{folder.name}.tmp{pid}") for pid in (finished.stdout.strip(), os.getpid()))
     for tmp in (dead, alive):

@@ -64,7 +64,7 @@ def coco_records(
     if cache_root is None:
         source = load_coco(*file[:2], crowd_as_objects=crowd_as_objects, rasterise_polygons=rasterise_polygons)
         return to_hf_dataset(source), Categories(source.category_ids, source.category_names)
-    folder = records_cache_folder(*file[:2], cache_root, crowd_as_objects, rasterise_polygons)
+    folder = records_cache_folder(file, cache_root)
     if (folder / RECORDS_INFO_FILE).is_file():
         logger.info("%s: records read from the cache %s", annotation_file, folder)
     else:
@@ -97,7 +97,7 @@ def build_missing_caches(files: list[CocoFile], cache_root: Path) -> None:
     """
     missing = {}
     for file in files:
-        folder = records_cache_folder(file.annotation_file, file.image_dir, cache_root, *file[2:])
+        folder = records_cache_folder(file, cache_root)
         if not (folder / RECORDS_INFO_FILE).is_file():
             missing[folder] = file
     if not missing:
@@ -118,7 +118,7 @@ def build_missing_caches(files: list[CocoFile], cache_root: Path) -> None:
     children = [concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) for _ in missing]
     try:
         builds = [
-            (file, child.submit(build_records_cache, file.annotation_file, file.image_dir, folder, *file[2:]))
+            (file, child.submit(build_records_cache, file, folder))
             for child, (folder, file) in zip(children, missing.items())
         ]
         concurrent.futures.wait([build for _, build in builds])
@@ -152,24 +152,20 @@ def file_digest(path: Path) -> str:
     return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
 
 
-def records_cache_folder(
-    annotation_file: Path,
-    image_dir: Path,
-    cache_root: Path,
-    crowd_as_objects: bool = False,
-    rasterise_polygons: bool = True,
-) -> Path:
+def records_cache_folder(file: CocoFile, cache_root: Path) -> Path:
     """The cache folder of an instances JSON: a new one whenever the file's content changes (its SHA-256, ~0.3 s
     per 400 MB here: an edit that keeps the file's size and modification time is still seen), or the image
-    folder, or `crowd_as_objects` or `rasterise_polygons`."""
-    if not annotation_file.is_file():
-        raise DataError(f"annotation file {annotation_file} does not exist: check data.*_annotations in the recipe")
+    folder, or the flags."""
+    if not file.annotation_file.is_file():
+        raise DataError(
+            f"annotation file {file.annotation_file} does not exist: check data.*_annotations in the recipe"
+        )
     key = json.dumps(
-        [RECORDS_CACHE_VERSION, file_digest(annotation_file), str(image_dir.resolve())]
-        + (["crowd_as_objects"] if crowd_as_objects else [])
-        + ([] if rasterise_polygons else ["polygons_as_parsed"])
+        [RECORDS_CACHE_VERSION, file_digest(file.annotation_file), str(file.image_dir.resolve())]
+        + (["crowd_as_objects"] if file.crowd_as_objects else [])
+        + ([] if file.rasterise_polygons else ["polygons_as_parsed"])
     )
-    return cache_root / f"{annotation_file.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+    return cache_root / f"{file.annotation_file.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
 
 
 def remove_abandoned_builds(folder: Path) -> None:
@@ -182,26 +178,20 @@ def remove_abandoned_builds(folder: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_records_cache(
-    annotation_file: Path,
-    image_dir: Path,
-    folder: Path,
-    crowd_as_objects: bool = False,
-    rasterise_polygons: bool = True,
-) -> None:
+def build_records_cache(file: CocoFile, folder: Path) -> None:
     """Parse and validate an instances JSON (`load_coco`) and save its records to `folder` (atomically)."""
     logging.getLogger("gd_hf").setLevel(logging.ERROR)  # the parent says what was skipped, from the info file
     # Absolute image paths: the cache is found by resolved paths, so a launch from another working directory
     # (or naming the folder another way) reads it too.
-    source = load_coco(annotation_file, image_dir.resolve(), crowd_as_objects=crowd_as_objects,
-                       rasterise_polygons=rasterise_polygons)  # fmt: skip
+    source = load_coco(file.annotation_file, file.image_dir.resolve(), crowd_as_objects=file.crowd_as_objects,
+                       rasterise_polygons=file.rasterise_polygons)  # fmt: skip
     # Image paths as strings: save_to_disk would copy the files of an Image column into the folder.
     records = to_hf_dataset(source, features=PATH_FEATURES)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     records.save_to_disk(str(tmp))
     info = {
-        "annotation_file": str(annotation_file),
+        "annotation_file": str(file.annotation_file),
         "category_ids": source.category_ids,
         "category_names": source.category_names,
         "skipped_annotations": source.skipped_annotations,
@@ -214,13 +204,19 @@ def build_records_cache(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def coco_files(d: DataConfig) -> tuple[CocoFile, CocoFile]:
+    """The recipe's train and val COCO files. The training file's polygons are rasterised when a record is read (a
+    1 % split reads 1 % of them); val's when parsed, for its pycocotools ground truth."""
+    crowd = d.crowd_masks_as_objects
+    return (
+        CocoFile(Path(d.train_annotations), Path(d.train_images), crowd, rasterise_polygons=False),
+        CocoFile(Path(d.val_annotations), Path(d.val_images), crowd),
+    )
+
+
 def open_coco(d: DataConfig) -> TrainVal:
     cache_root = records_cache_root(d.records_cache)
-    crowd = d.crowd_masks_as_objects
-    # The training file's polygons are rasterised when a record is read (a 1 % split reads 1 % of them); val's
-    # now, for its pycocotools ground truth.
-    train_file = CocoFile(Path(d.train_annotations), Path(d.train_images), crowd, rasterise_polygons=False)
-    val_file = CocoFile(Path(d.val_annotations), Path(d.val_images), crowd)
+    train_file, val_file = coco_files(d)
     if cache_root is not None:
         build_missing_caches([train_file, val_file], cache_root)
     train, categories = coco_records(*train_file[:2], cache_root, *train_file[2:])

@@ -22,7 +22,7 @@ from pycocotools.coco import COCO
 from gd_hf.config import DataConfig, Recipe
 from gd_hf.data.categories import Categories
 from gd_hf.data.coco import DataError
-from gd_hf.data.coco_source import records_cache_folder, records_cache_root
+from gd_hf.data.coco_source import coco_files, records_cache_folder, records_cache_root
 from gd_hf.data.fingerprint import data_fingerprint
 from gd_hf.data.images import check_images, image_files_key
 from gd_hf.data.masks import compressed_rle_problem, polygons_problem
@@ -187,7 +187,7 @@ def checked_memo(d: DataConfig, val: datasets.Dataset) -> Path | None:
     if d.source != "coco" or cache_root is None:
         return None
     # Beside the val JSON's records: a new JSON is a new folder.
-    folder = records_cache_folder(Path(d.val_annotations), Path(d.val_images), cache_root, d.crowd_masks_as_objects)
+    folder = records_cache_folder(coco_files(d)[1], cache_root)
     key = image_files_key(val) if folder.is_dir() else None
     return None if key is None else folder / f"checked_images_{key[:32]}.json"
 
