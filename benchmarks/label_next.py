@@ -11,11 +11,13 @@ that new teacher (800 steps, as (c)). Every run is scored on the held-out set (5
 
     python benchmarks/label_next.py [--sets square mixed] [--seeds 0 1 2]
         [--strategies near_threshold entropy disagreement random] [--count 24] [--guided] [--jobs 2]
-        [--base outputs/ssl_gain_128px] [--out outputs/label_next_128px] [--table-only]
+        [--base outputs/ssl_gain_128px] [--out outputs/label_next_128px] [--table-only] [--docs]
 
 Prints (and writes OUT/results.md) per set and strategy: the held-out AP after, the gain over the 2 % run, the
 gain per added image and per added object (the labeller's work), and that gain as a multiple of random's
-(the goal: >= 1.5x), mean and per seed. Finished jobs and runs are reused when started again.
+(the goal: >= 1.5x), mean and per seed. Finished jobs and runs are reused when started again. `--docs` writes
+the table into docs/labelling.md and benchmarks/RESULTS.md between `<!-- label_next:begin/end -->` (generated,
+not typed).
 """
 
 from __future__ import annotations
@@ -121,6 +123,16 @@ def table(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def write_block(path: Path, text: str, name: str = "label_next") -> None:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    content = path.read_text()
+    if begin not in content or end not in content:
+        raise SystemExit(f"{path} has no {begin} ... {end} block to write the table into")
+    head, _, rest = content.partition(begin)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", choices=("square", "mixed"), default=["square", "mixed"])
@@ -132,6 +144,7 @@ def main() -> None:
     parser.add_argument("--base", default="outputs/ssl_gain_128px", help="the ssl_gain benchmark's --out")
     parser.add_argument("--out", default="outputs/label_next_128px")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/labelling.md and RESULTS.md")
     args = parser.parse_args()
     if not args.table_only:
         work = [(s, seed, strategy) for s in args.sets for seed in args.seeds for strategy in args.strategies]
@@ -148,6 +161,12 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "results.md").write_text(text + "\n")
     print(text)
+    if args.docs:
+        command = "python benchmarks/label_next.py " + " ".join(
+            a for a in sys.argv[1:] if a not in ("--docs", "--table-only")
+        )
+        for path in (ROOT / "docs" / "labelling.md", ROOT / "benchmarks" / "RESULTS.md"):
+            write_block(path, f"`{command.strip()}`\n\n{text}")
 
 
 if __name__ == "__main__":
