@@ -85,40 +85,54 @@ def added_objects(job: Path, annotations: Path) -> int:
     return sum(1 for a in coco["annotations"] if a["image_id"] in picked and not a.get("iscrowd", 0))
 
 
+def _heldout(path: Path) -> float | None:
+    return json.loads(path.read_text())["best"] if path.is_file() else None
+
+
 def table(args: argparse.Namespace) -> str:
+    """Per set and arm: each strategy's held-out AP after, its gain over the 2 % run, per added image and object,
+    against random's gain of the same seed (difference per seed; ratio of the means where random's is positive)."""
     lines = []
     arms = ["supervised"] + (["guided"] if args.guided else [])
     for set_name in args.sets:
         data = Path(args.base) / f"data_{set_name}" / "annotations" / "instances_train.json"
         for arm in arms:
-            rows, gains = [], {}
+            gains: dict[str, dict[int, float]] = {}
+            rows = []
             for strategy in args.strategies:
-                per_seed, per_image, per_object = [], [], []
+                per_seed = {}
                 for seed in args.seeds:
                     folder = Path(args.out) / set_name / f"{strategy}_seed{seed}"
-                    scored = folder / arm / "heldout.json"
-                    base = Path(args.base) / f"mask2former_{set_name}" / f"{arm}_seed{seed}" / "heldout.json"
-                    if not scored.is_file() or not base.is_file():
-                        continue
-                    after = json.loads(scored.read_text())["best"]
-                    gain = after - json.loads(base.read_text())["best"]
-                    per_seed.append((after, gain))
-                    per_image.append(gain / args.count)
-                    per_object.append(gain / max(added_objects(folder / "job", data), 1))
+                    after = _heldout(folder / arm / "heldout.json")
+                    base = _heldout(Path(args.base) / f"mask2former_{set_name}" / f"{arm}_seed{seed}" / "heldout.json")
+                    if after is not None and base is not None:
+                        per_seed[seed] = (after, after - base, added_objects(folder / "job", data))
                 if per_seed:
-                    gains[strategy] = statistics.mean(per_image)
-                    rows.append((strategy, per_seed, per_image, per_object))
+                    gains[strategy] = {seed: g for seed, (_, g, _) in per_seed.items()}
+                    rows.append((strategy, per_seed))
             lines += [f"### {set_name}, {arm} retrained on 2 % + {args.count} picked images (held-out AP, `best/`)", "",
-                      "| strategy | AP after (mean) | gain over 2 % (mean ± sd) | per seed | gain per image | gain per "
-                      "object | x random per image |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-            for strategy, per_seed, per_image, per_object in rows:
-                ap = statistics.mean(a for a, _ in per_seed)
-                g = [g for _, g in per_seed]
+                      "| strategy | AP after (mean) | gain over 2 %: mean ± sd (per seed) | gain per image | gain per "
+                      "object | − random's gain, per seed (mean) | x random per image |",
+                      "|---|---|---|---|---|---|---|"]  # fmt: skip
+            random = gains.get("random", {})
+            random_mean = statistics.mean(random.values()) if random else None
+            for strategy, per_seed in rows:
+                ap = statistics.mean(a for a, _, _ in per_seed.values())
+                g = [gain for _, gain, _ in per_seed.values()]
                 sd = statistics.stdev(g) if len(g) > 1 else 0.0
-                times = gains[strategy] / gains["random"] if gains.get("random", 0) > 0 else float("nan")
-                lines.append(f"| {strategy} | {ap:.2f} | {statistics.mean(g):+.2f} ± {sd:.2f} | "
-                             f"{' / '.join(f'{x:+.2f}' for x in g)} | {statistics.mean(per_image):+.3f} | "
-                             f"{statistics.mean(per_object):+.4f} | {times:.2f} |")  # fmt: skip
+                per_object = statistics.mean(gain / max(n, 1) for _, gain, n in per_seed.values())
+                against = [gains[strategy][s] - random[s] for s in per_seed if s in random]
+                versus = (f"{' / '.join(f'{d:+.2f}' for d in against)} ({statistics.mean(against):+.2f})"
+                          if against and strategy != "random" else "")  # fmt: skip
+                if strategy == "random" or random_mean is None:
+                    times = ""
+                elif random_mean <= 0:
+                    times = "n/a: random's mean gain <= 0"
+                else:
+                    times = f"{statistics.mean(g) / random_mean:.2f}"
+                lines.append(f"| {strategy} | {ap:.2f} | {statistics.mean(g):+.2f} ± {sd:.2f} "
+                             f"({' / '.join(f'{x:+.2f}' for x in g)}) | {statistics.mean(g) / args.count:+.3f} | "
+                             f"{per_object:+.4f} | {versus} | {times} |")  # fmt: skip
             lines.append("")
     return "\n".join(lines)
 
