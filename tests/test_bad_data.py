@@ -10,6 +10,7 @@ import copy
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import datasets
@@ -433,31 +434,24 @@ def test_crowd_regions_do_not_make_a_labeled_record_bad(synthetic_root):
     assert len(kept) == len(rows)
 
 
-def _die_like_the_oom_killer(*args, **kwargs) -> None:
-    os._exit(137)  # in the child that parses a COCO file: as if killed for memory
+DIES_LIKE_THE_OOM_KILLER = [sys.executable, "-c", "import os; os._exit(137)"]  # a child as if killed for memory
 
 
 def test_a_parse_child_that_dies_is_a_data_error_naming_the_file(synthetic_root, tmp_path, monkeypatch):
     import gd_hf.data.coco_source as coco_source
 
-    monkeypatch.setattr(coco_source, "build_records_cache", _die_like_the_oom_killer)  # pickled by name for the child
+    monkeypatch.setattr(coco_source, "build_command", lambda file, folder: DIES_LIKE_THE_OOM_KILLER)
     annotations = synthetic_root / "annotations" / "instances_val.json"
     with pytest.raises(DataError, match=r"instances_val\.json: the process parsing it died .*killed for memory"):
         coco_source.coco_records(annotations, synthetic_root / "val", tmp_path / "cache")
 
 
-def _die_parsing_val(file, folder) -> None:
-    import gd_hf.data.coco_source as coco_source
-
-    if "val" in file.annotation_file.name:
-        os._exit(137)
-    coco_source.build_records_cache(file, folder)  # (the child's own, unpatched)
-
-
 def test_a_dying_val_parse_names_val_and_the_train_build_side_by_side_finishes(synthetic_root, tmp_path, monkeypatch):
     import gd_hf.data.coco_source as coco_source
 
-    monkeypatch.setattr(coco_source, "build_records_cache", _die_parsing_val)
+    real = coco_source.build_command
+    monkeypatch.setattr(coco_source, "build_command", lambda file, folder: DIES_LIKE_THE_OOM_KILLER
+                        if "val" in file.annotation_file.name else real(file, folder))  # fmt: skip
     files = [coco_source.CocoFile(synthetic_root / "annotations" / f"instances_{split}.json", synthetic_root / split)
              for split in ("train", "val")]  # fmt: skip
     with pytest.raises(DataError, match=r"instances_val\.json: the process parsing it died"):

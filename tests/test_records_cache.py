@@ -39,14 +39,13 @@ def builds(cache):
 def parses(monkeypatch):
     """Which JSON files child processes parsed (a build runs in one; a cache hit starts none)."""
     count = []
-    real = coco_source.concurrent.futures.ProcessPoolExecutor
+    real = coco_source.build_command
 
-    class Counting(real):
-        def submit(self, fn, *args, **kwargs):
-            count.append(args[0].annotation_file.name)
-            return super().submit(fn, *args, **kwargs)
+    def counting(file, folder):
+        count.append(file.annotation_file.name)
+        return real(file, folder)
 
-    monkeypatch.setattr(coco_source.concurrent.futures, "ProcessPoolExecutor", Counting)
+    monkeypatch.setattr(coco_source, "build_command", counting)
     return count
 
 

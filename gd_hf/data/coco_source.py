@@ -4,14 +4,15 @@ processes of a launch read; `open_coco` opens the train and val folders."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -112,27 +113,55 @@ def build_missing_caches(files: list[CocoFile], cache_root: Path) -> None:
     for folder, file in missing.items():
         logger.info("%s: parsing (once; the records are cached in %s)", file.annotation_file, folder)
         remove_abandoned_builds(folder)
-    # One child per file, each in its own pool: a child that dies (killed for memory) breaks its own pool only,
-    # so the error names its file and the other file's build still finishes.
-    spawn = multiprocessing.get_context("spawn")
-    children = [concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) for _ in missing]
+    # One child process per file, all at once: `python -m gd_hf.data.coco_source` imports the data modules only
+    # (a multiprocessing child would import the launch's main module, torch and all: ~5 s each), and a child
+    # that dies (killed for memory) is its own file's error while the other file's build finishes.
+    children = []
+    for folder, file in missing.items():
+        log = tempfile.TemporaryFile("w+")  # (not a pipe: a full pipe would block a child nobody reads yet)
+        children.append((file, subprocess.Popen(build_command(file, folder), stdout=log, stderr=log), log))
     try:
-        builds = [
-            (file, child.submit(build_records_cache, file, folder))
-            for child, (folder, file) in zip(children, missing.items())
-        ]
-        concurrent.futures.wait([build for _, build in builds])
-        for file, build in builds:  # (.result() re-raises a child's DataError here: the first file's first)
-            try:
-                build.result()
-            except concurrent.futures.process.BrokenProcessPool as e:
-                raise DataError(
-                    f"{file.annotation_file}: the process parsing it died ({e}), most likely killed for memory. "
-                    "Look for absurd records (huge sizes or coordinates), or free memory and launch again"
-                ) from e
+        failures = []
+        for file, child, log in children:
+            child.wait()
+            log.seek(0)
+            lines = [line for line in log.read().splitlines() if line.strip()]
+            if child.returncode == 2 and lines and lines[-1].startswith("error: "):
+                failures.append(DataError(lines[-1].removeprefix("error: ")))
+            elif child.returncode != 0:
+                failures.append(DataError(
+                    f"{file.annotation_file}: the process parsing it died (exit code {child.returncode}), most likely "
+                    "killed for memory. Look for absurd records (huge sizes or coordinates), or free memory and "
+                    f"launch again. Its last output: {lines[-3:]}"
+                ))  # fmt: skip
+        if failures:  # the first file's first
+            raise failures[0]
     finally:
-        for child in children:
-            child.shutdown(cancel_futures=True)
+        for _, child, log in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            log.close()
+
+
+def build_command(file: CocoFile, folder: Path) -> list[str]:
+    """The command of the child that builds `folder` from `file` (`main` below)."""
+    spec = {"file": [str(file.annotation_file), str(file.image_dir), *file[2:]], "folder": str(folder)}
+    return [sys.executable, "-m", "gd_hf.data.coco_source", json.dumps(spec)]
+
+
+def main(argv: list[str]) -> int:
+    """`python -m gd_hf.data.coco_source SPEC`: build one records cache (see `build_command`); exit code 2 with
+    an `error: ` line for bad data."""
+    spec = json.loads(argv[0])
+    annotation_file, image_dir, crowd_as_objects, rasterise_polygons = spec["file"]
+    file = CocoFile(Path(annotation_file), Path(image_dir), crowd_as_objects, rasterise_polygons)
+    try:
+        build_records_cache(file, Path(spec["folder"]))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 @functools.lru_cache(maxsize=16)
@@ -261,3 +290,7 @@ def open_coco(d: DataConfig) -> TrainVal:
         val_ground_truth=coco_ground_truth(val, categories, checked=True),  # (load_coco checked each mask)
         description=str(d.train_annotations),
     )
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
