@@ -31,8 +31,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ssl_gain import write_block  # (benchmarks/, the script's folder, is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("near_threshold", "entropy", "disagreement", "random")
+BOUNDS = ("<!-- label_next:begin -->", "<!-- label_next:end -->")
 
 
 def base_run(args: argparse.Namespace, set_name: str, seed: int) -> Path:
@@ -137,16 +140,6 @@ def table(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def write_block(path: Path, text: str, name: str = "label_next") -> None:
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    content = path.read_text()
-    if begin not in content or end not in content:
-        raise SystemExit(f"{path} has no {begin} ... {end} block to write the table into")
-    head, _, rest = content.partition(begin)
-    _, _, tail = rest.partition(end)
-    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", choices=("square", "mixed"), default=["square", "mixed"])
@@ -180,7 +173,7 @@ def main() -> None:
             a for a in sys.argv[1:] if a not in ("--docs", "--table-only")
         )
         for path in (ROOT / "docs" / "labelling.md", ROOT / "benchmarks" / "RESULTS.md"):
-            write_block(path, f"`{command.strip()}`\n\n{text}")
+            write_block(path, f"`{command.strip()}`\n\n{text}", bounds=BOUNDS)
 
 
 if __name__ == "__main__":

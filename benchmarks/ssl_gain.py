@@ -554,9 +554,10 @@ def describe_drift(drift: dict[str, tuple]) -> str:
     return ", ".join(f"{key} {then} (the recipe now: {now})" for key, (then, now) in sorted(drift.items()))
 
 
-def write_block(path: Path, text: str, block: str | None = None) -> None:
-    """Replace what lies between the ssl_gain markers (of `block`, see `markers`) of `path` with `text`."""
-    begin, end = markers(block)
+def write_block(path: Path, text: str, block: str | None = None, bounds: tuple[str, str] | None = None) -> None:
+    """Replace what lies between the ssl_gain markers (of `block`, see `markers`), or the `bounds` given, of
+    `path` with `text`."""
+    begin, end = bounds or markers(block)
     content = path.read_text()
     if begin not in content or end not in content:
         raise SystemExit(f"{path} has no {begin} ... {end} block to write the table into")
