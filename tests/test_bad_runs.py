@@ -621,3 +621,28 @@ def test_a_launch_that_stops_before_its_val_check_ends_cuts_the_check_short(synt
     release.set()
     time.sleep(0.5)
     assert 0 < len(read) < 8  # those in flight when it stopped; not the rest
+
+
+def test_ctrl_c_through_accelerate_launch_exits_130_and_the_relaunch_resumes(synthetic_root, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group (accelerate's launcher and gd_hf.train): the launcher
+    exits 130, what was written is whole, and the same run relaunched resumes from its last checkpoint."""
+    import signal
+
+    out = tmp_path / "run"
+    launch_command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                      str(ROOT / "accelerate_configs" / "cpu.yaml"), "-m", "gd_hf.train", DEMO_RECIPE,
+                      *tiny_overrides(synthetic_root, out), "train.checkpoint_every=5"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(launch_command + ["train.max_steps=400"], cwd=ROOT, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "step_00000010").is_dir() and time.monotonic() < deadline:
+        assert launcher.poll() is None, "the run ended before it was interrupted"
+        time.sleep(0.2)
+    os.killpg(launcher.pid, signal.SIGINT)
+    assert launcher.wait(timeout=60) == 130
+    finished = subprocess.run(launch_command + ["train.max_steps=40"], cwd=ROOT, env=env, capture_output=True,
+                              text=True)  # fmt: skip
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    launches = json.loads((out / "run_info.json").read_text())
+    assert 10 <= launches[-1]["resumed_at_step"] < 40 and (out / "final" / "model.safetensors").is_file()
