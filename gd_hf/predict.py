@@ -31,7 +31,8 @@ from transformers import AutoImageProcessor, PreTrainedModel
 
 from gd_hf.data.convert import IMAGE_SUFFIXES
 from gd_hf.data.images import to_rgb
-from gd_hf.data.transforms import BLACK, eval_size, normalize, pad_to, padded_size, resize
+from gd_hf.data.loading import resize_for_eval
+from gd_hf.data.transforms import BLACK, normalize, pad_to, padded_size
 from gd_hf.evaluation.mask_ap import Instances, post_process_instances, to_coco_results
 from gd_hf.files import output_problem
 from gd_hf.hub.run_folder import RunFolderError, chosen_export, run_of, run_val_set
@@ -136,9 +137,7 @@ def segment_images(
     resized = []
     for image in images:
         pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-        new_h, new_w = eval_size(image.height, image.width, shortest_edge, longest_edge)
-        pixels, _ = resize(pixels, torch.zeros(0, image.height, image.width, dtype=torch.bool), new_h, new_w)
-        resized.append(pixels)
+        resized.append(resize_for_eval(pixels, shortest_edge, longest_edge))
     sizes = [tuple(p.shape[-2:]) for p in resized]
     height, width = padded_size(sizes, family.padding_divisor(model))
     fill = BLACK if family.black_padding else None  # as the exported processor pads

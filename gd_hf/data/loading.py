@@ -284,10 +284,15 @@ class EvalDataset(torch.utils.data.Dataset):
     def __getitem__(self, row: int) -> dict[str, Any]:
         example = self.dataset[row]
         image = read_image(example)
-        height, width = image.shape[-2:]
-        new_h, new_w = eval_size(height, width, self.data.eval_shortest_edge, self.data.eval_longest_edge)
-        image, _ = resize(image, torch.zeros(0, height, width, dtype=torch.bool), new_h, new_w)
-        return {"image": image, "image_id": example["image_id"], "original_size": (height, width)}
+        resized = resize_for_eval(image, self.data.eval_shortest_edge, self.data.eval_longest_edge)
+        return {"image": resized, "image_id": example["image_id"], "original_size": tuple(image.shape[-2:])}
+
+
+def resize_for_eval(image: torch.Tensor, shortest_edge: int, longest_edge: int) -> torch.Tensor:
+    """A uint8 (3, H, W) image resized as the exported image processor resizes it (`eval_size`)."""
+    height, width = image.shape[-2:]
+    new_h, new_w = eval_size(height, width, shortest_edge, longest_edge)
+    return resize(image, torch.zeros(0, height, width, dtype=torch.bool), new_h, new_w)[0]
 
 
 def repeat_factors(image_categories: list[list[int]], threshold: float) -> np.ndarray:

@@ -289,7 +289,7 @@ def _shoelace_areas(coordinates: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def object_masks(rle_counts: list[str], polygons: list[list[list[float]]], height: int, width: int) -> np.ndarray:
     """The masks (N, H, W) bool of N objects, each given by its compressed RLE counts or, where those are empty,
-    by its polygons (rasterised here: they were checked when parsed). A `ValueError` names the first bad one."""
+    by its polygons (checked and rasterised here). A `ValueError` names the first bad one."""
     if not any(polygons):
         return decode_masks(rle_counts, height, width)
     if len(polygons) != len(rle_counts):

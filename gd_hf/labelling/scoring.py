@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from gd_hf.config import DataConfig
 from gd_hf.data.coco import DataError
 from gd_hf.data.images import read_image
-from gd_hf.data.loading import collate_eval
-from gd_hf.data.transforms import REFERENCE_STRONG, eval_size, resize, strong_photometric
+from gd_hf.data.loading import collate_eval, resize_for_eval
+from gd_hf.data.transforms import REFERENCE_STRONG, strong_photometric
 from gd_hf.labelling.signals import ImageSignals, image_signals, thumbnail
 from gd_hf.models.protocol import ModelFamily
 
@@ -118,11 +118,9 @@ def score_pool(
 @torch.no_grad()
 def _score_batch(model, family, batch, data, divisor, rules: ScoringRules, device, out) -> list[ImageSignals]:
     plain, perturbed, thumbnails = [], [], []
-    for image_id, image in batch:
-        height, width = image.shape[-2:]
-        new_h, new_w = eval_size(height, width, data.eval_shortest_edge, data.eval_longest_edge)
-        image, _ = resize(image, torch.zeros(0, height, width, dtype=torch.bool), new_h, new_w)
-        plain.append({"image": image, "image_id": image_id, "original_size": (height, width)})
+    for image_id, original in batch:
+        image = resize_for_eval(original, data.eval_shortest_edge, data.eval_longest_edge)
+        plain.append({"image": image, "image_id": image_id, "original_size": tuple(original.shape[-2:])})
         if rules.disagreement:
             generator = torch.Generator().manual_seed(rules.seed * 1_000_003 + image_id % (2**31))
             perturbed.append({**plain[-1], "image": strong_photometric(image, generator, REFERENCE_STRONG)})

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gd_hf.method.pseudo_labels import filter_pseudo_labels
 from gd_hf.models.protocol import Predictions
 
 THUMBNAIL = 8  # the near-duplicate embedding: the image at 8 x 8, grey, in [0, 1] (~0.4 kB a line of signals.jsonl)
@@ -41,15 +42,23 @@ def _object_queries(class_logits: torch.Tensor, mask_logits: torch.Tensor, min_s
 def _views_agreement(
     weak: Predictions, strong: Predictions, i: int, threshold: float, min_soft_area: float, mask_threshold: float
 ) -> float:
-    """Greedy one-to-one matching of the two views' pseudo labels (same class, by mask IoU; those whose hard mask
-    is empty are no labels here): the matched IoU summed over the larger count; 1 when neither view has one."""
-    kept = []
-    for view in (weak, strong):
-        _, scores, labels, is_object = _object_queries(view.class_logits[i], view.mask_logits[i], min_soft_area)
-        hard = view.mask_logits[i].float().sigmoid() > mask_threshold
-        keep = is_object & (scores > threshold) & hard.flatten(1).any(1)
-        kept.append((labels[keep], hard[keep]))
-    (labels_a, masks_a), (labels_b, masks_b) = kept
+    """Greedy one-to-one matching of the two views' pseudo labels (the method's rules, those whose hard mask is
+    empty left out; same class, by mask IoU): the matched IoU summed over the larger count; 1 when neither view
+    has one."""
+    (labels_a, masks_a), (labels_b, masks_b) = [
+        (pseudo.class_labels[0], pseudo.mask_labels[0].bool())
+        for view in (weak, strong)
+        for pseudo in [
+            filter_pseudo_labels(
+                view.class_logits[i : i + 1],
+                view.mask_logits[i : i + 1],
+                threshold,
+                min_soft_area,
+                mask_threshold,
+                min_mask_pixels=1,
+            )
+        ]  # fmt: skip
+    ]
     if len(labels_a) == 0 and len(labels_b) == 0:
         return 1.0
     if len(labels_a) == 0 or len(labels_b) == 0:
