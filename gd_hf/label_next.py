@@ -122,7 +122,10 @@ def label_next(
     _check_arguments(count, strategy, out, options)
     folder, model_path = _run_and_export(run, export)
     recipe = load_recipe(folder / "recipe.yaml")
-    model = load_export(str(model_path))
+    try:
+        model = load_export(str(model_path))
+    except Exception as e:  # noqa: BLE001 - truncated weights (safetensors' own error), a broken config: one line
+        raise LabelNextError(f"cannot load the model {model_path}: {type(e).__name__}: {e}") from e
     rules = ScoringRules(_threshold(folder, recipe.ssl.pseudo_label_score_threshold, threshold),
                          recipe.ssl.pseudo_label_min_area, recipe.ssl.pseudo_label_mask_threshold,
                          strategy == "disagreement", seed)  # fmt: skip

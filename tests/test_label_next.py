@@ -204,6 +204,13 @@ def test_a_bad_run_or_an_existing_folder_is_refused_with_nothing_written(tiny_ru
     assert "is not a run's output folder" in capsys.readouterr().err
     with pytest.raises(LabelNextError, match="--export nope"):
         label_next(tiny_run, 2, tmp_path / "job", export="nope")
+    import shutil
+
+    broken = tmp_path / "broken_run"
+    shutil.copytree(tiny_run, broken)
+    (broken / "final" / "model.safetensors").write_bytes(b"x")  # truncated weights
+    assert main([str(broken), "--count", "2", "--out", str(tmp_path / "job")]) == 2
+    assert "cannot load the model" in capsys.readouterr().err
     assert not (tmp_path / "job").exists() and not (tmp_path / "job.partial").exists()
 
 
