@@ -9,7 +9,12 @@ labeled split through the job's `split.json` (`data.split_file`), and the same r
 scratch on the 3 %: a supervised run (500 steps, as (a)) and, with `--guided`, a Guided Distillation student of
 that new teacher (800 steps, as (c)). Every run is scored on the held-out set (500 images of another seed).
 
-    python benchmarks/label_next.py [--sets square mixed] [--seeds 0 1 2]
+One retrain per pick is noisy (a 500-step run's held-out AP moves by 2-4 between seeds, more than 24 images
+add), so `--train-seeds K` trains the supervised arm K times per pick, with training seeds S, S+1000, ...,
+against a 2 % run of the same training seed (the split stays that of seed S): the gain of a pick is the mean
+of its K paired gains. The guided arm trains once per pick (seed S).
+
+    python benchmarks/label_next.py [--sets square mixed] [--seeds 0 1 2] [--train-seeds 1]
         [--strategies near_threshold entropy disagreement random] [--count 24] [--guided] [--jobs 2]
         [--base outputs/ssl_gain_128px] [--out outputs/label_next_128px] [--table-only] [--docs]
 
@@ -46,6 +51,45 @@ def base_run(args: argparse.Namespace, set_name: str, seed: int) -> Path:
     return run
 
 
+TRAIN_SEED_STEP = 1000  # training seed k of split seed S is S + 1000 k
+
+
+def with_seed(overrides: list[str], seed: int) -> list[str]:
+    """The overrides with the training seed replaced (the split seed, and so the 2 % split, stays)."""
+    return [o for o in overrides if not o.startswith(("seed=", "output_dir="))] + [f"seed={seed}"]
+
+
+def suffix(k: int) -> str:
+    """The folder suffix of training seed k: none for the first (the folders of a one-seed run)."""
+    return "" if k == 0 else f"_t{k}"
+
+
+def base_heldout(args: argparse.Namespace, set_name: str, arm: str, seed: int, k: int) -> Path:
+    """The held-out score of the 2 % run of split seed `seed`, training seed k."""
+    if k == 0:
+        return Path(args.base) / f"mask2former_{set_name}" / f"{arm}_seed{seed}" / "heldout.json"
+    return Path(args.out) / set_name / f"base_seed{seed}{suffix(k)}" / arm / "heldout.json"
+
+
+def train_and_score(overrides: list[str], out: Path, set_name: str, args: argparse.Namespace) -> None:
+    """One `gd_hf.train` run of the demo recipe into `out`, then its held-out score; both skipped when done."""
+    if not (out / "final_metrics.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        run([sys.executable, "-m", "gd_hf.train", str(ROOT / "recipes" / "demo_synthetic.yaml"), *overrides,
+             f"output_dir={out}"], out / "train.log")  # fmt: skip
+    if not (out / "heldout.json").is_file():
+        heldout = Path(args.base) / f"heldout_{set_name}_500_seed7"
+        run([sys.executable, str(ROOT / "benchmarks" / "ssl_gain.py"), "--score", str(out), str(heldout)],
+            out / "score.log")  # fmt: skip
+
+
+def base_pipeline(args: argparse.Namespace, set_name: str, seed: int, k: int) -> None:
+    """The 2 % supervised run of training seed k > 0 (k = 0 is the ssl_gain benchmark's own run)."""
+    overrides = json.loads((base_run(args, set_name, seed) / "ssl_gain_overrides.json").read_text())
+    out = Path(args.out) / set_name / f"base_seed{seed}{suffix(k)}" / "supervised"
+    train_and_score(with_seed(overrides, seed + TRAIN_SEED_STEP * k), out, set_name, args)
+
+
 def run(command: list[str], log: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(log, "a") as out:
@@ -53,7 +97,7 @@ def run(command: list[str], log: Path) -> None:
 
 
 def pipeline(args: argparse.Namespace, set_name: str, seed: int, strategy: str) -> None:
-    """The labelling job, the supervised run on 3 % (and the guided one), each scored on the held-out set."""
+    """The labelling job, the supervised run(s) on 3 % (and the guided one), each scored on the held-out set."""
     base = base_run(args, set_name, seed)
     folder = Path(args.out) / set_name / f"{strategy}_seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,24 +105,17 @@ def pipeline(args: argparse.Namespace, set_name: str, seed: int, strategy: str) 
     if not (job / "label_next.json").is_file():
         run([sys.executable, "-m", "gd_hf.label_next", str(base), "--count", str(args.count), "--out", str(job),
              "--strategy", strategy, "--seed", str(seed), "--export", "best"], folder / "label_next.log")  # fmt: skip
-    heldout = Path(args.base) / f"heldout_{set_name}_500_seed7"
     overrides = json.loads((base / "ssl_gain_overrides.json").read_text())
-    arms = [("supervised", [o for o in overrides if not o.startswith("output_dir=")])]
+    split = f"data.split_file={job / 'split.json'}"
+    arms = [(f"supervised{suffix(k)}", with_seed(overrides, seed + TRAIN_SEED_STEP * k) + [split])
+            for k in range(args.train_seeds)]  # fmt: skip
     if args.guided:
         guided = json.loads((base.parent / f"guided_seed{seed}" / "ssl_gain_overrides.json").read_text())
         teacher = folder / "supervised" / "best"
         arms.append(("guided", [o for o in guided if not o.startswith(("output_dir=", "ssl.teacher="))]
-                     + [f"ssl.teacher={teacher}"]))  # fmt: skip
+                     + [f"ssl.teacher={teacher}", split]))  # fmt: skip
     for arm, arm_overrides in arms:
-        out = folder / arm
-        if not (out / "final_metrics.json").is_file():
-            command = [sys.executable, "-m", "gd_hf.train", str(ROOT / "recipes" / "demo_synthetic.yaml"),
-                       *arm_overrides, f"output_dir={out}", f"data.split_file={job / 'split.json'}"]  # fmt: skip
-            out.mkdir(parents=True, exist_ok=True)
-            run(command, out / "train.log")
-        if not (out / "heldout.json").is_file():
-            run([sys.executable, str(ROOT / "benchmarks" / "ssl_gain.py"), "--score", str(out), str(heldout)],
-                out / "score.log")  # fmt: skip
+        train_and_score(arm_overrides, folder / arm, set_name, args)
 
 
 def added_objects(job: Path, annotations: Path) -> int:
@@ -106,14 +143,22 @@ def table(args: argparse.Namespace) -> str:
                 per_seed = {}
                 for seed in args.seeds:
                     folder = Path(args.out) / set_name / f"{strategy}_seed{seed}"
-                    after = _heldout(folder / arm / "heldout.json")
-                    base = _heldout(Path(args.base) / f"mask2former_{set_name}" / f"{arm}_seed{seed}" / "heldout.json")
-                    if after is not None and base is not None:
-                        per_seed[seed] = (after, after - base, added_objects(folder / "job", data))
+                    pairs = [(_heldout(folder / f"{arm}{suffix(k)}" / "heldout.json"),
+                              _heldout(base_heldout(args, set_name, arm, seed, k)))
+                             for k in range(args.train_seeds if arm == "supervised" else 1)]  # fmt: skip
+                    pairs = [(after, base) for after, base in pairs if after is not None and base is not None]
+                    if pairs:  # the mean of the paired gains of the training seeds done so far
+                        after = statistics.mean(a for a, _ in pairs)
+                        gain = statistics.mean(a - b for a, b in pairs)
+                        per_seed[seed] = (after, gain, added_objects(folder / "job", data))
                 if per_seed:
                     gains[strategy] = {seed: g for seed, (_, g, _) in per_seed.items()}
                     rows.append((strategy, per_seed))
-            lines += [f"### {set_name}, {arm} retrained on 2 % + {args.count} picked images (held-out AP, `best/`)", "",
+            runs = (
+                f", {args.train_seeds} training seeds per pick" if arm == "supervised" and args.train_seeds > 1 else ""
+            )
+            lines += [f"### {set_name}, {arm} retrained on 2 % + {args.count} picked images (held-out AP, `best/`"
+                      f"{runs})", "",
                       "| strategy | AP after (mean) | gain over 2 %: mean ± sd (per seed) | gain per image | gain per "
                       "object | − random's gain, per seed (mean) | x random per image |",
                       "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -146,6 +191,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     parser.add_argument("--count", type=int, default=24, help="images to add (24: 1 % of the 2,400)")
+    parser.add_argument("--train-seeds", type=int, default=1, help="supervised retrains per pick (paired gains)")
     parser.add_argument("--guided", action="store_true", help="also retrain the guided student on the new teacher")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--base", default="outputs/ssl_gain_128px", help="the ssl_gain benchmark's --out")
@@ -154,12 +200,18 @@ def main() -> None:
     parser.add_argument("--docs", action="store_true", help="write the table into docs/labelling.md and RESULTS.md")
     args = parser.parse_args()
     if not args.table_only:
-        work = [(s, seed, strategy) for s in args.sets for seed in args.seeds for strategy in args.strategies]
-        for s, seed, _ in work:
-            base_run(args, s, seed)  # all there before hours of work
+        for s in args.sets:
+            for seed in args.seeds:
+                base_run(args, s, seed)  # all there before hours of work
+        work = [
+            (base_pipeline, s, seed, k) for s in args.sets for seed in args.seeds for k in range(1, args.train_seeds)
+        ]
+        work += [
+            (pipeline, s, seed, strategy) for s in args.sets for seed in args.seeds for strategy in args.strategies
+        ]
         with ThreadPoolExecutor(args.jobs) as pool:
-            for work_item in work:
-                pool.submit(pipeline, args, *work_item).add_done_callback(
+            for function, *work_item in work:
+                pool.submit(function, args, *work_item).add_done_callback(
                     lambda f, w=work_item: print(
                         f"{'FAILED' if f.exception() else 'done'} {w} {f.exception() or ''}", flush=True
                     )  # fmt: skip
