@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pycocotools import mask as mask_utils
 
 from gd_hf.data.coco import load_coco
 from gd_hf.data.masks import decode_masks
 from gd_hf.label_next import LabelNextError, label_next, main
 from gd_hf.labelling import scoring
-from gd_hf.labelling.job import PickedImage, pre_annotations
+from gd_hf.labelling.job import PickedImage, pre_annotations, uncompressed_rle
+from gd_hf.labelling.merge import merge_job
 from gd_hf.labelling.ranking import Pick, rank_images
 from gd_hf.labelling.signals import ImageSignals, image_signals
 from gd_hf.models.protocol import Predictions
@@ -309,3 +311,42 @@ def test_a_line_cut_by_a_kill_is_scored_again_and_an_export_given_as_run_is_the_
     again = (tmp_path / "again" / "signals.jsonl").read_text().splitlines()
     assert sorted(again) == sorted(lines)  # the cut line scored again, whole; nothing twice
     assert json.loads((tmp_path / "again" / "label_next.json").read_text())["images"] == job["images"]
+
+
+def test_the_whole_loop_job_tool_export_merge_and_a_run_on_the_merged_labels(tiny_run, synthetic_root, tmp_path):
+    """The job's own pre-annotations, as CVAT gives them back (every mask `iscrowd: 1`), merged into a copy of the
+    training JSON: a new run on it and the merge's split file trains on 6 + 3 labeled images and its card says
+    which 3 were picked; the picked images' labels are the export's masks (they had the generator's before)."""
+    from accelerate.state import AcceleratorState
+
+    job = label_next(tiny_run, 3, tmp_path / "job", strategy="random", pre_annotation_threshold=0.0)
+    export = json.loads((job / "pre_annotations.json").read_text())
+    for image in export["images"]:  # the labeller keeps the teacher's masks and draws one more on each image
+        drawn = np.zeros((image["height"], image["width"]), bool)
+        drawn[5:20, 8:30] = True
+        export["annotations"].append({"id": 1000 + image["id"], "image_id": image["id"], "category_id": 1,
+                                      "segmentation": uncompressed_rle(drawn), "iscrowd": 0})  # fmt: skip
+    for annotation in export["annotations"]:
+        annotation["iscrowd"] = 1
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    train_json = synthetic_root / "annotations" / "instances_train.json"
+    merged = tmp_path / "train_round1.json"
+    report = merge_job(job, tmp_path / "export.json", train_json, merged, crowd="objects")
+    assert report.annotations == len(export["annotations"]) and not report.missing_images
+    picked = sorted(i["image_id"] for i in json.loads((job / "label_next.json").read_text())["images"])
+    assert report.merged_images == picked
+    source = load_coco(merged, synthetic_root / "train")
+    for image_id in picked:
+        expected = [a["segmentation"] for a in export["annotations"] if a["image_id"] == image_id]
+        read = decode_masks([a["rle"]["counts"] for a in source.annotations[image_id]], *expected[0]["size"])
+        wanted = np.stack([mask_utils.decode(mask_utils.frPyObjects(e, *e["size"])) for e in expected]).astype(bool)
+        assert np.array_equal(read, wanted)
+    run = tmp_path / "run2"
+    overrides = tiny_overrides(synthetic_root, run) + [
+        "train.max_steps=2", f"data.train_annotations={merged}", f"data.split_file={merged.with_suffix('.split.json')}"
+    ]  # fmt: skip
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train(demo_recipe(overrides))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    card = (run / "final" / "README.md").read_text()
+    assert "9 labeled images" in card and "3 images were picked for labelling by `gd_hf.label_next` (random" in card
