@@ -35,9 +35,8 @@ from typing import Any
 
 from gd_hf.data.splits import read_split_file, split_file_provenance, write_split_file
 from gd_hf.files import write_text_atomic
+from gd_hf.labelling.job import JOB_FILE, SPLIT_FILE
 
-JOB_FILE = "label_next.json"  # (gd_hf.labelling.job's names; not imported, as that module draws pictures)
-SPLIT_FILE = "split.json"
 UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-(.+)$")  # Label Studio: "<8 hex digits>-<original name>"
 DROPPED_KEYS = ("id", "image_id", "category_id", "score")  # rewritten, or the teacher's (a pre-annotation's score)
 
