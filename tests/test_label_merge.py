@@ -128,17 +128,32 @@ def _edit(path: Path, change) -> None:
     path.write_text(json.dumps(data))
 
 
+def _no_id(d):
+    del d["images"][0]["id"]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda d: d["images"][0].update(file_name="other.png"), "image 0 \\('other.png'\\) is not one of the job"),
+        (lambda d: d["images"][0].update(file_name="other.png"), r"image 0 \('other.png'\) is not one of the job"),
         (lambda d: d["images"][0].update(width=40), "'im13.png' is 40x12 there, 20x12 in train.json"),
-        (lambda d: d["categories"][0].update(name="horse"), "category 'horse' \\(id 1\\), which train.json does not"),
-        (lambda d: d["annotations"][0].update(segmentation=[]), "has no mask .*not boxes only"),
-        (lambda d: d["annotations"][0]["segmentation"].update(size=[24, 40]), "RLE mask is of size \\[24, 40\\]"),
+        (lambda d: d["categories"][0].update(name="horse"), "is named 'horse', which train.json does not have"),
+        (lambda d: d["categories"].append({"id": 1, "name": "cat"}), "category id 1 is there twice"),
+        (lambda d: d["categories"][0].pop("id"), r"`categories`\[0\] has no integer id"),
+        (lambda d: d.update(categories={"1": "dog"}), "`categories` is a dict, not a list"),
+        (lambda d: d["annotations"][0].update(segmentation=[]), "a bbox alone is not a mask.*not boxes only"),
+        (lambda d: d["annotations"][0]["segmentation"].update(size=[24, 40]), r"RLE size \[24, 40\] differs"),
+        (lambda d: d["annotations"][0]["segmentation"].update(counts=[5, 5]), "RLE counts cover 10 pixels"),
+        (lambda d: d["annotations"][0]["segmentation"].update(counts="garbage!!"), "not in its alphabet"),
+        (lambda d: d["annotations"][0]["segmentation"].update(counts=[240]), "empty mask"),
+        (lambda d: d["annotations"][0].update(segmentation=[[2, 1, 100, 1, 100, 6, 2, 6]]), "far outside"),
+        (lambda d: d["annotations"][0].update(segmentation=[[2, 1, "a", 1, 5, 6, 2, 6]]), "finite numbers"),
+        (lambda d: d["annotations"][0].update(iscrowd="0"), "has iscrowd '0': it must be 0 or 1"),
+        (lambda d: d["annotations"].append(5), r"`annotations`\[3\] is not an object"),
         (lambda d: d["annotations"][0].update(image_id=99), "image id 99, which the export does not list"),
         (lambda d: d["images"].append(dict(d["images"][0], id=5)), "'im13.png' is there twice"),
-        (lambda d: d["images"][0].pop("id"), "image 0 has no integer id"),
+        (lambda d: d["images"][1].update(id=1), "image id 1 is there twice"),
+        (_no_id, "image 0 has no integer id"),
     ],
 )
 def test_an_export_that_does_not_fit_is_refused_with_nothing_written(setup, capsys, change, message):
@@ -170,3 +185,38 @@ def test_job_image_names():
     assert match_job_image("../../media/upload/4/cb0618f6-a.jpg", names) == "a.jpg"
     assert match_job_image("images\\1/b.png", names) == "b.png"
     assert match_job_image("cb0618f6-c.jpg", names) is None and match_job_image("xa.jpg", names) is None
+
+
+def test_a_category_name_the_training_json_has_twice_is_ambiguous(setup, capsys):
+    root = setup["root"]
+    _edit(root / "train.json", lambda d: d["categories"].append({"id": 9, "name": "cat"}))
+    export = tool_export(setup, {13: "im13.png"})
+    assert main([str(setup["job"]), str(export), "--train", str(root / "train.json"), "--out",
+                 str(root / "new.json")]) == 2  # fmt: skip
+    assert "is named 'cat', which train.json has 2 times" in capsys.readouterr().err
+    assert not (root / "new.json").exists()
+
+
+def test_outputs_that_collide_or_cannot_be_written_are_refused_first(setup, capsys):
+    root = setup["root"]
+    export = tool_export(setup, {13: "im13.png"})
+    args = [str(setup["job"]), str(export), "--train", str(root / "train.json"), "--out", str(root / "new.json")]
+    assert main([*args, "--split-out", str(root / "new.json")]) == 2
+    assert "give two files" in capsys.readouterr().err
+    assert main([*args, "--split-out", str(root / "train.json" / "s.json")]) == 2
+    assert "train.json is a file, not a folder" in capsys.readouterr().err
+    assert main([str(setup["job"]), str(root), "--train", str(root / "train.json"), "--out", str(root / "n.json")]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+    assert main([str(root), str(export), "--train", str(root / "train.json"), "--out", str(root / "n.json")]) == 2
+    assert "is not a gd_hf.label_next job folder" in capsys.readouterr().err
+    assert not (root / "new.json").exists() and not (root / "n.json").exists() and not (root / "n.split.json").exists()
+    assert main([*args, "--split-out", str(root / "splits" / "round1.json")]) == 0  # a new folder is made
+    assert read_split_file(root / "splits" / "round1.json") == [10, 11, 13]
+
+
+def test_null_iscrowd_is_an_object_as_the_reader_reads_it(setup):
+    root = setup["root"]
+    export = tool_export(setup, {13: "im13.png"})
+    _edit(export, lambda d: [a.update(iscrowd=None) for a in d["annotations"]])
+    merge_job(setup["job"], export, root / "train.json", root / "new.json", crowd="keep")
+    assert [a["iscrowd"] for a in load_coco(root / "new.json", setup["images"]).annotations[13]] == [0, 0]

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from gd_hf.data.coco import CocoSource, DataError
-from gd_hf.files import output_problem
+from gd_hf.files import output_problem, write_text_atomic
 
 
 @dataclass
@@ -91,7 +91,7 @@ def write_split_file(path: str | Path, labeled_ids: list[int], **provenance: obj
     """Write a JSON split file that `read_split_file` reads back; `provenance` (source, percent, seed) is kept
     beside the ids for people reading it."""
     record = {**provenance, "num_labeled": len(labeled_ids), "labeled_image_ids": sorted(labeled_ids)}
-    Path(path).write_text(json.dumps(record, indent=0) + "\n")
+    write_text_atomic(path, json.dumps(record, indent=0) + "\n")  # (never half a split file)
 
 
 def split_file_provenance(path: str | Path | None) -> dict[str, Any]:

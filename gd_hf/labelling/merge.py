@@ -13,9 +13,10 @@ recorded change with `resume=force`).
 An export image is one of the job's by its file name, folders dropped ("images/a.jpg", "images\\a.jpg" are
 "a.jpg"), or that name after Label Studio's upload prefix of 8 hex digits ("cb0618f6-a.jpg": uploads are renamed
 so); categories by name. Anything that does not fit stops the merge with nothing written: an image not in the
-job or of another size, a category the training JSON does not have, an annotation without a mask (a box-only
-export) or with a mask of another size. Job images missing from the export are reported and left out of the
-split (they stay unlabeled).
+job or of another size, a category the training JSON lacks or has twice, an annotation whose mask the training
+reader would skip (a box alone, a mask of another size or off the image, an empty one: an object left unlabeled
+in a labeled image), an output file that exists. Job images missing from the export are reported and left out
+of the split (they stay unlabeled).
 
 `iscrowd: 1` annotations need a decision (`--crowd`): CVAT's COCO export writes every mask it holds so (a
 round trip of `pre_annotations.json` through CVAT comes back all crowd), and a crowd region is never a training
@@ -33,8 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gd_hf.data.masks import convert_segmentations
 from gd_hf.data.splits import read_split_file, split_file_provenance, write_split_file
-from gd_hf.files import write_text_atomic
+from gd_hf.files import output_problem, write_text_atomic
 from gd_hf.labelling.job import JOB_FILE, SPLIT_FILE
 
 UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-(.+)$")  # Label Studio: "<8 hex digits>-<original name>"
@@ -53,11 +55,20 @@ class MergeReport:
     replaced: int = 0  # the training JSON's annotations of those images, dropped
 
 
+def _id(value: Any) -> int | None:
+    """`value` as an integer id as COCO readers take one (640.0 is 640; booleans and strings are none), or None."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError as e:
         raise MergeError(f"{what} {path} does not exist") from e
+    except OSError as e:
+        raise MergeError(f"{what} {path} cannot be read ({e.strerror or e})") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MergeError(f"{what} {path} is not JSON ({e})") from e
     if not isinstance(data, dict):
@@ -65,13 +76,27 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def _records(data: dict[str, Any], key: str, path: Path) -> list[dict[str, Any]]:
+    """`data[key]` as a list of JSON objects, else a MergeError naming the first record that is not one."""
+    records = data.get(key, [])
+    if not isinstance(records, list):
+        raise MergeError(f"{path}: `{key}` is a {type(records).__name__}, not a list: is it a COCO instances file?")
+    for k, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise MergeError(f"{path}: `{key}`[{k}] is not an object: {str(record)[:100]}")
+    return records
+
+
 def _job_images(job: Path) -> dict[str, int]:
     """The job's image file names (in `images/`) -> data-set image ids."""
-    ranking = _read_json(job / JOB_FILE, "job file")
-    try:
-        return {entry["file_name"]: int(entry["image_id"]) for entry in ranking["images"]}
-    except (KeyError, TypeError, ValueError) as e:
-        raise MergeError(f"{job / JOB_FILE} is not a gd_hf.label_next job file ({e!r})") from e
+    if not (job / JOB_FILE).is_file():
+        raise MergeError(f"{job} is not a gd_hf.label_next job folder (it has no {JOB_FILE})")
+    images = {}
+    for k, entry in enumerate(_records(_read_json(job / JOB_FILE, "job file"), "images", job / JOB_FILE)):
+        if _id(entry.get("image_id")) is None or not isinstance(entry.get("file_name"), str):
+            raise MergeError(f"{job / JOB_FILE}: image {k} has no integer image_id and file_name: {str(entry)[:100]}")
+        images[entry["file_name"]] = _id(entry["image_id"])
+    return images
 
 
 def match_job_image(file_name: str, job_names: set[str]) -> str | None:
@@ -84,42 +109,55 @@ def match_job_image(file_name: str, job_names: set[str]) -> str | None:
     return prefixed.group(1) if prefixed and prefixed.group(1) in job_names else None
 
 
-def _check_mask(annotation: dict[str, Any], size: tuple[int, int], where: str) -> None:
-    segmentation = annotation.get("segmentation")
-    if isinstance(segmentation, dict):
-        if list(segmentation.get("size", [])) != list(size) or "counts" not in segmentation:
-            raise MergeError(f"{where}: its RLE mask is of size {segmentation.get('size')}, the image is "
-                             f"{list(size)} (height, width): export the masks at the images' own size")  # fmt: skip
-        return
-    if (
-        isinstance(segmentation, list)
-        and segmentation
-        and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segmentation)
-    ):
-        return  # (the training launch checks each polygon's numbers and bounds, naming the record)
-    raise MergeError(f"{where} has no mask (segmentation {str(segmentation)[:60]}): gd_hf trains masks; export "
-                     "polygons or masks, not boxes only")  # fmt: skip
+def _crowd(annotation: dict[str, Any], crowd: str | None, where: str, k: int, export: Path, count: int) -> int:
+    """The annotation's iscrowd as the training reader reads it (absent or null: 0), after `--crowd`."""
+    value = annotation.get("iscrowd", 0)
+    if value is None or (value in (0, 1) and not isinstance(value, str)):
+        value = int(value or 0)
+    else:
+        raise MergeError(f"{where} has iscrowd {value!r}: it must be 0 or 1 (or absent)")
+    if value and crowd is None:
+        raise MergeError(f"{export} has {count} iscrowd: 1 annotations (the first: annotation {k}): CVAT "
+                         "exports every mask so. Give --crowd objects to train on them as objects, or --crowd keep "
+                         "if they are crowd regions")  # fmt: skip
+    return 0 if crowd == "objects" else value
+
+
+def _categories(train: dict[str, Any], train_name: str, export: dict[str, Any], export_path: Path) -> dict[int, int]:
+    """Export category id -> the training JSON's id of the category of that name (names the training JSON has
+    twice, or ids the export has twice, are errors when used: they could mean either)."""
+    by_name: dict[str, list[int]] = {}
+    for c in _records(train, "categories", Path(train_name)):
+        by_name.setdefault(str(c.get("name", c.get("id"))), []).append(_id(c.get("id")))
+    mapping: dict[int, int] = {}
+    for k, c in enumerate(_records(export, "categories", export_path)):
+        export_id, name = _id(c.get("id")), str(c.get("name"))
+        if export_id is None:
+            raise MergeError(f"{export_path}: `categories`[{k}] has no integer id: {str(c)[:100]}")
+        if export_id in mapping:
+            raise MergeError(f"{export_path}: category id {export_id} is there twice: it could mean either")
+        ids = by_name.get(name, [])
+        mapping[export_id] = ids[0] if len(ids) == 1 else -len(ids)  # 0: unknown, -2...: ambiguous (if used)
+    return mapping
 
 
 def merge_labels(
     job: Path, export: Path, train: dict[str, Any], train_name: str, crowd: str | None = None
 ) -> tuple[dict, MergeReport]:
     """TRAIN (the training JSON, as read) with EXPORT's annotations of JOB's images in place of its own for them;
-    `crowd`: what `iscrowd: 1` annotations become ("objects", "keep"; None: an error if there are any). Raises
-    MergeError, naming the record, on anything that does not fit; `train` is not modified."""
+    `crowd`: what `iscrowd: 1` annotations become ("objects", "keep"; None: an error if there are any). Every
+    mask is checked by the training reader's own rules. Raises MergeError, naming the record, on anything that
+    does not fit; `train` is not modified."""
     if crowd not in (None, "objects", "keep"):
         raise MergeError(f"crowd={crowd!r}: give 'objects' or 'keep'")
     job_images = _job_images(job)
     data = _read_json(export, "export")
-    images, annotations = data.get("images"), data.get("annotations", [])
-    if not isinstance(images, list) or not isinstance(annotations, list):
-        raise MergeError(f"{export}: expected COCO instances ('images' and 'annotations' lists)")
-    train_images = {int(i["id"]): i for i in train.get("images", [])}
-    categories = {c["name"]: int(c["id"]) for c in train.get("categories", [])}
-    export_categories = {int(c["id"]): str(c.get("name")) for c in data.get("categories", [])}
+    images, annotations = _records(data, "images", export), _records(data, "annotations", export)
+    train_images = {_id(i.get("id")): i for i in _records(train, "images", Path(train_name))}
+    categories = _categories(train, train_name, data, export)
     by_export_id: dict[int, int] = {}  # export image id -> data-set image id
     for k, image in enumerate(images):
-        if not isinstance(image, dict) or not isinstance(image.get("id"), int):
+        if _id(image.get("id")) is None:
             raise MergeError(f"{export}: image {k} has no integer id: {str(image)[:100]}")
         name = match_job_image(str(image.get("file_name", "")), set(job_images))
         if name is None:
@@ -127,49 +165,56 @@ def merge_labels(
                              f"({', '.join(sorted(job_images)[:5])}, ...): export this job's images only")  # fmt: skip
         image_id = job_images[name]
         if image_id in by_export_id.values():
-            raise MergeError(f"{export}: job image {name!r} is there twice (images {k} and an earlier one)")
+            raise MergeError(f"{export}: job image {name!r} is there twice (image {k} and an earlier one)")
+        if _id(image["id"]) in by_export_id:
+            raise MergeError(f"{export}: image id {image['id']} is there twice (image {k}): its annotations could be "
+                             "either's")  # fmt: skip
         expected = train_images.get(image_id)
         if expected is None:
             raise MergeError(f"{train_name} has no image {image_id} ({name}): give the training JSON of the run "
                              "the job was made from")  # fmt: skip
-        if (image.get("width"), image.get("height")) != (expected.get("width"), expected.get("height")):
+        if (_id(image.get("width")), _id(image.get("height"))) != (expected.get("width"), expected.get("height")):
             raise MergeError(f"{export}: image {name!r} is {image.get('width')}x{image.get('height')} there, "
                              f"{expected.get('width')}x{expected.get('height')} in {train_name}: export it at its "
                              "own size")  # fmt: skip
-        by_export_id[int(image["id"])] = image_id
+        by_export_id[_id(image["id"])] = image_id
     merged = set(by_export_id.values())
-    new_annotations = []
-    next_id = max((int(a["id"]) for a in train.get("annotations", [])), default=0) + 1
+    crowds = sum(1 for a in annotations if a.get("iscrowd") not in (0, None, False))
+    train_annotations = _records(train, "annotations", Path(train_name))
+    next_id = max((i for i in (_id(a.get("id")) for a in train_annotations) if i is not None), default=0) + 1
+    new_annotations, where_of = [], []
     for k, annotation in enumerate(annotations):
-        if not isinstance(annotation, dict):
-            raise MergeError(f"{export}: annotation {k} is not an object: {str(annotation)[:100]}")
         where = f"{export}: annotation {k} (id {annotation.get('id')})"
-        image_id = by_export_id.get(annotation.get("image_id"))
+        image_id = by_export_id.get(_id(annotation.get("image_id")))
         if image_id is None:
             raise MergeError(f"{where} is of image id {annotation.get('image_id')}, which the export does not list")
-        category = export_categories.get(annotation.get("category_id"))
-        if category not in categories:
-            raise MergeError(f"{where} is of category {category!r} (id {annotation.get('category_id')}), which "
-                             f"{train_name} does not have ({', '.join(categories)}): rename it there or in the "
-                             "tool")  # fmt: skip
-        image = train_images[image_id]
-        _check_mask(annotation, (image["height"], image["width"]), where)
+        category = categories.get(_id(annotation.get("category_id")))
+        if category is None or category <= 0:
+            named = next((c.get("name") for c in data["categories"] if _id(c.get("id")) == _id(annotation.get(
+                "category_id"))), None)  # fmt: skip
+            why = "is not in the export's categories" if category is None else (
+                f"is named {named!r}, which {train_name} does not have" if category == 0
+                else f"is named {named!r}, which {train_name} has {-category} times")  # fmt: skip
+            raise MergeError(f"{where}: its category (id {annotation.get('category_id')}) {why}: rename it there or "
+                             "in the tool")  # fmt: skip
         kept = {key: value for key, value in annotation.items() if key not in DROPPED_KEYS}
-        if annotation.get("iscrowd", 0) not in (0, False):
-            if crowd is None:
-                crowds = sum(1 for a in annotations if a.get("iscrowd", 0) not in (0, False))
-                raise MergeError(f"{export} has {crowds} iscrowd: 1 annotations (the first: annotation {k}): CVAT "
-                                 "exports every mask so. Give --crowd objects to train on them as objects, or "
-                                 "--crowd keep if they are crowd regions")  # fmt: skip
-            kept["iscrowd"] = 0 if crowd == "objects" else 1
-        new_annotations.append({"id": next_id, "image_id": image_id, "category_id": categories[category], **kept})
+        kept["iscrowd"] = _crowd(annotation, crowd, where, k, export, crowds)
+        new_annotations.append({"id": next_id, "image_id": image_id, "category_id": category, **kept})
+        where_of.append(where)
         next_id += 1
-    kept_annotations = [a for a in train.get("annotations", []) if int(a["image_id"]) not in merged]
+    # every mask by the training reader's rules: one it would skip (an RLE of another size, a polygon off the image,
+    # an empty mask, a box alone) leaves an object unlabeled in a labeled image
+    sizes = [(train_images[a["image_id"]]["height"], train_images[a["image_id"]]["width"]) for a in new_annotations]
+    converted = convert_segmentations([(a.get("segmentation"), h, w) for a, (h, w) in zip(new_annotations, sizes)])
+    for where, result in zip(where_of, converted):
+        if isinstance(result, ValueError):
+            raise MergeError(f"{where}: {result}: fix it in the tool (gd_hf trains masks: not boxes only)")
+    kept_annotations = [a for a in train_annotations if _id(a.get("image_id")) not in merged]
     report = MergeReport(
         merged_images=sorted(merged),
         missing_images=sorted(name for name, i in job_images.items() if i not in merged),
         annotations=len(new_annotations),
-        replaced=len(train.get("annotations", [])) - len(kept_annotations),
+        replaced=len(train_annotations) - len(kept_annotations),
     )
     return {**train, "annotations": kept_annotations + new_annotations}, report
 
@@ -180,21 +225,34 @@ def merge_job(
     """`merge_labels` from and to files: NEW (`out`) and its split file (`split_out`, default NEW.split.json),
     both written only when the whole merge fits, and neither over an existing file."""
     split_out = split_out or out.with_suffix(".split.json")
+    if out.resolve() == split_out.resolve():
+        raise MergeError(f"--out and --split-out are both {out}: give two files")
     for path in (out, split_out):
-        if path.exists():
+        if path.exists() or path.resolve() == train_json.resolve():
             raise MergeError(f"{path} exists: give a new name (the merge never overwrites a file)")
-    if out.resolve() == train_json.resolve():
-        raise MergeError("--out is the training JSON: write the merge to a new file")
+        problem = output_problem(path, folder=False)
+        if problem:
+            raise MergeError(problem)
+    _job_images(job)  # a job folder, before its split file is read
     job_split = job / SPLIT_FILE
     provenance = split_file_provenance(job_split)
+    added = provenance.get("added_image_ids", [])
+    if not isinstance(added, list) or not all(_id(i) is not None for i in added):
+        raise MergeError(f"{job_split}: added_image_ids is not a list of image ids")
     try:
-        labeled = set(read_split_file(job_split)) - set(provenance.get("added_image_ids", []))
-    except ValueError as e:
-        raise MergeError(str(e)) from e
+        labeled = set(read_split_file(job_split)) - set(added)
+    except (ValueError, TypeError) as e:
+        raise MergeError(f"{job_split}: {e}") from e
     merged, report = merge_labels(job, export, _read_json(train_json, "training JSON"), train_json.name, crowd)
+    for path in (out, split_out):
+        path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps(merged) + "\n")
-    write_split_file(split_out, sorted(labeled | set(report.merged_images)), added_by="gd_hf.label_next",
-                     strategy=provenance.get("strategy"), added_image_ids=report.merged_images)  # fmt: skip
+    try:
+        write_split_file(split_out, sorted(labeled | set(report.merged_images)), added_by="gd_hf.label_next",
+                         strategy=provenance.get("strategy"), added_image_ids=report.merged_images)  # fmt: skip
+    except OSError:
+        out.unlink()  # the pair or nothing
+        raise
     return report
 
 
