@@ -58,10 +58,19 @@ def test_gains_are_paired_by_training_seed_and_random_is_the_yardstick(label_nex
     # random: (21 - 20 + 12 - 10) / 2 = +1.5 over 2 objects; near_threshold: (3 + 3) / 2 = +3 over 2 objects
     assert "| random | 16.50 | +1.50 ± 0.00 (+1.50) | +0.062 | +0.7500 |  |  |" in text
     assert "| near_threshold | 18.00 | +3.00 ± 0.00 (+3.00) | +0.125 | +1.5000 | +1.50 (+1.50) | 2.00 |" in text
+    # the goal's figure, over every (set, arm, seed) cell: 3 / 1.5 per image, (3 / 2) / (1.5 / 2) per object
+    assert "| near_threshold | +3.00 (1; random +1.50) | 2.00 | 2.00 | 1 of 1 |" in text
+    assert "`near_threshold` at 2.00x random's gain per image (goal >= 1.5x: met" in text
 
     # a training seed not yet scored is left out of its pick's mean, not counted as 0
     (out / "square" / "random_seed0" / "supervised_t1" / "heldout.json").unlink()
-    assert "| random | 21.00 | +1.00 ± 0.00 (+1.00) |" in label_next_benchmark.table(args)
+    text = label_next_benchmark.table(args)
+    assert "| random | 21.00 | +1.00 ± 0.00 (+1.00) |" in text and "at 3.00x random's" in text
+    # random's gain at or below 0: no multiple, no verdict
+    heldout(out / "square" / "random_seed0" / "supervised", 19.0)
+    text = label_next_benchmark.table(args)
+    assert "| near_threshold | +3.00 (1; random -1.00) | n/a: random's mean gain <= 0 |" in text
+    assert "Best on average" not in text
 
 
 def test_a_training_seed_changes_the_seed_and_nothing_else(label_next_benchmark):
