@@ -9,7 +9,8 @@ export (`--export`, default `final/`) is the teacher. The strategies and the two
 in `gd_hf.labelling.ranking` (and docs/labelling.md). DIR gets `label_next.json` (the ranking), `images/` (links
 to the picked images, copies with `--copy-images`), `pre_annotations.json` (the teacher's predictions on them,
 COCO format, for CVAT and other COCO importers), `split.json` (the run's labeled ids plus the picked ones, for
-`data.split_file` once they are labelled) and `label_next.png`. The pass over the pool is resumable: its signals
+`data.split_file` once they are labelled; `python -m gd_hf.labelling.merge` puts a labelling tool's COCO export
+back into the training JSON with such a split) and `label_next.png`. The pass over the pool is resumable: its signals
 go to `DIR.partial/` as it goes, and the same command picks them up after a kill; DIR appears whole at the end.
 """
 
