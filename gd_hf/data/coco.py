@@ -136,7 +136,7 @@ class _ImageFiles:
 MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 
-def _integer(value: Any) -> int | None:
+def integer_id(value: Any) -> int | None:
     """`value` as an int if it is one (JSON writers sometimes give 640.0), else None; booleans are not ints."""
     if isinstance(value, bool):
         return None
@@ -160,8 +160,8 @@ def _image_records(
         missing = [key for key in ("id", "file_name", "width", "height") if key not in record]
         if missing:
             raise DataError(f"{where} lacks {missing}: {str(record)[:200]}")
-        image_id, file_name = _integer(record["id"]), record["file_name"]
-        width, height = _integer(record["width"]), _integer(record["height"])
+        image_id, file_name = integer_id(record["id"]), record["file_name"]
+        width, height = integer_id(record["width"]), integer_id(record["height"])
         if image_id is None:
             raise DataError(f"{where} has id {record['id']!r}: COCO image ids are integers")
         if not isinstance(file_name, str) or not file_name:
@@ -190,15 +190,16 @@ def _image_records(
 def _categories(records: list[Any], annotation_file: Path) -> list[dict[str, Any]]:
     """The `categories` list, checked (objects with integer ids) and sorted by id."""
     for index, category in enumerate(records):
-        if not isinstance(category, dict) or _integer(category.get("id")) is None:
+        if not isinstance(category, dict) or integer_id(category.get("id")) is None:
             raise DataError(
                 f"{annotation_file}: `categories`[{index}] is {str(category)[:200]}: each category needs an integer "
                 "`id` (and a `name`)"
             )
-    return sorted(({**c, "id": _integer(c["id"])} for c in records), key=lambda c: c["id"])
+    return sorted(({**c, "id": integer_id(c["id"])} for c in records), key=lambda c: c["id"])
 
 
-def _crowd_flag(record: dict[str, Any], where: str) -> int:
+def crowd_flag(record: dict[str, Any], where: str) -> int:
+    """A record's iscrowd as 0 or 1 (absent or null: 0); anything else a DataError naming `where`."""
     value = record.get("iscrowd", 0)
     if value is None:
         return 0
@@ -268,23 +269,23 @@ def _load_coco(
                 f"{str(record)[:200]}"
             )
         ann_id = record.get("id", "?")
-        # (the type test first: _integer's call is a third of this loop's time on COCO's 860k records; an int
+        # (the type test first: integer_id's call is a third of this loop's time on COCO's 860k records; an int
         # beyond int64 is in neither dict below)
         image_id = record.get("image_id")
-        image_id = image_id if type(image_id) is int else _integer(image_id)
+        image_id = image_id if type(image_id) is int else integer_id(image_id)
         if image_id not in images:
             raise DataError(
                 f"{annotation_file}: annotation {ann_id!r} points at image id {record.get('image_id')!r}, which is "
                 "not in `images`"
             )
         category_id = record.get("category_id")
-        category_id = category_id if type(category_id) is int else _integer(category_id)
+        category_id = category_id if type(category_id) is int else integer_id(category_id)
         if category_id not in coco_to_contiguous:
             raise DataError(
                 f"{annotation_file}: annotation {ann_id!r} (image {image_id}) has category_id "
                 f"{record.get('category_id')!r}, which is not in `categories` (known: {sorted(coco_to_contiguous)})"
             )
-        crowd = _crowd_flag(record, f"{annotation_file}: annotation {ann_id!r} (image {image_id})")
+        crowd = crowd_flag(record, f"{annotation_file}: annotation {ann_id!r} (image {image_id})")
         image_ids.append(image_id)
         classes.append(coco_to_contiguous[category_id])
         crowds.append(0 if crowd_as_objects else crowd)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gd_hf.data.coco import DataError, crowd_flag, integer_id  # (the reader's own rules)
 from gd_hf.data.masks import convert_segmentations
 from gd_hf.data.splits import read_split_file, split_file_provenance, write_split_file
 from gd_hf.files import output_problem, write_text_atomic
@@ -53,13 +54,6 @@ class MergeReport:
     missing_images: list[str] = field(default_factory=list)  # job file names the export does not hold
     annotations: int = 0  # written for the merged images
     replaced: int = 0  # the training JSON's annotations of those images, dropped
-
-
-def _id(value: Any) -> int | None:
-    """`value` as an integer id as COCO readers take one (640.0 is 640; booleans and strings are none), or None."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -93,9 +87,9 @@ def _job_images(job: Path) -> dict[str, int]:
         raise MergeError(f"{job} is not a gd_hf.label_next job folder (it has no {JOB_FILE})")
     images = {}
     for k, entry in enumerate(_records(_read_json(job / JOB_FILE, "job file"), "images", job / JOB_FILE)):
-        if _id(entry.get("image_id")) is None or not isinstance(entry.get("file_name"), str):
+        if integer_id(entry.get("image_id")) is None or not isinstance(entry.get("file_name"), str):
             raise MergeError(f"{job / JOB_FILE}: image {k} has no integer image_id and file_name: {str(entry)[:100]}")
-        images[entry["file_name"]] = _id(entry["image_id"])
+        images[entry["file_name"]] = integer_id(entry["image_id"])
     return images
 
 
@@ -111,11 +105,10 @@ def match_job_image(file_name: str, job_names: set[str]) -> str | None:
 
 def _crowd(annotation: dict[str, Any], crowd: str | None, where: str, k: int, export: Path, count: int) -> int:
     """The annotation's iscrowd as the training reader reads it (absent or null: 0), after `--crowd`."""
-    value = annotation.get("iscrowd", 0)
-    if value is None or (value in (0, 1) and not isinstance(value, str)):
-        value = int(value or 0)
-    else:
-        raise MergeError(f"{where} has iscrowd {value!r}: it must be 0 or 1 (or absent)")
+    try:
+        value = crowd_flag(annotation, where)
+    except DataError as e:
+        raise MergeError(str(e)) from e
     if value and crowd is None:
         raise MergeError(f"{export} has {count} iscrowd: 1 annotations (the first: annotation {k}): CVAT "
                          "exports every mask so. Give --crowd objects to train on them as objects, or --crowd keep "
@@ -123,41 +116,42 @@ def _crowd(annotation: dict[str, Any], crowd: str | None, where: str, k: int, ex
     return 0 if crowd == "objects" else value
 
 
-def _categories(train: dict[str, Any], train_name: str, export: dict[str, Any], export_path: Path) -> dict[int, int]:
-    """Export category id -> the training JSON's id of the category of that name (names the training JSON has
-    twice, or ids the export has twice, are errors when used: they could mean either)."""
+def _categories(
+    train: dict[str, Any], train_name: str, export: dict[str, Any], export_path: Path
+) -> dict[int, tuple[str, list[int]]]:
+    """Export category id -> its name and the training JSON's ids of that name (none or two are errors where an
+    annotation uses it: unknown, or it could mean either; an id the export has twice is an error at once)."""
     by_name: dict[str, list[int]] = {}
     for c in _records(train, "categories", Path(train_name)):
-        by_name.setdefault(str(c.get("name", c.get("id"))), []).append(_id(c.get("id")))
-    mapping: dict[int, int] = {}
+        by_name.setdefault(str(c.get("name", c.get("id"))), []).append(integer_id(c.get("id")))
+    mapping: dict[int, tuple[str, list[int]]] = {}
     for k, c in enumerate(_records(export, "categories", export_path)):
-        export_id, name = _id(c.get("id")), str(c.get("name"))
+        export_id, name = integer_id(c.get("id")), str(c.get("name"))
         if export_id is None:
             raise MergeError(f"{export_path}: `categories`[{k}] has no integer id: {str(c)[:100]}")
         if export_id in mapping:
             raise MergeError(f"{export_path}: category id {export_id} is there twice: it could mean either")
-        ids = by_name.get(name, [])
-        mapping[export_id] = ids[0] if len(ids) == 1 else -len(ids)  # 0: unknown, -2...: ambiguous (if used)
+        mapping[export_id] = (name, by_name.get(name, []))
     return mapping
 
 
 def merge_labels(
-    job: Path, export: Path, train: dict[str, Any], train_name: str, crowd: str | None = None
+    job_images: dict[str, int], export: Path, train: dict[str, Any], train_name: str, crowd: str | None = None
 ) -> tuple[dict, MergeReport]:
-    """TRAIN (the training JSON, as read) with EXPORT's annotations of JOB's images in place of its own for them;
+    """TRAIN (the training JSON, as read) with EXPORT's annotations of the job's images (`job_images`: file name
+    in the job -> data-set id) in place of its own for them;
     `crowd`: what `iscrowd: 1` annotations become ("objects", "keep"; None: an error if there are any). Every
     mask is checked by the training reader's own rules. Raises MergeError, naming the record, on anything that
     does not fit; `train` is not modified."""
     if crowd not in (None, "objects", "keep"):
         raise MergeError(f"crowd={crowd!r}: give 'objects' or 'keep'")
-    job_images = _job_images(job)
     data = _read_json(export, "export")
     images, annotations = _records(data, "images", export), _records(data, "annotations", export)
-    train_images = {_id(i.get("id")): i for i in _records(train, "images", Path(train_name))}
+    train_images = {integer_id(i.get("id")): i for i in _records(train, "images", Path(train_name))}
     categories = _categories(train, train_name, data, export)
     by_export_id: dict[int, int] = {}  # export image id -> data-set image id
     for k, image in enumerate(images):
-        if _id(image.get("id")) is None:
+        if integer_id(image.get("id")) is None:
             raise MergeError(f"{export}: image {k} has no integer id: {str(image)[:100]}")
         name = match_job_image(str(image.get("file_name", "")), set(job_images))
         if name is None:
@@ -166,37 +160,39 @@ def merge_labels(
         image_id = job_images[name]
         if image_id in by_export_id.values():
             raise MergeError(f"{export}: job image {name!r} is there twice (image {k} and an earlier one)")
-        if _id(image["id"]) in by_export_id:
+        if integer_id(image["id"]) in by_export_id:
             raise MergeError(f"{export}: image id {image['id']} is there twice (image {k}): its annotations could be "
                              "either's")  # fmt: skip
         expected = train_images.get(image_id)
         if expected is None:
             raise MergeError(f"{train_name} has no image {image_id} ({name}): give the training JSON of the run "
                              "the job was made from")  # fmt: skip
-        if (_id(image.get("width")), _id(image.get("height"))) != (expected.get("width"), expected.get("height")):
+        if (integer_id(image.get("width")), integer_id(image.get("height"))) != (
+            expected.get("width"),
+            expected.get("height"),
+        ):
             raise MergeError(f"{export}: image {name!r} is {image.get('width')}x{image.get('height')} there, "
                              f"{expected.get('width')}x{expected.get('height')} in {train_name}: export it at its "
                              "own size")  # fmt: skip
-        by_export_id[_id(image["id"])] = image_id
+        by_export_id[integer_id(image["id"])] = image_id
     merged = set(by_export_id.values())
     crowds = sum(1 for a in annotations if a.get("iscrowd") not in (0, None, False))
     train_annotations = _records(train, "annotations", Path(train_name))
-    next_id = max((i for i in (_id(a.get("id")) for a in train_annotations) if i is not None), default=0) + 1
+    next_id = max((i for i in (integer_id(a.get("id")) for a in train_annotations) if i is not None), default=0) + 1
     new_annotations, where_of = [], []
     for k, annotation in enumerate(annotations):
         where = f"{export}: annotation {k} (id {annotation.get('id')})"
-        image_id = by_export_id.get(_id(annotation.get("image_id")))
+        image_id = by_export_id.get(integer_id(annotation.get("image_id")))
         if image_id is None:
             raise MergeError(f"{where} is of image id {annotation.get('image_id')}, which the export does not list")
-        category = categories.get(_id(annotation.get("category_id")))
-        if category is None or category <= 0:
-            named = next((c.get("name") for c in data["categories"] if _id(c.get("id")) == _id(annotation.get(
-                "category_id"))), None)  # fmt: skip
-            why = "is not in the export's categories" if category is None else (
-                f"is named {named!r}, which {train_name} does not have" if category == 0
-                else f"is named {named!r}, which {train_name} has {-category} times")  # fmt: skip
+        name, category_ids = categories.get(integer_id(annotation.get("category_id")), (None, []))
+        if len(category_ids) != 1:
+            why = "is not in the export's categories" if name is None else (
+                f"is named {name!r}, which {train_name} does not have" if not category_ids
+                else f"is named {name!r}, which {train_name} has {len(category_ids)} times")  # fmt: skip
             raise MergeError(f"{where}: its category (id {annotation.get('category_id')}) {why}: rename it there or "
                              "in the tool")  # fmt: skip
+        (category,) = category_ids
         kept = {key: value for key, value in annotation.items() if key not in DROPPED_KEYS}
         kept["iscrowd"] = _crowd(annotation, crowd, where, k, export, crowds)
         new_annotations.append({"id": next_id, "image_id": image_id, "category_id": category, **kept})
@@ -209,7 +205,7 @@ def merge_labels(
     for where, result in zip(where_of, converted):
         if isinstance(result, ValueError):
             raise MergeError(f"{where}: {result}: fix it in the tool (gd_hf trains masks: not boxes only)")
-    kept_annotations = [a for a in train_annotations if _id(a.get("image_id")) not in merged]
+    kept_annotations = [a for a in train_annotations if integer_id(a.get("image_id")) not in merged]
     report = MergeReport(
         merged_images=sorted(merged),
         missing_images=sorted(name for name, i in job_images.items() if i not in merged),
@@ -228,22 +224,22 @@ def merge_job(
     if out.resolve() == split_out.resolve():
         raise MergeError(f"--out and --split-out are both {out}: give two files")
     for path in (out, split_out):
-        if path.exists() or path.resolve() == train_json.resolve():
+        if path.exists():  # (the training JSON among them)
             raise MergeError(f"{path} exists: give a new name (the merge never overwrites a file)")
         problem = output_problem(path, folder=False)
         if problem:
             raise MergeError(problem)
-    _job_images(job)  # a job folder, before its split file is read
+    job_images = _job_images(job)  # (a job folder, before its split file is read)
     job_split = job / SPLIT_FILE
     provenance = split_file_provenance(job_split)
     added = provenance.get("added_image_ids", [])
-    if not isinstance(added, list) or not all(_id(i) is not None for i in added):
+    if not isinstance(added, list) or not all(integer_id(i) is not None for i in added):
         raise MergeError(f"{job_split}: added_image_ids is not a list of image ids")
     try:
         labeled = set(read_split_file(job_split)) - set(added)
     except (ValueError, TypeError) as e:
         raise MergeError(f"{job_split}: {e}") from e
-    merged, report = merge_labels(job, export, _read_json(train_json, "training JSON"), train_json.name, crowd)
+    merged, report = merge_labels(job_images, export, _read_json(train_json, "training JSON"), train_json.name, crowd)
     for path in (out, split_out):
         path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps(merged) + "\n")
